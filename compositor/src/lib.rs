@@ -1,0 +1,1 @@
+//! Not started yet: DRM/KMS output, the home screen, present/hide and evdev routing land with the compositor issue.

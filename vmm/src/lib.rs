@@ -1,0 +1,2 @@
+//! see Cargo.toml description
+pub mod devices;
