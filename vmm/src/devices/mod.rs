@@ -38,3 +38,7 @@ pub trait VmHandle: Send + Sync {
     unsafe fn map_memory(&self, gpa: u64, host: *mut u8, len: u64) -> io::Result<u32>;
     fn unmap_memory(&self, slot: u32) -> io::Result<()>;
 }
+
+pub mod display;
+pub mod pci;
+pub mod virtio;
