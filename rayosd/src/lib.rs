@@ -1,1 +1,14 @@
-//! see Cargo.toml description
+//! rayosd: RayOS's PID 1 and the pieces other crates reuse.
+//!
+//! - [`cmdline`], [`efivars`], [`timeline`]: what the boot looks like.
+//! - [`log`]: kmsg + console + ring buffer + rotating file.
+//! - [`reaper`]: the one owner of every `waitpid`.
+//! - [`mounts`], [`power`]: PID 1 duties (only the `rayosd` binary calls these).
+
+pub mod cmdline;
+pub mod efivars;
+pub mod log;
+pub mod mounts;
+pub mod power;
+pub mod reaper;
+pub mod timeline;

@@ -1,0 +1,115 @@
+//! The one place that waits for child processes.
+//!
+//! A PID 1 must reap orphans with `waitpid(-1)`, which would steal the exit status of any
+//! child another part of rayosd waits for. So nothing else waits: whoever starts a process
+//! registers its pid here (in the same turn of the single-threaded runtime, so the reaper
+//! cannot run in between) and gets its status through a channel; statuses of pids nobody
+//! registered are orphans and are only counted and logged.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use tokio::sync::oneshot;
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ExitKind {
+    Exited(i32),
+    Signaled(i32),
+}
+
+impl std::fmt::Display for ExitKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitKind::Exited(c) => write!(f, "exited with status {c}"),
+            ExitKind::Signaled(s) => {
+                let name = nix::sys::signal::Signal::try_from(*s).map(|s| s.as_str()).unwrap_or("?");
+                write!(f, "killed by signal {s} ({name})")
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Reaper {
+    waiters: Mutex<HashMap<i32, oneshot::Sender<ExitKind>>>,
+    orphans: AtomicU64,
+}
+
+impl Reaper {
+    pub fn new() -> Reaper {
+        Reaper::default()
+    }
+
+    /// Registers interest in `pid`'s exit. Call right after spawning, before yielding.
+    pub fn watch(&self, pid: u32) -> oneshot::Receiver<ExitKind> {
+        let (tx, rx) = oneshot::channel();
+        self.waiters.lock().unwrap().insert(pid as i32, tx);
+        rx
+    }
+
+    /// How many processes nobody registered (orphans) were reaped.
+    pub fn orphans_reaped(&self) -> u64 {
+        self.orphans.load(Ordering::Relaxed)
+    }
+
+    /// Reaps every child that has exited. Call on each SIGCHLD.
+    pub fn reap(&self) {
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => self.deliver(pid, ExitKind::Exited(code)),
+                Ok(WaitStatus::Signaled(pid, sig, _)) => self.deliver(pid, ExitKind::Signaled(sig as i32)),
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+    }
+
+    fn deliver(&self, pid: Pid, kind: ExitKind) {
+        match self.waiters.lock().unwrap().remove(&pid.as_raw()) {
+            Some(tx) => {
+                let _ = tx.send(kind);
+            }
+            None => {
+                self.orphans.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("reaped orphan pid={} ({kind})", pid);
+            }
+        }
+    }
+
+    /// Runs forever, reaping on every SIGCHLD.
+    pub async fn run(&self) -> std::io::Result<()> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut sigchld = signal(SignalKind::child())?;
+        loop {
+            self.reap();
+            sigchld.recv().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn registered_child_gets_its_own_status() {
+        let reaper = std::sync::Arc::new(Reaper::new());
+        let r2 = reaper.clone();
+        tokio::spawn(async move { r2.run().await });
+        let child = std::process::Command::new("sh").args(["-c", "exit 7"]).spawn().unwrap();
+        let rx = reaper.watch(child.id());
+        let status = tokio::time::timeout(std::time::Duration::from_secs(5), rx).await.unwrap().unwrap();
+        assert_eq!(status, ExitKind::Exited(7));
+
+        let child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let rx = reaper.watch(child.id());
+        nix::sys::signal::kill(Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+        let status = tokio::time::timeout(std::time::Duration::from_secs(5), rx).await.unwrap().unwrap();
+        assert_eq!(status, ExitKind::Signaled(9));
+        assert_eq!(status.to_string(), "killed by signal 9 (SIGKILL)");
+    }
+}
