@@ -1,0 +1,133 @@
+//! `cargo rayos bench …`: figures, side by side with a baseline from the same run.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use rootfs_builder::initramfs::Initramfs;
+use rootfs_builder::qemu::{Boot, QemuConfig, Serial};
+use rootfs_builder::{accel, build, cargo_build, paths, progress};
+
+#[derive(Subcommand)]
+pub enum What {
+    /// Kernel start to rayosd ready, beside the floor (a trivial init that powers off at
+    /// once) booted by the same kernel in the same QEMU; and the sizes of what we ship.
+    Boot {
+        /// Boots of each kind (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
+}
+
+pub fn run(what: What) -> Result<()> {
+    match what {
+        What::Boot { runs } => boot(runs.max(1)),
+    }
+}
+
+/// Wait until a line containing `needle` appears in the serial log; return it.
+fn wait_line(log: &Path, needle: &str, child: &mut std::process::Child, timeout: Duration) -> Result<String> {
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(l) = text.lines().find(|l| l.contains(needle)) {
+            return Ok(l.to_string());
+        }
+        if let Some(s) = child.try_wait()? {
+            bail!("QEMU exited ({s}) before `{needle}`; serial log {}:\n{}", log.display(), tail(&text));
+        }
+        if start.elapsed() > timeout {
+            bail!("no `{needle}` within {timeout:?}; serial log {}:\n{}", log.display(), tail(&text));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+fn field(line: &str, key: &str) -> Result<u64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+        .with_context(|| format!("no {key}= in `{line}`"))?
+        .parse()
+        .with_context(|| format!("{key} in `{line}`"))
+}
+
+fn median(v: &mut [u64]) -> u64 {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+fn boot(runs: usize) -> Result<()> {
+    let a = build::all()?;
+    let dir = paths::out_dir().join("bench");
+    std::fs::create_dir_all(&dir)?;
+    let bins = cargo_build::build_static(["floor-init"])?;
+    let mut floor = Initramfs::new();
+    floor.file("/init", &bins.join("floor-init"), 0o755)?;
+    let floor_img = dir.join("floor-initramfs.img");
+    floor.write(&floor_img)?;
+    let accel = accel::detect();
+    progress::step("bench", format!("boot, {runs} runs each, {}", accel.describe()));
+
+    let machine = |initramfs: &Path, cmdline: &str, log: &Path| {
+        let mut cfg = QemuConfig::new(
+            accel.clone(),
+            Boot::Direct { kernel: a.kernel.clone(), initramfs: initramfs.to_path_buf(), cmdline: cmdline.into() },
+        );
+        cfg.serial = Serial::File(log.to_path_buf());
+        cfg.extra = vec!["-no-reboot".into()];
+        let mut c = cfg.command();
+        c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        c
+    };
+
+    let (mut floor_ms, mut init_ms, mut ready_ms, mut floor_wall, mut ready_wall) = (vec![], vec![], vec![], vec![], vec![]);
+    for i in 0..runs {
+        let log = dir.join(format!("floor-{i}.log"));
+        let _ = std::fs::remove_file(&log);
+        let t = Instant::now();
+        let mut child = machine(&floor_img, "console=ttyS0 panic=-1 quiet", &log).spawn()?;
+        let line = wait_line(&log, "floor: init", &mut child, Duration::from_secs(120))?;
+        floor_ms.push(field(&line, "uptime_ms")?);
+        let _ = child.wait();
+        floor_wall.push(t.elapsed().as_millis() as u64);
+
+        let log = dir.join(format!("rayosd-{i}.log"));
+        let _ = std::fs::remove_file(&log);
+        let t = Instant::now();
+        let mut child = machine(&a.initramfs, "rayos.mode=installer console=ttyS0 panic=-1 quiet", &log).spawn()?;
+        let line = wait_line(&log, "rayosd: ready", &mut child, Duration::from_secs(120));
+        let wall = t.elapsed().as_millis() as u64;
+        let _ = child.kill();
+        let _ = child.wait();
+        let line = line?;
+        init_ms.push(field(&line, "init_uptime_ms")?);
+        ready_ms.push(field(&line, "ready_uptime_ms")?);
+        ready_wall.push(wall);
+        eprintln!("    run {}: floor init at {} ms, rayosd ready at {} ms (kernel uptime)", i + 1, floor_ms[i], ready_ms[i]);
+    }
+    let (f, i, r) = (median(&mut floor_ms), median(&mut init_ms), median(&mut ready_ms));
+    println!("boot (median of {runs}, kernel uptime, direct kernel boot, same kernel and QEMU):");
+    println!("  floor: trivial init runs         {f:>6} ms");
+    println!("  rayosd: init starts              {i:>6} ms");
+    println!("  rayosd: ready                    {r:>6} ms");
+    println!("  rayosd ready - floor             {:>6} ms   (target: <= 100 ms)", r as i64 - f as i64);
+    println!("  rayosd own start-to-ready        {:>6} ms", r as i64 - i as i64);
+    println!(
+        "  wall clock, QEMU start to floor power-off / to rayosd ready: {} / {} ms",
+        median(&mut floor_wall),
+        median(&mut ready_wall)
+    );
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    println!("sizes:");
+    println!("  bzImage                          {:>10}", progress::fmt_size(size(&a.kernel)));
+    println!("  initramfs (zstd)                 {:>10}   (target: <= 16 MiB)", progress::fmt_size(size(&a.initramfs)));
+    println!("  USB image                        {:>10}", progress::fmt_size(size(&a.usb_image)));
+    Ok(())
+}

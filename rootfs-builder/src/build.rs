@@ -1,0 +1,125 @@
+//! The whole build, stale steps only: kernel → static binaries → initramfs → USB image.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::manifest::Manifest;
+use crate::{cargo_build, hostdeps, image, kernel, paths, progress};
+
+/// What `cargo rayos` builds, under `target/rayos`.
+#[derive(Debug, Clone)]
+pub struct Artifacts {
+    pub dir: PathBuf,
+    pub kernel: PathBuf,
+    pub kernel_config: PathBuf,
+    pub initramfs: PathBuf,
+    pub usb_image: PathBuf,
+}
+
+impl Artifacts {
+    /// The paths of an existing build in `dir` (as passed to tests in `RAYOS_ARTIFACTS`).
+    pub fn in_dir(dir: &Path) -> Artifacts {
+        Artifacts {
+            dir: dir.to_path_buf(),
+            kernel: dir.join("vmlinuz"),
+            kernel_config: dir.join("kernel.config"),
+            initramfs: dir.join("initramfs.img"),
+            usb_image: dir.join("rayos-usb.img"),
+        }
+    }
+
+    pub fn complete(&self) -> bool {
+        [&self.kernel, &self.kernel_config, &self.initramfs, &self.usb_image].iter().all(|p| p.is_file())
+    }
+}
+
+fn hash_files(label: &str, files: &[PathBuf]) -> anyhow::Result<String> {
+    let mut h = Sha256::new();
+    h.update(label.as_bytes());
+    for f in files {
+        h.update(f.to_string_lossy().as_bytes());
+        let mut file = std::fs::File::open(f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// True when `out` was made from exactly these inputs (recorded in `out.inputs`).
+fn fresh(out: &Path, stamp: &str) -> bool {
+    out.is_file() && std::fs::read_to_string(out.with_extension("inputs")).is_ok_and(|s| s == stamp)
+}
+
+fn record(out: &Path, stamp: &str) -> anyhow::Result<()> {
+    std::fs::write(out.with_extension("inputs"), stamp)?;
+    Ok(())
+}
+
+/// Hard-link or copy `from` to `to` if it differs.
+fn place(from: &Path, to: &Path) -> anyhow::Result<()> {
+    if to.is_file() && std::fs::read(to)? == std::fs::read(from)? {
+        return Ok(());
+    }
+    let _ = std::fs::remove_file(to);
+    std::fs::copy(from, to).map_err(|e| anyhow::anyhow!("copying {} to {}: {e}", from.display(), to.display()))?;
+    Ok(())
+}
+
+/// Build whatever is stale and return the artifacts. Holds a lock so parallel test
+/// processes and a concurrent `cargo rayos run` don't build over each other.
+pub fn all() -> anyhow::Result<Artifacts> {
+    hostdeps::ensure(hostdeps::BUILD)?;
+    let dir = paths::out_dir();
+    std::fs::create_dir_all(&dir)?;
+    let lock = std::fs::File::create(dir.join(".build.lock"))?;
+    fs2::FileExt::lock_exclusive(&lock)?;
+    let a = Artifacts::in_dir(&dir);
+
+    let k = kernel::ensure()?;
+    place(&k.bzimage, &a.kernel)?;
+    place(&k.config, &a.kernel_config)?;
+
+    let manifest_path = paths::initramfs_manifest();
+    let (manifest, _) = Manifest::load(&manifest_path)?;
+    let bin_dir = cargo_build::build_static(manifest.packages())?;
+    let mut inputs = vec![manifest_path.clone()];
+    inputs.extend(manifest.inputs(&bin_dir));
+    let stamp = hash_files("initramfs-1", &inputs)?;
+    if !fresh(&a.initramfs, &stamp) {
+        progress::step("initramfs", "packing (newc, zstd -19)");
+        let size = manifest.to_initramfs(&manifest_path, &bin_dir)?.write(&a.initramfs)?;
+        record(&a.initramfs, &stamp)?;
+        progress::step("initramfs", format!("{} ({})", a.initramfs.display(), progress::fmt_size(size)));
+    }
+
+    let boot = PathBuf::from(paths::SYSTEMD_BOOT_EFI);
+    let entries: String = image::usb_entries().iter().map(|e| e.render()).collect();
+    let stamp = hash_files(&format!("usb-1{entries}"), &[a.kernel.clone(), a.initramfs.clone(), boot.clone()])?;
+    if !fresh(&a.usb_image, &stamp) {
+        progress::step("image", "writing the USB image (GPT, FAT32 ESP, systemd-boot)");
+        let size = image::build_usb(&a.usb_image, &a.kernel, &a.initramfs, &boot)?;
+        record(&a.usb_image, &stamp)?;
+        progress::step("image", format!("{} ({})", a.usb_image.display(), progress::fmt_size(size)));
+    }
+    Ok(a)
+}
+
+/// The artifacts for tests: those named by `RAYOS_ARTIFACTS` (set by `cargo rayos test`,
+/// which has just built them), else build what is stale.
+pub fn artifacts() -> anyhow::Result<Artifacts> {
+    if let Some(dir) = std::env::var_os("RAYOS_ARTIFACTS") {
+        let a = Artifacts::in_dir(Path::new(&dir));
+        if a.complete() {
+            return Ok(a);
+        }
+    }
+    all()
+}

@@ -1,0 +1,165 @@
+//! `cargo rayos …`: build RayOS, boot it in QEMU, run every test, print benchmarks.
+
+mod bench;
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use rootfs_builder::qemu::{Boot, DiskBus, QemuConfig, Serial};
+use rootfs_builder::{accel, build, hostdeps, image, kernel, paths, progress};
+
+#[derive(Parser)]
+#[command(name = "cargo rayos", about = "Build RayOS, boot it in QEMU, run its tests and benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build (or take from the cache) the trimmed kernel.
+    Kernel,
+    /// Build the static RayOS binaries and pack the initramfs.
+    Initramfs,
+    /// Build everything into the USB image (target/rayos/rayos-usb.img).
+    Image,
+    /// Build what is stale, then boot the USB image in QEMU through UEFI with a blank
+    /// 20 GiB NVMe disk to install onto.
+    Run {
+        /// Start over: a blank target disk and fresh UEFI variables (deletes target/rayos/run).
+        #[arg(long)]
+        fresh: bool,
+        /// Boot the "RayOS rescue" entry instead of the installer.
+        #[arg(long)]
+        rescue: bool,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 4096)]
+        memory: u32,
+        #[arg(long, default_value_t = 2)]
+        cpus: u32,
+    },
+    /// Build, then run every unit and integration test (extra arguments go to `cargo test`).
+    Test {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Print benchmark figures.
+    Bench {
+        #[command(subcommand)]
+        what: bench::What,
+    },
+    /// (internal) Run a tiny guest on host KVM; exit 0 if it works.
+    #[command(hide = true)]
+    KvmProbe,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.cmd) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cmd: Cmd) -> Result<ExitCode> {
+    match cmd {
+        Cmd::KvmProbe => {
+            return match accel::probe() {
+                Ok(()) => Ok(ExitCode::SUCCESS),
+                Err(e) => {
+                    eprintln!("{e}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        Cmd::Kernel => {
+            hostdeps::ensure(hostdeps::BUILD)?;
+            let k = kernel::ensure()?;
+            let size = std::fs::metadata(&k.bzimage)?.len();
+            println!("{} ({}, linux-source {})", k.bzimage.display(), progress::fmt_size(size), k.source_version);
+        }
+        Cmd::Initramfs | Cmd::Image => {
+            let a = build::all()?;
+            println!("kernel     {}", a.kernel.display());
+            println!("initramfs  {}", a.initramfs.display());
+            println!("USB image  {}", a.usb_image.display());
+        }
+        Cmd::Run { fresh, rescue, memory, cpus } => run_qemu(fresh, rescue, memory, cpus)?,
+        Cmd::Test { args } => return test(args),
+        Cmd::Bench { what } => {
+            hostdeps::ensure(&[hostdeps::BUILD, hostdeps::RUN].concat())?;
+            bench::run(what)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_qemu(fresh: bool, rescue: bool, memory: u32, cpus: u32) -> Result<()> {
+    hostdeps::ensure(&[hostdeps::BUILD, hostdeps::RUN].concat())?;
+    let a = build::all()?;
+    let run_dir = paths::out_dir().join("run");
+    if fresh && run_dir.exists() {
+        std::fs::remove_dir_all(&run_dir).with_context(|| format!("removing {}", run_dir.display()))?;
+    }
+    std::fs::create_dir_all(&run_dir)?;
+    let target = run_dir.join("target-disk.img");
+    if !target.exists() {
+        let f = std::fs::File::create(&target)?;
+        f.set_len(20 << 30)?; // sparse: takes no space until written
+    }
+    let vars = run_dir.join("ovmf-vars.fd");
+    if !vars.exists() {
+        rootfs_builder::qemu::fresh_vars(&vars).with_context(|| format!("copying {}", paths::OVMF_VARS))?;
+    }
+    let mut usb = a.usb_image.clone();
+    if rescue {
+        usb = run_dir.join("usb-rescue.img");
+        std::fs::copy(&a.usb_image, &usb)?;
+        image::set_default_entry(&usb, image::RESCUE_ENTRY)?;
+    }
+    let accel = accel::detect();
+    println!("RayOS: booting {} in QEMU through UEFI", usb.display());
+    println!("  accelerator: {}", accel.describe());
+    println!("  install target: {} (20 GiB NVMe, serial RAYOS-TARGET)", target.display());
+    let control = run_dir.join("control.sock");
+    let _ = std::fs::remove_file(&control);
+    println!("  control API: cargo run -p rayosd --bin rayosctl -- --socket {} status", control.display());
+    println!("  serial console below; Ctrl-A X quits QEMU");
+    let window = std::env::var_os("DISPLAY").is_some() || std::env::var_os("WAYLAND_DISPLAY").is_some();
+    let mut cfg = QemuConfig::new(accel, Boot::Uefi { vars })
+        .disk(&usb, DiskBus::Usb, "RAYOS-USB")
+        .disk(&target, DiskBus::Nvme, "RAYOS-TARGET");
+    cfg.disks[0].snapshot = true; // the stick is the release image: keep it as built
+    cfg.memory_mib = memory;
+    cfg.cpus = cpus;
+    cfg.window = window && std::io::stdout().is_terminal();
+    cfg.serial = Serial::Stdio;
+    cfg.control = Some(control);
+    cfg.qmp = Some(run_dir.join("qmp.sock"));
+    let status = cfg.command().status().context("starting qemu-system-x86_64")?;
+    if !status.success() {
+        bail!("QEMU exited with {status}");
+    }
+    Ok(())
+}
+
+fn test(args: Vec<String>) -> Result<ExitCode> {
+    hostdeps::ensure(&[hostdeps::BUILD, hostdeps::RUN].concat())?;
+    let a = build::all()?;
+    progress::step("test", "cargo test --workspace");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .current_dir(paths::workspace())
+        .args(["test", "--workspace"])
+        .args(&args)
+        .env("RAYOS_ARTIFACTS", &a.dir)
+        .status()
+        .context("running cargo test")?;
+    Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+

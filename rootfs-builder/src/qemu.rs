@@ -1,0 +1,146 @@
+//! The QEMU machine RayOS runs on for `cargo rayos run`, the tests and the benchmarks: one
+//! definition, so tests boot what users boot.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::accel::Accel;
+use crate::paths;
+
+#[derive(Debug, Clone)]
+pub enum Boot {
+    /// Through OVMF (UEFI) from a disk (normally the USB image) — the real path.
+    Uefi { vars: PathBuf },
+    /// `-kernel/-initrd/-append`: no firmware, for benchmarks and low-level tests.
+    Direct { kernel: PathBuf, initramfs: PathBuf, cmdline: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskBus {
+    /// A USB stick on xHCI: how users boot the installer.
+    Usb,
+    Nvme,
+    /// SATA through AHCI (q35's built-in controller).
+    Ahci,
+    VirtioBlk,
+}
+
+#[derive(Debug, Clone)]
+pub struct Disk {
+    pub path: PathBuf,
+    pub bus: DiskBus,
+    pub serial: String,
+    /// Discard writes when QEMU exits (the image file is left as it was).
+    pub snapshot: bool,
+    pub format: &'static str,
+}
+
+#[derive(Debug, Clone)]
+pub enum Serial {
+    /// On the terminal, with QEMU's monitor multiplexed (Ctrl-A X quits).
+    Stdio,
+    /// A unix socket QEMU listens on and waits for before starting (nothing is lost).
+    Socket(PathBuf),
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct QemuConfig {
+    pub accel: Accel,
+    pub boot: Boot,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub disks: Vec<Disk>,
+    pub serial: Serial,
+    /// Show a window (else `-display none`; the screen is still there for QMP screendump).
+    pub window: bool,
+    pub qmp: Option<PathBuf>,
+    /// virtio-serial port `org.rayos.control` on this host unix socket.
+    pub control: Option<PathBuf>,
+    pub extra: Vec<String>,
+}
+
+impl QemuConfig {
+    pub fn new(accel: Accel, boot: Boot) -> Self {
+        QemuConfig {
+            accel,
+            boot,
+            memory_mib: 2048,
+            cpus: 2,
+            disks: Vec::new(),
+            serial: Serial::Stdio,
+            window: false,
+            qmp: None,
+            control: None,
+            extra: Vec::new(),
+        }
+    }
+
+    pub fn disk(mut self, path: &Path, bus: DiskBus, serial: &str) -> Self {
+        self.disks.push(Disk { path: path.to_path_buf(), bus, serial: serial.to_string(), snapshot: false, format: "raw" });
+        self
+    }
+
+    pub fn command(&self) -> Command {
+        let mut c = Command::new("qemu-system-x86_64");
+        c.args(["-machine", "q35", "-nodefaults", "-no-user-config"]);
+        c.args(self.accel.qemu_args());
+        c.args(["-m", &self.memory_mib.to_string(), "-smp", &self.cpus.to_string()]);
+        match &self.boot {
+            Boot::Uefi { vars } => {
+                c.arg("-drive").arg(format!("if=pflash,format=raw,unit=0,readonly=on,file={}", paths::OVMF_CODE));
+                c.arg("-drive").arg(format!("if=pflash,format=raw,unit=1,file={}", vars.display()));
+            }
+            Boot::Direct { kernel, initramfs, cmdline } => {
+                c.arg("-kernel").arg(kernel).arg("-initrd").arg(initramfs).arg("-append").arg(cmdline);
+            }
+        }
+        // The screen: virtio-gpu has a GOP driver in OVMF and a DRM driver in our kernel.
+        c.args(["-device", "virtio-gpu-pci"]);
+        c.args(["-display", if self.window { "gtk" } else { "none" }]);
+        c.args(["-device", "virtio-rng-pci"]);
+        c.args(["-device", "qemu-xhci,id=xhci", "-device", "usb-kbd,bus=xhci.0", "-device", "usb-tablet,bus=xhci.0"]);
+        match &self.serial {
+            Serial::Stdio => {
+                c.args(["-serial", "mon:stdio"]);
+            }
+            Serial::Socket(p) => {
+                c.arg("-chardev").arg(format!("socket,id=ser0,path={},server=on,wait=on", p.display()));
+                c.args(["-serial", "chardev:ser0"]);
+            }
+            Serial::File(p) => {
+                c.arg("-serial").arg(format!("file:{}", p.display()));
+            }
+        }
+        if let Some(q) = &self.qmp {
+            c.arg("-qmp").arg(format!("unix:{},server=on,wait=off", q.display()));
+        }
+        if let Some(s) = &self.control {
+            c.args(["-device", "virtio-serial-pci,id=vser"]);
+            c.arg("-chardev").arg(format!("socket,id=ctl,path={},server=on,wait=off", s.display()));
+            c.args(["-device", "virtserialport,bus=vser.0,chardev=ctl,name=org.rayos.control"]);
+        }
+        for (i, d) in self.disks.iter().enumerate() {
+            let id = format!("disk{i}");
+            c.arg("-drive").arg(format!(
+                "file={},if=none,id={id},format={}{}",
+                d.path.display(),
+                d.format,
+                if d.snapshot { ",snapshot=on" } else { "" }
+            ));
+            match d.bus {
+                DiskBus::Usb => c.arg("-device").arg(format!("usb-storage,bus=xhci.0,drive={id},removable=on,serial={}", d.serial)),
+                DiskBus::Nvme => c.arg("-device").arg(format!("nvme,drive={id},serial={}", d.serial)),
+                DiskBus::Ahci => c.arg("-device").arg(format!("ide-hd,drive={id},bus=ide.{i},serial={}", d.serial)),
+                DiskBus::VirtioBlk => c.arg("-device").arg(format!("virtio-blk-pci,drive={id},serial={}", d.serial)),
+            };
+        }
+        c.args(&self.extra);
+        c
+    }
+}
+
+/// A fresh, writable copy of OVMF's variable store.
+pub fn fresh_vars(dest: &Path) -> std::io::Result<()> {
+    std::fs::copy(paths::OVMF_VARS, dest).map(|_| ())
+}
