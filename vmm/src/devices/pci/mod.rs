@@ -2,7 +2,7 @@
 //! a host bridge at 00:00.0, BAR assignment from the MMIO window the core reserves, and MSI-X.
 //!
 //! How the core wires it:
-//! ```ignore
+//! ```text
 //! let mut pci = PciRoot::new(vm.clone(), 0xC000_0000..0xFE00_0000);
 //! let slot = pci.add(Box::new(VirtioPciDevice::new(blk, mem.clone(), vm.clone())?))?;
 //! io_bus.insert(0xCF8, 8, Box::new(pci.config_io()));

@@ -1,0 +1,210 @@
+//! Descriptor chain parsing shared by the devices: every buffer is checked against guest
+//! memory up front, and readable buffers must precede writable ones (virtio 1.2, 2.7.4.2).
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+
+use super::{VirtioInterrupt};
+use crate::devices::GuestMemory;
+
+/// Device-readable and device-writable buffers of one chain, in order.
+#[derive(Clone, Debug, Default)]
+pub struct ParsedChain {
+    pub head: u16,
+    pub readable: Vec<(GuestAddress, u32)>,
+    pub writable: Vec<(GuestAddress, u32)>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChainError {
+    #[error("descriptor {addr:#x}+{len:#x} is outside guest memory")]
+    OutsideMemory { addr: u64, len: u32 },
+    #[error("device-readable descriptor after a device-writable one")]
+    ReadableAfterWritable,
+    #[error("chain carries more than {limit} bytes")]
+    TooLarge { limit: u64 },
+}
+
+/// Upper bound on the bytes one chain may describe; the spec's own limit (2.7.5.2).
+pub const MAX_CHAIN_BYTES: u64 = 1 << 32;
+
+pub fn parse_chain(chain: DescriptorChain<&GuestMemory>, mem: &GuestMemory) -> Result<ParsedChain, ChainError> {
+    let mut parsed = ParsedChain { head: chain.head_index(), ..Default::default() };
+    let mut total = 0u64;
+    for desc in chain {
+        let (addr, len) = (desc.addr(), desc.len());
+        if !mem.check_range(addr, len as usize) {
+            return Err(ChainError::OutsideMemory { addr: addr.0, len });
+        }
+        total += u64::from(len);
+        if total > MAX_CHAIN_BYTES {
+            return Err(ChainError::TooLarge { limit: MAX_CHAIN_BYTES });
+        }
+        if desc.is_write_only() {
+            parsed.writable.push((addr, len));
+        } else if !parsed.writable.is_empty() {
+            return Err(ChainError::ReadableAfterWritable);
+        } else {
+            parsed.readable.push((addr, len));
+        }
+    }
+    Ok(parsed)
+}
+
+pub fn total_len(segs: &[(GuestAddress, u32)]) -> u64 {
+    segs.iter().map(|s| u64::from(s.1)).sum()
+}
+
+/// Copy from the buffers starting `offset` bytes in; returns the bytes copied.
+pub fn read_segments(mem: &GuestMemory, segs: &[(GuestAddress, u32)], mut offset: u64, buf: &mut [u8]) -> usize {
+    let mut done = 0;
+    for &(addr, len) in segs {
+        if done == buf.len() {
+            break;
+        }
+        let len = u64::from(len);
+        if offset >= len {
+            offset -= len;
+            continue;
+        }
+        let n = ((len - offset) as usize).min(buf.len() - done);
+        if mem.read_slice(&mut buf[done..done + n], addr.unchecked_add_u64(offset)).is_err() {
+            break;
+        }
+        done += n;
+        offset = 0;
+    }
+    done
+}
+
+/// Copy into the buffers starting `offset` bytes in; returns the bytes copied.
+pub fn write_segments(mem: &GuestMemory, segs: &[(GuestAddress, u32)], mut offset: u64, data: &[u8]) -> usize {
+    let mut done = 0;
+    for &(addr, len) in segs {
+        if done == data.len() {
+            break;
+        }
+        let len = u64::from(len);
+        if offset >= len {
+            offset -= len;
+            continue;
+        }
+        let n = ((len - offset) as usize).min(data.len() - done);
+        if mem.write_slice(&data[done..done + n], addr.unchecked_add_u64(offset)).is_err() {
+            break;
+        }
+        done += n;
+        offset = 0;
+    }
+    done
+}
+
+trait AddU64 {
+    fn unchecked_add_u64(self, off: u64) -> GuestAddress;
+}
+impl AddU64 for GuestAddress {
+    fn unchecked_add_u64(self, off: u64) -> GuestAddress {
+        GuestAddress(self.0.wrapping_add(off))
+    }
+}
+
+/// Outcome of taking the next chain from a queue.
+pub enum Next<'a> {
+    Chain(DescriptorChain<&'a GuestMemory>),
+    Empty,
+    /// The ring is unusable (e.g. an avail index more than a queue size ahead).
+    Broken(virtio_queue::Error),
+}
+
+pub fn next_chain<'a>(queue: &mut Queue, mem: &'a GuestMemory) -> Next<'a> {
+    match queue.iter(mem) {
+        Ok(mut it) => match it.next() {
+            Some(c) => Next::Chain(c),
+            None => Next::Empty,
+        },
+        Err(e) => Next::Broken(e),
+    }
+}
+
+/// A queue plus its "broken" latch: once the ring misbehaves the device stops using it
+/// until reset, rather than reading or writing at guest-controlled ring addresses again.
+pub struct DeviceQueue {
+    pub queue: Queue,
+    pub index: u16,
+    pub broken: bool,
+}
+
+impl DeviceQueue {
+    pub fn new(queue: Queue, index: u16) -> Self {
+        Self { queue, index, broken: false }
+    }
+
+    /// Next chain, or `None` when empty or broken (then DEVICE_NEEDS_RESET is raised once).
+    pub fn pop<'a>(&mut self, mem: &'a GuestMemory, irq: &dyn VirtioInterrupt) -> Option<DescriptorChain<&'a GuestMemory>> {
+        if self.broken {
+            return None;
+        }
+        match next_chain(&mut self.queue, mem) {
+            Next::Chain(c) => Some(c),
+            Next::Empty => None,
+            Next::Broken(e) => {
+                self.mark_broken(irq, &e.to_string());
+                None
+            }
+        }
+    }
+
+    /// Put the chain back at the front (device lacks resources to handle it now).
+    pub fn undo_pop(&mut self) {
+        self.queue.go_to_previous_position();
+    }
+
+    /// Return a chain to the driver with `len` bytes written.
+    pub fn add_used(&mut self, mem: &GuestMemory, head: u16, len: u32, irq: &dyn VirtioInterrupt) {
+        if self.broken {
+            return;
+        }
+        if let Err(e) = self.queue.add_used(mem, head, len) {
+            self.mark_broken(irq, &e.to_string());
+        }
+    }
+
+    /// Interrupt the driver if it wants one (EVENT_IDX aware).
+    pub fn notify(&mut self, mem: &GuestMemory, irq: &dyn VirtioInterrupt) {
+        if self.broken {
+            return;
+        }
+        match self.queue.needs_notification(mem) {
+            Ok(true) => irq.signal_queue(self.index),
+            Ok(false) => {}
+            Err(e) => self.mark_broken(irq, &e.to_string()),
+        }
+    }
+
+    /// Turn driver notifications off while draining; returns whether more work arrived
+    /// when turning them back on (the EVENT_IDX race, 2.7.10).
+    pub fn disable_notification(&mut self, mem: &GuestMemory) {
+        if !self.broken {
+            let _ = self.queue.disable_notification(mem);
+        }
+    }
+
+    pub fn enable_notification(&mut self, mem: &GuestMemory, irq: &dyn VirtioInterrupt) -> bool {
+        if self.broken {
+            return false;
+        }
+        match self.queue.enable_notification(mem) {
+            Ok(more) => more,
+            Err(e) => {
+                self.mark_broken(irq, &e.to_string());
+                false
+            }
+        }
+    }
+
+    fn mark_broken(&mut self, irq: &dyn VirtioInterrupt, why: &str) {
+        tracing::warn!(queue = self.index, why, "virtio queue broken by the driver; device needs reset");
+        self.broken = true;
+        irq.set_needs_reset();
+    }
+}

@@ -1,0 +1,264 @@
+//! The transport driven the way Linux's virtio_pci_modern does it, through the PCI root.
+
+use std::sync::Arc;
+
+use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::GuestAddress;
+
+use super::super::rng::VirtioRng;
+use super::super::status::*;
+use super::super::testing::{guest_mem, wait_for};
+use super::*;
+use crate::devices::pci::testing::FakeVm;
+use crate::devices::pci::{PciConfigIo, PciMmioWindow, PciRoot};
+use crate::devices::BusDevice;
+
+const WINDOW: std::ops::Range<u64> = 0xC000_0000..0xD000_0000;
+
+struct Driver {
+    io: PciConfigIo,
+    mmio: PciMmioWindow,
+    slot: u32,
+    bar: u64,
+    common: u64,
+    notify: u64,
+    isr: u64,
+    device: u64,
+    msix_cap: u32,
+}
+
+impl Driver {
+    fn cfg(&mut self, reg: u32) -> u32 {
+        self.io.write(0, &(0x8000_0000 | self.slot << 11 | reg << 2).to_le_bytes());
+        let mut d = [0u8; 4];
+        self.io.read(4, &mut d);
+        u32::from_le_bytes(d)
+    }
+    fn cfg_write(&mut self, reg: u32, v: u32) {
+        self.io.write(0, &(0x8000_0000 | self.slot << 11 | reg << 2).to_le_bytes());
+        self.io.write(4, &v.to_le_bytes());
+    }
+    fn r(&mut self, addr: u64, len: usize) -> u64 {
+        let mut d = [0u8; 8];
+        self.mmio.read(addr - WINDOW.start, &mut d[..len]);
+        u64::from_le_bytes(d)
+    }
+    fn w(&mut self, addr: u64, len: usize, v: u64) {
+        self.mmio.write(addr - WINDOW.start, &v.to_le_bytes()[..len]);
+    }
+    fn status(&mut self) -> u8 {
+        self.r(self.common + 0x14, 1) as u8
+    }
+    fn set_status(&mut self, s: u8) {
+        self.w(self.common + 0x14, 1, u64::from(s));
+    }
+}
+
+fn plug(vm: Arc<FakeVm>, mem: &crate::devices::GuestMemory) -> (PciRoot, Driver) {
+    let mut root = PciRoot::new(vm.clone(), WINDOW);
+    let dev = VirtioPciDevice::new(Box::new(VirtioRng::new()), mem.clone(), vm).unwrap();
+    let slot = u32::from(root.add(Box::new(dev)).unwrap());
+    let bar = root.bar_address(slot as u8, 0).unwrap().0;
+    let mut d = Driver {
+        io: root.config_io(),
+        mmio: root.mmio_window(),
+        slot,
+        bar,
+        common: 0,
+        notify: 0,
+        isr: 0,
+        device: 0,
+        msix_cap: 0,
+    };
+    // Walk the capability list like virtio_pci_find_capability.
+    let mut cap = d.cfg(13) & 0xff;
+    while cap != 0 {
+        let head = d.cfg(cap / 4);
+        let (id, next) = (head & 0xff, (head >> 8) & 0xff);
+        if id == 0x11 {
+            d.msix_cap = cap;
+        } else if id == 0x09 {
+            let cfg_type = (head >> 24) & 0xff;
+            let bar_no = d.cfg(cap / 4 + 1) & 0xff;
+            let off = u64::from(d.cfg(cap / 4 + 2));
+            assert_eq!(bar_no, 0);
+            match cfg_type {
+                1 => d.common = bar + off,
+                2 => {
+                    d.notify = bar + off;
+                    assert_eq!(d.cfg(cap / 4 + 4), 4, "notify_off_multiplier");
+                }
+                3 => d.isr = bar + off,
+                4 => d.device = bar + off,
+                _ => {}
+            }
+        }
+        cap = next;
+    }
+    assert!(d.common != 0 && d.notify != 0 && d.isr != 0 && d.device != 0 && d.msix_cap != 0);
+    (root, d)
+}
+
+#[test]
+fn identity_is_modern_virtio() {
+    let mem = guest_mem();
+    let (_root, mut d) = plug(Arc::new(FakeVm::default()), &mem);
+    assert_eq!(d.cfg(0), 0x1044_1af4, "virtio-rng is 0x1040 + 4");
+    assert_eq!(d.cfg(2) & 0xff, 1, "revision 1: modern only");
+    assert_eq!(d.cfg(11), 0x0040_1af4);
+}
+
+#[test]
+fn feature_negotiation_requires_version_1_and_offered_bits() {
+    let mem = guest_mem();
+    let (_root, mut d) = plug(Arc::new(FakeVm::default()), &mem);
+    d.set_status(ACKNOWLEDGE | DRIVER);
+    d.w(d.common, 4, 1);
+    let hi = d.r(d.common + 4, 4);
+    assert_eq!(hi & 1, 1, "VERSION_1 offered");
+    // Accept a feature the device does not offer (bit 0).
+    d.w(d.common + 8, 4, 0);
+    d.w(d.common + 0xc, 4, 1);
+    d.w(d.common + 8, 4, 1);
+    d.w(d.common + 0xc, 4, 1);
+    d.set_status(ACKNOWLEDGE | DRIVER | FEATURES_OK);
+    assert_eq!(d.status() & FEATURES_OK, 0, "FEATURES_OK refused");
+    // Reset and accept only VERSION_1: accepted.
+    d.set_status(0);
+    assert_eq!(d.status(), 0);
+    d.set_status(ACKNOWLEDGE | DRIVER);
+    d.w(d.common + 8, 4, 1);
+    d.w(d.common + 0xc, 4, 1);
+    d.set_status(ACKNOWLEDGE | DRIVER | FEATURES_OK);
+    assert_ne!(d.status() & FEATURES_OK, 0);
+    // Without VERSION_1: refused.
+    d.set_status(0);
+    d.set_status(ACKNOWLEDGE | DRIVER);
+    d.set_status(ACKNOWLEDGE | DRIVER | FEATURES_OK);
+    assert_eq!(d.status() & FEATURES_OK, 0);
+}
+
+/// Full bring-up, one request through the notify region, MSI-X delivery, then reset.
+fn bring_up(vm: Arc<FakeVm>) {
+    let mem = guest_mem();
+    let (_root, mut d) = plug(vm.clone(), &mem);
+    let mock = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+    d.set_status(0);
+    d.set_status(ACKNOWLEDGE | DRIVER);
+    d.w(d.common + 8, 4, 1);
+    d.w(d.common + 0xc, 4, 1);
+    d.set_status(ACKNOWLEDGE | DRIVER | FEATURES_OK);
+    // MSI-X on; vector 1 for queue 0.
+    let ctl = d.cfg(d.msix_cap / 4);
+    d.cfg_write(d.msix_cap / 4, ctl | 0x8000_0000);
+    let table = d.bar + 0x8000;
+    d.w(table + 16, 4, 0xfee0_0000);
+    d.w(table + 20, 4, 0);
+    d.w(table + 24, 4, 0x31);
+    d.w(table + 28, 4, 0);
+    assert_eq!(d.r(d.common + 0x12, 2), 1, "num_queues");
+    d.w(d.common + 0x16, 2, 0);
+    assert_eq!(d.r(d.common + 0x18, 2), 256, "max size");
+    d.w(d.common + 0x18, 2, 16);
+    d.w(d.common + 0x1a, 2, 1);
+    assert_eq!(d.r(d.common + 0x1a, 2), 1);
+    // A vector beyond the table reads back NO_VECTOR.
+    d.w(d.common + 0x10, 2, 7);
+    assert_eq!(d.r(d.common + 0x10, 2), 0xffff);
+    for (off, addr) in [(0x20, mock.desc_table_addr()), (0x28, mock.avail_addr()), (0x30, mock.used_addr())] {
+        d.w(d.common + off, 4, addr.0 & 0xffff_ffff);
+        d.w(d.common + off + 4, 4, addr.0 >> 32);
+    }
+    d.w(d.common + 0x1c, 2, 1);
+    let notify_off = d.r(d.common + 0x1e, 2);
+    d.set_status(ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+    assert_eq!(d.status() & DEVICE_NEEDS_RESET, 0);
+
+    let desc = RawDescriptor::from(Descriptor::new(0x10_0000, 32, VRING_DESC_F_WRITE as u16, 0));
+    mock.add_desc_chains(&[desc], 0).unwrap();
+    d.w(d.notify + 4 * notify_off, 2, 0);
+    if !vm.no_ioevents {
+        // With an ioeventfd KVM signals the eventfd itself; the MMIO write above is what a
+        // VM without ioeventfds delivers, so it must work in both cases.
+        assert_eq!(vm.ioevents.lock().unwrap().as_slice(), &[(d.notify, None)]);
+    }
+    assert!(wait_for(|| vm.msis.lock().unwrap().contains(&(0xfee0_0000, 0x31))), "queue MSI delivered");
+    assert_eq!(d.r(d.isr, 1) & 1, 1, "ISR queue bit");
+    assert_eq!(d.r(d.isr, 1), 0, "ISR clears on read");
+
+    d.set_status(0);
+    assert_eq!(d.status(), 0);
+    d.w(d.common + 0x16, 2, 0);
+    assert_eq!(d.r(d.common + 0x1c, 2), 0, "queue disabled after reset");
+    assert_eq!(d.r(d.common + 0x1a, 2), 0xffff, "vector forgotten after reset");
+}
+
+#[test]
+fn bring_up_with_ioeventfd() {
+    bring_up(Arc::new(FakeVm::default()));
+}
+
+#[test]
+fn bring_up_without_ioeventfd() {
+    bring_up(Arc::new(FakeVm { no_ioevents: true, ..Default::default() }));
+}
+
+#[test]
+fn ring_outside_memory_sets_needs_reset() {
+    let mem = guest_mem();
+    let vm = Arc::new(FakeVm::default());
+    let (_root, mut d) = plug(vm.clone(), &mem);
+    d.set_status(ACKNOWLEDGE | DRIVER);
+    d.w(d.common + 8, 4, 1);
+    d.w(d.common + 0xc, 4, 1);
+    d.set_status(ACKNOWLEDGE | DRIVER | FEATURES_OK);
+    d.w(d.common + 0x16, 2, 0);
+    d.w(d.common + 0x20, 8, 0x7fff_0000_0000);
+    d.w(d.common + 0x1c, 2, 1);
+    d.set_status(ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+    assert_ne!(d.status() & DEVICE_NEEDS_RESET, 0);
+    assert_eq!(d.r(d.isr, 1) & 2, 2, "config change signalled");
+    d.set_status(0);
+    assert_eq!(d.status(), 0, "reset clears DEVICE_NEEDS_RESET");
+}
+
+#[test]
+fn ioeventfds_follow_bar_relocation() {
+    let mem = guest_mem();
+    let vm = Arc::new(FakeVm::default());
+    let (root, mut d) = plug(vm.clone(), &mem);
+    assert_eq!(vm.ioevents.lock().unwrap().as_slice(), &[(d.bar + 0x3000, None)]);
+    let cmd = d.cfg(1);
+    d.cfg_write(1, cmd & !2);
+    assert!(vm.ioevents.lock().unwrap().is_empty(), "decode off: no ioeventfds");
+    d.cfg_write(4, 0xC100_0000);
+    d.cfg_write(5, 0);
+    d.cfg_write(1, cmd);
+    assert_eq!(root.bar_address(d.slot as u8, 0).unwrap().0, 0xC100_0000);
+    assert_eq!(vm.ioevents.lock().unwrap().as_slice(), &[(0xC100_3000, None)]);
+}
+
+#[test]
+fn pci_cfg_capability_window_reaches_common_config() {
+    let mem = guest_mem();
+    let vm = Arc::new(FakeVm::default());
+    let mut root = PciRoot::new(vm.clone(), WINDOW);
+    let dev = VirtioPciDevice::new(Box::new(VirtioRng::new()), mem.clone(), vm).unwrap();
+    let cap = dev.pci_cfg_cap as u32;
+    let slot = u32::from(root.add(Box::new(dev)).unwrap());
+    let mut io = root.config_io();
+    let mut cfg_write = |reg: u32, v: u32| {
+        io.write(0, &(0x8000_0000 | slot << 11 | reg << 2).to_le_bytes());
+        io.write(4, &v.to_le_bytes());
+    };
+    // bar 0, offset 0x12 (num_queues), length 2.
+    cfg_write(cap / 4 + 1, 0);
+    cfg_write(cap / 4 + 2, 0x12);
+    cfg_write(cap / 4 + 3, 2);
+    io.write(0, &(0x8000_0000 | slot << 11 | (cap / 4 + 4) << 2).to_le_bytes());
+    let mut v = [0u8; 4];
+    io.read(4, &mut v);
+    assert_eq!(u16::from_le_bytes([v[0], v[1]]), 1);
+}

@@ -1,0 +1,97 @@
+//! The per-device worker thread: an epoll loop over the device's queue eventfds (and any
+//! backend fds such as a tap or socket), stopped through a kill eventfd on reset.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::thread::JoinHandle;
+
+use tracing::{error, warn};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+const KILL_TOKEN: u64 = u64::MAX;
+
+/// Lets a handler change what the loop waits on (e.g. stop polling a socket while the guest
+/// has no receive buffers, so a readable socket does not spin the thread).
+pub struct EpollCtl<'a> {
+    epoll: &'a Epoll,
+}
+
+impl EpollCtl<'_> {
+    pub fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))
+    }
+    pub fn remove(&self, fd: RawFd) -> io::Result<()> {
+        self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default())
+    }
+}
+
+/// Device-side event handling run on the worker thread.
+pub trait WorkerHandler: Send + 'static {
+    /// `token` is the value an fd was registered with; `events` its ready set.
+    fn handle(&mut self, token: u64, events: EventSet, ctl: &EpollCtl<'_>);
+}
+
+/// A running worker; dropping it stops the thread.
+pub struct Worker {
+    kill: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    /// Start thread `name` watching `fds` (fd, token) for input and calling `handler`.
+    /// The fds must stay open while the worker runs (the handler usually owns them).
+    pub fn spawn<H: WorkerHandler>(name: &str, fds: &[(RawFd, u64)], mut handler: H) -> io::Result<Self> {
+        let epoll = Epoll::new()?;
+        let kill = EventFd::new(EFD_NONBLOCK)?;
+        epoll.ctl(ControlOperation::Add, kill.as_raw_fd(), EpollEvent::new(EventSet::IN, KILL_TOKEN))?;
+        for &(fd, token) in fds {
+            epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))?;
+        }
+        let thread = std::thread::Builder::new().name(name.to_owned()).spawn(move || {
+            let mut events = vec![EpollEvent::default(); 16];
+            loop {
+                let n = match epoll.wait(-1, &mut events) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        error!(%e, "virtio worker epoll failed; device stops");
+                        return;
+                    }
+                };
+                for ev in &events[..n] {
+                    if ev.data() == KILL_TOKEN {
+                        return;
+                    }
+                    handler.handle(ev.data(), ev.event_set(), &EpollCtl { epoll: &epoll });
+                }
+            }
+        })?;
+        Ok(Self { kill, thread: Some(thread) })
+    }
+
+    /// Stop the thread and wait for it; guest memory is not touched after this returns.
+    pub fn stop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            if let Err(e) = self.kill.write(1) {
+                warn!(%e, "cannot signal virtio worker to stop");
+            }
+            if t.join().is_err() {
+                error!("virtio worker thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+use std::os::fd::AsRawFd;
+
+/// Clear an eventfd's counter; a read error (nothing pending on a non-blocking fd) is fine.
+pub fn drain(evt: &EventFd) {
+    let _ = evt.read();
+}
