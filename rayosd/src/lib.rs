@@ -11,4 +11,5 @@ pub mod log;
 pub mod mounts;
 pub mod power;
 pub mod reaper;
+pub mod supervisor;
 pub mod timeline;

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
@@ -33,10 +34,29 @@ impl std::fmt::Display for ExitKind {
     }
 }
 
+/// Exit statuses nobody had registered for yet, kept briefly: another thread's reaper (tests,
+/// `systemless`) may reap a child between its spawn and its registration.
+const UNCLAIMED_TTL: Duration = Duration::from_secs(2);
+
+#[derive(Default)]
+struct Table {
+    waiters: HashMap<i32, oneshot::Sender<ExitKind>>,
+    unclaimed: Vec<(i32, ExitKind, Instant)>,
+}
+
+/// Process-wide, because `waitpid(-1)` is: every [`Reaper`] handle shares it.
+static TABLE: Mutex<Option<Table>> = Mutex::new(None);
+static ORPHANS: AtomicU64 = AtomicU64::new(0);
+
+fn with_table<R>(f: impl FnOnce(&mut Table) -> R) -> R {
+    let mut t = TABLE.lock().unwrap();
+    f(t.get_or_insert_with(Table::default))
+}
+
+/// A handle on the process's one reaper.
 #[derive(Default)]
 pub struct Reaper {
-    waiters: Mutex<HashMap<i32, oneshot::Sender<ExitKind>>>,
-    orphans: AtomicU64,
+    _private: (),
 }
 
 impl Reaper {
@@ -44,16 +64,26 @@ impl Reaper {
         Reaper::default()
     }
 
-    /// Registers interest in `pid`'s exit. Call right after spawning, before yielding.
+    /// Registers interest in `pid`'s exit. Call right after spawning.
     pub fn watch(&self, pid: u32) -> oneshot::Receiver<ExitKind> {
         let (tx, rx) = oneshot::channel();
-        self.waiters.lock().unwrap().insert(pid as i32, tx);
+        with_table(|t| {
+            let now = Instant::now();
+            t.unclaimed.retain(|(_, _, at)| now.duration_since(*at) < UNCLAIMED_TTL);
+            if let Some(i) = t.unclaimed.iter().position(|(p, _, _)| *p == pid as i32) {
+                let (_, kind, _) = t.unclaimed.swap_remove(i);
+                ORPHANS.fetch_sub(1, Ordering::Relaxed);
+                let _ = tx.send(kind);
+            } else {
+                t.waiters.insert(pid as i32, tx);
+            }
+        });
         rx
     }
 
     /// How many processes nobody registered (orphans) were reaped.
     pub fn orphans_reaped(&self) -> u64 {
-        self.orphans.load(Ordering::Relaxed)
+        ORPHANS.load(Ordering::Relaxed)
     }
 
     /// Reaps every child that has exited. Call on each SIGCHLD.
@@ -69,12 +99,19 @@ impl Reaper {
     }
 
     fn deliver(&self, pid: Pid, kind: ExitKind) {
-        match self.waiters.lock().unwrap().remove(&pid.as_raw()) {
+        let waiter = with_table(|t| {
+            let w = t.waiters.remove(&pid.as_raw());
+            if w.is_none() {
+                t.unclaimed.push((pid.as_raw(), kind, Instant::now()));
+            }
+            w
+        });
+        match waiter {
             Some(tx) => {
                 let _ = tx.send(kind);
             }
             None => {
-                self.orphans.fetch_add(1, Ordering::Relaxed);
+                ORPHANS.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!("reaped orphan pid={} ({kind})", pid);
             }
         }
