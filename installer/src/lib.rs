@@ -1,1 +1,16 @@
-//! see Cargo.toml description
+//! RayOS installer library: disk discovery, install planning, and the writers (GPT, ESP,
+//! UEFI boot entry, data volume), plus the answer file and the wizard.
+
+pub mod answers;
+pub mod blockio;
+pub mod bls;
+pub mod config;
+pub mod datafs;
+pub mod disks;
+pub mod efiboot;
+pub mod esp;
+pub mod gpt;
+pub mod guids;
+pub mod install;
+pub mod plan;
+pub mod probe;

@@ -1,0 +1,255 @@
+//! Executes a plan: the only module that writes to the target disk.
+//!
+//! Order: check the disk is still the one the plan was made for; partition table (old-or-new
+//! after a power cut, see `gpt`); ESP files; UEFI boot entry; data filesystem (built from a
+//! staging directory, last, so its install.log tells everything before it). Nothing is written
+//! before `install` is called, and `install` is only called after the confirmation.
+
+use std::cell::Cell;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::blockio::{self, CountingWriter, Window};
+use crate::config::{self, SystemConfig};
+use crate::datafs::{self, Layout, RegistryVm};
+use crate::disks::{self, human_size, Disk, SystemPaths};
+use crate::efiboot::{self, LoaderLocation};
+use crate::esp::{self, BootFiles};
+use crate::gpt;
+use crate::plan::{EspChoice, Plan, Role, VmStorage};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Where the installer finds the machine's interfaces; a temp tree in tests.
+#[derive(Debug, Clone)]
+pub struct Environment {
+    pub paths: SystemPaths,
+    /// efivarfs; None or a missing directory (BIOS boot, tests) skips the boot entry.
+    pub efivars: Option<PathBuf>,
+    /// Where the data volume's contents are staged (a tmpfs: /run on the machine).
+    pub staging_base: PathBuf,
+    pub mke2fs: PathBuf,
+}
+
+impl Default for Environment {
+    fn default() -> Self {
+        Environment {
+            paths: SystemPaths::default(),
+            efivars: Some(efiboot::EFIVARS.into()),
+            staging_base: "/run".into(),
+            mke2fs: "/usr/sbin/mke2fs".into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error("{disk}: is no longer the disk that was chosen ({what}); nothing was written")]
+    DiskChanged { disk: String, what: String },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Gpt(#[from] gpt::GptError),
+    #[error(transparent)]
+    Esp(#[from] esp::EspError),
+    #[error(transparent)]
+    Efi(#[from] efiboot::EfiError),
+    #[error(transparent)]
+    DataFs(#[from] datafs::DataFsError),
+}
+
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub duration: Duration,
+    pub bytes_written: u64,
+    pub boot_entry: Option<u16>,
+    pub log: String,
+}
+
+/// Progress for the UI: percent done and what is happening.
+pub type ProgressFn<'a> = &'a mut dyn FnMut(u8, &str);
+
+struct Log<'a> {
+    start: Instant,
+    text: String,
+    progress: ProgressFn<'a>,
+}
+
+impl Log<'_> {
+    fn step(&mut self, pct: u8, msg: &str) {
+        tracing::info!("{msg}");
+        let ms = self.start.elapsed().as_millis();
+        self.text.push_str(&format!("[{ms:>6} ms] {msg}\n"));
+        (self.progress)(pct, msg);
+    }
+}
+
+/// Compares what the disk is now with what the plan was made from.
+pub fn verify_identity(planned: &Disk, now: Option<&Disk>) -> Result<(), InstallError> {
+    let changed = |what: String| InstallError::DiskChanged { disk: planned.device.display().to_string(), what };
+    let Some(now) = now else { return Err(changed("the disk is gone".into())) };
+    for (field, a, b) in [
+        ("model", &planned.model, &now.model),
+        ("serial", &planned.serial, &now.serial),
+        ("wwid", &planned.wwid, &now.wwid),
+    ] {
+        if a != b {
+            return Err(changed(format!("{field} was {a:?}, is {b:?}")));
+        }
+    }
+    if planned.size_bytes != now.size_bytes {
+        return Err(changed(format!("size was {}, is {}", planned.size_bytes, now.size_bytes)));
+    }
+    if planned.gpt_disk_guid != now.gpt_disk_guid {
+        return Err(changed("its partition table was replaced".into()));
+    }
+    let layout = |d: &Disk| d.partitions.iter().map(|p| (p.number, p.first_lba, p.last_lba, p.type_guid)).collect::<Vec<_>>();
+    if layout(planned) != layout(now) {
+        return Err(changed("its partitions changed".into()));
+    }
+    Ok(())
+}
+
+/// VMs registered at install time. The default Linux VM arrives with a later issue: this is
+/// the hook that will add it when the USB medium carries its image; today it returns none.
+pub fn default_vms(_files: &BootFiles) -> Vec<RegistryVm> {
+    Vec::new()
+}
+
+fn sectors_written(paths: &SystemPaths, name: &str) -> Option<u64> {
+    let stat = fs::read_to_string(paths.sys_class_block.join(name).join("stat")).ok()?;
+    stat.split_whitespace().nth(6)?.parse().ok()
+}
+
+fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+pub fn install(
+    env: &Environment,
+    plan: &Plan,
+    cfg: &SystemConfig,
+    files: &BootFiles,
+    answers_toml: Option<&str>,
+    progress: ProgressFn,
+) -> Result<Report, InstallError> {
+    let mut log = Log { start: Instant::now(), text: String::new(), progress };
+    let dev_path = plan.disk.device.clone();
+    let io_err = |source| InstallError::Io { path: dev_path.clone(), source };
+    log.step(0, &format!("rayos-installer {VERSION}: installing onto {}", plan.disk.describe()));
+    for line in plan.describe() {
+        log.step(0, &line);
+    }
+
+    log.step(2, "checking the disk's identity again");
+    verify_identity(&plan.disk, disks::reread(&env.paths, &plan.disk.name).as_ref())?;
+
+    let stat_before = sectors_written(&env.paths, &plan.disk.name);
+    let alloc_before = allocated_bytes(&dev_path);
+    let counted = Cell::new(0u64);
+    let mut dev: File = OpenOptions::new().read(true).write(true).open(&dev_path).map_err(io_err)?;
+    let ss = plan.sector();
+
+    log.step(5, "writing the partition table (backup first, then primary)");
+    let mut table = gpt::build(&mut dev, plan)?;
+    let n = gpt::write(&mut dev, &mut table, plan, &mut |d: &mut File| d.sync_data())?;
+    counted.set(counted.get() + n);
+    if let Err(e) = blockio::reread_partitions(&dev) {
+        log.step(10, &format!("warning: the kernel could not re-read the partition table now ({e}); it will at reboot"));
+    }
+
+    let (esp_number, esp_first, esp_last, esp_uuid, created) = match &plan.esp {
+        EspChoice::Create(n) => {
+            let p = plan.create.iter().find(|p| p.number == *n).expect("planned ESP");
+            (p.number, p.first_lba, p.last_lba, p.part_uuid, true)
+        }
+        EspChoice::Reuse(p) => (p.number, p.first_lba, p.last_lba, p.part_uuid, false),
+    };
+    let esp_off = esp_first * ss;
+    let esp_len = (esp_last + 1 - esp_first) * ss;
+    if created {
+        log.step(15, &format!("formatting the ESP (#{esp_number}, FAT32, {})", human_size(esp_len)));
+        esp::format(Window::new(CountingWriter { inner: &mut dev, written: &counted }, esp_off, esp_len))?;
+    }
+    log.step(25, "copying systemd-boot, kernel and initramfs to the ESP");
+    let esp_report = esp::install_files(
+        Window::new(CountingWriter { inner: &mut dev, written: &counted }, esp_off, esp_len),
+        files,
+        created,
+        VERSION,
+    )?;
+    for p in &esp_report.removed {
+        log.step(45, &format!("ESP: removed old {p}"));
+    }
+    for p in &esp_report.kept {
+        log.step(45, &format!("ESP: kept the machine's {p}"));
+    }
+    log.step(50, &format!("ESP: wrote {}", esp_report.written.join(", ")));
+    dev.sync_data().map_err(io_err)?;
+
+    let mut boot_entry = None;
+    match env.efivars.as_deref().filter(|p| p.is_dir()) {
+        Some(efivars) => {
+            let loc = LoaderLocation {
+                partition_number: esp_number,
+                first_lba: esp_first,
+                size_lba: esp_last + 1 - esp_first,
+                part_uuid: esp_uuid,
+                path: esp::SYSTEMD_BOOT_EFI_PATH.into(),
+            };
+            let n = efiboot::add_boot_entry(efivars, "RayOS", &loc)?;
+            boot_entry = Some(n);
+            log.step(55, &format!("UEFI boot entry Boot{n:04X} \"RayOS\" first in BootOrder"));
+        }
+        None => log.step(55, "no efivarfs: UEFI boot entry skipped (the fallback loader path still boots)"),
+    }
+
+    let vm_part = plan.create.iter().find(|p| p.role == Role::VmStorage);
+    if let Some(p) = vm_part {
+        log.step(60, &format!("formatting the VM storage partition #{} (ext4)", p.number));
+        datafs::mkfs_ext4(&env.mke2fs, &dev_path, p.first_lba * ss, p.size_bytes(ss), datafs::VMS_LABEL, uuid::Uuid::new_v4(), None)?;
+    }
+
+    let data = plan.data_partition();
+    let vms = default_vms(files);
+    log.step(
+        70,
+        &format!(
+            "creating the data volume #{} (ext4 '{}', {}) with {} registered VM(s)",
+            data.number,
+            datafs::DATA_LABEL,
+            human_size(data.size_bytes(ss)),
+            vms.len()
+        ),
+    );
+    let staging = env.staging_base.join(format!("rayos-install-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&staging);
+    let system_toml = config::system_toml(cfg, &plan.vm_storage, vm_part.map(|p| p.part_uuid));
+    let mut install_log = log.text.clone();
+    install_log.push_str(&format!("[{:>6} ms] data volume written; install complete\n", log.start.elapsed().as_millis()));
+    datafs::stage(&staging, &Layout { system_toml: &system_toml, answers_toml, vms: &vms, install_log: &install_log })?;
+    if let VmStorage::Path(p) = &plan.vm_storage {
+        if let Some(rel) = p.strip_prefix("/data/") {
+            let dir = staging.join(rel);
+            fs::create_dir_all(&dir).map_err(|source| InstallError::Io { path: dir, source })?;
+        }
+    }
+    let made = datafs::mkfs_ext4(&env.mke2fs, &dev_path, data.first_lba * ss, data.size_bytes(ss), datafs::DATA_LABEL, uuid::Uuid::new_v4(), Some(&staging));
+    let _ = fs::remove_dir_all(&staging);
+    made?;
+
+    dev.sync_all().map_err(io_err)?;
+    if let Err(e) = blockio::reread_partitions(&dev) {
+        log.step(98, &format!("warning: re-reading partitions: {e}"));
+    }
+    let bytes_written = match (stat_before, sectors_written(&env.paths, &plan.disk.name)) {
+        (Some(a), Some(b)) if blockio::is_block_device(&dev).unwrap_or(false) => (b - a) * 512,
+        _ => counted.get().max(allocated_bytes(&dev_path).saturating_sub(alloc_before)),
+    };
+    let duration = log.start.elapsed();
+    log.step(100, &format!("installed in {} ms, {} written", duration.as_millis(), human_size(bytes_written)));
+    Ok(Report { duration, bytes_written, boot_entry, log: log.text })
+}
