@@ -1,1 +1,415 @@
-//! see Cargo.toml description
+//! The harness for tests that boot RayOS in QEMU: real firmware (OVMF), real kernel, real
+//! rayosd, with the serial console captured, QMP for keys and screenshots, and the
+//! `org.rayos.control` virtio-serial port on a host socket.
+//!
+//! ```no_run
+//! use rayos_tests::{artifacts, Qemu};
+//! use std::time::Duration;
+//! let mut vm = Qemu::builder("doc").uefi_usb(&artifacts().usb_image).spawn().unwrap();
+//! vm.wait_for("rayosd: ready", Duration::from_secs(180)).unwrap();
+//! ```
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+pub use rootfs_builder::qemu::DiskBus;
+use rootfs_builder::qemu::{Boot, Disk, QemuConfig, Serial};
+pub use rootfs_builder::{esp, image, initramfs, Artifacts};
+use thiserror::Error;
+
+/// Generous: TCG boots through OVMF take ~10 s alone and several tests share two cores.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+
+#[derive(Debug, Error)]
+pub enum HarnessError {
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("[{name}] waited {timeout:?} for `{pattern}`; last serial lines:\n{tail}")]
+    Timeout { name: String, pattern: String, timeout: Duration, tail: String },
+    #[error("[{name}] QEMU exited ({status}) while waiting for `{pattern}`; stderr: {stderr}\nlast serial lines:\n{tail}")]
+    Exited { name: String, pattern: String, status: String, stderr: String, tail: String },
+    #[error("QMP: {0}")]
+    Qmp(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> HarnessError {
+    let what = what.into();
+    move |source| HarnessError::Io { what, source }
+}
+
+/// The built kernel, initramfs and USB image (built once per test process if stale).
+pub fn artifacts() -> &'static Artifacts {
+    static A: OnceLock<Artifacts> = OnceLock::new();
+    A.get_or_init(|| match rootfs_builder::artifacts() {
+        Ok(a) => a,
+        Err(e) => panic!("building RayOS for the tests failed: {e:#}"),
+    })
+}
+
+/// The accelerator every test uses (probed once).
+pub fn accel() -> &'static rootfs_builder::accel::Accel {
+    static A: OnceLock<rootfs_builder::accel::Accel> = OnceLock::new();
+    A.get_or_init(rootfs_builder::accel::detect)
+}
+
+/// A per-test folder for disks, logs and sockets: `target/rayos/test-runs/<name>`, emptied
+/// first. Sockets live in a short /tmp folder because unix socket paths are limited to 107 bytes.
+pub struct Workdir {
+    pub dir: PathBuf,
+    pub sockets: PathBuf,
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+impl Workdir {
+    pub fn new(name: &str) -> Workdir {
+        let dir = rootfs_builder::paths::out_dir().join("test-runs").join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("creating the test folder");
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let sockets = std::env::temp_dir().join(format!("rayos-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&sockets);
+        std::fs::create_dir_all(&sockets).expect("creating the socket folder");
+        Workdir { dir, sockets }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+/// A blank sparse disk image of `size` bytes.
+pub fn blank_disk(path: &Path, size: u64) -> std::io::Result<()> {
+    let f = std::fs::File::create(path)?;
+    f.set_len(size)
+}
+
+pub struct QemuBuilder {
+    name: String,
+    work: Workdir,
+    cfg: QemuConfig,
+}
+
+impl QemuBuilder {
+    /// Boot through OVMF (UEFI). Add the boot disk with `uefi_usb` or a `*_disk` call.
+    fn new(name: &str) -> QemuBuilder {
+        let work = Workdir::new(name);
+        let vars = work.path("ovmf-vars.fd");
+        rootfs_builder::qemu::fresh_vars(&vars).expect("copying OVMF_VARS (is the ovmf package installed?)");
+        let mut cfg = QemuConfig::new(accel().clone(), Boot::Uefi { vars });
+        cfg.serial = Serial::Socket(work.sockets.join("serial.sock"));
+        cfg.qmp = Some(work.sockets.join("qmp.sock"));
+        QemuBuilder { name: name.to_string(), work, cfg }
+    }
+
+    /// Attach `image` as a USB stick on xHCI, the way users boot the installer. Writes are
+    /// discarded when QEMU exits, so the image stays as built.
+    pub fn uefi_usb(mut self, image: &Path) -> Self {
+        self.cfg.disks.push(Disk { path: image.to_path_buf(), bus: DiskBus::Usb, serial: "RAYOS-USB".into(), snapshot: true, format: "raw" });
+        self
+    }
+
+    /// Boot a kernel directly (no firmware): for VMM and low-level tests.
+    pub fn direct_kernel(mut self, kernel: &Path, initramfs: &Path, cmdline: &str) -> Self {
+        self.cfg.boot = Boot::Direct { kernel: kernel.into(), initramfs: initramfs.into(), cmdline: cmdline.into() };
+        self
+    }
+
+    pub fn disk(mut self, path: &Path, bus: DiskBus, serial: &str) -> Self {
+        self.cfg.disks.push(Disk { path: path.to_path_buf(), bus, serial: serial.into(), snapshot: false, format: "raw" });
+        self
+    }
+
+    pub fn nvme_disk(self, path: &Path, serial: &str) -> Self {
+        self.disk(path, DiskBus::Nvme, serial)
+    }
+
+    pub fn ahci_disk(self, path: &Path, serial: &str) -> Self {
+        self.disk(path, DiskBus::Ahci, serial)
+    }
+
+    /// The virtio-serial port `org.rayos.control`, on a host socket (`Qemu::control_socket`).
+    pub fn control_channel(mut self) -> Self {
+        self.cfg.control = Some(self.work.sockets.join("control.sock"));
+        self
+    }
+
+    pub fn memory_mib(mut self, mib: u32) -> Self {
+        self.cfg.memory_mib = mib;
+        self
+    }
+
+    pub fn cpus(mut self, n: u32) -> Self {
+        self.cfg.cpus = n;
+        self
+    }
+
+    /// Exit QEMU instead of rebooting the guest.
+    pub fn no_reboot(mut self) -> Self {
+        self.cfg.extra.push("-no-reboot".into());
+        self
+    }
+
+    pub fn arg(mut self, a: &str) -> Self {
+        self.cfg.extra.push(a.into());
+        self
+    }
+
+    /// The test folder (for disk images etc.) before spawning.
+    pub fn workdir(&self) -> &Path {
+        &self.work.dir
+    }
+
+    pub fn spawn(self) -> Result<Qemu, HarnessError> {
+        let QemuBuilder { name, work, cfg } = self;
+        let serial_sock = work.sockets.join("serial.sock");
+        let stderr_path = work.path("qemu.stderr");
+        let stderr = std::fs::File::create(&stderr_path).map_err(io("creating qemu.stderr"))?;
+        let mut cmd = cfg.command();
+        std::fs::write(work.path("qemu.cmdline"), format!("{cmd:?}\n")).map_err(io("writing qemu.cmdline"))?;
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
+        let mut child = cmd.spawn().map_err(io("starting qemu-system-x86_64"))?;
+        // QEMU waits for us on the serial socket before it starts the guest: nothing is lost.
+        let start = Instant::now();
+        let stream = loop {
+            match UnixStream::connect(&serial_sock) {
+                Ok(s) => break s,
+                Err(e) => {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        return Err(HarnessError::Exited {
+                            name,
+                            pattern: "serial socket".into(),
+                            status: status.to_string(),
+                            stderr: std::fs::read_to_string(&stderr_path).unwrap_or_default(),
+                            tail: String::new(),
+                        });
+                    }
+                    if start.elapsed() > Duration::from_secs(30) {
+                        let _ = child.kill();
+                        return Err(HarnessError::Io { what: format!("connecting to {}", serial_sock.display()), source: e });
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        };
+        let log = Arc::new((Mutex::new(String::new()), Condvar::new()));
+        let reader = stream.try_clone().map_err(io("cloning the serial socket"))?;
+        let log2 = log.clone();
+        let log_file = work.path("serial.log");
+        std::thread::spawn(move || {
+            let mut file = std::fs::File::create(log_file).ok();
+            let mut r = BufReader::new(reader);
+            let mut buf = [0u8; 4096];
+            loop {
+                match r.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if let Some(f) = file.as_mut() {
+                            let _ = f.write_all(&buf[..n]);
+                        }
+                        let (m, cv) = &*log2;
+                        m.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+                        cv.notify_all();
+                    }
+                }
+            }
+            let (m, cv) = &*log2;
+            m.lock().unwrap().push_str("\n[serial closed]\n");
+            cv.notify_all();
+        });
+        Ok(Qemu { name, work, child: Some(child), serial: stream, log, qmp: None, cfg })
+    }
+}
+
+pub struct Qemu {
+    name: String,
+    work: Workdir,
+    child: Option<Child>,
+    serial: UnixStream,
+    log: Arc<(Mutex<String>, Condvar)>,
+    qmp: Option<BufReader<UnixStream>>,
+    cfg: QemuConfig,
+}
+
+impl Qemu {
+    /// A UEFI machine with no disks yet; `name` names the test folder.
+    pub fn builder(name: &str) -> QemuBuilder {
+        QemuBuilder::new(name)
+    }
+
+    pub fn workdir(&self) -> &Path {
+        &self.work.dir
+    }
+
+    /// Everything the guest wrote to its serial console so far.
+    pub fn serial_log(&self) -> String {
+        self.log.0.lock().unwrap().clone()
+    }
+
+    fn tail(&self) -> String {
+        let log = self.serial_log();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Wait for a serial line containing `pattern`; return that whole line.
+    pub fn wait_for(&mut self, pattern: &str, timeout: Duration) -> Result<String, HarnessError> {
+        self.wait_for_line(|l| l.contains(pattern), pattern, timeout)
+    }
+
+    /// Wait for a serial line for which `pred` holds, searching from the start of the log.
+    pub fn wait_for_line(
+        &mut self,
+        pred: impl Fn(&str) -> bool,
+        what: &str,
+        timeout: Duration,
+    ) -> Result<String, HarnessError> {
+        self.wait_for_line_after(0, pred, what, timeout)
+    }
+
+    /// Like `wait_for_line`, ignoring the first `offset` bytes of the log (see `log_len`).
+    pub fn wait_for_line_after(
+        &mut self,
+        offset: usize,
+        pred: impl Fn(&str) -> bool,
+        what: &str,
+        timeout: Duration,
+    ) -> Result<String, HarnessError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let (m, cv) = &*self.log;
+                let guard = m.lock().unwrap();
+                let text = guard.get(offset..).unwrap_or("");
+                // Only complete lines count; strip the CR of serial line endings.
+                let complete = match text.rfind('\n') {
+                    Some(i) => &text[..i],
+                    None => "",
+                };
+                if let Some(l) = complete.lines().map(|l| l.trim_end_matches('\r')).find(|l| pred(l)) {
+                    return Ok(l.to_string());
+                }
+                let _ = cv.wait_timeout(guard, Duration::from_millis(200)).unwrap();
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    // Let the reader drain what QEMU wrote last.
+                    std::thread::sleep(Duration::from_millis(200));
+                    let text = self.serial_log();
+                    if let Some(l) = text.get(offset..).unwrap_or("").lines().map(|l| l.trim_end_matches('\r')).find(|l| pred(l)) {
+                        return Ok(l.to_string());
+                    }
+                    return Err(HarnessError::Exited {
+                        name: self.name.clone(),
+                        pattern: what.into(),
+                        status: status.to_string(),
+                        stderr: std::fs::read_to_string(self.work.path("qemu.stderr")).unwrap_or_default(),
+                        tail: self.tail(),
+                    });
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(HarnessError::Timeout {
+                    name: self.name.clone(),
+                    pattern: what.into(),
+                    timeout,
+                    tail: self.tail(),
+                });
+            }
+        }
+    }
+
+    /// Bytes of serial output so far (to wait only for lines that come after now).
+    pub fn log_len(&self) -> usize {
+        self.log.0.lock().unwrap().len()
+    }
+
+    /// Type on the serial console.
+    pub fn send_serial(&mut self, bytes: &[u8]) -> Result<(), HarnessError> {
+        self.serial.write_all(bytes).map_err(io("writing to the serial console"))
+    }
+
+    /// The host end of the `org.rayos.control` port (after `control_channel()`).
+    pub fn control_socket(&self) -> PathBuf {
+        self.cfg.control.clone().expect("control_channel() was not asked for")
+    }
+
+    /// Run a QMP command; returns its `return` value.
+    pub fn qmp(&mut self, execute: &str, arguments: serde_json::Value) -> Result<serde_json::Value, HarnessError> {
+        if self.qmp.is_none() {
+            let path = self.cfg.qmp.clone().expect("QMP socket configured");
+            let s = UnixStream::connect(&path).map_err(io(format!("connecting to QMP at {}", path.display())))?;
+            let mut r = BufReader::new(s);
+            let mut greeting = String::new();
+            r.read_line(&mut greeting).map_err(io("reading the QMP greeting"))?;
+            self.qmp = Some(r);
+            self.qmp_raw("qmp_capabilities", serde_json::json!({}))?;
+        }
+        self.qmp_raw(execute, arguments)
+    }
+
+    fn qmp_raw(&mut self, execute: &str, arguments: serde_json::Value) -> Result<serde_json::Value, HarnessError> {
+        let r = self.qmp.as_mut().unwrap();
+        let msg = serde_json::json!({ "execute": execute, "arguments": arguments });
+        r.get_mut().write_all(format!("{msg}\n").as_bytes()).map_err(io("writing to QMP"))?;
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line).map_err(io("reading from QMP"))? == 0 {
+                return Err(HarnessError::Qmp("QMP closed".into()));
+            }
+            let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| HarnessError::Qmp(format!("{e}: {line}")))?;
+            if let Some(ret) = v.get("return") {
+                return Ok(ret.clone());
+            }
+            if let Some(err) = v.get("error") {
+                return Err(HarnessError::Qmp(format!("{execute}: {err}")));
+            }
+            // An asynchronous event: skip it.
+        }
+    }
+
+    /// Save the screen as PNG.
+    pub fn screendump(&mut self, path: &Path) -> Result<(), HarnessError> {
+        self.qmp("screendump", serde_json::json!({ "filename": path, "format": "png" })).map(|_| ())
+    }
+
+    /// Wait for QEMU to exit by itself (e.g. the guest powered off).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus, HarnessError> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().expect("QEMU running");
+        loop {
+            if let Some(s) = child.try_wait().map_err(io("waiting for QEMU"))? {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                return Err(HarnessError::Timeout {
+                    name: self.name.clone(),
+                    pattern: "QEMU to exit".into(),
+                    timeout,
+                    tail: self.tail(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stop QEMU now (as pulling the power).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.work.sockets);
+    }
+}
