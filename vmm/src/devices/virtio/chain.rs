@@ -7,15 +7,18 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use super::{VirtioInterrupt};
 use crate::devices::GuestMemory;
 
-/// Device-readable and device-writable buffers of one chain, in order.
+/// Device-readable and device-writable buffers of one chain, in order. Buffers that failed
+/// a check are left out and the first failure is kept in `error`: a device still reports an
+/// error status through a good status buffer when it has one.
 #[derive(Clone, Debug, Default)]
 pub struct ParsedChain {
     pub head: u16,
     pub readable: Vec<(GuestAddress, u32)>,
     pub writable: Vec<(GuestAddress, u32)>,
+    pub error: Option<ChainError>,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ChainError {
     #[error("descriptor {addr:#x}+{len:#x} is outside guest memory")]
     OutsideMemory { addr: u64, len: u32 },
@@ -28,27 +31,36 @@ pub enum ChainError {
 /// Upper bound on the bytes one chain may describe; the spec's own limit (2.7.5.2).
 pub const MAX_CHAIN_BYTES: u64 = 1 << 32;
 
-pub fn parse_chain(chain: DescriptorChain<&GuestMemory>, mem: &GuestMemory) -> Result<ParsedChain, ChainError> {
+/// Collect and check a chain's buffers. The iteration itself is bounded by virtio-queue
+/// (at most queue-size descriptors, or the indirect table's length; no nested indirection).
+pub fn parse_chain(chain: DescriptorChain<&GuestMemory>, mem: &GuestMemory) -> ParsedChain {
     let mut parsed = ParsedChain { head: chain.head_index(), ..Default::default() };
     let mut total = 0u64;
+    let fail = |p: &mut ParsedChain, e: ChainError| {
+        if p.error.is_none() {
+            p.error = Some(e);
+        }
+    };
     for desc in chain {
         let (addr, len) = (desc.addr(), desc.len());
         if !mem.check_range(addr, len as usize) {
-            return Err(ChainError::OutsideMemory { addr: addr.0, len });
+            fail(&mut parsed, ChainError::OutsideMemory { addr: addr.0, len });
+            continue;
         }
         total += u64::from(len);
         if total > MAX_CHAIN_BYTES {
-            return Err(ChainError::TooLarge { limit: MAX_CHAIN_BYTES });
+            fail(&mut parsed, ChainError::TooLarge { limit: MAX_CHAIN_BYTES });
+            break;
         }
         if desc.is_write_only() {
             parsed.writable.push((addr, len));
         } else if !parsed.writable.is_empty() {
-            return Err(ChainError::ReadableAfterWritable);
+            fail(&mut parsed, ChainError::ReadableAfterWritable);
         } else {
             parsed.readable.push((addr, len));
         }
     }
-    Ok(parsed)
+    parsed
 }
 
 pub fn total_len(segs: &[(GuestAddress, u32)]) -> u64 {

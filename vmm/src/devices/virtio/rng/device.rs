@@ -59,8 +59,9 @@ impl RngWorker {
             self.queue.disable_notification(&mem);
             while let Some(chain) = self.queue.pop(&mem, &*self.irq) {
                 let head = chain.head_index();
-                let written = match parse_chain(chain, &mem) {
-                    Ok(p) => {
+                let p = parse_chain(chain, &mem);
+                let written = match p.error {
+                    None => {
                         let want = (super::super::chain::total_len(&p.writable) as usize).min(MAX_PER_REQUEST);
                         let buf = &mut self.buf[..want];
                         match fill_random(buf) {
@@ -71,7 +72,7 @@ impl RngWorker {
                             }
                         }
                     }
-                    Err(e) => {
+                    Some(e) => {
                         warn!(%e, "virtio-rng: bad request");
                         0
                     }

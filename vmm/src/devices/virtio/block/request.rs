@@ -1,0 +1,208 @@
+//! Parsing and executing one virtio-blk request. Kept free of queue handling so the fuzz
+//! target can drive it directly.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+
+use vm_memory::{GuestAddress, GuestMemoryBackend, VolatileSlice};
+
+use super::super::chain::{read_segments, total_len, write_segments, ParsedChain};
+use crate::devices::GuestMemory;
+
+pub const SECTOR_SIZE: u64 = 512;
+const HEADER_LEN: u64 = 16;
+/// Length of the GET_ID answer (VIRTIO_BLK_ID_BYTES).
+pub const ID_BYTES: usize = 20;
+
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+
+/// What a request works on.
+pub struct BlockBackend {
+    pub file: File,
+    pub capacity_sectors: u64,
+    pub read_only: bool,
+    /// The driver negotiated FLUSH: writes may stay in the page cache until a FLUSH.
+    pub writeback: bool,
+    pub id: [u8; ID_BYTES],
+}
+
+/// Result of a request: the status written and the bytes written into the driver's buffers
+/// (the used length).
+#[derive(Debug, PartialEq, Eq)]
+pub struct RequestOutcome {
+    pub status: Option<u8>,
+    pub used_len: u32,
+}
+
+#[derive(Debug)]
+enum Failure {
+    /// Report VIRTIO_BLK_S_IOERR.
+    IoErr(String),
+    Unsupported(u32),
+}
+
+/// Guest buffers `segs` starting `skip` bytes in, `len` bytes long, as host slices. Guest
+/// memory was range-checked by `parse_chain`; `get_slices` checks again and splits at region
+/// boundaries.
+fn slices<'a>(mem: &'a GuestMemory, segs: &[(GuestAddress, u32)], mut skip: u64, mut len: u64) -> Result<Vec<VolatileSlice<'a, ()>>, Failure> {
+    let mut out = Vec::new();
+    for &(addr, seg_len) in segs {
+        if len == 0 {
+            break;
+        }
+        let seg_len = u64::from(seg_len);
+        if skip >= seg_len {
+            skip -= seg_len;
+            continue;
+        }
+        let n = (seg_len - skip).min(len);
+        let start = GuestAddress(addr.0 + skip);
+        for s in mem.get_slices(start, n as usize) {
+            out.push(s.map_err(|e| Failure::IoErr(format!("guest buffer {:#x}: {e}", start.0)))?);
+        }
+        len -= n;
+        skip = 0;
+    }
+    Ok(out)
+}
+
+/// Positioned vectored I/O between the image and guest buffers, looping over short transfers.
+fn transfer(file: &File, bufs: &[VolatileSlice<'_, ()>], mut pos: u64, write: bool) -> io::Result<()> {
+    let mut iovs: Vec<libc::iovec> = bufs
+        .iter()
+        .map(|s| libc::iovec { iov_base: s.ptr_guard_mut().as_ptr().cast(), iov_len: s.len() })
+        .collect();
+    let mut first = 0;
+    while first < iovs.len() {
+        let batch = &iovs[first..iovs.len().min(first + 1024)];
+        // SAFETY: every iovec points into a live guest memory mapping (the slices borrow
+        // `mem`, which the caller holds) of exactly its length; the kernel reads or writes
+        // only within them.
+        let n = unsafe {
+            if write {
+                libc::pwritev(file.as_raw_fd(), batch.as_ptr(), batch.len() as i32, pos as i64)
+            } else {
+                libc::preadv(file.as_raw_fd(), batch.as_ptr(), batch.len() as i32, pos as i64)
+            }
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "image shorter than its capacity"));
+        }
+        pos += n as u64;
+        let mut n = n as usize;
+        while n > 0 && first < iovs.len() {
+            let iov = &mut iovs[first];
+            if n >= iov.iov_len {
+                n -= iov.iov_len;
+                first += 1;
+            } else {
+                // SAFETY: advancing within the same iovec buffer, by less than its length.
+                iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(n) }.cast();
+                iov.iov_len -= n;
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Execute one request described by `chain`, writing data and the status byte into guest
+/// memory. Never panics and never touches memory outside `mem`.
+pub fn execute_request(mem: &GuestMemory, chain: &ParsedChain, be: &BlockBackend) -> RequestOutcome {
+    let writable_len = total_len(&chain.writable);
+    if writable_len == 0 {
+        tracing::warn!("virtio-blk: request without a status buffer dropped");
+        return RequestOutcome { status: None, used_len: 0 };
+    }
+    let status_off = writable_len - 1;
+    let (status, data_written) = match run(mem, chain, be, status_off) {
+        Ok(n) => (S_OK, n),
+        Err(Failure::IoErr(why)) => {
+            tracing::warn!(why, "virtio-blk: request failed");
+            (S_IOERR, 0)
+        }
+        Err(Failure::Unsupported(t)) => {
+            tracing::debug!(request_type = t, "virtio-blk: unsupported request");
+            (S_UNSUPP, 0)
+        }
+    };
+    if write_segments(mem, &chain.writable, status_off, &[status]) != 1 {
+        return RequestOutcome { status: None, used_len: data_written as u32 };
+    }
+    RequestOutcome { status: Some(status), used_len: data_written as u32 + 1 }
+}
+
+fn run(mem: &GuestMemory, chain: &ParsedChain, be: &BlockBackend, data_in_len: u64) -> Result<u64, Failure> {
+    if let Some(e) = &chain.error {
+        return Err(Failure::IoErr(e.to_string()));
+    }
+    let mut hdr = [0u8; HEADER_LEN as usize];
+    if read_segments(mem, &chain.readable, 0, &mut hdr) != hdr.len() {
+        return Err(Failure::IoErr("header shorter than 16 bytes".into()));
+    }
+    let req_type = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+    let sector = u64::from_le_bytes(hdr[8..16].try_into().unwrap_or_default());
+    let data_out_len = total_len(&chain.readable) - HEADER_LEN;
+    let check_range = |len: u64| -> Result<u64, Failure> {
+        if len % SECTOR_SIZE != 0 {
+            return Err(Failure::IoErr(format!("length {len} not a multiple of 512")));
+        }
+        let end = sector.checked_add(len / SECTOR_SIZE);
+        match end {
+            Some(end) if end <= be.capacity_sectors => Ok(sector * SECTOR_SIZE),
+            _ => Err(Failure::IoErr(format!("sectors {sector}+{} beyond capacity {}", len / SECTOR_SIZE, be.capacity_sectors))),
+        }
+    };
+    match req_type {
+        T_IN => {
+            if data_out_len != 0 {
+                return Err(Failure::IoErr("read request carries device-readable data".into()));
+            }
+            let pos = check_range(data_in_len)?;
+            let bufs = slices(mem, &chain.writable, 0, data_in_len)?;
+            transfer(&be.file, &bufs, pos, false).map_err(|e| Failure::IoErr(format!("read at sector {sector}: {e}")))?;
+            Ok(data_in_len)
+        }
+        T_OUT => {
+            if be.read_only {
+                return Err(Failure::IoErr("write to a read-only disk".into()));
+            }
+            if data_in_len != 0 {
+                return Err(Failure::IoErr("write request carries device-writable data buffers".into()));
+            }
+            let pos = check_range(data_out_len)?;
+            let bufs = slices(mem, &chain.readable, HEADER_LEN, data_out_len)?;
+            transfer(&be.file, &bufs, pos, true).map_err(|e| Failure::IoErr(format!("write at sector {sector}: {e}")))?;
+            if !be.writeback {
+                be.file.sync_data().map_err(|e| Failure::IoErr(format!("fdatasync: {e}")))?;
+            }
+            Ok(0)
+        }
+        T_FLUSH => {
+            if !be.read_only {
+                be.file.sync_data().map_err(|e| Failure::IoErr(format!("fdatasync: {e}")))?;
+            }
+            Ok(0)
+        }
+        T_GET_ID => {
+            let n = (data_in_len as usize).min(ID_BYTES);
+            Ok(write_segments(mem, &chain.writable, 0, &be.id[..n]) as u64)
+        }
+        t => Err(Failure::Unsupported(t)),
+    }
+}

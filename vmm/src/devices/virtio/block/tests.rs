@@ -1,0 +1,229 @@
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::*;
+use super::super::request::RequestOutcome;
+use crate::devices::virtio::chain::ParsedChain;
+use crate::devices::virtio::testing::{guest_mem, RecordingIrq, Rings};
+use crate::devices::virtio::features::VERSION_1;
+
+const HDR: u64 = 0x10_0000;
+const DATA: u64 = 0x20_0000;
+const STATUS: u64 = 0x30_0000;
+const DISK_SECTORS: u64 = 2048; // 1 MiB
+
+struct TempImage(PathBuf);
+impl Drop for TempImage {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn image(tag: &str) -> TempImage {
+    let p = std::env::temp_dir().join(format!("rayos-blk-{tag}-{}.img", std::process::id()));
+    let mut f = File::create(&p).unwrap();
+    let data: Vec<u8> = (0..DISK_SECTORS * SECTOR_SIZE).map(|i| (i / SECTOR_SIZE) as u8).collect();
+    f.write_all(&data).unwrap();
+    TempImage(p)
+}
+
+fn backend(img: &TempImage, read_only: bool) -> BlockBackend {
+    BlockBackend {
+        file: OpenOptions::new().read(true).write(!read_only).open(&img.0).unwrap(),
+        capacity_sectors: DISK_SECTORS,
+        read_only,
+        writeback: true,
+        id: *b"rayos-test-disk\0\0\0\0\0",
+    }
+}
+
+fn header(mem: &GuestMemory, t: u32, sector: u64) {
+    mem.write_obj(t, GuestAddress(HDR)).unwrap();
+    mem.write_obj(0u32, GuestAddress(HDR + 4)).unwrap();
+    mem.write_obj(sector, GuestAddress(HDR + 8)).unwrap();
+    mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+}
+
+fn chain(readable: &[(u64, u32)], writable: &[(u64, u32)]) -> ParsedChain {
+    ParsedChain {
+        head: 0,
+        readable: readable.iter().map(|&(a, l)| (GuestAddress(a), l)).collect(),
+        writable: writable.iter().map(|&(a, l)| (GuestAddress(a), l)).collect(),
+        error: None,
+    }
+}
+
+fn status(mem: &GuestMemory) -> u8 {
+    mem.read_obj(GuestAddress(STATUS)).unwrap()
+}
+
+#[test]
+fn read_returns_image_data_across_split_buffers() {
+    let mem = guest_mem();
+    let img = image("read");
+    let be = backend(&img, false);
+    header(&mem, 0, 3);
+    // Two data buffers of 512 and 1024 bytes: sectors 3, 4, 5.
+    let c = chain(&[(HDR, 16)], &[(DATA, 512), (DATA + 0x1000, 1024), (STATUS, 1)]);
+    let out = execute_request(&mem, &c, &be);
+    assert_eq!(out, RequestOutcome { status: Some(0), used_len: 1537 });
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(DATA + 511)).unwrap(), 3);
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(DATA + 0x1000)).unwrap(), 4);
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(DATA + 0x1000 + 1023)).unwrap(), 5);
+}
+
+#[test]
+fn write_lands_in_the_image_and_header_may_be_split() {
+    let mem = guest_mem();
+    let img = image("write");
+    let be = backend(&img, false);
+    header(&mem, 1, 10);
+    mem.write_slice(&[0xab; 512], GuestAddress(DATA)).unwrap();
+    // Header split 8 + 8 bytes over two descriptors: the device must not assume framing.
+    let c = chain(&[(HDR, 8), (HDR + 8, 8), (DATA, 512)], &[(STATUS, 1)]);
+    assert_eq!(execute_request(&mem, &c, &be), RequestOutcome { status: Some(0), used_len: 1 });
+    let mut f = File::open(&img.0).unwrap();
+    let mut buf = [0u8; 514];
+    f.seek(SeekFrom::Start(10 * 512 - 1)).unwrap();
+    f.read_exact(&mut buf).unwrap();
+    assert_eq!(buf[0], 9, "sector 9 untouched");
+    assert!(buf[1..513].iter().all(|b| *b == 0xab));
+    assert_eq!(buf[513], 11, "sector 11 untouched");
+}
+
+#[test]
+fn flush_and_get_id() {
+    let mem = guest_mem();
+    let img = image("flush");
+    let be = backend(&img, false);
+    header(&mem, 4, 0);
+    assert_eq!(execute_request(&mem, &chain(&[(HDR, 16)], &[(STATUS, 1)]), &be).status, Some(0));
+    header(&mem, 8, 0);
+    let out = execute_request(&mem, &chain(&[(HDR, 16)], &[(DATA, 20), (STATUS, 1)]), &be);
+    assert_eq!(out, RequestOutcome { status: Some(0), used_len: 21 });
+    let mut id = [0u8; 20];
+    mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+    assert_eq!(&id[..15], b"rayos-test-disk");
+}
+
+#[test]
+fn out_of_range_and_malformed_requests_get_ioerr() {
+    let mem = guest_mem();
+    let img = image("range");
+    let be = backend(&img, false);
+    let cases: Vec<(u32, u64, ParsedChain, &str)> = vec![
+        (0, DISK_SECTORS, chain(&[(HDR, 16)], &[(DATA, 512), (STATUS, 1)]), "read past the end"),
+        (0, DISK_SECTORS - 1, chain(&[(HDR, 16)], &[(DATA, 1024), (STATUS, 1)]), "read straddling the end"),
+        (1, u64::MAX, chain(&[(HDR, 16), (DATA, 512)], &[(STATUS, 1)]), "sector overflow"),
+        (0, 0, chain(&[(HDR, 16)], &[(DATA, 100), (STATUS, 1)]), "length not sector multiple"),
+        (1, 0, chain(&[(HDR, 16)], &[(DATA, 512), (STATUS, 1)]), "write with writable data"),
+        (0, 0, chain(&[(HDR, 16), (DATA, 512)], &[(STATUS, 1)]), "read with readable data"),
+        (0, 0, chain(&[(HDR, 12)], &[(STATUS, 1)]), "short header"),
+    ];
+    for (t, sector, c, what) in cases {
+        header(&mem, t, sector);
+        let out = execute_request(&mem, &c, &be);
+        assert_eq!(out, RequestOutcome { status: Some(1), used_len: 1 }, "{what}");
+        assert_eq!(status(&mem), 1, "{what}");
+    }
+    header(&mem, 99, 0);
+    assert_eq!(execute_request(&mem, &chain(&[(HDR, 16)], &[(STATUS, 1)]), &be).status, Some(2), "unknown type: UNSUPP");
+    // A chain with a buffer outside RAM still gets IOERR through its good status buffer.
+    header(&mem, 0, 0);
+    let mut c = chain(&[(HDR, 16)], &[(STATUS, 1)]);
+    c.error = Some(crate::devices::virtio::chain::ChainError::OutsideMemory { addr: 1 << 40, len: 512 });
+    assert_eq!(execute_request(&mem, &c, &be).status, Some(1));
+    // No status buffer at all: nothing written, nothing reported.
+    assert_eq!(execute_request(&mem, &chain(&[(HDR, 16)], &[]), &be), RequestOutcome { status: None, used_len: 0 });
+}
+
+#[test]
+fn read_only_disk_refuses_writes() {
+    let mem = guest_mem();
+    let img = image("ro");
+    let be = backend(&img, true);
+    header(&mem, 1, 0);
+    assert_eq!(execute_request(&mem, &chain(&[(HDR, 16), (DATA, 512)], &[(STATUS, 1)]), &be).status, Some(1));
+    let mut f = File::open(&img.0).unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact(&mut b).unwrap();
+    assert_eq!(b[0], 0);
+    let dev = VirtioBlock::new(BlockConfig { path: img.0.clone(), read_only: true, serial: None }).unwrap();
+    assert_ne!(dev.features() & F_RO, 0);
+}
+
+#[test]
+fn config_space_and_open_errors() {
+    let img = image("cfg");
+    let dev = VirtioBlock::new(BlockConfig { path: img.0.clone(), read_only: false, serial: None }).unwrap();
+    let mut cap = [0u8; 8];
+    dev.read_config(0, &mut cap);
+    assert_eq!(u64::from_le_bytes(cap), DISK_SECTORS);
+    let mut bs = [0u8; 4];
+    dev.read_config(20, &mut bs);
+    assert_eq!(u32::from_le_bytes(bs), 512);
+    let err = VirtioBlock::new(BlockConfig { path: "/nonexistent/disk.img".into(), read_only: false, serial: None })
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("/nonexistent/disk.img"), "{err}");
+}
+
+fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
+    RawDescriptor::from(Descriptor::new(addr, len, flags as u16, next))
+}
+
+#[test]
+fn queue_end_to_end_and_hostile_chains() {
+    let mem = guest_mem();
+    let img = image("queue");
+    let mut dev = VirtioBlock::new(BlockConfig { path: img.0.clone(), read_only: false, serial: None }).unwrap();
+    let rings = Rings::new(&mem, 1, 16);
+    let irq = Arc::new(RecordingIrq::default());
+    dev.activate(rings.context(&mem, irq.clone(), VERSION_1 | F_FLUSH)).unwrap();
+
+    // A good read of sector 7.
+    header(&mem, 0, 7);
+    let n = VRING_DESC_F_NEXT;
+    let w = VRING_DESC_F_WRITE;
+    rings.mocks[0]
+        .add_desc_chains(&[desc(HDR, 16, n, 1), desc(DATA, 512, n | w, 2), desc(STATUS, 1, w, 0)], 0)
+        .unwrap();
+    rings.kick(0);
+    assert!(rings.wait_used(&mem, 0, 1));
+    assert_eq!(rings.used_elem(&mem, 0, 0), (0, 513));
+    assert_eq!(status(&mem), 0);
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(DATA)).unwrap(), 7);
+
+    // A chain that loops on itself (descriptor 3 -> 3): bounded by the queue size, no
+    // status buffer, completed with length 0.
+    rings.mocks[0].add_desc_chains(&[desc(HDR, 16, n, 3)], 3).unwrap();
+    rings.kick(0);
+    assert!(rings.wait_used(&mem, 0, 2));
+    assert_eq!(rings.used_elem(&mem, 0, 1), (3, 0));
+
+    // Data buffer outside guest memory: IOERR in the status byte.
+    header(&mem, 0, 0);
+    rings.mocks[0]
+        .add_desc_chains(&[desc(HDR, 16, n, 5), desc(1 << 40, 512, n | w, 6), desc(STATUS, 1, w, 0)], 4)
+        .unwrap();
+    rings.kick(0);
+    assert!(rings.wait_used(&mem, 0, 3));
+    assert_eq!(status(&mem), 1);
+    assert!(!irq.needs_reset.load(Ordering::SeqCst));
+
+    // A head index beyond the queue: the ring is broken, the device asks for a reset.
+    let avail = rings.mocks[0].avail_addr().0;
+    let idx: u16 = mem.read_obj(GuestAddress(avail + 2)).unwrap();
+    mem.write_obj(200u16, GuestAddress(avail + 4 + 2 * u64::from(idx % 16))).unwrap();
+    mem.write_obj(idx + 1, GuestAddress(avail + 2)).unwrap();
+    rings.kick(0);
+    assert!(crate::devices::virtio::testing::wait_for(|| irq.needs_reset.load(Ordering::SeqCst)));
+    dev.reset();
+}
