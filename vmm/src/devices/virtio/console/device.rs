@@ -1,0 +1,398 @@
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+
+use tracing::{debug, warn};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::super::chain::{parse_chain, read_segments, total_len, write_segments, DeviceQueue};
+use super::super::worker::{drain, EpollCtl, Worker, WorkerHandler};
+use super::super::{device_type, ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt};
+use crate::devices::GuestMemory;
+
+const NAME: &str = "virtio-console";
+const F_MULTIPORT: u64 = 1 << 1;
+const QUEUE_SIZE: u16 = 256;
+/// At most this many bytes move per chain, so one port cannot starve the others.
+const MAX_CHUNK: usize = 64 * 1024;
+const SOCKET_TOKEN: u64 = 1 << 32;
+
+// Control events (5.3.6.2).
+const DEVICE_READY: u16 = 0;
+const DEVICE_ADD: u16 = 1;
+const PORT_READY: u16 = 3;
+const PORT_OPEN: u16 = 6;
+const PORT_NAME: u16 = 7;
+
+const CONTROL_RX: usize = 2;
+const CONTROL_TX: usize = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleError {
+    #[error("virtio-console: port name {0:?} is empty or longer than 255 bytes")]
+    BadName(String),
+    #[error("virtio-console: creating the socket pair for port {name}: {source}")]
+    Socket { name: String, source: io::Error },
+}
+
+struct PortSpec {
+    name: String,
+    socket: UnixStream,
+}
+
+/// The multiport console device.
+pub struct VirtioConsole {
+    ports: Vec<PortSpec>,
+    queue_sizes: Vec<u16>,
+    worker: Option<Worker>,
+}
+
+fn rx_queue(port: usize) -> usize {
+    if port == 0 { 0 } else { 2 + 2 * port }
+}
+
+impl VirtioConsole {
+    /// A console with the named ports (ids 1..=n, in order). Returns the device and, per port,
+    /// the VMM's end of the byte stream: what the VMM writes there the guest reads from the
+    /// port, and what the guest writes comes out of it.
+    pub fn new(port_names: &[&str]) -> Result<(Self, Vec<UnixStream>), ConsoleError> {
+        let mut ports = Vec::new();
+        let mut host_ends = Vec::new();
+        for name in port_names {
+            if name.is_empty() || name.len() > 255 {
+                return Err(ConsoleError::BadName((*name).to_owned()));
+            }
+            let (ours, theirs) =
+                UnixStream::pair().map_err(|source| ConsoleError::Socket { name: (*name).to_owned(), source })?;
+            ports.push(PortSpec { name: (*name).to_owned(), socket: ours });
+            host_ends.push(theirs);
+        }
+        // Queues: port 0 rx/tx, control rx/tx, then rx/tx per port 1..=n.
+        let queue_sizes = vec![QUEUE_SIZE; 4 + 2 * ports.len()];
+        Ok((Self { ports, queue_sizes, worker: None }, host_ends))
+    }
+
+    fn max_nr_ports(&self) -> u32 {
+        self.ports.len() as u32 + 1
+    }
+}
+
+fn control_msg(id: u32, event: u16, value: u16, extra: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(8 + extra.len());
+    m.extend_from_slice(&id.to_le_bytes());
+    m.extend_from_slice(&event.to_le_bytes());
+    m.extend_from_slice(&value.to_le_bytes());
+    m.extend_from_slice(extra);
+    m
+}
+
+struct Port {
+    name: String,
+    socket: UnixStream,
+    guest_open: bool,
+    polling: bool,
+    host_closed: bool,
+}
+
+struct ConsoleWorker {
+    mem: GuestMemory,
+    irq: Arc<dyn VirtioInterrupt>,
+    queues: Vec<DeviceQueue>,
+    kicks: Vec<EventFd>,
+    ports: Vec<Port>,
+    pending_control: VecDeque<Vec<u8>>,
+    buf: Vec<u8>,
+}
+
+impl ConsoleWorker {
+    /// Port number (1-based) for a data queue index, and whether it is the rx queue.
+    fn port_of_queue(q: usize) -> Option<(usize, bool)> {
+        (q >= 4).then(|| (q / 2 - 1, q % 2 == 0))
+    }
+
+    fn send_control(&mut self) {
+        let mem = self.mem.clone();
+        let q = &mut self.queues[CONTROL_RX];
+        let mut sent = false;
+        while !self.pending_control.is_empty() {
+            let Some(chain) = q.pop(&mem, &*self.irq) else { break };
+            let p = parse_chain(chain, &mem);
+            let msg = self.pending_control.pop_front().unwrap_or_default();
+            let n = if p.error.is_none() && total_len(&p.writable) >= msg.len() as u64 {
+                write_segments(&mem, &p.writable, 0, &msg)
+            } else {
+                warn!("{NAME}: control receive buffer unusable or too small; message dropped");
+                0
+            };
+            q.add_used(&mem, p.head, n as u32, &*self.irq);
+            sent = true;
+        }
+        if sent {
+            q.notify(&mem, &*self.irq);
+        }
+    }
+
+    fn handle_control_tx(&mut self, ctl: &EpollCtl<'_>) {
+        let mem = self.mem.clone();
+        let mut msgs = Vec::new();
+        while let Some(chain) = self.queues[CONTROL_TX].pop(&mem, &*self.irq) {
+            let p = parse_chain(chain, &mem);
+            let mut m = [0u8; 8];
+            if p.error.is_none() && read_segments(&mem, &p.readable, 0, &mut m) == 8 {
+                msgs.push(m);
+            }
+            self.queues[CONTROL_TX].add_used(&mem, p.head, 0, &*self.irq);
+        }
+        self.queues[CONTROL_TX].notify(&mem, &*self.irq);
+        for m in msgs {
+            let id = u32::from_le_bytes([m[0], m[1], m[2], m[3]]) as usize;
+            let event = u16::from_le_bytes([m[4], m[5]]);
+            let value = u16::from_le_bytes([m[6], m[7]]);
+            debug!(id, event, value, "{NAME}: control message from driver");
+            match event {
+                DEVICE_READY if value == 1 => {
+                    for id in 1..=self.ports.len() {
+                        self.pending_control.push_back(control_msg(id as u32, DEVICE_ADD, 0, &[]));
+                    }
+                }
+                PORT_READY if value == 1 && (1..=self.ports.len()).contains(&id) => {
+                    let name = self.ports[id - 1].name.clone();
+                    self.pending_control.push_back(control_msg(id as u32, PORT_NAME, 0, name.as_bytes()));
+                    // The host side is connected from the start; without this the guest's
+                    // writes block.
+                    let open = u16::from(!self.ports[id - 1].host_closed);
+                    self.pending_control.push_back(control_msg(id as u32, PORT_OPEN, open, &[]));
+                }
+                PORT_OPEN if (1..=self.ports.len()).contains(&id) => {
+                    self.ports[id - 1].guest_open = value == 1;
+                    self.update_polling(id, ctl);
+                }
+                _ => {}
+            }
+        }
+        self.send_control();
+    }
+
+    /// Watch the port's socket only while the guest has it open and the host end is alive.
+    /// A readable socket with no receive buffers would otherwise spin the loop.
+    fn update_polling(&mut self, port: usize, ctl: &EpollCtl<'_>) {
+        let p = &mut self.ports[port - 1];
+        let want = p.guest_open && !p.host_closed;
+        if want && !p.polling {
+            if let Err(e) = ctl.add(p.socket.as_raw_fd(), SOCKET_TOKEN + port as u64) {
+                warn!(%e, port = %p.name, "{NAME}: cannot watch socket");
+                return;
+            }
+            p.polling = true;
+        } else if !want && p.polling {
+            let _ = ctl.remove(p.socket.as_raw_fd());
+            p.polling = false;
+        }
+    }
+
+    /// Guest to host: everything the driver queued on the port's transmit queue.
+    fn handle_tx(&mut self, port: usize) {
+        let mem = self.mem.clone();
+        let q = rx_queue(port) + 1;
+        while let Some(chain) = self.queues[q].pop(&mem, &*self.irq) {
+            let p = parse_chain(chain, &mem);
+            if p.error.is_none() {
+                let len = (total_len(&p.readable) as usize).min(MAX_CHUNK);
+                let n = read_segments(&mem, &p.readable, 0, &mut self.buf[..len]);
+                let port_state = &mut self.ports[port - 1];
+                if !port_state.host_closed {
+                    if let Err(e) = send_all(&port_state.socket, &self.buf[..n]) {
+                        warn!(%e, port = %port_state.name, "{NAME}: host end gone; dropping guest output");
+                        port_state.host_closed = true;
+                    }
+                }
+            }
+            self.queues[q].add_used(&mem, p.head, 0, &*self.irq);
+        }
+        self.queues[q].notify(&mem, &*self.irq);
+    }
+
+    /// Host to guest: move socket data into receive buffers while both exist.
+    fn handle_rx(&mut self, port: usize, ctl: &EpollCtl<'_>) {
+        let mem = self.mem.clone();
+        let q = rx_queue(port);
+        let mut delivered = false;
+        loop {
+            if !self.ports[port - 1].polling {
+                break;
+            }
+            let Some(chain) = self.queues[q].pop(&mem, &*self.irq) else {
+                // No buffers: stop watching the socket until the driver adds some.
+                let p = &mut self.ports[port - 1];
+                let _ = ctl.remove(p.socket.as_raw_fd());
+                p.polling = false;
+                break;
+            };
+            let p = parse_chain(chain, &mem);
+            if p.error.is_some() {
+                self.queues[q].add_used(&mem, p.head, 0, &*self.irq);
+                delivered = true;
+                continue;
+            }
+            let len = (total_len(&p.writable) as usize).min(MAX_CHUNK);
+            let sock = &self.ports[port - 1].socket;
+            // SAFETY: recv writes at most `len` bytes into `self.buf`, which holds MAX_CHUNK.
+            let n = unsafe { libc::recv(sock.as_raw_fd(), self.buf.as_mut_ptr().cast(), len, libc::MSG_DONTWAIT) };
+            match n {
+                n if n > 0 => {
+                    let w = write_segments(&mem, &p.writable, 0, &self.buf[..n as usize]);
+                    self.queues[q].add_used(&mem, p.head, w as u32, &*self.irq);
+                    delivered = true;
+                }
+                0 => {
+                    self.queues[q].undo_pop();
+                    let st = &mut self.ports[port - 1];
+                    debug!(port = %st.name, "{NAME}: host closed its end");
+                    st.host_closed = true;
+                    self.pending_control.push_back(control_msg(port as u32, PORT_OPEN, 0, &[]));
+                    self.update_polling(port, ctl);
+                    self.send_control();
+                    break;
+                }
+                _ => {
+                    self.queues[q].undo_pop();
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::WouldBlock && e.kind() != io::ErrorKind::Interrupted {
+                        warn!(%e, "{NAME}: socket read failed");
+                    }
+                    break;
+                }
+            }
+        }
+        if delivered {
+            self.queues[q].notify(&mem, &*self.irq);
+        }
+    }
+}
+
+fn send_all(sock: &UnixStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        // SAFETY: send reads at most data.len() bytes from the valid slice; MSG_NOSIGNAL turns
+        // a closed peer into EPIPE instead of killing the VMM with SIGPIPE.
+        let n = unsafe { libc::send(sock.as_raw_fd(), data.as_ptr().cast(), data.len(), libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        data = &data[n as usize..];
+    }
+    Ok(())
+}
+
+impl WorkerHandler for ConsoleWorker {
+    fn handle(&mut self, token: u64, _events: EventSet, ctl: &EpollCtl<'_>) {
+        if token >= SOCKET_TOKEN {
+            let port = (token - SOCKET_TOKEN) as usize;
+            self.handle_rx(port, ctl);
+            return;
+        }
+        let q = token as usize;
+        if let Some(k) = self.kicks.get(q) {
+            drain(k);
+        }
+        match q {
+            CONTROL_RX => self.send_control(),
+            CONTROL_TX => self.handle_control_tx(ctl),
+            _ => match Self::port_of_queue(q) {
+                Some((port, true)) if port <= self.ports.len() => {
+                    // New receive buffers: resume reading the socket.
+                    self.update_polling(port, ctl);
+                    self.handle_rx(port, ctl);
+                }
+                Some((port, false)) if port <= self.ports.len() => self.handle_tx(port),
+                // Port 0 is never added; drain anything a confused driver puts there.
+                _ => {}
+            },
+        }
+    }
+}
+
+impl VirtioDevice for VirtioConsole {
+    fn device_type(&self) -> u32 {
+        device_type::CONSOLE
+    }
+    fn name(&self) -> &'static str {
+        NAME
+    }
+    fn features(&self) -> u64 {
+        F_MULTIPORT
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+    fn pci_class(&self) -> u32 {
+        0x07_80_00
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // cols, rows (unused without F_SIZE), max_nr_ports, emerg_wr.
+        let mut img = [0u8; 12];
+        img[4..8].copy_from_slice(&self.max_nr_ports().to_le_bytes());
+        for (i, d) in data.iter_mut().enumerate() {
+            *d = img.get(offset as usize + i).copied().unwrap_or(0);
+        }
+    }
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        if self.worker.is_some() {
+            return Err(ActivateError::AlreadyActive { device: NAME });
+        }
+        if ctx.acked_features & F_MULTIPORT == 0 {
+            // Without multiport only port 0 exists, which we do not offer: nothing to run.
+            warn!("{NAME}: driver did not accept MULTIPORT; named ports unavailable");
+        }
+        if ctx.queues.len() != self.queue_sizes.len() && ctx.acked_features & F_MULTIPORT != 0 {
+            return Err(ActivateError::QueueCount { device: NAME, expected: self.queue_sizes.len(), got: ctx.queues.len() });
+        }
+        let worker_err = |source| ActivateError::Worker { device: NAME, source };
+        let mut queues = Vec::new();
+        let mut kicks = Vec::new();
+        let mut fds = Vec::new();
+        for (i, aq) in ctx.queues.into_iter().enumerate() {
+            fds.push((aq.event.as_raw_fd(), i as u64));
+            queues.push(DeviceQueue::new(aq.queue, i as u16));
+            kicks.push(aq.event);
+        }
+        let mut ports = Vec::new();
+        for p in &self.ports {
+            ports.push(Port {
+                name: p.name.clone(),
+                socket: p.socket.try_clone().map_err(worker_err)?,
+                guest_open: false,
+                polling: false,
+                host_closed: false,
+            });
+        }
+        if queues.len() < 4 {
+            // Single-port mode: nothing of ours to serve.
+            return Ok(());
+        }
+        let w = ConsoleWorker {
+            mem: ctx.mem,
+            irq: ctx.interrupt,
+            queues,
+            kicks,
+            ports,
+            pending_control: VecDeque::new(),
+            buf: vec![0; MAX_CHUNK],
+        };
+        self.worker = Some(Worker::spawn(NAME, &fds, w).map_err(worker_err)?);
+        Ok(())
+    }
+    fn reset(&mut self) {
+        self.worker = None;
+    }
+}
+
+#[cfg(test)]
+#[path = "tests.rs"]
+mod tests;
