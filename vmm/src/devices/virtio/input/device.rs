@@ -1,0 +1,318 @@
+use std::collections::VecDeque;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+
+use tracing::{debug, warn};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::super::chain::{parse_chain, read_segments, total_len, write_segments, DeviceQueue};
+use super::super::worker::{drain, EpollCtl, Worker, WorkerHandler};
+use super::super::{device_type, ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt};
+use crate::devices::pci::lock;
+use crate::devices::GuestMemory;
+
+const QUEUE_SIZES: &[u16] = &[64, 64];
+/// Events waiting for guest buffers beyond this are dropped (oldest first): a guest that
+/// stopped reading input must not grow the VMM without bound.
+const MAX_PENDING: usize = 4096;
+
+// Config selectors (5.8.5).
+const CFG_ID_NAME: u8 = 0x01;
+const CFG_ID_SERIAL: u8 = 0x02;
+const CFG_ID_DEVIDS: u8 = 0x03;
+const CFG_PROP_BITS: u8 = 0x10;
+const CFG_EV_BITS: u8 = 0x11;
+const CFG_ABS_INFO: u8 = 0x12;
+
+// evdev constants (linux/input-event-codes.h).
+pub const EV_SYN: u16 = 0x00;
+pub const EV_KEY: u16 = 0x01;
+pub const EV_REL: u16 = 0x02;
+pub const EV_ABS: u16 = 0x03;
+pub const EV_LED: u16 = 0x11;
+pub const EV_REP: u16 = 0x14;
+pub const ABS_X: u16 = 0x00;
+pub const ABS_Y: u16 = 0x01;
+pub const REL_WHEEL: u16 = 0x08;
+pub const BTN_LEFT: u16 = 0x110;
+pub const BTN_RIGHT: u16 = 0x111;
+pub const BTN_MIDDLE: u16 = 0x112;
+/// Absolute axes span 0..=ABS_MAX; the compositor scales its pointer position to it.
+pub const ABS_MAX: u32 = 32767;
+const BUS_VIRTUAL: u16 = 0x06;
+
+/// Which device this is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InputKind {
+    Keyboard,
+    /// Absolute pointer with three buttons and a wheel.
+    Tablet,
+}
+
+/// One evdev event as virtio-input carries it (struct virtio_input_event).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InputEvent {
+    pub kind: u16,
+    pub code: u16,
+    pub value: u32,
+}
+
+impl InputEvent {
+    pub fn key(code: u16, pressed: bool) -> Self {
+        Self { kind: EV_KEY, code, value: u32::from(pressed) }
+    }
+    pub fn abs(axis: u16, value: u32) -> Self {
+        Self { kind: EV_ABS, code: axis, value }
+    }
+    pub fn rel(axis: u16, delta: i32) -> Self {
+        Self { kind: EV_REL, code: axis, value: delta as u32 }
+    }
+    /// End of a group of events (SYN_REPORT).
+    pub fn syn() -> Self {
+        Self { kind: EV_SYN, code: 0, value: 0 }
+    }
+    fn to_bytes(self) -> [u8; 8] {
+        let mut b = [0u8; 8];
+        b[0..2].copy_from_slice(&self.kind.to_le_bytes());
+        b[2..4].copy_from_slice(&self.code.to_le_bytes());
+        b[4..8].copy_from_slice(&self.value.to_le_bytes());
+        b
+    }
+}
+
+struct Pending {
+    events: Mutex<VecDeque<InputEvent>>,
+    wake: EventFd,
+}
+
+/// Handle for pushing input into the guest; cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct InputInjector {
+    pending: Arc<Pending>,
+}
+
+impl InputInjector {
+    /// Queue `events` (end each group with [`InputEvent::syn`]). They reach the guest as soon
+    /// as it has buffers; events beyond a backlog of 4096 drop the oldest.
+    pub fn inject(&self, events: &[InputEvent]) {
+        let mut q = lock(&self.pending.events);
+        for e in events {
+            if q.len() >= MAX_PENDING {
+                q.pop_front();
+            }
+            q.push_back(*e);
+        }
+        drop(q);
+        if let Err(e) = self.pending.wake.write(1) {
+            warn!(%e, "virtio-input: cannot wake the device");
+        }
+    }
+}
+
+/// A virtio-input keyboard or tablet.
+pub struct VirtioInput {
+    kind: InputKind,
+    name: String,
+    select: u8,
+    subsel: u8,
+    pending: Arc<Pending>,
+    worker: Option<Worker>,
+}
+
+fn bitmap(bits: &[u16]) -> Vec<u8> {
+    let len = bits.iter().map(|b| usize::from(*b) / 8 + 1).max().unwrap_or(0);
+    let mut m = vec![0u8; len];
+    for b in bits {
+        m[usize::from(*b) / 8] |= 1 << (b % 8);
+    }
+    m
+}
+
+impl VirtioInput {
+    /// A device named `name` (what the guest shows, e.g. "RayOS Keyboard"); the injector
+    /// feeds it.
+    pub fn new(kind: InputKind, name: &str) -> std::io::Result<(Self, InputInjector)> {
+        let pending = Arc::new(Pending { events: Mutex::new(VecDeque::new()), wake: EventFd::new(EFD_NONBLOCK)? });
+        let injector = InputInjector { pending: pending.clone() };
+        let mut name = name.to_owned();
+        name.truncate(128);
+        Ok((Self { kind, name, select: 0, subsel: 0, pending, worker: None }, injector))
+    }
+
+    /// The answer to the current select/subsel (at most 128 bytes).
+    fn config_payload(&self) -> Vec<u8> {
+        match (self.select, self.subsel) {
+            (CFG_ID_NAME, 0) => self.name.as_bytes().to_vec(),
+            (CFG_ID_SERIAL, 0) => b"rayos-input".to_vec(),
+            (CFG_ID_DEVIDS, 0) => {
+                let product: u16 = match self.kind {
+                    InputKind::Keyboard => 1,
+                    InputKind::Tablet => 3,
+                };
+                [BUS_VIRTUAL, 0x0627, product, 1].iter().flat_map(|v| v.to_le_bytes()).collect()
+            }
+            (CFG_PROP_BITS, 0) => Vec::new(),
+            (CFG_EV_BITS, ev) => self.ev_bits(u16::from(ev)),
+            (CFG_ABS_INFO, axis) if self.kind == InputKind::Tablet && matches!(u16::from(axis), ABS_X | ABS_Y) => {
+                // min, max, fuzz, flat, res
+                [0, ABS_MAX, 0, 0, 0].iter().flat_map(|v: &u32| v.to_le_bytes()).collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn ev_bits(&self, ev: u16) -> Vec<u8> {
+        match (self.kind, ev) {
+            // Every key code from KEY_ESC (1) to KEY_MICMUTE (248).
+            (InputKind::Keyboard, EV_KEY) => bitmap(&(1..=248).collect::<Vec<u16>>()),
+            // Num, Caps and Scroll Lock LEDs.
+            (InputKind::Keyboard, EV_LED) => bitmap(&[0, 1, 2]),
+            // Non-empty so the guest enables software autorepeat.
+            (InputKind::Keyboard, EV_REP) => vec![0],
+            (InputKind::Tablet, EV_KEY) => bitmap(&[BTN_LEFT, BTN_RIGHT, BTN_MIDDLE]),
+            (InputKind::Tablet, EV_ABS) => bitmap(&[ABS_X, ABS_Y]),
+            (InputKind::Tablet, EV_REL) => bitmap(&[REL_WHEEL]),
+            _ => Vec::new(),
+        }
+    }
+}
+
+struct InputWorker {
+    mem: GuestMemory,
+    irq: Arc<dyn VirtioInterrupt>,
+    eventq: DeviceQueue,
+    statusq: DeviceQueue,
+    kicks: Vec<EventFd>,
+    pending: Arc<Pending>,
+}
+
+impl InputWorker {
+    fn deliver(&mut self) {
+        let mem = self.mem.clone();
+        let mut sent = false;
+        loop {
+            let Some(ev) = lock(&self.pending.events).front().copied() else { break };
+            let Some(chain) = self.eventq.pop(&mem, &*self.irq) else { break };
+            let p = parse_chain(chain, &mem);
+            let n = if p.error.is_none() && total_len(&p.writable) >= 8 {
+                lock(&self.pending.events).pop_front();
+                write_segments(&mem, &p.writable, 0, &ev.to_bytes())
+            } else {
+                warn!("virtio-input: event buffer unusable; skipped");
+                0
+            };
+            self.eventq.add_used(&mem, p.head, n as u32, &*self.irq);
+            sent = true;
+        }
+        if sent {
+            self.eventq.notify(&mem, &*self.irq);
+        }
+    }
+
+    fn status(&mut self) {
+        let mem = self.mem.clone();
+        while let Some(chain) = self.statusq.pop(&mem, &*self.irq) {
+            let p = parse_chain(chain, &mem);
+            let mut b = [0u8; 8];
+            if p.error.is_none() && read_segments(&mem, &p.readable, 0, &mut b) == 8 {
+                // LED state from the guest; the compositor does not mirror it yet.
+                debug!(kind = u16::from_le_bytes([b[0], b[1]]), code = u16::from_le_bytes([b[2], b[3]]), "virtio-input status event");
+            }
+            self.statusq.add_used(&mem, p.head, 0, &*self.irq);
+        }
+        self.statusq.notify(&mem, &*self.irq);
+    }
+}
+
+impl WorkerHandler for InputWorker {
+    fn handle(&mut self, token: u64, _events: EventSet, _ctl: &EpollCtl<'_>) {
+        match token {
+            0 => {
+                drain(&self.kicks[0]);
+                self.deliver();
+            }
+            1 => {
+                drain(&self.kicks[1]);
+                self.status();
+            }
+            _ => {
+                drain(&self.pending.wake);
+                self.deliver();
+            }
+        }
+    }
+}
+
+impl VirtioDevice for VirtioInput {
+    fn device_type(&self) -> u32 {
+        device_type::INPUT
+    }
+    fn name(&self) -> &'static str {
+        match self.kind {
+            InputKind::Keyboard => "virtio-keyboard",
+            InputKind::Tablet => "virtio-tablet",
+        }
+    }
+    fn features(&self) -> u64 {
+        0
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        QUEUE_SIZES
+    }
+    fn pci_class(&self) -> u32 {
+        0x09_80_00
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let payload = self.config_payload();
+        let mut img = [0u8; 136];
+        img[0] = self.select;
+        img[1] = self.subsel;
+        img[2] = payload.len().min(128) as u8;
+        let n = payload.len().min(128);
+        img[8..8 + n].copy_from_slice(&payload[..n]);
+        for (i, d) in data.iter_mut().enumerate() {
+            *d = img.get(offset as usize + i).copied().unwrap_or(0);
+        }
+    }
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        for (i, b) in data.iter().enumerate() {
+            match offset + i as u64 {
+                0 => self.select = *b,
+                1 => self.subsel = *b,
+                _ => {}
+            }
+        }
+    }
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        let name = self.name();
+        if self.worker.is_some() {
+            return Err(ActivateError::AlreadyActive { device: name });
+        }
+        if ctx.queues.len() != 2 {
+            return Err(ActivateError::QueueCount { device: name, expected: 2, got: ctx.queues.len() });
+        }
+        // Input from before the driver was ready is stale (keys would appear stuck).
+        lock(&self.pending.events).clear();
+        let mut it = ctx.queues.into_iter();
+        let (e, s) = (it.next().expect("two queues"), it.next().expect("two queues"));
+        let fds = [(e.event.as_raw_fd(), 0), (s.event.as_raw_fd(), 1), (self.pending.wake.as_raw_fd(), 2)];
+        let w = InputWorker {
+            mem: ctx.mem,
+            irq: ctx.interrupt,
+            eventq: DeviceQueue::new(e.queue, 0),
+            statusq: DeviceQueue::new(s.queue, 1),
+            kicks: vec![e.event, s.event],
+            pending: self.pending.clone(),
+        };
+        self.worker = Some(Worker::spawn(name, &fds, w).map_err(|source| ActivateError::Worker { device: name, source })?);
+        Ok(())
+    }
+    fn reset(&mut self) {
+        self.worker = None;
+    }
+}
+
+#[cfg(test)]
+#[path = "tests.rs"]
+mod tests;

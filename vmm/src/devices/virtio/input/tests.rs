@@ -1,0 +1,89 @@
+use std::sync::Arc;
+
+use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::*;
+use crate::devices::virtio::features::VERSION_1;
+use crate::devices::virtio::testing::{guest_mem, RecordingIrq, Rings};
+
+fn cfg(dev: &mut VirtioInput, select: u8, subsel: u8) -> Vec<u8> {
+    dev.write_config(0, &[select]);
+    dev.write_config(1, &[subsel]);
+    let mut size = [0u8; 1];
+    dev.read_config(2, &mut size);
+    let mut data = vec![0u8; usize::from(size[0])];
+    dev.read_config(8, &mut data);
+    data
+}
+
+fn bit(map: &[u8], b: u16) -> bool {
+    map.get(usize::from(b / 8)).is_some_and(|x| x & (1 << (b % 8)) != 0)
+}
+
+#[test]
+fn keyboard_config_describes_keys_leds_and_repeat() {
+    let (mut kbd, _inj) = VirtioInput::new(InputKind::Keyboard, "RayOS Keyboard").unwrap();
+    assert_eq!(cfg(&mut kbd, CFG_ID_NAME, 0), b"RayOS Keyboard");
+    let keys = cfg(&mut kbd, CFG_EV_BITS, EV_KEY as u8);
+    assert!(bit(&keys, 1) && bit(&keys, 30) && bit(&keys, 248), "KEY_ESC, KEY_A, KEY_MICMUTE");
+    assert!(!bit(&keys, 0) && !bit(&keys, BTN_LEFT));
+    assert!(bit(&cfg(&mut kbd, CFG_EV_BITS, EV_LED as u8), 1), "caps lock LED");
+    assert_eq!(cfg(&mut kbd, CFG_EV_BITS, EV_REP as u8).len(), 1);
+    assert!(cfg(&mut kbd, CFG_EV_BITS, EV_ABS as u8).is_empty());
+    assert_eq!(cfg(&mut kbd, CFG_ID_DEVIDS, 0)[0..2], [6, 0], "BUS_VIRTUAL");
+    assert!(cfg(&mut kbd, 0x7f, 0).is_empty(), "unknown selector: size 0");
+}
+
+#[test]
+fn tablet_config_describes_absolute_axes_and_buttons() {
+    let (mut tab, _inj) = VirtioInput::new(InputKind::Tablet, "RayOS Tablet").unwrap();
+    let abs = cfg(&mut tab, CFG_EV_BITS, EV_ABS as u8);
+    assert!(bit(&abs, ABS_X) && bit(&abs, ABS_Y));
+    let keys = cfg(&mut tab, CFG_EV_BITS, EV_KEY as u8);
+    assert!(bit(&keys, BTN_LEFT) && bit(&keys, BTN_RIGHT) && bit(&keys, BTN_MIDDLE));
+    assert!(bit(&cfg(&mut tab, CFG_EV_BITS, EV_REL as u8), REL_WHEEL));
+    let info = cfg(&mut tab, CFG_ABS_INFO, ABS_X as u8);
+    assert_eq!(info.len(), 20);
+    assert_eq!(u32::from_le_bytes(info[4..8].try_into().unwrap()), ABS_MAX);
+    assert!(cfg(&mut tab, CFG_ABS_INFO, 5).is_empty(), "no such axis");
+}
+
+#[test]
+fn injected_events_reach_the_event_queue_in_order() {
+    let mem = guest_mem();
+    let (mut kbd, inj) = VirtioInput::new(InputKind::Keyboard, "kbd").unwrap();
+    let rings = Rings::new(&mem, 2, 16);
+    let irq = Arc::new(RecordingIrq::default());
+    kbd.activate(rings.context(&mem, irq.clone(), VERSION_1)).unwrap();
+    // Three buffers for four events: the fourth waits for a buffer.
+    for i in 0..3u16 {
+        let d = RawDescriptor::from(Descriptor::new(0x10_0000 + u64::from(i) * 8, 8, VRING_DESC_F_WRITE as u16, 0));
+        rings.mocks[0].add_desc_chains(&[d], i).unwrap();
+    }
+    rings.kick(0);
+    let a_down = InputEvent::key(30, true);
+    let a_up = InputEvent::key(30, false);
+    inj.inject(&[a_down, InputEvent::syn(), a_up, InputEvent::syn()]);
+    assert!(rings.wait_used(&mem, 0, 3));
+    let read = |i: u64| {
+        let b: [u8; 8] = mem.read_obj(GuestAddress(0x10_0000 + i * 8)).unwrap();
+        InputEvent {
+            kind: u16::from_le_bytes([b[0], b[1]]),
+            code: u16::from_le_bytes([b[2], b[3]]),
+            value: u32::from_le_bytes(b[4..8].try_into().unwrap()),
+        }
+    };
+    assert_eq!([read(0), read(1), read(2)], [a_down, InputEvent::syn(), a_up]);
+    assert_eq!(rings.used_elem(&mem, 0, 0), (0, 8));
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    assert_eq!(rings.used_idx(&mem, 0), 3, "no buffer for the fourth event yet");
+    let d = RawDescriptor::from(Descriptor::new(0x10_0000 + 3 * 8, 8, VRING_DESC_F_WRITE as u16, 0));
+    rings.mocks[0].add_desc_chains(&[d], 3).unwrap();
+    rings.kick(0);
+    assert!(rings.wait_used(&mem, 0, 4));
+    assert_eq!(read(3), InputEvent::syn());
+    assert!(irq.queues.lock().unwrap().contains(&0));
+    kbd.reset();
+}
