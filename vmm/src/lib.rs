@@ -1,2 +1,240 @@
-//! see Cargo.toml description
+//! rayos-vmm: RayOS's KVM virtual machine monitor, one process per VM.
+//!
+//! [`Vmm::build`] turns a [`spec::VmSpec`] into a ready VM (memory, devices, ACPI, boot
+//! state, vCPUs); [`Vmm::run`] starts the vCPU threads and the control socket, isolates the
+//! process and returns why the VM ended.
+
+pub mod acpi;
+pub mod boot;
+pub mod bus;
+pub mod control;
+pub mod cpuid;
 pub mod devices;
+pub mod error;
+pub mod layout;
+pub mod lifecycle;
+pub mod memory;
+pub mod spec;
+pub mod vcpu;
+pub mod vm;
+
+use std::fs::File;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::VcpuFd;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::bus::Bus;
+use crate::devices::legacy::acpi_pm::{AcpiPm, PowerButton};
+use crate::devices::legacy::boot_timer::{BootTime, BootTimer};
+use crate::devices::legacy::cmos::Cmos;
+use crate::devices::legacy::i8042::I8042;
+use crate::devices::legacy::serial::{SerialDevice, SerialRing, SerialSink};
+use crate::devices::legacy::IrqTrigger;
+pub use crate::error::{Error, Result};
+pub use crate::lifecycle::{ExitReason, EXIT_CODE_REBOOT};
+use crate::layout::pio;
+use crate::lifecycle::Lifecycle;
+use crate::memory::GuestRam;
+use crate::spec::VmSpec;
+use crate::vcpu::{RunControl, VcpuContext};
+use crate::vm::Vm;
+
+/// What the control socket and the main loop share about a running VM.
+pub struct VmShared {
+    pub name: String,
+    pub memory_mib: u64,
+    pub start: Instant,
+    pub lifecycle: Arc<Lifecycle>,
+    pub control: Arc<RunControl>,
+    pub exits: Arc<Vec<AtomicU64>>,
+    pub boot_time: BootTime,
+    pub serial_ring: SerialRing,
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub power_button: PowerButton,
+    threads: Mutex<Vec<libc::pthread_t>>,
+}
+
+impl VmShared {
+    /// Parks every vCPU; false if one did not stop within `timeout`.
+    pub fn pause(&self, timeout: Duration) -> bool {
+        self.control.set_paused(true);
+        let threads = self.threads.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let t0 = Instant::now();
+        while self.control.parked() < threads.len() {
+            if t0.elapsed() > timeout {
+                return false;
+            }
+            self.kick(&threads);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        true
+    }
+
+    fn kick(&self, threads: &[libc::pthread_t]) {
+        for t in threads {
+            // SAFETY: the vCPU threads are joined only after the VM stopped kicking them,
+            // so each pthread_t is valid; the signal has a no-op handler.
+            unsafe { libc::pthread_kill(*t, vcpu::kick_signal()) };
+        }
+    }
+}
+
+pub struct Vmm {
+    spec: VmSpec,
+    vm: Arc<Vm>,
+    ram: GuestRam,
+    pio: Bus,
+    mmio: Bus,
+    vcpus: Vec<VcpuFd>,
+    shared: Arc<VmShared>,
+}
+
+impl Vmm {
+    pub fn build(spec: VmSpec, start: Instant) -> Result<Self> {
+        spec.validate()?;
+        let vm = Arc::new(Vm::new()?);
+        let ram = GuestRam::new(&spec.name, spec.memory_bytes())?;
+        vm.map_ram(&ram.memory)?;
+        let lifecycle = Arc::new(Lifecycle::default());
+        let mut pio_bus = Bus::new("pio");
+        let mmio_bus = Bus::new("mmio");
+
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::io("serial eventfd", e))?;
+        vm.register_irqfd(&serial_irq, layout::COM1_GSI)?;
+        let log = match &spec.serial_log {
+            Some(p) => Some(File::create(p).map_err(|e| Error::io(format!("serial log {}", p.display()), e))?),
+            None => None,
+        };
+        let serial_ring = SerialRing::default();
+        let sink = SerialSink { log, ring: serial_ring.clone(), stdout: spec.serial_stdout };
+        let serial = Arc::new(Mutex::new(SerialDevice::new(IrqTrigger(serial_irq), sink)));
+        pio_bus.insert(pio::COM1 as u64, 8, "com1", serial.clone())?;
+        pio_bus.insert(pio::I8042 as u64, 5, "i8042", Arc::new(Mutex::new(I8042::new(lifecycle.clone()))))?;
+        pio_bus.insert(pio::CMOS as u64, 2, "cmos", Arc::new(Mutex::new(Cmos::default())))?;
+        let boot_time = BootTime::default();
+        pio_bus.insert(
+            pio::BOOT_TIMER as u64,
+            4,
+            "boot-timer",
+            Arc::new(Mutex::new(BootTimer::new(start, boot_time.clone()))),
+        )?;
+        let ged_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::io("GED eventfd", e))?;
+        vm.register_irqfd(&ged_irq, layout::GED_GSI)?;
+        let power_button = PowerButton::new(ged_irq);
+        pio_bus.insert(
+            AcpiPm::BASE as u64,
+            AcpiPm::LEN,
+            "acpi-pm",
+            Arc::new(Mutex::new(AcpiPm::new(lifecycle.clone(), power_button.clone()))),
+        )?;
+
+        let rsdp = acpi::write_tables(&ram.memory, &acpi::AcpiConfig { vcpus: spec.vcpus, pci: false })?;
+        let boot = boot::load(
+            &ram.memory,
+            ram.size,
+            &spec.kernel,
+            spec.initramfs.as_deref(),
+            &spec.cmdline,
+            rsdp,
+        )?;
+        let mut vcpus = Vec::new();
+        for id in 0..spec.vcpus {
+            vcpus.push(vcpu::create(&vm, &ram.memory, id, spec.vcpus, (id == 0).then_some(boot.entry))?);
+        }
+        let shared = Arc::new(VmShared {
+            name: spec.name.clone(),
+            memory_mib: spec.memory_mib,
+            start,
+            lifecycle,
+            control: Arc::new(RunControl::default()),
+            exits: Arc::new((0..spec.vcpus).map(|_| AtomicU64::new(0)).collect()),
+            boot_time,
+            serial_ring,
+            serial,
+            power_button,
+            threads: Mutex::new(Vec::new()),
+        });
+        Ok(Vmm { spec, vm, ram, pio: pio_bus, mmio: mmio_bus, vcpus, shared })
+    }
+
+    pub fn shared(&self) -> Arc<VmShared> {
+        self.shared.clone()
+    }
+
+    pub fn run(self) -> Result<ExitReason> {
+        let Vmm { spec, vm, ram, pio, mmio, vcpus, shared } = self;
+        vcpu::install_kick_handler()?;
+        if let Some(path) = &spec.control_socket {
+            let listener = control::bind(path)?;
+            control::spawn(shared.clone(), listener)?;
+        }
+        let pio = Arc::new(pio);
+        let mmio = Arc::new(mmio);
+        let mut handles = Vec::new();
+        for (id, fd) in vcpus.into_iter().enumerate() {
+            let ctx = VcpuContext {
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+                lifecycle: shared.lifecycle.clone(),
+                control: shared.control.clone(),
+                exits: shared.exits.clone(),
+            };
+            let h = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || vcpu::run(fd, id, ctx))
+                .map_err(|e| Error::io(format!("spawning vCPU {id}"), e))?;
+            use std::os::unix::thread::JoinHandleExt;
+            shared.threads.lock().unwrap_or_else(|p| p.into_inner()).push(h.as_pthread_t());
+            handles.push(h);
+        }
+
+        let reason = watch(&shared, Duration::from_millis(spec.progress_timeout_ms));
+        shared.control.stop();
+        let threads = shared.threads.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let t0 = Instant::now();
+        while handles.iter().any(|h| !h.is_finished()) && t0.elapsed() < Duration::from_secs(1) {
+            shared.kick(&threads);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        for h in handles {
+            if h.is_finished() {
+                let _ = h.join();
+            }
+        }
+        drop((vm, ram));
+        if let Some(p) = &spec.control_socket {
+            let _ = std::fs::remove_file(p);
+        }
+        Ok(reason)
+    }
+}
+
+/// Waits for the VM to end, failing it if vCPU 0 stalls before the guest is up.
+///
+/// "Up" is the boot-timer write or [`EARLY_BOOT_EXITS`] exits of vCPU 0, whichever comes
+/// first: a booting guest touches ports constantly, an idle booted one may not exit at all.
+fn watch(shared: &VmShared, stall: Duration) -> ExitReason {
+    const EARLY_BOOT_EXITS: u64 = 2000;
+    let mut last = 0u64;
+    let mut last_change = Instant::now();
+    loop {
+        if let Some(r) = shared.lifecycle.wait_timeout(Duration::from_millis(100)) {
+            return r;
+        }
+        let exits = shared.exits[0].load(Ordering::Relaxed);
+        if shared.boot_time.get().is_some() || exits >= EARLY_BOOT_EXITS || shared.control.is_paused() {
+            last_change = Instant::now();
+            continue;
+        }
+        if exits != last {
+            last = exits;
+            last_change = Instant::now();
+        } else if last_change.elapsed() >= stall {
+            let e = Error::NoProgress { exits, secs: shared.start.elapsed().as_secs_f64() };
+            shared.lifecycle.request(ExitReason::Failed(e.to_string()));
+        }
+    }
+}

@@ -1,1 +1,50 @@
-fn main() {}
+//! `rayos-vmm --spec vm.json`: runs one VM and exits with its outcome:
+//! 0 = the guest powered off, 10 = the guest rebooted (start it again), 1 = error.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Parser;
+use vmm::spec::VmSpec;
+use vmm::{ExitReason, Vmm};
+
+#[derive(Parser)]
+#[command(name = "rayos-vmm", about = "RayOS KVM virtual machine monitor (one VM per process)")]
+struct Args {
+    /// The VM spec (JSON).
+    #[arg(long)]
+    spec: PathBuf,
+}
+
+fn main() {
+    let start = Instant::now();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RAYOS_VMM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    match run(&args, start) {
+        Ok(reason) => {
+            match &reason {
+                ExitReason::PowerOff => eprintln!("rayos-vmm: guest powered off"),
+                ExitReason::Reboot(why) => eprintln!("rayos-vmm: guest rebooted ({why})"),
+                ExitReason::Failed(why) => eprintln!("rayos-vmm: error: {why}"),
+            }
+            std::process::exit(reason.exit_code());
+        }
+        Err(e) => {
+            eprintln!("rayos-vmm: error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run(args: &Args, start: Instant) -> anyhow::Result<ExitReason> {
+    let spec = VmSpec::from_file(&args.spec)?;
+    let vmm = Vmm::build(spec, start).context("setting up the VM")?;
+    Ok(vmm.run()?)
+}

@@ -42,3 +42,6 @@ pub trait VmHandle: Send + Sync {
 pub mod display;
 pub mod pci;
 pub mod virtio;
+
+/// Legacy PC devices of the VMM core: 16550 serial, i8042, CMOS RTC, boot timer, ACPI PM.
+pub mod legacy;

@@ -1,0 +1,131 @@
+//! `/init` of the outer QEMU guest used to test rayos-vmm under nested KVM.
+//!
+//! Mounts the API filesystems, loads the kernel modules listed in `/modules.order` (KVM when
+//! the outer kernel has it as modules), then for each name in `rayos.vmmtest=a,b` on the
+//! command line runs `/rayos-vmm --spec /specs/<name>.json` and, if `/specs/<name>.ctl`
+//! exists, drives its control socket with that script. Prints
+//! `testinit: <name> exit=<code> ms=<wall time>` per run, then powers off.
+//!
+//! Control script lines: a JSON request (sent, answer printed as `testinit: <name> ctl <json>`),
+//! `sleep <ms>`, or `wait <text>` (poll the serial tail until it contains text, up to 60 s).
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn mount(src: &str, target: &str, fstype: &str) {
+    let _ = fs::create_dir_all(target);
+    let c = |s: &str| std::ffi::CString::new(s).unwrap();
+    let (s, t, f) = (c(src), c(target), c(fstype));
+    // SAFETY: valid NUL-terminated strings for the duration of the call.
+    unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), 0, std::ptr::null()) };
+}
+
+fn load_modules() {
+    let Ok(order) = fs::read_to_string("/modules.order") else { return };
+    for m in order.lines().filter(|l| !l.trim().is_empty()) {
+        let Ok(f) = fs::File::open(m.trim()) else {
+            println!("testinit: module {m} missing");
+            continue;
+        };
+        use std::os::fd::AsRawFd;
+        // SAFETY: finit_module reads the open module file; the params string is empty.
+        let r = unsafe { libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), c"".as_ptr(), 0) };
+        if r != 0 {
+            println!("testinit: loading {m}: {}", std::io::Error::last_os_error());
+        }
+    }
+}
+
+fn ctl_socket(spec: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(&fs::read_to_string(spec).ok()?).ok()?;
+    v.get("control_socket")?.as_str().map(String::from)
+}
+
+fn request(sock: &str, line: &str) -> std::io::Result<String> {
+    let mut s = UnixStream::connect(sock)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    writeln!(s, "{line}")?;
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer)?;
+    Ok(answer.trim().to_string())
+}
+
+fn drive(name: &str, sock: &str, script: &str) {
+    let t0 = Instant::now();
+    while UnixStream::connect(sock).is_err() && t0.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for line in script.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        if let Some(ms) = line.strip_prefix("sleep ") {
+            std::thread::sleep(Duration::from_millis(ms.trim().parse().unwrap_or(0)));
+        } else if let Some(text) = line.strip_prefix("wait ") {
+            let t0 = Instant::now();
+            loop {
+                let tail = request(sock, r#"{"cmd":"serial"}"#).unwrap_or_default();
+                if tail.contains(text) {
+                    break;
+                }
+                if t0.elapsed() > Duration::from_secs(60) {
+                    println!("testinit: {name} ctl wait timed out: {text}");
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        } else {
+            match request(sock, line) {
+                Ok(a) => println!("testinit: {name} ctl {a}"),
+                Err(e) => println!("testinit: {name} ctl error {e}"),
+            }
+        }
+    }
+}
+
+fn main() {
+    mount("devtmpfs", "/dev", "devtmpfs");
+    mount("proc", "/proc", "proc");
+    mount("sysfs", "/sys", "sysfs");
+    mount("tmpfs", "/tmp", "tmpfs");
+    mount("tmpfs", "/run", "tmpfs");
+    load_modules();
+    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let tests = cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("rayos.vmmtest="))
+        .unwrap_or("")
+        .to_string();
+    println!("testinit: kvm={} tests={tests}", std::path::Path::new("/dev/kvm").exists());
+    for name in tests.split(',').filter(|t| !t.is_empty()) {
+        let spec = format!("/specs/{name}.json");
+        let t0 = Instant::now();
+        let child = Command::new("/rayos-vmm").arg("--spec").arg(&spec).spawn();
+        let mut child = match child {
+            Ok(c) => c,
+            Err(e) => {
+                println!("testinit: {name} spawn error {e}");
+                continue;
+            }
+        };
+        let script = fs::read_to_string(format!("/specs/{name}.ctl")).ok();
+        let driver = match (script, ctl_socket(&spec)) {
+            (Some(script), Some(sock)) => {
+                let name = name.to_string();
+                Some(std::thread::spawn(move || drive(&name, &sock, &script)))
+            }
+            _ => None,
+        };
+        let status = child.wait();
+        if let Some(d) = driver {
+            let _ = d.join();
+        }
+        let code = status.ok().and_then(|s| s.code()).unwrap_or(-1);
+        println!("testinit: {name} exit={code} ms={}", t0.elapsed().as_millis());
+    }
+    println!("testinit: all done");
+    // SAFETY: sync has no arguments.
+    unsafe { libc::sync() };
+    // SAFETY: PID 1 of a throwaway test VM.
+    unsafe { libc::reboot(libc::RB_POWER_OFF) };
+}

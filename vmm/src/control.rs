@@ -1,0 +1,147 @@
+//! The control socket: a unix stream socket speaking JSON lines. Each request is one JSON
+//! object with a `cmd` field; each answer is one JSON object with `ok` and either the
+//! result fields or `error`. The protocol is documented in ARCHITECTURE.md (vmm section).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::lifecycle::ExitReason;
+use crate::VmShared;
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    Pause,
+    Resume,
+    /// Graceful: press the ACPI power button; the guest decides to power off.
+    Shutdown,
+    /// Immediate: the VMM stops the VM and exits 0.
+    Poweroff,
+    /// The recent serial output (the ring buffer), as lossy UTF-8.
+    Serial,
+    /// Queue bytes on the serial port's receive side.
+    SerialInput { data: String },
+    /// Snapshot hook for the persistence work: pauses, reports the memory fd size. Saving
+    /// device state is not implemented yet and is answered with an error.
+    Snapshot { path: PathBuf },
+}
+
+pub fn handle(vm: &VmShared, req: Request) -> Value {
+    match req {
+        Request::Status => {
+            let exits: Vec<u64> = vm.exits.iter().map(|e| e.load(Ordering::Relaxed)).collect();
+            json!({
+                "ok": true,
+                "name": vm.name,
+                "state": if vm.control.is_paused() { "paused" } else { "running" },
+                "vcpus": exits.len(),
+                "memory_mib": vm.memory_mib,
+                "uptime_ms": vm.start.elapsed().as_millis() as u64,
+                "boot_ms": vm.boot_time.get(),
+                "exits": exits,
+            })
+        }
+        Request::Pause => {
+            if vm.pause(Duration::from_secs(2)) {
+                json!({"ok": true, "state": "paused"})
+            } else {
+                json!({"ok": false, "error": "vCPUs did not stop within 2 s"})
+            }
+        }
+        Request::Resume => {
+            vm.control.set_paused(false);
+            json!({"ok": true, "state": "running"})
+        }
+        Request::Shutdown => match vm.power_button.press() {
+            Ok(()) => json!({"ok": true, "note": "ACPI power button pressed"}),
+            Err(e) => json!({"ok": false, "error": format!("power button: {e}")}),
+        },
+        Request::Poweroff => {
+            vm.lifecycle.request(ExitReason::PowerOff);
+            json!({"ok": true})
+        }
+        Request::Serial => json!({"ok": true, "data": String::from_utf8_lossy(&vm.serial_ring.contents())}),
+        Request::SerialInput { data } => {
+            let n = vm.serial.lock().unwrap_or_else(|p| p.into_inner()).enqueue_input(data.as_bytes());
+            json!({"ok": true, "queued": n})
+        }
+        Request::Snapshot { path } => json!({
+            "ok": false,
+            "error": format!("snapshot to {}: saving device state is not implemented yet", path.display()),
+        }),
+    }
+}
+
+fn serve(vm: Arc<VmShared>, stream: UnixStream) {
+    let mut out = match stream.try_clone() {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    for line in BufReader::new(stream).lines() {
+        let Ok(line) = line else { return };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let answer = match serde_json::from_str::<Request>(&line) {
+            Ok(req) => handle(&vm, req),
+            Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
+        };
+        if writeln!(out, "{answer}").is_err() {
+            return;
+        }
+    }
+}
+
+pub fn bind(path: &Path) -> Result<UnixListener> {
+    // A socket file left by a VMM that died is stale; a live one would still refuse us below.
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(Error::io(format!("control socket {}", path.display()), std::io::Error::other("another VMM is listening")));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    UnixListener::bind(path).map_err(|e| Error::io(format!("binding control socket {}", path.display()), e))
+}
+
+pub fn spawn(vm: Arc<VmShared>, listener: UnixListener) -> Result<()> {
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(s) => {
+                        let vm = vm.clone();
+                        let _ = std::thread::Builder::new().name("control-conn".into()).spawn(move || serve(vm, s));
+                    }
+                    Err(e) => tracing::warn!("control socket accept: {e}"),
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| Error::io("spawning the control thread", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_and_bad_ones_are_refused() {
+        assert!(matches!(serde_json::from_str::<Request>(r#"{"cmd":"status"}"#), Ok(Request::Status)));
+        assert!(matches!(
+            serde_json::from_str::<Request>(r#"{"cmd":"snapshot","path":"/x"}"#),
+            Ok(Request::Snapshot { .. })
+        ));
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"explode"}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"snapshot"}"#).is_err(), "path is required");
+    }
+}

@@ -1,0 +1,119 @@
+//! CPUID for each vCPU: what KVM supports, with topology and APIC ids made consistent for
+//! `nr` vCPUs (one socket, one thread per core) and the hypervisor bit set.
+
+use kvm_bindings::{kvm_cpuid_entry2, CpuId};
+
+/// Bits needed to number `nr` cores.
+fn core_shift(nr: u8) -> u32 {
+    (nr.max(1) as u32).next_power_of_two().trailing_zeros()
+}
+
+pub fn filter(cpuid: &mut CpuId, cpu: u8, nr: u8) {
+    let nr32 = nr as u32;
+    let cpu32 = cpu as u32;
+    let shift = core_shift(nr);
+    for e in cpuid.as_mut_slice().iter_mut() {
+        filter_entry(e, cpu32, nr32, shift);
+    }
+}
+
+fn filter_entry(e: &mut kvm_cpuid_entry2, cpu: u32, nr: u32, shift: u32) {
+    match e.function {
+        0x1 => {
+            // EBX: initial APIC id, logical processors per package; keep CLFLUSH size/brand.
+            e.ebx = (e.ebx & 0xffff) | (nr.min(255) << 16) | (cpu << 24);
+            e.ecx |= 1 << 31; // running under a hypervisor
+            if nr > 1 {
+                e.edx |= 1 << 28; // HTT: the EBX count above is valid
+            } else {
+                e.edx &= !(1 << 28);
+            }
+        }
+        0x4 => {
+            // Intel cache leaves: cores per package, and which caches all cores share (L3).
+            let level = (e.eax >> 5) & 7;
+            e.eax &= 0x3fff;
+            if e.eax & 0x1f != 0 {
+                e.eax |= (nr - 1) << 26;
+                if level >= 3 {
+                    e.eax |= (nr - 1) << 14;
+                }
+            }
+        }
+        // No virtual PMU: nested performance counters are unreliable and guests probe them.
+        0xa => {
+            e.eax = 0;
+            e.ebx = 0;
+            e.ecx = 0;
+            e.edx = 0;
+        }
+        0xb | 0x1f => {
+            // x2APIC topology: level 0 = SMT (1 thread), level 1 = core (nr cores).
+            e.edx = cpu;
+            match e.index {
+                0 => {
+                    e.eax = 0;
+                    e.ebx = 1;
+                    e.ecx = 1 << 8;
+                }
+                1 => {
+                    e.eax = shift;
+                    e.ebx = nr;
+                    e.ecx = 1 | (2 << 8);
+                }
+                i => {
+                    e.eax = 0;
+                    e.ebx = 0;
+                    e.ecx = i;
+                }
+            }
+        }
+        0x8000_0008 => {
+            // AMD: ApicIdCoreIdSize and NC (cores - 1).
+            e.ecx = (e.ecx & !0xf0ff) | (shift << 12) | (nr - 1);
+        }
+        0x8000_001e => {
+            // AMD extended APIC id, core id (one thread per core), node 0.
+            e.eax = cpu;
+            e.ebx &= !0xffff;
+            e.ebx |= cpu & 0xff;
+            e.ecx = 0;
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 { function, index, ebx: 0x0008_0800, ..Default::default() }
+    }
+
+    #[test]
+    fn apic_ids_and_counts_follow_the_vcpu() {
+        let mut c = CpuId::from_entries(&[entry(1, 0), entry(0xb, 0), entry(0xb, 1), entry(0xa, 0)]).unwrap();
+        c.as_mut_slice()[3].eax = 0x0730_0403;
+        filter(&mut c, 2, 3);
+        let s = c.as_slice();
+        assert_eq!(s[0].ebx >> 24, 2);
+        assert_eq!((s[0].ebx >> 16) & 0xff, 3);
+        assert_eq!(s[0].ebx & 0xffff, 0x0800, "CLFLUSH size kept");
+        assert_ne!(s[0].ecx & (1 << 31), 0, "hypervisor bit");
+        assert_ne!(s[0].edx & (1 << 28), 0);
+        assert_eq!((s[1].ebx, s[1].edx), (1, 2));
+        assert_eq!((s[2].eax, s[2].ebx, s[2].edx), (2, 3, 2));
+        assert_eq!(s[3].eax, 0, "no PMU");
+    }
+
+    #[test]
+    fn single_vcpu_has_no_htt() {
+        let mut c = CpuId::from_entries(&[kvm_cpuid_entry2 { function: 1, edx: 1 << 28, ..Default::default() }]).unwrap();
+        filter(&mut c, 0, 1);
+        assert_eq!(c.as_slice()[0].edx & (1 << 28), 0);
+        assert_eq!(core_shift(1), 0);
+        assert_eq!(core_shift(2), 1);
+        assert_eq!(core_shift(5), 3);
+    }
+}

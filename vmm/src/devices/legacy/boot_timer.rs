@@ -1,0 +1,69 @@
+//! The boot-timer port (`layout::pio::BOOT_TIMER`, 0x440): the guest's init writes any value
+//! once it runs; the VMM logs `boot-timer: guest init reached after N ms` counted from the
+//! VMM's own process start, the figure the boot benchmark compares.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::devices::BusDevice;
+
+/// Milliseconds from VMM start to the first boot-timer write; u64::MAX until then.
+#[derive(Clone)]
+pub struct BootTime(Arc<AtomicU64>);
+
+impl Default for BootTime {
+    fn default() -> Self {
+        BootTime(Arc::new(AtomicU64::new(u64::MAX)))
+    }
+}
+
+impl BootTime {
+    pub fn get(&self) -> Option<u64> {
+        let v = self.0.load(Ordering::Relaxed);
+        (v != u64::MAX).then_some(v)
+    }
+}
+
+pub struct BootTimer {
+    start: Instant,
+    time: BootTime,
+}
+
+impl BootTimer {
+    pub fn new(start: Instant, time: BootTime) -> Self {
+        BootTimer { start, time }
+    }
+}
+
+impl BusDevice for BootTimer {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn write(&mut self, _offset: u64, _data: &[u8]) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        if self.time.0.compare_exchange(u64::MAX, ms, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            let us = self.start.elapsed().as_micros();
+            tracing::info!("boot-timer: guest init reached after {ms} ms");
+            eprintln!("boot-timer: guest init reached after {ms} ms ({us} us)");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_the_first_write_only() {
+        let t = BootTime::default();
+        let mut dev = BootTimer::new(Instant::now() - std::time::Duration::from_millis(120), t.clone());
+        assert_eq!(t.get(), None);
+        dev.write(0, &[1]);
+        let first = t.get().unwrap();
+        assert!((120..1000).contains(&first), "{first}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        dev.write(0, &[1]);
+        assert_eq!(t.get(), Some(first));
+    }
+}

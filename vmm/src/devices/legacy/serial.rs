@@ -1,0 +1,131 @@
+//! COM1: vm-superio's 16550 model, its output copied to the per-VM log file, a live ring
+//! buffer (served on the control socket) and optionally stdout.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, Write};
+use std::sync::{Arc, Mutex};
+
+use vm_superio::serial::NoEvents;
+use vm_superio::Serial;
+
+use super::IrqTrigger;
+use crate::devices::BusDevice;
+
+pub const RING_CAPACITY: usize = 64 * 1024;
+
+/// The last [`RING_CAPACITY`] bytes the guest wrote to its serial port.
+#[derive(Clone, Default)]
+pub struct SerialRing(Arc<Mutex<VecDeque<u8>>>);
+
+impl SerialRing {
+    pub fn push(&self, data: &[u8]) {
+        let mut r = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let excess = (r.len() + data.len()).saturating_sub(RING_CAPACITY);
+        let n = excess.min(r.len());
+        r.drain(..n);
+        let skip = data.len().saturating_sub(RING_CAPACITY);
+        r.extend(&data[skip..]);
+    }
+
+    pub fn contents(&self) -> Vec<u8> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect()
+    }
+}
+
+pub struct SerialSink {
+    pub log: Option<File>,
+    pub ring: SerialRing,
+    pub stdout: bool,
+}
+
+impl Write for SerialSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.ring.push(buf);
+        if let Some(f) = &mut self.log {
+            // A full disk must not stop the guest: the ring still has the output.
+            let _ = f.write_all(buf);
+        }
+        if self.stdout {
+            let _ = io::stdout().write_all(buf);
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        if self.stdout {
+            io::stdout().flush()?;
+        }
+        Ok(())
+    }
+}
+
+pub struct SerialDevice {
+    serial: Serial<IrqTrigger, NoEvents, SerialSink>,
+}
+
+impl SerialDevice {
+    pub fn new(irq: IrqTrigger, sink: SerialSink) -> Self {
+        SerialDevice { serial: Serial::new(irq, sink) }
+    }
+
+    /// Queue host input for the guest (e.g. from the control socket).
+    pub fn enqueue_input(&mut self, data: &[u8]) -> usize {
+        self.serial.enqueue_raw_bytes(data).unwrap_or(0)
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if data.len() == 1 && offset < 8 {
+            data[0] = self.serial.read(offset as u8);
+        } else {
+            data.fill(0xff);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if data.len() == 1 && offset < 8 {
+            if let Err(e) = self.serial.write(offset as u8, data[0]) {
+                tracing::warn!("serial: {e:?}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm_sys_util::eventfd::EventFd;
+
+    #[test]
+    fn guest_output_reaches_ring_and_log() {
+        let path = std::env::temp_dir().join(format!("vmm-serial-{}.log", std::process::id()));
+        let ring = SerialRing::default();
+        let sink = SerialSink { log: Some(File::create(&path).unwrap()), ring: ring.clone(), stdout: false };
+        let evt = EventFd::new(0).unwrap();
+        let mut dev = SerialDevice::new(IrqTrigger(evt.try_clone().unwrap()), sink);
+        dev.write(1, &[0x02]); // IER: THR empty interrupt
+        for b in b"hello" {
+            dev.write(0, &[*b]);
+        }
+        assert_eq!(ring.contents(), b"hello");
+        assert_eq!(std::fs::read(&path).unwrap(), b"hello");
+        assert!(evt.read().unwrap() >= 1, "THRE interrupt raised");
+        // Odd sizes never panic.
+        let mut wide = [0u8; 4];
+        dev.read(0, &mut wide);
+        assert_eq!(wide, [0xff; 4]);
+    }
+
+    #[test]
+    fn ring_keeps_only_the_tail() {
+        let ring = SerialRing::default();
+        ring.push(&vec![b'a'; RING_CAPACITY]);
+        ring.push(b"xyz");
+        let c = ring.contents();
+        assert_eq!(c.len(), RING_CAPACITY);
+        assert!(c.ends_with(b"axyz"));
+        ring.push(&vec![b'b'; RING_CAPACITY + 10]);
+        assert_eq!(ring.contents(), vec![b'b'; RING_CAPACITY]);
+    }
+}

@@ -1,0 +1,219 @@
+//! The VM spec: the JSON document (one per VM, written by rayosd's registry) that says what
+//! `rayos-vmm` builds. Unknown fields are rejected so a typo never silently drops a device.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    #[serde(default = "default_name")]
+    pub name: String,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    pub kernel: PathBuf,
+    #[serde(default)]
+    pub initramfs: Option<PathBuf>,
+    #[serde(default)]
+    pub cmdline: String,
+    #[serde(default)]
+    pub disks: Vec<DiskSpec>,
+    #[serde(default)]
+    pub net: Vec<NetSpec>,
+    #[serde(default)]
+    pub display: Option<DisplaySpec>,
+    #[serde(default)]
+    pub input: Option<InputSpec>,
+    #[serde(default)]
+    pub console: Option<ConsoleSpec>,
+    #[serde(default)]
+    pub rng: bool,
+    /// Where the 16550's output goes; the control socket also serves its recent tail.
+    #[serde(default)]
+    pub serial_log: Option<PathBuf>,
+    /// Copy the serial output to the VMM's stdout too (tests, debugging).
+    #[serde(default)]
+    pub serial_stdout: bool,
+    #[serde(default)]
+    pub control_socket: Option<PathBuf>,
+    /// Fail if vCPU 0 leaves KVM_RUN not once in this long before the guest reaches init.
+    #[serde(default = "default_progress_timeout")]
+    pub progress_timeout_ms: u64,
+    /// Drop capabilities, close stray fds and install the seccomp filter after set-up.
+    #[serde(default = "default_true")]
+    pub isolate: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NetSpec {
+    /// Name of an existing tap interface.
+    pub tap: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DisplaySpec {
+    pub width: u32,
+    pub height: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct InputSpec {
+    #[serde(default = "default_true")]
+    pub keyboard: bool,
+    #[serde(default = "default_true")]
+    pub tablet: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleSpec {
+    /// Unix socket the VMM listens on for the guest agent's virtio-console port.
+    #[serde(default)]
+    pub agent_socket: Option<PathBuf>,
+}
+
+fn default_name() -> String {
+    "vm".into()
+}
+fn default_vcpus() -> u8 {
+    1
+}
+fn default_progress_timeout() -> u64 {
+    5000
+}
+fn default_true() -> bool {
+    true
+}
+
+/// Most vCPUs we describe: APIC ids are u8 in the MADT entries we emit, 0xff is broadcast.
+pub const MAX_VCPUS: u8 = 254;
+pub const MIN_MEMORY_MIB: u64 = 32;
+
+impl VmSpec {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| Error::SpecRead { path: path.into(), source })?;
+        let spec: VmSpec = serde_json::from_str(&text)
+            .map_err(|source| Error::SpecParse { path: path.into(), source })?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field, reason: String| Err(Error::SpecInvalid { field, reason });
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return bad("vcpus", format!("{} is outside 1..={MAX_VCPUS}", self.vcpus));
+        }
+        if self.memory_mib < MIN_MEMORY_MIB {
+            return bad("memory_mib", format!("{} MiB is below {MIN_MEMORY_MIB} MiB", self.memory_mib));
+        }
+        if self.memory_mib > (1 << 20) {
+            return bad("memory_mib", format!("{} MiB is more than 1 TiB", self.memory_mib));
+        }
+        if !self.kernel.is_file() {
+            return bad("kernel", format!("{} is not a file", self.kernel.display()));
+        }
+        if let Some(i) = &self.initramfs {
+            if !i.is_file() {
+                return bad("initramfs", format!("{} is not a file", i.display()));
+            }
+        }
+        for d in &self.disks {
+            if !d.path.is_file() {
+                return bad("disks", format!("{} is not a file", d.path.display()));
+            }
+        }
+        if let Some(d) = &self.display {
+            if d.width == 0 || d.height == 0 || d.width > 8192 || d.height > 8192 {
+                return bad("display", format!("{}x{} is not a sane mode", d.width, d.height));
+            }
+        }
+        for n in &self.net {
+            if n.tap.is_empty() || n.tap.len() >= libc::IFNAMSIZ {
+                return bad("net", format!("tap name {:?} is not a valid interface name", n.tap));
+            }
+        }
+        if self.progress_timeout_ms == 0 {
+            return bad("progress_timeout_ms", "must be positive".into());
+        }
+        Ok(())
+    }
+
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mib << 20
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("vmm-spec-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn a_full_spec_parses() {
+        let d = tmpdir("full");
+        let k = write(&d, "bzImage", "k");
+        let disk = write(&d, "disk.img", "");
+        let spec = write(
+            &d,
+            "vm.json",
+            &format!(
+                r#"{{"name":"t","vcpus":2,"memory_mib":256,"kernel":"{}","cmdline":"console=ttyS0",
+                "disks":[{{"path":"{}","read_only":true}}],"display":{{"width":800,"height":600}},
+                "input":{{}},"console":{{"agent_socket":"/tmp/a.sock"}},"rng":true,
+                "serial_log":"/tmp/s.log","control_socket":"/tmp/c.sock"}}"#,
+                k.display(),
+                disk.display()
+            ),
+        );
+        let s = VmSpec::from_file(&spec).unwrap();
+        assert_eq!(s.vcpus, 2);
+        assert_eq!(s.memory_bytes(), 256 << 20);
+        assert!(s.disks[0].read_only);
+        assert_eq!(s.input, Some(InputSpec { keyboard: true, tablet: true }));
+        assert!(s.isolate);
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_named() {
+        let d = tmpdir("bad");
+        let k = write(&d, "bzImage", "k");
+        let typo = write(&d, "typo.json", &format!(r#"{{"memory_mib":64,"kernel":"{}","vcpu":2}}"#, k.display()));
+        let e = VmSpec::from_file(&typo).unwrap_err().to_string();
+        assert!(e.contains("typo.json") && e.contains("vcpu"), "{e}");
+
+        let zero = write(&d, "zero.json", &format!(r#"{{"memory_mib":64,"kernel":"{}","vcpus":0}}"#, k.display()));
+        let e = VmSpec::from_file(&zero).unwrap_err().to_string();
+        assert!(e.contains("`vcpus`"), "{e}");
+
+        let nokernel = write(&d, "nok.json", r#"{"memory_mib":64,"kernel":"/nonexistent/bzImage"}"#);
+        let e = VmSpec::from_file(&nokernel).unwrap_err().to_string();
+        assert!(e.contains("`kernel`") && e.contains("/nonexistent/bzImage"), "{e}");
+    }
+}

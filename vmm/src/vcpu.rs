@@ -1,0 +1,337 @@
+//! vCPUs: register set-up for the 64-bit Linux boot protocol, and the run loop (one thread
+//! each) that routes I/O and MMIO exits to the buses.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::bus::Bus;
+use crate::cpuid;
+use crate::devices::GuestMemory;
+use crate::error::{Error, Result};
+use crate::layout;
+use crate::lifecycle::{ExitReason, Lifecycle};
+use crate::vm::Vm;
+
+/// Shared between the vCPU threads and whoever pauses, resumes or stops them.
+#[derive(Default)]
+pub struct RunControl {
+    paused: Mutex<bool>,
+    cv: Condvar,
+    parked: AtomicUsize,
+    stop: AtomicBool,
+}
+
+impl RunControl {
+    pub fn set_paused(&self, p: bool) {
+        *self.paused.lock().unwrap_or_else(|e| e.into_inner()) = p;
+        self.cv.notify_all();
+    }
+    pub fn is_paused(&self) -> bool {
+        *self.paused.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    pub fn parked(&self) -> usize {
+        self.parked.load(Ordering::SeqCst)
+    }
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.cv.notify_all();
+    }
+
+    /// Blocks while paused. Returns false when the vCPU should end.
+    fn checkpoint(&self) -> bool {
+        let mut p = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        if *p && !self.stop.load(Ordering::SeqCst) {
+            self.parked.fetch_add(1, Ordering::SeqCst);
+            while *p && !self.stop.load(Ordering::SeqCst) {
+                p = self.cv.wait(p).unwrap_or_else(|e| e.into_inner());
+            }
+            self.parked.fetch_sub(1, Ordering::SeqCst);
+        }
+        !self.stop.load(Ordering::SeqCst)
+    }
+}
+
+pub struct VcpuContext {
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub lifecycle: Arc<Lifecycle>,
+    pub control: Arc<RunControl>,
+    /// Exits to user space so far, per vCPU; the progress watchdog reads them.
+    pub exits: Arc<Vec<AtomicU64>>,
+}
+
+/// Set up one vCPU. Only the boot vCPU gets boot registers: the others wait for
+/// INIT/SIPI from the guest (KVM's in-kernel LAPIC handles that).
+pub fn create(vm: &Vm, mem: &GuestMemory, id: u8, nr: u8, entry: Option<u64>) -> Result<VcpuFd> {
+    let vcpu = vm.fd.create_vcpu(id as u64).map_err(|e| Error::kvm("KVM_CREATE_VCPU", e))?;
+    let mut cpuid: CpuId = vm
+        .kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| Error::kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+    cpuid::filter(&mut cpuid, id, nr);
+    vcpu.set_cpuid2(&cpuid).map_err(|e| Error::kvm("KVM_SET_CPUID2", e))?;
+    set_msrs(&vcpu)?;
+    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    vcpu.set_fpu(&fpu).map_err(|e| Error::kvm("KVM_SET_FPU", e))?;
+    set_lint(&vcpu)?;
+    if let Some(rip) = entry {
+        set_boot_sregs(&vcpu, mem)?;
+        let regs = kvm_regs {
+            rflags: 0x2,
+            rip,
+            rsp: layout::BOOT_STACK_POINTER,
+            rbp: layout::BOOT_STACK_POINTER,
+            rsi: layout::ZERO_PAGE_START,
+            ..Default::default()
+        };
+        vcpu.set_regs(&regs).map_err(|e| Error::kvm("KVM_SET_REGS", e))?;
+    }
+    Ok(vcpu)
+}
+
+fn set_msrs(vcpu: &VcpuFd) -> Result<()> {
+    const MSR_IA32_TSC: u32 = 0x10;
+    const MSR_IA32_SYSENTER_CS: u32 = 0x174;
+    const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
+    const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
+    const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+    const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+    const MSR_STAR: u32 = 0xc000_0081;
+    const MSR_LSTAR: u32 = 0xc000_0082;
+    const MSR_CSTAR: u32 = 0xc000_0083;
+    const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
+    const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+    let e = |index, data| kvm_msr_entry { index, data, ..Default::default() };
+    let entries = [
+        e(MSR_IA32_SYSENTER_CS, 0),
+        e(MSR_IA32_SYSENTER_ESP, 0),
+        e(MSR_IA32_SYSENTER_EIP, 0),
+        e(MSR_STAR, 0),
+        e(MSR_CSTAR, 0),
+        e(MSR_KERNEL_GS_BASE, 0),
+        e(MSR_SYSCALL_MASK, 0),
+        e(MSR_LSTAR, 0),
+        e(MSR_IA32_TSC, 0),
+        e(MSR_IA32_MISC_ENABLE, 1), // fast string operations
+        e(MSR_MTRR_DEF_TYPE, (1 << 11) | 6), // MTRRs on, default write-back
+    ];
+    let msrs = Msrs::from_entries(&entries).map_err(|e| Error::Vcpu { cpu: 0, reason: format!("MSR list: {e:?}") })?;
+    let n = vcpu.set_msrs(&msrs).map_err(|e| Error::kvm("KVM_SET_MSRS", e))?;
+    if n != entries.len() {
+        return Err(Error::Vcpu {
+            cpu: 0,
+            reason: format!("KVM accepted {n} of {} boot MSRs (first refused: {:#x})", entries.len(), entries[n].index),
+        });
+    }
+    Ok(())
+}
+
+/// LINT0 = ExtINT (the 8259 in virtual-wire mode), LINT1 = NMI, as firmware leaves them.
+fn set_lint(vcpu: &VcpuFd) -> Result<()> {
+    const APIC_LVT0: usize = 0x350;
+    const APIC_LVT1: usize = 0x360;
+    const MODE_NMI: u32 = 4;
+    const MODE_EXTINT: u32 = 7;
+    let mut lapic = vcpu.get_lapic().map_err(|e| Error::kvm("KVM_GET_LAPIC", e))?;
+    for (off, mode) in [(APIC_LVT0, MODE_EXTINT), (APIC_LVT1, MODE_NMI)] {
+        let mut b = [0u8; 4];
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = lapic.regs[off + i] as u8;
+        }
+        let v = (u32::from_le_bytes(b) & !0x700) | (mode << 8);
+        for (i, x) in v.to_le_bytes().iter().enumerate() {
+            lapic.regs[off + i] = *x as _;
+        }
+    }
+    vcpu.set_lapic(&lapic).map_err(|e| Error::kvm("KVM_SET_LAPIC", e))
+}
+
+fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
+    ((base as u64 & 0xff00_0000) << 32)
+        | ((flags as u64 & 0xf0ff) << 40)
+        | ((limit as u64 & 0x000f_0000) << 32)
+        | ((base as u64 & 0x00ff_ffff) << 16)
+        | (limit as u64 & 0xffff)
+}
+
+fn segment(entry: u64, index: u8) -> kvm_segment {
+    let g = ((entry >> 55) & 1) as u8;
+    let raw_limit = (((entry >> 32) & 0xf_0000) | (entry & 0xffff)) as u32;
+    let present = ((entry >> 47) & 1) as u8;
+    kvm_segment {
+        base: ((entry >> 16) & 0xff_ffff) | (((entry >> 56) & 0xff) << 24),
+        limit: if g == 1 { (raw_limit << 12) | 0xfff } else { raw_limit },
+        selector: index as u16 * 8,
+        type_: ((entry >> 40) & 0xf) as u8,
+        present,
+        dpl: ((entry >> 45) & 3) as u8,
+        db: ((entry >> 54) & 1) as u8,
+        s: ((entry >> 44) & 1) as u8,
+        l: ((entry >> 53) & 1) as u8,
+        g,
+        avl: ((entry >> 52) & 1) as u8,
+        padding: 0,
+        unusable: (present == 0) as u8,
+    }
+}
+
+/// Long mode with an identity map of the first GiB (2 MiB pages), a flat 64-bit code
+/// segment and a data segment, as the 64-bit boot protocol asks.
+fn set_boot_sregs(vcpu: &VcpuFd, mem: &GuestMemory) -> Result<()> {
+    let wr = |v: u64, a: u64| {
+        mem.write_obj(v, GuestAddress(a)).map_err(|e| Error::Memory(format!("boot tables at {a:#x}: {e}")))
+    };
+    let gdt = [
+        gdt_entry(0, 0, 0),
+        gdt_entry(0xa09b, 0, 0xfffff), // code
+        gdt_entry(0xc093, 0, 0xfffff), // data
+        gdt_entry(0x808b, 0, 0xfffff), // TSS
+    ];
+    for (i, e) in gdt.iter().enumerate() {
+        wr(*e, layout::GDT_START + i as u64 * 8)?;
+    }
+    wr(0, layout::IDT_START)?;
+    wr(layout::PDPTE_START | 0x3, layout::PML4_START)?;
+    wr(layout::PDE_START | 0x3, layout::PDPTE_START)?;
+    for i in 0..512u64 {
+        wr((i << 21) | 0x83, layout::PDE_START + i * 8)?;
+    }
+
+    let mut s = vcpu.get_sregs().map_err(|e| Error::kvm("KVM_GET_SREGS", e))?;
+    s.gdt.base = layout::GDT_START;
+    s.gdt.limit = (gdt.len() * 8 - 1) as u16;
+    s.idt.base = layout::IDT_START;
+    s.idt.limit = 7;
+    let code = segment(gdt[1], 1);
+    let data = segment(gdt[2], 2);
+    s.cs = code;
+    s.ds = data;
+    s.es = data;
+    s.fs = data;
+    s.gs = data;
+    s.ss = data;
+    s.tr = segment(gdt[3], 3);
+    s.cr3 = layout::PML4_START;
+    s.cr4 |= 1 << 5; // PAE
+    s.cr0 |= 1 | (1 << 31); // PE, PG
+    s.efer |= (1 << 8) | (1 << 10); // LME, LMA
+    vcpu.set_sregs(&s).map_err(|e| Error::kvm("KVM_SET_SREGS", e))
+}
+
+/// Signal used to kick a vCPU thread out of KVM_RUN (pause, stop).
+pub fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+pub fn install_kick_handler() -> Result<()> {
+    extern "C" fn noop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), noop)
+        .map_err(|e| Error::io("installing the vCPU kick signal handler", e.into()))
+}
+
+/// The vCPU thread body. Returns when the VM stops.
+pub fn run(mut vcpu: VcpuFd, id: usize, ctx: VcpuContext) {
+    let fail = |reason: String| ctx.lifecycle.request(ExitReason::Failed(format!("vCPU {id}: {reason}")));
+    while ctx.control.checkpoint() {
+        let exit = vcpu.run();
+        ctx.exits[id].fetch_add(1, Ordering::Relaxed);
+        match exit {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                ctx.pio.read(port as u64, data);
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                ctx.pio.write(port as u64, data);
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                ctx.mmio.read(addr, data);
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                ctx.mmio.write(addr, data);
+            }
+            Ok(VcpuExit::Hlt) => {
+                // Only without an in-kernel LAPIC; keep the thread from spinning.
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Ok(VcpuExit::Shutdown) => ctx.lifecycle.request(ExitReason::Reboot("triple fault")),
+            Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _)) => ctx.lifecycle.request(ExitReason::PowerOff),
+            Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _)) => {
+                ctx.lifecycle.request(ExitReason::Reboot("system reset"))
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                fail(format!("KVM entry failed: hardware reason {reason:#x} on host cpu {cpu}"))
+            }
+            Ok(VcpuExit::InternalError) => fail("KVM internal error (emulation failure)".into()),
+            Ok(VcpuExit::Intr) => {}
+            Ok(other) => fail(format!("unexpected exit {other:?}")),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => fail(format!("KVM_RUN: {e}")),
+        }
+        if ctx.lifecycle.current().is_some() {
+            break;
+        }
+    }
+}
+
+/// Pause all vCPUs: ask, then kick until every thread is parked (or `timeout` passes).
+pub fn pause_all(control: &RunControl, threads: &[std::thread::JoinHandle<()>], timeout: Duration) -> bool {
+    control.set_paused(true);
+    let start = Instant::now();
+    while control.parked() < threads.len() {
+        if start.elapsed() > timeout {
+            return false;
+        }
+        kick_all(threads);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    true
+}
+
+pub fn kick_all(threads: &[std::thread::JoinHandle<()>]) {
+    use std::os::unix::thread::JoinHandleExt;
+    for t in threads {
+        if !t.is_finished() {
+            // SAFETY: the pthread is alive (not finished, and we hold its JoinHandle);
+            // the kick signal has a no-op handler installed.
+            unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gdt_segments_round_trip() {
+        let code = segment(gdt_entry(0xa09b, 0, 0xfffff), 1);
+        assert_eq!((code.selector, code.l, code.present, code.type_), (8, 1, 1, 0xb));
+        assert_eq!(code.limit, 0xffff_ffff);
+        let data = segment(gdt_entry(0xc093, 0, 0xfffff), 2);
+        assert_eq!((data.selector, data.db, data.l, data.type_), (16, 1, 0, 3));
+        let null = segment(gdt_entry(0, 0, 0), 0);
+        assert_eq!(null.unusable, 1);
+    }
+
+    #[test]
+    fn pause_parks_and_resume_releases() {
+        let c = Arc::new(RunControl::default());
+        c.set_paused(true);
+        let c2 = c.clone();
+        let t = std::thread::spawn(move || c2.checkpoint());
+        while c.parked() == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        c.set_paused(false);
+        assert!(t.join().unwrap());
+        c.stop();
+        assert!(!c.checkpoint());
+    }
+}

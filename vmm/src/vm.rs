@@ -1,0 +1,172 @@
+//! The KVM VM: in-kernel irqchip and PIT, TSS and identity map, RAM slots, and
+//! [`VmHandle`] for the device models (MSIs, ioeventfds, extra memory slots).
+
+use std::collections::BTreeSet;
+use std::io;
+use std::sync::Mutex;
+
+use kvm_bindings::{kvm_msi, kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::{GuestMemory, VmHandle};
+use crate::error::{Error, Result};
+
+/// Below the PCI hole, out of the guest's RAM: three pages for the TSS, one for the
+/// identity-mapped page table that VMX needs for real mode.
+const TSS_ADDRESS: usize = 0xfffb_d000;
+const IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+pub struct Vm {
+    pub kvm: Kvm,
+    pub fd: VmFd,
+    slots: Mutex<SlotAllocator>,
+}
+
+struct SlotAllocator {
+    next: u32,
+    free: BTreeSet<u32>,
+    max: u32,
+}
+
+impl SlotAllocator {
+    fn alloc(&mut self) -> Option<u32> {
+        if let Some(s) = self.free.pop_first() {
+            return Some(s);
+        }
+        (self.next < self.max).then(|| {
+            self.next += 1;
+            self.next - 1
+        })
+    }
+}
+
+impl Vm {
+    pub fn new() -> Result<Self> {
+        let kvm = Kvm::new().map_err(Error::KvmOpen)?;
+        for (cap, name) in [
+            (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+            (Cap::Pit2, "KVM_CAP_PIT2"),
+            (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+            (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
+            (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
+            (Cap::Irqfd, "KVM_CAP_IRQFD"),
+            (Cap::SignalMsi, "KVM_CAP_SIGNAL_MSI"),
+            (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(Error::KvmCapability(name));
+            }
+        }
+        let fd = kvm.create_vm().map_err(|e| Error::kvm("KVM_CREATE_VM", e))?;
+        fd.set_tss_address(TSS_ADDRESS).map_err(|e| Error::kvm("KVM_SET_TSS_ADDR", e))?;
+        fd.set_identity_map_address(IDENTITY_MAP_ADDRESS)
+            .map_err(|e| Error::kvm("KVM_SET_IDENTITY_MAP_ADDR", e))?;
+        fd.create_irq_chip().map_err(|e| Error::kvm("KVM_CREATE_IRQCHIP", e))?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        fd.create_pit2(pit).map_err(|e| Error::kvm("KVM_CREATE_PIT2", e))?;
+        let max = kvm.get_nr_memslots() as u32;
+        Ok(Vm { kvm, fd, slots: Mutex::new(SlotAllocator { next: 0, free: BTreeSet::new(), max }) })
+    }
+
+    /// Registers every RAM region of `mem` as a KVM memory slot.
+    pub fn map_ram(&self, mem: &GuestMemory) -> Result<()> {
+        for region in mem.iter() {
+            let host = mem
+                .get_host_address(region.start_addr())
+                .map_err(|e| Error::Memory(format!("host address of {:?}: {e}", region.start_addr())))?;
+            // SAFETY: the region stays mapped for the VM's life: `mem` is kept by the VMM
+            // until the process exits.
+            unsafe { self.map_memory(region.start_addr().0, host, region.len()) }
+                .map_err(|e| Error::io(format!("mapping RAM at {:#x}", region.start_addr().0), e))?;
+        }
+        Ok(())
+    }
+
+    pub fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
+        self.fd.register_irqfd(fd, gsi).map_err(|e| Error::kvm("KVM_IRQFD", e))
+    }
+}
+
+fn to_io(e: kvm_ioctls::Error) -> io::Error {
+    io::Error::from_raw_os_error(e.errno())
+}
+
+impl VmHandle for Vm {
+    fn signal_msi(&self, address: u64, data: u32) -> io::Result<()> {
+        let msi = kvm_msi {
+            address_lo: address as u32,
+            address_hi: (address >> 32) as u32,
+            data,
+            ..Default::default()
+        };
+        self.fd.signal_msi(msi).map(|_| ()).map_err(to_io)
+    }
+
+    fn register_ioevent(&self, fd: &EventFd, addr: u64, datamatch: Option<u32>) -> io::Result<()> {
+        let a = IoEventAddress::Mmio(addr);
+        match datamatch {
+            Some(v) => self.fd.register_ioevent(fd, &a, v),
+            None => self.fd.register_ioevent(fd, &a, NoDatamatch),
+        }
+        .map_err(to_io)
+    }
+
+    fn unregister_ioevent(&self, fd: &EventFd, addr: u64, datamatch: Option<u32>) -> io::Result<()> {
+        let a = IoEventAddress::Mmio(addr);
+        match datamatch {
+            Some(v) => self.fd.unregister_ioevent(fd, &a, v),
+            None => self.fd.unregister_ioevent(fd, &a, NoDatamatch),
+        }
+        .map_err(to_io)
+    }
+
+    unsafe fn map_memory(&self, gpa: u64, host: *mut u8, len: u64) -> io::Result<u32> {
+        let slot = self
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .alloc()
+            .ok_or_else(|| io::Error::other("no free KVM memory slot"))?;
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: len,
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the caller promises `host..host+len` stays mapped until unmap_memory.
+        match unsafe { self.fd.set_user_memory_region(region) } {
+            Ok(()) => Ok(slot),
+            Err(e) => {
+                self.slots.lock().unwrap_or_else(|p| p.into_inner()).free.insert(slot);
+                Err(to_io(e))
+            }
+        }
+    }
+
+    fn unmap_memory(&self, slot: u32) -> io::Result<()> {
+        let region = kvm_userspace_memory_region { slot, memory_size: 0, ..Default::default() };
+        // SAFETY: a zero-sized region deletes the slot; KVM no longer touches its memory.
+        unsafe { self.fd.set_user_memory_region(region) }.map_err(to_io)?;
+        self.slots.lock().unwrap_or_else(|p| p.into_inner()).free.insert(slot);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_reused_after_free() {
+        let mut a = SlotAllocator { next: 0, free: BTreeSet::new(), max: 3 };
+        assert_eq!(a.alloc(), Some(0));
+        assert_eq!(a.alloc(), Some(1));
+        a.free.insert(0);
+        assert_eq!(a.alloc(), Some(0));
+        assert_eq!(a.alloc(), Some(2));
+        assert_eq!(a.alloc(), None);
+    }
+}
