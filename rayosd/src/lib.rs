@@ -5,11 +5,14 @@
 //! - [`reaper`]: the one owner of every `waitpid`.
 //! - [`mounts`], [`power`]: PID 1 duties (only the `rayosd` binary calls these).
 
+pub mod client;
 pub mod cmdline;
+pub mod control;
 pub mod efivars;
 pub mod log;
 pub mod mounts;
 pub mod power;
+pub mod procfs;
 pub mod reaper;
 pub mod supervisor;
 pub mod timeline;

@@ -24,7 +24,7 @@ use tracing_subscriber::Layer;
 pub const RING_CAPACITY: usize = 4096;
 
 /// One log line.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, zbus::zvariant::Type)]
 pub struct LogRecord {
     /// Increases by one per line; lets a follower resume without gaps or repeats.
     pub seq: u64,

@@ -95,9 +95,10 @@ impl Default for Limits {
     }
 }
 
-/// A service's state as the API shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// A service's state as the API shows it (a string on the wire).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, zbus::zvariant::Type)]
 #[serde(rename_all = "kebab-case")]
+#[zvariant(signature = "s")]
 pub enum ServiceState {
     Starting,
     Running,
@@ -127,7 +128,7 @@ impl ServiceState {
 }
 
 /// A snapshot of one service.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, zbus::zvariant::Type)]
 pub struct ServiceInfo {
     pub name: String,
     pub state: ServiceState,

@@ -1,1 +1,226 @@
-fn main() {}
+//! rayosctl: drives rayosd's control API (or systemless's, or a RayOS in QEMU through the
+//! virtio-serial bridge with `--socket HOST_SOCKET`).
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use rayosd::client::{Client, ClientError};
+use rayosd::control::{SystemStatus, SOCKET_PATH};
+use rayosd::log::LogRecord;
+use rayosd::supervisor::ServiceInfo;
+
+const EXIT_CODES: &str = "Exit codes: 0 success, 1 the call failed, 2 bad usage, 3 cannot connect, \
+4 access denied (needs root), 5 no such service, 6 invalid argument.";
+
+#[derive(Parser)]
+#[command(name = "rayosctl", version, about = "Control RayOS: status, services, logs, power", after_help = EXIT_CODES)]
+struct Cli {
+    /// The control socket (a host-side QEMU chardev socket works too).
+    #[arg(long, global = true, env = "RAYOS_CONTROL_SOCKET", default_value = SOCKET_PATH)]
+    socket: String,
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// System status: mode, uptime, data volume, memory.
+    Status,
+    /// List services and their states.
+    Services,
+    /// Show or change one service.
+    Service {
+        #[command(subcommand)]
+        action: ServiceCmd,
+    },
+    /// Show the log (`-f` to follow).
+    Logs {
+        /// How many lines.
+        #[arg(short = 'n', long, default_value_t = 50)]
+        lines: u32,
+        /// Keep printing new lines.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Measure API round trips.
+    Ping {
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+    },
+    /// Orderly power-off.
+    Poweroff,
+    /// Orderly reboot.
+    Reboot,
+}
+
+#[derive(Subcommand)]
+enum ServiceCmd {
+    Show { name: String },
+    Start { name: String },
+    Stop { name: String },
+    /// Restart now (also clears a crash loop).
+    Restart { name: String },
+    /// Send a signal to the service's process.
+    Kill {
+        name: String,
+        #[arg(short, long, default_value = "TERM")]
+        signal: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("rayosctl: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(&cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if cli.json {
+                println!("{}", serde_json::json!({ "error": e.to_string(), "exit_code": exit_code(&e) }));
+            }
+            eprintln!("rayosctl: {e}");
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+fn exit_code(e: &ClientError) -> u8 {
+    match e {
+        ClientError::Connect { .. } | ClientError::Handshake { .. } => 3,
+        ClientError::AccessDenied(_) => 4,
+        ClientError::NoSuchService(_) => 5,
+        ClientError::InvalidArgument(_) => 6,
+        ClientError::Call(_) => 1,
+    }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+async fn run(cli: &Cli) -> Result<(), ClientError> {
+    let c = Client::connect(&cli.socket).await?;
+    match &cli.cmd {
+        Cmd::Status => {
+            let s = c.status().await?;
+            if cli.json { print_json(&s) } else { print_status(&s) }
+        }
+        Cmd::Services => {
+            let list = c.services().await?;
+            if cli.json {
+                print_json(&list)
+            } else {
+                println!("{:<16} {:<11} {:>7} {:>8}  LAST EXIT", "SERVICE", "STATE", "PID", "RESTARTS");
+                for s in &list {
+                    print_service_row(s);
+                }
+            }
+        }
+        Cmd::Service { action } => match action {
+            ServiceCmd::Show { name } => {
+                let s = c.service(name).await?;
+                if cli.json {
+                    print_json(&s)
+                } else {
+                    println!("{}: {} pid={} restarts={} command: {}", s.name, s.state.as_str(), s.pid, s.restarts, s.command);
+                    if !s.last_exit.is_empty() {
+                        println!("last exit: {}", s.last_exit);
+                    }
+                }
+            }
+            ServiceCmd::Start { name } => done(cli, c.start_service(name).await?, &format!("started {name}")),
+            ServiceCmd::Stop { name } => done(cli, c.stop_service(name).await?, &format!("stopping {name}")),
+            ServiceCmd::Restart { name } => done(cli, c.restart_service(name).await?, &format!("restarting {name}")),
+            ServiceCmd::Kill { name, signal } => {
+                let hit = c.signal_service(name, signal).await?;
+                if cli.json {
+                    print_json(&serde_json::json!({ "signalled": hit }))
+                } else if hit {
+                    println!("sent {signal} to {name}")
+                } else {
+                    println!("{name} is not running; nothing signalled")
+                }
+            }
+        },
+        Cmd::Logs { lines, follow } => {
+            let mut last = 0;
+            for r in c.log_tail(*lines).await? {
+                last = r.seq;
+                print_log(cli, &r);
+            }
+            while *follow {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                for r in c.log_since(last).await? {
+                    last = r.seq;
+                    print_log(cli, &r);
+                }
+            }
+        }
+        Cmd::Ping { count } => {
+            let mut times = Vec::with_capacity(*count as usize);
+            for _ in 0..(*count).max(1) {
+                let t = Instant::now();
+                c.ping().await?;
+                times.push(t.elapsed());
+            }
+            times.sort();
+            let pct = |p: f64| times[((times.len() as f64 * p).ceil() as usize).clamp(1, times.len()) - 1];
+            let (p50, p99) = (pct(0.50), pct(0.99));
+            if cli.json {
+                print_json(&serde_json::json!({ "count": times.len(), "p50_us": p50.as_micros(), "p99_us": p99.as_micros(), "max_us": times.last().unwrap().as_micros() }))
+            } else {
+                println!("{} calls: p50 {:?} p99 {:?} max {:?}", times.len(), p50, p99, times.last().unwrap());
+            }
+        }
+        Cmd::Poweroff => done(cli, c.power_off().await?, "powering off"),
+        Cmd::Reboot => done(cli, c.reboot().await?, "rebooting"),
+    }
+    Ok(())
+}
+
+fn done(cli: &Cli, _: (), msg: &str) {
+    if cli.json {
+        print_json(&serde_json::json!({ "ok": true }))
+    } else {
+        println!("{msg}")
+    }
+}
+
+fn print_status(s: &SystemStatus) {
+    println!("RayOS {} — mode {}", s.version, s.mode);
+    if !s.rescue_reason.is_empty() {
+        println!("rescue because: {}", s.rescue_reason);
+    }
+    println!("uptime: {:.1} s (init at {} ms, ready at {} ms)", s.uptime_ms as f64 / 1000.0, s.init_uptime_ms, s.ready_uptime_ms);
+    if !s.boot_entry.is_empty() {
+        println!("boot entry: {}", s.boot_entry);
+    }
+    println!("data volume: {}", if s.data_device.is_empty() { "not mounted" } else { &s.data_device });
+    println!("watchdog: {}", if s.watchdog.is_empty() { "none" } else { &s.watchdog });
+    println!("rayosd memory: {} KiB; orphans reaped: {}; zombies: {}", s.rss_kib, s.orphans_reaped, s.zombies);
+    if s.shutting_down {
+        println!("shutting down");
+    }
+}
+
+fn print_service_row(s: &ServiceInfo) {
+    let pid = if s.pid == 0 { "-".to_string() } else { s.pid.to_string() };
+    println!("{:<16} {:<11} {:>7} {:>8}  {}", s.name, s.state.as_str(), pid, s.restarts, s.last_exit);
+}
+
+fn print_log(cli: &Cli, r: &LogRecord) {
+    if cli.json {
+        println!("{}", serde_json::to_string(r).unwrap_or_default());
+    } else {
+        println!("[{:>6}.{:03}] {}", r.uptime_ms / 1000, r.uptime_ms % 1000, r.render());
+    }
+}
