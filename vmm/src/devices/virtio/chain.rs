@@ -63,6 +63,41 @@ pub fn parse_chain(chain: DescriptorChain<&GuestMemory>, mem: &GuestMemory) -> P
     parsed
 }
 
+/// Guest buffers `segs` starting `skip` bytes in, `len` bytes long, as host slices for
+/// zero-copy vectored I/O. `parse_chain` already range-checked the buffers; `get_slices`
+/// checks again and splits at memory region boundaries.
+pub fn guest_slices<'a>(
+    mem: &'a GuestMemory,
+    segs: &[(GuestAddress, u32)],
+    mut skip: u64,
+    mut len: u64,
+) -> Result<Vec<vm_memory::VolatileSlice<'a, ()>>, String> {
+    let mut out = Vec::new();
+    for &(addr, seg_len) in segs {
+        if len == 0 {
+            break;
+        }
+        let seg_len = u64::from(seg_len);
+        if skip >= seg_len {
+            skip -= seg_len;
+            continue;
+        }
+        let n = (seg_len - skip).min(len);
+        let start = GuestAddress(addr.0 + skip);
+        for s in mem.get_slices(start, n as usize) {
+            out.push(s.map_err(|e| format!("guest buffer {:#x}: {e}", start.0))?);
+        }
+        len -= n;
+        skip = 0;
+    }
+    Ok(out)
+}
+
+/// iovecs over `slices`, for readv/writev/preadv/pwritev.
+pub fn iovecs(slices: &[vm_memory::VolatileSlice<'_, ()>]) -> Vec<libc::iovec> {
+    slices.iter().map(|s| libc::iovec { iov_base: s.ptr_guard_mut().as_ptr().cast(), iov_len: s.len() }).collect()
+}
+
 pub fn total_len(segs: &[(GuestAddress, u32)]) -> u64 {
     segs.iter().map(|s| u64::from(s.1)).sum()
 }

@@ -5,9 +5,9 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, VolatileSlice};
+use vm_memory::{GuestAddress, VolatileSlice};
 
-use super::super::chain::{read_segments, total_len, write_segments, ParsedChain};
+use super::super::chain::{guest_slices, read_segments, total_len, write_segments, ParsedChain};
 use crate::devices::GuestMemory;
 
 pub const SECTOR_SIZE: u64 = 512;
@@ -49,29 +49,8 @@ enum Failure {
     Unsupported(u32),
 }
 
-/// Guest buffers `segs` starting `skip` bytes in, `len` bytes long, as host slices. Guest
-/// memory was range-checked by `parse_chain`; `get_slices` checks again and splits at region
-/// boundaries.
-fn slices<'a>(mem: &'a GuestMemory, segs: &[(GuestAddress, u32)], mut skip: u64, mut len: u64) -> Result<Vec<VolatileSlice<'a, ()>>, Failure> {
-    let mut out = Vec::new();
-    for &(addr, seg_len) in segs {
-        if len == 0 {
-            break;
-        }
-        let seg_len = u64::from(seg_len);
-        if skip >= seg_len {
-            skip -= seg_len;
-            continue;
-        }
-        let n = (seg_len - skip).min(len);
-        let start = GuestAddress(addr.0 + skip);
-        for s in mem.get_slices(start, n as usize) {
-            out.push(s.map_err(|e| Failure::IoErr(format!("guest buffer {:#x}: {e}", start.0)))?);
-        }
-        len -= n;
-        skip = 0;
-    }
-    Ok(out)
+fn slices<'a>(mem: &'a GuestMemory, segs: &[(GuestAddress, u32)], skip: u64, len: u64) -> Result<Vec<VolatileSlice<'a, ()>>, Failure> {
+    guest_slices(mem, segs, skip, len).map_err(Failure::IoErr)
 }
 
 /// Positioned vectored I/O between the image and guest buffers, looping over short transfers.
