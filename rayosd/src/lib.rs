@@ -5,9 +5,12 @@
 //! - [`reaper`]: the one owner of every `waitpid`.
 //! - [`mounts`], [`power`]: PID 1 duties (only the `rayosd` binary calls these).
 
+pub mod bridge;
 pub mod client;
 pub mod cmdline;
+pub mod config;
 pub mod control;
+pub mod datavol;
 pub mod efivars;
 pub mod log;
 pub mod mounts;
@@ -16,3 +19,5 @@ pub mod procfs;
 pub mod reaper;
 pub mod supervisor;
 pub mod timeline;
+pub mod uevent;
+pub mod watchdog;
