@@ -20,4 +20,5 @@ pub mod reaper;
 pub mod supervisor;
 pub mod timeline;
 pub mod uevent;
+pub mod vm;
 pub mod watchdog;

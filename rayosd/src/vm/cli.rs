@@ -1,0 +1,276 @@
+//! `rayosctl vm …`: the VM subcommands, talking to `org.rayos.Vms1`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Subcommand;
+use futures_util::StreamExt;
+
+use super::manager::{CreateRequest, VmInfo};
+use super::registry::{DeviceConfig, DiskRecord, Policy, RestartPolicy, VmKind};
+use crate::client::ClientError;
+
+#[zbus::proxy(
+    interface = "org.rayos.Vms1",
+    default_path = "/org/rayos/Vms",
+    // Peer-to-peer has no bus to route by name; zbus still wants one.
+    default_service = "org.rayos.Vms1",
+    gen_blocking = false
+)]
+pub trait Vms1 {
+    fn list_vms(&self) -> zbus::Result<Vec<VmInfo>>;
+    fn get_vm(&self, vm: &str) -> zbus::Result<VmInfo>;
+    fn problems(&self) -> zbus::Result<Vec<String>>;
+    fn create_vm(&self, request: &str) -> zbus::Result<VmInfo>;
+    fn start_vm(&self, vm: &str, fresh: bool) -> zbus::Result<()>;
+    fn stop_vm(&self, vm: &str, force: bool) -> zbus::Result<()>;
+    fn pause_vm(&self, vm: &str) -> zbus::Result<()>;
+    fn resume_vm(&self, vm: &str) -> zbus::Result<()>;
+    fn delete_vm(&self, vm: &str, purge: bool) -> zbus::Result<()>;
+    fn logs(&self, vm: &str, lines: u32) -> zbus::Result<String>;
+    #[zbus(signal)]
+    fn vm_state_changed(&self, id: &str, name: &str, state: &str, detail: &str) -> zbus::Result<()>;
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VmCmd {
+    /// List VMs, their states and registry problems.
+    List,
+    /// Show one VM.
+    Show { vm: String },
+    /// Register a new VM (stopped).
+    Create {
+        name: String,
+        #[arg(long, default_value = "linux")]
+        kind: String,
+        /// A disk image (repeatable).
+        #[arg(long = "disk")]
+        disks: Vec<PathBuf>,
+        #[arg(long)]
+        kernel: PathBuf,
+        #[arg(long)]
+        initramfs: Option<PathBuf>,
+        #[arg(long, default_value = "console=ttyS0")]
+        cmdline: String,
+        #[arg(long, default_value_t = 512)]
+        memory_mib: u64,
+        #[arg(long, default_value_t = 1)]
+        vcpus: u8,
+        /// Start it hidden at boot.
+        #[arg(long)]
+        autostart: bool,
+        /// Do not restart it after a VMM crash.
+        #[arg(long)]
+        no_restart: bool,
+        /// Offer the guest agent port.
+        #[arg(long)]
+        agent: bool,
+    },
+    /// Start hidden (the display stays where it is).
+    Start {
+        vm: String,
+        /// Ignore saved state: boot from scratch.
+        #[arg(long)]
+        fresh: bool,
+        /// Wait until the guest's init runs (up to this many seconds) and print the times.
+        #[arg(long)]
+        wait: Option<u64>,
+    },
+    /// Stop: ACPI power button, then forced after the supervisor's timeout.
+    Stop {
+        vm: String,
+        /// Power off at once.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Pause the vCPUs (RAM is kept).
+    Pause { vm: String },
+    Resume { vm: String },
+    /// Remove from the registry; the VM's disk stays unless --purge.
+    Delete {
+        vm: String,
+        #[arg(long)]
+        purge: bool,
+    },
+    /// The VM's serial console output.
+    Logs {
+        vm: String,
+        #[arg(short = 'n', long, default_value_t = 50)]
+        lines: u32,
+    },
+    /// Print VmStateChanged signals as they come.
+    Watch,
+}
+
+async fn connect(path: &Path) -> Result<Vms1Proxy<'static>, ClientError> {
+    let stream = tokio::net::UnixStream::connect(path)
+        .await
+        .map_err(|source| ClientError::Connect { path: path.to_path_buf(), source })?;
+    let conn = zbus::connection::Builder::unix_stream(stream)
+        .p2p()
+        .build()
+        .await
+        .map_err(|source| ClientError::Handshake { path: path.to_path_buf(), source })?;
+    Vms1Proxy::builder(&conn)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .map_err(|source| ClientError::Handshake { path: path.to_path_buf(), source })
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn done(json: bool, msg: &str) {
+    if json {
+        print_json(&serde_json::json!({ "ok": true }))
+    } else {
+        println!("{msg}")
+    }
+}
+
+fn print_row(v: &VmInfo) {
+    let pid = if v.pid == 0 { "-".to_string() } else { v.pid.to_string() };
+    println!(
+        "{:<36} {:<16} {:<8} {:<10} {:>7} {:>3}  {}",
+        v.id,
+        v.name,
+        v.kind,
+        v.state,
+        pid,
+        if v.autostart_hidden { "yes" } else { "no" },
+        v.detail
+    );
+}
+
+/// Runs one `rayosctl vm` command against the control socket at `socket`.
+pub async fn run(socket: &str, json: bool, cmd: &VmCmd) -> Result<(), ClientError> {
+    let p = connect(Path::new(socket)).await?;
+    match cmd {
+        VmCmd::List => {
+            let list = p.list_vms().await?;
+            let problems = p.problems().await?;
+            if json {
+                print_json(&serde_json::json!({ "vms": list, "problems": problems }));
+            } else {
+                for pr in &problems {
+                    println!("problem: {pr}");
+                }
+                println!("{:<36} {:<16} {:<8} {:<10} {:>7} {:>3}  DETAIL", "ID", "NAME", "KIND", "STATE", "PID", "AUTO");
+                for v in &list {
+                    print_row(v);
+                }
+            }
+        }
+        VmCmd::Show { vm } => {
+            let v = p.get_vm(vm).await?;
+            if json {
+                print_json(&v)
+            } else {
+                print_row(&v);
+                println!("disks: {}", v.disks.join(", "));
+                println!("memory: {} MiB, vCPUs: {}, restarts: {}", v.memory_mib, v.vcpus, v.restarts);
+                if v.guest_init_ms > 0 {
+                    println!("guest init: {} ms after VMM start, {} ms after the start request", v.guest_init_ms, v.start_to_init_ms);
+                }
+            }
+        }
+        VmCmd::Create { name, kind, disks, kernel, initramfs, cmdline, memory_mib, vcpus, autostart, no_restart, agent } => {
+            let kind: VmKind = kind.parse().map_err(ClientError::InvalidArgument)?;
+            let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
+            let req = CreateRequest {
+                name: name.clone(),
+                kind,
+                disks: disks.iter().map(|d| DiskRecord { path: abs(d), read_only: false }).collect(),
+                config: DeviceConfig {
+                    vcpus: *vcpus,
+                    memory_mib: *memory_mib,
+                    kernel: abs(kernel),
+                    initramfs: initramfs.as_ref().map(abs),
+                    cmdline: cmdline.clone(),
+                    display: None,
+                    input: false,
+                    net_taps: vec![],
+                    rng: true,
+                    agent: *agent,
+                },
+                policy: Policy {
+                    autostart_hidden: *autostart,
+                    restart: if *no_restart { RestartPolicy::Never } else { RestartPolicy::OnFailure },
+                },
+            };
+            let v = p.create_vm(&serde_json::to_string(&req).expect("serializes")).await?;
+            if json {
+                print_json(&v)
+            } else {
+                println!("created {} id={}", v.name, v.id)
+            }
+        }
+        VmCmd::Start { vm, fresh, wait } => {
+            let t = std::time::Instant::now();
+            p.start_vm(vm, *fresh).await?;
+            match wait {
+                None => done(json, &format!("starting {vm}")),
+                Some(secs) => {
+                    let deadline = t + Duration::from_secs(*secs);
+                    loop {
+                        let v = p.get_vm(vm).await?;
+                        if v.guest_init_ms > 0 {
+                            let wall = t.elapsed().as_millis();
+                            if json {
+                                print_json(&serde_json::json!({ "ok": true, "guest_init_ms": v.guest_init_ms, "start_to_init_ms": v.start_to_init_ms, "rayosctl_wall_ms": wall }))
+                            } else {
+                                println!("{vm}: guest init {} ms after VMM start, {} ms after the start request ({wall} ms for rayosctl)", v.guest_init_ms, v.start_to_init_ms);
+                            }
+                            break;
+                        }
+                        if matches!(v.state.as_str(), "failed" | "broken" | "crash-loop" | "stopped") && t.elapsed() > Duration::from_millis(200) {
+                            return Err(ClientError::InvalidArgument(format!("{vm} is {}: {}", v.state, v.detail)));
+                        }
+                        if std::time::Instant::now() > deadline {
+                            return Err(ClientError::InvalidArgument(format!("{vm}: guest init not reached within {secs} s (state {})", v.state)));
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+        }
+        VmCmd::Stop { vm, force } => {
+            p.stop_vm(vm, *force).await?;
+            done(json, &format!("stopping {vm}"))
+        }
+        VmCmd::Pause { vm } => {
+            p.pause_vm(vm).await?;
+            done(json, &format!("pausing {vm}"))
+        }
+        VmCmd::Resume { vm } => {
+            p.resume_vm(vm).await?;
+            done(json, &format!("resuming {vm}"))
+        }
+        VmCmd::Delete { vm, purge } => {
+            p.delete_vm(vm, *purge).await?;
+            done(json, &format!("deleted {vm}{}", if *purge { " and its files" } else { "; its disk is kept" }))
+        }
+        VmCmd::Logs { vm, lines } => {
+            let text = p.logs(vm, *lines).await?;
+            if json {
+                print_json(&serde_json::json!({ "vm": vm, "serial": text }))
+            } else {
+                println!("{text}")
+            }
+        }
+        VmCmd::Watch => {
+            let mut s = p.receive_vm_state_changed().await?;
+            while let Some(sig) = s.next().await {
+                let a = sig.args()?;
+                if json {
+                    println!("{}", serde_json::json!({ "id": a.id, "name": a.name, "state": a.state, "detail": a.detail }));
+                } else {
+                    println!("{} {} {}", a.name, a.state, a.detail);
+                }
+            }
+        }
+    }
+    Ok(())
+}

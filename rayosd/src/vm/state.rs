@@ -1,0 +1,125 @@
+//! VM states and which requests each state accepts. The per-VM task in [`super::manager`]
+//! is the only writer of a VM's state; requests from the API are checked here first so a
+//! refused request gets a clear error instead of being queued.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmState {
+    Stopped,
+    /// The VMM process runs; its control socket is not up yet.
+    Starting,
+    Running,
+    /// vCPUs stopped; RAM kept by the VMM.
+    Paused,
+    /// A stop was asked; waiting for the guest (then the VMM) to end.
+    Stopping,
+    /// The VMM ended abnormally; a restart may be pending (see the VM's detail).
+    Failed,
+    /// Crashed too often; not restarted until someone starts it.
+    CrashLoop,
+    /// Cannot start as configured (a disk image is missing, the spec is invalid).
+    Broken,
+}
+
+impl VmState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Stopped => "stopped",
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Stopping => "stopping",
+            VmState::Failed => "failed",
+            VmState::CrashLoop => "crash-loop",
+            VmState::Broken => "broken",
+        }
+    }
+
+    /// A VMM process exists (or may, while a restart is pending).
+    pub fn is_active(self) -> bool {
+        matches!(self, VmState::Starting | VmState::Running | VmState::Paused | VmState::Stopping)
+    }
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    Start,
+    Stop,
+    Pause,
+    Resume,
+    Delete,
+}
+
+impl Request {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Request::Start => "start",
+            Request::Stop => "stop",
+            Request::Pause => "pause",
+            Request::Resume => "resume",
+            Request::Delete => "delete",
+        }
+    }
+}
+
+/// Whether `req` is accepted in `state`; the error says why not.
+pub fn check(state: VmState, req: Request) -> Result<(), String> {
+    use Request::*;
+    use VmState::*;
+    let ok = match req {
+        // Broken is retried: the missing disk may be back.
+        Start => matches!(state, Stopped | Failed | CrashLoop | Broken),
+        // Stopping a failed VM cancels its pending restart.
+        Stop => matches!(state, Starting | Running | Paused | Failed | Stopping),
+        Pause => state == Running,
+        Resume => state == Paused,
+        Delete => matches!(state, Stopped | Failed | CrashLoop | Broken),
+    };
+    if ok {
+        Ok(())
+    } else {
+        let hint = match (req, state) {
+            (Start, _) => "it is already running or starting",
+            (Stop, _) => "it is not running",
+            (Pause, Paused) => "it is already paused",
+            (Pause, _) => "only a running VM can be paused",
+            (Resume, _) => "only a paused VM can be resumed",
+            (Delete, _) => "stop it first",
+        };
+        Err(format!("cannot {} a VM that is {}: {hint}", req.as_str(), state.as_str()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_follow_the_state_machine() {
+        use Request::*;
+        use VmState::*;
+        assert!(check(Stopped, Start).is_ok());
+        assert!(check(Broken, Start).is_ok());
+        assert!(check(CrashLoop, Start).is_ok());
+        assert!(check(Running, Start).unwrap_err().contains("already running"));
+        assert!(check(Running, Pause).is_ok());
+        assert!(check(Paused, Pause).unwrap_err().contains("already paused"));
+        assert!(check(Paused, Resume).is_ok());
+        assert!(check(Running, Resume).is_err());
+        assert!(check(Paused, Stop).is_ok());
+        assert!(check(Failed, Stop).is_ok(), "stop cancels a pending restart");
+        assert!(check(Stopped, Stop).is_err());
+        assert!(check(Running, Delete).unwrap_err().contains("stop it first"));
+        assert!(check(Broken, Delete).is_ok());
+        assert_eq!(CrashLoop.as_str(), "crash-loop");
+        assert_eq!(serde_json::to_string(&CrashLoop).unwrap(), "\"crash-loop\"");
+    }
+}
