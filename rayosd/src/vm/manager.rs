@@ -522,6 +522,7 @@ impl VmManager {
             async move { vmm_process::request(&sock, req, Duration::from_secs(3)).await }
         };
         let mut up = false;
+        let mut hung = false;
         let mut init_seen = false;
         let mut stopping: Option<(Instant, bool)> = None;
         let mut poll = tokio::time::interval(Duration::from_millis(20));
@@ -536,10 +537,10 @@ impl VmManager {
                             if stopping.is_none() {
                                 self.set(id, VmState::Running, "", |_| {});
                             }
-                        } else if started.elapsed() > self.settings.socket_timeout && stopping.is_none() {
+                        } else if started.elapsed() > self.settings.socket_timeout && stopping.is_none() && !hung {
                             tracing::error!("vm {}: control socket {} not up after {:?}; killing the VMM", vm.name, sock.display(), self.settings.socket_timeout);
                             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-                            stopping = Some((Instant::now(), true));
+                            hung = true;
                         }
                     } else if !init_seen {
                         // The VMM's boot timer: the guest's init wrote its port.
@@ -600,6 +601,9 @@ impl VmManager {
             }
         };
         let _ = std::fs::remove_file(&files.control_socket);
+        if hung {
+            return Outcome::Crashed(format!("opened no control socket within {:?} and was killed", self.settings.socket_timeout));
+        }
         match (kind, stopping) {
             (_, Some(_)) => Outcome::Stopped(format!("stopped; VMM {kind}")),
             (ExitKind::Exited(0), None) => Outcome::Stopped("the guest powered off".into()),

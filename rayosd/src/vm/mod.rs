@@ -15,3 +15,6 @@ pub mod state;
 pub mod vmm_process;
 
 pub use manager::{Paths, Settings, VmManager};
+
+#[cfg(test)]
+mod tests;

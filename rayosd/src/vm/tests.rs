@@ -1,0 +1,274 @@
+//! The supervisor against a fake VMM: a small script that speaks rayos-vmm's command line,
+//! spec file and control protocol, and "runs a guest" that writes heartbeats to the serial
+//! log while not paused. The real VMM cannot run guests on these hosts' KVM; the QEMU tests
+//! (tests/tests/vm_*.rs) cover it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::manager::{CreateRequest, Paths, Settings, VmManager};
+use super::registry::{DeviceConfig, DiskRecord, Policy, RestartPolicy, VmKind};
+use crate::reaper::Reaper;
+
+/// Behaviour comes from words in the spec's cmdline: `crash-after-MS`, `ignore-acpi`,
+/// `no-socket`.
+const FAKE_VMM: &str = r#"#!/usr/bin/python3
+import json, os, socket, sys, threading, time
+spec = json.load(open(sys.argv[2]))
+words = spec["cmdline"].split()
+t0 = time.time()
+log = open(spec["serial_log"], "a", buffering=1)
+paused = threading.Event()
+for w in words:
+    if w.startswith("crash-after-"):
+        ms = int(w[len("crash-after-"):])
+        threading.Timer(ms / 1000, lambda: os._exit(3)).start()
+if "no-socket" in words:
+    time.sleep(60)
+srv = socket.socket(socket.AF_UNIX)
+srv.bind(spec["control_socket"])
+srv.listen()
+def guest():
+    n = 0
+    log.write("guest: init\n")
+    while True:
+        if not paused.is_set():
+            n += 1
+            log.write("heartbeat %d\n" % n)
+        time.sleep(0.02)
+threading.Thread(target=guest, daemon=True).start()
+def serve(c):
+    f = c.makefile("rw")
+    for line in f:
+        req = json.loads(line)
+        cmd = req["cmd"]
+        ans = {"ok": True}
+        if cmd == "status":
+            ans.update(state="paused" if paused.is_set() else "running", boot_ms=int((time.time() - t0) * 1000))
+        elif cmd == "pause":
+            paused.set()
+        elif cmd == "resume":
+            paused.clear()
+        elif cmd == "shutdown":
+            if "ignore-acpi" not in words:
+                log.write("guest: power button, powering off\n")
+                threading.Timer(0.05, lambda: os._exit(0)).start()
+        elif cmd == "poweroff":
+            threading.Timer(0.01, lambda: os._exit(0)).start()
+        f.write(json.dumps(ans) + "\n")
+        f.flush()
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+struct Env {
+    dir: PathBuf,
+    mgr: Arc<VmManager>,
+}
+
+fn setup(tag: &str, tweak: impl FnOnce(&mut Settings)) -> Env {
+    let dir = std::env::temp_dir().join(format!("rayos-vmsup-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let vmm = dir.join("fake-vmm");
+    std::fs::write(&vmm, FAKE_VMM).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(dir.join("bzImage"), b"kernel").unwrap();
+    let mut s = Settings::new(vmm, Paths::under(&dir));
+    s.stop_timeout = Duration::from_millis(500);
+    s.backoff_initial = Duration::from_millis(50);
+    s.backoff_max = Duration::from_millis(200);
+    s.crash_count = 3;
+    s.crash_window = Duration::from_secs(30);
+    s.socket_timeout = Duration::from_secs(3);
+    tweak(&mut s);
+    let reaper = Arc::new(Reaper::new());
+    let r2 = reaper.clone();
+    tokio::spawn(async move { r2.run().await });
+    let mgr = VmManager::open(reaper, s).unwrap();
+    Env { dir, mgr }
+}
+
+fn create(env: &Env, name: &str, cmdline: &str, autostart: bool) -> String {
+    let disk = env.dir.join(format!("{name}.img"));
+    std::fs::write(&disk, b"").unwrap();
+    let req = CreateRequest {
+        name: name.into(),
+        kind: VmKind::Linux,
+        disks: vec![DiskRecord { path: disk, read_only: false }],
+        config: DeviceConfig {
+            vcpus: 1,
+            memory_mib: 64,
+            kernel: env.dir.join("bzImage"),
+            initramfs: None,
+            cmdline: cmdline.into(),
+            display: None,
+            input: false,
+            net_taps: vec![],
+            rng: false,
+            agent: false,
+        },
+        policy: Policy { autostart_hidden: autostart, restart: RestartPolicy::OnFailure },
+    };
+    env.mgr.create(req).unwrap().id
+}
+
+async fn wait_state(env: &Env, vm: &str, state: &str, timeout: Duration) -> super::manager::VmInfo {
+    let t = Instant::now();
+    loop {
+        let i = env.mgr.get(vm).unwrap();
+        if i.state == state {
+            return i;
+        }
+        assert!(t.elapsed() < timeout, "{vm} did not become {state} within {timeout:?}; it is {} ({})", i.state, i.detail);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn heartbeats(serial: &Path) -> usize {
+    std::fs::read_to_string(serial).unwrap_or_default().lines().filter(|l| l.starts_with("heartbeat")).count()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn start_pause_resume_stop_are_seen_by_the_guest() {
+    let env = setup("cycle", |_| {});
+    let id = create(&env, "deb", "console=ttyS0", false);
+    let mut events = env.mgr.subscribe();
+    env.mgr.start("deb", false).unwrap();
+    let info = wait_state(&env, "deb", "running", Duration::from_secs(5)).await;
+    assert!(info.pid > 0);
+    assert!(env.mgr.start("deb", false).unwrap_err().to_string().contains("already running"));
+    let serial = env.dir.join("vms").join(&id).join("serial.log");
+    // Guest init seen through the VMM's status (boot timer).
+    let t = Instant::now();
+    while env.mgr.get("deb").unwrap().guest_init_ms == 0 {
+        assert!(t.elapsed() < Duration::from_secs(3), "guest init never reported");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(heartbeats(&serial) > 0, "no heartbeats while running");
+
+    env.mgr.pause("deb").unwrap();
+    wait_state(&env, "deb", "paused", Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let h1 = heartbeats(&serial);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(heartbeats(&serial), h1, "heartbeats went on while paused");
+
+    env.mgr.resume("deb").unwrap();
+    wait_state(&env, "deb", "running", Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(heartbeats(&serial) > h1, "heartbeats did not restart after resume");
+
+    env.mgr.stop("deb", false).unwrap();
+    let info = wait_state(&env, "deb", "stopped", Duration::from_secs(3)).await;
+    assert_eq!(info.pid, 0);
+    assert!(std::fs::read_to_string(&serial).unwrap().contains("power button"), "the guest saw no ACPI shutdown");
+    assert!(env.mgr.logs("deb", 5).unwrap().contains("power button"));
+
+    let mut seen = Vec::new();
+    while let Ok(ev) = events.try_recv() {
+        seen.push(ev.state);
+    }
+    for s in ["starting", "running", "paused", "running", "stopping", "stopped"] {
+        assert!(seen.iter().any(|x| x == s), "no {s} event in {seen:?}");
+    }
+    // last_booted_at was recorded in the registry.
+    assert!(env.mgr.record("deb").unwrap().last_booted_at.is_some());
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_guest_that_ignores_the_power_button_is_forced_off() {
+    let env = setup("force", |_| {});
+    create(&env, "stubborn", "ignore-acpi", false);
+    env.mgr.start("stubborn", false).unwrap();
+    wait_state(&env, "stubborn", "running", Duration::from_secs(5)).await;
+    let t = Instant::now();
+    env.mgr.stop("stubborn", false).unwrap();
+    wait_state(&env, "stubborn", "stopped", Duration::from_secs(5)).await;
+    // stop_timeout is 500 ms: forced after it, not before.
+    assert!(t.elapsed() >= Duration::from_millis(500), "forced too early: {:?}", t.elapsed());
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_killed_vmm_is_restarted_and_a_crash_loop_stops_restarts() {
+    let env = setup("crash", |_| {});
+    create(&env, "k9", "", false);
+    env.mgr.start("k9", false).unwrap();
+    let first = wait_state(&env, "k9", "running", Duration::from_secs(5)).await;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first.pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let t = Instant::now();
+    loop {
+        let i = env.mgr.get("k9").unwrap();
+        if i.state == "running" && i.pid != first.pid {
+            assert_eq!(i.restarts, 1);
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "not restarted: {} {}", i.state, i.detail);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    env.mgr.stop("k9", true).unwrap();
+    wait_state(&env, "k9", "stopped", Duration::from_secs(3)).await;
+
+    create(&env, "loop", "crash-after-100", false);
+    env.mgr.start("loop", false).unwrap();
+    let info = wait_state(&env, "loop", "crash-loop", Duration::from_secs(10)).await;
+    assert!(info.detail.contains("crashed 3 times") && info.detail.contains("exited with status 3"), "{}", info.detail);
+    assert_eq!(info.restarts, 2);
+    assert!(env.mgr.problems().iter().any(|p| p.contains("loop") && p.contains("crash loop")), "{:?}", env.mgr.problems());
+    // It stays down.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(env.mgr.get("loop").unwrap().state, "crash-loop");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn autostart_marks_a_vm_with_a_missing_disk_broken_and_starts_the_others() {
+    let env = setup("broken", |_| {});
+    create(&env, "good", "", true);
+    let gone = create(&env, "gone", "", true);
+    create(&env, "manual", "", false);
+    let disk = env.dir.join("gone.img");
+    std::fs::remove_file(&disk).unwrap();
+    assert_eq!(env.mgr.autostart(), 2);
+    wait_state(&env, "good", "running", Duration::from_secs(5)).await;
+    let b = wait_state(&env, &gone, "broken", Duration::from_secs(5)).await;
+    assert!(b.detail.contains("disk image missing") && b.detail.contains("gone.img"), "{}", b.detail);
+    assert_eq!(env.mgr.get("manual").unwrap().state, "stopped", "autostart started a VM not marked so");
+    env.mgr.shutdown_all(Duration::from_secs(2)).await;
+    assert_eq!(env.mgr.get("good").unwrap().state, "stopped");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_vmm_without_a_control_socket_is_killed_and_counted_as_failed() {
+    let env = setup("nosock", |s| s.socket_timeout = Duration::from_millis(300));
+    create(&env, "mute", "no-socket", false);
+    env.mgr.start("mute", false).unwrap();
+    let i = wait_state(&env, "mute", "failed", Duration::from_secs(5)).await;
+    assert!(i.detail.contains("no control socket"), "{}", i.detail);
+    env.mgr.stop("mute", false).unwrap();
+    wait_state(&env, "mute", "stopped", Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn delete_keeps_the_disk_unless_purged_and_the_registry_reopens_the_same() {
+    let env = setup("delete", |_| {});
+    let a = create(&env, "a", "", false);
+    let b = create(&env, "b", "", false);
+    let a_dir = env.dir.join("vms").join(&a);
+    std::fs::write(a_dir.join("disk.img"), b"data").unwrap();
+    env.mgr.delete("a", false).unwrap();
+    assert!(a_dir.join("disk.img").exists(), "delete without purge removed the disk");
+    assert!(env.mgr.get("a").is_err());
+    env.mgr.delete("b", true).unwrap();
+    assert!(!env.dir.join("vms").join(&b).exists(), "purge left the VM's folder");
+
+    // A new supervisor on the same folder sees the same VM with the same UUID.
+    let c = create(&env, "c", "", false);
+    let again = VmManager::open(Arc::new(Reaper::new()), env.mgr.settings().clone()).unwrap();
+    let list = again.list();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].id, c);
+}
