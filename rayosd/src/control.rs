@@ -212,8 +212,10 @@ pub async fn serve_stream(stream: tokio::net::UnixStream, system: Arc<System>) -
         .server(zbus::Guid::generate())?
         .p2p()
         .serve_at(OBJECT_PATH, ControlServer { system })?
+        .serve_at(crate::vm::dbus::OBJECT_PATH, crate::vm::dbus::VmsServer)?
         .build()
         .await?;
+    crate::vm::dbus::forward_signals(&conn);
     // The stream ends when the peer closes the socket; only then may the connection drop.
     let mut messages = zbus::MessageStream::from(&conn);
     while messages.next().await.is_some() {}
