@@ -55,6 +55,11 @@ enum Cmd {
     Poweroff,
     /// Orderly reboot.
     Reboot,
+    /// VMs: list, create, start, stop, pause, resume, delete, logs.
+    Vm {
+        #[command(subcommand)]
+        action: rayosd::vm::cli::VmCmd,
+    },
 }
 
 #[derive(Subcommand)]
@@ -183,6 +188,7 @@ async fn run(cli: &Cli) -> Result<(), ClientError> {
         }
         Cmd::Poweroff => done(cli, c.power_off().await?, "powering off"),
         Cmd::Reboot => done(cli, c.reboot().await?, "rebooting"),
+        Cmd::Vm { action } => rayosd::vm::cli::run(&cli.socket, cli.json, action).await?,
     }
     Ok(())
 }

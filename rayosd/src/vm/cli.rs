@@ -85,6 +85,7 @@ pub enum VmCmd {
     },
     /// Pause the vCPUs (RAM is kept).
     Pause { vm: String },
+    /// Resume paused vCPUs.
     Resume { vm: String },
     /// Remove from the registry; the VM's disk stays unless --purge.
     Delete {
