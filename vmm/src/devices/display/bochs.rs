@@ -171,7 +171,7 @@ impl BochsDisplay {
             INDEX_VIRT_WIDTH => self.regs[INDEX_VIRT_WIDTH].max(self.regs[INDEX_XRES]),
             INDEX_VIRT_HEIGHT => {
                 let stride = u64::from(self.dispi_read(INDEX_VIRT_WIDTH)) * u64::from(self.bytes_per_pixel());
-                if stride == 0 { 0 } else { (self.fb.size() / stride).min(u64::from(u16::MAX)) as u16 }
+                self.fb.size().checked_div(stride).map_or(0, |h| h.min(u64::from(u16::MAX)) as u16)
             }
             i if i < NUM_DISPI => self.regs[i],
             _ => 0xffff,
@@ -180,11 +180,10 @@ impl BochsDisplay {
 
     fn dispi_write(&mut self, index: usize, value: u16) {
         match index {
-            INDEX_ID => {
-                if (ID0..=ID5).contains(&value) {
+            INDEX_ID
+                if (ID0..=ID5).contains(&value) => {
                     self.regs[INDEX_ID] = value;
                 }
-            }
             INDEX_XRES => self.regs[index] = value.min(MAX_XRES),
             INDEX_YRES => self.regs[index] = value.min(MAX_YRES),
             INDEX_BPP => self.regs[index] = if value == 0 { 8 } else { value },

@@ -100,7 +100,7 @@ impl PciRoot {
         for index in 0..NUM_BARS {
             let Some(spec) = device.config().bar_spec(index) else { continue };
             let addr = next.next_multiple_of(spec.size);
-            let end = addr.checked_add(spec.size).unwrap_or(u64::MAX);
+            let end = addr.saturating_add(spec.size);
             if end > self.window.end || (spec.kind == BarKind::Mem32 && end > 1 << 32) {
                 return Err(PciError::WindowFull {
                     name: device.name().to_owned(),

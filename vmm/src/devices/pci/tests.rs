@@ -8,18 +8,21 @@ use crate::devices::BusDevice;
 
 const WINDOW: std::ops::Range<u64> = 0xC000_0000..0xD000_0000;
 
+/// (BAR, new address) notifications the device received.
+type Moves = Arc<Mutex<Vec<(usize, Option<u64>)>>>;
+
 /// A device with a 64 KiB 64-bit BAR 0 holding an MSI-X table (4 vectors) at 0x8000 and the
 /// PBA at 0x9000, plus a 4 KiB 32-bit BAR 2 of plain registers.
 struct TestDev {
     config: PciConfiguration,
     msix: SharedMsix,
     cap: MsixCap,
-    moves: Arc<Mutex<Vec<(usize, Option<u64>)>>>,
+    moves: Moves,
     reg: u32,
 }
 
 impl TestDev {
-    fn new(vm: Arc<FakeVm>) -> (Self, Arc<Mutex<Vec<(usize, Option<u64>)>>>, SharedMsix) {
+    fn new(vm: Arc<FakeVm>) -> (Self, Moves, SharedMsix) {
         let mut config = PciConfiguration::new(PciHeader {
             vendor_id: 0x1af4,
             device_id: 0x1042,
@@ -79,7 +82,7 @@ fn cfg_write(io: &mut PciConfigIo, slot: u32, reg: u32, v: u32) {
     io.write(4, &v.to_le_bytes());
 }
 
-fn setup() -> (PciRoot, Arc<FakeVm>, u8, Arc<Mutex<Vec<(usize, Option<u64>)>>>, SharedMsix) {
+fn setup() -> (PciRoot, Arc<FakeVm>, u8, Moves, SharedMsix) {
     let vm = Arc::new(FakeVm::default());
     let mut root = PciRoot::new(vm.clone(), WINDOW);
     let (dev, moves, msix) = TestDev::new(vm.clone());

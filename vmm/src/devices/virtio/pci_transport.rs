@@ -379,7 +379,7 @@ impl VirtioPciDevice {
             (0x18, 2) => self.queues[qi].size = val as u16,
             // Writing 0 to queue_enable is not allowed (4.1.4.3.2); only 1 counts.
             (0x1c, 2) if val == 1 => self.queues[qi].enabled = true,
-            (0x20..=0x37, 4 | 8) if offset % 4 == 0 => {
+            (0x20..=0x37, 4 | 8) if offset.is_multiple_of(4) => {
                 let q = &mut self.queues[qi];
                 let field = match offset & !7 {
                     0x20 => &mut q.desc,
@@ -388,7 +388,7 @@ impl VirtioPciDevice {
                 };
                 if data.len() == 8 {
                     *field = val;
-                } else if offset % 8 == 0 {
+                } else if offset.is_multiple_of(8) {
                     *field = (*field & !0xffff_ffff) | val;
                 } else {
                     *field = (*field & 0xffff_ffff) | val << 32;

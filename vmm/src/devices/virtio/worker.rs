@@ -21,6 +21,18 @@ impl EpollCtl<'_> {
     pub fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
         self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))
     }
+    /// Register `fd` for `events` (add), change its events (modify), or drop it (`events`
+    /// empty), given what it is registered for now (`current`).
+    pub fn set(&self, fd: RawFd, token: u64, current: EventSet, events: EventSet) -> io::Result<()> {
+        if current == events {
+            return Ok(());
+        }
+        if events.is_empty() {
+            return self.remove(fd);
+        }
+        let op = if current.is_empty() { ControlOperation::Add } else { ControlOperation::Modify };
+        self.epoll.ctl(op, fd, EpollEvent::new(events, token))
+    }
     pub fn remove(&self, fd: RawFd) -> io::Result<()> {
         self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default())
     }

@@ -138,7 +138,7 @@ fn run(mem: &GuestMemory, chain: &ParsedChain, be: &BlockBackend, data_in_len: u
     let sector = u64::from_le_bytes(hdr[8..16].try_into().unwrap_or_default());
     let data_out_len = total_len(&chain.readable) - HEADER_LEN;
     let check_range = |len: u64| -> Result<u64, Failure> {
-        if len % SECTOR_SIZE != 0 {
+        if !len.is_multiple_of(SECTOR_SIZE) {
             return Err(Failure::IoErr(format!("length {len} not a multiple of 512")));
         }
         let end = sector.checked_add(len / SECTOR_SIZE);

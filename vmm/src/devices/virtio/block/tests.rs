@@ -192,9 +192,7 @@ fn queue_end_to_end_and_hostile_chains() {
     header(&mem, 0, 7);
     let n = VRING_DESC_F_NEXT;
     let w = VRING_DESC_F_WRITE;
-    rings.mocks[0]
-        .add_desc_chains(&[desc(HDR, 16, n, 1), desc(DATA, 512, n | w, 2), desc(STATUS, 1, w, 0)], 0)
-        .unwrap();
+    rings.add_desc_chains(0, &[desc(HDR, 16, n, 1), desc(DATA, 512, n | w, 2), desc(STATUS, 1, w, 0)], 0);
     rings.kick(0);
     assert!(rings.wait_used(&mem, 0, 1));
     assert_eq!(rings.used_elem(&mem, 0, 0), (0, 513));
@@ -203,23 +201,21 @@ fn queue_end_to_end_and_hostile_chains() {
 
     // A chain that loops on itself (descriptor 3 -> 3): bounded by the queue size, no
     // status buffer, completed with length 0.
-    rings.mocks[0].add_desc_chains(&[desc(HDR, 16, n, 3)], 3).unwrap();
+    rings.add_desc_chains(0, &[desc(HDR, 16, n, 3)], 3);
     rings.kick(0);
     assert!(rings.wait_used(&mem, 0, 2));
     assert_eq!(rings.used_elem(&mem, 0, 1), (3, 0));
 
     // Data buffer outside guest memory: IOERR in the status byte.
     header(&mem, 0, 0);
-    rings.mocks[0]
-        .add_desc_chains(&[desc(HDR, 16, n, 5), desc(1 << 40, 512, n | w, 6), desc(STATUS, 1, w, 0)], 4)
-        .unwrap();
+    rings.add_desc_chains(0, &[desc(HDR, 16, n, 5), desc(1 << 40, 512, n | w, 6), desc(STATUS, 1, w, 0)], 4);
     rings.kick(0);
     assert!(rings.wait_used(&mem, 0, 3));
     assert_eq!(status(&mem), 1);
     assert!(!irq.needs_reset.load(Ordering::SeqCst));
 
     // A head index beyond the queue: the ring is broken, the device asks for a reset.
-    let avail = rings.mocks[0].avail_addr().0;
+    let avail = rings.avail_addr(0).0;
     let idx: u16 = mem.read_obj(GuestAddress(avail + 2)).unwrap();
     mem.write_obj(200u16, GuestAddress(avail + 4 + 2 * u64::from(idx % 16))).unwrap();
     mem.write_obj(idx + 1, GuestAddress(avail + 2)).unwrap();

@@ -93,8 +93,47 @@ struct Port {
     name: String,
     socket: UnixStream,
     guest_open: bool,
-    polling: bool,
     host_closed: bool,
+    /// The guest has no receive buffers posted; stop reading the socket until it does.
+    rx_blocked: bool,
+    /// Guest output the socket did not take yet (at most one chunk: the transmit queue is
+    /// not drained while this is non-empty). Never blocking on the socket keeps a stalled
+    /// host reader from hanging the worker, and with it a vCPU resetting the device.
+    out: Vec<u8>,
+    /// What the socket is registered for in the worker's epoll.
+    interest: EventSet,
+}
+
+impl Port {
+    fn wants_input(&self) -> bool {
+        self.guest_open && !self.host_closed && !self.rx_blocked
+    }
+
+    /// Send as much of `out` as the socket takes now; true when it is all gone.
+    fn flush_out(&mut self) -> bool {
+        while !self.out.is_empty() {
+            // SAFETY: send reads at most out.len() bytes from the valid buffer; MSG_NOSIGNAL
+            // turns a closed peer into EPIPE instead of SIGPIPE.
+            let n = unsafe {
+                libc::send(self.socket.as_raw_fd(), self.out.as_ptr().cast(), self.out.len(), libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
+            };
+            if n >= 0 {
+                self.out.drain(..n as usize);
+                continue;
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => return false,
+                _ => {
+                    warn!(%e, port = %self.name, "{NAME}: host end gone; dropping guest output");
+                    self.host_closed = true;
+                    self.out.clear();
+                }
+            }
+        }
+        true
+    }
 }
 
 struct ConsoleWorker {
@@ -110,7 +149,7 @@ struct ConsoleWorker {
 impl ConsoleWorker {
     /// Port number (1-based) for a data queue index, and whether it is the rx queue.
     fn port_of_queue(q: usize) -> Option<(usize, bool)> {
-        (q >= 4).then(|| (q / 2 - 1, q % 2 == 0))
+        (q >= 4).then(|| (q / 2 - 1, q.is_multiple_of(2)))
     }
 
     fn send_control(&mut self) {
@@ -168,7 +207,7 @@ impl ConsoleWorker {
                 }
                 PORT_OPEN if (1..=self.ports.len()).contains(&id) => {
                     self.ports[id - 1].guest_open = value == 1;
-                    self.update_polling(id, ctl);
+                    self.sync_interest(id, ctl);
                 }
                 _ => {}
             }
@@ -176,43 +215,54 @@ impl ConsoleWorker {
         self.send_control();
     }
 
-    /// Watch the port's socket only while the guest has it open and the host end is alive.
-    /// A readable socket with no receive buffers would otherwise spin the loop.
-    fn update_polling(&mut self, port: usize, ctl: &EpollCtl<'_>) {
+    /// Watch the port's socket for input only while the guest has it open with buffers posted
+    /// (a readable socket with nowhere to put the data would spin the loop), and for output
+    /// space only while guest output is waiting.
+    fn sync_interest(&mut self, port: usize, ctl: &EpollCtl<'_>) {
         let p = &mut self.ports[port - 1];
-        let want = p.guest_open && !p.host_closed;
-        if want && !p.polling {
-            if let Err(e) = ctl.add(p.socket.as_raw_fd(), SOCKET_TOKEN + port as u64) {
-                warn!(%e, port = %p.name, "{NAME}: cannot watch socket");
-                return;
-            }
-            p.polling = true;
-        } else if !want && p.polling {
-            let _ = ctl.remove(p.socket.as_raw_fd());
-            p.polling = false;
+        let mut want = EventSet::empty();
+        if p.wants_input() {
+            want |= EventSet::IN;
+        }
+        if !p.out.is_empty() && !p.host_closed {
+            want |= EventSet::OUT;
+        }
+        match ctl.set(p.socket.as_raw_fd(), SOCKET_TOKEN + port as u64, p.interest, want) {
+            Ok(()) => p.interest = want,
+            Err(e) => warn!(%e, port = %p.name, "{NAME}: cannot watch socket"),
         }
     }
 
-    /// Guest to host: everything the driver queued on the port's transmit queue.
-    fn handle_tx(&mut self, port: usize) {
+    /// Guest to host: everything the driver queued on the port's transmit queue, as far as
+    /// the socket takes it without blocking.
+    fn handle_tx(&mut self, port: usize, ctl: &EpollCtl<'_>) {
         let mem = self.mem.clone();
         let q = rx_queue(port) + 1;
-        while let Some(chain) = self.queues[q].pop(&mem, &*self.irq) {
-            let p = parse_chain(chain, &mem);
-            if p.error.is_none() {
-                let len = (total_len(&p.readable) as usize).min(MAX_CHUNK);
-                let n = read_segments(&mem, &p.readable, 0, &mut self.buf[..len]);
-                let port_state = &mut self.ports[port - 1];
-                if !port_state.host_closed {
-                    if let Err(e) = send_all(&port_state.socket, &self.buf[..n]) {
-                        warn!(%e, port = %port_state.name, "{NAME}: host end gone; dropping guest output");
-                        port_state.host_closed = true;
+        let mut returned = false;
+        if self.ports[port - 1].flush_out() {
+            while let Some(chain) = self.queues[q].pop(&mem, &*self.irq) {
+                let p = parse_chain(chain, &mem);
+                let mut n = 0;
+                if p.error.is_none() {
+                    let len = (total_len(&p.readable) as usize).min(MAX_CHUNK);
+                    n = read_segments(&mem, &p.readable, 0, &mut self.buf[..len]);
+                }
+                // The data is copied out; the buffer goes back to the driver right away.
+                self.queues[q].add_used(&mem, p.head, 0, &*self.irq);
+                returned = true;
+                let st = &mut self.ports[port - 1];
+                if !st.host_closed {
+                    st.out.extend_from_slice(&self.buf[..n]);
+                    if !st.flush_out() {
+                        break;
                     }
                 }
             }
-            self.queues[q].add_used(&mem, p.head, 0, &*self.irq);
         }
-        self.queues[q].notify(&mem, &*self.irq);
+        if returned {
+            self.queues[q].notify(&mem, &*self.irq);
+        }
+        self.sync_interest(port, ctl);
     }
 
     /// Host to guest: move socket data into receive buffers while both exist.
@@ -221,14 +271,12 @@ impl ConsoleWorker {
         let q = rx_queue(port);
         let mut delivered = false;
         loop {
-            if !self.ports[port - 1].polling {
+            if !self.ports[port - 1].wants_input() {
                 break;
             }
             let Some(chain) = self.queues[q].pop(&mem, &*self.irq) else {
                 // No buffers: stop watching the socket until the driver adds some.
-                let p = &mut self.ports[port - 1];
-                let _ = ctl.remove(p.socket.as_raw_fd());
-                p.polling = false;
+                self.ports[port - 1].rx_blocked = true;
                 break;
             };
             let p = parse_chain(chain, &mem);
@@ -253,7 +301,6 @@ impl ConsoleWorker {
                     debug!(port = %st.name, "{NAME}: host closed its end");
                     st.host_closed = true;
                     self.pending_control.push_back(control_msg(port as u32, PORT_OPEN, 0, &[]));
-                    self.update_polling(port, ctl);
                     self.send_control();
                     break;
                 }
@@ -270,31 +317,20 @@ impl ConsoleWorker {
         if delivered {
             self.queues[q].notify(&mem, &*self.irq);
         }
+        self.sync_interest(port, ctl);
     }
-}
-
-fn send_all(sock: &UnixStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        // SAFETY: send reads at most data.len() bytes from the valid slice; MSG_NOSIGNAL turns
-        // a closed peer into EPIPE instead of killing the VMM with SIGPIPE.
-        let n = unsafe { libc::send(sock.as_raw_fd(), data.as_ptr().cast(), data.len(), libc::MSG_NOSIGNAL) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        data = &data[n as usize..];
-    }
-    Ok(())
 }
 
 impl WorkerHandler for ConsoleWorker {
-    fn handle(&mut self, token: u64, _events: EventSet, ctl: &EpollCtl<'_>) {
+    fn handle(&mut self, token: u64, events: EventSet, ctl: &EpollCtl<'_>) {
         if token >= SOCKET_TOKEN {
             let port = (token - SOCKET_TOKEN) as usize;
-            self.handle_rx(port, ctl);
+            if events.intersects(EventSet::OUT | EventSet::ERROR | EventSet::HANG_UP) {
+                self.handle_tx(port, ctl);
+            }
+            if events.intersects(EventSet::IN | EventSet::HANG_UP) {
+                self.handle_rx(port, ctl);
+            }
             return;
         }
         let q = token as usize;
@@ -307,10 +343,10 @@ impl WorkerHandler for ConsoleWorker {
             _ => match Self::port_of_queue(q) {
                 Some((port, true)) if port <= self.ports.len() => {
                     // New receive buffers: resume reading the socket.
-                    self.update_polling(port, ctl);
+                    self.ports[port - 1].rx_blocked = false;
                     self.handle_rx(port, ctl);
                 }
-                Some((port, false)) if port <= self.ports.len() => self.handle_tx(port),
+                Some((port, false)) if port <= self.ports.len() => self.handle_tx(port, ctl),
                 // Port 0 is never added; drain anything a confused driver puts there.
                 _ => {}
             },
@@ -368,8 +404,10 @@ impl VirtioDevice for VirtioConsole {
                 name: p.name.clone(),
                 socket: p.socket.try_clone().map_err(worker_err)?,
                 guest_open: false,
-                polling: false,
                 host_closed: false,
+                rx_blocked: false,
+                out: Vec::new(),
+                interest: EventSet::empty(),
             });
         }
         if queues.len() < 4 {

@@ -161,8 +161,8 @@ mod tests {
             RawDescriptor::from(Descriptor::new(0x10_0000, 64, VRING_DESC_F_WRITE as u16, 0)),
             RawDescriptor::from(Descriptor::new(0x20_0000, 4096, VRING_DESC_F_WRITE as u16, 0)),
         ];
-        rings.mocks[0].add_desc_chains(&descs[..1], 0).unwrap();
-        rings.mocks[0].add_desc_chains(&descs[1..], 1).unwrap();
+        rings.add_desc_chains(0, &descs[..1], 0);
+        rings.add_desc_chains(0, &descs[1..], 1);
         rings.kick(0);
         assert!(rings.wait_used(&mem, 0, 2));
         assert_eq!(rings.used_elem(&mem, 0, 0), (0, 64));
@@ -183,7 +183,7 @@ mod tests {
         let mut rng = VirtioRng::new();
         rng.activate(rings.context(&mem, irq.clone(), 0)).unwrap();
         let d = RawDescriptor::from(Descriptor::new(0xffff_0000_0000, 64, VRING_DESC_F_WRITE as u16, 0));
-        rings.mocks[0].add_desc_chains(&[d], 0).unwrap();
+        rings.add_desc_chains(0, &[d], 0);
         rings.kick(0);
         assert!(rings.wait_used(&mem, 0, 1));
         assert_eq!(rings.used_elem(&mem, 0, 0), (0, 0));
