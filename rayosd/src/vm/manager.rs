@@ -64,7 +64,7 @@ impl Settings {
         Settings {
             vmm_bin,
             paths,
-            stop_timeout: Duration::from_secs(30),
+            stop_timeout: Duration::from_secs(20),
             backoff_initial: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
             crash_count: 5,
@@ -338,14 +338,22 @@ impl VmManager {
         for id in &active {
             let _ = self.stop(id, false);
         }
-        let deadline = Instant::now() + timeout + Duration::from_secs(2);
-        while Instant::now() < deadline {
-            if self.list().iter().all(|v| !parse_state(&v.state).is_active()) {
-                return;
-            }
+        let all_down = |m: &VmManager| m.list().iter().all(|v| !parse_state(&v.state).is_active());
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline && !all_down(self) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tracing::warn!("vm: VMs still running after {timeout:?} at shutdown");
+        if all_down(self) {
+            return;
+        }
+        tracing::warn!("vm: VMs still running {timeout:?} into the shutdown; forcing them off");
+        for v in self.list().into_iter().filter(|v| parse_state(&v.state).is_active()) {
+            let _ = self.stop(&v.id, true);
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline && !all_down(self) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     fn add_task(self: &Arc<Self>, vm: &VmRecord) {

@@ -7,6 +7,7 @@
 //! - [`dbus`]: the `org.rayos.Vms1` interface on the control connection.
 //! - [`cli`]: `rayosctl vm …`.
 
+pub mod boot;
 pub mod cli;
 pub mod dbus;
 pub mod manager;
