@@ -28,6 +28,7 @@ pub trait Vms1 {
     fn resume_vm(&self, vm: &str) -> zbus::Result<()>;
     fn delete_vm(&self, vm: &str, purge: bool) -> zbus::Result<()>;
     fn logs(&self, vm: &str, lines: u32) -> zbus::Result<String>;
+    fn signal_vmm(&self, vm: &str, signal: &str) -> zbus::Result<bool>;
     #[zbus(signal)]
     fn vm_state_changed(&self, id: &str, name: &str, state: &str, detail: &str) -> zbus::Result<()>;
 }
@@ -98,6 +99,12 @@ pub enum VmCmd {
         vm: String,
         #[arg(short = 'n', long, default_value_t = 50)]
         lines: u32,
+    },
+    /// Send a signal to the VM's VMM process (tests, debugging).
+    Kill {
+        vm: String,
+        #[arg(short, long, default_value = "KILL")]
+        signal: String,
     },
     /// Print VmStateChanged signals as they come.
     Watch,
@@ -259,6 +266,16 @@ pub async fn run(socket: &str, json: bool, cmd: &VmCmd) -> Result<(), ClientErro
                 print_json(&serde_json::json!({ "vm": vm, "serial": text }))
             } else {
                 println!("{text}")
+            }
+        }
+        VmCmd::Kill { vm, signal } => {
+            let hit = p.signal_vmm(vm, signal).await?;
+            if json {
+                print_json(&serde_json::json!({ "signalled": hit }))
+            } else if hit {
+                println!("sent {signal} to the VMM of {vm}")
+            } else {
+                println!("{vm} has no VMM running; nothing signalled")
             }
         }
         VmCmd::Watch => {

@@ -131,6 +131,14 @@ impl VmsServer {
         Ok(mgr()?.delete(vm, purge)?)
     }
 
+    /// Sends a signal (name like `KILL` or number) to the VM's VMM process; returns whether
+    /// one was signalled. For tests and debugging: the supervisor handles the VMM's end.
+    async fn signal_vmm(&self, #[zbus(connection)] conn: &zbus::Connection, vm: &str, signal: &str) -> Result<bool, VmApiError> {
+        let sig = crate::control::parse_signal(signal).map_err(|_| VmApiError::InvalidArgument(format!("signal {signal:?} is not a signal name (e.g. TERM, KILL) or number")))?;
+        require_root(conn, "SignalVmm").await?;
+        Ok(mgr()?.signal_vmm(vm, sig)?)
+    }
+
     /// The last `lines` lines of the VM's serial console.
     async fn logs(&self, vm: &str, lines: u32) -> Result<String, VmApiError> {
         if lines == 0 || lines > MAX_LOG_LINES {

@@ -279,6 +279,17 @@ impl VmManager {
         self.request(id_or_name, Request::Resume, Ctl::Resume)
     }
 
+    /// Sends `sig` to the VM's VMM process (tests, debugging); false when none runs. The
+    /// supervisor treats the VMM's end like any other (a crash, unless it was stopping).
+    pub fn signal_vmm(&self, id_or_name: &str, sig: Signal) -> Result<bool, VmError> {
+        let info = self.get(id_or_name)?;
+        if info.pid == 0 {
+            return Ok(false);
+        }
+        tracing::warn!("vm {}: sending {} to VMM pid {}", info.name, sig.as_str(), info.pid);
+        Ok(kill(Pid::from_raw(info.pid as i32), sig).is_ok())
+    }
+
     /// Removes the VM from the registry. Its folder (disks) stays unless `purge`.
     pub fn delete(&self, id_or_name: &str, purge: bool) -> Result<(), VmError> {
         let id = self.resolve(id_or_name)?;

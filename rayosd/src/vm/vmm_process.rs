@@ -75,7 +75,8 @@ pub fn build_spec(vm: &VmRecord, files: &VmFiles) -> Result<vmm::spec::VmSpec, V
         "net": c.net_taps.iter().map(|t| json!({"tap": t})).collect::<Vec<_>>(),
         "display": c.display.map(|(w, h)| json!({"width": w, "height": h})),
         "input": if c.input { json!({}) } else { Value::Null },
-        "console": if c.agent { json!({"agent_socket": files.agent_socket}) } else { Value::Null },
+        // `{}`: the VMM's defaults give the agent port.
+        "console": if c.agent { json!({}) } else { Value::Null },
         "rng": c.rng,
         "serial_log": files.serial_log,
         "control_socket": files.control_socket,

@@ -1,0 +1,117 @@
+//! A tiny guest `/init` for trying the supervisor (systemless) and for its QEMU tests: it
+//! shows the guest alive and obeys the lifecycle the supervisor drives.
+//!
+//! - mounts the API filesystems and writes the VMM's boot-timer port (guest init reached);
+//! - prints `devguest: init` and then `heartbeat <n> uptime_ms=<ms>` on the console every
+//!   `devguest.interval_ms` (default 200): the heartbeats stop while the VM is paused;
+//! - writes `ready` and `heartbeat <n>` lines on the `org.rayos.agent` virtio-console port too,
+//!   when the VMM offers one;
+//! - powers off on the ACPI power button (the supervisor's graceful stop).
+//!
+//! The full guest agent for real guests is `vmm`'s `rayos-guest-agent`.
+
+use std::fs;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+fn mount(src: &str, target: &str, fstype: &str) {
+    let _ = fs::create_dir_all(target);
+    let c = |s: &str| std::ffi::CString::new(s).unwrap();
+    let (s, t, f) = (c(src), c(target), c(fstype));
+    // SAFETY: valid NUL-terminated strings for the duration of the call.
+    unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), 0, std::ptr::null()) };
+}
+
+/// The VMM's boot timer (vmm `layout::pio::BOOT_TIMER`).
+fn boot_timer() {
+    const PORT: u16 = 0x440;
+    // SAFETY: ioperm only changes this process's I/O permission bitmap.
+    if unsafe { libc::ioperm(PORT as libc::c_ulong, 1, 1) } != 0 {
+        println!("devguest: boot timer: ioperm: {}", std::io::Error::last_os_error());
+        return;
+    }
+    // SAFETY: ioperm granted this port; an OUT to it touches no memory of ours.
+    unsafe { std::arch::asm!("out dx, al", in("dx") PORT, in("al") 0x01u8, options(nomem, nostack)) };
+}
+
+fn cmdline_value(cmdline: &str, key: &str) -> Option<String> {
+    cmdline.split_whitespace().find_map(|w| w.strip_prefix(key).and_then(|v| v.strip_prefix('=')).map(String::from))
+}
+
+/// The `org.rayos.agent` port: /dev/vportNpM whose sysfs name matches (no udev here).
+fn agent_port() -> Option<fs::File> {
+    for e in fs::read_dir("/sys/class/virtio-ports").ok()?.flatten() {
+        let name = fs::read_to_string(e.path().join("name")).unwrap_or_default();
+        if name.trim() == "org.rayos.agent" {
+            return fs::OpenOptions::new().write(true).open(format!("/dev/{}", e.file_name().to_string_lossy())).ok();
+        }
+    }
+    None
+}
+
+fn power_off(why: &str) -> ! {
+    println!("devguest: {why}, powering off");
+    // SAFETY: sync has no arguments.
+    unsafe { libc::sync() };
+    // SAFETY: we are PID 1 of a guest; ending it is the point.
+    unsafe { libc::reboot(libc::RB_POWER_OFF) };
+    std::process::exit(0)
+}
+
+/// Waits for KEY_POWER from the ACPI "Power Button" input device.
+fn watch_power_button() {
+    use std::io::Read;
+    const EV_KEY: u16 = 1;
+    const KEY_POWER: u16 = 116;
+    let dev = fs::read_dir("/sys/class/input").into_iter().flatten().flatten().find_map(|e| {
+        let n = e.file_name().to_string_lossy().to_string();
+        let name = fs::read_to_string(e.path().join("device/name")).unwrap_or_default();
+        (n.starts_with("event") && name.trim() == "Power Button").then(|| format!("/dev/input/{n}"))
+    });
+    let Some(path) = dev else {
+        println!("devguest: no ACPI power button; a graceful stop will time out");
+        return;
+    };
+    let Ok(mut f) = fs::File::open(&path) else { return };
+    let mut ev = [0u8; 24];
+    while f.read_exact(&mut ev).is_ok() {
+        let (ty, code, value) = (
+            u16::from_le_bytes([ev[16], ev[17]]),
+            u16::from_le_bytes([ev[18], ev[19]]),
+            i32::from_le_bytes([ev[20], ev[21], ev[22], ev[23]]),
+        );
+        if ty == EV_KEY && code == KEY_POWER && value == 1 {
+            power_off("power button");
+        }
+    }
+}
+
+fn main() {
+    let t0 = Instant::now();
+    mount("devtmpfs", "/dev", "devtmpfs");
+    mount("proc", "/proc", "proc");
+    mount("sysfs", "/sys", "sysfs");
+    boot_timer();
+    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let interval = cmdline_value(&cmdline, "devguest.interval_ms").and_then(|v| v.parse().ok()).unwrap_or(200u64);
+    println!("devguest: init");
+    std::thread::spawn(watch_power_button);
+    let mut agent = agent_port();
+    if let Some(a) = agent.as_mut() {
+        let _ = writeln!(a, "ready");
+    }
+    let uptime = || {
+        fs::read_to_string("/proc/uptime")
+            .ok()
+            .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()))
+            .map(|s| (s * 1000.0) as u64)
+            .unwrap_or_else(|| t0.elapsed().as_millis() as u64)
+    };
+    for n in 1u64.. {
+        println!("heartbeat {n} uptime_ms={}", uptime());
+        if let Some(a) = agent.as_mut() {
+            let _ = writeln!(a, "heartbeat {n}");
+        }
+        std::thread::sleep(Duration::from_millis(interval));
+    }
+}
