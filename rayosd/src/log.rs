@@ -82,7 +82,8 @@ impl RotatingFile {
 pub struct LogSink {
     seq: AtomicU64,
     kmsg: Mutex<Option<File>>,
-    console: Mutex<Option<File>>,
+    /// Every active console (screen and serial), not just /dev/console, which is only the last.
+    console: Mutex<Vec<File>>,
     console_muted: AtomicBool,
     /// Copy lines to stderr (systemless and tests, where there is no console of our own).
     stderr: AtomicBool,
@@ -98,7 +99,7 @@ pub fn sink() -> &'static LogSink {
     SINK.get_or_init(|| LogSink {
         seq: AtomicU64::new(0),
         kmsg: Mutex::new(None),
-        console: Mutex::new(None),
+        console: Mutex::new(Vec::new()),
         console_muted: AtomicBool::new(false),
         stderr: AtomicBool::new(false),
         ring: Mutex::new(VecDeque::with_capacity(256)),
@@ -114,8 +115,19 @@ impl LogSink {
         if let Ok(f) = OpenOptions::new().write(true).open("/dev/kmsg") {
             *self.kmsg.lock().unwrap() = Some(f);
         }
-        if let Ok(f) = OpenOptions::new().write(true).custom_flags(libc::O_NOCTTY).open("/dev/console") {
-            *self.console.lock().unwrap() = Some(f);
+        let open = |p: &str| OpenOptions::new().write(true).custom_flags(libc::O_NOCTTY).open(p).ok();
+        let active = std::fs::read_to_string("/sys/class/tty/console/active").unwrap_or_default();
+        let mut consoles: Vec<File> = active.split_whitespace().filter_map(|n| open(&format!("/dev/{n}"))).collect();
+        if consoles.is_empty() {
+            consoles.extend(open("/dev/console"));
+        }
+        *self.console.lock().unwrap() = consoles;
+    }
+
+    /// Writes `text` to every console even while muted (rescue screen, fatal messages).
+    pub fn screen(&self, text: &str) {
+        for c in self.console.lock().unwrap().iter_mut() {
+            let _ = c.write_all(text.as_bytes());
         }
     }
 
@@ -171,7 +183,7 @@ impl LogSink {
             let _ = k.write_all(format!("<{}>{}\n", kmsg_priority(level), line).as_bytes());
         }
         if level <= Level::INFO && !self.console_muted() {
-            if let Some(c) = self.console.lock().unwrap().as_mut() {
+            for c in self.console.lock().unwrap().iter_mut() {
                 let _ = c.write_all(format!("{line}\n").as_bytes());
             }
         }

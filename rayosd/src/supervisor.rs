@@ -518,6 +518,20 @@ fn spawn(spec: &ServiceSpec) -> std::io::Result<(u32, Option<(OwnedFd, OwnedFd)>
     Ok((child.id(), output))
 }
 
+/// Runs a one-shot helper (e2fsck, …) to completion, its output going to the log under
+/// `source`, its exit status coming from the reaper.
+pub async fn run_oneshot(reaper: &Reaper, argv: &[&str], source: &str) -> std::io::Result<ExitKind> {
+    let mut cmd = Command::new(argv[0]);
+    cmd.args(&argv[1..]).env_clear().env("PATH", "/usr/bin:/usr/sbin");
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn()?;
+    let rx = reaper.watch(child.id());
+    if let (Some(o), Some(e)) = (child.stdout.take(), child.stderr.take()) {
+        forward_output(source, (OwnedFd::from(o), OwnedFd::from(e)));
+    }
+    rx.await.map_err(|_| std::io::Error::other("reaper went away"))
+}
+
 fn forward_output(name: &str, (out, err): (OwnedFd, OwnedFd)) {
     for (fd, level) in [(out, tracing::Level::INFO), (err, tracing::Level::WARN)] {
         let name = name.to_string();

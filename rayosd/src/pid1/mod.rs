@@ -1,21 +1,31 @@
 //! PID 1 duties: early setup, the main loop, signals and the orderly shutdown.
 
+mod data;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use rayosd::cmdline::BootOptions;
+use rayosd::cmdline::{BootOptions, Mode};
+use rayosd::control::{self, System, SystemStatus};
 use rayosd::power::{final_reboot, PowerAction};
 use rayosd::reaper::Reaper;
-use rayosd::{efivars, log, mounts, timeline};
+use rayosd::supervisor::{Limits, RestartPolicy, ServiceSpec, Stdio3, Supervisor};
+use rayosd::watchdog::Watchdog;
+use rayosd::{bridge, efivars, log, mounts, timeline, uevent};
+use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-/// How long services get between SIGTERM and SIGKILL at shutdown.
-const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long processes left after the services stopped get between SIGTERM and SIGKILL.
+const KILL_TIMEOUT: Duration = Duration::from_secs(3);
+const WATCHDOG_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs PID 1. Never returns.
 pub fn boot(init_uptime_ms: u64) -> ! {
     std::panic::set_hook(Box::new(|info| {
+        log::sink().screen(&format!("rayosd: fatal: {info}; rebooting\n"));
         log::sink().log(tracing::Level::ERROR, "rayosd", &format!("fatal: {info}; rebooting"));
         final_reboot(PowerAction::Reboot);
     }));
@@ -34,14 +44,14 @@ pub fn boot(init_uptime_ms: u64) -> ! {
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let cmdline = cmdline.trim_end();
     info!("cmdline: {cmdline}");
-    if let Some(entry) = efivars::loader_entry_selected(std::path::Path::new(efivars::EFIVARFS)) {
+    let boot_entry = efivars::loader_entry_selected(Path::new(efivars::EFIVARFS));
+    if let Some(entry) = &boot_entry {
         info!("boot entry: {entry}");
     }
     let opts = BootOptions::parse(cmdline);
     for w in &opts.warnings {
         warn!("{w}");
     }
-    info!("mode: {}", opts.mode);
 
     // The kernel then sends SIGINT on ctrl-alt-del instead of rebooting at once.
     if let Err(e) = nix::sys::reboot::set_cad_enabled(false) {
@@ -55,7 +65,7 @@ pub fn boot(init_uptime_ms: u64) -> ! {
             final_reboot(PowerAction::Reboot);
         }
     };
-    let action = rt.block_on(run(opts, init_uptime_ms));
+    let action = rt.block_on(run(opts, init_uptime_ms, boot_entry.unwrap_or_default()));
     final_reboot(action)
 }
 
@@ -78,9 +88,25 @@ fn ensure_standard_fds() {
     }
 }
 
-async fn run(opts: BootOptions, init_uptime_ms: u64) -> PowerAction {
+/// The services a mode starts.
+fn services_for(mode: Mode, opts: &BootOptions) -> Vec<ServiceSpec> {
+    let mut v = Vec::new();
+    if mode == Mode::Installer {
+        let mut s = ServiceSpec::new("installer", &["/usr/bin/rayos-installer"]);
+        s.stdio = Stdio3::Console;
+        s.restart = RestartPolicy::OnFailure;
+        s.on_success = Some(PowerAction::Reboot);
+        v.push(s);
+    }
+    if let Some(scenario) = &opts.testsvc {
+        v.push(ServiceSpec::new("testsvc", &["/usr/bin/rayos-testsvc", scenario]));
+    }
+    v
+}
+
+async fn run(opts: BootOptions, init_uptime_ms: u64, boot_entry: String) -> PowerAction {
     use tokio::signal::unix::{signal, SignalKind};
-    let reaper = std::sync::Arc::new(Reaper::new());
+    let reaper = Arc::new(Reaper::new());
     {
         let r = reaper.clone();
         tokio::spawn(async move {
@@ -102,19 +128,73 @@ async fn run(opts: BootOptions, init_uptime_ms: u64) -> PowerAction {
         }
     };
 
-    info!(
-        "ready mode={} init_uptime_ms={} ready_uptime_ms={}",
-        opts.mode,
-        init_uptime_ms,
-        timeline::uptime_ms()
-    );
+    let mut status = SystemStatus { init_uptime_ms, boot_entry, ..Default::default() };
+    let mut mode = opts.mode;
+    if mode == Mode::Installed {
+        match data::mount_data(&reaper).await {
+            Ok(dev) => status.data_device = dev,
+            Err(e) => {
+                let msg = format!("installed mode: {e}; starting rescue mode instead. Nothing was formatted.");
+                error!("{msg}");
+                status.rescue_reason = e.to_string();
+                mode = Mode::Rescue;
+            }
+        }
+    }
+    info!("mode: {mode}");
+    status.mode = mode.to_string();
 
+    let mut watchdog = if opts.watchdog {
+        match Watchdog::open(WATCHDOG_TIMEOUT) {
+            Ok(Some(w)) => {
+                info!("watchdog: {} armed, timeout {} s", w.device, w.timeout.as_secs());
+                status.watchdog = format!("{} ({} s)", w.device, w.timeout.as_secs());
+                Some(w)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                warn!("watchdog: cannot open: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+
+    let (power_tx, mut power_rx) = mpsc::unbounded_channel();
+    let supervisor = Supervisor::new(reaper.clone(), Limits::default(), power_tx.clone());
+    let system = Arc::new(System { supervisor: supervisor.clone(), status: Mutex::new(status), power: power_tx });
+    match control::bind(Path::new(control::SOCKET_PATH)) {
+        Ok(l) => {
+            tokio::spawn(control::serve(l, system.clone()));
+        }
+        Err(e) => error!("control API unavailable: {e}"),
+    }
+
+    let ready_ms = timeline::uptime_ms();
+    system.status.lock().unwrap().ready_uptime_ms = ready_ms;
+    info!("ready mode={mode} init_uptime_ms={init_uptime_ms} ready_uptime_ms={ready_ms}");
+
+    // Services start after the ready line: a console service mutes rayosd's console output.
+    for spec in services_for(mode, &opts) {
+        if let Err(e) = supervisor.add(spec) {
+            error!("{e}");
+        }
+    }
+    if mode == Mode::Rescue {
+        rescue_screen(&system.status.lock().unwrap());
+    }
+    tokio::spawn(devices(system.clone()));
+
+    let mut ping = tokio::time::interval(watchdog.as_ref().map(|w| w.timeout / 3).unwrap_or(Duration::from_secs(3600)));
     let action = loop {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: powering off"); break PowerAction::PowerOff; }
             _ = int.recv() => { info!("SIGINT (ctrl-alt-del): rebooting"); break PowerAction::Reboot; }
+            Some(a) = power_rx.recv() => { info!("{} requested", a.as_str()); break a; }
             _ = usr1.recv() => {
-                info!("status: mode={} uptime_ms={} orphans_reaped={}", opts.mode, timeline::uptime_ms(), reaper.orphans_reaped());
+                let s = system.snapshot();
+                info!("status: mode={} uptime_ms={} services={} orphans_reaped={} zombies={} rss_kib={}", s.mode, s.uptime_ms, supervisor.list().len(), s.orphans_reaped, s.zombies, s.rss_kib);
             }
             _ = usr2.recv() => {
                 let muted = !log::sink().console_muted();
@@ -122,32 +202,92 @@ async fn run(opts: BootOptions, init_uptime_ms: u64) -> PowerAction {
                 info!("SIGUSR2: console logging {}", if muted { "muted" } else { "resumed" });
                 log::sink().mute_console(muted);
             }
+            _ = ping.tick() => { if let Some(w) = watchdog.as_mut() { w.ping(); } }
         }
     };
-    shutdown(action).await;
+    system.status.lock().unwrap().shutting_down = true;
+    shutdown(action, &supervisor).await;
+    if let Some(w) = watchdog.take() {
+        w.magic_close();
+    }
+    info!("shutdown: {} now", action.as_str());
     action
 }
 
-/// Stops every process, syncs and unmounts. The caller then calls reboot(2).
-async fn shutdown(action: PowerAction) {
-    log::sink().mute_console(false);
-    info!("shutdown: {} — stopping processes", action.as_str());
-    let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
-    let deadline = tokio::time::Instant::now() + STOP_TIMEOUT;
-    while user_processes_left() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+fn rescue_screen(s: &SystemStatus) {
+    let reason = if s.rescue_reason.is_empty() { "rescue mode was selected at boot".to_string() } else { s.rescue_reason.clone() };
+    log::sink().screen(&format!(
+        "\n==================== RayOS rescue ====================\n\
+         why: {reason}\n\
+         nothing was formatted; no VM is started\n\
+         control: rayosctl status  (socket {})\n\
+         ======================================================\n\n",
+        control::SOCKET_PATH
+    ));
+}
+
+/// After ready: hotplug monitor, coldplug, and the virtio-serial bridge when its port exists.
+async fn devices(system: Arc<System>) {
+    let monitor = match uevent::Monitor::open() {
+        Ok(m) => Some(m),
+        Err(e) => {
+            warn!("hotplug: cannot open the uevent socket: {e}");
+            None
+        }
+    };
+    // Coldplug after the monitor listens, so nothing falls between the two.
+    let n = tokio::task::spawn_blocking(|| uevent::coldplug(Path::new("/sys/devices"))).await.unwrap_or(0);
+    info!("coldplug: {n} devices announced");
+    let mut bridged = false;
+    let try_bridge = |bridged: &mut bool| {
+        if !*bridged {
+            if let Some(dev) = bridge::find_port(Path::new("/sys/class/virtio-ports"), Path::new("/dev")) {
+                *bridged = true;
+                tokio::spawn(bridge::run(dev, system.clone()));
+            }
+        }
+    };
+    try_bridge(&mut bridged);
+    let Some(monitor) = monitor else { return };
+    loop {
+        match monitor.next().await {
+            Ok(ev) => {
+                tracing::debug!("uevent: {} {} {}", ev.action, ev.subsystem(), ev.devpath);
+                if ev.action == "add" && ev.subsystem() == "virtio-ports" {
+                    // devtmpfs creates the node with the event; nothing for us to create.
+                    try_bridge(&mut bridged);
+                }
+            }
+            Err(e) => {
+                warn!("hotplug: {e}; no longer following uevents");
+                return;
+            }
+        }
     }
+}
+
+/// Stops services, then every other process, syncs and unmounts. The caller then reboots.
+async fn shutdown(action: PowerAction, supervisor: &Supervisor) {
+    log::sink().mute_console(false);
+    info!("shutdown: {} — stopping services", action.as_str());
+    supervisor.stop_all().await;
     if user_processes_left() > 0 {
-        warn!("shutdown: processes left after {:?}; killing them", STOP_TIMEOUT);
-        let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
+        let deadline = tokio::time::Instant::now() + KILL_TIMEOUT;
+        while user_processes_left() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if user_processes_left() > 0 {
+            warn!("shutdown: processes left after {:?}; killing them", KILL_TIMEOUT);
+            let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
     log::sink().detach_file();
     nix::unistd::sync();
     for (target, e) in mounts::unmount_all() {
         warn!("shutdown: could not unmount {}: {e}", target.display());
     }
-    info!("shutdown: {} now", action.as_str());
 }
 
 /// Processes other than rayosd and kernel threads. `kill(-1, 0)` cannot tell: it counts kernel
