@@ -113,6 +113,10 @@ fn print_json<T: serde::Serialize>(v: &T) {
 }
 
 async fn run(cli: &Cli) -> Result<(), ClientError> {
+    // One connection only: the virtio-serial bridge serves one session at a time.
+    if let Cmd::Vm { action } = &cli.cmd {
+        return rayosd::vm::cli::run(&cli.socket, cli.json, action).await;
+    }
     let c = Client::connect(&cli.socket).await?;
     match &cli.cmd {
         Cmd::Status => {
@@ -188,7 +192,7 @@ async fn run(cli: &Cli) -> Result<(), ClientError> {
         }
         Cmd::Poweroff => done(cli, c.power_off().await?, "powering off"),
         Cmd::Reboot => done(cli, c.reboot().await?, "rebooting"),
-        Cmd::Vm { action } => rayosd::vm::cli::run(&cli.socket, cli.json, action).await?,
+        Cmd::Vm { .. } => unreachable!("handled before connecting"),
     }
     Ok(())
 }
