@@ -3,7 +3,8 @@
 //!
 //! Input format of both: byte 0 picks the queue size (2^(b % 9)), byte 1 bit 0 turns
 //! EVENT_IDX on, the rest is copied into guest memory from address 0: the descriptor table at
-//! 0, the avail ring at 0x1000, the used ring at 0x2000 and buffers after that. Guest memory
+//! 0, the avail ring right after it (16 × size), buffers after that; the used ring is at
+//! 0x8000. Compact on purpose: a few dozen fuzzer bytes already form a ring with chains. Guest memory
 //! is two 64 KiB regions with a hole between them (0x10000..0x20000), so descriptors can point
 //! into holes, across region ends and past the end of RAM.
 
@@ -21,8 +22,12 @@ use crate::devices::GuestMemory;
 
 const REGION: u64 = 0x10000;
 const SECOND_REGION: u64 = 0x20000;
-const AVAIL: u64 = 0x1000;
-const USED: u64 = 0x2000;
+const USED: u64 = 0x8000;
+
+/// The avail ring follows the descriptor table directly.
+fn avail_addr(size: u64) -> u64 {
+    16 * size
+}
 /// More pops than any valid ring can hold: the loop must still end.
 const MAX_POPS: usize = 600;
 
@@ -48,7 +53,7 @@ fn setup(data: &[u8]) -> Option<(GuestMemory, Queue)> {
     let mut q = Queue::new(256).ok()?;
     q.try_set_size(size).ok()?;
     q.try_set_desc_table_address(GuestAddress(0)).ok()?;
-    q.try_set_avail_ring_address(GuestAddress(AVAIL)).ok()?;
+    q.try_set_avail_ring_address(GuestAddress(avail_addr(u64::from(size)))).ok()?;
     q.try_set_used_ring_address(GuestAddress(USED)).ok()?;
     q.set_event_idx(flags & 1 != 0);
     q.set_ready(true);
@@ -152,7 +157,7 @@ pub fn random_input(seed: &mut u64) -> Vec<u8> {
         img[o + 14..o + 16].copy_from_slice(&nxt.to_le_bytes());
     }
     let avail_idx = (next() % (size * 2 + 1)) as u16;
-    let a = AVAIL as usize;
+    let a = avail_addr(size) as usize;
     img[a + 2..a + 4].copy_from_slice(&avail_idx.to_le_bytes());
     for i in 0..size as usize {
         let head = (next() % (size + 2)) as u16;
@@ -165,7 +170,7 @@ pub fn random_input(seed: &mut u64) -> Vec<u8> {
         for c in 0..chains {
             let base = c * 3;
             let hdr_at = 0x3000 + c * 0x80;
-            let data_at = 0x8000 + (c % 16) * 0x800;
+            let data_at = 0x9000 + (c % 12) * 0x800;
             let status_at = hdr_at + 0x40;
             let t = [0u32, 1, 4, 8][(next() % 4) as usize];
             let write_data = t == 0 || t == 8;
@@ -188,7 +193,7 @@ pub fn random_input(seed: &mut u64) -> Vec<u8> {
         }
         img[a + 2..a + 4].copy_from_slice(&(chains as u16).to_le_bytes());
         for _ in 0..next() % 4 {
-            let at = (next() % (AVAIL + 0x200)) as usize;
+            let at = (next() % (avail_addr(size) + 0x200)) as usize;
             img[at] ^= 1 << (next() % 8);
         }
         let mut data = vec![size_sel, (next() & 7) as u8];
@@ -246,7 +251,7 @@ mod tests {
             img[o + 12..o + 14].copy_from_slice(&1u16.to_le_bytes());
             img[o + 14..o + 16].copy_from_slice(&(i as u16).to_le_bytes());
         }
-        img[0x1002..0x1004].copy_from_slice(&256u16.to_le_bytes());
+        img[0x1002..0x1004].copy_from_slice(&256u16.to_le_bytes()); // avail idx (ring at 16 × 256)
         let mut data = vec![8u8, 0];
         data.extend_from_slice(&img);
         queue_and_chains(&data);
