@@ -181,6 +181,9 @@ async fn run(opts: BootOptions, init_uptime_ms: u64, boot_entry: String) -> Powe
             error!("{e}");
         }
     }
+    if mode == Mode::Installed {
+        rayosd::vm::boot::start_installed(reaper.clone());
+    }
     if mode == Mode::Rescue {
         rescue_screen(&system.status.lock().unwrap());
     }
@@ -270,6 +273,7 @@ async fn devices(system: Arc<System>) {
 async fn shutdown(action: PowerAction, supervisor: &Supervisor) {
     log::sink().mute_console(false);
     info!("shutdown: {} — stopping services", action.as_str());
+    rayosd::vm::boot::stop_all().await;
     supervisor.stop_all().await;
     if user_processes_left() > 0 {
         let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
