@@ -1,0 +1,375 @@
+//! The VM supervisor in a real RayOS: rayosd (installed mode, data volume on NVMe) starts
+//! real `rayos-vmm` processes under nested KVM (QEMU TCG with an emulated AMD-V CPU). The
+//! guest is the tiny `rayos-devguest` (systemless crate) on the RayOS kernel: it writes the
+//! VMM's boot-timer port at init and prints `heartbeat <n>` on its serial console, which
+//! `rayosctl vm logs` returns; it powers off on the ACPI power button.
+//!
+//! The data volume is built here the way the installer lays it out: GPT with the RayOS data
+//! type, ext4 (`mkfs.ext4 -d`, label rayos-data) holding `registry/vms.json` in the
+//! documented schema and the VMs' files under `vms/<uuid>/`.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use rayos_tests::{artifacts, initramfs::Initramfs, Qemu, BOOT_TIMEOUT};
+use serde_json::{json, Value};
+
+const DATA_TYPE_GUID: &str = "bcae553e-c9a9-4fbc-8291-e48c272f7ecf";
+const PART_START_LBA: u64 = 2048;
+const PART_SIZE: u64 = 192 << 20;
+/// A nested guest boots in ~5 s alone; two cores are shared with the other tests.
+const GUEST_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// GPT stores the first three GUID fields little-endian.
+fn guid_le(s: &str) -> [u8; 16] {
+    let hex: String = s.chars().filter(|c| *c != '-').collect();
+    let mut b = [0u8; 16];
+    for i in 0..16 {
+        b[i] = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap();
+    }
+    b[0..4].reverse();
+    b[4..6].reverse();
+    b[6..8].reverse();
+    b
+}
+
+fn new_uuid() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/uuid").unwrap().trim().to_string()
+}
+
+/// The static rayos-devguest and rayosctl (built once per test process).
+fn bins() -> &'static PathBuf {
+    static B: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    B.get_or_init(|| rootfs_builder::cargo_build::build_static(["systemless", "rayosd"]).expect("building rayos-devguest and rayosctl"))
+}
+
+fn rayosctl() -> PathBuf {
+    bins().join("rayosctl")
+}
+
+/// A VM record in the registry's schema (version 1).
+struct Vm {
+    id: String,
+    name: &'static str,
+    autostart: bool,
+    /// false: its disk image is missing.
+    disk: bool,
+    /// A kernel file that is not a kernel: the VMM fails at every start.
+    bad_kernel: bool,
+}
+
+impl Vm {
+    fn new(name: &'static str, autostart: bool) -> Vm {
+        Vm { id: new_uuid(), name, autostart, disk: true, bad_kernel: false }
+    }
+
+    fn record(&self) -> Value {
+        json!({
+            "id": self.id,
+            "name": self.name,
+            "kind": "linux",
+            "disks": [{"path": format!("/data/vms/{}/disk.img", self.id), "read_only": false}],
+            "config": {
+                "vcpus": 1,
+                "memory_mib": 128,
+                "kernel": if self.bad_kernel { format!("/data/vms/{}/not-a-kernel", self.id) } else { "/data/images/vmlinuz".into() },
+                "initramfs": "/data/images/devguest.img",
+                "cmdline": "console=ttyS0 panic=-1 devguest.interval_ms=250",
+                "display": null, "input": false, "net_taps": [], "rng": false, "agent": false
+            },
+            "policy": {"autostart_hidden": self.autostart, "restart": "on-failure"},
+            "created_at": 1764000000u64,
+            "last_booted_at": null
+        })
+    }
+}
+
+fn registry_json(vms: &[&Vm]) -> String {
+    serde_json::to_string_pretty(&json!({"schema_version": 1, "vms": vms.iter().map(|v| v.record()).collect::<Vec<_>>()})).unwrap()
+}
+
+/// Builds the data disk: staging folder → ext4 (`mkfs.ext4 -d`) → GPT partition.
+fn data_disk(dir: &Path, vms: &[&Vm], registry: &str, backup: Option<&str>) -> PathBuf {
+    let a = artifacts();
+    let staging = dir.join("data-staging");
+    let _ = std::fs::remove_dir_all(&staging);
+    for d in ["registry", "images", "config", "logs"] {
+        std::fs::create_dir_all(staging.join(d)).unwrap();
+    }
+    std::fs::copy(&a.kernel, staging.join("images/vmlinuz")).unwrap();
+    let mut ird = Initramfs::new();
+    ird.file("/init", &bins().join("rayos-devguest"), 0o755).unwrap();
+    ird.write(&staging.join("images/devguest.img")).unwrap();
+    for vm in vms {
+        let d = staging.join("vms").join(&vm.id);
+        std::fs::create_dir_all(&d).unwrap();
+        if vm.disk {
+            std::fs::File::create(d.join("disk.img")).unwrap().set_len(1 << 20).unwrap();
+        }
+        if vm.bad_kernel {
+            std::fs::write(d.join("not-a-kernel"), b"this is not a bzImage").unwrap();
+        }
+    }
+    std::fs::write(staging.join("registry/vms.json"), registry).unwrap();
+    if let Some(b) = backup {
+        std::fs::write(staging.join("registry/vms.json.bak"), b).unwrap();
+    }
+    let part = dir.join("data-part.img");
+    let _ = std::fs::remove_file(&part);
+    let st = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "rayos-data", "-d"])
+        .arg(&staging)
+        .arg(&part)
+        .arg(format!("{}k", PART_SIZE / 1024))
+        .status()
+        .unwrap();
+    assert!(st.success(), "mkfs.ext4 failed");
+
+    let disk = dir.join("data-disk.img");
+    let size = PART_START_LBA * 512 + PART_SIZE + (1 << 20);
+    let mut f = std::fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&disk).unwrap();
+    f.set_len(size).unwrap();
+    let mut gpt = gptman::GPT::new_from(&mut f, 512, guid_le(&new_uuid())).unwrap();
+    gpt[1] = gptman::GPTPartitionEntry {
+        partition_type_guid: guid_le(DATA_TYPE_GUID),
+        unique_partition_guid: guid_le(&new_uuid()),
+        starting_lba: PART_START_LBA,
+        ending_lba: PART_START_LBA + PART_SIZE / 512 - 1,
+        attribute_bits: 0,
+        partition_name: "rayos-data".into(),
+    };
+    gpt.write_into(&mut f).unwrap();
+    gptman::GPT::write_protective_mbr_into(&mut f, 512).unwrap();
+    let mut src = std::fs::File::open(&part).unwrap();
+    f.seek(SeekFrom::Start(PART_START_LBA * 512)).unwrap();
+    std::io::copy(&mut src, &mut f).unwrap();
+    f.flush().unwrap();
+    let _ = std::fs::remove_file(&part);
+    disk
+}
+
+/// Reads a file from the data partition of `disk` after QEMU is gone (debugfs, no mount).
+fn read_data_file(disk: &Path, path: &str) -> Option<Vec<u8>> {
+    let part = disk.with_extension("part-copy");
+    {
+        let mut f = std::fs::File::open(disk).unwrap();
+        f.seek(SeekFrom::Start(PART_START_LBA * 512)).unwrap();
+        let mut buf = vec![0u8; PART_SIZE as usize];
+        f.read_exact(&mut buf).unwrap();
+        std::fs::write(&part, buf).unwrap();
+    }
+    let out_file = disk.with_extension("dump");
+    let _ = std::fs::remove_file(&out_file);
+    let _ = Command::new("debugfs").arg("-R").arg(format!("dump {path} {}", out_file.display())).arg(&part).output().unwrap();
+    let _ = std::fs::remove_file(&part);
+    std::fs::read(&out_file).ok()
+}
+
+fn boot(name: &str, disk_for: impl FnOnce(&Path) -> PathBuf) -> (Qemu, PathBuf) {
+    let a = artifacts();
+    let builder = Qemu::builder(name);
+    let disk = disk_for(builder.workdir());
+    let q = builder
+        .direct_kernel(&a.kernel, &a.initramfs, "console=ttyS0,115200 panic=10 rayos.mode=installed")
+        .nvme_disk(&disk, "RAYOS-DATA")
+        .control_channel()
+        .memory_mib(2048)
+        .cpus(2)
+        .spawn()
+        .unwrap();
+    (q, disk)
+}
+
+/// `rayosctl --json …` against the machine's control channel; (exit code, JSON or text).
+fn ctl(q: &Qemu, args: &[&str]) -> (i32, Value, String) {
+    let out = Command::new(rayosctl()).arg("--socket").arg(q.control_socket()).arg("--json").args(args).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let v = serde_json::from_str(&text).unwrap_or(Value::Null);
+    (out.status.code().unwrap_or(-1), v, format!("{text}{}", String::from_utf8_lossy(&out.stderr)))
+}
+
+fn ctl_ok(q: &Qemu, args: &[&str]) -> Value {
+    let (code, v, text) = ctl(q, args);
+    assert_eq!(code, 0, "rayosctl {args:?} failed: {text}");
+    v
+}
+
+fn vm_info(q: &Qemu, vm: &str) -> Value {
+    ctl_ok(q, &["vm", "show", vm])
+}
+
+fn wait_vm(q: &Qemu, vm: &str, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+    let t = Instant::now();
+    loop {
+        let v = vm_info(q, vm);
+        if pred(&v) {
+            return v;
+        }
+        assert!(t.elapsed() < timeout, "{vm}: {what} not reached within {timeout:?}; now {v}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+fn heartbeats(q: &Qemu, vm: &str) -> Vec<u64> {
+    let v = ctl_ok(q, &["vm", "logs", vm, "-n", "400"]);
+    v["serial"]
+        .as_str()
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("heartbeat ").and_then(|r| r.split_whitespace().next()).and_then(|n| n.parse().ok()))
+        .collect()
+}
+
+fn last_heartbeat(q: &Qemu, vm: &str) -> u64 {
+    heartbeats(q, vm).last().copied().unwrap_or(0)
+}
+
+#[test]
+fn vm_lifecycle_autostart_crashes_and_broken_disks() {
+    let deb = Vm::new("deb", true);
+    let mut gone = Vm::new("gone", true);
+    gone.disk = false;
+    let mut crashy = Vm::new("crashy", false);
+    crashy.bad_kernel = true;
+    let registry = registry_json(&[&deb, &gone, &crashy]);
+    let (mut q, _disk) = boot("vm-lifecycle", |dir| data_disk(dir, &[&deb, &gone, &crashy], &registry, None));
+
+    let ready = q.wait_for("rayosd: ready", BOOT_TIMEOUT).unwrap();
+    assert!(ready.contains("mode=installed"), "{ready}");
+    q.wait_for("vm deb: autostart (hidden)", BOOT_TIMEOUT).unwrap();
+    let init = q.wait_for("vm deb: guest init reached", GUEST_TIMEOUT).unwrap();
+    eprintln!("boot: {init}");
+
+    // Autostart: deb runs and its guest beats; gone is broken and says why; crashy (not
+    // autostart) stays stopped.
+    let list = ctl_ok(&q, &["vm", "list"]);
+    let by_name = |n: &str| list["vms"].as_array().unwrap().iter().find(|v| v["name"] == n).cloned().unwrap();
+    assert_eq!(by_name("deb")["state"], "running", "{list}");
+    assert_eq!(by_name("deb")["id"], deb.id.as_str(), "the registry's UUID is the VM's");
+    assert_eq!(by_name("gone")["state"], "broken", "{list}");
+    let detail = by_name("gone")["detail"].as_str().unwrap().to_string();
+    assert!(detail.contains("disk image missing") && detail.contains(&gone.id), "{detail}");
+    assert_eq!(by_name("crashy")["state"], "stopped", "{list}");
+    let t = Instant::now();
+    while last_heartbeat(&q, "deb") < 3 {
+        assert!(t.elapsed() < GUEST_TIMEOUT, "no heartbeats from deb: {}", ctl(&q, &["vm", "logs", "deb"]).2);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // Pause: the heartbeats stop; resume: they go on.
+    ctl_ok(&q, &["vm", "pause", "deb"]);
+    wait_vm(&q, "deb", "paused", Duration::from_secs(10), |v| v["state"] == "paused");
+    std::thread::sleep(Duration::from_millis(500));
+    let h_paused = last_heartbeat(&q, "deb");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(last_heartbeat(&q, "deb"), h_paused, "heartbeats went on while paused");
+    ctl_ok(&q, &["vm", "resume", "deb"]);
+    wait_vm(&q, "deb", "running", Duration::from_secs(10), |v| v["state"] == "running");
+    let t = Instant::now();
+    while last_heartbeat(&q, "deb") <= h_paused + 2 {
+        assert!(t.elapsed() < Duration::from_secs(60), "heartbeats did not resume");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    // Stop: the guest sees the power button and powers off; start: it boots again.
+    ctl_ok(&q, &["vm", "stop", "deb"]);
+    wait_vm(&q, "deb", "stopped", Duration::from_secs(60), |v| v["state"] == "stopped");
+    let serial = ctl_ok(&q, &["vm", "logs", "deb", "-n", "400"])["serial"].as_str().unwrap().to_string();
+    assert!(serial.contains("devguest: power button, powering off"), "the guest did not see the stop:\n{serial}");
+    let (code, _, text) = ctl(&q, &["vm", "pause", "deb"]);
+    assert_ne!(code, 0, "pausing a stopped VM must fail: {text}");
+    assert!(text.contains("only a running VM can be paused"), "{text}");
+
+    // Start, waiting for guest init: the benchmark of `rayosctl vm start` → guest init.
+    let started = ctl_ok(&q, &["vm", "start", "deb", "--wait", "180"]);
+    let (vmm_ms, total_ms) = (started["guest_init_ms"].as_u64().unwrap(), started["start_to_init_ms"].as_u64().unwrap());
+    eprintln!(
+        "bench: rayosctl vm start → guest init: {total_ms} ms (VMM's own start → init {vmm_ms} ms; supervisor adds {} ms; rayosctl wall {} ms)",
+        total_ms - vmm_ms,
+        started["rayosctl_wall_ms"]
+    );
+    assert!(total_ms >= vmm_ms);
+    let t = Instant::now();
+    while heartbeats(&q, "deb").iter().filter(|n| **n == 1).count() < 2 {
+        assert!(t.elapsed() < GUEST_TIMEOUT, "no heartbeats after the restart");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // kill -9 of the VMM: logged, failed, restarted (new pid, restarts = 1).
+    let before = wait_vm(&q, "deb", "running", Duration::from_secs(30), |v| v["state"] == "running");
+    let old_pid = before["pid"].as_u64().unwrap();
+    let k = ctl_ok(&q, &["vm", "kill", "deb", "--signal", "KILL"]);
+    assert_eq!(k["signalled"], true);
+    q.wait_for("vm deb: failed (VMM killed by signal 9 (SIGKILL); restarting in", Duration::from_secs(30)).unwrap();
+    let after = wait_vm(&q, "deb", "restarted", Duration::from_secs(60), |v| v["state"] == "running" && v["pid"].as_u64() != Some(old_pid));
+    assert_eq!(after["restarts"], before["restarts"].as_u64().unwrap() + 1);
+
+    // A VMM that fails at every start: restarted with backoff, then a crash loop, reported.
+    ctl_ok(&q, &["vm", "start", "crashy"]);
+    let cl = wait_vm(&q, "crashy", "crash-loop", Duration::from_secs(120), |v| v["state"] == "crash-loop");
+    assert!(cl["detail"].as_str().unwrap().contains("crashed 5 times"), "{cl}");
+    let list = ctl_ok(&q, &["vm", "list"]);
+    let problems = list["problems"].to_string();
+    assert!(problems.contains("VM crashy: crash loop"), "{problems}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(vm_info(&q, "crashy")["state"], "crash-loop", "a crash-looping VM was restarted");
+    // The others still run.
+    assert_eq!(vm_info(&q, "deb")["state"], "running");
+
+    // Orderly power-off stops the VM first (ACPI), then RayOS goes down.
+    ctl_ok(&q, &["poweroff"]);
+    q.wait_for("devguest: power button, powering off", Duration::from_secs(5)).ok();
+    q.wait_for("vm deb: stopped", Duration::from_secs(60)).unwrap();
+    q.wait_exit(Duration::from_secs(60)).unwrap();
+}
+
+#[test]
+fn vm_registry_survives_reboot_and_a_corrupt_registry_falls_back_to_the_backup() {
+    let keep = Vm::new("keep", false);
+    let lost = Vm::new("lost", false);
+    let good = registry_json(&[&keep]);
+    let newer = registry_json(&[&keep, &lost]);
+    // A torn write of the newer registry; the backup holds the version before it.
+    let corrupt = newer[..newer.len() / 2].to_string();
+    let (mut q, disk) = boot("vm-registry", |dir| data_disk(dir, &[&keep, &lost], &corrupt, Some(&good)));
+    q.wait_for("rayosd: ready", BOOT_TIMEOUT).unwrap();
+    let report = q.wait_for("is unreadable", Duration::from_secs(5)).unwrap();
+    assert!(report.contains("vms.json.corrupt-1") && report.contains("backup"), "{report}");
+
+    let list = ctl_ok(&q, &["vm", "list"]);
+    let problems = list["problems"].to_string();
+    assert!(problems.contains("corrupt-1") && problems.contains("backup"), "the report is not visible in vm list: {list}");
+    let vms = list["vms"].as_array().unwrap();
+    assert_eq!(vms.len(), 1, "{list}");
+    assert_eq!(vms[0]["id"], keep.id.as_str());
+
+    // A VM created now survives the reboot with its UUID.
+    let created = ctl_ok(
+        &q,
+        &["vm", "create", "fresh", "--kernel", "/data/images/vmlinuz", "--initramfs", "/data/images/devguest.img", "--memory-mib", "128"],
+    );
+    let fresh_id = created["id"].as_str().unwrap().to_string();
+    let mark = q.log_len();
+    ctl_ok(&q, &["reboot"]);
+    q.wait_for_line_after(mark, |l| l.contains("rayosd: ready"), "second ready", BOOT_TIMEOUT).unwrap();
+    let list = ctl_ok(&q, &["vm", "list"]);
+    let mut ids: Vec<String> = list["vms"].as_array().unwrap().iter().map(|v| v["id"].as_str().unwrap().to_string()).collect();
+    ids.sort();
+    let mut want = vec![keep.id.clone(), fresh_id.clone()];
+    want.sort();
+    assert_eq!(ids, want, "{list}");
+    assert_eq!(list["problems"].as_array().map(|p| p.len()), Some(0), "the registry was repaired: {list}");
+
+    ctl_ok(&q, &["poweroff"]);
+    q.wait_exit(Duration::from_secs(60)).unwrap();
+    // The corrupt file is kept, byte for byte; the live registry and its backup are valid.
+    let kept = read_data_file(&disk, "/registry/vms.json.corrupt-1").expect("vms.json.corrupt-1 on the data volume");
+    assert_eq!(kept, corrupt.as_bytes());
+    let live: Value = serde_json::from_slice(&read_data_file(&disk, "/registry/vms.json").unwrap()).unwrap();
+    assert_eq!(live["schema_version"], 1);
+    assert_eq!(live["vms"].as_array().unwrap().len(), 2);
+    let bak: Value = serde_json::from_slice(&read_data_file(&disk, "/registry/vms.json.bak").unwrap()).unwrap();
+    assert_eq!(bak["vms"].as_array().unwrap().len(), 1, "the backup is the version before the create");
+}
