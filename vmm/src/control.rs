@@ -12,9 +12,15 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::devices::display::SharedFramebuffer;
+use crate::devices::virtio::input::InputEvent;
 use crate::error::{Error, Result};
 use crate::lifecycle::ExitReason;
 use crate::VmShared;
+
+const ABS_X: u16 = 0;
+const ABS_Y: u16 = 1;
+const ABS_MAX: u32 = 32767;
 
 #[derive(Debug, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
@@ -30,6 +36,18 @@ pub enum Request {
     Serial,
     /// Queue bytes on the serial port's receive side.
     SerialInput { data: String },
+    /// Press (`pressed: true`) or release a key on the virtio keyboard (Linux key codes).
+    Key { code: u16, pressed: bool },
+    /// Move the absolute pointer (0..=32767 on each axis), optionally with buttons held.
+    Pointer { x: u32, y: u32, #[serde(default)] buttons: Vec<u16> },
+    /// The display mode and a few pixels (x, y, 0xXXRRGGBB) for checks without a screenshot.
+    Display { #[serde(default)] points: Vec<(u32, u32)> },
+    /// Save the current frame as a binary PPM.
+    Screenshot { path: PathBuf },
+    /// Send text to the guest agent's port.
+    AgentSend { data: String },
+    /// What the guest agent has written so far (the last 64 KiB), as lossy UTF-8.
+    AgentRead,
     /// Snapshot hook for the persistence work: pauses, reports the memory fd size. Saving
     /// device state is not implemented yet and is answered with an error.
     Snapshot { path: PathBuf },
@@ -74,11 +92,58 @@ pub fn handle(vm: &VmShared, req: Request) -> Value {
             let n = vm.serial.lock().unwrap_or_else(|p| p.into_inner()).enqueue_input(data.as_bytes());
             json!({"ok": true, "queued": n})
         }
+        Request::Key { code, pressed } => match &vm.devices.keyboard {
+            Some(k) => {
+                k.inject(&[InputEvent::key(code, pressed), InputEvent::syn()]);
+                json!({"ok": true})
+            }
+            None => json!({"ok": false, "error": "this VM has no keyboard (spec: input.keyboard)"}),
+        },
+        Request::Pointer { x, y, buttons } => match &vm.devices.tablet {
+            Some(t) => {
+                let mut ev = vec![InputEvent::abs(ABS_X, x.min(ABS_MAX)), InputEvent::abs(ABS_Y, y.min(ABS_MAX))];
+                ev.extend(buttons.iter().map(|b| InputEvent::key(*b, true)));
+                ev.push(InputEvent::syn());
+                t.inject(&ev);
+                json!({"ok": true})
+            }
+            None => json!({"ok": false, "error": "this VM has no tablet (spec: input.tablet)"}),
+        },
+        Request::Display { points } => match &vm.devices.framebuffer {
+            Some(fb) => display_status(fb, &points),
+            None => json!({"ok": false, "error": "this VM has no display (spec: display)"}),
+        },
+        Request::Screenshot { path } => match &vm.devices.framebuffer {
+            Some(fb) => match crate::screenshot::save_ppm(fb, &path) {
+                Ok((w, h)) => json!({"ok": true, "width": w, "height": h}),
+                Err(e) => json!({"ok": false, "error": e.to_string()}),
+            },
+            None => json!({"ok": false, "error": "this VM has no display (spec: display)"}),
+        },
+        Request::AgentSend { data } => match vm.devices.agent_send(data.as_bytes()) {
+            Ok(()) => json!({"ok": true}),
+            Err(e) => json!({"ok": false, "error": format!("agent port: {e}")}),
+        },
+        Request::AgentRead => json!({"ok": true, "data": String::from_utf8_lossy(&vm.devices.agent_rx.contents())}),
         Request::Snapshot { path } => json!({
             "ok": false,
             "error": format!("snapshot to {}: saving device state is not implemented yet", path.display()),
         }),
     }
+}
+
+fn display_status(fb: &SharedFramebuffer, points: &[(u32, u32)]) -> Value {
+    let Some(mode) = fb.mode() else {
+        return json!({"ok": true, "enabled": false});
+    };
+    let pixels = match crate::screenshot::read_pixels(fb, points) {
+        Ok(p) => p,
+        Err(e) => return json!({"ok": false, "error": e.to_string()}),
+    };
+    json!({
+        "ok": true, "enabled": true, "width": mode.width, "height": mode.height,
+        "stride": mode.stride, "format": format!("{:?}", mode.format), "pixels": pixels,
+    })
 }
 
 fn serve(vm: Arc<VmShared>, stream: UnixStream) {

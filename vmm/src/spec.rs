@@ -82,9 +82,10 @@ pub struct InputSpec {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ConsoleSpec {
-    /// Unix socket the VMM listens on for the guest agent's virtio-console port.
-    #[serde(default)]
-    pub agent_socket: Option<PathBuf>,
+    /// A virtio-console port named `org.rayos.agent` for the guest agent; the control socket
+    /// sends to it (`agent_send`) and returns what it received (`agent_read`).
+    #[serde(default = "default_true")]
+    pub agent: bool,
 }
 
 fn default_name() -> String {
@@ -94,7 +95,7 @@ fn default_vcpus() -> u8 {
     1
 }
 fn default_progress_timeout() -> u64 {
-    5000
+    10000
 }
 fn default_true() -> bool {
     true
@@ -186,7 +187,7 @@ mod tests {
             &format!(
                 r#"{{"name":"t","vcpus":2,"memory_mib":256,"kernel":"{}","cmdline":"console=ttyS0",
                 "disks":[{{"path":"{}","read_only":true}}],"display":{{"width":800,"height":600}},
-                "input":{{}},"console":{{"agent_socket":"/tmp/a.sock"}},"rng":true,
+                "input":{{}},"console":{{}},"rng":true,
                 "serial_log":"/tmp/s.log","control_socket":"/tmp/c.sock"}}"#,
                 k.display(),
                 disk.display()
@@ -198,6 +199,7 @@ mod tests {
         assert!(s.disks[0].read_only);
         assert_eq!(s.input, Some(InputSpec { keyboard: true, tablet: true }));
         assert!(s.isolate);
+        assert_eq!(s.console, Some(ConsoleSpec { agent: true }));
     }
 
     #[test]

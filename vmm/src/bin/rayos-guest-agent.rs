@@ -4,7 +4,12 @@
 //! `rayos.agent=check1,check2,…` on the kernel command line, printing one
 //! `agent: <check> ok …` or `agent: <check> FAIL …` line each on the console, and powers
 //! the VM off (ACPI S5) — or reboots with `rayos.agent_end=reboot`.
-//! Checks: `cpus` (prints the online CPU count).
+//! Checks: `cpus` (prints the online CPU count), `sleepN` (waits N ms), `powerbutton` (waits
+//! for the ACPI power button's KEY_POWER, then goes on to power off), `rng` (reads
+//! /dev/hwrng), `disk-write` / `disk-read` (a marker in the first sector of /dev/vda),
+//! `input` (waits for KEY_A from "RayOS Keyboard" and a position from "RayOS Tablet"),
+//! `display` (draws a test pattern on /dev/fb0), `agent` (greets the VMM on the
+//! `org.rayos.agent` port and prints the line it gets back).
 
 use std::fs;
 use std::time::Duration;
@@ -46,6 +51,229 @@ fn online_cpus() -> usize {
         .sum()
 }
 
+/// The input devices whose name matches, as opened files.
+fn input_devices(name_matches: impl Fn(&str) -> bool) -> Vec<(String, fs::File)> {
+    let mut out = Vec::new();
+    for e in fs::read_dir("/sys/class/input").into_iter().flatten().flatten() {
+        let n = e.file_name().to_string_lossy().to_string();
+        if !n.starts_with("event") {
+            continue;
+        }
+        let dev_name = fs::read_to_string(e.path().join("device/name")).unwrap_or_default();
+        if name_matches(dev_name.trim()) {
+            if let Ok(f) = fs::File::open(format!("/dev/input/{n}")) {
+                out.push((dev_name.trim().to_string(), f));
+            }
+        }
+    }
+    out
+}
+
+/// Reads one `struct input_event` (24 bytes on x86_64): (type, code, value).
+fn read_event(f: &mut fs::File) -> Option<(u16, u16, i32)> {
+    use std::io::Read;
+    let mut b = [0u8; 24];
+    f.read_exact(&mut b).ok()?;
+    Some((
+        u16::from_le_bytes([b[16], b[17]]),
+        u16::from_le_bytes([b[18], b[19]]),
+        i32::from_le_bytes([b[20], b[21], b[22], b[23]]),
+    ))
+}
+
+fn power_button() {
+    const EV_KEY: u16 = 1;
+    const KEY_POWER: u16 = 116;
+    let devs = input_devices(|n| n == "Power Button");
+    let Some((_, mut f)) = devs.into_iter().next() else {
+        println!("agent: powerbutton FAIL no \"Power Button\" input device");
+        return;
+    };
+    println!("agent: powerbutton waiting");
+    while let Some((t, c, v)) = read_event(&mut f) {
+        if t == EV_KEY && c == KEY_POWER && v == 1 {
+            println!("agent: powerbutton ok pressed");
+            return;
+        }
+    }
+    println!("agent: powerbutton FAIL read error");
+}
+
+fn report(check: &str, r: Result<String, String>) {
+    match r {
+        Ok(s) => println!("agent: {check} ok {s}"),
+        Err(e) => println!("agent: {check} FAIL {e}"),
+    }
+}
+
+fn rng() -> Result<String, String> {
+    use std::io::Read;
+    let current = fs::read_to_string("/sys/class/misc/hw_random/rng_current").unwrap_or_default();
+    let mut f = fs::File::open("/dev/hwrng").map_err(|e| format!("/dev/hwrng: {e}"))?;
+    let mut b = [0u8; 64];
+    f.read_exact(&mut b).map_err(|e| format!("reading /dev/hwrng: {e}"))?;
+    let distinct = b.iter().collect::<std::collections::BTreeSet<_>>().len();
+    if distinct < 16 {
+        return Err(format!("64 bytes with only {distinct} distinct values"));
+    }
+    Ok(format!("source={} distinct={distinct}", current.trim()))
+}
+
+const DISK: &str = "/dev/vda";
+
+fn disk_write() -> Result<String, String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let nonce = fs::read_to_string("/proc/sys/kernel/random/uuid").map_err(|e| e.to_string())?;
+    let mut sector = format!("RAYOS-DISK {}\n", nonce.trim()).into_bytes();
+    sector.resize(512, 0);
+    let mut f = fs::OpenOptions::new().write(true).custom_flags(libc::O_SYNC).open(DISK).map_err(|e| format!("{DISK}: {e}"))?;
+    f.write_all(&sector).map_err(|e| format!("writing {DISK}: {e}"))?;
+    f.sync_all().map_err(|e| format!("flushing {DISK}: {e}"))?;
+    Ok(format!("marker=RAYOS-DISK {}", nonce.trim()))
+}
+
+fn disk_read() -> Result<String, String> {
+    use std::io::Read;
+    let mut f = fs::File::open(DISK).map_err(|e| format!("{DISK}: {e}"))?;
+    let mut sector = [0u8; 512];
+    f.read_exact(&mut sector).map_err(|e| format!("reading {DISK}: {e}"))?;
+    let text = String::from_utf8_lossy(&sector);
+    let line = text.split('\n').next().unwrap_or("");
+    if !line.starts_with("RAYOS-DISK ") {
+        return Err(format!("no marker in the first sector ({:?}…)", &line[..line.len().min(20)]));
+    }
+    Ok(format!("marker={line}"))
+}
+
+/// Waits up to `ms` for `f` to be readable.
+fn readable(f: &fs::File, ms: i32) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd { fd: f.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut p, 1, ms) > 0 }
+}
+
+fn input() -> Result<String, String> {
+    const EV_KEY: u16 = 1;
+    const EV_ABS: u16 = 3;
+    const KEY_A: u16 = 30;
+    let t0 = std::time::Instant::now();
+    let (mut kbd, mut tab) = loop {
+        let k = input_devices(|n| n == "RayOS Keyboard").into_iter().next();
+        let t = input_devices(|n| n == "RayOS Tablet").into_iter().next();
+        match (k, t) {
+            (Some(k), Some(t)) => break (k.1, t.1),
+            _ if t0.elapsed() > Duration::from_secs(10) => return Err("no RayOS Keyboard/Tablet input devices".into()),
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    println!("agent: input ready");
+    let (mut key_down, mut key_up) = (false, false);
+    while !(key_down && key_up) {
+        if !readable(&kbd, 30_000) {
+            return Err(format!("no KEY_A from the keyboard within 30 s (down={key_down} up={key_up})"));
+        }
+        let (t, c, v) = read_event(&mut kbd).ok_or("keyboard read failed")?;
+        if t == EV_KEY && c == KEY_A {
+            key_down |= v == 1;
+            key_up |= v == 0 && key_down;
+        }
+    }
+    let (mut x, mut y) = (None, None);
+    while x.is_none() || y.is_none() {
+        if !readable(&tab, 30_000) {
+            return Err("no absolute position from the tablet within 30 s".into());
+        }
+        let (t, c, v) = read_event(&mut tab).ok_or("tablet read failed")?;
+        if t == EV_ABS && c == 0 {
+            x = Some(v);
+        }
+        if t == EV_ABS && c == 1 {
+            y = Some(v);
+        }
+    }
+    Ok(format!("key=30 abs={},{}", x.unwrap_or(-1), y.unwrap_or(-1)))
+}
+
+/// Draws pixel(x, y) = 0x00RRGGBB with R = x & 0xff, G = y & 0xff, B = 0x5a on /dev/fb0.
+fn display() -> Result<String, String> {
+    use std::os::fd::AsRawFd;
+    // Keep fbcon's cursor and text off the pattern.
+    for e in fs::read_dir("/sys/class/vtconsole").into_iter().flatten().flatten() {
+        if fs::read_to_string(e.path().join("name")).unwrap_or_default().contains("frame buffer") {
+            let _ = fs::write(e.path().join("bind"), "0");
+        }
+    }
+    let t0 = std::time::Instant::now();
+    let f = loop {
+        match fs::OpenOptions::new().read(true).write(true).open("/dev/fb0") {
+            Ok(f) => break f,
+            Err(e) if t0.elapsed() > Duration::from_secs(10) => return Err(format!("/dev/fb0: {e}")),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    let driver = fs::read_to_string("/sys/class/graphics/fb0/name").unwrap_or_default();
+    // struct fb_var_screeninfo: xres, yres, xres_virtual, yres_virtual, xoffset, yoffset, bits_per_pixel…
+    let mut var = [0u32; 40];
+    // SAFETY: FBIOGET_VSCREENINFO fills a 160-byte fb_var_screeninfo; var is that large.
+    if unsafe { libc::ioctl(f.as_raw_fd(), 0x4600, var.as_mut_ptr()) } != 0 {
+        return Err(format!("FBIOGET_VSCREENINFO: {}", std::io::Error::last_os_error()));
+    }
+    // struct fb_fix_screeninfo: id[16], smem_start (8), smem_len (4), type, type_aux, visual,
+    // xpanstep, ypanstep (2 each), ywrapstep (2), line_length (4) at byte 48.
+    let mut fix = [0u8; 80];
+    // SAFETY: FBIOGET_FSCREENINFO fills a 68/80-byte fb_fix_screeninfo; fix is 80 bytes.
+    if unsafe { libc::ioctl(f.as_raw_fd(), 0x4602, fix.as_mut_ptr()) } != 0 {
+        return Err(format!("FBIOGET_FSCREENINFO: {}", std::io::Error::last_os_error()));
+    }
+    let (w, h, bpp) = (var[0] as usize, var[1] as usize, var[6]);
+    let stride = u32::from_le_bytes(fix[48..52].try_into().unwrap()) as usize;
+    if bpp != 32 {
+        return Err(format!("{w}x{h} at {bpp} bpp; the pattern needs 32"));
+    }
+    let len = stride * h;
+    // SAFETY: maps the framebuffer device; checked for MAP_FAILED below.
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, f.as_raw_fd(), 0) };
+    if p == libc::MAP_FAILED {
+        return Err(format!("mmap /dev/fb0: {}", std::io::Error::last_os_error()));
+    }
+    for y in 0..h {
+        for x in 0..w {
+            let v: u32 = (((x & 0xff) as u32) << 16) | (((y & 0xff) as u32) << 8) | 0x5a;
+            // SAFETY: (y * stride + 4x) + 4 <= len, inside the mapping.
+            unsafe { std::ptr::write_volatile((p as *mut u8).add(y * stride + x * 4) as *mut u32, v) };
+        }
+    }
+    // SAFETY: p/len are the mapping made above.
+    unsafe { libc::munmap(p, len) };
+    Ok(format!("{w}x{h} stride={stride} driver={}", driver.trim()))
+}
+
+fn agent_channel() -> Result<String, String> {
+    use std::io::{BufRead, Write};
+    let t0 = std::time::Instant::now();
+    let dev = loop {
+        let found = fs::read_dir("/sys/class/virtio-ports").into_iter().flatten().flatten().find(|e| {
+            fs::read_to_string(e.path().join("name")).unwrap_or_default().trim() == "org.rayos.agent"
+        });
+        match found {
+            Some(e) => break format!("/dev/{}", e.file_name().to_string_lossy()),
+            None if t0.elapsed() > Duration::from_secs(10) => return Err("no org.rayos.agent virtio port".into()),
+            None => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    let mut f = fs::OpenOptions::new().read(true).write(true).open(&dev).map_err(|e| format!("{dev}: {e}"))?;
+    f.write_all(b"hello from guest\n").map_err(|e| format!("writing {dev}: {e}"))?;
+    println!("agent: agent sent hello");
+    if !readable(&f, 30_000) {
+        return Err("no answer from the host within 30 s".into());
+    }
+    let mut line = String::new();
+    std::io::BufReader::new(f).read_line(&mut line).map_err(|e| format!("reading {dev}: {e}"))?;
+    Ok(format!("got={}", line.trim()))
+}
+
 fn main() {
     mount("devtmpfs", "/dev", "devtmpfs");
     mount("proc", "/proc", "proc");
@@ -57,6 +285,18 @@ fn main() {
     for check in checks.split(',').filter(|c| !c.is_empty()) {
         match check {
             "cpus" => println!("agent: cpus ok online={}", online_cpus()),
+            "powerbutton" => power_button(),
+            "rng" => report("rng", rng()),
+            "disk-write" => report("disk-write", disk_write()),
+            "disk-read" => report("disk-read", disk_read()),
+            "input" => report("input", input()),
+            "display" => report("display", display()),
+            "agent" => report("agent", agent_channel()),
+            other if other.starts_with("sleep") => {
+                let ms = other[5..].parse().unwrap_or(0);
+                println!("agent: sleeping {ms} ms");
+                std::thread::sleep(Duration::from_millis(ms));
+            }
             other => println!("agent: {other} FAIL unknown check"),
         }
     }

@@ -44,6 +44,22 @@ fn ctl_socket(spec: &str) -> Option<String> {
     v.get("control_socket")?.as_str().map(String::from)
 }
 
+/// Creates the spec's disk images that do not exist yet (64 MiB, sparse), so a test can
+/// name a fresh disk and a later run in the same boot sees what the first one wrote.
+fn make_disks(spec: &str) {
+    let Some(v) = fs::read_to_string(spec).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()) else {
+        return;
+    };
+    for d in v.get("disks").and_then(|d| d.as_array()).into_iter().flatten() {
+        if let Some(p) = d.get("path").and_then(|p| p.as_str()) {
+            if !std::path::Path::new(p).exists() {
+                let r = fs::File::create(p).and_then(|f| f.set_len(64 << 20));
+                println!("testinit: created disk {p}: {r:?}");
+            }
+        }
+    }
+}
+
 fn request(sock: &str, line: &str) -> std::io::Result<String> {
     let mut s = UnixStream::connect(sock)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -99,6 +115,7 @@ fn main() {
     println!("testinit: kvm={} tests={tests}", std::path::Path::new("/dev/kvm").exists());
     for name in tests.split(',').filter(|t| !t.is_empty()) {
         let spec = format!("/specs/{name}.json");
+        make_disks(&spec);
         let t0 = Instant::now();
         let child = Command::new("/rayos-vmm").arg("--spec").arg(&spec).spawn();
         let mut child = match child {

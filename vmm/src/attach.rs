@@ -1,0 +1,149 @@
+//! Builds the PCI root and the devices the spec asks for (virtio over PCI, the display) and
+//! puts them on the buses. Returns the handles the control socket needs.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+
+use crate::bus::Bus;
+use crate::devices::display::{BochsDisplay, SharedFramebuffer, DEFAULT_FB_SIZE};
+use crate::devices::legacy::serial::SerialRing;
+use crate::devices::pci::PciRoot;
+use crate::devices::virtio::block::{BlockConfig, VirtioBlock};
+use crate::devices::virtio::console::VirtioConsole;
+use crate::devices::virtio::input::{InputInjector, InputKind, VirtioInput};
+use crate::devices::virtio::net::{NetConfig, VirtioNet};
+use crate::devices::virtio::rng::VirtioRng;
+use crate::devices::virtio::{VirtioDevice, VirtioPciDevice};
+use crate::devices::{GuestMemory, VmHandle};
+use crate::error::{Error, Result};
+use crate::layout::{self, pio};
+use crate::spec::VmSpec;
+
+/// Name of the virtio-console port the guest agent talks on.
+pub const AGENT_PORT: &str = "org.rayos.agent";
+
+/// Handles to devices the VMM drives from outside the guest.
+#[derive(Default)]
+pub struct Attached {
+    pub keyboard: Option<InputInjector>,
+    pub tablet: Option<InputInjector>,
+    pub framebuffer: Option<SharedFramebuffer>,
+    /// Writes go to the guest agent's port.
+    pub agent_tx: Option<Mutex<UnixStream>>,
+    /// What the guest agent wrote (the last 64 KiB).
+    pub agent_rx: SerialRing,
+}
+
+fn dev_err(device: &str, reason: impl ToString) -> Error {
+    Error::Device { device: device.to_string(), reason: reason.to_string() }
+}
+
+/// A locally administered MAC derived from the VM name and NIC index, stable across runs.
+fn mac_for(name: &str, index: usize) -> [u8; 6] {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in name.bytes().chain([index as u8]) {
+        h = (h ^ b as u32).wrapping_mul(0x0100_0193);
+    }
+    let b = h.to_le_bytes();
+    [0x52, 0x54, b[0], b[1], b[2], b[3]]
+}
+
+pub fn attach(
+    spec: &VmSpec,
+    vm: Arc<dyn VmHandle>,
+    mem: &GuestMemory,
+    pio_bus: &mut Bus,
+    mmio_bus: &mut Bus,
+) -> Result<Attached> {
+    let mut root = PciRoot::new(vm.clone(), layout::PCI_MMIO32);
+    let mut out = Attached::default();
+    let add_virtio = |root: &mut PciRoot, name: &str, dev: Box<dyn VirtioDevice>| -> Result<()> {
+        let pci = VirtioPciDevice::new(dev, mem.clone(), vm.clone()).map_err(|e| dev_err(name, e))?;
+        root.add(Box::new(pci)).map_err(|e| dev_err(name, e))?;
+        Ok(())
+    };
+
+    for d in &spec.disks {
+        let name = format!("virtio-blk {}", d.path.display());
+        let blk = VirtioBlock::new(BlockConfig { path: d.path.clone(), read_only: d.read_only, serial: None })
+            .map_err(|e| dev_err(&name, e))?;
+        add_virtio(&mut root, &name, Box::new(blk))?;
+    }
+    for (i, n) in spec.net.iter().enumerate() {
+        let name = format!("virtio-net {}", n.tap);
+        let net = VirtioNet::new(NetConfig { tap: n.tap.clone(), mac: mac_for(&spec.name, i) })
+            .map_err(|e| dev_err(&name, e))?;
+        add_virtio(&mut root, &name, Box::new(net))?;
+    }
+    if spec.rng {
+        add_virtio(&mut root, "virtio-rng", Box::new(VirtioRng::new()))?;
+    }
+    if let Some(c) = &spec.console {
+        if c.agent {
+            let (con, mut ends) = VirtioConsole::new(&[AGENT_PORT]).map_err(|e| dev_err("virtio-console", e))?;
+            add_virtio(&mut root, "virtio-console", Box::new(con))?;
+            let end = ends.remove(0);
+            let mut reader = end.try_clone().map_err(|e| dev_err("virtio-console", e))?;
+            let rx = out.agent_rx.clone();
+            std::thread::Builder::new()
+                .name("agent-rx".into())
+                .spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = reader.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        rx.push(&buf[..n]);
+                    }
+                })
+                .map_err(|e| dev_err("virtio-console", e))?;
+            out.agent_tx = Some(Mutex::new(end));
+        }
+    }
+    if let Some(i) = &spec.input {
+        if i.keyboard {
+            let (dev, inj) = VirtioInput::new(InputKind::Keyboard, "RayOS Keyboard").map_err(|e| dev_err("virtio-input keyboard", e))?;
+            add_virtio(&mut root, "virtio-input keyboard", Box::new(dev))?;
+            out.keyboard = Some(inj);
+        }
+        if i.tablet {
+            let (dev, inj) = VirtioInput::new(InputKind::Tablet, "RayOS Tablet").map_err(|e| dev_err("virtio-input tablet", e))?;
+            add_virtio(&mut root, "virtio-input tablet", Box::new(dev))?;
+            out.tablet = Some(inj);
+        }
+    }
+    if spec.display.is_some() {
+        let disp = BochsDisplay::new(vm.clone(), DEFAULT_FB_SIZE).map_err(|e| dev_err("bochs-display", e))?;
+        out.framebuffer = Some(disp.framebuffer());
+        root.add(Box::new(disp)).map_err(|e| dev_err("bochs-display", e))?;
+    }
+
+    pio_bus.insert(pio::PCI_CONFIG as u64, 8, "pci-config", Arc::new(Mutex::new(root.config_io())))?;
+    let w = layout::PCI_MMIO32;
+    mmio_bus.insert(w.start, w.end - w.start, "pci-mmio", Arc::new(Mutex::new(root.mmio_window())))?;
+    Ok(out)
+}
+
+impl Attached {
+    pub fn agent_send(&self, data: &[u8]) -> std::io::Result<()> {
+        match &self.agent_tx {
+            Some(s) => s.lock().unwrap_or_else(|p| p.into_inner()).write_all(data),
+            None => Err(std::io::Error::other("this VM has no agent port (spec: console.agent)")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_are_stable_local_unicast_and_distinct() {
+        let a = mac_for("vm1", 0);
+        assert_eq!(a, mac_for("vm1", 0));
+        assert_ne!(a, mac_for("vm1", 1));
+        assert_ne!(a, mac_for("vm2", 0));
+        assert_eq!(a[0] & 0x3, 0x2, "locally administered, unicast");
+    }
+}
