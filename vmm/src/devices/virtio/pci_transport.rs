@@ -138,8 +138,10 @@ impl VirtioPciDevice {
             // Revision 1: a modern-only (non-transitional) device.
             revision: 1,
             class_code: device.pci_class(),
+            // QEMU's subsystem IDs: the virtio-win driver INFs match
+            // PCI\VEN_1AF4&DEV_10xx&SUBSYS_11001AF4&REV_01.
             subsystem_vendor_id: VIRTIO_PCI_VENDOR,
-            subsystem_id: 0x40,
+            subsystem_id: 0x1100,
         });
         config.add_bar(0, BarSpec { size: VIRTIO_PCI_BAR_SIZE, kind: BarKind::Mem64, prefetchable: false })?;
         // One vector per queue plus one for configuration changes.

@@ -107,7 +107,7 @@ fn identity_is_modern_virtio() {
     let (_root, mut d) = plug(Arc::new(FakeVm::default()), &mem);
     assert_eq!(d.cfg(0), 0x1044_1af4, "virtio-rng is 0x1040 + 4");
     assert_eq!(d.cfg(2) & 0xff, 1, "revision 1: modern only");
-    assert_eq!(d.cfg(11), 0x0040_1af4);
+    assert_eq!(d.cfg(11), 0x1100_1af4, "subsystem as the Windows drivers expect");
 }
 
 #[test]
