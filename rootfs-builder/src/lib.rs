@@ -7,6 +7,7 @@ pub mod accel;
 pub mod build;
 pub mod cargo_build;
 pub mod esp;
+pub mod guest;
 pub mod hostdeps;
 pub mod image;
 pub mod initramfs;

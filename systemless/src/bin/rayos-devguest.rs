@@ -6,9 +6,12 @@
 //!   `devguest.interval_ms` (default 200): the heartbeats stop while the VM is paused;
 //! - writes `ready` and `heartbeat <n>` lines on the `org.rayos.agent` virtio-console port too,
 //!   when the VMM offers one;
-//! - powers off on the ACPI power button (the supervisor's graceful stop).
+//! - powers off on the ACPI power button (the supervisor's graceful stop), or when the host
+//!   writes `shutdown` on the agent port.
 //!
-//! The full guest agent for real guests is `vmm`'s `rayos-guest-agent`.
+//! With `--service` it is the guest agent of a full distribution (the default Debian guest
+//! runs it as a systemd unit): no mounts, no power-button handling (systemd-logind has it),
+//! and a shutdown request becomes `systemctl poweroff`.
 
 use std::fs;
 use std::io::Write;
@@ -40,17 +43,24 @@ fn cmdline_value(cmdline: &str, key: &str) -> Option<String> {
 
 /// The `org.rayos.agent` port: /dev/vportNpM whose sysfs name matches (no udev here).
 fn agent_port() -> Option<fs::File> {
+    if let Ok(f) = fs::OpenOptions::new().read(true).write(true).open("/dev/virtio-ports/org.rayos.agent") {
+        return Some(f);
+    }
     for e in fs::read_dir("/sys/class/virtio-ports").ok()?.flatten() {
         let name = fs::read_to_string(e.path().join("name")).unwrap_or_default();
         if name.trim() == "org.rayos.agent" {
-            return fs::OpenOptions::new().write(true).open(format!("/dev/{}", e.file_name().to_string_lossy())).ok();
+            return fs::OpenOptions::new().read(true).write(true).open(format!("/dev/{}", e.file_name().to_string_lossy())).ok();
         }
     }
     None
 }
 
-fn power_off(why: &str) -> ! {
+fn power_off(why: &str, service: bool) -> ! {
     println!("devguest: {why}, powering off");
+    if service {
+        let _ = std::process::Command::new("systemctl").arg("poweroff").status();
+        std::process::exit(0)
+    }
     // SAFETY: sync has no arguments.
     unsafe { libc::sync() };
     // SAFETY: we are PID 1 of a guest; ending it is the point.
@@ -81,24 +91,41 @@ fn watch_power_button() {
             i32::from_le_bytes([ev[20], ev[21], ev[22], ev[23]]),
         );
         if ty == EV_KEY && code == KEY_POWER && value == 1 {
-            power_off("power button");
+            power_off("power button", false);
         }
     }
 }
 
 fn main() {
     let t0 = Instant::now();
-    mount("devtmpfs", "/dev", "devtmpfs");
-    mount("proc", "/proc", "proc");
-    mount("sysfs", "/sys", "sysfs");
+    let service = std::env::args().any(|a| a == "--service");
+    if !service {
+        mount("devtmpfs", "/dev", "devtmpfs");
+        mount("proc", "/proc", "proc");
+        mount("sysfs", "/sys", "sysfs");
+    }
     boot_timer();
     let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let interval = cmdline_value(&cmdline, "devguest.interval_ms").and_then(|v| v.parse().ok()).unwrap_or(200u64);
     println!("devguest: init");
-    std::thread::spawn(watch_power_button);
+    if !service {
+        std::thread::spawn(watch_power_button);
+    }
     let mut agent = agent_port();
     if let Some(a) = agent.as_mut() {
         let _ = writeln!(a, "ready");
+        if let Ok(r) = a.try_clone() {
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(r).lines() {
+                    match line.as_deref().map(str::trim) {
+                        Ok("shutdown") => power_off("shutdown requested on the agent port", service),
+                        Ok(_) => {}
+                        Err(_) => return,
+                    }
+                }
+            });
+        }
     }
     let uptime = || {
         fs::read_to_string("/proc/uptime")

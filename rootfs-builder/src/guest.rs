@@ -1,0 +1,220 @@
+//! The default Linux guest: a Debian bookworm minimal root filesystem (debootstrap, minbase)
+//! with systemd, a login on the display (tty1) and the serial port (ttyS0), and the RayOS
+//! guest agent (`rayos-devguest --service`: boot timer, `ready` and heartbeats on the
+//! `org.rayos.agent` port, shutdown on request) — packed into an ext4 disk image with
+//! `mkfs.ext4 -d` (no mounting). The kernel is RayOS's own (`kernel::ensure`): it has virtio,
+//! bochs DRM, ext4 and KVM_GUEST, so one kernel serves host and guest.
+//!
+//! Cached in `~/.cache/rayos/guest/`: the debootstrap tree keyed by (suite, mirror, packages),
+//! the image keyed by a hash of everything that goes into it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+use crate::progress::{self, Ticker};
+
+pub const SUITE: &str = "bookworm";
+pub const MIRROR: &str = "http://deb.debian.org/debian";
+/// On top of minbase: an init, device management and what a login on tty1/ttyS0 needs.
+pub const PACKAGES: &[&str] = &["systemd-sysv", "udev", "dbus", "login", "passwd", "procps", "iproute2", "less", "nano"];
+pub const IMAGE_SIZE: u64 = 2 << 30;
+pub const ROOT_DEVICE: &str = "/dev/vda";
+/// The guest's kernel command line (serial last: it becomes /dev/console).
+pub const CMDLINE: &str = "console=tty1 console=ttyS0,115200 root=/dev/vda rw panic=10";
+/// Bumped when the customization below changes in a way the inputs hash would not see.
+const RECIPE_VERSION: u32 = 1;
+
+#[derive(Debug, Error)]
+pub enum GuestError {
+    #[error("{0}: {1}")]
+    Io(PathBuf, std::io::Error),
+    #[error("{what} failed ({status}); see its output above")]
+    Command { what: String, status: String },
+    #[error("could not run {0}: {1}")]
+    Spawn(&'static str, std::io::Error),
+    #[error(transparent)]
+    HostDeps(#[from] crate::hostdeps::HostDepsError),
+    #[error(transparent)]
+    Kernel(#[from] crate::kernel::KernelError),
+    #[error(transparent)]
+    Cargo(#[from] crate::cargo_build::CargoError),
+}
+
+/// What the VM supervisor registers: the disk, the kernel and the command line to boot it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestImage {
+    pub disk: PathBuf,
+    pub kernel: PathBuf,
+    pub cmdline: String,
+    pub size: u64,
+}
+
+fn io(p: &Path) -> impl FnOnce(std::io::Error) -> GuestError + '_ {
+    move |e| GuestError::Io(p.to_path_buf(), e)
+}
+
+fn run(what: &str, cmd: &mut Command) -> Result<(), GuestError> {
+    let status = cmd.status().map_err(|e| GuestError::Command { what: what.into(), status: e.to_string() })?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(GuestError::Command { what: what.into(), status: status.to_string() })
+    }
+}
+
+fn hash_hex(parts: &[&[u8]]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Files written into the tree on top of debootstrap's: (path, mode, contents).
+fn customization(agent_unit: &str) -> Vec<(&'static str, u32, String)> {
+    vec![
+        ("/etc/hostname", 0o644, "rayos-linux\n".into()),
+        ("/etc/hosts", 0o644, "127.0.0.1 localhost\n127.0.1.1 rayos-linux\n".into()),
+        ("/etc/fstab", 0o644, format!("{ROOT_DEVICE} / ext4 defaults,errors=remount-ro 0 1\n")),
+        ("/etc/systemd/system/rayos-guest-agent.service", 0o644, agent_unit.into()),
+        // Enabled by hand: no systemctl runs at build time (no chroot, no mounts).
+        (
+            "/etc/systemd/system/multi-user.target.wants/rayos-guest-agent.service",
+            0o777,
+            "symlink:/etc/systemd/system/rayos-guest-agent.service".into(),
+        ),
+        // Logins on the display and on the serial port (systemd's generator adds ttyS0 from
+        // console= as well; the explicit link keeps it when the command line changes).
+        ("/etc/systemd/system/getty.target.wants/getty@tty1.service", 0o777, "symlink:/lib/systemd/system/getty@.service".into()),
+        (
+            "/etc/systemd/system/getty.target.wants/serial-getty@ttyS0.service",
+            0o777,
+            "symlink:/lib/systemd/system/serial-getty@.service".into(),
+        ),
+        ("/etc/motd", 0o644, "RayOS default Linux subsystem (Debian bookworm). Log in as root (no password); set one with passwd.\n".into()),
+    ]
+}
+
+const AGENT_UNIT: &str = "[Unit]
+Description=RayOS guest agent (readiness, heartbeats, shutdown on request)
+DefaultDependencies=no
+After=systemd-udevd.service
+Wants=systemd-udevd.service
+
+[Service]
+ExecStart=/usr/local/bin/rayos-guest-agent --service
+Restart=always
+RestartSec=1
+
+[Install]
+WantedBy=multi-user.target
+";
+
+/// Builds (or takes from the cache) the default Linux guest.
+pub fn ensure_default_linux_guest() -> Result<GuestImage, GuestError> {
+    let cache = crate::paths::cache_dir().join("guest");
+    std::fs::create_dir_all(&cache).map_err(io(&cache))?;
+    let packages = PACKAGES.join(",");
+    let boot_key = hash_hex(&[SUITE.as_bytes(), MIRROR.as_bytes(), packages.as_bytes()]);
+    // The download first: it needs nothing else and is the slowest part.
+    let tree = cache.join(format!("debootstrap-{SUITE}-{boot_key}"));
+    let done = tree.with_extension("complete");
+    if !done.exists() {
+        crate::hostdeps::ensure(&["debootstrap"])?;
+        let _ = std::fs::remove_dir_all(&tree);
+        progress::step("guest", format!("debootstrap --variant=minbase {SUITE} (+{packages}) from {MIRROR}"));
+        debootstrap(&tree, &packages)?;
+        std::fs::write(&done, b"").map_err(io(&done))?;
+    }
+
+    let kernel = crate::kernel::ensure()?;
+    let bins = crate::cargo_build::build_static(["systemless"])?;
+    let agent = bins.join("rayos-devguest");
+    let agent_bytes = std::fs::read(&agent).map_err(io(&agent))?;
+    let custom = customization(AGENT_UNIT);
+    let custom_text: String = custom.iter().map(|(p, m, c)| format!("{p}\0{m}\0{c}\0")).collect();
+    let image_key = hash_hex(&[
+        boot_key.as_bytes(),
+        &agent_bytes,
+        custom_text.as_bytes(),
+        &IMAGE_SIZE.to_le_bytes(),
+        &RECIPE_VERSION.to_le_bytes(),
+    ]);
+    let disk = cache.join(format!("debian-{SUITE}-{image_key}.ext4"));
+    let image = GuestImage { disk: disk.clone(), kernel: kernel.bzimage.clone(), cmdline: CMDLINE.into(), size: IMAGE_SIZE };
+    if disk.exists() {
+        progress::step("guest", format!("default Linux guest from the cache: {}", disk.display()));
+        return Ok(image);
+    }
+
+    progress::step("guest", "adding the RayOS guest agent, logins on tty1 and ttyS0");
+    let dest = tree.join("usr/local/bin/rayos-guest-agent");
+    std::fs::create_dir_all(dest.parent().unwrap()).map_err(io(&dest))?;
+    std::fs::copy(&agent, &dest).map_err(io(&dest))?;
+    for (path, mode, contents) in &custom {
+        let p = tree.join(path.trim_start_matches('/'));
+        std::fs::create_dir_all(p.parent().unwrap()).map_err(io(&p))?;
+        let _ = std::fs::remove_file(&p);
+        if let Some(target) = contents.strip_prefix("symlink:") {
+            std::os::unix::fs::symlink(target, &p).map_err(io(&p))?;
+        } else {
+            std::fs::write(&p, contents).map_err(io(&p))?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode)).map_err(io(&p))?;
+        }
+    }
+    // Root logs in without a password on the VM's own console; the motd says how to set one.
+    let shadow = tree.join("etc/shadow");
+    let text = std::fs::read_to_string(&shadow).map_err(io(&shadow))?;
+    let text: String = text
+        .lines()
+        .map(|l| match l.strip_prefix("root:") {
+            Some(rest) => format!("root::{}\n", rest.split_once(':').map(|(_, r)| r).unwrap_or("")),
+            None => format!("{l}\n"),
+        })
+        .collect();
+    std::fs::write(&shadow, text).map_err(io(&shadow))?;
+
+    progress::step("guest", format!("mkfs.ext4 -d → {} ({})", disk.display(), progress::fmt_size(IMAGE_SIZE)));
+    let tmp = disk.with_extension("ext4.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    run(
+        "mkfs.ext4",
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "rayos-linux", "-d"])
+            .arg(&tree)
+            .arg(&tmp)
+            .arg(format!("{}k", IMAGE_SIZE / 1024)),
+    )?;
+    std::fs::rename(&tmp, &disk).map_err(io(&disk))?;
+    Ok(image)
+}
+
+/// Runs debootstrap into `tree`, showing its progress (it prints one line per step).
+fn debootstrap(tree: &Path, packages: &str) -> Result<(), GuestError> {
+    use std::io::BufRead;
+    let mut child = Command::new("debootstrap")
+        .args(["--variant=minbase", &format!("--include={packages}"), SUITE])
+        .arg(tree)
+        .arg(MIRROR)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| GuestError::Spawn("debootstrap", e))?;
+    let mut ticker = Ticker::new("debootstrap");
+    if let Some(out) = child.stdout.take() {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            ticker.update(|| line.clone());
+        }
+    }
+    let status = child.wait().map_err(|e| GuestError::Spawn("debootstrap", e))?;
+    if !status.success() {
+        return Err(GuestError::Command { what: "debootstrap".into(), status: status.to_string() });
+    }
+    ticker.finish(tree.display().to_string());
+    Ok(())
+}
