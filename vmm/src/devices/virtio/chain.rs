@@ -187,16 +187,27 @@ impl DeviceQueue {
     }
 
     /// Next chain, or `None` when empty or broken (then DEVICE_NEEDS_RESET is raised once).
+    ///
+    /// On finding the ring empty it re-enables driver notifications, which with EVENT_IDX
+    /// publishes `avail_event` = our position: without that a driver using EVENT_IDX stops
+    /// kicking after the first buffer (it only notifies when it crosses `avail_event`).
     pub fn pop<'a>(&mut self, mem: &'a GuestMemory, irq: &dyn VirtioInterrupt) -> Option<DescriptorChain<&'a GuestMemory>> {
-        if self.broken {
-            return None;
-        }
-        match next_chain(&mut self.queue, mem) {
-            Next::Chain(c) => Some(c),
-            Next::Empty => None,
-            Next::Broken(e) => {
-                self.mark_broken(irq, &e.to_string());
-                None
+        loop {
+            if self.broken {
+                return None;
+            }
+            match next_chain(&mut self.queue, mem) {
+                Next::Chain(c) => return Some(c),
+                Next::Empty => {
+                    if !self.enable_notification(mem, irq) {
+                        return None;
+                    }
+                    // More arrived while notifications were off: take it.
+                }
+                Next::Broken(e) => {
+                    self.mark_broken(irq, &e.to_string());
+                    return None;
+                }
             }
         }
     }

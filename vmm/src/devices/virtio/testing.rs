@@ -75,12 +75,14 @@ impl Rings {
     }
 
     pub fn context(&self, mem: &GuestMemory, irq: Arc<RecordingIrq>, features: u64) -> ActivateContext {
+        let event_idx = features & super::features::RING_EVENT_IDX != 0;
         let queues = (0..self.n)
             .map(|q| {
                 let mut queue = Queue::new(self.size).unwrap();
                 queue.try_set_desc_table_address(self.desc_table_addr(q)).unwrap();
                 queue.try_set_avail_ring_address(self.avail_addr(q)).unwrap();
                 queue.try_set_used_ring_address(self.used_addr(q)).unwrap();
+                queue.set_event_idx(event_idx);
                 queue.set_ready(true);
                 ActiveQueue { queue, event: self.kicks[q].try_clone().unwrap() }
             })
@@ -110,6 +112,19 @@ impl Rings {
     pub fn used_elem(&self, mem: &GuestMemory, q: usize, i: u16) -> (u32, u32) {
         let base = self.used_addr(q).0 + 4 + 8 * u64::from(i % self.size);
         (mem.read_obj(GuestAddress(base)).unwrap(), mem.read_obj(GuestAddress(base + 4)).unwrap())
+    }
+
+    /// The `avail_event` the device published (EVENT_IDX): the driver kicks when its avail
+    /// index moves past it.
+    pub fn avail_event(&self, q: usize) -> u16 {
+        self.mem.read_obj(GuestAddress(self.used_addr(q).0 + 4 + 8 * u64::from(self.size))).unwrap()
+    }
+
+    /// Whether a driver using EVENT_IDX would notify after moving avail idx `old` -> `new`
+    /// (vring_need_event in Linux).
+    pub fn driver_would_kick(&self, q: usize, old: u16, new: u16) -> bool {
+        let event = self.avail_event(q);
+        new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
     }
 
     pub fn kick(&self, q: usize) {

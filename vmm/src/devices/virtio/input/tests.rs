@@ -87,3 +87,27 @@ fn injected_events_reach_the_event_queue_in_order() {
     assert!(irq.queues.lock().unwrap().contains(&0));
     kbd.reset();
 }
+
+#[test]
+fn event_idx_receive_buffers_posted_later_are_noticed() {
+    let mem = guest_mem();
+    let (mut tab, inj) = VirtioInput::new(InputKind::Tablet, "tab").unwrap();
+    let rings = Rings::new(&mem, 2, 16);
+    let irq = Arc::new(RecordingIrq::default());
+    let features = VERSION_1 | crate::devices::virtio::features::RING_EVENT_IDX;
+    tab.activate(rings.context(&mem, irq.clone(), features)).unwrap();
+    // Events first, no buffers: they wait; the device asks to be told about buffer 0.
+    inj.inject(&[InputEvent::abs(ABS_X, 100), InputEvent::abs(ABS_Y, 200), InputEvent::syn()]);
+    for i in 0..3u16 {
+        assert!(crate::devices::virtio::testing::wait_for(|| rings.avail_event(0) == i), "avail_event {i}");
+        let d = RawDescriptor::from(Descriptor::new(0x10_0000 + u64::from(i) * 8, 8, VRING_DESC_F_WRITE as u16, 0));
+        rings.add_desc_chains(0, &[d], i);
+        assert!(rings.driver_would_kick(0, i, i + 1));
+        rings.kick(0);
+        assert!(rings.wait_used(&mem, 0, i + 1));
+    }
+    let x: [u8; 8] = mem.read_obj(GuestAddress(0x10_0000)).unwrap();
+    assert_eq!(u16::from_le_bytes([x[0], x[1]]), EV_ABS);
+    assert_eq!(u32::from_le_bytes(x[4..8].try_into().unwrap()), 100);
+    tab.reset();
+}

@@ -175,6 +175,26 @@ mod tests {
         rng.reset();
     }
 
+    /// With EVENT_IDX the driver only kicks when its avail index passes the device's
+    /// `avail_event`; the device must keep publishing it or the driver goes quiet.
+    #[test]
+    fn event_idx_keeps_the_driver_kicking() {
+        let mem = guest_mem();
+        let rings = Rings::new(&mem, 1, 16);
+        let irq = Arc::new(RecordingIrq::default());
+        let mut rng = VirtioRng::new();
+        let features = crate::devices::virtio::features::VERSION_1 | crate::devices::virtio::features::RING_EVENT_IDX;
+        rng.activate(rings.context(&mem, irq.clone(), features)).unwrap();
+        for i in 0..20u16 {
+            let d = RawDescriptor::from(Descriptor::new(0x10_0000, 16, VRING_DESC_F_WRITE as u16, 0));
+            rings.add_desc_chains(0, &[d], i % 16);
+            assert!(rings.driver_would_kick(0, i, i + 1), "request {i}: avail_event {} leaves the driver silent", rings.avail_event(0));
+            rings.kick(0);
+            assert!(rings.wait_used(&mem, 0, i + 1));
+            assert!(crate::devices::virtio::testing::wait_for(|| rings.avail_event(0) == i + 1));
+        }
+    }
+
     #[test]
     fn buffer_outside_memory_is_not_written_and_request_completes() {
         let mem = guest_mem();
