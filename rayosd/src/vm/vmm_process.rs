@@ -162,3 +162,62 @@ pub fn serial_tail(path: &Path, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::registry::{DeviceConfig, DiskRecord, Policy, VmKind};
+
+    fn record(dir: &Path, disk: &Path) -> VmRecord {
+        VmRecord {
+            id: uuid::Uuid::new_v4(),
+            name: "deb".into(),
+            kind: VmKind::Linux,
+            disks: vec![DiskRecord { path: disk.to_path_buf(), read_only: true }],
+            config: DeviceConfig {
+                vcpus: 2,
+                memory_mib: 256,
+                kernel: dir.join("bzImage"),
+                initramfs: None,
+                cmdline: "console=ttyS0 root=/dev/vda".into(),
+                display: Some((1024, 768)),
+                input: true,
+                net_taps: vec![],
+                rng: true,
+                agent: true,
+            },
+            policy: Policy::default(),
+            created_at: 0,
+            last_booted_at: None,
+        }
+    }
+
+    #[test]
+    fn the_spec_carries_the_record_and_the_runtime_paths() {
+        let dir = std::env::temp_dir().join(format!("rayos-vmspec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("bzImage"), b"k").unwrap();
+        let disk = dir.join("disk.img");
+        std::fs::write(&disk, b"").unwrap();
+        let vm = record(&dir, &disk);
+        let files = VmFiles::new(&dir.join("run"), &dir.join("vms"), &vm);
+        let spec = build_spec(&vm, &files).unwrap();
+        assert_eq!((spec.vcpus, spec.memory_mib, spec.name.as_str()), (2, 256, "deb"));
+        assert_eq!(spec.disks.len(), 1);
+        assert!(spec.disks[0].read_only);
+        assert_eq!(spec.control_socket.as_deref(), Some(files.control_socket.as_path()));
+        assert_eq!(spec.serial_log.as_deref(), Some(files.serial_log.as_path()));
+        assert!(spec.display.is_some() && spec.input.is_some() && spec.console.is_some() && spec.rng);
+        assert!(files.control_socket.to_string_lossy().ends_with(&format!("{}.sock", vm.id)));
+
+        std::fs::remove_file(&disk).unwrap();
+        let e = build_spec(&vm, &files).unwrap_err().to_string();
+        assert!(e.contains("disk image") && e.contains("disk.img"), "{e}");
+        assert_eq!(missing_disks(&vm), vec![disk]);
+
+        let mut bad = record(&dir, &dir.join("bzImage"));
+        bad.config.kernel = dir.join("no-such-kernel");
+        let e = build_spec(&bad, &files).unwrap_err().to_string();
+        assert!(e.contains("kernel") && e.contains("no-such-kernel"), "{e}");
+    }
+}
