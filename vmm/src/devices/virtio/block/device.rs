@@ -6,7 +6,7 @@ use std::sync::Arc;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::request::{execute_request, BlockBackend, ID_BYTES, SECTOR_SIZE};
+use super::request::{execute_request, BlockBackend, ID_BYTES, MAX_RANGES, MAX_RANGE_SECTORS, SECTOR_SIZE};
 use super::super::chain::{parse_chain, DeviceQueue};
 use super::super::worker::{drain, EpollCtl, Worker, WorkerHandler};
 use super::super::{device_type, ActivateContext, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt};
@@ -16,6 +16,8 @@ const F_SEG_MAX: u64 = 1 << 2;
 const F_RO: u64 = 1 << 5;
 const F_BLK_SIZE: u64 = 1 << 6;
 const F_FLUSH: u64 = 1 << 9;
+const F_DISCARD: u64 = 1 << 13;
+const F_WRITE_ZEROES: u64 = 1 << 14;
 const QUEUE_SIZE: u16 = 256;
 const QUEUE_SIZES: &[u16] = &[QUEUE_SIZE];
 
@@ -67,13 +69,20 @@ impl VirtioBlock {
         self.capacity_sectors
     }
 
-    fn config_image(&self) -> [u8; 36] {
-        let mut c = [0u8; 36];
+    fn config_image(&self) -> [u8; 60] {
+        let mut c = [0u8; 60];
         c[0..8].copy_from_slice(&self.capacity_sectors.to_le_bytes());
         // seg_max: the queue size minus header and status descriptors.
         c[12..16].copy_from_slice(&(u32::from(QUEUE_SIZE) - 2).to_le_bytes());
         c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
         c[34..36].copy_from_slice(&1u16.to_le_bytes());
+        // Discard and write-zeroes limits; sector alignment 1 (any sector).
+        c[36..40].copy_from_slice(&MAX_RANGE_SECTORS.to_le_bytes());
+        c[40..44].copy_from_slice(&MAX_RANGES.to_le_bytes());
+        c[44..48].copy_from_slice(&1u32.to_le_bytes());
+        c[48..52].copy_from_slice(&MAX_RANGE_SECTORS.to_le_bytes());
+        c[52..56].copy_from_slice(&MAX_RANGES.to_le_bytes());
+        c[56] = 1; // write_zeroes_may_unmap
         c
     }
 }
@@ -119,7 +128,8 @@ impl VirtioDevice for VirtioBlock {
         "virtio-blk"
     }
     fn features(&self) -> u64 {
-        F_SEG_MAX | F_BLK_SIZE | F_FLUSH | if self.config.read_only { F_RO } else { 0 }
+        let base = F_SEG_MAX | F_BLK_SIZE | F_FLUSH;
+        if self.config.read_only { base | F_RO } else { base | F_DISCARD | F_WRITE_ZEROES }
     }
     fn queue_max_sizes(&self) -> &[u16] {
         QUEUE_SIZES

@@ -19,6 +19,15 @@ const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
 const T_FLUSH: u32 = 4;
 const T_GET_ID: u32 = 8;
+const T_DISCARD: u32 = 11;
+const T_WRITE_ZEROES: u32 = 13;
+/// struct virtio_blk_discard_write_zeroes: le64 sector, le32 num_sectors, le32 flags.
+const RANGE_LEN: u64 = 16;
+const RANGE_FLAG_UNMAP: u32 = 1;
+/// Sectors one discard/write-zeroes range may cover (announced in the config space).
+pub const MAX_RANGE_SECTORS: u32 = 1 << 22;
+/// Ranges per discard/write-zeroes request (announced in the config space).
+pub const MAX_RANGES: u32 = 16;
 
 const S_OK: u8 = 0;
 const S_IOERR: u8 = 1;
@@ -182,6 +191,62 @@ fn run(mem: &GuestMemory, chain: &ParsedChain, be: &BlockBackend, data_in_len: u
             let n = (data_in_len as usize).min(ID_BYTES);
             Ok(write_segments(mem, &chain.writable, 0, &be.id[..n]) as u64)
         }
+        T_DISCARD | T_WRITE_ZEROES => {
+            if be.read_only {
+                return Err(Failure::IoErr("discard/write-zeroes on a read-only disk".into()));
+            }
+            if data_in_len != 0 || data_out_len % RANGE_LEN != 0 || data_out_len == 0 || data_out_len / RANGE_LEN > u64::from(MAX_RANGES) {
+                return Err(Failure::IoErr(format!("{data_out_len} bytes of ranges")));
+            }
+            for i in 0..data_out_len / RANGE_LEN {
+                let mut r = [0u8; RANGE_LEN as usize];
+                read_segments(mem, &chain.readable, HEADER_LEN + i * RANGE_LEN, &mut r);
+                let start = u64::from_le_bytes(r[0..8].try_into().unwrap_or_default());
+                let count = u32::from_le_bytes(r[8..12].try_into().unwrap_or_default());
+                let flags = u32::from_le_bytes(r[12..16].try_into().unwrap_or_default());
+                if count > MAX_RANGE_SECTORS || start.checked_add(u64::from(count)).is_none_or(|e| e > be.capacity_sectors) {
+                    return Err(Failure::IoErr(format!("range {start}+{count} beyond capacity {}", be.capacity_sectors)));
+                }
+                // Discard must not carry flags; write-zeroes knows only UNMAP (5.2.6.2).
+                let allowed = if req_type == T_DISCARD { 0 } else { RANGE_FLAG_UNMAP };
+                if flags & !allowed != 0 {
+                    return Err(Failure::Unsupported(req_type));
+                }
+                let unmap = req_type == T_DISCARD || flags & RANGE_FLAG_UNMAP != 0;
+                zero_range(&be.file, start * SECTOR_SIZE, u64::from(count) * SECTOR_SIZE, unmap)
+                    .map_err(|e| Failure::IoErr(format!("discard/write-zeroes at sector {start}: {e}")))?;
+            }
+            if !be.writeback {
+                be.file.sync_data().map_err(|e| Failure::IoErr(format!("fdatasync: {e}")))?;
+            }
+            Ok(0)
+        }
         t => Err(Failure::Unsupported(t)),
     }
+}
+
+/// Make `len` bytes at `pos` read as zeros: punch a hole (frees the space of a sparse
+/// image) when unmapping is allowed, otherwise allocate zeroed blocks; fall back to writing
+/// zeros where the filesystem supports neither.
+fn zero_range(file: &File, pos: u64, len: u64, unmap: bool) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    let mode = libc::FALLOC_FL_KEEP_SIZE | if unmap { libc::FALLOC_FL_PUNCH_HOLE } else { libc::FALLOC_FL_ZERO_RANGE };
+    // SAFETY: fallocate on our own descriptor with in-range, non-negative offsets.
+    if unsafe { libc::fallocate(file.as_raw_fd(), mode, pos as i64, len as i64) } == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+        return Err(e);
+    }
+    let zeros = vec![0u8; 64 * 1024];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        std::os::unix::fs::FileExt::write_all_at(file, &zeros[..n], pos + done)?;
+        done += n as u64;
+    }
+    Ok(())
 }

@@ -288,3 +288,67 @@ fn sequential_throughput_through_the_queue() {
     eprintln!("virtio-blk device path, {} KiB requests, {BATCH} in flight: write {write:.0} MB/s, read {read:.0} MB/s (page cache)", REQ / 1024);
     dev.reset();
 }
+
+fn ranges(mem: &GuestMemory, rs: &[(u64, u32, u32)]) {
+    for (i, &(sector, count, flags)) in rs.iter().enumerate() {
+        let at = DATA + 16 * i as u64;
+        mem.write_obj(sector, GuestAddress(at)).unwrap();
+        mem.write_obj(count, GuestAddress(at + 8)).unwrap();
+        mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
+    }
+}
+
+fn image_bytes(img: &TempImage, sector: u64, n: usize) -> Vec<u8> {
+    let mut f = File::open(&img.0).unwrap();
+    let mut b = vec![0u8; n];
+    f.seek(SeekFrom::Start(sector * 512)).unwrap();
+    f.read_exact(&mut b).unwrap();
+    b
+}
+
+#[test]
+fn discard_punches_holes_and_write_zeroes_zeroes() {
+    use std::os::unix::fs::MetadataExt;
+    let mem = guest_mem();
+    let img = image("discard");
+    let be = backend(&img, false);
+    let blocks_before = std::fs::metadata(&img.0).unwrap().blocks();
+    // Discard sectors 0..1024 (512 KiB) in two ranges.
+    header(&mem, 11, 0);
+    ranges(&mem, &[(0, 512, 0), (512, 512, 0)]);
+    let c = chain(&[(HDR, 16), (DATA, 32)], &[(STATUS, 1)]);
+    assert_eq!(execute_request(&mem, &c, &be).status, Some(0));
+    assert!(image_bytes(&img, 0, 1024 * 512).iter().all(|b| *b == 0), "discarded sectors read zero");
+    assert_eq!(image_bytes(&img, 1024, 1)[0], 0, "sector 1024 is (1024 / 512) as u8 = 0 by the pattern");
+    assert_eq!(image_bytes(&img, 1025, 1)[0], 1025u64 as u8, "untouched after the range");
+    let blocks_after = std::fs::metadata(&img.0).unwrap().blocks();
+    assert!(blocks_after < blocks_before, "space freed: {blocks_before} -> {blocks_after} blocks");
+
+    // Write zeroes without unmap on sectors 1500..1510.
+    header(&mem, 13, 0);
+    ranges(&mem, &[(1500, 10, 0)]);
+    let c = chain(&[(HDR, 16), (DATA, 16)], &[(STATUS, 1)]);
+    assert_eq!(execute_request(&mem, &c, &be).status, Some(0));
+    assert!(image_bytes(&img, 1500, 10 * 512).iter().all(|b| *b == 0));
+    assert_eq!(image_bytes(&img, 1510, 1)[0], 1510u64 as u8);
+
+    // Out of range, unknown flag on discard, no ranges at all.
+    for (t, rs, want) in [
+        (11u32, vec![(DISK_SECTORS - 1, 2, 0)], 1u8),
+        (11, vec![(0, 1, 1)], 2),
+        (13, vec![(0, 1, 2)], 2),
+    ] {
+        header(&mem, t, 0);
+        ranges(&mem, &rs);
+        let c = chain(&[(HDR, 16), (DATA, 16)], &[(STATUS, 1)]);
+        assert_eq!(execute_request(&mem, &c, &be).status, Some(want), "{t} {rs:?}");
+    }
+    header(&mem, 11, 0);
+    assert_eq!(execute_request(&mem, &chain(&[(HDR, 16)], &[(STATUS, 1)]), &be).status, Some(1));
+    // Read-only disks refuse.
+    let ro = backend(&img, true);
+    header(&mem, 11, 0);
+    ranges(&mem, &[(2000, 1, 0)]);
+    assert_eq!(execute_request(&mem, &chain(&[(HDR, 16), (DATA, 16)], &[(STATUS, 1)]), &ro).status, Some(1));
+    assert_eq!(image_bytes(&img, 2000, 1)[0], 2000u64 as u8);
+}

@@ -20,8 +20,9 @@ const QUEUE_SIZES: &[u16] = &[256, 256];
 const RX: usize = 0;
 const TX: usize = 1;
 const TAP_TOKEN: u64 = 2;
-/// Largest frame without offloads: header + 14-byte Ethernet header + 1500 MTU + VLAN tag.
-const MAX_TX_FRAME: u64 = (VNET_HDR_LEN + 14 + 1500 + 4) as u64;
+/// Largest frame the guest may send without segmentation offloads: header + Ethernet header
+/// + VLAN tag + the largest MTU Linux allows without VIRTIO_NET_F_MTU (65535).
+const MAX_TX_FRAME: u64 = (VNET_HDR_LEN + 14 + 4 + 65535) as u64;
 
 #[derive(Clone, Debug)]
 pub struct NetConfig {
