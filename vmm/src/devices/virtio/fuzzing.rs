@@ -172,11 +172,13 @@ pub fn random_input(seed: &mut u64) -> Vec<u8> {
             let hdr_at = 0x3000 + c * 0x80;
             let data_at = 0x9000 + (c % 12) * 0x800;
             let status_at = hdr_at + 0x40;
-            let t = [0u32, 1, 4, 8][(next() % 4) as usize];
+            let t = [0u32, 1, 4, 8, 11, 13][(next() % 6) as usize];
             let write_data = t == 0 || t == 8;
+            let unit = if t == 11 || t == 13 { 16 } else { 512 };
+            let data_len = unit * (1 + (next() % 4) as u32);
             let descs = [
                 (hdr_at, 16u32, 1u16, base + 1),
-                (data_at, 512 * (1 + (next() % 4) as u32), 1 | if write_data { 2 } else { 0 }, base + 2),
+                (data_at, data_len, 1 | if write_data { 2 } else { 0 }, base + 2),
                 (status_at, 1, 2, 0),
             ];
             for (k, (addr, len, flags, nxt)) in descs.into_iter().enumerate() {
@@ -185,6 +187,13 @@ pub fn random_input(seed: &mut u64) -> Vec<u8> {
                 img[o + 8..o + 12].copy_from_slice(&len.to_le_bytes());
                 img[o + 12..o + 14].copy_from_slice(&flags.to_le_bytes());
                 img[o + 14..o + 16].copy_from_slice(&(nxt as u16).to_le_bytes());
+            }
+            if t == 11 || t == 13 {
+                // One discard/write-zeroes range at the start of the data buffer.
+                let d = data_at as usize;
+                img[d..d + 8].copy_from_slice(&(next() % 140).to_le_bytes());
+                img[d + 8..d + 12].copy_from_slice(&((next() % 16) as u32).to_le_bytes());
+                img[d + 12..d + 16].copy_from_slice(&((next() % 3) as u32).to_le_bytes());
             }
             let h = hdr_at as usize;
             img[h..h + 4].copy_from_slice(&t.to_le_bytes());
