@@ -263,7 +263,11 @@ impl VmManager {
 
     /// Starts the VM hidden (the display stays where it is). `fresh` ignores any saved state.
     pub fn start(&self, id_or_name: &str, fresh: bool) -> Result<(), VmError> {
-        self.request(id_or_name, Request::Start, Ctl::Start { fresh })
+        self.request(id_or_name, Request::Start, Ctl::Start { fresh })?;
+        // A crash loop report is answered by this explicit start.
+        let name = self.get(id_or_name)?.name;
+        self.problems.lock().unwrap().retain(|p| !p.starts_with(&format!("VM {name}: crash loop")));
+        Ok(())
     }
 
     /// Graceful (ACPI power button, then forced after the stop timeout) or forced at once.
@@ -403,7 +407,9 @@ impl VmManager {
             changed.then(|| VmEvent { id: id.to_string(), name: e.info.name.clone(), state: state.as_str().into(), detail: detail.into() })
         };
         if let Some(ev) = ev {
-            if detail.is_empty() {
+            if state == VmState::Failed || state == VmState::Broken {
+                tracing::warn!("vm {}: {} ({})", ev.name, ev.state, ev.detail);
+            } else if detail.is_empty() {
                 tracing::info!("vm {}: {}", ev.name, ev.state);
             } else {
                 tracing::info!("vm {}: {} ({})", ev.name, ev.state, ev.detail);
@@ -471,7 +477,6 @@ impl VmManager {
                             break;
                         }
                         let detail = format!("VMM {why}; restarting in {} ms", backoff.as_millis());
-                        tracing::warn!("vm {id}: {detail}");
                         self.set(id, VmState::Failed, &detail, |i| i.pid = 0);
                         // The backoff can be cut short by a stop (or a delete).
                         let sleep = tokio::time::sleep(backoff);

@@ -222,6 +222,10 @@ async fn a_killed_vmm_is_restarted_and_a_crash_loop_stops_restarts() {
     // It stays down.
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(env.mgr.get("loop").unwrap().state, "crash-loop");
+    // Starting it again answers the report.
+    env.mgr.start("loop", false).unwrap();
+    assert!(!env.mgr.problems().iter().any(|p| p.contains("crash loop")), "{:?}", env.mgr.problems());
+    wait_state(&env, "loop", "crash-loop", Duration::from_secs(10)).await;
 }
 
 #[tokio::test(flavor = "current_thread")]

@@ -112,6 +112,8 @@ pub fn spawn(reaper: &Reaper, vmm_bin: &Path, vm: &VmRecord, files: &VmFiles, sp
     let mut cmd = Command::new(vmm_bin);
     cmd.arg("--spec").arg(&files.spec);
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    // Its log lines go into ours: no terminal colours.
+    cmd.env("NO_COLOR", "1");
     // Its own process group: a terminal's ctrl-c to systemless must not kill the VMs with it.
     cmd.process_group(0);
     let mut child = cmd.spawn().map_err(|source| VmmError::Spawn { bin: vmm_bin.to_path_buf(), source })?;
