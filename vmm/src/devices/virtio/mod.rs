@@ -73,6 +73,9 @@ pub trait VirtioInterrupt: Send + Sync {
 
 /// One queue handed to a device on activation.
 pub struct ActiveQueue {
+    /// The queue's index in the device (drivers may leave queues disabled, so positions in
+    /// [`ActivateContext::queues`] need not be indices).
+    pub index: u16,
     pub queue: Queue,
     /// Signalled when the driver notifies this queue (via ioeventfd or the transport).
     pub event: EventFd,
@@ -87,9 +90,20 @@ pub struct ActivateContext {
     pub acked_features: u64,
 }
 
+impl ActivateContext {
+    /// Check the driver enabled exactly queues 0..n, which is what all our devices need.
+    pub fn expect_queues(&self, device: &'static str, n: usize) -> Result<(), ActivateError> {
+        let contiguous = self.queues.iter().enumerate().all(|(i, q)| usize::from(q.index) == i);
+        if self.queues.len() != n || !contiguous {
+            return Err(ActivateError::QueueCount { device, expected: n, got: self.queues.len() });
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
-    #[error("{device}: expected {expected} queues, driver enabled {got}")]
+    #[error("{device}: expected queues 0..{expected} enabled, driver enabled {got} (or not contiguously)")]
     QueueCount { device: &'static str, expected: usize, got: usize },
     #[error("{device}: cannot start worker: {source}")]
     Worker { device: &'static str, source: std::io::Error },

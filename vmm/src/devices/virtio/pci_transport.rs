@@ -268,7 +268,7 @@ impl VirtioPciDevice {
                     return;
                 }
             };
-            queues.push(ActiveQueue { queue: q, event });
+            queues.push(ActiveQueue { index: i as u16, queue: q, event });
         }
         let ctx = ActivateContext {
             mem: self.mem.clone(),

@@ -84,7 +84,7 @@ impl Rings {
                 queue.try_set_used_ring_address(self.used_addr(q)).unwrap();
                 queue.set_event_idx(event_idx);
                 queue.set_ready(true);
-                ActiveQueue { queue, event: self.kicks[q].try_clone().unwrap() }
+                ActiveQueue { index: q as u16, queue, event: self.kicks[q].try_clone().unwrap() }
             })
             .collect();
         ActivateContext { mem: mem.clone(), interrupt: irq, queues, acked_features: features }

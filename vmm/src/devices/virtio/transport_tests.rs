@@ -262,3 +262,31 @@ fn pci_cfg_capability_window_reaches_common_config() {
     io.read(4, &mut v);
     assert_eq!(u16::from_le_bytes([v[0], v[1]]), 1);
 }
+
+#[test]
+fn partially_enabled_queues_refuse_activation() {
+    let mem = guest_mem();
+    let vm = Arc::new(FakeVm::default());
+    let mut root = PciRoot::new(vm.clone(), WINDOW);
+    let (kbd, _inj) = crate::devices::virtio::input::VirtioInput::new(crate::devices::virtio::input::InputKind::Keyboard, "k").unwrap();
+    let dev = VirtioPciDevice::new(Box::new(kbd), mem.clone(), vm).unwrap();
+    let slot = root.add(Box::new(dev)).unwrap();
+    let bar = root.bar_address(slot, 0).unwrap().0;
+    let mut mmio = root.mmio_window();
+    let mut w = |off: u64, len: usize, v: u64| mmio.write(bar + off - WINDOW.start, &v.to_le_bytes()[..len]);
+    w(0x14, 1, u64::from(ACKNOWLEDGE | DRIVER));
+    w(0x08, 4, 1);
+    w(0x0c, 4, 1);
+    w(0x14, 1, u64::from(ACKNOWLEDGE | DRIVER | FEATURES_OK));
+    // Only queue 1 (statusq), at valid addresses.
+    w(0x16, 2, 1);
+    w(0x18, 2, 16);
+    w(0x20, 8, 0x1000);
+    w(0x28, 8, 0x2000);
+    w(0x30, 8, 0x3000);
+    w(0x1c, 2, 1);
+    w(0x14, 1, u64::from(ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK));
+    let mut st = [0u8; 1];
+    mmio.read(bar + 0x14 - WINDOW.start, &mut st);
+    assert_ne!(st[0] & DEVICE_NEEDS_RESET, 0, "statusq alone is not a usable keyboard");
+}

@@ -148,11 +148,9 @@ impl VirtioDevice for VirtioBlock {
         if self.worker.is_some() {
             return Err(ActivateError::AlreadyActive { device: NAME });
         }
-        if ctx.queues.len() != 1 {
-            return Err(ActivateError::QueueCount { device: NAME, expected: 1, got: ctx.queues.len() });
-        }
+        ctx.expect_queues(NAME, 1)?;
         let file = self.file.try_clone().map_err(|source| ActivateError::Worker { device: NAME, source })?;
-        let ActiveQueue { queue, event } = ctx.queues.remove(0);
+        let ActiveQueue { queue, event, .. } = ctx.queues.remove(0);
         let fd = event.as_raw_fd();
         let w = BlockWorker {
             mem: ctx.mem,

@@ -28,6 +28,9 @@ const PORT_OPEN: u16 = 6;
 const PORT_NAME: u16 = 7;
 
 const CONTROL_RX: usize = 2;
+/// Control messages waiting for driver buffers beyond this are dropped: a driver spamming
+/// DEVICE_READY without posting buffers must not grow the VMM without bound.
+const MAX_PENDING_CONTROL: usize = 1024;
 const CONTROL_TX: usize = 3;
 
 #[derive(Debug, thiserror::Error)]
@@ -152,6 +155,14 @@ impl ConsoleWorker {
         (q >= 4).then(|| (q / 2 - 1, q.is_multiple_of(2)))
     }
 
+    fn queue_control(&mut self, msg: Vec<u8>) {
+        if self.pending_control.len() >= MAX_PENDING_CONTROL {
+            warn!("{NAME}: driver is not taking control messages; dropping one");
+            return;
+        }
+        self.pending_control.push_back(msg);
+    }
+
     fn send_control(&mut self) {
         let mem = self.mem.clone();
         let q = &mut self.queues[CONTROL_RX];
@@ -194,16 +205,16 @@ impl ConsoleWorker {
             match event {
                 DEVICE_READY if value == 1 => {
                     for id in 1..=self.ports.len() {
-                        self.pending_control.push_back(control_msg(id as u32, DEVICE_ADD, 0, &[]));
+                        self.queue_control(control_msg(id as u32, DEVICE_ADD, 0, &[]));
                     }
                 }
                 PORT_READY if value == 1 && (1..=self.ports.len()).contains(&id) => {
                     let name = self.ports[id - 1].name.clone();
-                    self.pending_control.push_back(control_msg(id as u32, PORT_NAME, 0, name.as_bytes()));
+                    self.queue_control(control_msg(id as u32, PORT_NAME, 0, name.as_bytes()));
                     // The host side is connected from the start; without this the guest's
                     // writes block.
                     let open = u16::from(!self.ports[id - 1].host_closed);
-                    self.pending_control.push_back(control_msg(id as u32, PORT_OPEN, open, &[]));
+                    self.queue_control(control_msg(id as u32, PORT_OPEN, open, &[]));
                 }
                 PORT_OPEN if (1..=self.ports.len()).contains(&id) => {
                     self.ports[id - 1].guest_open = value == 1;
@@ -300,7 +311,7 @@ impl ConsoleWorker {
                     let st = &mut self.ports[port - 1];
                     debug!(port = %st.name, "{NAME}: host closed its end");
                     st.host_closed = true;
-                    self.pending_control.push_back(control_msg(port as u32, PORT_OPEN, 0, &[]));
+                    self.queue_control(control_msg(port as u32, PORT_OPEN, 0, &[]));
                     self.send_control();
                     break;
                 }
@@ -386,8 +397,8 @@ impl VirtioDevice for VirtioConsole {
             // Without multiport only port 0 exists, which we do not offer: nothing to run.
             warn!("{NAME}: driver did not accept MULTIPORT; named ports unavailable");
         }
-        if ctx.queues.len() != self.queue_sizes.len() && ctx.acked_features & F_MULTIPORT != 0 {
-            return Err(ActivateError::QueueCount { device: NAME, expected: self.queue_sizes.len(), got: ctx.queues.len() });
+        if ctx.acked_features & F_MULTIPORT != 0 {
+            ctx.expect_queues(NAME, self.queue_sizes.len())?;
         }
         let worker_err = |source| ActivateError::Worker { device: NAME, source };
         let mut queues = Vec::new();
@@ -395,7 +406,7 @@ impl VirtioDevice for VirtioConsole {
         let mut fds = Vec::new();
         for (i, aq) in ctx.queues.into_iter().enumerate() {
             fds.push((aq.event.as_raw_fd(), i as u64));
-            queues.push(DeviceQueue::new(aq.queue, i as u16));
+            queues.push(DeviceQueue::new(aq.queue, aq.index));
             kicks.push(aq.event);
         }
         let mut ports = Vec::new();

@@ -289,9 +289,7 @@ impl VirtioDevice for VirtioInput {
         if self.worker.is_some() {
             return Err(ActivateError::AlreadyActive { device: name });
         }
-        if ctx.queues.len() != 2 {
-            return Err(ActivateError::QueueCount { device: name, expected: 2, got: ctx.queues.len() });
-        }
+        ctx.expect_queues(name, 2)?;
         // Input from before the driver was ready is stale (keys would appear stuck).
         lock(&self.pending.events).clear();
         let mut it = ctx.queues.into_iter();

@@ -192,9 +192,7 @@ impl VirtioDevice for VirtioNet {
         if self.worker.is_some() {
             return Err(ActivateError::AlreadyActive { device: NAME });
         }
-        if ctx.queues.len() != 2 {
-            return Err(ActivateError::QueueCount { device: NAME, expected: 2, got: ctx.queues.len() });
-        }
+        ctx.expect_queues(NAME, 2)?;
         let worker_err = |source| ActivateError::Worker { device: NAME, source };
         let tap = self.tap.try_clone().map_err(worker_err)?;
         let mut it = ctx.queues.into_iter();

@@ -117,10 +117,8 @@ impl VirtioDevice for VirtioRng {
         if self.worker.is_some() {
             return Err(ActivateError::AlreadyActive { device: "virtio-rng" });
         }
-        if ctx.queues.len() != 1 {
-            return Err(ActivateError::QueueCount { device: "virtio-rng", expected: 1, got: ctx.queues.len() });
-        }
-        let ActiveQueue { queue, event } = ctx.queues.remove(0);
+        ctx.expect_queues("virtio-rng", 1)?;
+        let ActiveQueue { queue, event, .. } = ctx.queues.remove(0);
         let fd = event.as_raw_fd();
         let w = RngWorker {
             mem: ctx.mem,
