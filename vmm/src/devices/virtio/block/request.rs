@@ -195,7 +195,7 @@ fn run(mem: &GuestMemory, chain: &ParsedChain, be: &BlockBackend, data_in_len: u
             if be.read_only {
                 return Err(Failure::IoErr("discard/write-zeroes on a read-only disk".into()));
             }
-            if data_in_len != 0 || data_out_len % RANGE_LEN != 0 || data_out_len == 0 || data_out_len / RANGE_LEN > u64::from(MAX_RANGES) {
+            if data_in_len != 0 || !data_out_len.is_multiple_of(RANGE_LEN) || data_out_len == 0 || data_out_len / RANGE_LEN > u64::from(MAX_RANGES) {
                 return Err(Failure::IoErr(format!("{data_out_len} bytes of ranges")));
             }
             for i in 0..data_out_len / RANGE_LEN {
