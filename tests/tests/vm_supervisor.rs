@@ -58,11 +58,13 @@ struct Vm {
     disk: bool,
     /// A kernel file that is not a kernel: the VMM fails at every start.
     bad_kernel: bool,
+    /// Offer the `org.rayos.agent` port.
+    agent: bool,
 }
 
 impl Vm {
     fn new(name: &'static str, autostart: bool) -> Vm {
-        Vm { id: new_uuid(), name, autostart, disk: true, bad_kernel: false }
+        Vm { id: new_uuid(), name, autostart, disk: true, bad_kernel: false, agent: true }
     }
 
     fn record(&self) -> Value {
@@ -77,7 +79,7 @@ impl Vm {
                 "kernel": if self.bad_kernel { format!("/data/vms/{}/not-a-kernel", self.id) } else { "/data/images/vmlinuz".into() },
                 "initramfs": "/data/images/devguest.img",
                 "cmdline": "console=ttyS0 panic=-1 devguest.interval_ms=250",
-                "display": null, "input": false, "net_taps": [], "rng": false, "agent": false
+                "display": null, "input": false, "net_taps": [], "rng": false, "agent": self.agent
             },
             "policy": {"autostart_hidden": self.autostart, "restart": "on-failure"},
             "created_at": 1764000000u64,
@@ -257,14 +259,20 @@ fn vm_lifecycle_autostart_crashes_and_broken_disks() {
         assert!(t.elapsed() < GUEST_TIMEOUT, "no heartbeats from deb: {}", ctl(&q, &["vm", "logs", "deb"]).2);
         std::thread::sleep(Duration::from_millis(500));
     }
+    // The guest agent reports ready and beats on its virtio-console port.
+    q.wait_for("vm deb: guest agent ready", GUEST_TIMEOUT).unwrap();
+    let a1 = wait_vm(&q, "deb", "agent heartbeats", Duration::from_secs(30), |v| v["agent_ready"] == true && v["agent_heartbeat"].as_u64() > Some(2));
+    eprintln!("agent: ready, heartbeat {}", a1["agent_heartbeat"]);
 
     // Pause: the heartbeats stop; resume: they go on.
     ctl_ok(&q, &["vm", "pause", "deb"]);
     wait_vm(&q, "deb", "paused", Duration::from_secs(10), |v| v["state"] == "paused");
     std::thread::sleep(Duration::from_millis(500));
     let h_paused = last_heartbeat(&q, "deb");
+    let agent_paused = vm_info(&q, "deb")["agent_heartbeat"].as_u64().unwrap();
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(last_heartbeat(&q, "deb"), h_paused, "heartbeats went on while paused");
+    assert_eq!(vm_info(&q, "deb")["agent_heartbeat"].as_u64().unwrap(), agent_paused, "agent heartbeats went on while paused");
     ctl_ok(&q, &["vm", "resume", "deb"]);
     wait_vm(&q, "deb", "running", Duration::from_secs(10), |v| v["state"] == "running");
     let t = Instant::now();

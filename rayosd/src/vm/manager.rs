@@ -91,6 +91,10 @@ pub struct VmInfo {
     pub guest_init_ms: u64,
     /// ms from the supervisor's start request to the guest's init; 0 until reached.
     pub start_to_init_ms: u64,
+    /// The guest agent said `ready` on its port (VMs with `config.agent`).
+    pub agent_ready: bool,
+    /// The last heartbeat number the guest agent sent; 0 before the first.
+    pub agent_heartbeat: u64,
     pub disks: Vec<String>,
     pub memory_mib: u64,
     pub vcpus: u8,
@@ -384,6 +388,8 @@ impl VmManager {
             autostart_hidden: vm.policy.autostart_hidden,
             guest_init_ms: 0,
             start_to_init_ms: 0,
+            agent_ready: false,
+            agent_heartbeat: 0,
             disks: vm.disks.iter().map(|d| d.path.display().to_string()).collect(),
             memory_mib: vm.config.memory_mib,
             vcpus: vm.config.vcpus,
@@ -522,6 +528,8 @@ impl VmManager {
         self.set(id, VmState::Starting, "", |i| {
             i.guest_init_ms = 0;
             i.start_to_init_ms = 0;
+            i.agent_ready = false;
+            i.agent_heartbeat = 0;
         });
         let spawned = match vmm_process::spawn(&self.reaper, &self.settings.vmm_bin, &vm, &files, &spec) {
             Ok(s) => s,
@@ -549,6 +557,8 @@ impl VmManager {
         let mut hung = false;
         let mut init_seen = false;
         let mut stopping: Option<(Instant, bool)> = None;
+        let mut agent_polled = Instant::now();
+        let mut agent_ready = false;
         let mut poll = tokio::time::interval(Duration::from_millis(20));
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let kind = loop {
@@ -578,6 +588,20 @@ impl VmManager {
                                     i.guest_init_ms = ms;
                                     i.start_to_init_ms = total;
                                 });
+                            }
+                        }
+                    }
+                    if up && vm.config.agent && stopping.is_none() && agent_polled.elapsed() >= AGENT_POLL {
+                        agent_polled = Instant::now();
+                        if let Ok(a) = call(json!({"cmd": "agent_read"})).await {
+                            let (ready, beat) = parse_agent(a.get("data").and_then(|d| d.as_str()).unwrap_or(""));
+                            if ready && !agent_ready {
+                                agent_ready = true;
+                                tracing::info!("vm {}: guest agent ready ({} ms after the start request)", vm.name, requested_at.elapsed().as_millis());
+                            }
+                            if let Some(e) = self.vms.lock().unwrap().get_mut(&id) {
+                                e.info.agent_ready = ready;
+                                e.info.agent_heartbeat = beat;
                             }
                         }
                     }
@@ -612,6 +636,9 @@ impl VmManager {
                         } else {
                             // A paused guest cannot see the power button.
                             let _ = call(json!({"cmd": "resume"})).await;
+                            if agent_ready {
+                                let _ = call(json!({"cmd": "agent_send", "data": "shutdown\n"})).await;
+                            }
                             if let Err(e) = call(json!({"cmd": "shutdown"})).await {
                                 tracing::warn!("vm {}: power button: {e}; forcing", vm.name);
                                 self.force_off(&sock, pid).await;
@@ -643,6 +670,20 @@ impl VmManager {
     }
 }
 
+/// How often the guest agent's output is read.
+const AGENT_POLL: Duration = Duration::from_millis(250);
+
+/// From the agent port's recent output: whether it said `ready`, and its last heartbeat.
+fn parse_agent(data: &str) -> (bool, u64) {
+    let ready = data.lines().any(|l| l.trim() == "ready");
+    let beat = data
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("heartbeat ").and_then(|n| n.trim().parse::<u64>().ok()))
+        .last()
+        .unwrap_or(0);
+    (ready, beat)
+}
+
 enum Outcome {
     Stopped(String),
     Broken(String),
@@ -653,4 +694,15 @@ enum Outcome {
 
 pub fn parse_state(s: &str) -> VmState {
     serde_json::from_value(serde_json::Value::String(s.into())).unwrap_or(VmState::Stopped)
+}
+
+#[cfg(test)]
+mod agent_tests {
+    #[test]
+    fn agent_output_gives_readiness_and_the_last_heartbeat() {
+        assert_eq!(super::parse_agent(""), (false, 0));
+        assert_eq!(super::parse_agent("ready\nheartbeat 1\nheartbeat 2\nheartb"), (true, 2));
+        // The ring may start mid-line.
+        assert_eq!(super::parse_agent("beat 7\nheartbeat 8\n"), (false, 8));
+    }
 }

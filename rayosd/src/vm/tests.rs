@@ -167,7 +167,7 @@ async fn start_pause_resume_stop_are_seen_by_the_guest() {
     let info = wait_state(&env, "deb", "stopped", Duration::from_secs(3)).await;
     assert_eq!(info.pid, 0);
     assert!(std::fs::read_to_string(&serial).unwrap().contains("power button"), "the guest saw no ACPI shutdown");
-    assert!(env.mgr.logs("deb", 5).unwrap().contains("power button"));
+    assert!(env.mgr.logs("deb", 50).unwrap().contains("power button"));
 
     let mut seen = Vec::new();
     while let Ok(ev) = events.try_recv() {
