@@ -6,13 +6,23 @@ use tracing::{debug, warn};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::tap::{Tap, VNET_HDR_LEN};
+use super::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, VNET_HDR_LEN};
 use super::super::chain::{guest_slices, iovecs, parse_chain, total_len, write_segments, DeviceQueue};
 use super::super::worker::{drain, EpollCtl, Worker, WorkerHandler};
 use super::super::{device_type, ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt};
 use crate::devices::GuestMemory;
 
 const NAME: &str = "virtio-net";
+// Offloads (5.1.3): the guest's virtio_net_hdr passes through the tap unchanged, so the
+// kernel does checksumming and segmentation for both directions.
+const F_CSUM: u64 = 1 << 0;
+const F_GUEST_CSUM: u64 = 1 << 1;
+const F_GUEST_TSO4: u64 = 1 << 7;
+const F_GUEST_TSO6: u64 = 1 << 8;
+const F_GUEST_ECN: u64 = 1 << 9;
+const F_HOST_TSO4: u64 = 1 << 11;
+const F_HOST_TSO6: u64 = 1 << 12;
+const F_HOST_ECN: u64 = 1 << 13;
 const F_MAC: u64 = 1 << 5;
 const F_STATUS: u64 = 1 << 16;
 const LINK_UP: u16 = 1;
@@ -20,8 +30,8 @@ const QUEUE_SIZES: &[u16] = &[256, 256];
 const RX: usize = 0;
 const TX: usize = 1;
 const TAP_TOKEN: u64 = 2;
-/// Largest frame the guest may send without segmentation offloads: header + Ethernet header
-/// + VLAN tag + the largest MTU Linux allows without VIRTIO_NET_F_MTU (65535).
+/// Largest frame the guest may send: header + Ethernet header + VLAN tag + 64 KiB, which
+/// covers both a GSO frame (HOST_TSO) and the largest MTU Linux allows without F_MTU.
 const MAX_TX_FRAME: u64 = (VNET_HDR_LEN + 14 + 4 + 65535) as u64;
 
 #[derive(Clone, Debug)]
@@ -172,7 +182,16 @@ impl VirtioDevice for VirtioNet {
         NAME
     }
     fn features(&self) -> u64 {
-        F_MAC | F_STATUS
+        F_MAC
+            | F_STATUS
+            | F_CSUM
+            | F_GUEST_CSUM
+            | F_GUEST_TSO4
+            | F_GUEST_TSO6
+            | F_GUEST_ECN
+            | F_HOST_TSO4
+            | F_HOST_TSO6
+            | F_HOST_ECN
     }
     fn queue_max_sizes(&self) -> &[u16] {
         QUEUE_SIZES
@@ -195,6 +214,22 @@ impl VirtioDevice for VirtioNet {
         ctx.expect_queues(NAME, 2)?;
         let worker_err = |source| ActivateError::Worker { device: NAME, source };
         let tap = self.tap.try_clone().map_err(worker_err)?;
+        // Let the tap hand the guest what its driver said it can take.
+        let acked = ctx.acked_features;
+        let mut offload = 0;
+        if acked & F_GUEST_CSUM != 0 {
+            offload |= TUN_F_CSUM;
+            if acked & F_GUEST_TSO4 != 0 {
+                offload |= TUN_F_TSO4;
+            }
+            if acked & F_GUEST_TSO6 != 0 {
+                offload |= TUN_F_TSO6;
+            }
+            if acked & F_GUEST_ECN != 0 && acked & (F_GUEST_TSO4 | F_GUEST_TSO6) != 0 {
+                offload |= TUN_F_TSO_ECN;
+            }
+        }
+        tap.set_offload(offload).map_err(worker_err)?;
         let mut it = ctx.queues.into_iter();
         let (rx, tx) = (it.next().expect("two queues"), it.next().expect("two queues"));
         let fds = [(rx.event.as_raw_fd(), 0), (tx.event.as_raw_fd(), 1), (tap.as_raw_fd(), TAP_TOKEN)];

@@ -12,6 +12,10 @@ const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 const IFF_TAP: u16 = 0x0002;
 const IFF_NO_PI: u16 = 0x1000;
 const IFF_VNET_HDR: u16 = 0x4000;
+pub const TUN_F_CSUM: u32 = 0x01;
+pub const TUN_F_TSO4: u32 = 0x02;
+pub const TUN_F_TSO6: u32 = 0x04;
+pub const TUN_F_TSO_ECN: u32 = 0x08;
 /// sizeof(struct virtio_net_hdr_v1): the header VERSION_1 drivers always use.
 pub const VNET_HDR_LEN: usize = 12;
 
@@ -45,13 +49,21 @@ impl Tap {
         if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ, &hdr) } < 0 {
             return Err(io::Error::last_os_error());
         }
-        // No checksum or segmentation offloads: we do not offer them to the guest.
+        let end = ifr[..16].iter().position(|b| *b == 0).unwrap_or(16);
+        let tap = Self { file, name: String::from_utf8_lossy(&ifr[..end]).into_owned() };
+        // Nothing offloaded towards the guest until its driver accepts it.
+        tap.set_offload(0)?;
+        Ok(tap)
+    }
+
+    /// Which offloads (TUN_F_*) the tap may use on frames it hands us: the kernel then passes
+    /// partially checksummed and unsegmented (GSO) frames with a virtio-net header saying so.
+    pub fn set_offload(&self, flags: u32) -> io::Result<()> {
         // SAFETY: TUNSETOFFLOAD takes its argument by value.
-        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETOFFLOAD, 0 as libc::c_ulong) } < 0 {
+        if unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETOFFLOAD, libc::c_ulong::from(flags)) } < 0 {
             return Err(io::Error::last_os_error());
         }
-        let end = ifr[..16].iter().position(|b| *b == 0).unwrap_or(16);
-        Ok(Self { file, name: String::from_utf8_lossy(&ifr[..end]).into_owned() })
+        Ok(())
     }
 
     pub fn name(&self) -> &str {

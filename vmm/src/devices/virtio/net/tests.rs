@@ -69,7 +69,9 @@ fn frames_cross_a_real_tap_both_ways() {
     let mem = guest_mem();
     let rings = Rings::new(&mem, 2, 16);
     let irq = Arc::new(RecordingIrq::default());
-    dev.activate(rings.context(&mem, irq.clone(), VERSION_1 | F_MAC | F_STATUS)).unwrap();
+    // The offloads a Linux guest accepts: the tap must take them.
+    let offloads = F_CSUM | F_GUEST_CSUM | F_GUEST_TSO4 | F_GUEST_TSO6 | F_HOST_TSO4 | F_HOST_TSO6;
+    dev.activate(rings.context(&mem, irq.clone(), VERSION_1 | F_MAC | F_STATUS | offloads)).unwrap();
     let sock = packet_socket(&name);
 
     // Guest -> host: header and frame in separate descriptors.
