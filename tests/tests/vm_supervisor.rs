@@ -242,7 +242,19 @@ fn vm_lifecycle_autostart_crashes_and_broken_disks() {
     assert!(ready.contains("mode=installed"), "{ready}");
     q.wait_for("vm deb: autostart (hidden)", BOOT_TIMEOUT).unwrap();
     let init = q.wait_for("vm deb: guest init reached", GUEST_TIMEOUT).unwrap();
-    eprintln!("boot: {init}");
+    // Benchmark: rayosd ready → the autostarted VM's guest init, on the kernel's clock.
+    let out = Command::new(rayosctl()).arg("--socket").arg(q.control_socket()).args(["--json", "logs", "-n", "2000"]).output().unwrap();
+    let records: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let at = |needle: &str| {
+        records
+            .iter()
+            .find(|r| r["message"].as_str().is_some_and(|m| m.contains(needle)))
+            .and_then(|r| r["uptime_ms"].as_u64())
+            .unwrap_or_else(|| panic!("no log record with {needle:?}"))
+    };
+    let (ready_ms, init_ms) = (at("ready mode=installed"), at("vm deb: guest init reached"));
+    eprintln!("bench: rayosd ready → deb guest init at boot: {} ms ({init})", init_ms - ready_ms);
+    assert!(init_ms >= ready_ms);
 
     // Autostart: deb runs and its guest beats; gone is broken and says why; crashy (not
     // autostart) stays stopped.
