@@ -1,7 +1,8 @@
 //! The bochs-display PCI function (QEMU's `-device bochs-display`): BAR 0 the framebuffer,
 //! BAR 2 4 KiB of MMIO with the VBE dispi registers at 0x500 (16 bits each, index × 2) and the
-//! QEMU extended registers at 0x600. The EDID blob at 0 is not provided (reads zero): Linux
-//! then offers its standard mode list and OVMF its default resolution.
+//! QEMU extended registers at 0x600, and at 0 an EDID block announcing the preferred mode
+//! when one is set ([`BochsDisplay::set_preferred_mode`]); without it the block reads zero and
+//! Linux offers its standard mode list (1024×768 preferred), OVMF its default resolution.
 
 use std::io;
 use std::sync::Arc;
@@ -50,6 +51,8 @@ pub enum DisplayError {
     Memfd(io::Error),
     #[error("bochs-display: mapping the framebuffer: {0}")]
     Mmap(io::Error),
+    #[error("bochs-display: preferred mode {width}x{height} needs two 32-bpp frames within the {fb_size:#x}-byte framebuffer (and at most 4095x4095)")]
+    BadMode { width: u16, height: u16, fb_size: u64 },
     #[error(transparent)]
     Pci(#[from] PciError),
 }
@@ -82,6 +85,7 @@ pub struct BochsDisplay {
     slot: Option<u32>,
     regs: [u16; NUM_DISPI],
     endian: u32,
+    edid: Option<[u8; 128]>,
 }
 
 impl BochsDisplay {
@@ -121,7 +125,19 @@ impl BochsDisplay {
         regs[INDEX_ID] = ID5;
         regs[INDEX_BPP] = 32;
         regs[INDEX_VIDEO_MEMORY_64K] = (fb_size / 0x10000).min(u64::from(u16::MAX)) as u16;
-        Ok(Self { config, vm, fb, map, slot: None, regs, endian: LITTLE_ENDIAN })
+        Ok(Self { config, vm, fb, map, slot: None, regs, endian: LITTLE_ENDIAN, edid: None })
+    }
+
+    /// Announce `width`×`height` as the display's preferred (native) mode through EDID, e.g.
+    /// the size of the screen the compositor shows this VM on. Refused when two frames of
+    /// it at 32 bpp (page flipping) do not fit in the framebuffer.
+    pub fn set_preferred_mode(&mut self, width: u16, height: u16) -> Result<(), DisplayError> {
+        let need = 2 * u64::from(width) * u64::from(height) * 4;
+        if width == 0 || height == 0 || width > 4095 || height > 4095 || need > self.fb.size() {
+            return Err(DisplayError::BadMode { width, height, fb_size: self.fb.size() });
+        }
+        self.edid = Some(super::edid::edid_for(width, height));
+        Ok(())
     }
 
     /// The compositor's view of the framebuffer.
@@ -203,6 +219,12 @@ impl BochsDisplay {
     }
 
     fn mmio_read(&self, offset: u64, data: &mut [u8]) {
+        if offset < 0x400 {
+            for (i, d) in data.iter_mut().enumerate() {
+                *d = self.edid.and_then(|e| e.get(offset as usize + i).copied()).unwrap_or(0);
+            }
+            return;
+        }
         let value: u32 = match offset {
             o if (DISPI_BASE..DISPI_BASE + 2 * NUM_DISPI as u64).contains(&o) => {
                 let v = u32::from(self.dispi_read(((o - DISPI_BASE) / 2) as usize));
@@ -210,7 +232,7 @@ impl BochsDisplay {
             }
             o if o == QEXT_BASE => QEXT_SIZE,
             o if o == QEXT_BASE + 4 => self.endian,
-            // EDID (0..0x400) absent, VGA ports (0x400..0x420) read as zero.
+            // VGA ports (0x400..0x420) read as zero.
             _ => 0,
         };
         for (i, d) in data.iter_mut().enumerate() {

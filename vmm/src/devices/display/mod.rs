@@ -17,6 +17,7 @@
 //! hardware cursor; both are acceptable for a full-screen VM.
 
 mod bochs;
+mod edid;
 mod framebuffer;
 
 pub use bochs::{BochsDisplay, DisplayError, DEFAULT_FB_SIZE};

@@ -183,3 +183,29 @@ fn bad_framebuffer_size_is_refused() {
     let e = BochsDisplay::new(vm, 3 << 20).err().unwrap().to_string();
     assert!(e.contains("0x300000"), "{e}");
 }
+
+#[test]
+fn edid_announces_the_preferred_mode_over_mmio() {
+    let vm = Arc::new(FakeVm::default());
+    let mut root = PciRoot::new(vm.clone(), WINDOW);
+    let mut dev = BochsDisplay::new(vm.clone(), DEFAULT_FB_SIZE).unwrap();
+    assert!(dev.set_preferred_mode(3840, 2160).is_err(), "two 4K frames do not fit in 16 MiB");
+    dev.set_preferred_mode(1920, 1080).unwrap();
+    let slot = root.add(Box::new(dev)).unwrap();
+    let regs = root.bar_address(slot, 2).unwrap().0 - WINDOW.start;
+    let mut mmio = root.mmio_window();
+    // Byte reads, as bochs_get_edid_block does.
+    let mut edid = [0u8; 128];
+    for (i, b) in edid.iter_mut().enumerate() {
+        let mut d = [0u8; 1];
+        mmio.read(regs + i as u64, &mut d);
+        *b = d[0];
+    }
+    assert_eq!(&edid[0..8], &[0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0]);
+    assert_eq!(edid.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
+    assert_eq!(u16::from(edid[56]) | (u16::from(edid[58] & 0xf0) << 4), 1920);
+    assert_eq!(u16::from(edid[59]) | (u16::from(edid[61] & 0xf0) << 4), 1080);
+    // Without a preferred mode the EDID area reads zero (no valid header).
+    let (_r, _vm, _s, _fb, mut g) = setup();
+    assert_eq!(g.r32(0), 0);
+}
