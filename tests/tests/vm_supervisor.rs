@@ -19,6 +19,8 @@ use serde_json::{json, Value};
 const DATA_TYPE_GUID: &str = "bcae553e-c9a9-4fbc-8291-e48c272f7ecf";
 const PART_START_LBA: u64 = 2048;
 const PART_SIZE: u64 = 192 << 20;
+/// Room for the 2 GiB Debian guest image.
+const BIG_PART_SIZE: u64 = 3 << 30;
 /// A nested guest boots in ~5 s alone; two cores are shared with the other tests.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -60,14 +62,28 @@ struct Vm {
     bad_kernel: bool,
     /// Offer the `org.rayos.agent` port.
     agent: bool,
+    /// Boot this kernel/initramfs/cmdline instead of the devguest's.
+    boot: Option<(String, Option<String>, String)>,
+    memory_mib: u64,
+    /// Copy this image as the VM's disk instead of a blank 1 MiB one.
+    disk_src: Option<PathBuf>,
 }
 
 impl Vm {
     fn new(name: &'static str, autostart: bool) -> Vm {
-        Vm { id: new_uuid(), name, autostart, disk: true, bad_kernel: false, agent: true }
+        Vm { id: new_uuid(), name, autostart, disk: true, bad_kernel: false, agent: true, boot: None, memory_mib: 128, disk_src: None }
     }
 
     fn record(&self) -> Value {
+        let (kernel, initramfs, cmdline) = match &self.boot {
+            Some(b) => b.clone(),
+            None if self.bad_kernel => (format!("/data/vms/{}/not-a-kernel", self.id), None, String::new()),
+            None => (
+                "/data/images/vmlinuz".into(),
+                Some("/data/images/devguest.img".into()),
+                "console=ttyS0 panic=-1 devguest.interval_ms=250".into(),
+            ),
+        };
         json!({
             "id": self.id,
             "name": self.name,
@@ -75,10 +91,10 @@ impl Vm {
             "disks": [{"path": format!("/data/vms/{}/disk.img", self.id), "read_only": false}],
             "config": {
                 "vcpus": 1,
-                "memory_mib": 128,
-                "kernel": if self.bad_kernel { format!("/data/vms/{}/not-a-kernel", self.id) } else { "/data/images/vmlinuz".into() },
-                "initramfs": "/data/images/devguest.img",
-                "cmdline": "console=ttyS0 panic=-1 devguest.interval_ms=250",
+                "memory_mib": self.memory_mib,
+                "kernel": kernel,
+                "initramfs": initramfs,
+                "cmdline": cmdline,
                 "display": null, "input": false, "net_taps": [], "rng": false, "agent": self.agent
             },
             "policy": {"autostart_hidden": self.autostart, "restart": "on-failure"},
@@ -94,6 +110,10 @@ fn registry_json(vms: &[&Vm]) -> String {
 
 /// Builds the data disk: staging folder → ext4 (`mkfs.ext4 -d`) → GPT partition.
 fn data_disk(dir: &Path, vms: &[&Vm], registry: &str, backup: Option<&str>) -> PathBuf {
+    data_disk_sized(dir, vms, registry, backup, PART_SIZE)
+}
+
+fn data_disk_sized(dir: &Path, vms: &[&Vm], registry: &str, backup: Option<&str>, part_size: u64) -> PathBuf {
     let a = artifacts();
     let staging = dir.join("data-staging");
     let _ = std::fs::remove_dir_all(&staging);
@@ -107,8 +127,14 @@ fn data_disk(dir: &Path, vms: &[&Vm], registry: &str, backup: Option<&str>) -> P
     for vm in vms {
         let d = staging.join("vms").join(&vm.id);
         std::fs::create_dir_all(&d).unwrap();
-        if vm.disk {
-            std::fs::File::create(d.join("disk.img")).unwrap().set_len(1 << 20).unwrap();
+        match (&vm.disk_src, vm.disk) {
+            (Some(src), _) => {
+                // Sparse: the image is mostly holes.
+                let st = Command::new("cp").arg("--sparse=always").arg(src).arg(d.join("disk.img")).status().unwrap();
+                assert!(st.success());
+            }
+            (None, true) => std::fs::File::create(d.join("disk.img")).unwrap().set_len(1 << 20).unwrap(),
+            (None, false) => {}
         }
         if vm.bad_kernel {
             std::fs::write(d.join("not-a-kernel"), b"this is not a bzImage").unwrap();
@@ -124,13 +150,13 @@ fn data_disk(dir: &Path, vms: &[&Vm], registry: &str, backup: Option<&str>) -> P
         .args(["-q", "-F", "-L", "rayos-data", "-d"])
         .arg(&staging)
         .arg(&part)
-        .arg(format!("{}k", PART_SIZE / 1024))
+        .arg(format!("{}k", part_size / 1024))
         .status()
         .unwrap();
     assert!(st.success(), "mkfs.ext4 failed");
 
     let disk = dir.join("data-disk.img");
-    let size = PART_START_LBA * 512 + PART_SIZE + (1 << 20);
+    let size = PART_START_LBA * 512 + part_size + (1 << 20);
     let mut f = std::fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&disk).unwrap();
     f.set_len(size).unwrap();
     let mut gpt = gptman::GPT::new_from(&mut f, 512, guid_le(&new_uuid())).unwrap();
@@ -138,15 +164,27 @@ fn data_disk(dir: &Path, vms: &[&Vm], registry: &str, backup: Option<&str>) -> P
         partition_type_guid: guid_le(DATA_TYPE_GUID),
         unique_partition_guid: guid_le(&new_uuid()),
         starting_lba: PART_START_LBA,
-        ending_lba: PART_START_LBA + PART_SIZE / 512 - 1,
+        ending_lba: PART_START_LBA + part_size / 512 - 1,
         attribute_bits: 0,
         partition_name: "rayos-data".into(),
     };
     gpt.write_into(&mut f).unwrap();
     gptman::GPT::write_protective_mbr_into(&mut f, 512).unwrap();
+    // Copy only the blocks that hold data: the disk file stays sparse.
     let mut src = std::fs::File::open(&part).unwrap();
-    f.seek(SeekFrom::Start(PART_START_LBA * 512)).unwrap();
-    std::io::copy(&mut src, &mut f).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    loop {
+        let n = src.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        if buf[..n].iter().any(|b| *b != 0) {
+            f.seek(SeekFrom::Start(PART_START_LBA * 512 + off)).unwrap();
+            f.write_all(&buf[..n]).unwrap();
+        }
+        off += n as u64;
+    }
     f.flush().unwrap();
     let _ = std::fs::remove_file(&part);
     disk
@@ -395,4 +433,39 @@ fn vm_registry_survives_reboot_and_a_corrupt_registry_falls_back_to_the_backup()
     assert_eq!(live["vms"].as_array().unwrap().len(), 2);
     let bak: Value = serde_json::from_slice(&read_data_file(&disk, "/registry/vms.json.bak").unwrap()).unwrap();
     assert_eq!(bak["vms"].as_array().unwrap().len(), 1, "the backup is the version before the create");
+}
+
+/// The default Linux guest (Debian bookworm + systemd + the RayOS guest agent, built by
+/// `rootfs_builder::guest`) autostarts under the supervisor in a real RayOS, its agent reports
+/// ready, its serial console offers a login, and a stop shuts it down cleanly.
+#[test]
+fn vm_default_debian_guest_boots_to_a_login() {
+    let guest = rootfs_builder::guest::ensure_default_linux_guest().expect("building the default Linux guest");
+    let mut debian = Vm::new("debian", true);
+    debian.memory_mib = 512;
+    debian.disk_src = Some(guest.disk.clone());
+    debian.boot = Some(("/data/images/vmlinuz".into(), None, guest.cmdline.clone()));
+    let registry = registry_json(&[&debian]);
+    let (mut q, _disk) = boot("vm-debian", |dir| data_disk_sized(dir, &[&debian], &registry, None, BIG_PART_SIZE));
+    q.wait_for("rayosd: ready", BOOT_TIMEOUT).unwrap();
+    q.wait_for("vm debian: autostart (hidden)", BOOT_TIMEOUT).unwrap();
+    // The agent's boot-timer write comes when systemd starts it: "guest init" here is the
+    // agent's start, later than the kernel's init.
+    let init = q.wait_for("vm debian: guest init reached", Duration::from_secs(600)).unwrap();
+    eprintln!("debian: {init}");
+    q.wait_for("vm debian: guest agent ready", Duration::from_secs(120)).unwrap();
+    let t = Instant::now();
+    loop {
+        let serial = ctl_ok(&q, &["vm", "logs", "debian", "-n", "400"])["serial"].as_str().unwrap_or_default().to_string();
+        if serial.contains("rayos-linux login:") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(300), "no login prompt on the serial console:\n{serial}");
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    ctl_ok(&q, &["vm", "stop", "debian"]);
+    let v = wait_vm(&q, "debian", "stopped", Duration::from_secs(300), |v| v["state"] == "stopped");
+    assert_eq!(v["detail"], "the guest powered off", "not a clean power-off: {v}");
+    ctl_ok(&q, &["poweroff"]);
+    q.wait_exit(Duration::from_secs(60)).unwrap();
 }

@@ -656,7 +656,8 @@ impl VmManager {
             return Outcome::Crashed(format!("opened no control socket within {:?} and was killed", self.settings.socket_timeout));
         }
         match (kind, stopping) {
-            (_, Some(_)) => Outcome::Stopped(format!("stopped; VMM {kind}")),
+            (ExitKind::Exited(0), Some((_, false))) => Outcome::Stopped("the guest powered off".into()),
+            (_, Some((_, forced))) => Outcome::Stopped(format!("{}; VMM {kind}", if forced { "forced off" } else { "stopped" })),
             (ExitKind::Exited(0), None) => Outcome::Stopped("the guest powered off".into()),
             (ExitKind::Exited(EXIT_REBOOT), None) => Outcome::Rebooted,
             (k, None) => Outcome::Crashed(k.to_string()),

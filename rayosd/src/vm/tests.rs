@@ -166,6 +166,7 @@ async fn start_pause_resume_stop_are_seen_by_the_guest() {
     env.mgr.stop("deb", false).unwrap();
     let info = wait_state(&env, "deb", "stopped", Duration::from_secs(3)).await;
     assert_eq!(info.pid, 0);
+    assert_eq!(info.detail, "the guest powered off");
     assert!(std::fs::read_to_string(&serial).unwrap().contains("power button"), "the guest saw no ACPI shutdown");
     assert!(env.mgr.logs("deb", 50).unwrap().contains("power button"));
 
@@ -188,7 +189,8 @@ async fn a_guest_that_ignores_the_power_button_is_forced_off() {
     wait_state(&env, "stubborn", "running", Duration::from_secs(5)).await;
     let t = Instant::now();
     env.mgr.stop("stubborn", false).unwrap();
-    wait_state(&env, "stubborn", "stopped", Duration::from_secs(5)).await;
+    let i = wait_state(&env, "stubborn", "stopped", Duration::from_secs(5)).await;
+    assert!(i.detail.starts_with("forced off"), "{}", i.detail);
     // stop_timeout is 500 ms: forced after it, not before.
     assert!(t.elapsed() >= Duration::from_millis(500), "forced too early: {:?}", t.elapsed());
 }
