@@ -12,6 +12,18 @@
 //! refused), so loops end. Requests the device can answer get an error status; a ring the
 //! device cannot use any more (bad avail index, used ring outside RAM) marks the device
 //! DEVICE_NEEDS_RESET and the worker stops touching that queue.
+//!
+//! Wiring (the core does this in `attach.rs`):
+//! ```text
+//! let blk = block::VirtioBlock::new(block::BlockConfig { path, read_only, serial: None })?;
+//! pci_root.add(Box::new(VirtioPciDevice::new(Box::new(blk), mem.clone(), vm.clone())?))?;
+//! let (console, mut host_ends) = console::VirtioConsole::new(&["org.rayos.agent"])?;
+//! let (kbd, injector) = input::VirtioInput::new(input::InputKind::Keyboard, "RayOS Keyboard")?;
+//! let net = net::VirtioNet::new(net::NetConfig { tap: "tap0".into(), mac })?;
+//! let rng = rng::VirtioRng::new();
+//! ```
+//! The guest kernel needs CONFIG_PCI_MSI: there is no INTx fallback (a line interrupt would
+//! need a `VmHandle` method for it).
 
 pub mod block;
 pub mod chain;
