@@ -115,6 +115,38 @@ pub struct VmRecord {
     pub last_booted_at: Option<u64>,
 }
 
+/// The kernel command line of the default Linux guest (`rootfs_builder::guest::CMDLINE`).
+pub const DEFAULT_LINUX_CMDLINE: &str = "console=tty1 console=ttyS0,115200 root=/dev/vda rw panic=10";
+
+impl VmRecord {
+    /// The default Linux subsystem as the installer registers it: its files in `vm_dir`
+    /// (`/data/vms/<id>/`): `disk.img` (the Debian ext4 image) and `vmlinuz` (the RayOS kernel);
+    /// 2 vCPUs, 2 GiB, display, input, the agent port; autostart hidden, restarted on failure.
+    pub fn default_linux(id: Uuid, vm_dir: &Path) -> VmRecord {
+        VmRecord {
+            id,
+            name: "linux".into(),
+            kind: VmKind::Linux,
+            disks: vec![DiskRecord { path: vm_dir.join("disk.img"), read_only: false }],
+            config: DeviceConfig {
+                vcpus: 2,
+                memory_mib: 2048,
+                kernel: vm_dir.join("vmlinuz"),
+                initramfs: None,
+                cmdline: DEFAULT_LINUX_CMDLINE.into(),
+                display: Some((1280, 800)),
+                input: true,
+                net_taps: vec![],
+                rng: true,
+                agent: true,
+            },
+            policy: Policy { autostart_hidden: true, restart: RestartPolicy::OnFailure },
+            created_at: now_secs(),
+            last_booted_at: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RegistryFile {
@@ -483,6 +515,20 @@ mod tests {
         assert!(reg.vms().is_empty());
         assert_eq!(problems.len(), 2);
         assert!(d.join("vms.json.corrupt-1").exists() && d.join("vms.json.bak.corrupt-1").exists());
+    }
+
+    #[test]
+    fn the_default_linux_record_registers_and_reloads() {
+        let d = tmpdir("default");
+        let id = Uuid::new_v4();
+        let (mut reg, _) = Registry::open(&d).unwrap();
+        reg.insert(VmRecord::default_linux(id, Path::new("/data/vms/x"))).unwrap();
+        let (reg, _) = Registry::open(&d).unwrap();
+        let vm = reg.find("linux").unwrap();
+        assert_eq!(vm.id, id);
+        assert!(vm.policy.autostart_hidden && vm.config.agent);
+        assert_eq!(vm.disks[0].path, Path::new("/data/vms/x/disk.img"));
+        assert!(vm.config.cmdline.contains("root=/dev/vda"));
     }
 
     #[test]
