@@ -371,7 +371,7 @@ fn blk_through_the_transport_with_event_idx_and_indirect_descriptors() {
     // Write "RAYOS" to sector 5.
     mem.write_obj(1u32, GuestAddress(0x10_0000)).unwrap();
     mem.write_obj(5u64, GuestAddress(0x10_0008)).unwrap();
-    mem.write_slice(&[b'R', b'A', b'Y', b'O', b'S'], GuestAddress(0x20_0000)).unwrap();
+    mem.write_slice(b"RAYOS", GuestAddress(0x20_0000)).unwrap();
     rings.add_desc_chains(
         0,
         &[desc(0x10_0000, 16, VRING_DESC_F_NEXT, 1), desc(0x20_0000, 512, VRING_DESC_F_NEXT, 2), desc(0x30_0000, 1, VRING_DESC_F_WRITE, 0)],
