@@ -30,9 +30,10 @@ const QUEUE_SIZES: &[u16] = &[256, 256];
 const RX: usize = 0;
 const TX: usize = 1;
 const TAP_TOKEN: u64 = 2;
-/// Largest frame the guest may send: header + Ethernet header + VLAN tag + 64 KiB, which
-/// covers both a GSO frame (HOST_TSO) and the largest MTU Linux allows without F_MTU.
-const MAX_TX_FRAME: u64 = (VNET_HDR_LEN + 14 + 4 + 65535) as u64;
+/// Largest frame the guest may send: header + 64 KiB of IP packet + link-layer headers
+/// (Ethernet, VLAN tags) with room to spare; covers a GSO frame (HOST_TSO) and the largest
+/// MTU Linux allows without F_MTU.
+const MAX_TX_FRAME: u64 = (VNET_HDR_LEN + 65536 + 128) as u64;
 
 #[derive(Clone, Debug)]
 pub struct NetConfig {
