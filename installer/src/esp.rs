@@ -123,12 +123,12 @@ pub struct EspReport {
 /// machine's existing ESP: only files that are ours (`rayos/`, our entries) are replaced; an
 /// existing systemd-boot or loader.conf is kept (another systemd-boot reads our entries too).
 pub fn install_files<T: Read + Write + Seek>(
-    window: T,
+    mut window: T,
     files: &BootFiles,
     created_by_us: bool,
     version: &str,
 ) -> Result<EspReport, EspError> {
-    let fs = fatfs::FileSystem::new(window, fatfs::FsOptions::new()).map_err(io_err("opening FAT filesystem"))?;
+    let fs = fatfs::FileSystem::new(&mut window, fatfs::FsOptions::new()).map_err(io_err("opening FAT filesystem"))?;
     let mut report = EspReport::default();
 
     // Old default entries of an earlier install, whatever their tries counter.
@@ -164,6 +164,8 @@ pub fn install_files<T: Read + Write + Seek>(
     put(&format!("loader/entries/{}", bls::DEFAULT_ENTRY), bls::default_entry(version).as_bytes(), true)?;
     put(&format!("loader/entries/{}", bls::RESCUE_ENTRY), bls::rescue_entry(version).as_bytes(), true)?;
     fs.unmount().map_err(io_err("unmounting FAT filesystem"))?;
+    crate::fatfix::fix_dot_entries(&mut window, &["EFI", "EFI/BOOT", "EFI/systemd", "loader", "loader/entries", "rayos"])
+        .map_err(io_err("repairing directory entries"))?;
     Ok(report)
 }
 
@@ -171,4 +173,34 @@ pub fn install_files<T: Read + Write + Seek>(
 pub fn read_from<T: Read + Write + Seek>(window: T, path: &str) -> Result<Option<Vec<u8>>, EspError> {
     let fs = fatfs::FileSystem::new(window, fatfs::FsOptions::new()).map_err(io_err("opening FAT filesystem"))?;
     read_file(&fs, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fsck(path: &std::path::Path) -> (bool, String) {
+        let out = std::process::Command::new("fsck.vfat").arg("-n").arg(path).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    #[test]
+    fn formatted_esp_with_files_passes_fsck() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("esp.img");
+        let f = File::create(&img).unwrap();
+        f.set_len(512 << 20).unwrap();
+        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&img).unwrap();
+        format(Window::new(&mut f, 0, 512 << 20)).unwrap();
+        let files = BootFiles { systemd_boot: vec![1; 1000], kernel: vec![2; 100_000], initramfs: vec![3; 300_000], answers: None };
+        install_files(Window::new(&mut f, 0, 512 << 20), &files, true, "0.1.0").unwrap();
+        let (ok, out) = fsck(&img);
+        assert!(ok, "{out}");
+        // and fatfs still reads what it wrote
+        let k = read_from(Window::new(&mut f, 0, 512 << 20), "rayos/vmlinuz").unwrap().unwrap();
+        assert_eq!(k, files.kernel);
+        let fs = fatfs::FileSystem::new(Window::new(&mut f, 0, 512 << 20), fatfs::FsOptions::new()).unwrap();
+        let names: Vec<String> = fs.root_dir().open_dir("loader/entries").unwrap().iter().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, [".", "..", "rayos+3.conf", "rayos-rescue.conf"]);
+    }
 }

@@ -31,12 +31,19 @@ pub enum GptError {
 #[derive(Default)]
 struct Recorder {
     pos: u64,
+    /// Disk size, for gptman's protective MBR which seeks to the end to size itself.
+    end: u64,
     writes: Vec<(u64, Vec<u8>)>,
 }
 
 impl Write for Recorder {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.writes.push((self.pos, buf.to_vec()));
+        // gptman encodes field by field; contiguous pieces are merged so each header and each
+        // entry array reaches the disk as one write.
+        match self.writes.last_mut() {
+            Some((off, data)) if *off + data.len() as u64 == self.pos => data.extend_from_slice(buf),
+            _ => self.writes.push((self.pos, buf.to_vec())),
+        }
         self.pos += buf.len() as u64;
         Ok(buf.len())
     }
@@ -49,7 +56,12 @@ impl Seek for Recorder {
     fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
         match to {
             SeekFrom::Start(p) => self.pos = p,
-            _ => return Err(io::Error::new(io::ErrorKind::Unsupported, "recorder seeks from start only")),
+            SeekFrom::Current(d) => {
+                self.pos = self.pos.checked_add_signed(d).ok_or_else(|| io::Error::other("seek before start"))?
+            }
+            SeekFrom::End(d) => {
+                self.pos = self.end.checked_add_signed(d).ok_or_else(|| io::Error::other("seek before start"))?
+            }
         }
         Ok(self.pos)
     }
@@ -94,9 +106,10 @@ pub fn write<D: Write + Seek>(
 ) -> Result<u64, GptError> {
     let disk = plan.disk.name.clone();
     let ss = gpt.sector_size;
-    let mut rec = Recorder::default();
+    let end = (gpt.header.primary_lba.max(gpt.header.backup_lba) + 1) * ss;
+    let mut rec = Recorder { end, ..Default::default() };
     gpt.write_into(&mut rec).map_err(|source| GptError::Build { disk: disk.clone(), source })?;
-    let mut mbr = Recorder::default();
+    let mut mbr = Recorder { end, ..Default::default() };
     if plan.new_table {
         gptman::GPT::write_protective_mbr_into(&mut mbr, ss)
             .map_err(|source| GptError::Build { disk: disk.clone(), source })?;

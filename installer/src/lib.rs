@@ -9,6 +9,7 @@ pub mod datafs;
 pub mod disks;
 pub mod efiboot;
 pub mod esp;
+pub mod fatfix;
 pub mod gpt;
 pub mod guids;
 pub mod install;

@@ -1,0 +1,135 @@
+//! Answer-file validation: each wrong or missing field is rejected with its name, and disk
+//! selection/confirmation refuse what they must.
+
+mod common;
+
+use common::*;
+use installer::answers::{parse, to_toml};
+use installer::disks;
+use installer::plan::{make_plan, Target, VmStorage};
+
+const GOOD: &str = r#"version = 1
+[disk]
+match = { serial = "NV-1" }
+target = "whole-disk"
+confirm = "wipe NV-1"
+"#;
+
+fn err(text: &str) -> String {
+    parse("answers.toml", text).unwrap_err().to_string()
+}
+
+#[test]
+fn minimal_file_is_valid_with_defaults() {
+    let a = parse("answers.toml", GOOD).unwrap();
+    assert_eq!(a.target, Target::WholeDisk);
+    assert_eq!(a.vm_storage, VmStorage::DataVolume);
+    assert_eq!(a.config.hostname, "rayos");
+}
+
+#[test]
+fn each_invalid_field_is_named() {
+    let cases: &[(&str, &str)] = &[
+        ("", "answers.toml: version: missing"),
+        ("version = 2\n", "answers.toml: version: 2 is not supported"),
+        ("version = 1\n", "answers.toml: disk: missing"),
+        ("version = 1\n[disk]\ntarget = \"whole-disk\"\n", "answers.toml: disk.match: missing"),
+        ("version = 1\n[disk]\nmatch = {}\n", "answers.toml: disk.match: empty"),
+        ("version = 1\n[disk]\nmatch = { serial = \"X\" }\n", "answers.toml: disk.target: missing"),
+        ("version = 1\n[disk]\nmatch = { serial = \"X\" }\ntarget = \"everything\"\n", "answers.toml: disk.target: \"everything\""),
+        ("version = 1\n[disk]\nmatch = { serial = \"X\" }\ntarget = \"partition\"\n", "answers.toml: disk.partition: missing"),
+        ("version = 1\n[disk]\nmatch = { serial = \"X\" }\ntarget = \"whole-disk\"\n", "answers.toml: disk.confirm: missing"),
+        ("version = 1\n[disk]\nmatch = { size = \"big\" }\n", "answers.toml: disk.match.size: \"big\""),
+        ("version = 1\n[disk]\nmatch = { colour = \"red\" }\n", "answers.toml: disk.match: unknown field `colour`"),
+        ("version = 1\n[disk]\nmatch = { serial = 5 }\n", "answers.toml: disk.match: invalid type: integer `5`, expected a string"),
+        ("version = 1\n[disk]\nmatch = { serial = \"X\" }\ntarget = \"whole-disk\"\nconfirm = \"wipe X\"\nfrobnicate = true\n", "answers.toml: disk.frobnicate: unknown field `frobnicate`"),
+    ];
+    for (text, want) in cases {
+        let got = err(text);
+        assert!(got.starts_with(want), "for\n{text}\nwant prefix {want:?}\ngot {got:?}");
+    }
+    let with = |extra: &str| format!("{GOOD}{extra}");
+    for (extra, want) in [
+        ("[storage]\nfilesystem = \"btrfs\"\n", "answers.toml: storage.filesystem: \"btrfs\": only \"ext4\""),
+        ("[storage]\nvm_storage = \"cloud\"\n", "answers.toml: storage.vm_storage: \"cloud\""),
+        ("[storage]\nvm_storage = \"partition\"\n", "answers.toml: storage.vm_storage_size: missing"),
+        ("[storage]\nvm_storage = \"path\"\nvm_storage_path = \"/etc\"\n", "answers.toml: storage.vm_storage_path: \"/etc\": must be a directory under /data/"),
+        ("[system]\nhostname = \"bad name\"\n", "answers.toml: system.hostname: \"bad name\""),
+        ("[system]\ntimezone = \"../../x\"\n", "answers.toml: system.timezone"),
+        ("[system]\nlocale = \"klingon\"\n", "answers.toml: system.locale"),
+        ("[system]\nkeymap = \"a b\"\n", "answers.toml: system.keymap"),
+        ("[policy]\nautostart_linux_hidden = \"yes\"\n", "answers.toml: policy.autostart_linux_hidden: invalid type: string \"yes\", expected a boolean"),
+    ] {
+        let got = err(&with(extra));
+        assert!(got.starts_with(want), "for {extra:?}: want prefix {want:?}, got {got:?}");
+    }
+}
+
+fn machine() -> (FakeMachine, Vec<installer::disks::Disk>) {
+    let m = FakeMachine::new();
+    m.add_disk(&nvme("nvme0n1", "NV-1", 16 * GIB));
+    m.add_disk(&nvme("nvme1n1", "NV-2", 16 * GIB));
+    m.add_disk(&DiskSpec {
+        name: "sda",
+        devpath: "pci0000:00/0000:00:0d.0/usb2/2-1/2-1:1.0/host2/target2:0:0/2:0:0:0/block/sda",
+        model: "USB STICK",
+        serial: "USB-1",
+        serial_in_vpd: true,
+        size: 16 * GIB,
+        removable: true,
+    });
+    let d = disks::enumerate(&m.paths, None).unwrap();
+    (m, d)
+}
+
+#[test]
+fn disk_selection_errors_name_the_match_and_list_the_disks() {
+    let (_m, disks) = machine();
+    let sel = |m: &str| {
+        let text = format!("version = 1\n[disk]\nmatch = {{ {m} }}\ntarget = \"whole-disk\"\nconfirm = \"wipe X\"\n");
+        parse("answers.toml", &text).unwrap().select_disk("answers.toml", &disks).map(|d| d.name.clone())
+    };
+    let e = sel("serial = \"X\"").unwrap_err().to_string();
+    assert!(
+        e.starts_with("answers.toml: disk.match: no disk with serial \"X\" (found: nvme0n1 \"QEMU NVMe Ctrl\" serial \"NV-1\" 16.0 GiB;"),
+        "{e}"
+    );
+    assert!(e.contains("USB-1"), "{e}");
+    let e = sel("model = \"QEMU NVMe Ctrl\"").unwrap_err().to_string();
+    assert!(e.contains("matches 2 disks (nvme0n1, nvme1n1)"), "{e}");
+    assert_eq!(sel("model = \"QEMU NVMe Ctrl\", serial = \"NV-2\"").unwrap(), "nvme1n1");
+    assert_eq!(sel("size = \"16G\", serial = \"NV-1\"").unwrap(), "nvme0n1");
+    assert_eq!(sel("device = \"nvme1n1\"").unwrap(), "nvme1n1");
+    let e = sel("serial = \"USB-1\"").unwrap_err().to_string();
+    assert!(e.contains("which is refused: removable disk"), "{e}");
+}
+
+#[test]
+fn confirmation_must_name_the_disk_and_say_wipe_when_destroying() {
+    let (_m, disks) = machine();
+    let with_confirm = |c: &str| {
+        parse("answers.toml", &GOOD.replace("confirm = \"wipe NV-1\"", &format!("confirm = \"{c}\""))).unwrap()
+    };
+    let plan = make_plan(&disks[0], Target::WholeDisk, VmStorage::DataVolume).unwrap();
+    assert!(with_confirm("wipe NV-1").check_confirm("answers.toml", &plan).is_ok());
+    for bad in ["yes", "wipe NV-2", "install NV-1", "wipe nv-1"] {
+        let e = with_confirm(bad).check_confirm("answers.toml", &plan).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("answers.toml: disk.confirm: \"{bad}\" does not confirm")), "{e}");
+        assert!(e.contains("write confirm = \"wipe NV-1\""), "{e}");
+    }
+}
+
+#[test]
+fn wizard_answers_round_trip_through_the_parser() {
+    let (_m, disks) = machine();
+    let mut cfg = installer::config::SystemConfig::default();
+    cfg.hostname = "saved".into();
+    cfg.policy.autostart_windows_hidden = true;
+    let text = to_toml(&disks[1], &Target::Partition(3), &VmStorage::DedicatedPartition { size_bytes: 8 * GIB }, &cfg, "wipe NV-2");
+    let a = parse("saved.toml", &text).unwrap();
+    assert_eq!(a.target, Target::Partition(3));
+    assert_eq!(a.vm_storage, VmStorage::DedicatedPartition { size_bytes: 8 * GIB });
+    assert_eq!(a.config, cfg);
+    assert_eq!(a.confirm, "wipe NV-2");
+    assert_eq!(a.select_disk("saved.toml", &disks).unwrap().name, "nvme1n1");
+}

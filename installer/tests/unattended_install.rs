@@ -1,0 +1,208 @@
+//! The unattended install end to end on file-backed disks: answer file → disk selection →
+//! plan → confirmation → install, checked with the real fsck.vfat, e2fsck and debugfs.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use installer::answers;
+use installer::disks;
+use installer::guids;
+use installer::plan::make_plan;
+
+fn answer_file(serial: &str, target: &str, confirm: &str) -> String {
+    format!(
+        r#"version = 1
+[disk]
+match = {{ serial = "{serial}" }}
+target = "{target}"
+confirm = "{confirm}"
+[storage]
+filesystem = "ext4"
+vm_storage = "data-volume"
+[system]
+hostname = "testbox"
+timezone = "Europe/Paris"
+locale = "de_DE.UTF-8"
+keymap = "de"
+[policy]
+autostart_linux_hidden = true
+autostart_windows_hidden = false
+"#
+    )
+}
+
+fn debugfs_cat(part: &Path, file: &str) -> String {
+    let (ok, out) = run("debugfs", &["-R", &format!("cat {file}"), part.to_str().unwrap()]);
+    assert!(ok, "debugfs cat {file}: {out}");
+    out.lines().filter(|l| !l.starts_with("debugfs ")).collect::<Vec<_>>().join("\n")
+}
+
+#[test]
+fn unattended_whole_disk_install_produces_bootable_layout() {
+    let m = FakeMachine::new();
+    let img = m.add_disk(&nvme("nvme0n1", "TARGET-1", 6 * GIB));
+    m.add_disk(&nvme("nvme1n1", "OTHER-2", 6 * GIB));
+    std::fs::create_dir_all(m.dir.path().join("efivars")).unwrap();
+
+    let text = answer_file("TARGET-1", "whole-disk", "wipe TARGET-1");
+    let a = answers::parse("answers.toml", &text).unwrap();
+    let all = disks::enumerate(&m.paths, None).unwrap();
+    let disk = a.select_disk("answers.toml", &all).unwrap();
+    assert_eq!(disk.name, "nvme0n1");
+    let plan = make_plan(disk, a.target.clone(), a.vm_storage.clone()).unwrap();
+    a.check_confirm("answers.toml", &plan).unwrap();
+
+    let files = boot_files();
+    let mut steps = Vec::new();
+    let report = installer::install::install(&m.env(), &plan, &a.config, &files, Some(&text), &mut |pct, msg| {
+        steps.push((pct, msg.to_string()))
+    })
+    .unwrap();
+    eprintln!("install: {:?}, {} bytes written", report.duration, report.bytes_written);
+    assert!(steps.windows(2).all(|w| w[0].0 <= w[1].0), "progress only goes forward");
+    assert_eq!(steps.last().unwrap().0, 100);
+    assert!(report.bytes_written > files.kernel.len() as u64 + files.initramfs.len() as u64);
+    assert_eq!(report.boot_entry, Some(0));
+
+    // The table as a reader sees it.
+    let after = disks::enumerate(&m.paths, None).unwrap().remove(0);
+    let types: Vec<_> = after.partitions.iter().map(|p| (p.number, p.type_guid, p.filesystem)).collect();
+    assert_eq!(types, [(1, guids::ESP, Some("vfat")), (2, guids::RAYOS_DATA, Some("ext4"))]);
+
+    // ESP: valid FAT32 holding the boot chain.
+    let esp = &after.partitions[0];
+    let esp_img = m.dir.path().join("esp.img");
+    extract(&img, esp.first_lba * 512, esp.size_bytes, &esp_img);
+    let (ok, out) = run("fsck.vfat", &["-n", esp_img.to_str().unwrap()]);
+    assert!(ok, "fsck.vfat: {out}");
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&esp_img).unwrap();
+    let read = |f: &mut std::fs::File, p: &str| {
+        installer::esp::read_from(installer::blockio::Window::new(f, 0, esp.size_bytes), p).unwrap()
+    };
+    assert_eq!(read(&mut f, "rayos/vmlinuz").unwrap(), files.kernel);
+    assert_eq!(read(&mut f, "rayos/initramfs.img").unwrap(), files.initramfs);
+    assert_eq!(read(&mut f, "EFI/systemd/systemd-bootx64.efi").unwrap(), files.systemd_boot);
+    assert_eq!(read(&mut f, "EFI/BOOT/BOOTX64.EFI").unwrap(), files.systemd_boot, "fallback path on an ESP we made");
+    let entry = String::from_utf8(read(&mut f, "loader/entries/rayos+3.conf").unwrap()).unwrap();
+    assert!(entry.contains("options rayos.mode=installed console=tty0 console=ttyS0,115200 panic=10"));
+    assert!(read(&mut f, "loader/entries/rayos-rescue.conf").is_some());
+    assert!(String::from_utf8(read(&mut f, "loader/loader.conf").unwrap()).unwrap().contains("default rayos.conf"));
+
+    // Data volume: clean ext4 labelled rayos-data with the layout.
+    let data = &after.partitions[1];
+    let data_img = m.dir.path().join("data.img");
+    extract(&img, data.first_lba * 512, data.size_bytes, &data_img);
+    let (ok, out) = run("e2fsck", &["-fn", data_img.to_str().unwrap()]);
+    assert!(ok, "e2fsck: {out}");
+    let (_, label) = run("e2label", &[data_img.to_str().unwrap()]);
+    assert_eq!(label.trim(), "rayos-data");
+    let system = debugfs_cat(&data_img, "/config/system.toml");
+    let sys: installer::config::SystemToml = toml::from_str(&system).unwrap();
+    assert_eq!((sys.hostname.as_str(), sys.timezone.as_str(), sys.keymap.as_str()), ("testbox", "Europe/Paris", "de"));
+    assert!(sys.policy.autostart_linux_hidden);
+    let reg: serde_json::Value = serde_json::from_str(&debugfs_cat(&data_img, "/registry/vms.json")).unwrap();
+    assert_eq!(reg["schema_version"], 1);
+    assert!(reg["vms"].as_array().unwrap().is_empty());
+    let log = debugfs_cat(&data_img, "/install.log");
+    assert!(log.contains("TARGET-1") && log.contains("install complete"), "{log}");
+    assert_eq!(debugfs_cat(&data_img, "/config/answers.toml"), text.trim_end());
+    let (_, ls) = run("debugfs", &["-R", "ls -p /", data_img.to_str().unwrap()]);
+    for dir in ["/config/", "/registry/", "/vms/", "/logs/"] {
+        assert!(ls.contains(&format!("/{}/", dir.trim_matches('/'))), "{dir} missing: {ls}");
+    }
+
+    // Boot#### points at the ESP we made.
+    let boot0 = std::fs::read(m.dir.path().join(format!("efivars/Boot0000-{}", installer::efiboot::GLOBAL_GUID))).unwrap();
+    let loc = installer::efiboot::LoaderLocation {
+        partition_number: 1,
+        first_lba: esp.first_lba,
+        size_lba: esp.size_bytes / 512,
+        part_uuid: esp.part_uuid,
+        path: "\\EFI\\systemd\\systemd-bootx64.efi".into(),
+    };
+    assert_eq!(&boot0[4..], &installer::efiboot::load_option("RayOS", &loc)[..]);
+
+    // The other disk was not touched.
+    assert_eq!(std::fs::metadata(m.paths.dev.join("nvme1n1")).unwrap().len(), 6 * GIB);
+    assert_eq!(disks::enumerate(&m.paths, None).unwrap()[1].gpt_disk_guid, None);
+}
+
+#[test]
+fn install_beside_existing_data_reuses_esp_and_keeps_checksum() {
+    let m = FakeMachine::new();
+    let img = m.add_disk(&nvme("nvme0n1", "TARGET-1", 8 * GIB));
+    write_gpt(
+        &img,
+        &[(guids::ESP, "EFI", 2048, 206847), (guids::LINUX_DATA, "home", 206848, 206848 + 131072 - 1)],
+    );
+    // The machine's ESP with another OS's loader.conf and files.
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&img).unwrap();
+    installer::esp::format(installer::blockio::Window::new(&mut f, 2048 * 512, 100 * MIB)).unwrap();
+    {
+        let fs = fatfs::FileSystem::new(installer::blockio::Window::new(&mut f, 2048 * 512, 100 * MIB), fatfs::FsOptions::new())
+            .unwrap();
+        fs.root_dir().create_dir("loader").unwrap();
+        use std::io::Write;
+        fs.root_dir().create_file("loader/loader.conf").unwrap().write_all(b"default other.conf\n").unwrap();
+        fs.root_dir().create_dir("EFI").unwrap();
+        fs.root_dir().create_dir("EFI/other").unwrap();
+        fs.root_dir().create_file("EFI/other/grubx64.efi").unwrap().write_all(b"grub").unwrap();
+    }
+    drop(f);
+    let home_sum = fill_pattern(&img, 206848 * 512, 64 * MIB);
+
+    let text = answer_file("TARGET-1", "largest-free", "install TARGET-1");
+    let a = answers::parse("answers.toml", &text).unwrap();
+    let all = disks::enumerate(&m.paths, None).unwrap();
+    let plan = make_plan(a.select_disk("answers.toml", &all).unwrap(), a.target.clone(), a.vm_storage.clone()).unwrap();
+    a.check_confirm("answers.toml", &plan).unwrap();
+    let mut env = m.env();
+    env.efivars = None;
+    let report = installer::install::install(&env, &plan, &a.config, &boot_files(), None, &mut |_, _| {}).unwrap();
+    assert_eq!(report.boot_entry, None);
+    assert!(report.log.contains("kept the machine's loader/loader.conf"), "{}", report.log);
+
+    assert_eq!(checksum(&img, 206848 * 512, 64 * MIB), home_sum, "the neighbour partition is byte-for-byte unchanged");
+    let after = disks::enumerate(&m.paths, None).unwrap().remove(0);
+    assert_eq!(after.partitions.len(), 3);
+    assert_eq!(after.partitions[2].type_guid, guids::RAYOS_DATA);
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&img).unwrap();
+    let mut read = |p: &str| installer::esp::read_from(installer::blockio::Window::new(&mut f, 2048 * 512, 100 * MIB), p).unwrap();
+    assert_eq!(read("loader/loader.conf").unwrap(), b"default other.conf\n");
+    assert_eq!(read("EFI/other/grubx64.efi").unwrap(), b"grub");
+    assert!(read("loader/entries/rayos+3.conf").is_some());
+    assert!(read("EFI/BOOT/BOOTX64.EFI").is_none(), "no fallback loader on someone else's ESP");
+
+    // Running the installer again over its own install works (recovery / reinstall): the
+    // RayOS data partition is reclaimed, the neighbour still untouched, the entry not doubled.
+    let all = disks::enumerate(&m.paths, None).unwrap();
+    let plan2 = make_plan(&all[0], a.target.clone(), a.vm_storage.clone()).unwrap();
+    assert_eq!(plan2.destroy.iter().map(|p| p.number).collect::<Vec<_>>(), [3]);
+    assert!(a.check_confirm("answers.toml", &plan2).is_err(), "reclaiming needs a wipe confirmation");
+    installer::install::install(&env, &plan2, &a.config, &boot_files(), None, &mut |_, _| {}).unwrap();
+    assert_eq!(checksum(&img, 206848 * 512, 64 * MIB), home_sum);
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&img).unwrap();
+    let fs = fatfs::FileSystem::new(installer::blockio::Window::new(&mut f, 2048 * 512, 100 * MIB), fatfs::FsOptions::new()).unwrap();
+    let entries: Vec<String> = fs.root_dir().open_dir("loader/entries").unwrap().iter().map(|e| e.unwrap().file_name()).filter(|n| !n.starts_with('.')).collect();
+    assert_eq!(entries.len(), 2, "{entries:?}");
+}
+
+#[test]
+fn disk_changed_between_plan_and_write_is_refused_before_any_write() {
+    let m = FakeMachine::new();
+    let img = m.add_disk(&nvme("nvme0n1", "TARGET-1", 6 * GIB));
+    let all = disks::enumerate(&m.paths, None).unwrap();
+    let plan = make_plan(&all[0], installer::plan::Target::WholeDisk, installer::plan::VmStorage::DataVolume).unwrap();
+    // Another disk now answers to the same name (hot-swap, renumbering).
+    let sys = std::fs::canonicalize(m.paths.sys_class_block.join("nvme0n1")).unwrap();
+    std::fs::write(sys.join("device/serial"), "SOMEONE-ELSE\n").unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&img).unwrap().blocks(), 0, "a fresh sparse image");
+    let err = installer::install::install(&m.env(), &plan, &Default::default(), &boot_files(), None, &mut |_, _| {})
+        .unwrap_err();
+    assert!(err.to_string().contains("serial was \"TARGET-1\", is \"SOMEONE-ELSE\""), "{err}");
+    assert!(err.to_string().contains("nothing was written"));
+    assert_eq!(std::fs::metadata(&img).unwrap().blocks(), 0, "not one block was written");
+}
