@@ -10,12 +10,11 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::control::System;
 
@@ -47,95 +46,121 @@ fn host_connected(fd: &File) -> bool {
 
 /// Serves the port forever, one session per host connection.
 pub async fn run(dev: PathBuf, system: Arc<System>) {
-    let file = match std::fs::OpenOptions::new().read(true).write(true).custom_flags_nonblock().open(&dev) {
+    let port = match std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_NOCTTY).open(&dev) {
         Ok(f) => f,
         Err(e) => {
             tracing::warn!("bridge: cannot open {}: {e}; host control through {PORT_NAME} is off", dev.display());
             return;
         }
     };
-    // SAFETY: `file` stays open, owned by the AsyncFd, for as long as the bridge runs.
-    let port = match unsafe { AsyncFd::register(file) } {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::warn!("bridge: {}: {}", dev.display(), std::io::Error::from(e));
-            return;
-        }
-    };
     tracing::info!("bridge: serving the control API on virtio-serial port {} ({PORT_NAME})", dev.display());
     loop {
         // The port reports HUP continuously while nobody is connected on the host, so poll.
-        while !host_connected(port.get_ref()) {
+        while !host_connected(&port) {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let (server_end, mut pump_end) = match tokio::net::UnixStream::pair() {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!("bridge: socketpair: {e}");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
+        tracing::info!("bridge: host connected on {}", dev.display());
+        let why = match port.try_clone() {
+            Ok(p) => session(p, system.clone()).await,
+            Err(e) => format!("dup: {e}"),
+        };
+        tracing::info!("bridge: session ended: {why}");
+    }
+}
+
+/// One host connection: a control-API server on a socketpair, with two small threads copying
+/// bytes between the socketpair and `port`.
+///
+/// Blocking threads rather than epoll: a virtio port reports HUP while the host is away, and
+/// an event loop keeps such "closed" readiness forever, which would spin.
+async fn session(port: File, system: Arc<System>) -> String {
+    let (server_end, pump_end) = match std::os::unix::net::UnixStream::pair() {
+        Ok(p) => p,
+        Err(e) => {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            return format!("socketpair: {e}");
+        }
+    };
+    let server_end = match server_end.set_nonblocking(true).and_then(|_| tokio::net::UnixStream::from_std(server_end)) {
+        Ok(s) => s,
+        Err(e) => return format!("socketpair: {e}"),
+    };
+    let server = tokio::spawn(async move {
+        if let Err(e) = crate::control::serve_stream(server_end, system).await {
+            tracing::debug!("bridge: D-Bus session: {e}");
+        }
+    });
+    let (port_w, sock_r) = match (port.try_clone(), pump_end.try_clone()) {
+        (Ok(p), Ok(s)) => (p, s),
+        (Err(e), _) | (_, Err(e)) => return format!("dup: {e}"),
+    };
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<String>();
+    // Host to server; ends when the host disconnects (read returns 0).
+    let host_to_server = std::thread::Builder::new().name("bridge-in".into()).stack_size(64 * 1024).spawn(move || {
+        let (mut port, mut sock) = (port, pump_end);
+        let mut buf = vec![0u8; 16384];
+        let why = loop {
+            match port.read(&mut buf) {
+                Ok(0) => break "host disconnected".to_string(),
+                Ok(n) => {
+                    if let Err(e) = sock.write_all(&buf[..n]) {
+                        break format!("server side: {e}");
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => break format!("port read: {e}"),
             }
         };
-        let sys = system.clone();
-        let session = tokio::spawn(async move {
-            let _ = crate::control::serve_stream(server_end, sys).await;
-        });
-        let why = pump(&port, &mut pump_end).await;
-        tracing::debug!("bridge: session ended: {why}");
-        session.abort();
-    }
-}
-
-/// Copies bytes both ways until either side closes; returns why it stopped.
-async fn pump(port: &AsyncFd<File>, sock: &mut tokio::net::UnixStream) -> String {
-    let mut from_port = vec![0u8; 16384];
-    let mut from_sock = vec![0u8; 16384];
-    loop {
-        tokio::select! {
-            r = port.readable() => {
-                let mut guard = match r { Ok(g) => g, Err(e) => return format!("port: {e}") };
-                match guard.try_io(|f| (&*f.get_ref()).read(&mut from_port)) {
-                    Ok(Ok(0)) => return "host disconnected".into(),
-                    Ok(Ok(n)) => if let Err(e) = sock.write_all(&from_port[..n]).await { return format!("server side: {e}") },
-                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Ok(Err(e)) => return format!("port read: {e}"),
-                    Err(_) => {}
-                }
-            }
-            r = sock.read(&mut from_sock) => {
-                let n = match r { Ok(0) => return "server closed the connection".into(), Ok(n) => n, Err(e) => return format!("server side: {e}") };
-                if let Err(e) = write_port(port, &from_sock[..n]).await { return format!("port write: {e}") }
+        let _ = sock.shutdown(std::net::Shutdown::Both);
+        let _ = done_tx.send(why);
+    });
+    // Server to host; ends when the server side closes.
+    let server_to_host = std::thread::Builder::new().name("bridge-out".into()).stack_size(64 * 1024).spawn(move || {
+        let (mut sock, mut port) = (sock_r, port_w);
+        let mut buf = vec![0u8; 16384];
+        while let Ok(n) = sock.read(&mut buf) {
+            if n == 0 || port.write_all(&buf[..n]).is_err() {
+                break;
             }
         }
+    });
+    if let Err(e) = host_to_server.as_ref().and(server_to_host.as_ref()) {
+        server.abort();
+        return format!("thread: {e}");
     }
-}
-
-async fn write_port(port: &AsyncFd<File>, mut buf: &[u8]) -> std::io::Result<()> {
-    while !buf.is_empty() {
-        let mut guard = port.writable().await?;
-        match guard.try_io(|f| (&*f.get_ref()).write(buf)) {
-            Ok(Ok(n)) => buf = &buf[n..],
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Ok(Err(e)) => return Err(e),
-            Err(_) => {}
-        }
-    }
-    Ok(())
-}
-
-trait NonBlock {
-    fn custom_flags_nonblock(&mut self) -> &mut Self;
-}
-impl NonBlock for std::fs::OpenOptions {
-    fn custom_flags_nonblock(&mut self) -> &mut Self {
-        use std::os::unix::fs::OpenOptionsExt;
-        self.custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-    }
+    let why = done_rx.await.unwrap_or_else(|_| "pump thread ended".into());
+    server.abort();
+    why
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The pump and session logic against a socket standing in for the port.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_client_on_the_far_side_of_the_port_reaches_the_api() {
+        use std::os::fd::OwnedFd;
+        let (host, guest) = std::os::unix::net::UnixStream::pair().unwrap();
+        host.set_nonblocking(true).unwrap();
+        let port = File::from(OwnedFd::from(guest));
+        let reaper = Arc::new(crate::reaper::Reaper::new());
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let system = Arc::new(System {
+            supervisor: crate::supervisor::Supervisor::new(reaper, Default::default(), tx.clone()),
+            status: std::sync::Mutex::new(crate::control::SystemStatus { mode: "rescue".into(), ..Default::default() }),
+            power: tx,
+        });
+        let bridge = tokio::spawn(async move { session(port, system).await });
+        let host = tokio::net::UnixStream::from_std(host).unwrap();
+        let conn = zbus::connection::Builder::unix_stream(host).p2p().build().await.unwrap();
+        let proxy = crate::client::Control1Proxy::builder(&conn).build().await.unwrap();
+        assert_eq!(proxy.status().await.unwrap().mode, "rescue");
+        drop(proxy);
+        drop(conn);
+        let why = tokio::time::timeout(Duration::from_secs(5), bridge).await.unwrap().unwrap();
+        assert_eq!(why, "host disconnected");
+    }
 
     #[test]
     fn finds_the_port_by_name_in_sysfs() {

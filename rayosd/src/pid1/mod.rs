@@ -98,8 +98,9 @@ fn services_for(mode: Mode, opts: &BootOptions) -> Vec<ServiceSpec> {
         s.on_success = Some(PowerAction::Reboot);
         v.push(s);
     }
-    if let Some(scenario) = &opts.testsvc {
-        v.push(ServiceSpec::new("testsvc", &["/usr/bin/rayos-testsvc", scenario]));
+    // rayos.testsvc=a,b → services testsvc-a and testsvc-b (integration tests only).
+    for scenario in opts.testsvc.iter().flat_map(|s| s.split(',')).filter(|s| !s.is_empty()) {
+        v.push(ServiceSpec::new(&format!("testsvc-{scenario}"), &["/usr/bin/rayos-testsvc", scenario]));
     }
     v
 }
