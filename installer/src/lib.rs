@@ -15,3 +15,4 @@ pub mod guids;
 pub mod install;
 pub mod plan;
 pub mod probe;
+pub mod wizard;

@@ -1,0 +1,161 @@
+//! Draws the wizard. Made for a dumb 80x24 serial terminal: no colour is needed to read it
+//! (selection is marked with "> " and reverse video), no mouse, every key shown in the footer.
+
+use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::style::{Modifier, Style};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Block, Borders, Gauge, Paragraph, Wrap};
+use ratatui::Frame;
+
+use super::state::{Screen, Wizard, FIRST_BOOT_FIELDS, VM_CHOICES};
+use crate::disks::human_size;
+
+fn selectable(selected: bool, text: String) -> Line<'static> {
+    if selected {
+        Line::from(Span::styled(format!("> {text}"), Style::default().add_modifier(Modifier::REVERSED)))
+    } else {
+        Line::from(format!("  {text}"))
+    }
+}
+
+fn keys(screen: &Screen) -> &'static str {
+    match screen {
+        Screen::Welcome => "Enter: start",
+        Screen::Disks | Screen::Target => "Up/Down: choose  Enter: next  Esc: back",
+        Screen::Filesystem => "Enter: next  Esc: back",
+        Screen::VmStorage => "Up/Down: choose  type: edit field  Enter: next  Esc: back",
+        Screen::FirstBoot => "Up/Down/Tab: field  type/Backspace: edit  Space: toggle  Enter: next  Esc: back",
+        Screen::Summary => "type the confirmation  Enter: install  Esc: back",
+        Screen::Installing => "please wait",
+        Screen::Done => "Enter: reboot (remove the USB stick)",
+        Screen::Failed => "Enter: start over",
+    }
+}
+
+pub fn render(f: &mut Frame, w: &Wizard) {
+    let area = f.area();
+    let [title, body, msg, footer] =
+        Layout::vertical([Constraint::Length(1), Constraint::Min(3), Constraint::Length(2), Constraint::Length(1)])
+            .areas(area);
+    f.render_widget(
+        Paragraph::new(format!("RayOS installer - {}", w.screen.title())).style(Style::default().add_modifier(Modifier::BOLD)),
+        title,
+    );
+    f.render_widget(Paragraph::new(keys(&w.screen)), footer);
+    if let Some(m) = &w.message {
+        f.render_widget(Paragraph::new(format!("! {m}")).wrap(Wrap { trim: true }), msg);
+    }
+    let block = Block::default().borders(Borders::TOP);
+    let inner = block.inner(body);
+    f.render_widget(block, body);
+    match w.screen {
+        Screen::Installing | Screen::Done | Screen::Failed => progress(f, w, inner),
+        _ => f.render_widget(Paragraph::new(lines(w)).wrap(Wrap { trim: false }), inner),
+    }
+}
+
+fn progress(f: &mut Frame, w: &Wizard, area: Rect) {
+    let [gauge, log] = Layout::vertical([Constraint::Length(1), Constraint::Min(1)]).areas(area);
+    f.render_widget(Gauge::default().percent(w.progress.min(100) as u16).label(format!("{}%", w.progress)), gauge);
+    let shown = log.height as usize;
+    let start = w.progress_lines.len().saturating_sub(shown);
+    let text: Vec<Line> = w.progress_lines[start..].iter().map(|l| Line::from(l.clone())).collect();
+    f.render_widget(Paragraph::new(text), log);
+}
+
+fn lines(w: &Wizard) -> Vec<Line<'static>> {
+    let mut out: Vec<Line> = Vec::new();
+    match w.screen {
+        Screen::Welcome => {
+            out.push("Welcome to RayOS.".into());
+            out.push("".into());
+            out.push("This installs RayOS onto a disk of this machine: a boot partition, the".into());
+            out.push("RayOS data volume, and a UEFI boot entry. Nothing is written until you".into());
+            out.push("type the confirmation on the summary screen.".into());
+        }
+        Screen::Disks => {
+            out.push(format!("{} disk(s) found. The boot medium is listed but cannot be chosen.", w.disks.len()).into());
+            for (i, d) in w.disks.iter().enumerate() {
+                let state = if d.eligible() {
+                    String::new()
+                } else {
+                    format!("  [not usable: {}]", d.ineligible.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", "))
+                };
+                out.push(selectable(i == w.disk_cursor, format!("{}{state}", d.describe())));
+                if d.partitions.is_empty() {
+                    out.push(Line::from("      no partitions"));
+                }
+                for p in &d.partitions {
+                    out.push(Line::from(format!("      {}", p.describe())));
+                }
+            }
+        }
+        Screen::Target => {
+            if let Some(d) = w.disk() {
+                out.push(format!("Where on {} ?", d.describe()).into());
+            }
+            for (i, (_, label)) in w.targets().into_iter().enumerate() {
+                out.push(selectable(i == w.target_cursor, label));
+            }
+        }
+        Screen::Filesystem => {
+            out.push("Filesystem of the RayOS data volume:".into());
+            out.push(selectable(true, "ext4 (the only choice for now)".into()));
+        }
+        Screen::VmStorage => {
+            out.push("Where the Linux and Windows VM disks live:".into());
+            for (i, c) in VM_CHOICES.iter().enumerate() {
+                let field = match i {
+                    1 => format!(" [{}]", w.vm_size),
+                    2 => format!(" [{}]", w.vm_path),
+                    _ => String::new(),
+                };
+                out.push(selectable(i == w.vm_cursor, format!("{c}{field}")));
+            }
+        }
+        Screen::FirstBoot => {
+            let c = &w.config;
+            let yn = |b: bool| if b { "[x]" } else { "[ ]" }.to_string();
+            let values = [
+                c.hostname.clone(),
+                c.timezone.clone(),
+                c.locale.clone(),
+                c.keymap.clone(),
+                yn(c.policy.autostart_linux_hidden),
+                yn(c.policy.autostart_windows_hidden),
+            ];
+            for (i, (name, v)) in FIRST_BOOT_FIELDS.iter().zip(values).enumerate() {
+                out.push(selectable(i == w.field_cursor, format!("{name:<25} {v}")));
+            }
+        }
+        Screen::Summary => {
+            if let Some(plan) = &w.plan {
+                for l in plan.describe() {
+                    out.push(l.into());
+                }
+                out.push(format!("Data filesystem: ext4; VM storage: {}", vm_label(&plan.vm_storage)).into());
+                out.push(
+                    format!(
+                        "Machine {} | {} | {} | keymap {}",
+                        w.config.hostname, w.config.timezone, w.config.locale, w.config.keymap
+                    )
+                    .into(),
+                );
+                out.push("".into());
+                let want = w.required_confirmation().unwrap_or_default();
+                out.push(format!("To go ahead, type: {want}").into());
+                out.push(selectable(true, format!("{}_", w.confirm_input)));
+            }
+        }
+        _ => {}
+    }
+    out
+}
+
+fn vm_label(v: &crate::plan::VmStorage) -> String {
+    match v {
+        crate::plan::VmStorage::DataVolume => "data volume".into(),
+        crate::plan::VmStorage::DedicatedPartition { size_bytes } => format!("dedicated partition, {}", human_size(*size_bytes)),
+        crate::plan::VmStorage::Path(p) => p.clone(),
+    }
+}

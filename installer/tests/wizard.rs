@@ -1,0 +1,213 @@
+//! The wizard's state machine driven key by key, and its screens rendered into ratatui's
+//! TestBackend at the 80x24 of a serial console.
+
+mod common;
+
+use common::*;
+use installer::disks;
+use installer::guids;
+use installer::plan::{Target, VmStorage};
+use installer::wizard::render::render;
+use installer::wizard::{Action, Key, Screen, Wizard};
+use ratatui::backend::TestBackend;
+use ratatui::Terminal;
+
+fn screen_text(w: &Wizard) -> String {
+    let mut t = Terminal::new(TestBackend::new(80, 24)).unwrap();
+    t.draw(|f| render(f, w)).unwrap();
+    let buf = t.backend().buffer().clone();
+    (0..24)
+        .map(|y| (0..80).map(|x| buf[(x, y)].symbol().to_string()).collect::<String>().trim_end().to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn typ(w: &mut Wizard, s: &str) {
+    for c in s.chars() {
+        assert_eq!(w.handle(Key::Char(c)), Action::None);
+    }
+}
+
+fn machine() -> (FakeMachine, Vec<installer::disks::Disk>) {
+    let m = FakeMachine::new();
+    // The USB stick is the boot medium: listed, never selectable.
+    let usb = m.add_disk(&DiskSpec {
+        name: "sda",
+        devpath: "pci0000:00/0000:00:0d.0/usb2/2-1/2-1:1.0/host2/target2:0:0/2:0:0:0/block/sda",
+        model: "QEMU USB HARDDRIVE",
+        serial: "USB-STICK",
+        serial_in_vpd: true,
+        size: 8 * GIB,
+        removable: false,
+    });
+    let boot = write_gpt(&usb, &[(guids::ESP, "ESP", 2048, 264191)])[0];
+    let img = m.add_disk(&nvme("nvme0n1", "NV-TARGET", 16 * GIB));
+    write_gpt(&img, &[(guids::LINUX_DATA, "home", 2048, 2048 + 2097152 - 1)]);
+    let d = disks::enumerate(&m.paths, Some(boot)).unwrap();
+    (m, d)
+}
+
+#[test]
+fn every_screen_forward_and_back_then_install_confirmation() {
+    let (_m, d) = machine();
+    let mut w = Wizard::new(d);
+    assert_eq!(w.screen, Screen::Welcome);
+    assert!(screen_text(&w).contains("RayOS installer - 1/8 Welcome"));
+    assert!(screen_text(&w).contains("Nothing is written until you"));
+
+    w.handle(Key::Enter);
+    assert_eq!(w.screen, Screen::Disks);
+    let s = screen_text(&w);
+    assert!(s.contains("2/8 Disks"), "{s}");
+    assert!(s.contains("QEMU USB HARDDRIVE (serial USB-STICK, USB, 8.0 GiB, "), "{s}");
+    assert!(s.contains("[not usable: this is the medium RayOS was booted from]"), "{s}");
+    assert!(s.contains("> QEMU NVMe Ctrl (serial NV-TARGET, NVMe, 16.0 GiB"), "eligible disk preselected:\n{s}");
+    assert!(s.contains("#1 unknown fs 'home' (Linux data), 1.0 GiB"), "{s}");
+
+    // The boot medium cannot be chosen.
+    w.handle(Key::Down);
+    assert!(screen_text(&w).contains("> QEMU USB HARDDRIVE"));
+    w.handle(Key::Enter);
+    assert_eq!(w.screen, Screen::Disks);
+    assert!(screen_text(&w).contains("! sda cannot be used: this is the medium RayOS was booted from"));
+    w.handle(Key::Up);
+    w.handle(Key::Enter);
+    assert_eq!(w.screen, Screen::Target);
+    let s = screen_text(&w);
+    assert!(s.contains("> Whole disk: erase all of nvme0n1"), "{s}");
+    assert!(s.contains("The largest free region"), "{s}");
+    assert!(s.contains("Replace partition #1"), "{s}");
+
+    // Back one step and forward again keeps the choice.
+    w.handle(Key::Esc);
+    assert_eq!(w.screen, Screen::Disks);
+    w.handle(Key::Enter);
+    w.handle(Key::Down); // largest free region
+    w.handle(Key::Enter);
+    assert_eq!(w.screen, Screen::Filesystem);
+    assert!(screen_text(&w).contains("> ext4"));
+    w.handle(Key::Enter);
+    assert_eq!(w.screen, Screen::VmStorage);
+
+    // A dedicated partition too large for the free region is refused on this screen.
+    w.handle(Key::Down);
+    for _ in 0..3 {
+        w.handle(Key::Backspace);
+    }
+    typ(&mut w, "900G");
+    assert!(screen_text(&w).contains("> A dedicated partition of this size: [900G]"));
+    w.handle(Key::Enter);
+    assert_eq!(w.screen, Screen::VmStorage);
+    assert!(w.message.as_deref().unwrap().contains("the target region holds"), "{:?}", w.message);
+    for _ in 0..4 {
+        w.handle(Key::Backspace);
+    }
+    typ(&mut w, "4G");
+    w.handle(Key::Enter);
+    assert_eq!(w.screen, Screen::FirstBoot);
+    assert_eq!(w.plan.as_ref().unwrap().vm_storage, VmStorage::DedicatedPartition { size_bytes: 4 * GIB });
+
+    // First-boot fields: a bad host name is caught and focused.
+    for _ in 0..5 {
+        w.handle(Key::Backspace);
+    }
+    typ(&mut w, "bad name");
+    w.handle(Key::Enter);
+    assert_eq!(w.screen, Screen::FirstBoot);
+    assert!(screen_text(&w).contains("! Machine name: \"bad name\""));
+    for _ in 0..8 {
+        w.handle(Key::Backspace);
+    }
+    typ(&mut w, "box");
+    w.handle(Key::Tab);
+    for _ in 0..3 {
+        w.handle(Key::Backspace);
+    }
+    typ(&mut w, "Europe/Berlin");
+    w.handle(Key::Tab);
+    w.handle(Key::Tab);
+    w.handle(Key::Tab);
+    w.handle(Key::Char(' '));
+    let s = screen_text(&w);
+    assert!(s.contains("> Autostart Linux hidden    [x]"), "{s}");
+    assert!(s.contains("  Time zone                 Europe/Berlin"), "{s}");
+
+    // Summary, then back to first boot, then summary again.
+    w.handle(Key::Enter);
+    assert_eq!(w.screen, Screen::Summary);
+    w.handle(Key::Esc);
+    assert_eq!(w.screen, Screen::FirstBoot);
+    w.handle(Key::Enter);
+    assert_eq!(w.screen, Screen::Summary);
+    let s = screen_text(&w);
+    assert!(s.contains("Disk: QEMU NVMe Ctrl (serial NV-TARGET, NVMe, 16.0 GiB"), "{s}");
+    assert!(s.contains("create  #2 RayOS ESP (EFI System), 512.0 MiB"), "{s}");
+    assert!(s.contains("create  #3 rayos-vms (RayOS VM storage), 4.0 GiB"), "{s}");
+    assert!(s.contains("keep    #1"), "{s}");
+    assert!(!s.contains("DESTROY"), "{s}");
+    assert!(s.contains("To go ahead, type: install NV-TARGET"), "{s}");
+
+    // A wrong confirmation does nothing; the right one starts the install.
+    typ(&mut w, "install nvme0n1");
+    assert_eq!(w.handle(Key::Enter), Action::None);
+    assert!(w.message.as_deref().unwrap().contains("Type exactly \"install NV-TARGET\""));
+    w.handle(Key::Esc);
+    w.handle(Key::Enter);
+    assert!(w.confirm_input.is_empty(), "going back clears a typed confirmation");
+    typ(&mut w, "install NV-TARGET");
+    assert_eq!(w.handle(Key::Enter), Action::Install);
+    assert_eq!(w.screen, Screen::Installing);
+    assert_eq!(w.handle(Key::Esc), Action::None, "no way back while writing");
+    assert_eq!(w.screen, Screen::Installing);
+
+    w.on_progress(40, "copying systemd-boot, kernel and initramfs to the ESP");
+    let s = screen_text(&w);
+    assert!(s.contains("40%") && s.contains("copying systemd-boot"), "{s}");
+    w.on_finished(Ok("Installed in 3.0 s".into()));
+    assert_eq!(w.screen, Screen::Done);
+    assert!(screen_text(&w).contains("Enter: reboot"));
+    assert_eq!(w.handle(Key::Enter), Action::Reboot);
+
+    // The saved answers reproduce this run.
+    let saved = w.answers_toml().unwrap();
+    let a = installer::answers::parse("saved.toml", &saved).unwrap();
+    assert_eq!(a.target, Target::LargestFree);
+    assert_eq!(a.confirm, "install NV-TARGET");
+    assert_eq!(a.config.hostname, "box");
+    assert!(a.config.policy.autostart_linux_hidden);
+}
+
+#[test]
+fn whole_disk_needs_wipe_confirmation_and_failure_offers_restart() {
+    let (_m, d) = machine();
+    let mut w = Wizard::new(d);
+    for _ in 0..6 {
+        w.handle(Key::Enter);
+    }
+    assert_eq!(w.screen, Screen::Summary);
+    let s = screen_text(&w);
+    assert!(s.contains("New GPT partition table: EVERYTHING on this disk is erased"), "{s}");
+    assert!(s.contains("DESTROY #1"), "{s}");
+    assert!(s.contains("To go ahead, type: wipe NV-TARGET"), "{s}");
+    typ(&mut w, "install NV-TARGET");
+    assert_eq!(w.handle(Key::Enter), Action::None);
+    w.confirm_input.clear();
+    typ(&mut w, "wipe NV-TARGET");
+    assert_eq!(w.handle(Key::Enter), Action::Install);
+    w.on_finished(Err("nvme0n1: is no longer the disk that was chosen".into()));
+    assert_eq!(w.screen, Screen::Failed);
+    assert!(screen_text(&w).contains("ERROR: nvme0n1: is no longer the disk"));
+    assert_eq!(w.handle(Key::Enter), Action::Restart);
+}
+
+#[test]
+fn screens_fit_80x24_without_losing_the_footer() {
+    let (_m, d) = machine();
+    let mut w = Wizard::new(d);
+    for _ in 0..6 {
+        let s = screen_text(&w);
+        let footer = s.lines().last().unwrap();
+        assert!(footer.contains("Enter"), "{:?}: footer {footer:?}", w.screen);
+        w.handle(Key::Enter);
+    }
+}
