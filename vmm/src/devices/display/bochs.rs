@@ -302,6 +302,25 @@ impl PciDevice for BochsDisplay {
         }
     }
 
+    /// Register state; the pixels are in the framebuffer memfd, which the snapshot writer
+    /// saves and restores itself (through [`SharedFramebuffer::fd`]).
+    fn save_state(&mut self) -> serde_json::Value {
+        serde_json::json!({ "regs": self.regs.to_vec(), "endian": self.endian })
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        let regs: Vec<u16> = serde_json::from_value(state.get("regs").cloned().unwrap_or_default())
+            .map_err(|e| format!("bochs-display state: {e}"))?;
+        let endian = state.get("endian").and_then(|v| v.as_u64()).ok_or("bochs-display state: endian")? as u32;
+        if regs.len() != NUM_DISPI || regs[INDEX_VIDEO_MEMORY_64K] != self.regs[INDEX_VIDEO_MEMORY_64K] {
+            return Err("bochs-display state: register count or framebuffer size differs".into());
+        }
+        self.regs.copy_from_slice(&regs);
+        self.endian = if endian == BIG_ENDIAN { BIG_ENDIAN } else { LITTLE_ENDIAN };
+        self.update_mode();
+        Ok(())
+    }
+
     fn bar_moved(&mut self, bar: usize, addr: Option<u64>) {
         if bar != 0 {
             return;

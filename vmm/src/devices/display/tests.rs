@@ -209,3 +209,21 @@ fn edid_announces_the_preferred_mode_over_mmio() {
     let (_r, _vm, _s, _fb, mut g) = setup();
     assert_eq!(g.r32(0), 0);
 }
+
+#[test]
+fn mode_and_mapping_survive_save_and_restore() {
+    let (root, _vm, slot, fb, mut g) = setup();
+    g.linux_setmode(1280, 720, fb.size());
+    g.dispi_w(9, 720);
+    root.pause();
+    let json = serde_json::to_string(&root.save_state()).unwrap();
+    let (root2, vm2, slot2, fb2, _g2) = setup();
+    assert_eq!(slot2, slot);
+    assert_eq!(fb2.mode(), None);
+    root2.restore_state(&serde_json::from_str(&json).unwrap()).unwrap();
+    root2.resume();
+    assert_eq!(fb2.mode(), fb.mode());
+    assert_eq!(fb2.mode().unwrap().offset, 720 * 1280 * 4);
+    let bar0 = root2.bar_address(slot, 0).unwrap().0;
+    assert!(vm2.maps.lock().unwrap().iter().any(|m| m.1 == bar0), "framebuffer mapped at the restored BAR");
+}

@@ -200,6 +200,24 @@ impl PciConfiguration {
         }
     }
 
+    /// All 64 registers, for snapshots.
+    pub fn regs(&self) -> Vec<u32> {
+        self.regs.to_vec()
+    }
+
+    /// Restore registers saved by [`PciConfiguration::regs`] on an identically built function
+    /// (same BARs and capabilities, so the write masks match).
+    pub fn set_regs(&mut self, regs: &[u32]) -> Result<(), String> {
+        if regs.len() != NUM_REGS {
+            return Err(format!("{} configuration registers saved, expected {NUM_REGS}", regs.len()));
+        }
+        if regs[0] != self.regs[0] {
+            return Err(format!("saved vendor/device ID {:#010x}, device has {:#010x}", regs[0], self.regs[0]));
+        }
+        self.regs.copy_from_slice(regs);
+        Ok(())
+    }
+
     pub fn read_reg(&self, reg: usize) -> u32 {
         self.regs.get(reg).copied().unwrap_or(0)
     }

@@ -24,8 +24,8 @@ pub use config::{
     read_partial, BarKind, BarSpec, PciConfiguration, PciHeader, COMMAND_MEMORY, NUM_BARS,
     NUM_REGS,
 };
-pub use msix::{lock, MsixCap, MsixConfig, SharedMsix, MSIX_CAP_ID, MSIX_ENTRY_SIZE};
-pub use root::{PciConfigIo, PciEcam, PciMmioWindow, PciRoot, PCI_ECAM_SIZE};
+pub use msix::{lock, MsixCap, MsixConfig, MsixState, SharedMsix, MSIX_CAP_ID, MSIX_ENTRY_SIZE};
+pub use root::{PciConfigIo, PciDeviceState, PciEcam, PciMmioWindow, PciRoot, PciState, PCI_ECAM_SIZE};
 
 /// Errors of PCI set-up (never of guest accesses: those are ignored or read all ones).
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +42,10 @@ pub enum PciError {
     NoSlot { name: String },
     #[error("device {name}: {source}")]
     Device { name: String, source: std::io::Error },
+    #[error("restoring PCI state: slot {slot} holds {found:?} but the saved state is for {saved:?}")]
+    RestoreMismatch { slot: u8, found: String, saved: String },
+    #[error("restoring PCI state of {name}: {reason}")]
+    Restore { name: String, reason: String },
 }
 
 /// A PCI function as the root bus sees it.
@@ -71,6 +75,24 @@ pub trait PciDevice: Send {
     /// guest (or [`PciRoot::add`]) moves a BAR or toggles memory decoding; devices that map
     /// memory or register ioeventfds at BAR addresses redo that here.
     fn bar_moved(&mut self, _bar: usize, _addr: Option<u64>) {}
+
+    // Snapshot hooks (see `PciRoot::save_state`). Defaults suit devices whose only state is
+    // their configuration space.
+
+    /// Stop touching guest memory (device threads quiesce) without changing guest-visible
+    /// state; vCPUs are already paused.
+    fn pause(&mut self) {}
+    /// Undo [`PciDevice::pause`] (also called after [`PciDevice::restore_state`]).
+    fn resume(&mut self) {}
+    /// Device state beyond configuration space, taken while paused.
+    fn save_state(&mut self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    /// Apply what [`PciDevice::save_state`] returned, on a freshly built device of the same
+    /// kind and configuration. The device stays paused until [`PciDevice::resume`].
+    fn restore_state(&mut self, _state: &serde_json::Value) -> Result<(), String> {
+        Ok(())
+    }
 }
 #[cfg(test)]
 mod tests;

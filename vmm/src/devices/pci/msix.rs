@@ -29,6 +29,15 @@ struct MsixEntry {
     control: u32,
 }
 
+/// Saved MSI-X state: per vector (address low, address high, data, control), pending bits.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MsixState {
+    pub entries: Vec<[u32; 4]>,
+    pub pending: Vec<bool>,
+    pub enabled: bool,
+    pub function_masked: bool,
+}
+
 /// MSI-X state of one function.
 pub struct MsixConfig {
     vm: Arc<dyn VmHandle>,
@@ -72,6 +81,30 @@ impl MsixConfig {
         self.enabled = control & MSIX_ENABLE != 0;
         self.function_masked = control & MSIX_FUNCTION_MASK != 0;
         self.deliver_unmasked_pending();
+    }
+
+    pub fn save(&self) -> MsixState {
+        MsixState {
+            entries: self.table.iter().map(|e| [e.addr_lo, e.addr_hi, e.data, e.control]).collect(),
+            pending: self.pending.clone(),
+            enabled: self.enabled,
+            function_masked: self.function_masked,
+        }
+    }
+
+    /// Restore a saved state (same number of vectors). Pending vectors stay pending until the
+    /// guest unmasks them, as before the snapshot.
+    pub fn restore(&mut self, s: &MsixState) -> Result<(), String> {
+        if s.entries.len() != self.table.len() || s.pending.len() != self.pending.len() {
+            return Err(format!("MSI-X: saved {} vectors, device has {}", s.entries.len(), self.table.len()));
+        }
+        for (e, w) in self.table.iter_mut().zip(&s.entries) {
+            *e = MsixEntry { addr_lo: w[0], addr_hi: w[1], data: w[2], control: w[3] & VECTOR_MASKED };
+        }
+        self.pending.clone_from(&s.pending);
+        self.enabled = s.enabled;
+        self.function_masked = s.function_masked;
+        Ok(())
     }
 
     /// Back to the power-on state (device reset): disabled, all vectors masked.

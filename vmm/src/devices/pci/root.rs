@@ -65,6 +65,22 @@ impl Bus {
     }
 }
 
+/// Saved state of the root bus: one entry per occupied slot (host bridge included).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct PciState {
+    pub devices: Vec<PciDeviceState>,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct PciDeviceState {
+    pub slot: u8,
+    /// [`PciDevice::name`], checked on restore.
+    pub name: String,
+    /// The 64 configuration registers (BAR addresses, command, capabilities).
+    pub config: Vec<u32>,
+    pub device: serde_json::Value,
+}
+
 /// The PCI root complex. Cheap handles to it ([`PciRoot::config_io`], [`PciRoot::mmio_window`],
 /// [`PciRoot::ecam`]) are the [`BusDevice`]s the core registers.
 pub struct PciRoot {
@@ -124,6 +140,60 @@ impl PciRoot {
     /// Where BAR `bar` of the device in `slot` decodes now (for tests and ACPI generation).
     pub fn bar_address(&self, slot: u8, bar: usize) -> Option<(u64, u64)> {
         lock(&self.bus).active.get(usize::from(slot))?.get(bar).copied().flatten()
+    }
+
+    /// Snapshot step 1 (vCPUs already paused): quiesce every device (virtio workers stop).
+    pub fn pause(&self) {
+        for dev in lock(&self.bus).slots.iter_mut().flatten() {
+            dev.pause();
+        }
+    }
+
+    /// Let devices run again after [`PciRoot::pause`] or [`PciRoot::restore_state`].
+    pub fn resume(&self) {
+        for dev in lock(&self.bus).slots.iter_mut().flatten() {
+            dev.resume();
+        }
+    }
+
+    /// Snapshot step 2, between [`PciRoot::pause`] and [`PciRoot::resume`]: configuration
+    /// space and device state of every slot. Guest RAM (and a display's framebuffer memfd) are
+    /// saved separately by the caller, also while paused.
+    pub fn save_state(&self) -> PciState {
+        let mut bus = lock(&self.bus);
+        let devices = bus
+            .slots
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(slot, d)| d.as_mut().map(|d| (slot, d)))
+            .map(|(slot, d)| PciDeviceState {
+                slot: slot as u8,
+                name: d.name().to_owned(),
+                config: d.config().regs(),
+                device: d.save_state(),
+            })
+            .collect();
+        PciState { devices }
+    }
+
+    /// Apply a saved state to a root rebuilt with the same devices in the same order (the VM
+    /// spec is the same), before its vCPUs run. BARs, ioeventfds and framebuffer mappings move
+    /// to the saved addresses; devices stay paused until [`PciRoot::resume`].
+    pub fn restore_state(&self, state: &PciState) -> Result<(), PciError> {
+        let mut bus = lock(&self.bus);
+        for s in &state.devices {
+            let slot = usize::from(s.slot);
+            let found = bus.slots.get(slot).and_then(|d| d.as_ref()).map(|d| d.name().to_owned()).unwrap_or_default();
+            if found != s.name {
+                return Err(PciError::RestoreMismatch { slot: s.slot, found, saved: s.name.clone() });
+            }
+            let Some(Some(dev)) = bus.slots.get_mut(slot) else { continue };
+            let restore_err = |reason| PciError::Restore { name: s.name.clone(), reason };
+            dev.config_mut().set_regs(&s.config).map_err(restore_err)?;
+            dev.restore_state(&s.device).map_err(restore_err)?;
+            bus.refresh_bars(slot);
+        }
+        Ok(())
     }
 
     /// Configuration mechanism #1: register at I/O port 0xCF8 with length 8.

@@ -270,3 +270,42 @@ fn window_too_small_is_a_clear_error() {
     let err = root.add(Box::new(dev)).unwrap_err().to_string();
     assert!(err.contains("test") && err.contains("does not fit"), "{err}");
 }
+
+#[test]
+fn save_and_restore_config_space_into_a_fresh_root() {
+    let (root, _vm, slot, _, _) = setup();
+    let s = u32::from(slot);
+    let mut io = root.config_io();
+    // The guest moves BAR 0 and sets the interrupt line.
+    let cmd = cfg_read(&mut io, s, 1);
+    cfg_write(&mut io, s, 1, cmd & !2);
+    cfg_write(&mut io, s, 4, 0xC900_0000);
+    cfg_write(&mut io, s, 5, 0);
+    cfg_write(&mut io, s, 1, cmd);
+    cfg_write(&mut io, s, 15, 0x0b);
+    root.pause();
+    let json = serde_json::to_string(&root.save_state()).unwrap();
+
+    let vm = Arc::new(FakeVm::default());
+    let mut fresh = PciRoot::new(vm.clone(), WINDOW);
+    let (dev, moves, _) = TestDev::new(vm);
+    assert_eq!(fresh.add(Box::new(dev)).unwrap(), slot);
+    fresh.restore_state(&serde_json::from_str(&json).unwrap()).unwrap();
+    fresh.resume();
+    assert_eq!(fresh.bar_address(slot, 0), Some((0xC900_0000, 0x10000)));
+    assert!(moves.lock().unwrap().contains(&(0, Some(0xC900_0000))), "device told about the restored BAR");
+    let mut io2 = fresh.config_io();
+    for reg in 0..16 {
+        assert_eq!(cfg_read(&mut io2, s, reg), cfg_read(&mut io, s, reg), "register {reg}");
+    }
+    let mut mmio = fresh.mmio_window();
+    mmio.write(0xC900_0000 - WINDOW.start, &7u32.to_le_bytes());
+    let mut d = [0u8; 4];
+    mmio.read(0xC900_0000 - WINDOW.start, &mut d);
+    assert_eq!(u32::from_le_bytes(d), 7);
+
+    // A root built with other devices refuses the state, naming both.
+    let other = PciRoot::new(Arc::new(FakeVm::default()), WINDOW);
+    let err = other.restore_state(&serde_json::from_str(&json).unwrap()).unwrap_err().to_string();
+    assert!(err.contains("test"), "{err}");
+}

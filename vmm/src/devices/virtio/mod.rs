@@ -145,4 +145,22 @@ pub trait VirtioDevice: Send {
     /// Stop processing and forget the queues (driver reset); the device must be activatable
     /// again afterwards. Blocks until the worker has stopped touching guest memory.
     fn reset(&mut self);
+
+    // Snapshot hooks. Every request a device takes from a ring is completed before its worker
+    // goes back to waiting, so a stopped worker leaves nothing in flight: the transport
+    // resumes the queues at the used index found in guest memory.
+
+    /// Stop the worker like [`VirtioDevice::reset`] but keep what the driver set up that the
+    /// transport does not know (e.g. which console ports the guest opened); `activate` with
+    /// the same queues continues where it stopped.
+    fn pause(&mut self) {
+        self.reset();
+    }
+    /// Device-model state worth saving beyond the transport's.
+    fn save_state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    fn restore_state(&mut self, _state: &serde_json::Value) -> Result<(), String> {
+        Ok(())
+    }
 }

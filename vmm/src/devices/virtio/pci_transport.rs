@@ -85,7 +85,7 @@ impl VirtioInterrupt for PciInterrupt {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
 struct QueueConfig {
     max_size: u16,
     size: u16,
@@ -119,6 +119,8 @@ pub struct VirtioPciDevice {
     queue_select: u16,
     config_generation: u8,
     active: bool,
+    /// Activated, but the worker is stopped for a snapshot.
+    paused: bool,
     bar_addr: Option<u64>,
     ioevents_registered: bool,
     pci_cfg_cap: usize,
@@ -192,6 +194,7 @@ impl VirtioPciDevice {
             queue_select: 0,
             config_generation: 0,
             active: false,
+            paused: false,
             bar_addr: None,
             ioevents_registered: false,
             pci_cfg_cap,
@@ -207,6 +210,7 @@ impl VirtioPciDevice {
             self.device.reset();
             self.active = false;
         }
+        self.paused = false;
         for q in &mut self.queues {
             *q = QueueConfig::new(q.max_size);
         }
@@ -246,13 +250,19 @@ impl VirtioPciDevice {
         }
     }
 
+    /// Start the device on the configured queues; `resume` continues rings from the used
+    /// index in guest memory (after a pause or a restored snapshot) instead of from 0.
     fn activate(&mut self) {
+        self.start_device(false);
+    }
+
+    fn start_device(&mut self, resume: bool) {
         let mut queues = Vec::new();
         for (i, qc) in self.queues.iter().enumerate() {
             if !qc.enabled {
                 continue;
             }
-            let q = match self.build_queue(qc) {
+            let q = match self.build_queue(qc, resume) {
                 Ok(q) => q,
                 Err(why) => {
                     warn!(device = %self.name, queue = i, why, "queue unusable at DRIVER_OK");
@@ -288,7 +298,7 @@ impl VirtioPciDevice {
         }
     }
 
-    fn build_queue(&self, qc: &QueueConfig) -> Result<Queue, &'static str> {
+    fn build_queue(&self, qc: &QueueConfig, resume: bool) -> Result<Queue, &'static str> {
         let mut q = Queue::new(qc.max_size).map_err(|_| "invalid maximum size")?;
         q.try_set_size(qc.size).map_err(|_| "size not a power of two within the maximum")?;
         q.try_set_desc_table_address(vm_memory::GuestAddress(qc.desc)).map_err(|_| "misaligned descriptor table")?;
@@ -298,6 +308,11 @@ impl VirtioPciDevice {
         q.set_ready(true);
         if !q.is_valid(&self.mem) {
             return Err("rings outside guest memory");
+        }
+        if resume {
+            let used_idx = q.used_idx(&self.mem, std::sync::atomic::Ordering::Acquire).map_err(|_| "used ring unreadable")?;
+            q.set_next_used(used_idx.0);
+            q.set_next_avail(used_idx.0);
         }
         Ok(q)
     }
@@ -472,7 +487,92 @@ impl VirtioPciDevice {
     }
 }
 
+/// What a snapshot keeps of the transport.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct TransportState {
+    status: u8,
+    acked: u64,
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    queue_select: u16,
+    config_generation: u8,
+    isr: u8,
+    config_vector: u16,
+    queue_vectors: Vec<u16>,
+    queues: Vec<QueueConfig>,
+    active: bool,
+    msix: crate::devices::pci::MsixState,
+    device: serde_json::Value,
+}
+
 impl PciDevice for VirtioPciDevice {
+    fn pause(&mut self) {
+        if self.active && !self.paused {
+            self.device.pause();
+            self.paused = true;
+        }
+    }
+
+    fn resume(&mut self) {
+        if self.active && self.paused {
+            self.paused = false;
+            self.active = false;
+            self.start_device(true);
+        }
+    }
+
+    fn save_state(&mut self) -> serde_json::Value {
+        // Never save a running worker's half-done view.
+        self.pause();
+        let st = TransportState {
+            status: self.status(),
+            acked: self.acked,
+            device_feature_select: self.device_feature_select,
+            driver_feature_select: self.driver_feature_select,
+            queue_select: self.queue_select,
+            config_generation: self.config_generation,
+            isr: self.interrupt.isr.load(Ordering::SeqCst),
+            config_vector: self.interrupt.config_vector.load(Ordering::SeqCst),
+            queue_vectors: self.interrupt.queue_vectors.iter().map(|v| v.load(Ordering::SeqCst)).collect(),
+            queues: self.queues.clone(),
+            active: self.active,
+            msix: lock(&self.interrupt.msix).save(),
+            device: self.device.save_state(),
+        };
+        serde_json::to_value(st).unwrap_or(serde_json::Value::Null)
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        let st: TransportState = serde_json::from_value(state.clone()).map_err(|e| format!("virtio transport state: {e}"))?;
+        if st.queues.len() != self.queues.len() || st.queue_vectors.len() != self.queues.len() {
+            return Err(format!("saved {} queues, device has {}", st.queues.len(), self.queues.len()));
+        }
+        if st.queues.iter().zip(&self.queues).any(|(a, b)| a.max_size != b.max_size) {
+            return Err("saved queue sizes differ from the device's".into());
+        }
+        if self.active {
+            self.device.reset();
+        }
+        lock(&self.interrupt.msix).restore(&st.msix)?;
+        self.device.restore_state(&st.device)?;
+        self.interrupt.status.store(st.status, Ordering::SeqCst);
+        self.interrupt.isr.store(st.isr, Ordering::SeqCst);
+        self.interrupt.config_vector.store(st.config_vector, Ordering::SeqCst);
+        for (v, s) in self.interrupt.queue_vectors.iter().zip(&st.queue_vectors) {
+            v.store(*s, Ordering::SeqCst);
+        }
+        self.acked = st.acked;
+        self.device_feature_select = st.device_feature_select;
+        self.driver_feature_select = st.driver_feature_select;
+        self.queue_select = st.queue_select;
+        self.config_generation = st.config_generation;
+        self.queues = st.queues;
+        // Activated before the snapshot: runs again on `resume`.
+        self.active = st.active;
+        self.paused = st.active;
+        Ok(())
+    }
+
     fn name(&self) -> &str {
         &self.name
     }

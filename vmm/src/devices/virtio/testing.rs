@@ -90,6 +90,18 @@ impl Rings {
         ActivateContext { mem: mem.clone(), interrupt: irq, queues, acked_features: features }
     }
 
+    /// Like [`Rings::context`] but continuing each ring at its published used index, as the
+    /// transport does when resuming after a snapshot.
+    pub fn context_resumed(&self, mem: &GuestMemory, irq: Arc<RecordingIrq>, features: u64) -> ActivateContext {
+        let mut ctx = self.context(mem, irq, features);
+        for (q, aq) in ctx.queues.iter_mut().enumerate() {
+            let used = self.used_idx(mem, q);
+            aq.queue.set_next_avail(used);
+            aq.queue.set_next_used(used);
+        }
+        ctx
+    }
+
     /// Write `descs` into queue `q`'s table from index `first` and offer descriptor `first`
     /// as a chain head (the caller sets NEXT flags and next indices).
     pub fn add_desc_chains(&self, q: usize, descs: &[RawDescriptor], first: u16) {

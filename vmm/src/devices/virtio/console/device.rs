@@ -2,6 +2,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tracing::{debug, warn};
@@ -44,6 +45,14 @@ pub enum ConsoleError {
 struct PortSpec {
     name: String,
     socket: UnixStream,
+    /// Connection state that must outlive a worker paused for a snapshot.
+    flags: Arc<PortFlags>,
+}
+
+#[derive(Default)]
+struct PortFlags {
+    guest_open: AtomicBool,
+    host_closed: AtomicBool,
 }
 
 /// The multiport console device.
@@ -70,7 +79,7 @@ impl VirtioConsole {
             }
             let (ours, theirs) =
                 UnixStream::pair().map_err(|source| ConsoleError::Socket { name: (*name).to_owned(), source })?;
-            ports.push(PortSpec { name: (*name).to_owned(), socket: ours });
+            ports.push(PortSpec { name: (*name).to_owned(), socket: ours, flags: Arc::default() });
             host_ends.push(theirs);
         }
         // Queues: port 0 rx/tx, control rx/tx, then rx/tx per port 1..=n.
@@ -95,6 +104,7 @@ fn control_msg(id: u32, event: u16, value: u16, extra: &[u8]) -> Vec<u8> {
 struct Port {
     name: String,
     socket: UnixStream,
+    flags: Arc<PortFlags>,
     guest_open: bool,
     host_closed: bool,
     /// The guest has no receive buffers posted; stop reading the socket until it does.
@@ -108,6 +118,12 @@ struct Port {
 }
 
 impl Port {
+    /// Mirror the connection state into the device, which keeps it across a pause.
+    fn publish(&self) {
+        self.flags.guest_open.store(self.guest_open, Ordering::SeqCst);
+        self.flags.host_closed.store(self.host_closed, Ordering::SeqCst);
+    }
+
     fn wants_input(&self) -> bool {
         self.guest_open && !self.host_closed && !self.rx_blocked
     }
@@ -131,6 +147,7 @@ impl Port {
                 _ => {
                     warn!(%e, port = %self.name, "{NAME}: host end gone; dropping guest output");
                     self.host_closed = true;
+                    self.publish();
                     self.out.clear();
                 }
             }
@@ -218,6 +235,7 @@ impl ConsoleWorker {
                 }
                 PORT_OPEN if (1..=self.ports.len()).contains(&id) => {
                     self.ports[id - 1].guest_open = value == 1;
+                    self.ports[id - 1].publish();
                     self.sync_interest(id, ctl);
                 }
                 _ => {}
@@ -311,6 +329,7 @@ impl ConsoleWorker {
                     let st = &mut self.ports[port - 1];
                     debug!(port = %st.name, "{NAME}: host closed its end");
                     st.host_closed = true;
+                    st.publish();
                     self.queue_control(control_msg(port as u32, PORT_OPEN, 0, &[]));
                     self.send_control();
                     break;
@@ -410,15 +429,25 @@ impl VirtioDevice for VirtioConsole {
             kicks.push(aq.event);
         }
         let mut ports = Vec::new();
-        for p in &self.ports {
+        for (i, p) in self.ports.iter().enumerate() {
+            let socket = p.socket.try_clone().map_err(worker_err)?;
+            let guest_open = p.flags.guest_open.load(Ordering::SeqCst);
+            let host_closed = p.flags.host_closed.load(Ordering::SeqCst);
+            // A port the guest already had open (resumed after a snapshot) is read at once.
+            let mut interest = EventSet::empty();
+            if guest_open && !host_closed {
+                fds.push((socket.as_raw_fd(), SOCKET_TOKEN + i as u64 + 1));
+                interest = EventSet::IN;
+            }
             ports.push(Port {
                 name: p.name.clone(),
-                socket: p.socket.try_clone().map_err(worker_err)?,
-                guest_open: false,
-                host_closed: false,
+                socket,
+                flags: p.flags.clone(),
+                guest_open,
+                host_closed,
                 rx_blocked: false,
                 out: Vec::new(),
-                interest: EventSet::empty(),
+                interest,
             });
         }
         if queues.len() < 4 {
@@ -439,6 +468,31 @@ impl VirtioDevice for VirtioConsole {
     }
     fn reset(&mut self) {
         self.worker = None;
+        // A new driver starts with every port closed.
+        for p in &self.ports {
+            p.flags.guest_open.store(false, Ordering::SeqCst);
+        }
+    }
+
+    fn pause(&mut self) {
+        self.worker = None;
+    }
+
+    fn save_state(&self) -> serde_json::Value {
+        let open: Vec<bool> = self.ports.iter().map(|p| p.flags.guest_open.load(Ordering::SeqCst)).collect();
+        serde_json::json!({ "guest_open": open })
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        let open: Vec<bool> = serde_json::from_value(state.get("guest_open").cloned().unwrap_or_default())
+            .map_err(|e| format!("{NAME} state: {e}"))?;
+        if open.len() != self.ports.len() {
+            return Err(format!("{NAME}: saved {} ports, device has {}", open.len(), self.ports.len()));
+        }
+        for (p, o) in self.ports.iter().zip(open) {
+            p.flags.guest_open.store(o, Ordering::SeqCst);
+        }
+        Ok(())
     }
 }
 

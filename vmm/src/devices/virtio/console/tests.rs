@@ -170,3 +170,43 @@ fn slow_host_reader_never_blocks_the_device() {
 fn g_wait(rings: &Rings, mem: &GuestMemory) -> bool {
     rings.wait_used(mem, 5, 12)
 }
+
+#[test]
+fn open_port_survives_pause_save_and_restore_into_a_new_device() {
+    let mem = guest_mem();
+    let (mut dev, _old_host) = VirtioConsole::new(&["org.rayos.agent"]).unwrap();
+    let rings = Rings::new(&mem, 6, 16);
+    let irq = Arc::new(RecordingIrq::default());
+    dev.activate(rings.context(&mem, irq.clone(), VERSION_1 | F_MULTIPORT)).unwrap();
+    let mut g = Guest { mem: &mem, rings, ctrl_rx_seen: 0, ctrl_tx_sent: 0 };
+    for i in 0..4u16 {
+        g.rings.add_desc_chains(CONTROL_RX, &[wdesc(CTRL_RX_BUF + u64::from(i) * 0x100, 0x100)], i);
+    }
+    g.rings.kick(CONTROL_RX);
+    g.send_control(0, DEVICE_READY, 1);
+    g.recv_control();
+    g.send_control(1, PORT_READY, 1);
+    g.recv_control();
+    g.recv_control();
+    g.send_control(1, PORT_OPEN, 1);
+    assert!(g.rings.wait_used(&mem, CONTROL_TX, 3));
+
+    dev.pause();
+    let state = serde_json::to_string(&dev.save_state()).unwrap();
+    drop(dev);
+    // The restored VM gets a new device (and a new host end); the guest does not handshake again.
+    let (mut dev2, mut host2) = VirtioConsole::new(&["org.rayos.agent"]).unwrap();
+    let mut host2 = host2.remove(0);
+    dev2.restore_state(&serde_json::from_str(&state).unwrap()).unwrap();
+    dev2.activate(g.rings.context_resumed(&mem, irq, VERSION_1 | F_MULTIPORT)).unwrap();
+    g.rings.add_desc_chains(4, &[wdesc(RX_BUF, 4096)], 0);
+    g.rings.kick(4);
+    host2.write_all(b"after restore").unwrap();
+    assert!(g.rings.wait_used(&mem, 4, 1), "the restored device knows the port is open");
+    let mut got = [0u8; 13];
+    mem.read_slice(&mut got, GuestAddress(RX_BUF)).unwrap();
+    assert_eq!(&got, b"after restore");
+    // A driver reset forgets it.
+    dev2.reset();
+    assert_eq!(dev2.save_state()["guest_open"], serde_json::json!([false]));
+}

@@ -309,6 +309,17 @@ impl VirtioDevice for VirtioInput {
     fn reset(&mut self) {
         self.worker = None;
     }
+
+    fn save_state(&self) -> serde_json::Value {
+        serde_json::json!({ "select": self.select, "subsel": self.subsel })
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        let byte = |k: &str| state.get(k).and_then(|v| v.as_u64()).and_then(|v| u8::try_from(v).ok());
+        self.select = byte("select").ok_or("virtio-input state: select")?;
+        self.subsel = byte("subsel").ok_or("virtio-input state: subsel")?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
