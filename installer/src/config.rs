@@ -98,14 +98,16 @@ impl SystemConfig {
     }
 }
 
-/// The `system.toml` document: what rayosd reads on first boot.
+/// The `system.toml` document: what rayosd reads on first boot (`rayosd::config::SystemConfig`
+/// reads machine_name, timezone, locale, keymap, autostart_vms and ignores the rest).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SystemToml {
     pub schema_version: u32,
-    pub hostname: String,
+    pub machine_name: String,
     pub timezone: String,
     pub locale: String,
     pub keymap: String,
+    pub autostart_vms: bool,
     pub policy: Policy,
     pub vm_storage: VmStorageToml,
 }
@@ -129,10 +131,11 @@ pub fn system_toml(cfg: &SystemConfig, vm: &VmStorage, vm_part_uuid: Option<uuid
     };
     let doc = SystemToml {
         schema_version: 1,
-        hostname: cfg.hostname.clone(),
+        machine_name: cfg.hostname.clone(),
         timezone: cfg.timezone.clone(),
         locale: cfg.locale.clone(),
         keymap: cfg.keymap.clone(),
+        autostart_vms: true,
         policy: cfg.policy.clone(),
         vm_storage,
     };
@@ -162,7 +165,7 @@ mod tests {
     fn system_toml_round_trips() {
         let text = system_toml(&SystemConfig::default(), &VmStorage::Path("/data/vmdisks".into()), None);
         let back: SystemToml = toml::from_str(&text).unwrap();
-        assert_eq!(back.hostname, "rayos");
+        assert_eq!(back.machine_name, "rayos");
         assert_eq!(back.vm_storage.kind, "path");
         assert_eq!(back.vm_storage.location.as_deref(), Some("/data/vmdisks"));
     }

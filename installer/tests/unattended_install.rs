@@ -100,7 +100,7 @@ fn unattended_whole_disk_install_produces_bootable_layout() {
     assert_eq!(label.trim(), "rayos-data");
     let system = debugfs_cat(&data_img, "/config/system.toml");
     let sys: installer::config::SystemToml = toml::from_str(&system).unwrap();
-    assert_eq!((sys.hostname.as_str(), sys.timezone.as_str(), sys.keymap.as_str()), ("testbox", "Europe/Paris", "de"));
+    assert_eq!((sys.machine_name.as_str(), sys.timezone.as_str(), sys.keymap.as_str()), ("testbox", "Europe/Paris", "de"));
     assert!(sys.policy.autostart_linux_hidden);
     let reg: serde_json::Value = serde_json::from_str(&debugfs_cat(&data_img, "/registry/vms.json")).unwrap();
     assert_eq!(reg["schema_version"], 1);
