@@ -22,6 +22,10 @@ struct Cli {
     /// Machine-readable JSON output.
     #[arg(long, global = true)]
     json: bool,
+    /// Give up when the system does not answer within this many seconds (0 = wait forever;
+    /// `logs -f` is never cut short).
+    #[arg(long, global = true, default_value_t = 60)]
+    timeout: u64,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -86,7 +90,21 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match rt.block_on(run(&cli)) {
+    // `logs -f` runs until interrupted; `vm` commands have their own waits.
+    let follow = matches!(cli.cmd, Cmd::Logs { follow: true, .. } | Cmd::Vm { .. });
+    let result = rt.block_on(async {
+        if cli.timeout == 0 || follow {
+            return run(&cli).await;
+        }
+        match tokio::time::timeout(Duration::from_secs(cli.timeout), run(&cli)).await {
+            Ok(r) => r,
+            Err(_) => Err(ClientError::Connect {
+                path: cli.socket.clone().into(),
+                source: std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {} s", cli.timeout)),
+            }),
+        }
+    });
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if cli.json {
