@@ -54,17 +54,98 @@ pub async fn run(dev: PathBuf, system: Arc<System>) {
         }
     };
     tracing::info!("bridge: serving the control API on virtio-serial port {} ({PORT_NAME})", dev.display());
+    let mut carry: Vec<u8> = Vec::new();
     loop {
-        // The port reports HUP continuously while nobody is connected on the host, so poll.
-        while !host_connected(&port) {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        if carry.is_empty() {
+            // The port reports HUP continuously while nobody is connected on the host, so poll.
+            while !host_connected(&port) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            tracing::debug!("bridge: host connected on {}", dev.display());
         }
-        tracing::info!("bridge: host connected on {}", dev.display());
-        let why = match port.try_clone() {
-            Ok(p) => session(p, system.clone()).await,
-            Err(e) => format!("dup: {e}"),
+        let end = match port.try_clone() {
+            Ok(p) => session(p, system.clone(), std::mem::take(&mut carry)).await,
+            Err(e) => SessionEnd { why: format!("dup: {e}"), next: Vec::new() },
         };
-        tracing::info!("bridge: session ended: {why}");
+        tracing::debug!("bridge: session ended: {}", end.why);
+        carry = end.next;
+    }
+}
+
+/// Why a session ended, and the first bytes of the next client when one was already talking.
+struct SessionEnd {
+    why: String,
+    next: Vec<u8>,
+}
+
+/// Follows the client-to-server byte stream (SASL lines, then D-Bus messages) to spot a new
+/// client: when a host connection closes and the next opens before the guest noticed, the
+/// port never reads end-of-file, but the new client starts with a NUL byte where a message
+/// should begin.
+#[derive(Default)]
+struct Framer {
+    authenticated: bool,
+    line: Vec<u8>,
+    header: Vec<u8>,
+    skip: usize,
+    lost: bool,
+    seen_first: bool,
+}
+
+impl Framer {
+    /// Feeds bytes; returns the offset where a new client's handshake starts, if any.
+    fn feed(&mut self, data: &[u8]) -> Option<usize> {
+        let mut i = 0;
+        while i < data.len() && !self.lost {
+            let b = data[i];
+            if !self.authenticated {
+                if !self.seen_first {
+                    self.seen_first = true;
+                    if b == 0 {
+                        i += 1;
+                        continue;
+                    }
+                }
+                self.line.push(b);
+                if self.line.ends_with(b"\r\n") {
+                    if self.line == b"BEGIN\r\n" {
+                        self.authenticated = true;
+                    }
+                    self.line.clear();
+                }
+                i += 1;
+            } else if self.skip > 0 {
+                let n = self.skip.min(data.len() - i);
+                self.skip -= n;
+                i += n;
+            } else if self.header.is_empty() && b == 0 {
+                return Some(i);
+            } else {
+                self.header.push(b);
+                i += 1;
+                if self.header.len() == 16 {
+                    let h = &self.header;
+                    let u32_at = |o: usize| {
+                        let w = [h[o], h[o + 1], h[o + 2], h[o + 3]];
+                        match h[0] {
+                            b'l' => Some(u32::from_le_bytes(w)),
+                            b'B' => Some(u32::from_be_bytes(w)),
+                            _ => None,
+                        }
+                    };
+                    match (u32_at(4), u32_at(12)) {
+                        (Some(body), Some(fields)) => {
+                            let head = (16 + fields as usize).div_ceil(8) * 8;
+                            self.skip = head - 16 + body as usize;
+                        }
+                        // Not D-Bus as we know it: stop guessing; the session ends at EOF.
+                        _ => self.lost = true,
+                    }
+                    self.header.clear();
+                }
+            }
+        }
+        None
     }
 }
 
@@ -73,17 +154,18 @@ pub async fn run(dev: PathBuf, system: Arc<System>) {
 ///
 /// Blocking threads rather than epoll: a virtio port reports HUP while the host is away, and
 /// an event loop keeps such "closed" readiness forever, which would spin.
-async fn session(port: File, system: Arc<System>) -> String {
+async fn session(port: File, system: Arc<System>, first: Vec<u8>) -> SessionEnd {
+    let fail = |why: String| SessionEnd { why, next: Vec::new() };
     let (server_end, pump_end) = match std::os::unix::net::UnixStream::pair() {
         Ok(p) => p,
         Err(e) => {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            return format!("socketpair: {e}");
+            return fail(format!("socketpair: {e}"));
         }
     };
     let server_end = match server_end.set_nonblocking(true).and_then(|_| tokio::net::UnixStream::from_std(server_end)) {
         Ok(s) => s,
-        Err(e) => return format!("socketpair: {e}"),
+        Err(e) => return fail(format!("socketpair: {e}")),
     };
     let server = tokio::spawn(async move {
         if let Err(e) = crate::control::serve_stream(server_end, system).await {
@@ -92,27 +174,39 @@ async fn session(port: File, system: Arc<System>) -> String {
     });
     let (port_w, sock_r) = match (port.try_clone(), pump_end.try_clone()) {
         (Ok(p), Ok(s)) => (p, s),
-        (Err(e), _) | (_, Err(e)) => return format!("dup: {e}"),
+        (Err(e), _) | (_, Err(e)) => return fail(format!("dup: {e}")),
     };
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<String>();
-    // Host to server; ends when the host disconnects (read returns 0).
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<SessionEnd>();
+    // Host to server; ends when the host disconnects (read returns 0) or a new client starts.
     let host_to_server = std::thread::Builder::new().name("bridge-in".into()).stack_size(64 * 1024).spawn(move || {
         let (mut port, mut sock) = (port, pump_end);
+        let mut framer = Framer::default();
         let mut buf = vec![0u8; 16384];
-        let why = loop {
-            match port.read(&mut buf) {
-                Ok(0) => break "host disconnected".to_string(),
-                Ok(n) => {
-                    if let Err(e) = sock.write_all(&buf[..n]) {
-                        break format!("server side: {e}");
-                    }
+        let mut pending = first;
+        let end = loop {
+            let data: Vec<u8> = if !pending.is_empty() {
+                std::mem::take(&mut pending)
+            } else {
+                match port.read(&mut buf) {
+                    Ok(0) => break SessionEnd { why: "host disconnected".into(), next: Vec::new() },
+                    Ok(n) => buf[..n].to_vec(),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => break SessionEnd { why: format!("port read: {e}"), next: Vec::new() },
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => break format!("port read: {e}"),
+            };
+            let (now, next) = match framer.feed(&data) {
+                Some(at) => (&data[..at], Some(data[at..].to_vec())),
+                None => (&data[..], None),
+            };
+            if let Err(e) = sock.write_all(now) {
+                break SessionEnd { why: format!("server side: {e}"), next: next.unwrap_or_default() };
+            }
+            if let Some(next) = next {
+                break SessionEnd { why: "a new host client started".into(), next };
             }
         };
         let _ = sock.shutdown(std::net::Shutdown::Both);
-        let _ = done_tx.send(why);
+        let _ = done_tx.send(end);
     });
     // Server to host; ends when the server side closes.
     let server_to_host = std::thread::Builder::new().name("bridge-out".into()).stack_size(64 * 1024).spawn(move || {
@@ -126,11 +220,15 @@ async fn session(port: File, system: Arc<System>) -> String {
     });
     if let Err(e) = host_to_server.as_ref().and(server_to_host.as_ref()) {
         server.abort();
-        return format!("thread: {e}");
+        return fail(format!("thread: {e}"));
     }
-    let why = done_rx.await.unwrap_or_else(|_| "pump thread ended".into());
+    let end = done_rx.await.unwrap_or_else(|_| fail("pump thread ended".into()));
     server.abort();
-    why
+    if let Ok(t) = server_to_host {
+        // It ends right away: its socket was shut down. The next session must not race it.
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    }
+    end
 }
 
 #[cfg(test)]
@@ -151,7 +249,7 @@ mod tests {
             status: std::sync::Mutex::new(crate::control::SystemStatus { mode: "rescue".into(), ..Default::default() }),
             power: tx,
         });
-        let bridge = tokio::spawn(async move { session(port, system).await });
+        let bridge = tokio::spawn(async move { session(port, system, Vec::new()).await.why });
         let host = tokio::net::UnixStream::from_std(host).unwrap();
         let conn = zbus::connection::Builder::unix_stream(host).p2p().build().await.unwrap();
         let proxy = crate::client::Control1Proxy::builder(&conn).build().await.unwrap();
@@ -160,6 +258,101 @@ mod tests {
         drop(conn);
         let why = tokio::time::timeout(Duration::from_secs(5), bridge).await.unwrap().unwrap();
         assert_eq!(why, "host disconnected");
+    }
+
+    /// A second client arrives on the same port before the first one's end was seen.
+    #[tokio::test(flavor = "current_thread")]
+    async fn back_to_back_clients_without_end_of_file_both_get_answers() {
+        use std::os::fd::OwnedFd;
+        let (host, guest) = std::os::unix::net::UnixStream::pair().unwrap();
+        let port = File::from(OwnedFd::from(guest));
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let system = Arc::new(System {
+            supervisor: crate::supervisor::Supervisor::new(Arc::new(crate::reaper::Reaper::new()), Default::default(), tx.clone()),
+            status: std::sync::Mutex::new(crate::control::SystemStatus { mode: "rescue".into(), ..Default::default() }),
+            power: tx,
+        });
+        let bridge = tokio::spawn(async move {
+            let mut carry = Vec::new();
+            let mut sessions = 0;
+            loop {
+                let end = session(port.try_clone().unwrap(), system.clone(), std::mem::take(&mut carry)).await;
+                sessions += 1;
+                if end.next.is_empty() {
+                    return (sessions, end.why);
+                }
+                carry = end.next;
+            }
+        });
+        // Stand-in for QEMU: one host end, clients come and go on their own sockets, and a
+        // client's close is not passed on.
+        let current: Arc<std::sync::Mutex<Option<std::os::unix::net::UnixStream>>> = Default::default();
+        {
+            let (mut host_r, current) = (host.try_clone().unwrap(), current.clone());
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = host_r.read(&mut buf) {
+                    if let Some(c) = current.lock().unwrap().as_mut() {
+                        let _ = c.write_all(&buf[..n]);
+                    }
+                }
+            });
+        }
+        for _ in 0..3 {
+            let (client, mut relay) = std::os::unix::net::UnixStream::pair().unwrap();
+            *current.lock().unwrap() = Some(relay.try_clone().unwrap());
+            let mut host_w = host.try_clone().unwrap();
+            let relay_done = std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = relay.read(&mut buf) {
+                    host_w.write_all(&buf[..n]).unwrap();
+                }
+            });
+            client.set_nonblocking(true).unwrap();
+            let conn = zbus::connection::Builder::unix_stream(tokio::net::UnixStream::from_std(client).unwrap()).p2p().build().await.unwrap();
+            let proxy = crate::client::Control1Proxy::builder(&conn).build().await.unwrap();
+            let st = tokio::time::timeout(Duration::from_secs(5), proxy.status()).await.expect("no answer").unwrap();
+            assert_eq!(st.mode, "rescue");
+            drop(proxy);
+            drop(conn);
+            *current.lock().unwrap() = None;
+            tokio::task::spawn_blocking(move || relay_done.join().unwrap()).await.unwrap();
+        }
+        host.shutdown(std::net::Shutdown::Both).unwrap();
+        drop(host);
+        let (sessions, why) = tokio::time::timeout(Duration::from_secs(5), bridge).await.unwrap().unwrap();
+        assert_eq!((sessions, why.as_str()), (3, "host disconnected"));
+    }
+
+    /// Bytes a zbus client sends, captured from a real handshake and call.
+    fn client_bytes() -> Vec<u8> {
+        let mut v = b"\0AUTH EXTERNAL 30\r\nNEGOTIATE_UNIX_FD\r\nBEGIN\r\n".to_vec();
+        // A method call: 16-byte fixed header, 12 bytes of fields (padded to 16), 4-byte body.
+        let mut m = vec![b'l', 1, 0, 1];
+        m.extend_from_slice(&4u32.to_le_bytes());
+        m.extend_from_slice(&1u32.to_le_bytes());
+        m.extend_from_slice(&12u32.to_le_bytes());
+        m.extend_from_slice(&[7u8; 12]);
+        m.extend_from_slice(&[0u8; 4]);
+        m.extend_from_slice(&[9u8; 4]);
+        v.extend(m.iter().copied());
+        v.extend(m);
+        v
+    }
+
+    #[test]
+    fn framer_finds_a_new_client_only_at_a_message_boundary() {
+        let one = client_bytes();
+        let mut f = Framer::default();
+        assert_eq!(f.feed(&one), None, "a whole session has no new-client marker");
+        let mut two = one.clone();
+        two.extend(client_bytes());
+        let mut f = Framer::default();
+        assert_eq!(f.feed(&two), Some(one.len()));
+        // Fed byte by byte, the same answer at the same place.
+        let mut f = Framer::default();
+        let at = two.iter().enumerate().find_map(|(i, b)| f.feed(std::slice::from_ref(b)).map(|_| i));
+        assert_eq!(at, Some(one.len()));
     }
 
     #[test]
