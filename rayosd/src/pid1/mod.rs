@@ -35,6 +35,10 @@ pub fn boot(init_uptime_ms: u64) -> ! {
     ensure_standard_fds();
     // Userspace writes to /dev/kmsg are rate-limited (10 per 5 s) unless this is on.
     let _ = std::fs::write("/proc/sys/kernel/printk_devkmsg", "on\n");
+    // A kernel panic must reboot, even when the command line forgot panic=.
+    if std::fs::read_to_string("/proc/sys/kernel/panic").is_ok_and(|v| v.trim() == "0") {
+        let _ = std::fs::write("/proc/sys/kernel/panic", "10\n");
+    }
     log::init_tracing(tracing::Level::DEBUG);
 
     info!("starting pid=1 uptime_ms={init_uptime_ms}");
