@@ -1,6 +1,12 @@
 //! The boot-timer port (`layout::pio::BOOT_TIMER`, 0x440): the guest's init writes any value
 //! once it runs; the VMM logs `boot-timer: guest init reached after N ms` counted from the
 //! VMM's own process start, the figure the boot benchmark compares.
+//!
+//! Guests whose kernel forbids port access from user space (no CONFIG_X86_IOPL_IOPERM) print
+//! [`SERIAL_MARKER`] on the serial console instead; the serial device records the same event.
+
+/// The serial-console fallback of the boot-timer port.
+pub const SERIAL_MARKER: &[u8] = b"RAYOS-BOOT-TIMER";
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -19,6 +25,16 @@ impl Default for BootTime {
 }
 
 impl BootTime {
+    /// Records "init reached" now, unless it was recorded before; logs the first time.
+    pub fn record(&self, start: Instant, via: &str) {
+        let ms = start.elapsed().as_millis() as u64;
+        if self.0.compare_exchange(u64::MAX, ms, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            let us = start.elapsed().as_micros();
+            tracing::info!("boot-timer: guest init reached after {ms} ms ({via})");
+            eprintln!("boot-timer: guest init reached after {ms} ms ({us} us, {via})");
+        }
+    }
+
     pub fn get(&self) -> Option<u64> {
         let v = self.0.load(Ordering::Relaxed);
         (v != u64::MAX).then_some(v)
@@ -41,12 +57,7 @@ impl BusDevice for BootTimer {
         data.fill(0xff);
     }
     fn write(&mut self, _offset: u64, _data: &[u8]) {
-        let ms = self.start.elapsed().as_millis() as u64;
-        if self.time.0.compare_exchange(u64::MAX, ms, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
-            let us = self.start.elapsed().as_micros();
-            tracing::info!("boot-timer: guest init reached after {ms} ms");
-            eprintln!("boot-timer: guest init reached after {ms} ms ({us} us)");
-        }
+        self.time.record(self.start, "port 0x440");
     }
 }
 

@@ -37,11 +37,34 @@ pub struct SerialSink {
     pub log: Option<File>,
     pub ring: SerialRing,
     pub stdout: bool,
+    /// Boot-timer fallback: watch the output for `boot_timer::SERIAL_MARKER`.
+    pub boot_marker: Option<(std::time::Instant, super::boot_timer::BootTime)>,
+    pub marker_matched: usize,
+}
+
+impl SerialSink {
+    fn watch_marker(&mut self, buf: &[u8]) {
+        let Some((start, time)) = &self.boot_marker else { return };
+        let needle = super::boot_timer::SERIAL_MARKER;
+        for b in buf {
+            if *b == needle[self.marker_matched] {
+                self.marker_matched += 1;
+                if self.marker_matched == needle.len() {
+                    time.record(*start, "serial marker");
+                    self.boot_marker = None;
+                    return;
+                }
+            } else {
+                self.marker_matched = usize::from(*b == needle[0]);
+            }
+        }
+    }
 }
 
 impl Write for SerialSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.ring.push(buf);
+        self.watch_marker(buf);
         if let Some(f) = &mut self.log {
             // A full disk must not stop the guest: the ring still has the output.
             let _ = f.write_all(buf);
@@ -101,7 +124,13 @@ mod tests {
     fn guest_output_reaches_ring_and_log() {
         let path = std::env::temp_dir().join(format!("vmm-serial-{}.log", std::process::id()));
         let ring = SerialRing::default();
-        let sink = SerialSink { log: Some(File::create(&path).unwrap()), ring: ring.clone(), stdout: false };
+        let sink = SerialSink {
+            log: Some(File::create(&path).unwrap()),
+            ring: ring.clone(),
+            stdout: false,
+            boot_marker: None,
+            marker_matched: 0,
+        };
         let evt = EventFd::new(0).unwrap();
         let mut dev = SerialDevice::new(IrqTrigger(evt.try_clone().unwrap()), sink);
         dev.write(1, &[0x02]); // IER: THR empty interrupt
@@ -115,6 +144,25 @@ mod tests {
         let mut wide = [0u8; 4];
         dev.read(0, &mut wide);
         assert_eq!(wide, [0xff; 4]);
+    }
+
+    #[test]
+    fn boot_marker_split_across_writes_is_recorded_once() {
+        use super::super::boot_timer::BootTime;
+        let t = BootTime::default();
+        let mut sink = SerialSink {
+            log: None,
+            ring: SerialRing::default(),
+            stdout: false,
+            boot_marker: Some((std::time::Instant::now(), t.clone())),
+            marker_matched: 0,
+        };
+        sink.write_all(b"agent: RAYOS-BOOT").unwrap();
+        assert_eq!(t.get(), None);
+        sink.write_all(b"RAYOS-BOOT-TIM").unwrap();
+        assert_eq!(t.get(), None);
+        sink.write_all(b"ER\n").unwrap();
+        assert!(t.get().is_some());
     }
 
     #[test]

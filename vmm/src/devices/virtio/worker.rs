@@ -60,7 +60,9 @@ impl Worker {
         for &(fd, token) in fds {
             epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))?;
         }
-        let thread = std::thread::Builder::new().name(name.to_owned()).spawn(move || {
+        // Workers keep their buffers on the heap; a small stack keeps per-device overhead
+        // low (the VMM's memory budget is a few MiB besides guest RAM).
+        let thread = std::thread::Builder::new().name(name.to_owned()).stack_size(256 * 1024).spawn(move || {
             let mut events = vec![EpollEvent::default(); 16];
             loop {
                 let n = match epoll.wait(-1, &mut events) {
