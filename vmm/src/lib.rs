@@ -11,6 +11,7 @@ pub mod bus;
 pub mod control;
 pub mod cpuid;
 pub mod devices;
+pub mod isolation;
 pub mod error;
 pub mod layout;
 pub mod lifecycle;
@@ -112,12 +113,18 @@ impl Vmm {
             None => None,
         };
         let serial_ring = SerialRing::default();
-        let sink = SerialSink { log, ring: serial_ring.clone(), stdout: spec.serial_stdout };
+        let boot_time = BootTime::default();
+        let sink = SerialSink {
+            log,
+            ring: serial_ring.clone(),
+            stdout: spec.serial_stdout,
+            boot_marker: Some((start, boot_time.clone())),
+            marker_matched: 0,
+        };
         let serial = Arc::new(Mutex::new(SerialDevice::new(IrqTrigger(serial_irq), sink)));
         pio_bus.insert(pio::COM1 as u64, 8, "com1", serial.clone())?;
         pio_bus.insert(pio::I8042 as u64, 5, "i8042", Arc::new(Mutex::new(I8042::new(lifecycle.clone()))))?;
         pio_bus.insert(pio::CMOS as u64, 2, "cmos", Arc::new(Mutex::new(Cmos::default())))?;
-        let boot_time = BootTime::default();
         pio_bus.insert(
             pio::BOOT_TIMER as u64,
             4,
@@ -169,12 +176,17 @@ impl Vmm {
         self.shared.clone()
     }
 
-    pub fn run(self) -> Result<ExitReason> {
+    /// Runs the VM until it ends. `inherited_fds` (from [`isolation::inherited_fds`] at
+    /// process start) are closed when the spec asks for isolation.
+    pub fn run(self, inherited_fds: &std::collections::BTreeSet<i32>) -> Result<ExitReason> {
         let Vmm { spec, vm, ram, pio, mmio, vcpus, shared } = self;
         vcpu::install_kick_handler()?;
         if let Some(path) = &spec.control_socket {
             let listener = control::bind(path)?;
             control::spawn(shared.clone(), listener)?;
+        }
+        if spec.isolate {
+            isolation::isolate(inherited_fds)?;
         }
         let pio = Arc::new(pio);
         let mmio = Arc::new(mmio);

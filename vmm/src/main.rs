@@ -1,5 +1,6 @@
 //! `rayos-vmm --spec vm.json`: runs one VM and exits with its outcome:
-//! 0 = the guest powered off, 10 = the guest rebooted (start it again), 1 = error.
+//! 0 = the guest powered off, 10 = the guest rebooted (start it again), 1 = error,
+//! 31 = killed by the seccomp filter.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -19,6 +20,7 @@ struct Args {
 
 fn main() {
     let start = Instant::now();
+    let inherited = vmm::isolation::inherited_fds();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -27,7 +29,7 @@ fn main() {
         )
         .init();
     let args = Args::parse();
-    match run(&args, start) {
+    match run(&args, start, &inherited) {
         Ok(reason) => {
             match &reason {
                 ExitReason::PowerOff => eprintln!("rayos-vmm: guest powered off"),
@@ -43,8 +45,8 @@ fn main() {
     }
 }
 
-fn run(args: &Args, start: Instant) -> anyhow::Result<ExitReason> {
+fn run(args: &Args, start: Instant, inherited: &std::collections::BTreeSet<i32>) -> anyhow::Result<ExitReason> {
     let spec = VmSpec::from_file(&args.spec)?;
     let vmm = Vmm::build(spec, start).context("setting up the VM")?;
-    Ok(vmm.run()?)
+    Ok(vmm.run(inherited)?)
 }

@@ -27,7 +27,8 @@ fn boot_timer() {
     const PORT: u16 = 0x440;
     // SAFETY: ioperm only changes this process's I/O permission bitmap.
     if unsafe { libc::ioperm(PORT as libc::c_ulong, 1, 1) } != 0 {
-        println!("agent: boot-timer FAIL ioperm: {}", std::io::Error::last_os_error());
+        // Kernels without CONFIG_X86_IOPL_IOPERM: the VMM watches the serial console too.
+        println!("agent: RAYOS-BOOT-TIMER (ioperm: {})", std::io::Error::last_os_error());
         return;
     }
     // SAFETY: ioperm granted this port; an OUT to it has no effect on our memory.
