@@ -104,12 +104,32 @@ fn run() -> Result<ExitCode> {
         mke2fs: args.mke2fs.clone(),
     };
     let boot = efiboot::loader_device_part_uuid(&args.efivars);
-    let all = disks::enumerate(&env.paths, boot)?;
+    // USB sticks are often enumerated seconds after rayosd starts us: wait for the medium
+    // (and let slow disks settle) before showing or choosing anything.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut waited = false;
+    let (all, found) = loop {
+        let all = disks::enumerate(&env.paths, boot)?;
+        let found = find_medium(&all, boot, args.medium.as_ref());
+        if found.is_some() || std::time::Instant::now() > deadline {
+            break (all, found);
+        }
+        if !waited {
+            say("waiting for the RayOS USB medium to appear");
+            waited = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    if waited {
+        // Other disks on the same bus may trail the medium by a moment.
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    let all = if waited { disks::enumerate(&env.paths, boot)? } else { all };
     for d in &all {
         let why = d.ineligible.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ");
         say(&format!("disk {}: {}{}", d.name, d.describe(), if why.is_empty() { String::new() } else { format!(" - not usable: {why}") }));
     }
-    let Some((medium, off, len)) = find_medium(&all, boot, args.medium.as_ref()) else {
+    let Some((medium, off, len)) = found else {
         bail!("cannot find the RayOS USB medium (no disk with the boot partition or the installer entry)");
     };
     let cmdline = std::fs::read_to_string(&args.cmdline).unwrap_or_default();
