@@ -25,12 +25,21 @@ fn mount(src: &str, target: &str, fstype: &str) {
     unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), 0, std::ptr::null()) };
 }
 
-/// The VMM's boot timer (vmm `layout::pio::BOOT_TIMER`).
-fn boot_timer() {
+/// The VMM's boot timer (vmm `layout::pio::BOOT_TIMER`). A kernel without
+/// CONFIG_X86_IOPL_IOPERM (RayOS's own) refuses ioperm; the VMM then watches the serial
+/// console for its marker instead (vmm `boot_timer::SERIAL_MARKER`).
+fn boot_timer(service: bool) {
     const PORT: u16 = 0x440;
     // SAFETY: ioperm only changes this process's I/O permission bitmap.
     if unsafe { libc::ioperm(PORT as libc::c_ulong, 1, 1) } != 0 {
-        println!("devguest: boot timer: ioperm: {}", std::io::Error::last_os_error());
+        if service {
+            // Our stdout is the journal; the marker must reach the serial port itself.
+            if let Ok(mut c) = fs::OpenOptions::new().write(true).open("/dev/console") {
+                let _ = writeln!(c, "RAYOS-BOOT-TIMER");
+            }
+        } else {
+            println!("RAYOS-BOOT-TIMER");
+        }
         return;
     }
     // SAFETY: ioperm granted this port; an OUT to it touches no memory of ours.
@@ -104,7 +113,7 @@ fn main() {
         mount("proc", "/proc", "proc");
         mount("sysfs", "/sys", "sysfs");
     }
-    boot_timer();
+    boot_timer(service);
     let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let interval = cmdline_value(&cmdline, "devguest.interval_ms").and_then(|v| v.parse().ok()).unwrap_or(200u64);
     println!("devguest: init");
