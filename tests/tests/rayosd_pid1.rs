@@ -174,6 +174,8 @@ fn data_disk(path: &Path) -> (u64, u64) {
         partition_name: "rayos-data".into(),
     };
     gpt.write_into(&mut f).unwrap();
+    // Linux ignores a GPT without its protective MBR.
+    gptman::GPT::write_protective_mbr_into(&mut f, 512).unwrap();
     drop(f);
     let (off, len) = (first * 512, (last - first + 1) * 512);
     let st = Command::new("mkfs.ext4")
