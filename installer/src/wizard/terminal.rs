@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use ratatui::backend::CrosstermBackend;
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
-use ratatui::crossterm::{execute, terminal};
+use ratatui::crossterm::{cursor, execute, terminal};
 use ratatui::layout::Rect;
 use ratatui::{Terminal, TerminalOptions, Viewport};
 
@@ -50,10 +50,17 @@ pub fn run(mut w: Wizard, start_install: impl FnOnce(&Wizard, mpsc::Sender<Progr
     let (cols, rows) = terminal::size().unwrap_or((0, 0));
     let (cols, rows) = if cols < 20 || rows < 10 { (80, 24) } else { (cols, rows) };
     terminal::enable_raw_mode()?;
-    let mut out = io::stdout();
-    execute!(out, terminal::Clear(terminal::ClearType::All))?;
-    let backend = CrosstermBackend::new(io::stdout());
-    let mut term = Terminal::with_options(backend, TerminalOptions { viewport: Viewport::Fixed(Rect::new(0, 0, cols, rows)) })?;
+    // ratatui's `Terminal::clear` asks the terminal for the cursor position (ESC [6n), which a
+    // serial console may never answer. A full redraw is done instead by clearing the screen
+    // ourselves and starting from a fresh Terminal, whose first draw paints every cell.
+    let fresh = || -> io::Result<Terminal<CrosstermBackend<io::Stdout>>> {
+        execute!(io::stdout(), terminal::Clear(terminal::ClearType::All), cursor::MoveTo(0, 0))?;
+        Terminal::with_options(
+            CrosstermBackend::new(io::stdout()),
+            TerminalOptions { viewport: Viewport::Fixed(Rect::new(0, 0, cols, rows)) },
+        )
+    };
+    let mut term = fresh()?;
     let (tx, rx) = mpsc::channel();
     let mut start_install = Some(start_install);
     let mut last_screen = w.screen.clone();
@@ -61,7 +68,7 @@ pub fn run(mut w: Wizard, start_install: impl FnOnce(&Wizard, mpsc::Sender<Progr
         // A serial terminal keeps no state we can trust: on every screen change the whole
         // screen is cleared and drawn again rather than diffed.
         if w.screen != last_screen {
-            term.clear()?;
+            term = fresh()?;
             last_screen = w.screen.clone();
         }
         term.draw(|f| render(f, &w))?;
@@ -76,14 +83,14 @@ pub fn run(mut w: Wizard, start_install: impl FnOnce(&Wizard, mpsc::Sender<Progr
         }
         let Event::Key(k) = event::read()? else {
             // Resize or noise: redraw everything.
-            term.clear()?;
+            term = fresh()?;
             continue;
         };
         if k.kind != KeyEventKind::Press {
             continue;
         }
         if k.code == KeyCode::Char('l') && k.modifiers.contains(KeyModifiers::CONTROL) {
-            term.clear()?;
+            term = fresh()?;
             continue;
         }
         let Some(key) = map_key(k.code, k.modifiers) else { continue };
