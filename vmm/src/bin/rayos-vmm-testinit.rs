@@ -6,6 +6,13 @@
 //! exists, drives its control socket with that script. Prints
 //! `testinit: <name> exit=<code> ms=<wall time>` per run, then powers off.
 //!
+//! If `/specs/<name>.cmd` exists instead, it is the command to run (one argument per line),
+//! e.g. QEMU for the side-by-side boot benchmark. Either way the child's stdout is echoed
+//! and, when `RAYOS-BOOT-TIMER` appears on it (the guest agent prints it at init), the run
+//! prints `testinit: <name> marker_ms=<since spawn> rss_kb=… shmem_kb=… overhead_kb=…`,
+//! the child's memory at that moment (overhead = RSS minus shared memory, which is where
+//! both rayos-vmm and QEMU with a memfd backend keep guest RAM).
+//!
 //! Control script lines: a JSON request (sent, answer printed as `testinit: <name> ctl <json>`),
 //! `sleep <ms>`, or `wait <text>` (poll the serial tail until it contains text, up to 60 s).
 
@@ -99,6 +106,55 @@ fn drive(name: &str, sock: &str, script: &str) {
     }
 }
 
+fn status_kb(pid: u32, key: &str) -> u64 {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Echoes the child's stdout and reports time and memory when the boot marker shows up.
+/// `kill_after`: end the child this long after the marker (benchmark runs of other VMMs,
+/// whose power-off path is not what is measured).
+fn watch_output(name: &str, pid: u32, t0: Instant, out: std::process::ChildStdout, kill_after: Option<Duration>) {
+    use std::io::Read;
+    let mut r = BufReader::new(out);
+    let mut buf = [0u8; 4096];
+    let mut tail: Vec<u8> = Vec::new();
+    let mut seen = false;
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let ms = t0.elapsed().as_millis();
+        let _ = std::io::stdout().write_all(&buf[..n]);
+        if seen {
+            continue;
+        }
+        tail.extend_from_slice(&buf[..n]);
+        if tail.windows(16).any(|w| w == b"RAYOS-BOOT-TIMER") {
+            seen = true;
+            let rss = status_kb(pid, "VmRSS:");
+            let shmem = status_kb(pid, "RssShmem:");
+            println!(
+                "testinit: {name} marker_ms={ms} rss_kb={rss} shmem_kb={shmem} overhead_kb={}",
+                rss.saturating_sub(shmem)
+            );
+            if let Some(d) = kill_after {
+                std::thread::spawn(move || {
+                    std::thread::sleep(d);
+                    // SAFETY: signalling our own child, which we have not reaped yet.
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                });
+            }
+        } else if tail.len() > 64 {
+            tail.drain(..tail.len() - 16);
+        }
+    }
+}
+
 fn main() {
     mount("devtmpfs", "/dev", "devtmpfs");
     mount("proc", "/proc", "proc");
@@ -117,7 +173,21 @@ fn main() {
         let spec = format!("/specs/{name}.json");
         make_disks(&spec);
         let t0 = Instant::now();
-        let child = Command::new("/rayos-vmm").arg("--spec").arg(&spec).spawn();
+        let cmd_file = format!("/specs/{name}.cmd");
+        let mut command = match fs::read_to_string(&cmd_file) {
+            Ok(text) => {
+                let args: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+                let mut c = Command::new(args[0]);
+                c.args(&args[1..]);
+                c
+            }
+            Err(_) => {
+                let mut c = Command::new("/rayos-vmm");
+                c.arg("--spec").arg(&spec);
+                c
+            }
+        };
+        let child = command.stdout(std::process::Stdio::piped()).spawn();
         let mut child = match child {
             Ok(c) => c,
             Err(e) => {
@@ -133,7 +203,13 @@ fn main() {
             }
             _ => None,
         };
+        let out = child.stdout.take().expect("piped stdout");
+        let pid = child.id();
+        let echo_name = name.to_string();
+        let kill_after = std::path::Path::new(&cmd_file).exists().then_some(Duration::from_secs(2));
+        let echo = std::thread::spawn(move || watch_output(&echo_name, pid, t0, out, kill_after));
         let status = child.wait();
+        let _ = echo.join();
         if let Some(d) = driver {
             let _ = d.join();
         }

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Side-by-side boot benchmark under nested KVM (QEMU TCG with emulated AMD-V): the same kernel,
+# initramfs (rayos-guest-agent as /init, which prints RAYOS-BOOT-TIMER first thing) and 256 MiB
+# booted by rayos-vmm, QEMU -M microvm and QEMU -M pc inside one outer VM, ROUNDS times each.
+# Measured by rayos-vmm-testinit: time from spawning the VMM to the marker on its serial
+# console, and the VMM's RSS minus shared memory (guest RAM is a memfd in all three) then.
+#
+# Usage: bench-nested.sh KERNEL [ROUNDS] [WORKDIR]
+#   KERNEL: a bzImage with KVM (host side) and virtio/serial (guest side); used for both.
+# Needs the static release build of the vmm crate
+# (RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --target x86_64-unknown-linux-gnu -p vmm).
+# Prints one `bench-vmm:` summary line per VMM; exit status 0 if every run reached the marker.
+set -euo pipefail
+kernel=$(realpath "$1"); rounds=${2:-2}; work=${3:-$(mktemp -d)}
+here=$(dirname "$(realpath "$0")")
+bin=$(realpath "$here/../../target/x86_64-unknown-linux-gnu/release")
+rm -rf "$work/specs" "$work/files" && mkdir -p "$work/specs" "$work/files/usr/share/qemu" "$work/files/usr/share/seabios" "$work/groot"
+cp "$kernel" "$work/outer-bzImage"; cp "$kernel" "$work/guest-bzImage"
+cp "$bin/rayos-guest-agent" "$work/groot/init"
+(cd "$work/groot" && find . | cpio -o -H newc 2>/dev/null | zstd -q -f -o "$work/guest-initrd")
+q=/usr/bin/qemu-system-x86_64
+mkdir -p "$work/files/usr/bin" && cp "$q" "$work/files/usr/bin/"
+for l in $(ldd "$q" | grep -o '/[^ ]*'); do mkdir -p "$work/files$(dirname "$l")"; cp -L "$l" "$work/files$l"; done
+for f in bios-microvm.bin linuxboot_dma.bin kvmvapic.bin; do cp -L "/usr/share/qemu/$f" "$work/files/usr/share/qemu/"; done
+cp -L /usr/share/seabios/bios-256k.bin "$work/files/usr/share/seabios/"
+cat > "$work/specs/rayos.json" <<J
+{"name":"bench","vcpus":1,"memory_mib":256,"kernel":"/guest/bzImage","initramfs":"/guest/initrd","cmdline":"console=ttyS0 quiet rayos.agent=","serial_stdout":true}
+J
+for m in microvm pc; do
+  printf '%s\n' "$q" -M "$m" -enable-kvm -cpu host -m 256 -smp 1 -nodefaults -no-user-config -nographic \
+    -serial stdio -no-reboot -object memory-backend-memfd,id=mem,size=256M -machine memory-backend=mem \
+    -kernel /guest/bzImage -initrd /guest/initrd -append "console=ttyS0 quiet rayos.agent=" > "$work/specs/$m.cmd"
+done
+tests=$(for _ in $(seq "$rounds"); do printf 'rayos,microvm,pc,'; done)
+NESTED_TIMEOUT=${NESTED_TIMEOUT:-900} "$here/nested-run.sh" "$work" "${tests%,}" > "$work/bench.log" 2>&1 || true
+python3 - "$work/bench.log" "$rounds" <<'PY'
+import re, sys, statistics
+log = open(sys.argv[1], errors="replace").read()
+runs = {}
+for name, ms, ov in re.findall(r"testinit: (\w+) marker_ms=(\d+) rss_kb=\d+ shmem_kb=\d+ overhead_kb=(\d+)", log):
+    runs.setdefault(name, []).append((int(ms), int(ov)))
+ok = all(len(runs.get(n, [])) == int(sys.argv[2]) for n in ("rayos", "microvm", "pc"))
+med = {n: statistics.median(m for m, _ in r) for n, r in runs.items()}
+for n, r in runs.items():
+    ratio = " ".join(f"vs_{o}={med[n] / med[o]:.2f}x" for o in med if o != n)
+    print(f"bench-vmm: {n} boot_ms={[m for m, _ in r]} median={med[n]:.0f} overhead_kib={[o for _, o in r]} {ratio}")
+sys.exit(0 if ok else 1)
+PY
