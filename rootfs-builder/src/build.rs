@@ -80,7 +80,10 @@ pub fn all() -> anyhow::Result<Artifacts> {
     let dir = paths::out_dir();
     std::fs::create_dir_all(&dir)?;
     let lock = std::fs::File::create(dir.join(".build.lock"))?;
-    fs2::FileExt::lock_exclusive(&lock)?;
+    if fs2::FileExt::try_lock_exclusive(&lock).is_err() {
+        progress::step("build", format!("waiting for another RayOS build to finish ({})", dir.join(".build.lock").display()));
+        fs2::FileExt::lock_exclusive(&lock)?;
+    }
     let a = Artifacts::in_dir(&dir);
 
     let k = kernel::ensure()?;
