@@ -4,9 +4,33 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
+use thiserror::Error;
 
-use crate::manifest::Manifest;
-use crate::{cargo_build, hostdeps, image, kernel, paths, progress};
+use crate::manifest::{Manifest, ManifestError};
+use crate::{cargo_build, hostdeps, image, initramfs, kernel, paths, progress};
+
+#[derive(Debug, Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    HostDeps(#[from] hostdeps::HostDepsError),
+    #[error(transparent)]
+    Kernel(#[from] kernel::KernelError),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Cargo(#[from] cargo_build::CargoError),
+    #[error(transparent)]
+    Initramfs(#[from] initramfs::InitramfsError),
+    #[error(transparent)]
+    Image(#[from] image::ImageError),
+    #[error("{0}: {1}")]
+    Io(PathBuf, std::io::Error),
+}
+
+fn io(p: &Path) -> impl FnOnce(std::io::Error) -> BuildError {
+    let p = p.to_path_buf();
+    move |e| BuildError::Io(p, e)
+}
 
 /// What `cargo rayos` builds, under `target/rayos`.
 #[derive(Debug, Clone)]
@@ -35,15 +59,15 @@ impl Artifacts {
     }
 }
 
-fn hash_files(label: &str, files: &[PathBuf]) -> anyhow::Result<String> {
+fn hash_files(label: &str, files: &[PathBuf]) -> Result<String, BuildError> {
     let mut h = Sha256::new();
     h.update(label.as_bytes());
     for f in files {
         h.update(f.to_string_lossy().as_bytes());
-        let mut file = std::fs::File::open(f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+        let mut file = std::fs::File::open(f).map_err(io(f))?;
         let mut buf = vec![0u8; 1 << 20];
         loop {
-            let n = file.read(&mut buf)?;
+            let n = file.read(&mut buf).map_err(io(f))?;
             if n == 0 {
                 break;
             }
@@ -58,31 +82,32 @@ fn fresh(out: &Path, stamp: &str) -> bool {
     out.is_file() && std::fs::read_to_string(out.with_extension("inputs")).is_ok_and(|s| s == stamp)
 }
 
-fn record(out: &Path, stamp: &str) -> anyhow::Result<()> {
-    std::fs::write(out.with_extension("inputs"), stamp)?;
-    Ok(())
+fn record(out: &Path, stamp: &str) -> Result<(), BuildError> {
+    let p = out.with_extension("inputs");
+    std::fs::write(&p, stamp).map_err(io(&p))
 }
 
 /// Hard-link or copy `from` to `to` if it differs.
-fn place(from: &Path, to: &Path) -> anyhow::Result<()> {
-    if to.is_file() && std::fs::read(to)? == std::fs::read(from)? {
+fn place(from: &Path, to: &Path) -> Result<(), BuildError> {
+    let new = std::fs::read(from).map_err(io(from))?;
+    if std::fs::read(to).is_ok_and(|old| old == new) {
         return Ok(());
     }
     let _ = std::fs::remove_file(to);
-    std::fs::copy(from, to).map_err(|e| anyhow::anyhow!("copying {} to {}: {e}", from.display(), to.display()))?;
-    Ok(())
+    std::fs::write(to, new).map_err(io(to))
 }
 
 /// Build whatever is stale and return the artifacts. Holds a lock so parallel test
 /// processes and a concurrent `cargo rayos run` don't build over each other.
-pub fn all() -> anyhow::Result<Artifacts> {
+pub fn all() -> Result<Artifacts, BuildError> {
     hostdeps::ensure(hostdeps::BUILD)?;
     let dir = paths::out_dir();
-    std::fs::create_dir_all(&dir)?;
-    let lock = std::fs::File::create(dir.join(".build.lock"))?;
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let lock_path = dir.join(".build.lock");
+    let lock = std::fs::File::create(&lock_path).map_err(io(&lock_path))?;
     if fs2::FileExt::try_lock_exclusive(&lock).is_err() {
         progress::step("build", format!("waiting for another RayOS build to finish ({})", dir.join(".build.lock").display()));
-        fs2::FileExt::lock_exclusive(&lock)?;
+        fs2::FileExt::lock_exclusive(&lock).map_err(io(&lock_path))?;
     }
     let a = Artifacts::in_dir(&dir);
 
@@ -117,7 +142,7 @@ pub fn all() -> anyhow::Result<Artifacts> {
 
 /// The artifacts for tests: those named by `RAYOS_ARTIFACTS` (set by `cargo rayos test`,
 /// which has just built them), else build what is stale.
-pub fn artifacts() -> anyhow::Result<Artifacts> {
+pub fn artifacts() -> Result<Artifacts, BuildError> {
     if let Some(dir) = std::env::var_os("RAYOS_ARTIFACTS") {
         let a = Artifacts::in_dir(Path::new(&dir));
         if a.complete() {
