@@ -19,11 +19,18 @@ pub enum What {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// Run the VMM's cargo-fuzz targets (virtio queue/chain and virtio-blk request parsing)
+    /// for a bounded time each; installs cargo-fuzz if missing. Fails on a crash.
+    Fuzz {
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
 }
 
 pub fn run(what: What) -> Result<()> {
     match what {
         What::Boot { runs } => boot(runs.max(1)),
+        What::Fuzz { seconds } => fuzz(seconds.max(1)),
     }
 }
 
@@ -129,5 +136,46 @@ fn boot(runs: usize) -> Result<()> {
     println!("  bzImage                          {:>10}", progress::fmt_size(size(&a.kernel)));
     println!("  initramfs (zstd)                 {:>10}   (target: <= 16 MiB)", progress::fmt_size(size(&a.initramfs)));
     println!("  USB image                        {:>10}", progress::fmt_size(size(&a.usb_image)));
+    Ok(())
+}
+
+const FUZZ_TARGETS: &[&str] = &["virtio_queue", "virtio_blk_request"];
+
+fn fuzz(seconds: u64) -> Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let has_fuzz = std::process::Command::new(&cargo).args(["fuzz", "--version"]).output().is_ok_and(|o| o.status.success());
+    if !has_fuzz {
+        progress::step("fuzz", "installing cargo-fuzz from crates.io");
+        let ok = std::process::Command::new(&cargo).args(["install", "--locked", "cargo-fuzz"]).status()?.success();
+        if !ok {
+            bail!("cargo install cargo-fuzz failed");
+        }
+    }
+    let dir = paths::workspace().join("vmm").join("fuzz");
+    let mut results = Vec::new();
+    for t in FUZZ_TARGETS {
+        progress::step("fuzz", format!("{t} for {seconds} s"));
+        // libFuzzer's sanitizer flags are nightly-only; RUSTC_BOOTSTRAP lets stable take them.
+        let out = std::process::Command::new(&cargo)
+            .current_dir(&dir)
+            .env("RUSTC_BOOTSTRAP", "1")
+            .args(["fuzz", "run", "-O", t, "--", &format!("-max_total_time={seconds}")])
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::piped())
+            .output()
+            .context("running cargo fuzz")?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        let done = err.lines().rev().find(|l| l.starts_with("Done ")).unwrap_or("").to_string();
+        let cov = err.lines().rev().find_map(|l| l.split_whitespace().skip_while(|w| *w != "cov:").nth(1)).unwrap_or("?").to_string();
+        if !out.status.success() {
+            eprintln!("{err}");
+            bail!("fuzz target {t} failed (a crash or a build error); the input is under vmm/fuzz/artifacts/{t}/");
+        }
+        results.push((t, done, cov));
+    }
+    println!("fuzz ({seconds} s each, no crashes):");
+    for (t, done, cov) in results {
+        println!("  {t:<20} {done}  coverage {cov}");
+    }
     Ok(())
 }
