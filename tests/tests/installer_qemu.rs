@@ -1,0 +1,204 @@
+//! The installer in QEMU (UEFI, TCG): the real USB image with an answer file added to a copy of
+//! its ESP, target disks on NVMe and AHCI, then the installed disk booted alone.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rayos_tests::{artifacts, blank_disk, esp, Qemu, BOOT_TIMEOUT};
+
+const GIB: u64 = 1 << 30;
+const INSTALL_TIMEOUT: Duration = Duration::from_secs(420);
+
+/// A copy of the USB image whose ESP carries `rayos/answers.toml` (None: no answer file).
+fn usb_with_answers(name: &str, answers: Option<&str>) -> PathBuf {
+    let dir = rootfs_builder::paths::out_dir().join("test-runs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join(format!("usb-{name}.img"));
+    std::fs::copy(&artifacts().usb_image, &img).unwrap();
+    if let Some(text) = answers {
+        let mut e = esp::Esp::open(&img).unwrap();
+        e.write("rayos/answers.toml", text.as_bytes()).unwrap();
+        e.close().unwrap();
+    }
+    img
+}
+
+fn answers(serial: &str, target: &str, confirm: &str) -> String {
+    format!(
+        "version = 1\n[disk]\nmatch = {{ serial = \"{serial}\" }}\ntarget = \"{target}\"\nconfirm = \"{confirm}\"\n\
+         [system]\nhostname = \"qemu-box\"\ntimezone = \"Europe/Paris\"\n"
+    )
+}
+
+/// Reads a byte range of a disk image.
+fn read_range(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let mut f = std::fs::File::open(path).unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    let mut buf = vec![0u8; len];
+    f.read_exact(&mut buf).unwrap();
+    buf
+}
+
+fn used_partitions(path: &Path) -> Vec<(u64, u64, String, String)> {
+    let mut f = std::fs::File::open(path).unwrap();
+    let gpt = gptman::GPT::find_from(&mut f).unwrap();
+    gpt.iter()
+        .filter(|(_, e)| e.is_used())
+        .map(|(_, e)| {
+            (e.starting_lba, e.ending_lba, esp::guid_string(&e.partition_type_guid), e.partition_name.as_str().to_string())
+        })
+        .collect()
+}
+
+/// Boots the USB copy beside `target` until the installer finishes and rayosd reboots
+/// (QEMU exits: -no-reboot). Returns the serial log and the wall time.
+fn run_unattended(name: &str, usb: &Path, target: &Path, ahci: bool) -> (String, Duration) {
+    let b = Qemu::builder(name).uefi_usb(usb).no_reboot().memory_mib(1024);
+    let b = if ahci { b.ahci_disk(target, "RAYOS-TARGET") } else { b.nvme_disk(target, "RAYOS-TARGET") };
+    let mut vm = b.spawn().unwrap();
+    let start = Instant::now();
+    let done = vm.wait_for("rayos-installer: installed in", INSTALL_TIMEOUT).unwrap();
+    let took = start.elapsed();
+    eprintln!("[{name}] {done} (QEMU wall time to this line: {took:?})");
+    vm.wait_exit(Duration::from_secs(120)).unwrap();
+    (vm.serial_log(), took)
+}
+
+#[test]
+fn unattended_install_onto_nvme_then_boot_that_disk_alone() {
+    let usb = usb_with_answers("unattended-nvme", Some(&answers("RAYOS-TARGET", "whole-disk", "wipe RAYOS-TARGET")));
+    let work = rootfs_builder::paths::out_dir().join("test-runs");
+    let target = work.join("installer-nvme-target.img");
+    blank_disk(&target, 8 * GIB).unwrap();
+    let (log, _) = run_unattended("installer-nvme", &usb, &target, false);
+    assert!(log.contains("rayos-installer: unattended install from rayos/answers.toml"), "{log}");
+    assert!(log.contains("UEFI boot entry Boot"), "{log}");
+
+    let parts = used_partitions(&target);
+    assert_eq!(parts.len(), 2, "{parts:?}");
+    assert_eq!(parts[0].2, esp::ESP_TYPE);
+    assert_eq!(parts[1].2, esp::RAYOS_DATA_TYPE);
+
+    // The installed disk alone, through the firmware's fallback path (fresh OVMF variables).
+    let mut vm = Qemu::builder("installer-nvme-installed").nvme_disk(&target, "RAYOS-TARGET").memory_mib(1024).spawn().unwrap();
+    let ready = vm.wait_for("rayosd: ready", BOOT_TIMEOUT).unwrap();
+    assert!(ready.contains("mode=installed"), "{ready}\n{}", vm.serial_log());
+    let entry = vm.wait_for("rayosd: boot entry:", BOOT_TIMEOUT).unwrap();
+    assert!(entry.contains("rayos"), "{entry}");
+    vm.kill();
+}
+
+#[test]
+fn install_into_free_space_keeps_the_neighbour_partition_intact() {
+    let usb = usb_with_answers("unattended-free", Some(&answers("RAYOS-TARGET", "largest-free", "install RAYOS-TARGET")));
+    let work = rootfs_builder::paths::out_dir().join("test-runs");
+    let target = work.join("installer-free-target.img");
+    let linux_data = esp::guid_bytes("0fc63daf-8483-4772-8e79-3d69d8477de4");
+    let (first, last) = (2048u64, 2048 + 262144 - 1); // 128 MiB of someone's data
+    esp::create_gpt_image(
+        &target,
+        8 * GIB,
+        &[esp::PartitionSpec { type_guid: linux_data, name: "home".into(), first_lba: first, last_lba: last }],
+    )
+    .unwrap();
+    let len = ((last + 1 - first) * 512) as usize;
+    let data: Vec<u8> = (0..len as u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    {
+        let mut f = std::fs::OpenOptions::new().write(true).open(&target).unwrap();
+        f.seek(SeekFrom::Start(first * 512)).unwrap();
+        f.write_all(&data).unwrap();
+    }
+    let before = used_partitions(&target);
+    run_unattended("installer-free", &usb, &target, false);
+    assert!(read_range(&target, first * 512, len) == data, "the neighbour partition's bytes changed");
+    let after = used_partitions(&target);
+    assert_eq!(after[0], before[0]);
+    assert_eq!(after.len(), 3, "{after:?}");
+    assert_eq!(after[1].2, esp::ESP_TYPE);
+    assert_eq!(after[2].2, esp::RAYOS_DATA_TYPE);
+}
+
+#[test]
+fn unattended_install_onto_ahci() {
+    let usb = usb_with_answers("unattended-ahci", Some(&answers("RAYOS-TARGET", "whole-disk", "wipe RAYOS-TARGET")));
+    let work = rootfs_builder::paths::out_dir().join("test-runs");
+    let target = work.join("installer-ahci-target.img");
+    blank_disk(&target, 6 * GIB).unwrap();
+    let (log, _) = run_unattended("installer-ahci", &usb, &target, true);
+    assert!(log.contains("SATA"), "{log}");
+    let parts = used_partitions(&target);
+    assert_eq!(parts.iter().map(|p| p.2.as_str()).collect::<Vec<_>>(), [esp::ESP_TYPE, esp::RAYOS_DATA_TYPE]);
+}
+
+/// Polls the serial log (the wizard draws with cursor moves, not lines) for `text`.
+fn wait_text(vm: &Qemu, from: usize, text: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let log = vm.serial_log();
+        if log.get(from..).unwrap_or("").contains(text) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "waited {timeout:?} for {text:?}; log tail:\n{}", &log[log.len().saturating_sub(3000)..]);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn invalid_answer_files_and_the_boot_medium_are_refused() {
+    // A bad field: named in the refusal, then the wizard starts instead.
+    let bad = "version = 1\n[disk]\nmatch = { serial = \"RAYOS-TARGET\" }\ntarget = \"whole-disk\"\nconfirm = \"yes\"\n";
+    let usb = usb_with_answers("answers-bad", Some(bad));
+    let target = rootfs_builder::paths::out_dir().join("test-runs/installer-bad-target.img");
+    blank_disk(&target, 6 * GIB).unwrap();
+    let mut vm = Qemu::builder("installer-bad-answers").uefi_usb(&usb).nvme_disk(&target, "RAYOS-TARGET").spawn().unwrap();
+    let line = vm.wait_for("rayos-installer: unattended install refused", INSTALL_TIMEOUT).unwrap();
+    assert!(line.contains("answers.toml: disk.confirm: \"yes\" does not confirm"), "{line}");
+    assert!(line.contains("write confirm = \"wipe RAYOS-TARGET\""), "{line}");
+    wait_text(&vm, 0, "1/8 Welcome", BOOT_TIMEOUT);
+    vm.kill();
+    assert!(used_partitions_or_none(&target).is_none(), "nothing was written to the target");
+
+    // Targeting the USB stick itself.
+    let usb = usb_with_answers("answers-usb", Some(&answers("RAYOS-USB", "whole-disk", "wipe RAYOS-USB")));
+    let mut vm = Qemu::builder("installer-boot-medium").uefi_usb(&usb).nvme_disk(&target, "RAYOS-TARGET").spawn().unwrap();
+    let line = vm.wait_for("rayos-installer: unattended install refused", INSTALL_TIMEOUT).unwrap();
+    assert!(line.contains("answers.toml: disk.match: serial \"RAYOS-USB\" matches"), "{line}");
+    assert!(line.contains("which is refused: this is the medium RayOS was booted from"), "{line}");
+    vm.kill();
+}
+
+fn used_partitions_or_none(path: &Path) -> Option<usize> {
+    let mut f = std::fs::File::open(path).ok()?;
+    gptman::GPT::find_from(&mut f).ok().map(|g| g.iter().filter(|(_, e)| e.is_used()).count())
+}
+
+#[test]
+fn wizard_over_serial_through_every_screen_with_a_step_back() {
+    let usb = usb_with_answers("wizard", None);
+    let target = rootfs_builder::paths::out_dir().join("test-runs/installer-wizard-target.img");
+    blank_disk(&target, 6 * GIB).unwrap();
+    let mut vm = Qemu::builder("installer-wizard").uefi_usb(&usb).nvme_disk(&target, "RAYOS-TARGET").no_reboot().spawn().unwrap();
+    wait_text(&vm, 0, "1/8 Welcome", BOOT_TIMEOUT);
+    let step = |vm: &mut Qemu, keys: &[u8], expect: &str| {
+        let from = vm.log_len();
+        vm.send_serial(keys).unwrap();
+        wait_text(vm, from, expect, Duration::from_secs(60));
+    };
+    step(&mut vm, b"\r", "2/8 Disks");
+    wait_text(&vm, 0, "serial RAYOS-TARGET", Duration::from_secs(10));
+    step(&mut vm, b"\r", "3/8 Target");
+    step(&mut vm, b"\x1b", "2/8 Disks"); // back one step
+    step(&mut vm, b"\r", "3/8 Target");
+    step(&mut vm, b"\r", "4/8 Data filesystem");
+    step(&mut vm, b"\r", "5/8 VM storage");
+    step(&mut vm, b"\r", "6/8 First-boot");
+    step(&mut vm, b"\r", "7/8 Summary");
+    wait_text(&vm, 0, "type: wipe RAYOS-TARGET", Duration::from_secs(10));
+    step(&mut vm, b"wipe RAYOS-TARGET\r", "8/8 Installing");
+    wait_text(&vm, 0, "8/8 Done", INSTALL_TIMEOUT);
+    vm.send_serial(b"\r").unwrap();
+    vm.wait_exit(Duration::from_secs(120)).unwrap();
+    let parts = used_partitions(&target);
+    assert_eq!(parts.iter().map(|p| p.2.as_str()).collect::<Vec<_>>(), [esp::ESP_TYPE, esp::RAYOS_DATA_TYPE]);
+}
