@@ -27,12 +27,21 @@ cat > "$work/specs/rayos.json" <<J
 {"name":"bench","vcpus":1,"memory_mib":256,"kernel":"/guest/bzImage","initramfs":"/guest/initrd","cmdline":"console=ttyS0 quiet rayos.agent=","serial_stdout":true}
 J
 for m in microvm pc; do
-  printf '%s\n' "$q" -M "$m" -enable-kvm -cpu host -m 256 -smp 1 -nodefaults -no-user-config -nographic \
+  printf '%s\n' '#kill-after-marker' "$q" -M "$m" -enable-kvm -cpu host -m 256 -smp 1 -nodefaults -no-user-config -nographic \
     -serial stdio -no-reboot -object memory-backend-memfd,id=mem,size=256M -machine memory-backend=mem \
     -kernel /guest/bzImage -initrd /guest/initrd -append "console=ttyS0 quiet rayos.agent=" > "$work/specs/$m.cmd"
 done
-tests=$(for _ in $(seq "$rounds"); do printf 'rayos,microvm,pc,'; done)
-NESTED_TIMEOUT=${NESTED_TIMEOUT:-900} "$here/nested-run.sh" "$work" "${tests%,}" > "$work/bench.log" 2>&1 || true
+# virtio-blk: 64 MiB sequential O_DIRECT write then read in the guest, on a raw image in the
+# outer guest's tmpfs (created by the rayos run, reused by QEMU's virtio-blk-pci).
+cat > "$work/specs/blk-rayos.json" <<J
+{"name":"blk","vcpus":1,"memory_mib":256,"kernel":"/guest/bzImage","initramfs":"/guest/initrd","cmdline":"console=ttyS0 quiet rayos.agent=disk-bench","serial_stdout":true,"disks":[{"path":"/tmp/blk.img"}]}
+J
+printf '%s\n' "$q" -M pc -enable-kvm -cpu host -m 256 -smp 1 -nodefaults -no-user-config -nographic \
+  -serial stdio -no-reboot -kernel /guest/bzImage -initrd /guest/initrd \
+  -drive file=/tmp/blk.img,if=none,id=d,format=raw -device virtio-blk-pci,drive=d \
+  -append "console=ttyS0 quiet rayos.agent=disk-bench" > "$work/specs/blk-qemu.cmd"
+tests=$(for _ in $(seq "$rounds"); do printf 'rayos,microvm,pc,'; done)blk-rayos,blk-qemu
+NESTED_TIMEOUT=${NESTED_TIMEOUT:-900} "$here/nested-run.sh" "$work" "$tests" > "$work/bench.log" 2>&1 || true
 python3 - "$work/bench.log" "$rounds" <<'PY'
 import re, sys, statistics
 log = open(sys.argv[1], errors="replace").read()
@@ -44,5 +53,9 @@ med = {n: statistics.median(m for m, _ in r) for n, r in runs.items()}
 for n, r in runs.items():
     ratio = " ".join(f"vs_{o}={med[n] / med[o]:.2f}x" for o in med if o != n)
     print(f"bench-vmm: {n} boot_ms={[m for m, _ in r]} median={med[n]:.0f} overhead_kib={[o for _, o in r]} {ratio}")
+blk = re.findall(r"agent: disk-bench ok write_mib_s=([\d.]+) read_mib_s=([\d.]+)", log)
+for name, (w, r) in zip(("rayos-vmm", "qemu-pc"), blk):
+    print(f"bench-vmm: {name} virtio-blk 64 MiB sequential O_DIRECT write={w} MiB/s read={r} MiB/s")
+ok = ok and len(blk) == 2
 sys.exit(0 if ok else 1)
 PY

@@ -6,8 +6,9 @@
 //! exists, drives its control socket with that script. Prints
 //! `testinit: <name> exit=<code> ms=<wall time>` per run, then powers off.
 //!
-//! If `/specs/<name>.cmd` exists instead, it is the command to run (one argument per line),
-//! e.g. QEMU for the side-by-side boot benchmark. Either way the child's stdout is echoed
+//! If `/specs/<name>.cmd` exists instead, it is the command to run (one argument per line;
+//! a `#kill-after-marker` line ends it 2 s after the marker), e.g. QEMU for the side-by-side
+//! boot benchmark. Either way the child's stdout is echoed
 //! and, when `RAYOS-BOOT-TIMER` appears on it (the guest agent prints it at init), the run
 //! prints `testinit: <name> marker_ms=<since spawn> rss_kb=… shmem_kb=… overhead_kb=…`,
 //! the child's memory at that moment (overhead = RSS minus shared memory, which is where
@@ -176,7 +177,8 @@ fn main() {
         let cmd_file = format!("/specs/{name}.cmd");
         let mut command = match fs::read_to_string(&cmd_file) {
             Ok(text) => {
-                let args: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+                let args: Vec<&str> =
+                    text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
                 let mut c = Command::new(args[0]);
                 c.args(&args[1..]);
                 c
@@ -206,7 +208,9 @@ fn main() {
         let out = child.stdout.take().expect("piped stdout");
         let pid = child.id();
         let echo_name = name.to_string();
-        let kill_after = std::path::Path::new(&cmd_file).exists().then_some(Duration::from_secs(2));
+        let kill_after = fs::read_to_string(&cmd_file)
+            .is_ok_and(|t| t.lines().any(|l| l.trim() == "#kill-after-marker"))
+            .then_some(Duration::from_secs(2));
         let echo = std::thread::spawn(move || watch_output(&echo_name, pid, t0, out, kill_after));
         let status = child.wait();
         let _ = echo.join();
