@@ -122,8 +122,7 @@ fn confirmation_must_name_the_disk_and_say_wipe_when_destroying() {
 #[test]
 fn wizard_answers_round_trip_through_the_parser() {
     let (_m, disks) = machine();
-    let mut cfg = installer::config::SystemConfig::default();
-    cfg.hostname = "saved".into();
+    let mut cfg = installer::config::SystemConfig { hostname: "saved".into(), ..Default::default() };
     cfg.policy.autostart_windows_hidden = true;
     let text = to_toml(&disks[1], &Target::Partition(3), &VmStorage::DedicatedPartition { size_bytes: 8 * GIB }, &cfg, "wipe NV-2");
     let a = parse("saved.toml", &text).unwrap();
