@@ -679,8 +679,8 @@ fn parse_agent(data: &str) -> (bool, u64) {
     let ready = data.lines().any(|l| l.trim() == "ready");
     let beat = data
         .lines()
-        .filter_map(|l| l.trim().strip_prefix("heartbeat ").and_then(|n| n.trim().parse::<u64>().ok()))
-        .last()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix("heartbeat ").and_then(|n| n.trim().parse::<u64>().ok()))
         .unwrap_or(0);
     (ready, beat)
 }
