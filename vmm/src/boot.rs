@@ -43,8 +43,7 @@ pub fn load(
     cl.insert_str(cmdline).map_err(|e| Error::Cmdline(format!("{cmdline:?}: {e}")))?;
     load_cmdline(mem, GuestAddress(layout::CMDLINE_START), &cl).map_err(|e| Error::Cmdline(e.to_string()))?;
 
-    let mut params = boot_params::default();
-    params.hdr = hdr;
+    let mut params = boot_params { hdr, ..Default::default() };
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
     params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
     params.hdr.header = KERNEL_HDR_MAGIC;
