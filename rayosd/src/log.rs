@@ -78,12 +78,19 @@ impl RotatingFile {
     }
 }
 
+enum ConsoleMsg {
+    Text(String),
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
 /// The process-wide log sink. PID 1 has one; `systemless` may use one without kmsg/console.
 pub struct LogSink {
     seq: AtomicU64,
     kmsg: Mutex<Option<File>>,
-    /// Every active console (screen and serial), not just /dev/console, which is only the last.
-    console: Mutex<Vec<File>>,
+    /// To the console writer thread, which owns every active console (screen and serial, not
+    /// just /dev/console, which is only the last). A framebuffer console under emulation takes
+    /// milliseconds per line; PID 1's event loop must not wait for it.
+    console: Mutex<Option<std::sync::mpsc::Sender<ConsoleMsg>>>,
     console_muted: AtomicBool,
     /// Copy lines to stderr (systemless and tests, where there is no console of our own).
     stderr: AtomicBool,
@@ -99,7 +106,7 @@ pub fn sink() -> &'static LogSink {
     SINK.get_or_init(|| LogSink {
         seq: AtomicU64::new(0),
         kmsg: Mutex::new(None),
-        console: Mutex::new(Vec::new()),
+        console: Mutex::new(None),
         console_muted: AtomicBool::new(false),
         stderr: AtomicBool::new(false),
         ring: Mutex::new(VecDeque::with_capacity(256)),
@@ -121,13 +128,46 @@ impl LogSink {
         if consoles.is_empty() {
             consoles.extend(open("/dev/console"));
         }
-        *self.console.lock().unwrap() = consoles;
+        let (tx, rx) = std::sync::mpsc::channel::<ConsoleMsg>();
+        let spawned = std::thread::Builder::new().name("console".into()).stack_size(64 * 1024).spawn(move || {
+            let mut consoles = consoles;
+            for msg in rx {
+                match msg {
+                    ConsoleMsg::Text(t) => {
+                        for c in consoles.iter_mut() {
+                            let _ = c.write_all(t.as_bytes());
+                        }
+                    }
+                    ConsoleMsg::Flush(ack) => {
+                        let _ = ack.send(());
+                    }
+                }
+            }
+        });
+        if spawned.is_ok() {
+            *self.console.lock().unwrap() = Some(tx);
+        }
     }
 
     /// Writes `text` to every console even while muted (rescue screen, fatal messages).
     pub fn screen(&self, text: &str) {
-        for c in self.console.lock().unwrap().iter_mut() {
-            let _ = c.write_all(text.as_bytes());
+        self.to_console(text.to_string());
+    }
+
+    fn to_console(&self, text: String) {
+        if let Some(tx) = self.console.lock().unwrap().as_ref() {
+            let _ = tx.send(ConsoleMsg::Text(text));
+        }
+    }
+
+    /// Waits (at most `timeout`) until everything sent to the console is written: before
+    /// reboot(2), so the last lines are not lost.
+    pub fn flush_console(&self, timeout: std::time::Duration) {
+        let (ack, done) = std::sync::mpsc::channel();
+        if let Some(tx) = self.console.lock().unwrap().as_ref() {
+            if tx.send(ConsoleMsg::Flush(ack)).is_ok() {
+                let _ = done.recv_timeout(timeout);
+            }
         }
     }
 
@@ -183,9 +223,7 @@ impl LogSink {
             let _ = k.write_all(format!("<{}>{}\n", kmsg_priority(level), line).as_bytes());
         }
         if level <= Level::INFO && !self.console_muted() {
-            for c in self.console.lock().unwrap().iter_mut() {
-                let _ = c.write_all(format!("{line}\n").as_bytes());
-            }
+            self.to_console(format!("{line}\n"));
         }
         if self.stderr.load(Ordering::Relaxed) {
             let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());

@@ -23,6 +23,7 @@ impl PowerAction {
 /// Syncs and reboots or powers off. Never returns: if reboot(2) fails (it cannot for root),
 /// the process sleeps forever rather than exit.
 pub fn final_reboot(action: PowerAction) -> ! {
+    crate::log::sink().flush_console(std::time::Duration::from_secs(2));
     nix::unistd::sync();
     let mode = match action {
         PowerAction::PowerOff => RebootMode::RB_POWER_OFF,
