@@ -206,3 +206,36 @@ fn disk_changed_between_plan_and_write_is_refused_before_any_write() {
     assert!(err.to_string().contains("nothing was written"));
     assert_eq!(std::fs::metadata(&img).unwrap().blocks(), 0, "not one block was written");
 }
+
+#[test]
+fn dedicated_vm_storage_partition_is_formatted_and_recorded() {
+    let m = FakeMachine::new();
+    let img = m.add_disk(&nvme("nvme0n1", "TARGET-1", 8 * GIB));
+    let text = answer_file("TARGET-1", "whole-disk", "wipe TARGET-1")
+        .replace("vm_storage = \"data-volume\"", "vm_storage = \"partition\"\nvm_storage_size = \"2G\"");
+    let a = answers::parse("answers.toml", &text).unwrap();
+    let all = disks::enumerate(&m.paths, None).unwrap();
+    let plan = make_plan(a.select_disk("answers.toml", &all).unwrap(), a.target.clone(), a.vm_storage.clone()).unwrap();
+    let mut env = m.env();
+    env.efivars = None;
+    installer::install::install(&env, &plan, &a.config, &boot_files(), Some(&text), &mut |_, _| {}).unwrap();
+
+    let after = disks::enumerate(&m.paths, None).unwrap().remove(0);
+    let kinds: Vec<_> = after.partitions.iter().map(|p| (p.type_guid, p.filesystem)).collect();
+    assert_eq!(
+        kinds,
+        [(guids::ESP, Some("vfat")), (guids::RAYOS_VM_STORAGE, Some("ext4")), (guids::RAYOS_DATA, Some("ext4"))]
+    );
+    let vms = &after.partitions[1];
+    assert_eq!(vms.size_bytes, 2 * GIB);
+    let vms_img = m.dir.path().join("vms.img");
+    extract(&img, vms.first_lba * 512, vms.size_bytes, &vms_img);
+    let (_, label) = run("e2label", &[vms_img.to_str().unwrap()]);
+    assert_eq!(label.trim(), "rayos-vms");
+    let data = &after.partitions[2];
+    let data_img = m.dir.path().join("data.img");
+    extract(&img, data.first_lba * 512, data.size_bytes, &data_img);
+    let sys: installer::config::SystemToml = toml::from_str(&debugfs_cat(&data_img, "/config/system.toml")).unwrap();
+    assert_eq!(sys.vm_storage.kind, "partition");
+    assert_eq!(sys.vm_storage.location, Some(vms.part_uuid.to_string()), "rayosd finds the VM partition by PARTUUID");
+}
