@@ -195,6 +195,15 @@ fn vpd_serial(path: &Path) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
 
+/// A USB stick's serial is the USB device's iSerialNumber: the nearest ancestor in the sysfs
+/// device path that is a USB device (has `idVendor`) holds it in `serial`.
+fn usb_serial(real: &Path) -> Option<String> {
+    real.ancestors()
+        .find(|p| p.join("idVendor").exists())
+        .and_then(|p| read_attr(&p.join("serial")))
+        .filter(|s| !s.is_empty())
+}
+
 fn transport_of(real: &Path) -> Transport {
     let p = real.to_string_lossy();
     // USB first: a USB stick is also a SCSI disk behind a host adapter.
@@ -246,6 +255,7 @@ fn read_disk(paths: &SystemPaths, name: &str, sys: &Path, boot_part_uuid: Option
     let serial = read_attr(&dev.join("serial"))
         .filter(|s| !s.is_empty())
         .or_else(|| vpd_serial(&dev.join("vpd_pg80")))
+        .or_else(|| usb_serial(&real))
         .unwrap_or_default();
     let wwid = read_attr(&sys.join("wwid")).or_else(|| read_attr(&dev.join("wwid"))).unwrap_or_default();
     let logical_sector = read_num(&sys.join("queue/logical_block_size")).unwrap_or(512);

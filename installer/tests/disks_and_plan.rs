@@ -24,11 +24,15 @@ fn enumerates_identity_transport_and_partitions_from_sysfs() {
         name: "sdb",
         devpath: "pci0000:00/0000:00:0d.0/usb2/2-1/2-1:1.0/host2/target2:0:0/2:0:0:0/block/sdb",
         model: "QEMU USB HARDDRIVE",
-        serial: "USB-1",
-        serial_in_vpd: true,
+        serial: "",
+        serial_in_vpd: false,
         size: 8 * GIB,
         removable: true,
     });
+    // usb-storage has no VPD serial: it is the USB device's iSerialNumber.
+    let usbdev = m.dir.path().join("sys/devices/pci0000:00/0000:00:0d.0/usb2/2-1");
+    std::fs::write(usbdev.join("idVendor"), "46f4\n").unwrap();
+    std::fs::write(usbdev.join("serial"), "USB-1\n").unwrap();
     m.add_disk(&DiskSpec {
         name: "vda",
         devpath: "pci0000:00/0000:00:05.0/virtio2/block/vda",
@@ -71,6 +75,7 @@ fn enumerates_identity_transport_and_partitions_from_sysfs() {
     assert!(found[1].eligible());
 
     assert_eq!(found[2].transport, Transport::Usb);
+    assert_eq!(found[2].serial, "USB-1", "USB serial from the USB device");
     assert_eq!(found[2].ineligible, vec![Ineligible::Removable]);
 
     assert_eq!(found[3].transport, Transport::Virtio);
