@@ -37,8 +37,8 @@ pub enum GuestError {
     Spawn(&'static str, std::io::Error),
     #[error(transparent)]
     HostDeps(#[from] crate::hostdeps::HostDepsError),
-    #[error(transparent)]
-    Kernel(#[from] crate::kernel::KernelError),
+    #[error("building the RayOS kernel: {0}")]
+    Build(String),
     #[error(transparent)]
     Cargo(#[from] crate::cargo_build::CargoError),
 }
@@ -131,7 +131,6 @@ pub fn ensure_default_linux_guest() -> Result<GuestImage, GuestError> {
         std::fs::write(&done, b"").map_err(io(&done))?;
     }
 
-    let kernel = crate::kernel::ensure()?;
     let bins = crate::cargo_build::build_static(["systemless"])?;
     let agent = bins.join("rayos-devguest");
     let agent_bytes = std::fs::read(&agent).map_err(io(&agent))?;
@@ -145,10 +144,9 @@ pub fn ensure_default_linux_guest() -> Result<GuestImage, GuestError> {
         &RECIPE_VERSION.to_le_bytes(),
     ]);
     let disk = cache.join(format!("debian-{SUITE}-{image_key}.ext4"));
-    let image = GuestImage { disk: disk.clone(), kernel: kernel.bzimage.clone(), cmdline: CMDLINE.into(), size: IMAGE_SIZE };
     if disk.exists() {
         progress::step("guest", format!("default Linux guest from the cache: {}", disk.display()));
-        return Ok(image);
+        return with_kernel(disk);
     }
 
     progress::step("guest", "adding the RayOS guest agent, logins on tty1 and ttyS0");
@@ -191,7 +189,14 @@ pub fn ensure_default_linux_guest() -> Result<GuestImage, GuestError> {
             .arg(format!("{}k", IMAGE_SIZE / 1024)),
     )?;
     std::fs::rename(&tmp, &disk).map_err(io(&disk))?;
-    Ok(image)
+    with_kernel(disk)
+}
+
+/// The guest boots RayOS's own kernel. It comes through `artifacts()`, which holds the build
+/// lock: a second `kernel::ensure` beside a running build would compile into the same folder.
+fn with_kernel(disk: PathBuf) -> Result<GuestImage, GuestError> {
+    let a = crate::artifacts().map_err(|e| GuestError::Build(format!("{e:#}")))?;
+    Ok(GuestImage { disk, kernel: a.kernel, cmdline: CMDLINE.into(), size: IMAGE_SIZE })
 }
 
 /// Runs debootstrap into `tree`, showing its progress (it prints one line per step).
