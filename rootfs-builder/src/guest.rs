@@ -1,9 +1,13 @@
 //! The default Linux guest: a Debian bookworm minimal root filesystem (debootstrap, minbase)
-//! with systemd, a login on the display (tty1) and the serial port (ttyS0), and the RayOS
+//! with sysvinit, a login on the display (tty1) and the serial port (ttyS0), and the RayOS
 //! guest agent (`rayos-devguest --service`: boot timer, `ready` and heartbeats on the
-//! `org.rayos.agent` port, shutdown on request) — packed into an ext4 disk image with
-//! `mkfs.ext4 -d` (no mounting). The kernel is RayOS's own (`kernel::ensure`): it has virtio,
-//! bochs DRM, ext4 and KVM_GUEST, so one kernel serves host and guest.
+//! `org.rayos.agent` port, power-off on the ACPI power button or on request) — packed into an
+//! ext4 disk image with `mkfs.ext4 -d` (no mounting). The kernel is RayOS's own: it has
+//! virtio, bochs DRM, ext4 and KVM_GUEST, so one kernel serves host and guest.
+//!
+//! Why sysvinit and not Debian's systemd: the RayOS kernel has no CONFIG_CGROUPS, without
+//! which systemd refuses to boot. Once kernel-config enables cgroups, `systemd-sysv` can
+//! replace `sysvinit-core` in [`PACKAGES`] (the agent then runs as a unit).
 //!
 //! Cached in `~/.cache/rayos/guest/`: the debootstrap tree keyed by (suite, mirror, packages),
 //! the image keyed by a hash of everything that goes into it.
@@ -18,14 +22,14 @@ use crate::progress::{self, Ticker};
 
 pub const SUITE: &str = "bookworm";
 pub const MIRROR: &str = "http://deb.debian.org/debian";
-/// On top of minbase: an init, device management and what a login on tty1/ttyS0 needs.
-pub const PACKAGES: &[&str] = &["systemd-sysv", "udev", "dbus", "login", "passwd", "procps", "iproute2", "less", "nano"];
+/// On top of minbase (which has login and passwd): an init and a few tools.
+pub const PACKAGES: &[&str] = &["sysvinit-core", "procps", "iproute2", "less", "nano"];
 pub const IMAGE_SIZE: u64 = 2 << 30;
 pub const ROOT_DEVICE: &str = "/dev/vda";
 /// The guest's kernel command line (serial last: it becomes /dev/console).
 pub const CMDLINE: &str = "console=tty1 console=ttyS0,115200 root=/dev/vda rw panic=10";
 /// Bumped when the customization below changes in a way the inputs hash would not see.
-const RECIPE_VERSION: u32 = 1;
+const RECIPE_VERSION: u32 = 2;
 
 #[derive(Debug, Error)]
 pub enum GuestError {
@@ -74,45 +78,19 @@ fn hash_hex(parts: &[&[u8]]) -> String {
     h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
+/// Lines added to sysvinit's /etc/inittab: a login on the serial port (tty1's is there
+/// already) and the guest agent, restarted if it dies.
+const INITTAB_LINES: &str = "\n# RayOS\nT0:2345:respawn:/sbin/getty -L 115200 ttyS0 vt100\nRA:2345:respawn:/usr/local/bin/rayos-guest-agent --service\n";
+
 /// Files written into the tree on top of debootstrap's: (path, mode, contents).
-fn customization(agent_unit: &str) -> Vec<(&'static str, u32, String)> {
+fn customization() -> Vec<(&'static str, u32, String)> {
     vec![
         ("/etc/hostname", 0o644, "rayos-linux\n".into()),
         ("/etc/hosts", 0o644, "127.0.0.1 localhost\n127.0.1.1 rayos-linux\n".into()),
         ("/etc/fstab", 0o644, format!("{ROOT_DEVICE} / ext4 defaults,errors=remount-ro 0 1\n")),
-        ("/etc/systemd/system/rayos-guest-agent.service", 0o644, agent_unit.into()),
-        // Enabled by hand: no systemctl runs at build time (no chroot, no mounts).
-        (
-            "/etc/systemd/system/multi-user.target.wants/rayos-guest-agent.service",
-            0o777,
-            "symlink:/etc/systemd/system/rayos-guest-agent.service".into(),
-        ),
-        // Logins on the display and on the serial port (systemd's generator adds ttyS0 from
-        // console= as well; the explicit link keeps it when the command line changes).
-        ("/etc/systemd/system/getty.target.wants/getty@tty1.service", 0o777, "symlink:/lib/systemd/system/getty@.service".into()),
-        (
-            "/etc/systemd/system/getty.target.wants/serial-getty@ttyS0.service",
-            0o777,
-            "symlink:/lib/systemd/system/serial-getty@.service".into(),
-        ),
         ("/etc/motd", 0o644, "RayOS default Linux subsystem (Debian bookworm). Log in as root (no password); set one with passwd.\n".into()),
     ]
 }
-
-const AGENT_UNIT: &str = "[Unit]
-Description=RayOS guest agent (readiness, heartbeats, shutdown on request)
-DefaultDependencies=no
-After=systemd-udevd.service
-Wants=systemd-udevd.service
-
-[Service]
-ExecStart=/usr/local/bin/rayos-guest-agent --service
-Restart=always
-RestartSec=1
-
-[Install]
-WantedBy=multi-user.target
-";
 
 /// Builds (or takes from the cache) the default Linux guest.
 pub fn ensure_default_linux_guest() -> Result<GuestImage, GuestError> {
@@ -134,8 +112,9 @@ pub fn ensure_default_linux_guest() -> Result<GuestImage, GuestError> {
     let bins = crate::cargo_build::build_static(["systemless"])?;
     let agent = bins.join("rayos-devguest");
     let agent_bytes = std::fs::read(&agent).map_err(io(&agent))?;
-    let custom = customization(AGENT_UNIT);
-    let custom_text: String = custom.iter().map(|(p, m, c)| format!("{p}\0{m}\0{c}\0")).collect();
+    let custom = customization();
+    let mut custom_text: String = custom.iter().map(|(p, m, c)| format!("{p}\0{m}\0{c}\0")).collect();
+    custom_text.push_str(INITTAB_LINES);
     let image_key = hash_hex(&[
         boot_key.as_bytes(),
         &agent_bytes,
@@ -149,21 +128,21 @@ pub fn ensure_default_linux_guest() -> Result<GuestImage, GuestError> {
         return with_kernel(disk);
     }
 
-    progress::step("guest", "adding the RayOS guest agent, logins on tty1 and ttyS0");
+    progress::step("guest", "adding the RayOS guest agent and a login on ttyS0");
     let dest = tree.join("usr/local/bin/rayos-guest-agent");
     std::fs::create_dir_all(dest.parent().unwrap()).map_err(io(&dest))?;
     std::fs::copy(&agent, &dest).map_err(io(&dest))?;
     for (path, mode, contents) in &custom {
         let p = tree.join(path.trim_start_matches('/'));
         std::fs::create_dir_all(p.parent().unwrap()).map_err(io(&p))?;
-        let _ = std::fs::remove_file(&p);
-        if let Some(target) = contents.strip_prefix("symlink:") {
-            std::os::unix::fs::symlink(target, &p).map_err(io(&p))?;
-        } else {
-            std::fs::write(&p, contents).map_err(io(&p))?;
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode)).map_err(io(&p))?;
-        }
+        std::fs::write(&p, contents).map_err(io(&p))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode)).map_err(io(&p))?;
+    }
+    let inittab = tree.join("etc/inittab");
+    let text = std::fs::read_to_string(&inittab).map_err(io(&inittab))?;
+    if !text.contains("# RayOS") {
+        std::fs::write(&inittab, format!("{text}{INITTAB_LINES}")).map_err(io(&inittab))?;
     }
     // Root logs in without a password on the VM's own console; the motd says how to set one.
     let shadow = tree.join("etc/shadow");

@@ -10,8 +10,8 @@
 //!   writes `shutdown` on the agent port.
 //!
 //! With `--service` it is the guest agent of a full distribution (the default Debian guest
-//! runs it as a systemd unit): no mounts, no power-button handling (systemd-logind has it),
-//! and a shutdown request becomes `systemctl poweroff`.
+//! runs it from inittab): no mounts, and the power button or a shutdown request runs the
+//! distribution's `poweroff` (a clean shutdown) instead of ending the VM at once.
 
 use std::fs;
 use std::io::Write;
@@ -67,7 +67,7 @@ fn agent_port() -> Option<fs::File> {
 fn power_off(why: &str, service: bool) -> ! {
     println!("devguest: {why}, powering off");
     if service {
-        let _ = std::process::Command::new("systemctl").arg("poweroff").status();
+        let _ = std::process::Command::new("/sbin/poweroff").status();
         std::process::exit(0)
     }
     // SAFETY: sync has no arguments.
@@ -78,7 +78,7 @@ fn power_off(why: &str, service: bool) -> ! {
 }
 
 /// Waits for KEY_POWER from the ACPI "Power Button" input device.
-fn watch_power_button() {
+fn watch_power_button(service: bool) {
     use std::io::Read;
     const EV_KEY: u16 = 1;
     const KEY_POWER: u16 = 116;
@@ -100,7 +100,7 @@ fn watch_power_button() {
             i32::from_le_bytes([ev[20], ev[21], ev[22], ev[23]]),
         );
         if ty == EV_KEY && code == KEY_POWER && value == 1 {
-            power_off("power button", false);
+            power_off("power button", service);
         }
     }
 }
@@ -117,9 +117,7 @@ fn main() {
     let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let interval = cmdline_value(&cmdline, "devguest.interval_ms").and_then(|v| v.parse().ok()).unwrap_or(200u64);
     println!("devguest: init");
-    if !service {
-        std::thread::spawn(watch_power_button);
-    }
+    std::thread::spawn(move || watch_power_button(service));
     let mut agent = agent_port();
     if let Some(a) = agent.as_mut() {
         let _ = writeln!(a, "ready");
