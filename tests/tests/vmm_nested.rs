@@ -143,6 +143,8 @@ fn vmm_boots_linux_smp_with_devices_control_and_power_off() {
             spec: spec("pwr", 1, "powerbutton", serde_json::json!({})),
             ctl: Some("wait agent: powerbutton waiting\n{\"cmd\":\"shutdown\"}\n"),
         },
+        // The guest reboots (ACPI reset register): the VMM exits 10 for its supervisor.
+        Run { name: "reboot", spec: spec("reboot", 1, "cpus rayos.agent_end=reboot", serde_json::json!({})), ctl: None },
         // Pause, resume, status, a bad request, and a forced power-off.
         Run {
             name: "ctl",
@@ -160,10 +162,13 @@ fn vmm_boots_linux_smp_with_devices_control_and_power_off() {
     ];
     let log = run_nested("vmm_nested_devices", &runs);
 
-    // Every VMM exited 0: powered off, never killed by its seccomp filter (exit 31).
+    // Every VMM exited 0 (powered off) but the rebooting one (10); none was killed by its
+    // seccomp filter (exit 31).
     for r in &runs {
-        assert_has(&log, &format!("testinit: {} exit=0 ", r.name));
+        let code = if r.name == "reboot" { 10 } else { 0 };
+        assert_has(&log, &format!("testinit: {} exit={code} ", r.name));
     }
+    assert_has(&log, "rayos-vmm: guest rebooted");
     assert!(!log.contains("seccomp: blocked syscall"), "{log}");
     assert!(!log.contains(" FAIL "), "a guest check failed:\n{log}");
     // The boot timer fired for each guest.

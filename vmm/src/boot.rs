@@ -41,6 +41,12 @@ pub fn load(
 
     let mut cl = Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(|e| Error::Cmdline(e.to_string()))?;
     cl.insert_str(cmdline).map_err(|e| Error::Cmdline(format!("{cmdline:?}: {e}")))?;
+    // Linux guests reboot through the i8042 unless told otherwise (as Firecracker does):
+    // their default ACPI-first reboot path hung in our nested tests before reaching any
+    // reset register, while `reboot=k` and triple faults reset promptly.
+    if !cmdline.split_whitespace().any(|w| w.starts_with("reboot=")) {
+        cl.insert_str("reboot=k").map_err(|e| Error::Cmdline(e.to_string()))?;
+    }
     load_cmdline(mem, GuestAddress(layout::CMDLINE_START), &cl).map_err(|e| Error::Cmdline(e.to_string()))?;
 
     let mut params = boot_params { hdr, ..Default::default() };
