@@ -255,8 +255,11 @@ fn vmm_never_hangs_on_the_host_kvm() {
     match status.code() {
         Some(0) => assert!(text.contains("agent: cpus ok"), "{text}"),
         Some(1) => {
+            // Either the watchdog (KVM_RUN never returns) or an early KVM failure, named as such.
             assert!(
-                text.contains("host KVM made no progress") || text.contains("/dev/kvm"),
+                text.contains("host KVM made no progress")
+                    || text.contains("this host's KVM may be unable to run ordinary guests")
+                    || text.contains("/dev/kvm"),
                 "unclear error:\n{text}"
             );
             assert!(t0.elapsed() < Duration::from_secs(20), "took {:?} to fail", t0.elapsed());

@@ -209,7 +209,15 @@ impl Vmm {
         }
 
         tracing::info!("vCPUs started {} ms after VMM start", shared.start.elapsed().as_millis());
-        let reason = watch(&shared, Duration::from_millis(spec.progress_timeout_ms));
+        let mut reason = watch(&shared, Duration::from_millis(spec.progress_timeout_ms));
+        if let ExitReason::Failed(why) = &reason {
+            if shared.boot_time.get().is_none() && why.starts_with("vCPU") {
+                // kvm_pvm hosts either never return from KVM_RUN or fail emulation early.
+                reason = ExitReason::Failed(format!(
+                    "{why} before the guest reached init: this host's KVM may be unable to run ordinary guests"
+                ));
+            }
+        }
         shared.control.stop();
         let threads = shared.threads.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let t0 = Instant::now();
