@@ -103,45 +103,56 @@ async fn malformed_calls_get_named_errors_and_change_nothing() {
     std::fs::remove_dir_all(&f.dir).unwrap();
 }
 
+/// Runs rayosctl with its exit status from the reaper: in this process the fixtures' reapers
+/// own every wait, so `Command::output` would lose the status (ECHILD).
+async fn rayosctl(args: &[&str], uid: Option<u32>) -> (Option<i32>, String, String) {
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rayosctl"));
+    cmd.args(args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    if let Some(u) = uid {
+        cmd.uid(u).gid(u);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let exit = Reaper::new().watch(child.id());
+    let (mut o, mut e) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let out = tokio::task::spawn_blocking(move || {
+        let mut s = String::new();
+        let _ = o.read_to_string(&mut s);
+        s
+    });
+    let err = tokio::task::spawn_blocking(move || {
+        let mut s = String::new();
+        let _ = e.read_to_string(&mut s);
+        s
+    });
+    let code = match tokio::time::timeout(Duration::from_secs(30), exit).await.unwrap().unwrap() {
+        rayosd::reaper::ExitKind::Exited(c) => Some(c),
+        rayosd::reaper::ExitKind::Signaled(_) => None,
+    };
+    (code, out.await.unwrap(), err.await.unwrap())
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn non_root_caller_is_refused_by_rayosctl_and_root_reads_work() {
     let mut f = start("nonroot").await;
-    let sock = f.sock.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        use std::os::unix::process::CommandExt;
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rayosctl"));
-        cmd.args(["--socket", sock.to_str().unwrap(), "poweroff"]);
-        // nobody/nogroup; only meaningful when the test runs as root (CI does).
-        if nix::unistd::Uid::effective().is_root() {
-            cmd.uid(65534).gid(65534);
-        }
-        cmd.output().unwrap()
-    })
-    .await
-    .unwrap();
-    if nix::unistd::Uid::effective().is_root() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(4), "stderr: {err}");
+    let sock = f.sock.to_str().unwrap().to_string();
+    let root = nix::unistd::Uid::effective().is_root();
+    // nobody/nogroup; only meaningful when the test runs as root (CI does).
+    let (code, _, err) = rayosctl(&["--socket", &sock, "poweroff"], root.then_some(65534)).await;
+    if root {
+        assert_eq!(code, Some(4), "stderr: {err}");
         assert!(err.contains("access denied") && err.contains("uid is 65534"), "{err}");
         assert!(f.power.try_recv().is_err(), "a refused call must not power off");
     }
 
-    let sock = f.sock.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_rayosctl")).args(["--socket", sock.to_str().unwrap(), "--json", "services"]).output().unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (code, out, err) = rayosctl(&["--socket", &sock, "--json", "services"], None).await;
+    assert_eq!(code, Some(0), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v[0]["name"], "sleeper");
 
-    let out = tokio::task::spawn_blocking(|| {
-        Command::new(env!("CARGO_BIN_EXE_rayosctl")).args(["--socket", "/nonexistent/sock", "status"]).output().unwrap()
-    })
-    .await
-    .unwrap();
-    assert_eq!(out.status.code(), Some(3));
+    let (code, _, _) = rayosctl(&["--socket", "/nonexistent/sock", "status"], None).await;
+    assert_eq!(code, Some(3));
     f.supervisor.stop_all().await;
     std::fs::remove_dir_all(&f.dir).unwrap();
 }
