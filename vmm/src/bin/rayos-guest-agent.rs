@@ -26,13 +26,15 @@ fn mount(src: &str, target: &str, fstype: &str) {
 fn boot_timer() {
     const PORT: u16 = 0x440;
     // SAFETY: ioperm only changes this process's I/O permission bitmap.
-    if unsafe { libc::ioperm(PORT as libc::c_ulong, 1, 1) } != 0 {
-        // Kernels without CONFIG_X86_IOPL_IOPERM: the VMM watches the serial console too.
+    if unsafe { libc::ioperm(PORT as libc::c_ulong, 1, 1) } == 0 {
+        // SAFETY: ioperm granted this port; an OUT to it has no effect on our memory.
+        unsafe { std::arch::asm!("out dx, al", in("dx") PORT, in("al") 0x01u8, options(nomem, nostack)) };
+        println!("agent: RAYOS-BOOT-TIMER (port 0x440 written)");
+    } else {
+        // Kernels without CONFIG_X86_IOPL_IOPERM: the VMM watches the serial console too. The
+        // line is printed either way, so benchmarks of other VMMs can time it the same way.
         println!("agent: RAYOS-BOOT-TIMER (ioperm: {})", std::io::Error::last_os_error());
-        return;
     }
-    // SAFETY: ioperm granted this port; an OUT to it has no effect on our memory.
-    unsafe { std::arch::asm!("out dx, al", in("dx") PORT, in("al") 0x01u8, options(nomem, nostack)) };
 }
 
 fn cmdline_value(cmdline: &str, key: &str) -> Option<String> {
