@@ -22,19 +22,36 @@ fn mount(src: &str, target: &str, fstype: &str) {
     unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), 0, std::ptr::null()) };
 }
 
-/// Tell the VMM that init runs (see `layout::pio::BOOT_TIMER`).
+/// Tell the VMM that init runs (see `layout::pio::BOOT_TIMER`). The port write happens in a
+/// child process: under other VMMs the OUT can fault (seen with QEMU -M pc nested), and init
+/// must survive that. The marker line follows either way, for the serial fallback and for
+/// benchmarks that time other VMMs by the same line.
 fn boot_timer() {
     const PORT: u16 = 0x440;
-    // SAFETY: ioperm only changes this process's I/O permission bitmap.
-    if unsafe { libc::ioperm(PORT as libc::c_ulong, 1, 1) } == 0 {
-        // SAFETY: ioperm granted this port; an OUT to it has no effect on our memory.
-        unsafe { std::arch::asm!("out dx, al", in("dx") PORT, in("al") 0x01u8, options(nomem, nostack)) };
-        println!("agent: RAYOS-BOOT-TIMER (port 0x440 written)");
-    } else {
-        // Kernels without CONFIG_X86_IOPL_IOPERM: the VMM watches the serial console too. The
-        // line is printed either way, so benchmarks of other VMMs can time it the same way.
-        println!("agent: RAYOS-BOOT-TIMER (ioperm: {})", std::io::Error::last_os_error());
+    // SAFETY: fork in a single-threaded init; the child only calls ioperm, OUT and _exit.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: ioperm changes only this process's I/O bitmap; OUT to the granted port;
+        // _exit ends the child without running destructors.
+        unsafe {
+            let ok = libc::ioperm(PORT as libc::c_ulong, 1, 1) == 0;
+            if ok {
+                std::arch::asm!("out dx, al", in("dx") PORT, in("al") 0x01u8, options(nomem, nostack));
+            }
+            libc::_exit(if ok { 0 } else { 1 });
+        }
     }
+    let mut status = 0;
+    if pid > 0 {
+        // SAFETY: waiting for the child forked above.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+    }
+    let how = if pid > 0 && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
+        "port 0x440 written"
+    } else {
+        "no port access"
+    };
+    println!("agent: RAYOS-BOOT-TIMER ({how})");
 }
 
 fn cmdline_value(cmdline: &str, key: &str) -> Option<String> {
