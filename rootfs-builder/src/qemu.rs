@@ -83,7 +83,9 @@ impl QemuConfig {
 
     pub fn command(&self) -> Command {
         let mut c = Command::new("qemu-system-x86_64");
-        c.args(["-machine", "q35", "-nodefaults", "-no-user-config"]);
+        // No PS/2 controller: input is USB (keyboard, tablet) as on current PCs. Besides, the
+        // kernel's PS/2 mouse probing is slow under TCG and once oopsed there (cypress_detect).
+        c.args(["-machine", "q35,i8042=off", "-nodefaults", "-no-user-config"]);
         c.args(self.accel.qemu_args());
         c.args(["-m", &self.memory_mib.to_string(), "-smp", &self.cpus.to_string()]);
         match &self.boot {
