@@ -19,6 +19,12 @@ pub enum What {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// rayos-vmm beside QEMU -M pc and -M microvm in the same nested-KVM machine: VMM start to
+    /// guest init (ratios), VMM memory overhead, virtio-blk sequential throughput.
+    Vmm {
+        #[arg(long, default_value_t = 2)]
+        rounds: u32,
+    },
     /// Run the VMM's cargo-fuzz targets (virtio queue/chain and virtio-blk request parsing)
     /// for a bounded time each; installs cargo-fuzz if missing. Fails on a crash.
     Fuzz {
@@ -31,6 +37,7 @@ pub fn run(what: What) -> Result<()> {
     match what {
         What::Boot { runs } => boot(runs.max(1)),
         What::Fuzz { seconds } => fuzz(seconds.max(1)),
+        What::Vmm { rounds } => vmm(rounds.max(1)),
     }
 }
 
@@ -176,6 +183,36 @@ fn fuzz(seconds: u64) -> Result<()> {
     println!("fuzz ({seconds} s each, no crashes):");
     for (t, done, cov) in results {
         println!("  {t:<20} {done}  coverage {cov}");
+    }
+    Ok(())
+}
+
+/// The measuring lives with the VMM (`vmm/scripts/bench-nested.sh`, which packs the outer
+/// machine and runs all three VMMs in it); this builds what it needs and runs it.
+fn vmm(rounds: u32) -> Result<()> {
+    let a = build::all()?;
+    cargo_build::build_static(["vmm"])?;
+    let work = paths::out_dir().join("bench").join("vmm");
+    std::fs::create_dir_all(&work)?;
+    let script = paths::workspace().join("vmm/scripts/bench-nested.sh");
+    progress::step("bench", format!("rayos-vmm vs QEMU -M pc / -M microvm, nested, {rounds} round(s)"));
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .arg(&a.kernel)
+        .arg(rounds.to_string())
+        .arg(&work)
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("bench-vmm:")).collect();
+    if !out.status.success() || lines.is_empty() {
+        eprintln!("{text}");
+        bail!("the nested VMM benchmark failed ({}); its files are in {}", out.status, work.display());
+    }
+    println!("vmm (nested KVM in QEMU TCG, same kernel/initramfs/256 MiB):");
+    for l in lines {
+        println!("  {}", l.trim_start_matches("bench-vmm:").trim());
     }
     Ok(())
 }
