@@ -160,7 +160,8 @@ pub async fn request(socket: &Path, req: Value, timeout: Duration) -> Result<Val
 
 /// The last `lines` lines of the VM's serial log.
 pub fn serial_tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    // Consoles write NULs (padding, cleared screens); D-Bus strings cannot carry them.
+    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).replace('\0', "")).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
