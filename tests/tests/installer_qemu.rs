@@ -131,12 +131,37 @@ fn unattended_install_onto_ahci() {
     assert_eq!(parts.iter().map(|p| p.2.as_str()).collect::<Vec<_>>(), [esp::ESP_TYPE, esp::RAYOS_DATA_TYPE]);
 }
 
+/// The serial log as text: terminal control sequences dropped, cursor moves read as a space
+/// (ratatui skips unchanged blank cells by moving the cursor, so words arrive separately).
+fn screen_text(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' && chars.peek() == Some(&'[') {
+            chars.next();
+            let mut last = ' ';
+            for n in chars.by_ref() {
+                if ('@'..='~').contains(&n) {
+                    last = n;
+                    break;
+                }
+            }
+            if last == 'H' {
+                out.push(' ');
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Polls the serial log (the wizard draws with cursor moves, not lines) for `text`.
 fn wait_text(vm: &Qemu, from: usize, text: &str, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
         let log = vm.serial_log();
-        if log.get(from..).unwrap_or("").contains(text) {
+        if screen_text(log.get(from..).unwrap_or("")).contains(text) {
             return;
         }
         assert!(Instant::now() < deadline, "waited {timeout:?} for {text:?}; log tail:\n{}", &log[log.len().saturating_sub(3000)..]);
