@@ -218,6 +218,10 @@ mod tests {
         assert!(e.contains("disk image") && e.contains("disk.img"), "{e}");
         assert_eq!(missing_disks(&vm), vec![disk]);
 
+        let log = dir.join("serial.log");
+        std::fs::write(&log, b"one\n\0\0login: \ntwo\nthree\n").unwrap();
+        assert_eq!(serial_tail(&log, 3), "login: \ntwo\nthree");
+
         let mut bad = record(&dir, &dir.join("bzImage"));
         bad.config.kernel = dir.join("no-such-kernel");
         let e = build_spec(&bad, &files).unwrap_err().to_string();
