@@ -5,6 +5,7 @@
 //! - [`reaper`]: the one owner of every `waitpid`.
 //! - [`mounts`], [`power`]: PID 1 duties (only the `rayosd` binary calls these).
 
+pub mod bootcount;
 pub mod bridge;
 pub mod client;
 pub mod cmdline;

@@ -86,7 +86,14 @@ fn unattended_install_onto_nvme_then_boot_that_disk_alone() {
     assert!(ready.contains("mode=installed"), "{ready}\n{}", vm.serial_log());
     let entry = vm.wait_for("rayosd: boot entry:", BOOT_TIMEOUT).unwrap();
     assert!(entry.contains("rayos"), "{entry}");
+    // Boot assessment: systemd-boot counted this try down; ready rayosd marks the entry good.
+    let good = vm.wait_for("boot assessment:", BOOT_TIMEOUT).unwrap();
+    assert!(good.ends_with("the entry is now rayos.conf"), "{good}");
     vm.kill();
+    let entries: Vec<String> =
+        esp::Esp::open(&target).unwrap().list().unwrap().into_iter().filter(|f| f.starts_with("loader/entries/")).collect();
+    assert!(entries.contains(&"loader/entries/rayos.conf".to_string()), "{entries:?}");
+    assert!(!entries.iter().any(|e| e.contains("rayos+")), "a counted entry is left: {entries:?}");
 }
 
 #[test]

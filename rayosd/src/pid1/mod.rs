@@ -188,6 +188,15 @@ async fn run(opts: BootOptions, init_uptime_ms: u64, boot_entry: String) -> Powe
     }
     if mode == Mode::Installed {
         rayosd::vm::boot::start_installed(reaper.clone());
+        // Ready in installed mode is what "this boot is good" means (boot assessment).
+        tokio::task::spawn_blocking(|| {
+            let (efi, sys, dev) = (Path::new(efivars::EFIVARFS), Path::new("/sys/class/block"), Path::new("/dev"));
+            match rayosd::bootcount::bless_boot(efi, sys, dev, Path::new("/run/rayos/esp")) {
+                Ok(Some(entry)) => info!("boot assessment: this boot is good; the entry is now {entry}"),
+                Ok(None) => {}
+                Err(e) => warn!("boot assessment: {e}"),
+            }
+        });
     }
     if mode == Mode::Rescue {
         rescue_screen(&system.status.lock().unwrap());
