@@ -155,7 +155,7 @@ fn test(args: Vec<String>) -> Result<ExitCode> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = std::process::Command::new(cargo)
         .current_dir(paths::workspace())
-        .args(["test", "--workspace"])
+        .args(["test", "--workspace", "--no-fail-fast"])
         .args(&args)
         .env("RAYOS_ARTIFACTS", &a.dir)
         .status()

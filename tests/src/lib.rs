@@ -89,6 +89,35 @@ pub fn blank_disk(path: &Path, size: u64) -> std::io::Result<()> {
     f.set_len(size)
 }
 
+/// A console line as a reader means it: without the serial CR, and without a kernel message
+/// (`[    4.364723] input: …`) that the kernel's console printed into the middle of a line a
+/// program was writing — printk does not wait for user space's output to the same UART.
+pub fn clean_line(line: &str) -> &str {
+    let line = line.trim_end_matches('\r');
+    let b = line.as_bytes();
+    for (i, _) in line.match_indices('[').filter(|(i, _)| *i > 0) {
+        let rest = &b[i + 1..];
+        let digits = rest.iter().skip_while(|c| **c == b' ').take_while(|c| c.is_ascii_digit()).count();
+        let spaces = rest.iter().take_while(|c| **c == b' ').count();
+        let after = &rest[spaces + digits..];
+        if digits > 0 && after.len() >= 8 && after[0] == b'.' && after[1..7].iter().all(u8::is_ascii_digit) && after[7] == b']' {
+            return &line[..i];
+        }
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn kernel_messages_glued_to_a_line_are_cut() {
+        let l = "rayosd: mode: rescue[    4.364723] input: QEMU QEMU USB Keyboard as /devices/x\r";
+        assert_eq!(super::clean_line(l), "rayosd: mode: rescue");
+        assert_eq!(super::clean_line("rayosd: cmdline: a [b] c"), "rayosd: cmdline: a [b] c");
+        assert_eq!(super::clean_line("[    1.000000] kernel line"), "[    1.000000] kernel line");
+    }
+}
+
 pub struct QemuBuilder {
     name: String,
     work: Workdir,
@@ -291,7 +320,7 @@ impl Qemu {
                     Some(i) => &text[..i],
                     None => "",
                 };
-                if let Some(l) = complete.lines().map(|l| l.trim_end_matches('\r')).find(|l| pred(l)) {
+                if let Some(l) = complete.lines().map(clean_line).find(|l| pred(l)) {
                     return Ok(l.to_string());
                 }
                 let _ = cv.wait_timeout(guard, Duration::from_millis(200)).unwrap();
@@ -301,7 +330,7 @@ impl Qemu {
                     // Let the reader drain what QEMU wrote last.
                     std::thread::sleep(Duration::from_millis(200));
                     let text = self.serial_log();
-                    if let Some(l) = text.get(offset..).unwrap_or("").lines().map(|l| l.trim_end_matches('\r')).find(|l| pred(l)) {
+                    if let Some(l) = text.get(offset..).unwrap_or("").lines().map(clean_line).find(|l| pred(l)) {
                         return Ok(l.to_string());
                     }
                     return Err(HarnessError::Exited {
