@@ -40,6 +40,9 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         cpus: u32,
     },
+    /// Build (or take from the cache) the default Linux guest: Debian bookworm (debootstrap)
+    /// with the RayOS guest agent, on an ext4 disk image.
+    Guest,
     /// Build, then run every unit and integration test (extra arguments go to `cargo test`).
     Test {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -90,6 +93,13 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             println!("USB image  {}", a.usb_image.display());
         }
         Cmd::Run { fresh, rescue, memory, cpus } => run_qemu(fresh, rescue, memory, cpus)?,
+        Cmd::Guest => {
+            hostdeps::ensure(hostdeps::BUILD)?;
+            let g = rootfs_builder::guest::ensure_default_linux_guest()?;
+            println!("disk     {} ({})", g.disk.display(), progress::fmt_size(g.size));
+            println!("kernel   {}", g.kernel.display());
+            println!("cmdline  {}", g.cmdline);
+        }
         Cmd::Test { args } => return test(args),
         Cmd::Bench { what } => {
             hostdeps::ensure(&[hostdeps::BUILD, hostdeps::RUN].concat())?;
