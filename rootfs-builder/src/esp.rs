@@ -12,7 +12,6 @@ use thiserror::Error;
 /// Discoverable Partitions Specification type GUIDs.
 pub const ESP_TYPE: &str = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b";
 pub const RAYOS_DATA_TYPE: &str = "bcae553e-c9a9-4fbc-8291-e48c272f7ecf";
-pub const RAYOS_VMSTORE_TYPE: &str = "9381e0c3-158a-4474-b134-a2942abcbd70";
 pub const SECTOR: u64 = 512;
 
 #[derive(Debug, Error)]
@@ -185,10 +184,4 @@ impl Esp {
         let image = self.image.clone();
         self.fs.unmount().map_err(|e| EspError::Io(image, e))
     }
-}
-
-/// Copy a disk image sparsely-ish (std::fs::copy keeps holes on Linux via copy_file_range).
-pub fn copy_image(from: &Path, to: &Path) -> Result<(), EspError> {
-    std::fs::copy(from, to).map_err(|e| EspError::Io(to.to_path_buf(), e))?;
-    Ok(())
 }
