@@ -128,12 +128,23 @@ impl Reaper {
     }
 }
 
+/// Tests run on parallel threads of one process, and a running [`Reaper`] takes every child
+/// of that process, including one that `Command::spawn` is about to `waitpid` after a failed
+/// exec (std then panics). rayosd itself is single-threaded so this cannot happen there; tests
+/// that run a reaper or start children hold this lock for their whole duration.
+#[cfg(test)]
+pub(crate) fn exclusive_for_test() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[tokio::test(flavor = "current_thread")]
     async fn registered_child_gets_its_own_status() {
+        let _only_reaper = exclusive_for_test();
         let reaper = std::sync::Arc::new(Reaper::new());
         let r2 = reaper.clone();
         tokio::spawn(async move { r2.run().await });

@@ -572,17 +572,24 @@ mod tests {
         }
     }
 
-    fn setup() -> (Arc<Supervisor>, mpsc::UnboundedReceiver<PowerAction>) {
+    struct Setup {
+        sup: Arc<Supervisor>,
+        power: mpsc::UnboundedReceiver<PowerAction>,
+        _only_reaper: std::sync::MutexGuard<'static, ()>,
+    }
+
+    fn setup() -> Setup {
+        let only_reaper = crate::reaper::exclusive_for_test();
         let reaper = Arc::new(Reaper::new());
         let r = reaper.clone();
         tokio::spawn(async move { r.run().await });
         let (tx, rx) = mpsc::unbounded_channel();
-        (Supervisor::new(reaper, fast_limits(), tx), rx)
+        Setup { sup: Supervisor::new(reaper, fast_limits(), tx), power: rx, _only_reaper: only_reaper }
     }
 
     #[tokio::test(flavor = "current_thread")]
     async fn killed_service_is_restarted_with_a_new_pid() {
-        let (sup, _p) = setup();
+        let Setup { sup, .. } = &setup();
         sup.add(ServiceSpec::new("sleeper", &["sleep", "30"])).unwrap();
         let first = wait_until(&sup, "sleeper", |i| i.state == ServiceState::Running).await;
         assert!(sup.signal("sleeper", Signal::SIGKILL).unwrap());
@@ -595,7 +602,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn crash_loop_stops_restarting_and_restart_clears_it() {
-        let (sup, _p) = setup();
+        let Setup { sup, .. } = &setup();
         sup.add(ServiceSpec::new("crasher", &["sh", "-c", "exit 3"])).unwrap();
         let i = wait_until(&sup, "crasher", |i| i.state == ServiceState::CrashLoop).await;
         assert_eq!(i.restarts, 3, "4 runs = first + 3 restarts");
@@ -608,7 +615,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn backoff_grows_between_failures() {
-        let (sup, _p) = setup();
+        let Setup { sup, .. } = &setup();
         sup.add(ServiceSpec::new("f", &["false"])).unwrap();
         let a = wait_until(&sup, "f", |i| i.state == ServiceState::Backoff).await.backoff_ms;
         let b = wait_until(&sup, "f", |i| i.state == ServiceState::Backoff && i.backoff_ms > a).await.backoff_ms;
@@ -617,7 +624,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn success_action_is_requested_and_output_is_logged() {
-        let (sup, mut power) = setup();
+        let Setup { sup, power, .. } = &mut setup();
         let mut spec = ServiceSpec::new("inst", &["sh", "-c", "echo hello-from-service; exit 0"]);
         spec.on_success = Some(PowerAction::Reboot);
         sup.add(spec).unwrap();
@@ -630,7 +637,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn missing_binary_is_failed_not_retried() {
-        let (sup, _p) = setup();
+        let Setup { sup, .. } = &setup();
         sup.add(ServiceSpec::new("ghost", &["/nonexistent/bin"])).unwrap();
         let i = wait_until(&sup, "ghost", |i| i.state == ServiceState::Failed).await;
         assert!(i.last_exit.contains("/nonexistent/bin"), "{}", i.last_exit);

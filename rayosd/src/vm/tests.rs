@@ -66,6 +66,7 @@ while True:
 struct Env {
     dir: PathBuf,
     mgr: Arc<VmManager>,
+    _only_reaper: std::sync::MutexGuard<'static, ()>,
 }
 
 fn setup(tag: &str, tweak: impl FnOnce(&mut Settings)) -> Env {
@@ -85,11 +86,12 @@ fn setup(tag: &str, tweak: impl FnOnce(&mut Settings)) -> Env {
     s.crash_window = Duration::from_secs(30);
     s.socket_timeout = Duration::from_secs(3);
     tweak(&mut s);
+    let only_reaper = crate::reaper::exclusive_for_test();
     let reaper = Arc::new(Reaper::new());
     let r2 = reaper.clone();
     tokio::spawn(async move { r2.run().await });
     let mgr = VmManager::open(reaper, s).unwrap();
-    Env { dir, mgr }
+    Env { dir, mgr, _only_reaper: only_reaper }
 }
 
 fn create(env: &Env, name: &str, cmdline: &str, autostart: bool) -> String {
