@@ -7,7 +7,6 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-pub const REGISTRY_SCHEMA_VERSION: u32 = 1;
 pub const DATA_LABEL: &str = "rayos-data";
 pub const VMS_LABEL: &str = "rayos-vms";
 
@@ -21,29 +20,13 @@ pub enum DataFsError {
     Failed { tool: String, status: String, stderr: String },
 }
 
-/// A VM the registry starts with. The default Linux VM comes with a later issue: when the USB
-/// medium carries a guest image, the caller fills this in; otherwise the registry is empty.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct RegistryVm {
-    pub uuid: uuid::Uuid,
-    pub name: String,
-    pub kind: String,
-}
-
 pub struct Layout<'a> {
     pub system_toml: &'a str,
     pub answers_toml: Option<&'a str>,
-    pub vms: &'a [RegistryVm],
-    pub install_log: &'a str,
 }
 
 fn stage_err(path: &Path) -> impl FnOnce(io::Error) -> DataFsError + '_ {
     move |source| DataFsError::Stage { path: path.to_path_buf(), source }
-}
-
-pub fn registry_json(vms: &[RegistryVm]) -> String {
-    let doc = serde_json::json!({ "schema_version": REGISTRY_SCHEMA_VERSION, "vms": vms });
-    serde_json::to_string_pretty(&doc).expect("registry serialises") + "\n"
 }
 
 /// Writes the data layout (ARCHITECTURE.md, "The data volume") under `root`.
@@ -52,14 +35,8 @@ pub fn stage(root: &Path, layout: &Layout) -> Result<(), DataFsError> {
         let p = root.join(dir);
         fs::create_dir_all(&p).map_err(stage_err(&p))?;
     }
-    for vm in layout.vms {
-        let p = root.join("vms").join(vm.uuid.to_string());
-        fs::create_dir_all(&p).map_err(stage_err(&p))?;
-    }
     let mut files = vec![
         (root.join("config/system.toml"), layout.system_toml.to_string()),
-        (root.join("registry/vms.json"), registry_json(layout.vms)),
-        (root.join("install.log"), layout.install_log.to_string()),
     ];
     if let Some(a) = layout.answers_toml {
         files.push((root.join("config/answers.toml"), a.to_string()));

@@ -35,7 +35,12 @@ pub struct BootFiles {
     pub initramfs: Vec<u8>,
     /// Contents of the answer file, when the medium (or the kernel command line) names one.
     pub answers: Option<(String, String)>,
+    /// The default Linux VM's disk, packed (`diskpack`), when the medium carries it.
+    pub default_linux: Option<Vec<u8>>,
 }
+
+/// Where the USB medium's ESP carries the default Linux VM's packed disk.
+pub const DEFAULT_LINUX_DISK_PATH: &str = "rayos/vms/linux.rdisk.zst";
 
 /// True when a FAT filesystem at `offset` holds the installer's boot entry (the USB medium).
 pub fn has_installer_entry<T: Read + Write + Seek>(dev: &mut T, offset: u64, len: u64) -> bool {
@@ -78,7 +83,8 @@ pub fn read_boot_files(dev: &mut File, offset: u64, len: u64, answers_path: Opti
         None => read_file(&fs, "rayos/answers.toml")?
             .map(|b| ("rayos/answers.toml".to_string(), String::from_utf8_lossy(&b).into_owned())),
     };
-    Ok(BootFiles { systemd_boot, kernel, initramfs, answers })
+    let default_linux = read_file(&fs, DEFAULT_LINUX_DISK_PATH)?;
+    Ok(BootFiles { systemd_boot, kernel, initramfs, answers, default_linux })
 }
 
 /// FAT32 over the whole partition window.
@@ -192,7 +198,7 @@ mod tests {
         f.set_len(512 << 20).unwrap();
         let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&img).unwrap();
         format(Window::new(&mut f, 0, 512 << 20)).unwrap();
-        let files = BootFiles { systemd_boot: vec![1; 1000], kernel: vec![2; 100_000], initramfs: vec![3; 300_000], answers: None };
+        let files = BootFiles { systemd_boot: vec![1; 1000], kernel: vec![2; 100_000], initramfs: vec![3; 300_000], answers: None, default_linux: None };
         install_files(Window::new(&mut f, 0, 512 << 20), &files, true, "0.1.0").unwrap();
         let (ok, out) = fsck(&img);
         assert!(ok, "{out}");

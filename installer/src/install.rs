@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use crate::blockio::{self, CountingWriter, Window};
 use crate::config::{self, SystemConfig};
-use crate::datafs::{self, Layout, RegistryVm};
+use crate::datafs::{self, Layout};
+use crate::diskpack;
 use crate::disks::{self, human_size, Disk, SystemPaths};
 use crate::efiboot::{self, LoaderLocation};
 use crate::esp::{self, BootFiles};
@@ -58,6 +59,10 @@ pub enum InstallError {
     Efi(#[from] efiboot::EfiError),
     #[error(transparent)]
     DataFs(#[from] datafs::DataFsError),
+    #[error(transparent)]
+    DiskPack(#[from] diskpack::DiskPackError),
+    #[error("registering the default Linux VM: {0}")]
+    Registry(#[from] rayosd::vm::registry::RegistryError),
 }
 
 #[derive(Debug, Clone)]
@@ -112,10 +117,53 @@ pub fn verify_identity(planned: &Disk, now: Option<&Disk>) -> Result<(), Install
     Ok(())
 }
 
-/// VMs registered at install time. The default Linux VM arrives with a later issue: this is
-/// the hook that will add it when the USB medium carries its image; today it returns none.
-pub fn default_vms(_files: &BootFiles) -> Vec<RegistryVm> {
-    Vec::new()
+/// Puts the default Linux VM (when the medium carries it) into the staged data volume and
+/// writes the registry: its disk unpacked sparse and the RayOS kernel under `vms/<id>/`, its
+/// record saying where they will be once the volume is mounted at /data. The registry is
+/// written by rayosd's own code, so what the installer writes is what rayosd reads.
+fn stage_vms(staging: &Path, plan: &Plan, cfg: &SystemConfig, files: &BootFiles, log: &mut Log) -> Result<usize, InstallError> {
+    use rayosd::vm::registry::{Registry, VmRecord};
+    let (mut registry, _) = Registry::open(&staging.join("registry"))?;
+    let Some(packed) = &files.default_linux else {
+        log.step(70, &format!("the medium carries no default Linux VM ({}): none registered", esp::DEFAULT_LINUX_DISK_PATH));
+        registry.save()?;
+        return Ok(0);
+    };
+    // rayosd keeps VMs on the data volume; a path under /data is honoured. rayosd does not
+    // mount a dedicated VM partition yet, so the default VM stays on the data volume then.
+    let base = match &plan.vm_storage {
+        VmStorage::Path(p) if p.starts_with("/data/") => PathBuf::from(p),
+        _ => PathBuf::from("/data/vms"),
+    };
+    let id = uuid::Uuid::new_v4();
+    let vm_dir = base.join(id.to_string());
+    let staged = staging.join(vm_dir.strip_prefix("/data").expect("under /data"));
+    fs::create_dir_all(&staged).map_err(|source| InstallError::Io { path: staged.clone(), source })?;
+    log.step(72, &format!("unpacking the default Linux VM's disk into {}", vm_dir.display()));
+    let disk = staged.join("disk.img");
+    let mut last_pct = 0;
+    let stats = diskpack::unpack(&packed[..], Path::new(esp::DEFAULT_LINUX_DISK_PATH), &disk, &mut |done, total| {
+        let pct = 72 + (done * 16 / total.max(1)) as u8;
+        if pct != last_pct {
+            last_pct = pct;
+            (log.progress)(pct, "unpacking the default Linux VM's disk");
+        }
+    })?;
+    let kernel = staged.join("vmlinuz");
+    fs::write(&kernel, &files.kernel).map_err(|source| InstallError::Io { path: kernel, source })?;
+    let mut vm = VmRecord::default_linux(id, &vm_dir);
+    vm.policy.autostart_hidden = cfg.policy.autostart_linux_hidden;
+    registry.insert(vm)?;
+    log.step(
+        88,
+        &format!(
+            "default Linux VM {id} registered: disk {} ({} of data), autostart hidden: {}",
+            human_size(stats.size),
+            human_size(stats.data),
+            if cfg.policy.autostart_linux_hidden { "yes" } else { "no" }
+        ),
+    );
+    Ok(1)
 }
 
 fn sectors_written(paths: &SystemPaths, name: &str) -> Option<u64> {
@@ -126,6 +174,27 @@ fn sectors_written(paths: &SystemPaths, name: &str) -> Option<u64> {
 fn allocated_bytes(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+/// The data volume's contents, staged: layout, configuration, VMs and registry.
+fn stage_data_volume(
+    staging: &Path,
+    plan: &Plan,
+    cfg: &SystemConfig,
+    files: &BootFiles,
+    answers_toml: Option<&str>,
+    vm_part_uuid: Option<uuid::Uuid>,
+    log: &mut Log,
+) -> Result<usize, InstallError> {
+    let system_toml = config::system_toml(cfg, &plan.vm_storage, vm_part_uuid);
+    datafs::stage(staging, &Layout { system_toml: &system_toml, answers_toml })?;
+    if let VmStorage::Path(p) = &plan.vm_storage {
+        if let Some(rel) = p.strip_prefix("/data/") {
+            let dir = staging.join(rel);
+            fs::create_dir_all(&dir).map_err(|source| InstallError::Io { path: dir, source })?;
+        }
+    }
+    stage_vms(staging, plan, cfg, files, log)
 }
 
 pub fn install(
@@ -214,28 +283,32 @@ pub fn install(
     }
 
     let data = plan.data_partition();
-    let vms = default_vms(files);
+    let staging = env.staging_base.join(format!("rayos-install-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&staging);
+    let staged = stage_data_volume(&staging, plan, cfg, files, answers_toml, vm_part.map(|p| p.part_uuid), &mut log);
+    let vms = match staged {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+    };
     log.step(
-        70,
+        90,
         &format!(
             "creating the data volume #{} (ext4 '{}', {}) with {} registered VM(s)",
             data.number,
             datafs::DATA_LABEL,
             human_size(data.size_bytes(ss)),
-            vms.len()
+            vms
         ),
     );
-    let staging = env.staging_base.join(format!("rayos-install-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&staging);
-    let system_toml = config::system_toml(cfg, &plan.vm_storage, vm_part.map(|p| p.part_uuid));
     let mut install_log = log.text.clone();
     install_log.push_str(&format!("[{:>6} ms] data volume written; install complete\n", log.start.elapsed().as_millis()));
-    datafs::stage(&staging, &Layout { system_toml: &system_toml, answers_toml, vms: &vms, install_log: &install_log })?;
-    if let VmStorage::Path(p) = &plan.vm_storage {
-        if let Some(rel) = p.strip_prefix("/data/") {
-            let dir = staging.join(rel);
-            fs::create_dir_all(&dir).map_err(|source| InstallError::Io { path: dir, source })?;
-        }
+    let p = staging.join("install.log");
+    if let Err(source) = fs::write(&p, install_log) {
+        let _ = fs::remove_dir_all(&staging);
+        return Err(InstallError::Io { path: p, source });
     }
     let made = datafs::mkfs_ext4(&env.mke2fs, &dev_path, data.first_lba * ss, data.size_bytes(ss), datafs::DATA_LABEL, uuid::Uuid::new_v4(), Some(&staging));
     let _ = fs::remove_dir_all(&staging);

@@ -6,6 +6,7 @@ pub mod blockio;
 pub mod bls;
 pub mod config;
 pub mod datafs;
+pub mod diskpack;
 pub mod disks;
 pub mod efiboot;
 pub mod esp;

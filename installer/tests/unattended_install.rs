@@ -33,6 +33,12 @@ autostart_windows_hidden = false
     )
 }
 
+fn debugfs_cat_bytes(part: &Path, file: &str) -> Vec<u8> {
+    let out = std::process::Command::new("debugfs").args(["-R", &format!("cat {file}"), part.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "debugfs cat {file}");
+    out.stdout
+}
+
 fn debugfs_cat(part: &Path, file: &str) -> String {
     let (ok, out) = run("debugfs", &["-R", &format!("cat {file}"), part.to_str().unwrap()]);
     assert!(ok, "debugfs cat {file}: {out}");
@@ -102,9 +108,26 @@ fn unattended_whole_disk_install_produces_bootable_layout() {
     let sys: installer::config::SystemToml = toml::from_str(&system).unwrap();
     assert_eq!((sys.machine_name.as_str(), sys.timezone.as_str(), sys.keymap.as_str()), ("testbox", "Europe/Paris", "de"));
     assert!(sys.policy.autostart_linux_hidden);
-    let reg: serde_json::Value = serde_json::from_str(&debugfs_cat(&data_img, "/registry/vms.json")).unwrap();
-    assert_eq!(reg["schema_version"], 1);
-    assert!(reg["vms"].as_array().unwrap().is_empty());
+    // The registry, read the way rayosd reads it: the default Linux VM, its files in place.
+    let reg_dir = m.dir.path().join("registry");
+    std::fs::create_dir_all(&reg_dir).unwrap();
+    std::fs::write(reg_dir.join("vms.json"), debugfs_cat(&data_img, "/registry/vms.json")).unwrap();
+    let (reg, problems) = rayosd::vm::registry::Registry::open(&reg_dir).unwrap();
+    assert!(problems.is_empty(), "{problems:?}");
+    let [vm] = reg.vms() else { panic!("one VM registered: {:?}", reg.vms()) };
+    assert_eq!((vm.name.as_str(), vm.kind), ("linux", rayosd::vm::registry::VmKind::Linux));
+    assert!(vm.policy.autostart_hidden);
+    let vm_dir = format!("/data/vms/{}", vm.id);
+    assert_eq!(vm.disks[0].path, Path::new(&vm_dir).join("disk.img"));
+    assert_eq!(vm.config.kernel, Path::new(&vm_dir).join("vmlinuz"));
+    let in_volume = |p: &Path| p.strip_prefix("/data").unwrap().to_str().unwrap().to_string();
+    let disk_out = m.dir.path().join("guest-disk.img");
+    let (ok, out) = run("debugfs", &["-R", &format!("dump {} {}", in_volume(&vm.disks[0].path), disk_out.display()), data_img.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let disk = std::fs::read(&disk_out).unwrap();
+    assert_eq!(disk.len() as u64, GUEST_DISK_SIZE);
+    assert_eq!(&disk[GUEST_MARK_OFFSET as usize..][..GUEST_MARK.len()], GUEST_MARK);
+    assert_eq!(debugfs_cat_bytes(&data_img, &in_volume(&vm.config.kernel)), files.kernel);
     let log = debugfs_cat(&data_img, "/install.log");
     assert!(log.contains("TARGET-1") && log.contains("install complete"), "{log}");
     assert_eq!(debugfs_cat(&data_img, "/config/answers.toml"), text.trim_end());

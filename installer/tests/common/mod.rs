@@ -177,7 +177,27 @@ pub fn boot_files() -> BootFiles {
         kernel: (0..3_000_000u32).map(|i| (i * 7) as u8).collect(),
         initramfs: (0..5_000_000u32).map(|i| (i * 13) as u8).collect(),
         answers: None,
+        default_linux: Some(default_linux_packed()),
     }
+}
+
+/// The bytes the stand-in default Linux disk holds at `GUEST_MARK_OFFSET` (the rest are holes).
+pub const GUEST_MARK: &[u8] = b"stand-in guest root filesystem";
+pub const GUEST_MARK_OFFSET: u64 = 3 << 20;
+pub const GUEST_DISK_SIZE: u64 = 16 << 20;
+
+/// A packed stand-in for the default Linux VM's disk: 16 MiB, one block of data.
+pub fn default_linux_packed() -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    let mut f = fs::File::create(&disk).unwrap();
+    f.set_len(GUEST_DISK_SIZE).unwrap();
+    f.seek(SeekFrom::Start(GUEST_MARK_OFFSET)).unwrap();
+    f.write_all(GUEST_MARK).unwrap();
+    drop(f);
+    let packed = dir.path().join("disk.rdisk.zst");
+    installer::diskpack::pack(&disk, &packed, 3).unwrap();
+    fs::read(&packed).unwrap()
 }
 
 /// Copies a byte range to its own file (sparse) so e2fsck/debugfs/fsck.vfat can check it.
