@@ -1,11 +1,18 @@
 //! Isolation after set-up: close inherited descriptors, drop every capability, set
 //! no_new_privs and install a seccomp allowlist on all threads (TSYNC). A forbidden syscall
 //! kills the VMM with a log line naming it (SIGSYS handler), exit code [`EXIT_CODE_SECCOMP`].
+//!
+//! Some syscalls are allowed only with certain arguments: `ioctl` only with the request
+//! numbers the running VMM issues (so a compromised device model cannot create VMs, change
+//! vCPU state or push input into a terminal), `mmap`/`mprotect` never executable, `prctl`
+//! only to name a thread.
 
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
+};
 
 use crate::error::{Error, Result};
 
@@ -23,9 +30,11 @@ pub fn inherited_fds() -> BTreeSet<i32> {
         .collect()
 }
 
-/// Everything the VMM's threads call after set-up: vCPU run loops and bus devices, virtio
-/// workers (epoll, eventfds, preadv/pwritev on images, readv/writev on taps, sockets for
-/// console ports), the control socket, and Rust's runtime (futex, signals, thread exit).
+/// Everything the VMM's threads call after set-up, with any argument: vCPU run loops and bus
+/// devices, virtio workers (epoll, eventfds, preadv/pwritev on images, readv/writev on taps,
+/// sockets for console ports), the control socket, and Rust's runtime (futex, signals,
+/// thread exit). `ioctl`, `mmap`, `mprotect` and `prctl` are allowed with conditions, see
+/// [`conditional_rules`].
 const ALLOWED: &[i64] = &[
     libc::SYS_accept4,
     libc::SYS_brk,
@@ -50,11 +59,8 @@ const ALLOWED: &[i64] = &[
     libc::SYS_getpid,
     libc::SYS_getrandom,
     libc::SYS_gettid,
-    libc::SYS_ioctl,
     libc::SYS_lseek,
     libc::SYS_madvise,
-    libc::SYS_mmap,
-    libc::SYS_mprotect,
     libc::SYS_mremap,
     libc::SYS_munmap,
     libc::SYS_nanosleep,
@@ -62,7 +68,6 @@ const ALLOWED: &[i64] = &[
     libc::SYS_openat,
     libc::SYS_poll,
     libc::SYS_ppoll,
-    libc::SYS_prctl,
     libc::SYS_pread64,
     libc::SYS_preadv,
     libc::SYS_pwrite64,
@@ -91,24 +96,115 @@ const ALLOWED: &[i64] = &[
     libc::SYS_writev,
 ];
 
+/// ioctl request numbers, encoded like the kernel's `_IO`/`_IOW` (struct sizes from
+/// kvm-bindings), for the requests the VMM may issue once isolated.
+#[allow(non_snake_case)]
+mod request {
+    use kvm_bindings::{kvm_ioeventfd, kvm_msi, kvm_userspace_memory_region};
+    const KVMIO: u32 = 0xAE;
+    vmm_sys_util::ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
+    vmm_sys_util::ioctl_iow_nr!(KVM_SIGNAL_MSI, KVMIO, 0xa5, kvm_msi);
+    vmm_sys_util::ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_ioeventfd);
+    vmm_sys_util::ioctl_iow_nr!(KVM_SET_USER_MEMORY_REGION, KVMIO, 0x46, kvm_userspace_memory_region);
+}
+
+/// The ioctl requests the VMM issues after set-up, and where. Everything else KVM offers
+/// (creating VMs and vCPUs, reading or writing registers, MSRs, CPUID, irq routing) happens
+/// during set-up only; KVM_IRQFD and KVM_IRQ_LINE are not used at run time (legacy IRQs go
+/// through irqfds registered at set-up, PCI devices use MSI-X).
+pub fn allowed_ioctls() -> [(u32, &'static str); 5] {
+    [
+        (request::KVM_RUN() as u32, "KVM_RUN: the vCPU loops"),
+        (request::KVM_SIGNAL_MSI() as u32, "KVM_SIGNAL_MSI: MSI-X interrupts from devices"),
+        (request::KVM_IOEVENTFD() as u32, "KVM_IOEVENTFD: queue-notify ioeventfds follow a BAR the guest moves"),
+        (
+            request::KVM_SET_USER_MEMORY_REGION() as u32,
+            "KVM_SET_USER_MEMORY_REGION: the framebuffer slot follows its BAR",
+        ),
+        (crate::devices::virtio::net::TUNSETOFFLOAD as u32, "TUNSETOFFLOAD: virtio-net activation"),
+    ]
+}
+
+fn condition(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition> {
+    // Dword: ioctl's request, mmap's prot and prctl's option are C ints; the kernel ignores
+    // the upper half of the register, so the filter must too.
+    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value)
+        .map_err(|e| Error::Isolation(format!("seccomp condition on argument {arg}: {e}")))
+}
+
+fn rule(conditions: Vec<SeccompCondition>) -> Result<SeccompRule> {
+    SeccompRule::new(conditions).map_err(|e| Error::Isolation(format!("seccomp rule: {e}")))
+}
+
+/// Syscalls allowed only with some arguments (rules are alternatives).
+fn conditional_rules() -> Result<Vec<(i64, Vec<SeccompRule>)>> {
+    let ioctls = allowed_ioctls()
+        .iter()
+        .map(|(req, _)| rule(vec![condition(1, SeccompCmpOp::Eq, u64::from(*req))?]))
+        .collect::<Result<Vec<_>>>()?;
+    // Nothing is loaded or generated at run time: thread stacks, heap and guest memory are
+    // never executable, so PROT_EXEC would only serve injected code.
+    let not_exec = || rule(vec![condition(2, SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64), 0)?]);
+    Ok(vec![
+        (libc::SYS_ioctl, ioctls),
+        (libc::SYS_mmap, vec![not_exec()?]),
+        (libc::SYS_mprotect, vec![not_exec()?]),
+        // Device workers started when the guest activates a device name their thread.
+        (libc::SYS_prctl, vec![rule(vec![condition(0, SeccompCmpOp::Eq, libc::PR_SET_NAME as u64)?])?]),
+    ])
+}
+
 pub fn filter() -> Result<BpfProgram> {
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = ALLOWED.iter().map(|s| (*s, vec![])).collect();
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = ALLOWED.iter().map(|s| (*s, vec![])).collect();
+    rules.extend(conditional_rules()?);
     let f = SeccompFilter::new(rules, SeccompAction::Trap, SeccompAction::Allow, TargetArch::x86_64)
         .map_err(|e| Error::Isolation(format!("building the seccomp filter: {e}")))?;
     f.try_into().map_err(|e: seccompiler::BackendError| Error::Isolation(format!("compiling the seccomp filter: {e}")))
 }
 
-extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+/// A fixed buffer for the SIGSYS message: no allocation in a signal handler.
+struct Msg {
+    buf: [u8; 96],
+    len: usize,
+}
+
+impl Msg {
+    fn push(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            if let Some(slot) = self.buf.get_mut(self.len) {
+                *slot = *b;
+                self.len += 1;
+            }
+        }
+    }
+    fn push_hex(&mut self, v: u32) {
+        for shift in (0..8).rev() {
+            self.push(&[b"0123456789abcdef"[(v >> (shift * 4)) as usize & 0xf]]);
+        }
+    }
+}
+
+extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // siginfo_t for SIGSYS: si_signo, si_errno, si_code, padding, then _sigsys
     // { void *call_addr; int syscall; unsigned arch; } — the syscall number is at byte 24.
     // SAFETY: the kernel passes a valid siginfo_t for SA_SIGINFO handlers.
     let nr = unsafe { *(info as *const u8).add(24).cast::<i32>() };
-    let mut msg = *b"rayos-vmm: seccomp: blocked syscall 000, VMM stopped\n";
-    let digits = [(nr / 100 % 10) as u8, (nr / 10 % 10) as u8, (nr % 10) as u8];
-    msg[36..39].copy_from_slice(&digits.map(|d| b'0' + d));
+    let mut msg = Msg { buf: [0; 96], len: 0 };
+    msg.push(b"rayos-vmm: seccomp: blocked syscall ");
+    msg.push(&[b'0' + (nr / 100 % 10) as u8, b'0' + (nr / 10 % 10) as u8, b'0' + (nr % 10) as u8]);
+    if i64::from(nr) == libc::SYS_ioctl && !ctx.is_null() {
+        // The request number says which ioctl a device model tried: the second syscall
+        // argument, in rsi of the interrupted context.
+        // SAFETY: for SA_SIGINFO handlers the third argument is the thread's ucontext_t.
+        let req = unsafe { (*ctx.cast::<libc::ucontext_t>()).uc_mcontext.gregs[libc::REG_RSI as usize] };
+        msg.push(b" (ioctl 0x");
+        msg.push_hex(req as u32);
+        msg.push(b")");
+    }
+    msg.push(b", VMM stopped\n");
     // SAFETY: write(2) and _exit(2) are async-signal-safe and allowed by the filter.
     unsafe {
-        libc::write(2, msg.as_ptr().cast(), msg.len());
+        libc::write(2, msg.buf.as_ptr().cast(), msg.len);
         libc::_exit(EXIT_CODE_SECCOMP);
     }
 }
@@ -231,10 +327,137 @@ mod tests {
         assert!(err.contains("blocked syscall 059"), "{err}");
     }
 
+    /// Writes `text` to stderr from a forked child (no allocation, no test-harness capture).
+    fn say(text: &[u8]) {
+        // SAFETY: writing a live buffer to stderr.
+        unsafe { libc::write(2, text.as_ptr().cast(), text.len()) };
+    }
+
+    /// Runs `body` in a child under the VMM's filter and SIGSYS handler.
+    fn filtered(body: impl FnOnce()) -> (i32, String) {
+        let bpf = filter().unwrap();
+        in_child(move || {
+            install_sigsys_handler().unwrap();
+            seccompiler::apply_filter(&bpf).unwrap();
+            body();
+        })
+    }
+
+    /// /dev/kvm when this host has it (the fd the VMM's ioctls really go to; opening it
+    /// works even where KVM cannot run guests), else an eventfd: the filter looks only at
+    /// the request number, the kernel then refuses requests the fd does not know.
+    fn ioctl_target() -> i32 {
+        // SAFETY: open with a static NUL-terminated path; eventfd with integer arguments.
+        let fd = unsafe { libc::open(c"/dev/kvm".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+        if fd >= 0 {
+            fd
+        } else {
+            // SAFETY: as above.
+            unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) }
+        }
+    }
+
+    #[test]
+    fn ioctl_numbers_match_the_kernel_headers() {
+        // From <linux/kvm.h> and <linux/if_tun.h> on x86_64.
+        let want = [0xae80, 0x4020_aea5, 0x4040_ae79, 0x4020_ae46, 0x4004_54d0];
+        let got: Vec<u32> = allowed_ioctls().iter().map(|(r, _)| *r).collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn allowed_ioctls_reach_the_kernel_others_stop_the_vmm() {
+        let fd = ioctl_target();
+        assert!(fd >= 0);
+        let kvm_run = allowed_ioctls()[0].0 as libc::c_ulong;
+        let (code, err) = filtered(move || {
+            // Through the filter to the kernel, which refuses KVM_RUN on a non-vCPU fd.
+            // SAFETY: KVM_RUN takes no argument; the kernel rejects it on this fd.
+            let r = unsafe { libc::ioctl(fd, kvm_run, 0) };
+            if r == -1 {
+                say(b"KVM_RUN reached the kernel\n");
+            }
+            // The kernel compares only the low 32 bits of a request; so does the filter.
+            // SAFETY: as above.
+            let r = unsafe { libc::ioctl(fd, kvm_run | 1 << 32, 0) };
+            if r == -1 {
+                say(b"KVM_RUN with a dirty upper half reached the kernel\n");
+            }
+            // KVM_CREATE_VM (_IO(0xAE, 1)) is a set-up call: blocked before it runs.
+            // SAFETY: the filter traps this call.
+            unsafe { libc::ioctl(fd, 0xae01, 0) };
+            say(b"KVM_CREATE_VM was not stopped\n");
+        });
+        assert_eq!(code, EXIT_CODE_SECCOMP, "{err}");
+        assert!(err.contains("KVM_RUN reached the kernel"), "{err}");
+        assert!(err.contains("dirty upper half reached the kernel"), "{err}");
+        assert!(err.contains("blocked syscall 016 (ioctl 0x0000ae01), VMM stopped"), "{err}");
+        assert!(!err.contains("not stopped"), "{err}");
+
+        // TIOCSTI would type into the controlling terminal of whoever started the VMM.
+        let (code, err) = filtered(|| {
+            let c = b'x';
+            // SAFETY: the filter traps this call.
+            unsafe { libc::ioctl(2, libc::TIOCSTI, &c) };
+        });
+        assert_eq!(code, EXIT_CODE_SECCOMP, "{err}");
+        assert!(err.contains("blocked syscall 016 (ioctl 0x00005412)"), "{err}");
+        // SAFETY: closing the fd opened above.
+        unsafe { libc::close(fd) };
+    }
+
+    #[test]
+    fn no_executable_mappings_and_prctl_only_names_threads() {
+        let (code, err) = filtered(|| {
+            // SAFETY: anonymous mappings of one page, unmapped again; prctl with a static name.
+            unsafe {
+                let p = libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
+                if p != libc::MAP_FAILED && libc::mprotect(p, 4096, libc::PROT_READ) == 0 {
+                    say(b"rw mapping ok\n");
+                }
+                libc::munmap(p, 4096);
+                if libc::prctl(libc::PR_SET_NAME, c"worker".as_ptr()) == 0 {
+                    say(b"thread named\n");
+                }
+            }
+        });
+        assert_eq!(code, 0, "{err}");
+        assert!(err.contains("rw mapping ok") && err.contains("thread named"), "{err}");
+
+        let (code, err) = filtered(|| {
+            // SAFETY: the filter traps this call.
+            unsafe {
+                libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_READ | libc::PROT_EXEC, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+            };
+        });
+        assert_eq!(code, EXIT_CODE_SECCOMP, "{err}");
+        assert!(err.contains("blocked syscall 009"), "{err}");
+
+        let (code, err) = filtered(|| {
+            // SAFETY: the filter traps this call before it touches the stack's protection.
+            let mut local = 0u8;
+            let page = (&mut local as *mut u8 as usize) & !4095;
+            unsafe { libc::mprotect(page as *mut libc::c_void, 4096, libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) };
+        });
+        assert_eq!(code, EXIT_CODE_SECCOMP, "{err}");
+        assert!(err.contains("blocked syscall 010"), "{err}");
+
+        let (code, err) = filtered(|| {
+            // SAFETY: the filter traps this call.
+            unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1) };
+        });
+        assert_eq!(code, EXIT_CODE_SECCOMP, "{err}");
+        assert!(err.contains("blocked syscall 157"), "{err}");
+    }
+
     #[test]
     fn the_allowlist_excludes_process_creation_and_filesystem_changes() {
+        let conditional: Vec<i64> = conditional_rules().unwrap().iter().map(|(s, _)| *s).collect();
         for s in [libc::SYS_execve, libc::SYS_fork, libc::SYS_ptrace, libc::SYS_mount, libc::SYS_socket, libc::SYS_connect] {
-            assert!(!ALLOWED.contains(&s), "syscall {s} must stay forbidden");
+            assert!(!ALLOWED.contains(&s) && !conditional.contains(&s), "syscall {s} must stay forbidden");
+        }
+        for s in &conditional {
+            assert!(!ALLOWED.contains(s), "syscall {s} is allowed with conditions, not unconditionally");
         }
     }
 }

@@ -6,3 +6,4 @@ mod device;
 mod tap;
 pub use device::{NetConfig, NetError, VirtioNet};
 pub use tap::Tap;
+pub(crate) use tap::TUNSETOFFLOAD;
