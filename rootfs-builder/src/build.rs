@@ -7,7 +7,7 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use crate::manifest::{Manifest, ManifestError};
-use crate::{cargo_build, hostdeps, image, initramfs, kernel, paths, progress};
+use crate::{cargo_build, guest, hostdeps, image, initramfs, kernel, paths, progress};
 
 #[derive(Debug, Error)]
 pub enum BuildError {
@@ -23,6 +23,10 @@ pub enum BuildError {
     Initramfs(#[from] initramfs::InitramfsError),
     #[error(transparent)]
     Image(#[from] image::ImageError),
+    #[error("the default Linux guest: {0}")]
+    Guest(#[from] guest::GuestError),
+    #[error(transparent)]
+    DiskPack(#[from] installer::diskpack::DiskPackError),
     #[error("{0}: {1}")]
     Io(PathBuf, std::io::Error),
 }
@@ -40,6 +44,8 @@ pub struct Artifacts {
     pub kernel_config: PathBuf,
     pub initramfs: PathBuf,
     pub usb_image: PathBuf,
+    /// The default Linux VM's disk, packed for the USB medium (installer::diskpack).
+    pub linux_disk: PathBuf,
 }
 
 impl Artifacts {
@@ -51,11 +57,12 @@ impl Artifacts {
             kernel_config: dir.join("kernel.config"),
             initramfs: dir.join("initramfs.img"),
             usb_image: dir.join("rayos-usb.img"),
+            linux_disk: dir.join("linux.rdisk.zst"),
         }
     }
 
     pub fn complete(&self) -> bool {
-        [&self.kernel, &self.kernel_config, &self.initramfs, &self.usb_image].iter().all(|p| p.is_file())
+        [&self.kernel, &self.kernel_config, &self.initramfs, &self.usb_image, &self.linux_disk].iter().all(|p| p.is_file())
     }
 }
 
@@ -128,12 +135,37 @@ pub fn all() -> Result<Artifacts, BuildError> {
         progress::step("initramfs", format!("{} ({})", a.initramfs.display(), progress::fmt_size(size)));
     }
 
+    // The guest disk's file name is the hash of its inputs, so it is the stamp.
+    let guest_disk = guest::ensure_disk()?;
+    let stamp = format!("diskpack-1 {}", guest_disk.display());
+    if !fresh(&a.linux_disk, &stamp) {
+        progress::step("guest", format!("packing {} for the USB medium (data extents, zstd)", guest_disk.display()));
+        let s = installer::diskpack::pack(&guest_disk, &a.linux_disk, 6)?;
+        record(&a.linux_disk, &stamp)?;
+        let packed = std::fs::metadata(&a.linux_disk).map_err(io(&a.linux_disk))?.len();
+        progress::step(
+            "guest",
+            format!(
+                "{} ({} disk, {} of data in {} extents, {} packed)",
+                a.linux_disk.display(),
+                progress::fmt_size(s.size),
+                progress::fmt_size(s.data),
+                s.extents,
+                progress::fmt_size(packed)
+            ),
+        );
+    }
+
     let boot = PathBuf::from(paths::SYSTEMD_BOOT_EFI);
     let entries: String = image::usb_entries().iter().map(|e| e.render()).collect();
-    let stamp = hash_files(&format!("usb-1{entries}"), &[a.kernel.clone(), a.initramfs.clone(), boot.clone()])?;
+    let stamp = hash_files(
+        &format!("usb-2{entries}"),
+        &[a.kernel.clone(), a.initramfs.clone(), boot.clone(), a.linux_disk.clone()],
+    )?;
     if !fresh(&a.usb_image, &stamp) {
-        progress::step("image", "writing the USB image (GPT, FAT32 ESP, systemd-boot)");
-        let size = image::build_usb(&a.usb_image, &a.kernel, &a.initramfs, &boot)?;
+        progress::step("image", "writing the USB image (GPT, FAT32 ESP, systemd-boot, default Linux VM)");
+        let extra = [(installer::esp::DEFAULT_LINUX_DISK_PATH, a.linux_disk.as_path())];
+        let size = image::build_usb(&a.usb_image, &a.kernel, &a.initramfs, &boot, &extra)?;
         record(&a.usb_image, &stamp)?;
         progress::step("image", format!("{} ({})", a.usb_image.display(), progress::fmt_size(size)));
     }

@@ -94,6 +94,13 @@ fn customization() -> Vec<(&'static str, u32, String)> {
 
 /// Builds (or takes from the cache) the default Linux guest.
 pub fn ensure_default_linux_guest() -> Result<GuestImage, GuestError> {
+    let disk = ensure_disk()?;
+    with_kernel(disk)
+}
+
+/// Builds (or takes from the cache) the default Linux guest's disk: an ext4 image whose file
+/// name carries the hash of everything that went into it.
+pub fn ensure_disk() -> Result<PathBuf, GuestError> {
     let cache = crate::paths::cache_dir().join("guest");
     std::fs::create_dir_all(&cache).map_err(io(&cache))?;
     let packages = PACKAGES.join(",");
@@ -125,7 +132,7 @@ pub fn ensure_default_linux_guest() -> Result<GuestImage, GuestError> {
     let disk = cache.join(format!("debian-{SUITE}-{image_key}.ext4"));
     if disk.exists() {
         progress::step("guest", format!("default Linux guest from the cache: {}", disk.display()));
-        return with_kernel(disk);
+        return Ok(disk);
     }
 
     progress::step("guest", "adding the RayOS guest agent and a login on ttyS0");
@@ -168,7 +175,7 @@ pub fn ensure_default_linux_guest() -> Result<GuestImage, GuestError> {
             .arg(format!("{}k", IMAGE_SIZE / 1024)),
     )?;
     std::fs::rename(&tmp, &disk).map_err(io(&disk))?;
-    with_kernel(disk)
+    Ok(disk)
 }
 
 /// The guest boots RayOS's own kernel. It comes through `artifacts()`, which holds the build

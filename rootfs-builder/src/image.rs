@@ -9,8 +9,9 @@ use crate::esp::{self, Esp, EspError, PartitionSpec};
 
 /// The ESP starts at 1 MiB (sector 2048), the alignment every partitioning tool uses.
 pub const ESP_FIRST_LBA: u64 = 2048;
-/// 128 MiB of ESP: room for a larger kernel and initramfs later; FAT32 needs >= 65525 clusters.
-pub const ESP_SIZE: u64 = 128 << 20;
+/// 256 MiB of ESP: kernel, initramfs and the packed default Linux VM (~100 MiB), with room to
+/// grow; FAT32 needs >= 65525 clusters.
+pub const ESP_SIZE: u64 = 256 << 20;
 
 pub const KERNEL_PATH: &str = "rayos/vmlinuz";
 pub const INITRAMFS_PATH: &str = "rayos/initramfs.img";
@@ -88,7 +89,14 @@ pub fn loader_conf(default: &str) -> String {
 }
 
 /// Write the USB image at `out` (atomically: a partial file is renamed on success).
-pub fn build_usb(out: &Path, kernel: &Path, initramfs: &Path, bootloader: &Path) -> Result<u64, ImageError> {
+/// `extra` are more files for the ESP: (path on the ESP, file).
+pub fn build_usb(
+    out: &Path,
+    kernel: &Path,
+    initramfs: &Path,
+    bootloader: &Path,
+    extra: &[(&str, &Path)],
+) -> Result<u64, ImageError> {
     let io = |p: &Path| {
         let p = p.to_path_buf();
         move |e| ImageError::Io(p, e)
@@ -118,6 +126,9 @@ pub fn build_usb(out: &Path, kernel: &Path, initramfs: &Path, bootloader: &Path)
     fs.write("loader/loader.conf", loader_conf(INSTALLER_ENTRY).as_bytes())?;
     for e in usb_entries() {
         fs.write(&format!("loader/entries/{}", e.file), e.render().as_bytes())?;
+    }
+    for (path, file) in extra {
+        fs.write(path, &std::fs::read(file).map_err(io(file))?)?;
     }
     fs.close()?;
     std::fs::rename(&tmp, out).map_err(io(out))?;
@@ -156,7 +167,7 @@ mod tests {
         std::fs::write(&i, vec![2u8; 70000]).unwrap();
         std::fs::write(&b, b"MZ boot").unwrap();
         let img = dir.join("usb.img");
-        build_usb(&img, &k, &i, &b).unwrap();
+        build_usb(&img, &k, &i, &b, &[]).unwrap();
         set_default_entry(&img, RESCUE_ENTRY).unwrap();
         let fs = Esp::open(&img).unwrap();
         assert_eq!(fs.fat_type(), fatfs::FatType::Fat32);

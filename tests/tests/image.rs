@@ -68,6 +68,28 @@ fn esp_holds_systemd_boot_entries_kernel_and_initramfs() {
     assert_eq!(titles, vec!["RayOS installer", "RayOS rescue"]);
 }
 
+/// The medium carries the default Linux VM for the installer: its packed disk unpacks to an
+/// ext4 image of the guest's size, labelled as the guest build labels it.
+#[test]
+fn esp_carries_the_default_linux_vm_disk() {
+    let a = artifacts();
+    let fs = esp::Esp::open(&a.usb_image).unwrap();
+    let packed = fs.read(installer::esp::DEFAULT_LINUX_DISK_PATH).expect("the packed default Linux disk on the ESP");
+    assert_eq!(packed, std::fs::read(&a.linux_disk).unwrap());
+    let dir = rootfs_builder::paths::out_dir().join("test-runs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let disk = dir.join("image-test-linux-disk.img");
+    let _ = std::fs::remove_file(&disk);
+    let s = installer::diskpack::unpack(&packed[..], std::path::Path::new("ESP"), &disk, &mut |_, _| {}).unwrap();
+    assert_eq!(s.size, rootfs_builder::guest::IMAGE_SIZE);
+    assert!(s.data < s.size / 2, "mostly holes: {s:?}");
+    let mut sb = vec![0u8; 4096];
+    std::io::Read::read_exact(&mut std::fs::File::open(&disk).unwrap(), &mut sb).unwrap();
+    assert_eq!(&sb[1024 + 0x38..1024 + 0x3a], &[0x53, 0xef], "ext4 superblock magic");
+    assert_eq!(&sb[1024 + 0x78..1024 + 0x78 + 11], b"rayos-linux", "volume label");
+    std::fs::remove_file(&disk).unwrap();
+}
+
 #[test]
 fn kernel_config_keeps_every_requested_option() {
     let a = artifacts();

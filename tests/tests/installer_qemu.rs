@@ -54,7 +54,8 @@ fn used_partitions(path: &Path) -> Vec<(u64, u64, String, String)> {
 /// Boots the USB copy beside `target` until the installer finishes and rayosd reboots
 /// (QEMU exits: -no-reboot). Returns the serial log and the wall time.
 fn run_unattended(name: &str, usb: &Path, target: &Path, ahci: bool) -> (String, Duration) {
-    let b = Qemu::builder(name).uefi_usb(usb).no_reboot().memory_mib(1024);
+    // 2 GiB: the data volume, the default Linux VM's disk included, is staged in /run (tmpfs).
+    let b = Qemu::builder(name).uefi_usb(usb).no_reboot().memory_mib(2048);
     let b = if ahci { b.ahci_disk(target, "RAYOS-TARGET") } else { b.nvme_disk(target, "RAYOS-TARGET") };
     let mut vm = b.spawn().unwrap();
     let start = Instant::now();
@@ -81,7 +82,8 @@ fn unattended_install_onto_nvme_then_boot_that_disk_alone() {
     assert_eq!(parts[1].2, esp::RAYOS_DATA_TYPE);
 
     // The installed disk alone, through the firmware's fallback path (fresh OVMF variables).
-    let mut vm = Qemu::builder("installer-nvme-installed").nvme_disk(&target, "RAYOS-TARGET").memory_mib(1024).spawn().unwrap();
+    assert!(log.lines().any(|l| l.contains("] default Linux VM ") && l.contains("registered")), "{log}");
+    let mut vm = Qemu::builder("installer-nvme-installed").nvme_disk(&target, "RAYOS-TARGET").spawn().unwrap();
     let ready = vm.wait_for("rayosd: ready", BOOT_TIMEOUT).unwrap();
     assert!(ready.contains("mode=installed"), "{ready}\n{}", vm.serial_log());
     let entry = vm.wait_for("rayosd: boot entry:", BOOT_TIMEOUT).unwrap();
@@ -89,6 +91,8 @@ fn unattended_install_onto_nvme_then_boot_that_disk_alone() {
     // Boot assessment: systemd-boot counted this try down; ready rayosd marks the entry good.
     let good = vm.wait_for("boot assessment:", BOOT_TIMEOUT).unwrap();
     assert!(good.ends_with("the entry is now rayos.conf"), "{good}");
+    // The default Linux VM the installer registered starts hidden, from its installed disk.
+    vm.wait_for("vm linux: autostart (hidden)", BOOT_TIMEOUT).unwrap();
     vm.kill();
     let entries: Vec<String> =
         esp::Esp::open(&target).unwrap().list().unwrap().into_iter().filter(|f| f.starts_with("loader/entries/")).collect();
