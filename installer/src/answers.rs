@@ -16,8 +16,8 @@
 //! locale = "en_US.UTF-8"
 //! keymap = "us"
 //! [policy]
-//! autostart_linux_hidden = false
-//! autostart_windows_hidden = false
+//! autostart_linux_hidden = true
+//! autostart_windows_hidden = true
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -249,8 +249,8 @@ pub fn validate(file: &str, raw: AnswerFile) -> Result<Answers, AnswerError> {
         locale: raw.system.locale.unwrap_or(d.locale),
         keymap: raw.system.keymap.unwrap_or(d.keymap),
         policy: Policy {
-            autostart_linux_hidden: raw.policy.autostart_linux_hidden.unwrap_or(false),
-            autostart_windows_hidden: raw.policy.autostart_windows_hidden.unwrap_or(false),
+            autostart_linux_hidden: raw.policy.autostart_linux_hidden.unwrap_or(true),
+            autostart_windows_hidden: raw.policy.autostart_windows_hidden.unwrap_or(true),
         },
     };
     config.validate().map_err(|(f, m)| err(&format!("system.{f}"), m))?;

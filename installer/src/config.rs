@@ -27,7 +27,7 @@ impl Default for SystemConfig {
             timezone: "UTC".into(),
             locale: "en_US.UTF-8".into(),
             keymap: "us".into(),
-            policy: Policy { autostart_linux_hidden: false, autostart_windows_hidden: false },
+            policy: Policy { autostart_linux_hidden: true, autostart_windows_hidden: true },
         }
     }
 }

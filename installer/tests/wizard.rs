@@ -127,9 +127,11 @@ fn every_screen_forward_and_back_then_install_confirmation() {
     w.handle(Key::Tab);
     w.handle(Key::Tab);
     w.handle(Key::Tab);
+    let s = screen_text(&w);
+    assert!(s.contains("> Autostart Linux hidden    [x]"), "on by default: {s}");
     w.handle(Key::Char(' '));
     let s = screen_text(&w);
-    assert!(s.contains("> Autostart Linux hidden    [x]"), "{s}");
+    assert!(s.contains("> Autostart Linux hidden    [ ]"), "{s}");
     assert!(s.contains("  Time zone                 Europe/Berlin"), "{s}");
 
     // Summary, then back to first boot, then summary again.
@@ -174,7 +176,7 @@ fn every_screen_forward_and_back_then_install_confirmation() {
     assert_eq!(a.target, Target::LargestFree);
     assert_eq!(a.confirm, "install NV-TARGET");
     assert_eq!(a.config.hostname, "box");
-    assert!(a.config.policy.autostart_linux_hidden);
+    assert!(!a.config.policy.autostart_linux_hidden, "the policy as toggled on the first-boot screen");
 }
 
 #[test]
