@@ -143,6 +143,64 @@ fn out_of_range_and_malformed_requests_get_ioerr() {
     assert_eq!(execute_request(&mem, &chain(&[(HDR, 16)], &[]), &be), RequestOutcome { status: None, used_len: 0 });
 }
 
+/// Writes longer than one pwritev piece, as one big buffer and as many odd-sized ones that
+/// straddle piece boundaries, land byte for byte and read back the same.
+#[test]
+fn long_writes_go_in_pieces_and_land_intact() {
+    let mem = guest_mem();
+    let img = image("long");
+    let be = backend(&img, false);
+    let total = DISK_SECTORS * SECTOR_SIZE; // the whole 1 MiB disk
+    assert!(total as usize > 4 * super::super::request::WRITE_PIECE);
+    let pattern = |i: u64, salt: u64| ((i * 7 + salt) % 251) as u8;
+
+    // One 1 MiB buffer.
+    let data: Vec<u8> = (0..total).map(|i| pattern(i, 1)).collect();
+    mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+    header(&mem, 1, 0);
+    let c = chain(&[(HDR, 16), (DATA, total as u32)], &[(STATUS, 1)]);
+    assert_eq!(execute_request(&mem, &c, &be).status, Some(0));
+    assert!(image_bytes(&img, 0, total as usize) == data, "single-buffer write");
+
+    // Odd sizes (and an empty buffer) adding up to 1 MiB - 512, written from sector 1.
+    let sizes = [0u64, 512, 4096, 3 * 4096 + 512, 131_072 - 1024, 300_000, 7, 65_536 + 1, 1];
+    // Away from the header and status buffers, which header() rewrites.
+    let mut segs = Vec::new();
+    let mut at = 0x50_0000u64;
+    let mut left = total - SECTOR_SIZE;
+    for (i, s) in sizes.iter().cycle().enumerate() {
+        if left == 0 {
+            break;
+        }
+        let s = (*s).min(left);
+        segs.push((at, s as u32));
+        at += s + 4096 * (i as u64 % 3); // gaps between buffers
+        left -= s;
+    }
+    let mut expect = Vec::new();
+    for (i, &(a, l)) in segs.iter().enumerate() {
+        let part: Vec<u8> = (0..u64::from(l)).map(|j| pattern(j, i as u64 + 2)).collect();
+        mem.write_slice(&part, GuestAddress(a)).unwrap();
+        expect.extend_from_slice(&part);
+    }
+    assert!(at < 0xa0_0000, "buffers stay below the read-back buffer");
+    let mut readable = vec![(HDR, 16)];
+    readable.extend_from_slice(&segs);
+    header(&mem, 1, 1);
+    assert_eq!(execute_request(&mem, &chain(&readable, &[(STATUS, 1)]), &be).status, Some(0));
+    assert!(image_bytes(&img, 1, expect.len()) == expect, "scattered write");
+    assert!(image_bytes(&img, 0, 512) == data[..512], "sector 0 untouched");
+
+    // Read it all back into one buffer.
+    header(&mem, 0, 0);
+    let back = 0xa0_0000u64;
+    let c = chain(&[(HDR, 16)], &[(back, total as u32), (STATUS, 1)]);
+    assert_eq!(execute_request(&mem, &c, &be).status, Some(0));
+    let mut got = vec![0u8; total as usize];
+    mem.read_slice(&mut got, GuestAddress(back)).unwrap();
+    assert!(got[512..] == expect[..]);
+}
+
 #[test]
 fn read_only_disk_refuses_writes() {
     let mem = guest_mem();
