@@ -93,6 +93,9 @@ fn unattended_install_onto_nvme_then_boot_that_disk_alone() {
     assert!(good.ends_with("the entry is now rayos.conf"), "{good}");
     // The default Linux VM the installer registered starts hidden, from its installed disk.
     vm.wait_for("vm linux: autostart (hidden)", BOOT_TIMEOUT).unwrap();
+    let t = Instant::now();
+    vm.wait_for("vm linux: guest agent ready", Duration::from_secs(600)).unwrap();
+    eprintln!("[installer-nvme-installed] default Linux VM agent ready {:?} after autostart", t.elapsed());
     vm.kill();
     let entries: Vec<String> =
         esp::Esp::open(&target).unwrap().list().unwrap().into_iter().filter(|f| f.starts_with("loader/entries/")).collect();
