@@ -15,6 +15,10 @@
 #   rayos-vmm does: writes into the host page cache, FLUSH = fdatasync before completing;
 # - BLK_ROUNDS alternating runs each (default 3), the median reported, since single runs
 #   under TCG vary by 10-20%.
+# Reference (2026-11-25, 2-core host shared with other builds): before these fixes rayos-vmm
+# wrote 58-66 MiB/s against QEMU's 99-120 (old method); after, 324 against 100 (reads 388
+# against 228). rayos-vmm writes in 128 KiB pwritev pieces, see WRITE_PIECE in
+# src/devices/virtio/block/request.rs for why that matters on tmpfs.
 #
 # Usage: bench-nested.sh KERNEL [ROUNDS] [WORKDIR]
 #   KERNEL: a bzImage with KVM (host side) and virtio/serial (guest side); used for both.
