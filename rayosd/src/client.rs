@@ -47,6 +47,14 @@ pub enum ClientError {
     NoSuchService(String),
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    #[error("{0}")]
+    NoSuchVm(String),
+    /// The request does not fit the VM's state (e.g. pause a stopped VM).
+    #[error("refused: {0}")]
+    Refused(String),
+    /// No VM supervisor runs (not installed mode).
+    #[error("{0}")]
+    Unavailable(String),
     #[error("control API call failed: {0}")]
     Call(zbus::Error),
 }
@@ -59,6 +67,9 @@ impl From<zbus::Error> for ClientError {
                 "org.rayos.Error.AccessDenied" => return ClientError::AccessDenied(msg),
                 "org.rayos.Error.NoSuchService" => return ClientError::NoSuchService(msg),
                 "org.rayos.Error.InvalidArgument" => return ClientError::InvalidArgument(msg),
+                "org.rayos.Error.NoSuchVm" => return ClientError::NoSuchVm(msg),
+                "org.rayos.Error.Refused" => return ClientError::Refused(msg),
+                "org.rayos.Error.Unavailable" => return ClientError::Unavailable(msg),
                 _ => {}
             }
         }

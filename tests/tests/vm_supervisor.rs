@@ -341,8 +341,10 @@ fn vm_lifecycle_autostart_crashes_and_broken_disks() {
         "the guest did not see the stop:\n{serial}"
     );
     let (code, _, text) = ctl(&q, &["vm", "pause", "deb"]);
-    assert_ne!(code, 0, "pausing a stopped VM must fail: {text}");
+    assert_eq!(code, 8, "pausing a stopped VM is refused (exit 8): {text}");
     assert!(text.contains("only a running VM can be paused"), "{text}");
+    let (code, _, text) = ctl(&q, &["vm", "start", "no-such-vm"]);
+    assert_eq!(code, 7, "an unknown VM is exit 7: {text}");
 
     // Start, waiting for guest init: the benchmark of `rayosctl vm start` → guest init.
     let started = ctl_ok(&q, &["vm", "start", "deb", "--wait", "180"]);

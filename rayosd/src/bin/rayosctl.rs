@@ -11,7 +11,8 @@ use rayosd::log::LogRecord;
 use rayosd::supervisor::ServiceInfo;
 
 const EXIT_CODES: &str = "Exit codes: 0 success, 1 the call failed, 2 bad usage, 3 cannot connect, \
-4 access denied (needs root), 5 no such service, 6 invalid argument.";
+4 access denied (needs root), 5 no such service, 6 invalid argument, 7 no such VM, \
+8 refused (the VM's state does not allow it), 9 no VM supervisor (not installed mode).";
 
 #[derive(Parser)]
 #[command(name = "rayosctl", version, about = "Control RayOS: status, services, logs, power", after_help = EXIT_CODES)]
@@ -122,6 +123,9 @@ fn exit_code(e: &ClientError) -> u8 {
         ClientError::AccessDenied(_) => 4,
         ClientError::NoSuchService(_) => 5,
         ClientError::InvalidArgument(_) => 6,
+        ClientError::NoSuchVm(_) => 7,
+        ClientError::Refused(_) => 8,
+        ClientError::Unavailable(_) => 9,
         ClientError::Call(_) => 1,
     }
 }
