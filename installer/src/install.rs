@@ -117,11 +117,19 @@ pub fn verify_identity(planned: &Disk, now: Option<&Disk>) -> Result<(), Install
     Ok(())
 }
 
-/// Puts the default Linux VM (when the medium carries it) into the staged data volume and
-/// writes the registry: its disk unpacked sparse and the RayOS kernel under `vms/<id>/`, its
-/// record saying where they will be once the volume is mounted at /data. The registry is
-/// written by rayosd's own code, so what the installer writes is what rayosd reads.
-fn stage_vms(staging: &Path, plan: &Plan, cfg: &SystemConfig, files: &BootFiles, log: &mut Log) -> Result<usize, InstallError> {
+/// Puts the default Linux VM (when the medium carries it) into the staged data volume, or
+/// into `vm_staging` (the dedicated VM partition's contents, mounted at /vms by rayosd), and
+/// writes the registry: its disk unpacked sparse and the RayOS kernel under `<base>/<id>/`, its
+/// record saying where they will be once mounted. The registry is written by rayosd's own
+/// code, so what the installer writes is what rayosd reads.
+fn stage_vms(
+    staging: &Path,
+    vm_staging: Option<&Path>,
+    plan: &Plan,
+    cfg: &SystemConfig,
+    files: &BootFiles,
+    log: &mut Log,
+) -> Result<usize, InstallError> {
     use rayosd::vm::registry::{Registry, VmRecord};
     let (mut registry, _) = Registry::open(&staging.join("registry"))?;
     let Some(packed) = &files.default_linux else {
@@ -129,15 +137,16 @@ fn stage_vms(staging: &Path, plan: &Plan, cfg: &SystemConfig, files: &BootFiles,
         registry.save()?;
         return Ok(0);
     };
-    // rayosd keeps VMs on the data volume; a path under /data is honoured. rayosd does not
-    // mount a dedicated VM partition yet, so the default VM stays on the data volume then.
-    let base = match &plan.vm_storage {
-        VmStorage::Path(p) if p.starts_with("/data/") => PathBuf::from(p),
-        _ => PathBuf::from("/data/vms"),
+    // Where rayosd will find it: /vms (the dedicated partition), a path under /data, or
+    // /data/vms. A path elsewhere is not mounted by anyone, so the VM goes to /data/vms then.
+    let (base, root, mount) = match (&plan.vm_storage, vm_staging) {
+        (VmStorage::DedicatedPartition { .. }, Some(vs)) => (PathBuf::from("/vms"), vs, "/vms"),
+        (VmStorage::Path(p), _) if p.starts_with("/data/") => (PathBuf::from(p), staging, "/data"),
+        _ => (PathBuf::from("/data/vms"), staging, "/data"),
     };
     let id = uuid::Uuid::new_v4();
     let vm_dir = base.join(id.to_string());
-    let staged = staging.join(vm_dir.strip_prefix("/data").expect("under /data"));
+    let staged = root.join(vm_dir.strip_prefix(mount).expect("under its mount point"));
     fs::create_dir_all(&staged).map_err(|source| InstallError::Io { path: staged.clone(), source })?;
     log.step(72, &format!("unpacking the default Linux VM's disk into {}", vm_dir.display()));
     let disk = staged.join("disk.img");
@@ -184,6 +193,7 @@ fn stage_data_volume(
     files: &BootFiles,
     answers_toml: Option<&str>,
     vm_part_uuid: Option<uuid::Uuid>,
+    vm_staging: Option<&Path>,
     log: &mut Log,
 ) -> Result<usize, InstallError> {
     let system_toml = config::system_toml(cfg, &plan.vm_storage, vm_part_uuid);
@@ -194,7 +204,7 @@ fn stage_data_volume(
             fs::create_dir_all(&dir).map_err(|source| InstallError::Io { path: dir, source })?;
         }
     }
-    stage_vms(staging, plan, cfg, files, log)
+    stage_vms(staging, vm_staging, plan, cfg, files, log)
 }
 
 pub fn install(
@@ -277,22 +287,42 @@ pub fn install(
     }
 
     let vm_part = plan.create.iter().find(|p| p.role == Role::VmStorage);
-    if let Some(p) = vm_part {
-        log.step(60, &format!("formatting the VM storage partition #{} (ext4)", p.number));
-        datafs::mkfs_ext4(&env.mke2fs, &dev_path, p.first_lba * ss, p.size_bytes(ss), datafs::VMS_LABEL, uuid::Uuid::new_v4(), None)?;
-    }
-
     let data = plan.data_partition();
     let staging = env.staging_base.join(format!("rayos-install-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&staging);
-    let staged = stage_data_volume(&staging, plan, cfg, files, answers_toml, vm_part.map(|p| p.part_uuid), &mut log);
+    let vm_staging = env.staging_base.join(format!("rayos-install-vms-{}", std::process::id()));
+    let clean = || {
+        let _ = fs::remove_dir_all(&staging);
+        let _ = fs::remove_dir_all(&vm_staging);
+    };
+    clean();
+    if vm_part.is_some() {
+        fs::create_dir_all(&vm_staging).map_err(|source| InstallError::Io { path: vm_staging.clone(), source })?;
+    }
+    let staged = stage_data_volume(
+        &staging,
+        plan,
+        cfg,
+        files,
+        answers_toml,
+        vm_part.map(|p| p.part_uuid),
+        vm_part.map(|_| vm_staging.as_path()),
+        &mut log,
+    );
     let vms = match staged {
         Ok(n) => n,
         Err(e) => {
-            let _ = fs::remove_dir_all(&staging);
+            clean();
             return Err(e);
         }
     };
+    if let Some(p) = vm_part {
+        log.step(89, &format!("creating the VM storage partition #{} (ext4 '{}', {})", p.number, datafs::VMS_LABEL, human_size(p.size_bytes(ss))));
+        let made = datafs::mkfs_ext4(&env.mke2fs, &dev_path, p.first_lba * ss, p.size_bytes(ss), datafs::VMS_LABEL, uuid::Uuid::new_v4(), Some(&vm_staging));
+        if let Err(e) = made {
+            clean();
+            return Err(e.into());
+        }
+    }
     log.step(
         90,
         &format!(
@@ -307,11 +337,11 @@ pub fn install(
     install_log.push_str(&format!("[{:>6} ms] data volume written; install complete\n", log.start.elapsed().as_millis()));
     let p = staging.join("install.log");
     if let Err(source) = fs::write(&p, install_log) {
-        let _ = fs::remove_dir_all(&staging);
+        clean();
         return Err(InstallError::Io { path: p, source });
     }
     let made = datafs::mkfs_ext4(&env.mke2fs, &dev_path, data.first_lba * ss, data.size_bytes(ss), datafs::DATA_LABEL, uuid::Uuid::new_v4(), Some(&staging));
-    let _ = fs::remove_dir_all(&staging);
+    clean();
     made?;
 
     dev.sync_all().map_err(io_err)?;

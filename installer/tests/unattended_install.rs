@@ -261,4 +261,20 @@ fn dedicated_vm_storage_partition_is_formatted_and_recorded() {
     let sys: installer::config::SystemToml = toml::from_str(&debugfs_cat(&data_img, "/config/system.toml")).unwrap();
     assert_eq!(sys.vm_storage.kind, "partition");
     assert_eq!(sys.vm_storage.location, Some(vms.part_uuid.to_string()), "rayosd finds the VM partition by PARTUUID");
+    // rayosd reads the same file the same way.
+    let sys_path = m.dir.path().join("system.toml");
+    std::fs::write(&sys_path, debugfs_cat(&data_img, "/config/system.toml")).unwrap();
+    let loaded = rayosd::config::load(&sys_path).unwrap();
+    assert_eq!(loaded.config().vm_storage.partition(), Some(vms.part_uuid.to_string().as_str()));
+
+    // The default Linux VM lives on the VM partition (/vms once mounted), its record on /data.
+    let reg_dir = m.dir.path().join("registry");
+    std::fs::create_dir_all(&reg_dir).unwrap();
+    std::fs::write(reg_dir.join("vms.json"), debugfs_cat(&data_img, "/registry/vms.json")).unwrap();
+    let (reg, _) = rayosd::vm::registry::Registry::open(&reg_dir).unwrap();
+    let [vm] = reg.vms() else { panic!("{:?}", reg.vms()) };
+    let vm_dir = format!("/vms/{}", vm.id);
+    assert_eq!(vm.disks[0].path, Path::new(&vm_dir).join("disk.img"));
+    let (ok, ls) = run("debugfs", &["-R", &format!("ls -l /{}", vm.id), vms_img.to_str().unwrap()]);
+    assert!(ok && ls.contains("disk.img") && ls.contains("vmlinuz"), "{ls}");
 }

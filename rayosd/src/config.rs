@@ -14,6 +14,31 @@ pub struct SystemConfig {
     pub keymap: String,
     /// Start VMs marked autostart at boot (installed mode only).
     pub autostart_vms: bool,
+    /// Where VM disks live, as the installer chose.
+    pub vm_storage: VmStorage,
+}
+
+/// `[vm_storage]`: `kind = "data-volume"` (VMs under /data/vms), `"path"` (`location` is a
+/// directory under /data) or `"partition"` (`location` is the PARTUUID of a dedicated ext4
+/// partition, mounted at /vms).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct VmStorage {
+    pub kind: String,
+    pub location: Option<String>,
+}
+
+impl Default for VmStorage {
+    fn default() -> Self {
+        VmStorage { kind: "data-volume".into(), location: None }
+    }
+}
+
+impl VmStorage {
+    /// The PARTUUID of the dedicated VM partition, when there is one.
+    pub fn partition(&self) -> Option<&str> {
+        (self.kind == "partition").then_some(self.location.as_deref()).flatten()
+    }
 }
 
 impl Default for SystemConfig {
@@ -24,6 +49,7 @@ impl Default for SystemConfig {
             locale: "C.UTF-8".into(),
             keymap: "us".into(),
             autostart_vms: true,
+            vm_storage: VmStorage::default(),
         }
     }
 }
@@ -90,6 +116,11 @@ mod tests {
         let c = load(&p).unwrap();
         assert_eq!(c.config().machine_name, "desk");
         assert_eq!(c.config().timezone, "UTC");
+
+        assert_eq!(c.config().vm_storage.partition(), None);
+
+        std::fs::write(&p, "machine_name = \"desk\"\n[vm_storage]\nkind = \"partition\"\nlocation = \"0a1b\"\n").unwrap();
+        assert_eq!(load(&p).unwrap().config().vm_storage.partition(), Some("0a1b"));
 
         let garbage = "machine_name = [unterminated\n";
         std::fs::write(&p, garbage).unwrap();

@@ -10,6 +10,10 @@ use std::path::{Path, PathBuf};
 pub const DATA_TYPE_GUID: &str = "bcae553e-c9a9-4fbc-8291-e48c272f7ecf";
 /// Where the data volume is mounted in installed mode.
 pub const DATA_MOUNT: &str = "/data";
+/// GPT partition type of a dedicated RayOS VM storage partition (ext4, label `rayos-vms`).
+pub const VM_STORAGE_TYPE_GUID: &str = "9381e0c3-158a-4474-b134-a2942abcbd70";
+/// Where a dedicated VM storage partition is mounted in installed mode.
+pub const VMS_MOUNT: &str = "/vms";
 /// Directories of the documented layout, created when missing.
 pub const LAYOUT_DIRS: &[&str] = &["config", "registry", "vms", "logs"];
 
@@ -23,6 +27,8 @@ pub struct Partition {
     pub number: u32,
     /// Lower-case GUID string.
     pub type_guid: String,
+    /// The partition's own GUID (PARTUUID), lower case.
+    pub part_uuid: String,
     pub name: String,
 }
 
@@ -30,13 +36,13 @@ pub struct Partition {
 pub enum DataVolError {
     #[error("no RayOS data partition (GPT type {DATA_TYPE_GUID}) on any disk")]
     NotFound,
-    #[error("data partition {dev}: e2fsck -p found errors it could not fix (exit status {code}); not mounted")]
+    #[error("partition {dev}: e2fsck -p found errors it could not fix (exit status {code}); not mounted")]
     FsckFailed { dev: String, code: i32 },
-    #[error("data partition {dev}: e2fsck could not run: {reason}")]
+    #[error("partition {dev}: e2fsck could not run: {reason}")]
     FsckError { dev: String, reason: String },
-    #[error("data partition {dev}: mount on {target} failed: {source}")]
+    #[error("partition {dev}: mount on {target} failed: {source}")]
     Mount { dev: String, target: String, source: nix::Error },
-    #[error("data partition {dev}: cannot create {path}: {source}")]
+    #[error("partition {dev}: cannot create {path}: {source}")]
     Layout { dev: String, path: String, source: std::io::Error },
 }
 
@@ -89,10 +95,17 @@ pub fn scan(sys_block: &Path, dev_dir: &Path) -> Vec<Partition> {
             disk,
             number: partn,
             type_guid: uuid::Uuid::from_bytes_le(e.partition_type_guid).to_string(),
+            part_uuid: uuid::Uuid::from_bytes_le(e.unique_partition_guid).to_string(),
             name: e.partition_name.as_str().to_string(),
         });
     }
     found
+}
+
+/// The dedicated VM storage partition named by `system.toml` (its PARTUUID), if present and of
+/// the VM storage type: a PARTUUID alone could match a partition someone else re-created.
+pub fn vm_storage_partition<'a>(parts: &'a [Partition], part_uuid: &str) -> Option<&'a Partition> {
+    parts.iter().find(|p| p.part_uuid.eq_ignore_ascii_case(part_uuid) && p.type_guid == VM_STORAGE_TYPE_GUID)
 }
 
 /// The RayOS data partitions among `parts`.
@@ -178,6 +191,14 @@ mod tests {
         assert_eq!(data[0].number, 2);
         assert_eq!(data[0].name, "rayos-data");
         assert_eq!(parts[0].type_guid, "c12a7328-f81f-11d2-ba4b-00a0c93ec93b");
+        let data_uuid = uuid::Uuid::from_bytes_le([2; 16]).to_string();
+        assert_eq!(data[0].part_uuid, data_uuid);
+        // A PARTUUID names the VM partition only if the partition is of the VM storage type.
+        assert_eq!(vm_storage_partition(&parts, &data_uuid), None);
+        let mut vms = parts[1].clone();
+        vms.type_guid = VM_STORAGE_TYPE_GUID.into();
+        let with_vms = [parts[0].clone(), vms.clone()];
+        assert_eq!(vm_storage_partition(&with_vms, &data_uuid.to_uppercase()), Some(&vms));
         std::fs::remove_dir_all(&root).unwrap();
     }
 
