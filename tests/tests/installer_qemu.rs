@@ -133,16 +133,32 @@ fn install_into_free_space_keeps_the_neighbour_partition_intact() {
     assert_eq!(after[2].2, esp::RAYOS_DATA_TYPE);
 }
 
+/// SATA, with a dedicated VM storage partition: the default Linux VM goes there, and the
+/// installed system mounts it at /vms and starts the VM from it.
 #[test]
-fn unattended_install_onto_ahci() {
-    let usb = usb_with_answers("unattended-ahci", Some(&answers("RAYOS-TARGET", "whole-disk", "wipe RAYOS-TARGET")));
+fn unattended_install_onto_ahci_with_a_vm_partition() {
+    let text = answers("RAYOS-TARGET", "whole-disk", "wipe RAYOS-TARGET")
+        + "[storage]\nvm_storage = \"partition\"\nvm_storage_size = \"3G\"\n";
+    let usb = usb_with_answers("unattended-ahci", Some(&text));
     let work = rootfs_builder::paths::out_dir().join("test-runs");
     let target = work.join("installer-ahci-target.img");
-    blank_disk(&target, 6 * GIB).unwrap();
+    blank_disk(&target, 8 * GIB).unwrap();
     let (log, _) = run_unattended("installer-ahci", &usb, &target, true);
     assert!(log.contains("SATA"), "{log}");
     let parts = used_partitions(&target);
-    assert_eq!(parts.iter().map(|p| p.2.as_str()).collect::<Vec<_>>(), [esp::ESP_TYPE, esp::RAYOS_DATA_TYPE]);
+    assert_eq!(
+        parts.iter().map(|p| p.2.as_str()).collect::<Vec<_>>(),
+        [esp::ESP_TYPE, "9381e0c3-158a-4474-b134-a2942abcbd70", esp::RAYOS_DATA_TYPE]
+    );
+
+    let mut vm = Qemu::builder("installer-ahci-installed").ahci_disk(&target, "RAYOS-TARGET").spawn().unwrap();
+    let mounted = vm.wait_for("vm storage: /dev/", BOOT_TIMEOUT).unwrap();
+    assert!(mounted.ends_with("mounted on /vms"), "{mounted}\n{}", vm.serial_log());
+    vm.wait_for("vm linux: autostart (hidden)", BOOT_TIMEOUT).unwrap();
+    // A missing disk would make it broken before any VMM starts.
+    let started = vm.wait_for("vm linux: VMM pid", BOOT_TIMEOUT).unwrap();
+    assert!(started.contains("started"), "{started}");
+    vm.kill();
 }
 
 /// The serial log as text: terminal control sequences dropped, cursor moves read as a space
