@@ -5,7 +5,10 @@ use std::collections::BTreeSet;
 use std::io;
 use std::sync::Mutex;
 
-use kvm_bindings::{kvm_msi, kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_msi, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -86,6 +89,52 @@ impl Vm {
 
     pub fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
         self.fd.register_irqfd(fd, gsi).map_err(|e| Error::kvm("KVM_IRQFD", e))
+    }
+}
+
+/// The VM-wide state KVM keeps in the kernel: the irqchip (two 8259s and the IOAPIC), the
+/// PIT and the kvmclock base.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+pub struct VmState {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit2: kvm_pit_state2,
+    pub clock: kvm_clock_data,
+}
+
+impl Vm {
+    /// Taken while every vCPU is parked.
+    pub fn save_state(&self) -> Result<VmState> {
+        let chip = |chip_id| -> Result<kvm_irqchip> {
+            let mut c = kvm_irqchip { chip_id, ..Default::default() };
+            self.fd.get_irqchip(&mut c).map_err(|e| Error::kvm("KVM_GET_IRQCHIP", e))?;
+            Ok(c)
+        };
+        Ok(VmState {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit2: self.fd.get_pit2().map_err(|e| Error::kvm("KVM_GET_PIT2", e))?,
+            clock: self.fd.get_clock().map_err(|e| Error::kvm("KVM_GET_CLOCK", e))?,
+        })
+    }
+
+    /// Before any vCPU state is restored (LAPICs deliver through this irqchip) and before
+    /// the vCPUs run.
+    pub fn restore_state(&self, s: &VmState) -> Result<()> {
+        self.fd.set_pit2(&s.pit2).map_err(|e| Error::kvm("KVM_SET_PIT2", e))?;
+        // KVM_SET_CLOCK takes no flags but KVM_CLOCK_REALTIME: the guest's clock continues
+        // from the saved value rather than jumping by the time the snapshot sat on disk.
+        let clock = kvm_clock_data { clock: s.clock.clock, ..Default::default() };
+        self.fd.set_clock(&clock).map_err(|e| Error::kvm("KVM_SET_CLOCK", e))?;
+        for (c, id) in [(&s.pic_master, KVM_IRQCHIP_PIC_MASTER), (&s.pic_slave, KVM_IRQCHIP_PIC_SLAVE), (&s.ioapic, KVM_IRQCHIP_IOAPIC)] {
+            if c.chip_id != id {
+                return Err(Error::Device { device: "irqchip".into(), reason: format!("saved chip id {} where {id} belongs", c.chip_id) });
+            }
+            self.fd.set_irqchip(c).map_err(|e| Error::kvm("KVM_SET_IRQCHIP", e))?;
+        }
+        Ok(())
     }
 }
 

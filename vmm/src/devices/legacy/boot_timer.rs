@@ -35,6 +35,12 @@ impl BootTime {
         }
     }
 
+    /// A restored VM's guest reached init long ago: carry the figure over, so the progress
+    /// watchdog knows the guest is up and `status` keeps reporting it.
+    pub fn set(&self, ms: u64) {
+        self.0.store(ms, Ordering::Relaxed);
+    }
+
     pub fn get(&self) -> Option<u64> {
         let v = self.0.load(Ordering::Relaxed);
         (v != u64::MAX).then_some(v)

@@ -86,9 +86,61 @@ pub struct SerialDevice {
     serial: Serial<IrqTrigger, NoEvents, SerialSink>,
 }
 
+/// The 16550's registers and receive FIFO, as a snapshot saves them (vm-superio's
+/// `SerialState` has no serde).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialRegs {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
 impl SerialDevice {
     pub fn new(irq: IrqTrigger, sink: SerialSink) -> Self {
         SerialDevice { serial: Serial::new(irq, sink) }
+    }
+
+    /// A device that continues from saved registers (e.g. the guest's baud rate, IER and
+    /// bytes typed but not yet read).
+    pub fn from_state(state: &SerialRegs, irq: IrqTrigger, sink: SerialSink) -> Result<Self, String> {
+        let s = vm_superio::serial::SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let serial = Serial::from_state(&s, irq, NoEvents, sink).map_err(|e| format!("serial state: {e:?}"))?;
+        Ok(SerialDevice { serial })
+    }
+
+    pub fn save_state(&self) -> SerialRegs {
+        let s = self.serial.state();
+        SerialRegs {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
     }
 
     /// Queue host input for the guest (e.g. from the control socket).
@@ -163,6 +215,31 @@ mod tests {
         assert_eq!(t.get(), None);
         sink.write_all(b"ER\n").unwrap();
         assert!(t.get().is_some());
+    }
+
+    #[test]
+    fn registers_and_pending_input_survive_save_and_restore() {
+        let sink = || SerialSink { log: None, ring: SerialRing::default(), stdout: false, boot_marker: None, marker_matched: 0 };
+        let irq = || IrqTrigger(EventFd::new(0).unwrap());
+        let mut dev = SerialDevice::new(irq(), sink());
+        dev.write(3, &[0x80]); // DLAB
+        dev.write(0, &[0x01]); // 115200 baud
+        dev.write(3, &[0x03]); // 8N1
+        dev.write(1, &[0x01]); // IER: data ready
+        dev.write(7, &[0x5a]); // scratch
+        dev.enqueue_input(b"ab");
+        let saved = dev.save_state();
+        let json = serde_json::to_string(&saved).unwrap();
+        let back: SerialRegs = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, saved);
+        let mut restored = SerialDevice::from_state(&back, irq(), sink()).unwrap();
+        let mut b = [0u8];
+        restored.read(7, &mut b);
+        assert_eq!(b[0], 0x5a);
+        restored.read(0, &mut b);
+        assert_eq!(b[0], b'a', "queued input is still there");
+        let too_much = SerialRegs { in_buffer: vec![0; 4096], ..back };
+        assert!(SerialDevice::from_state(&too_much, irq(), sink()).is_err());
     }
 
     #[test]
