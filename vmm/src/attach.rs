@@ -33,6 +33,8 @@ pub struct Attached {
     pub agent_tx: Option<Mutex<UnixStream>>,
     /// What the guest agent wrote (the last 64 KiB).
     pub agent_rx: SerialRing,
+    /// The PCI root with every device, for snapshots (pause, save and restore state).
+    pub pci: Option<PciRoot>,
 }
 
 fn dev_err(device: &str, reason: impl ToString) -> Error {
@@ -122,6 +124,7 @@ pub fn attach(
     pio_bus.insert(pio::PCI_CONFIG as u64, 8, "pci-config", Arc::new(Mutex::new(root.config_io())))?;
     let w = layout::PCI_MMIO32;
     mmio_bus.insert(w.start, w.end - w.start, "pci-mmio", Arc::new(Mutex::new(root.mmio_window())))?;
+    out.pci = Some(root);
     Ok(out)
 }
 

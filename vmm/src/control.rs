@@ -48,9 +48,9 @@ pub enum Request {
     AgentSend { data: String },
     /// What the guest agent has written so far (the last 64 KiB), as lossy UTF-8.
     AgentRead,
-    /// Snapshot hook for the persistence work: pauses, reports the memory fd size. Saving
-    /// device state is not implemented yet and is answered with an error.
-    Snapshot { path: PathBuf },
+    /// Pause the VM (it stays paused) and save it into the directory `path` (see
+    /// [`crate::snapshot`]); an existing snapshot there is replaced only with `replace`.
+    Snapshot { path: PathBuf, #[serde(default)] replace: bool },
 }
 
 pub fn handle(vm: &VmShared, req: Request) -> Value {
@@ -125,10 +125,13 @@ pub fn handle(vm: &VmShared, req: Request) -> Value {
             Err(e) => json!({"ok": false, "error": format!("agent port: {e}")}),
         },
         Request::AgentRead => json!({"ok": true, "data": String::from_utf8_lossy(&vm.devices.agent_rx.contents())}),
-        Request::Snapshot { path } => json!({
-            "ok": false,
-            "error": format!("snapshot to {}: saving device state is not implemented yet", path.display()),
-        }),
+        Request::Snapshot { path, replace } => match crate::snapshot::take(vm, &path, replace) {
+            Ok(r) => json!({
+                "ok": true, "state": "paused", "path": r.path, "memory_bytes": r.memory_bytes,
+                "memory_written": r.memory_written, "state_bytes": r.state_bytes, "ms": r.ms,
+            }),
+            Err(e) => json!({"ok": false, "error": format!("snapshot to {}: {e}", path.display())}),
+        },
     }
 }
 
@@ -208,5 +211,9 @@ mod tests {
         ));
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"explode"}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"snapshot"}"#).is_err(), "path is required");
+        assert!(matches!(
+            serde_json::from_str::<Request>(r#"{"cmd":"snapshot","path":"/x","replace":true}"#),
+            Ok(Request::Snapshot { replace: true, .. })
+        ));
     }
 }

@@ -17,6 +17,7 @@ pub mod layout;
 pub mod lifecycle;
 pub mod memory;
 pub mod screenshot;
+pub mod snapshot;
 pub mod spec;
 pub mod vcpu;
 pub mod vm;
@@ -26,7 +27,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kvm_ioctls::VcpuFd;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::Bus;
@@ -42,7 +42,8 @@ use crate::layout::pio;
 use crate::lifecycle::Lifecycle;
 use crate::memory::GuestRam;
 use crate::spec::VmSpec;
-use crate::vcpu::{RunControl, VcpuContext};
+use crate::snapshot::{Loaded, SnapshotError};
+use crate::vcpu::{RunControl, SharedVcpu, VcpuContext};
 use crate::vm::Vm;
 
 /// What the control socket and the main loop share about a running VM.
@@ -58,6 +59,7 @@ pub struct VmShared {
     pub serial: Arc<Mutex<SerialDevice>>,
     pub power_button: PowerButton,
     pub devices: attach::Attached,
+    pub snapshot: snapshot::Sources,
     threads: Mutex<Vec<libc::pthread_t>>,
 }
 
@@ -92,15 +94,35 @@ pub struct Vmm {
     ram: GuestRam,
     pio: Bus,
     mmio: Bus,
-    vcpus: Vec<VcpuFd>,
+    vcpus: Vec<SharedVcpu>,
     shared: Arc<VmShared>,
 }
 
 impl Vmm {
     pub fn build(spec: VmSpec, start: Instant) -> Result<Self> {
+        Self::build_inner(spec, start, None)
+    }
+
+    /// Rebuilds the VM a snapshot was taken of (same spec, same devices in the same slots),
+    /// fills its RAM from the snapshot and puts every vCPU, the irqchip and the devices back
+    /// where they were. The vCPUs continue when [`Vmm::run`] starts them (or paused, if the
+    /// caller pauses [`Vmm::shared`]'s control first).
+    pub fn restore(snap: &Loaded, start: Instant) -> std::result::Result<Self, SnapshotError> {
+        let vmm = Self::build_inner(snap.state.spec.clone(), start, Some(snap))?;
+        tracing::info!("restored {} in {} ms", snap.dir.display(), start.elapsed().as_millis());
+        Ok(vmm)
+    }
+
+    fn build_inner(spec: VmSpec, start: Instant, restore: Option<&Loaded>) -> Result<Self> {
         spec.validate()?;
         let vm = Arc::new(Vm::new()?);
         let ram = GuestRam::new(&spec.name, spec.memory_bytes())?;
+        if let Some(snap) = restore {
+            let t0 = Instant::now();
+            let n = memory::copy_sparse(&snap.memory, &ram.memfd, ram.size)
+                .map_err(|e| Error::io(format!("loading {}", snap.dir.join(&snap.state.memory.file).display()), e))?;
+            tracing::info!("guest RAM: {n} bytes loaded in {} ms", t0.elapsed().as_millis());
+        }
         vm.map_ram(&ram.memory)?;
         let lifecycle = Arc::new(Lifecycle::default());
         let mut pio_bus = Bus::new("pio");
@@ -109,11 +131,23 @@ impl Vmm {
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::io("serial eventfd", e))?;
         vm.register_irqfd(&serial_irq, layout::COM1_GSI)?;
         let log = match &spec.serial_log {
-            Some(p) => Some(File::create(p).map_err(|e| Error::io(format!("serial log {}", p.display()), e))?),
+            // A restored VM's console continues the log of the run it was saved from.
+            Some(p) => Some(
+                File::options()
+                    .write(true)
+                    .create(true)
+                    .append(restore.is_some())
+                    .truncate(restore.is_none())
+                    .open(p)
+                    .map_err(|e| Error::io(format!("serial log {}", p.display()), e))?,
+            ),
             None => None,
         };
         let serial_ring = SerialRing::default();
         let boot_time = BootTime::default();
+        if let Some(ms) = restore.and_then(|s| s.state.legacy.boot_ms) {
+            boot_time.set(ms);
+        }
         let sink = SerialSink {
             log,
             ring: serial_ring.clone(),
@@ -121,10 +155,20 @@ impl Vmm {
             boot_marker: Some((start, boot_time.clone())),
             marker_matched: 0,
         };
-        let serial = Arc::new(Mutex::new(SerialDevice::new(IrqTrigger(serial_irq), sink)));
+        let serial = match restore {
+            Some(snap) => SerialDevice::from_state(&snap.state.legacy.serial, IrqTrigger(serial_irq), sink)
+                .map_err(|reason| Error::Device { device: "com1".into(), reason })?,
+            None => SerialDevice::new(IrqTrigger(serial_irq), sink),
+        };
+        let serial = Arc::new(Mutex::new(serial));
         pio_bus.insert(pio::COM1 as u64, 8, "com1", serial.clone())?;
         pio_bus.insert(pio::I8042 as u64, 5, "i8042", Arc::new(Mutex::new(I8042::new(lifecycle.clone()))))?;
-        pio_bus.insert(pio::CMOS as u64, 2, "cmos", Arc::new(Mutex::new(Cmos::default())))?;
+        let mut cmos = Cmos::default();
+        if let Some(snap) = restore {
+            cmos.restore_state(&snap.state.legacy.cmos).map_err(|reason| Error::Device { device: "cmos".into(), reason })?;
+        }
+        let cmos = Arc::new(Mutex::new(cmos));
+        pio_bus.insert(pio::CMOS as u64, 2, "cmos", cmos.clone())?;
         pio_bus.insert(
             pio::BOOT_TIMER as u64,
             4,
@@ -142,18 +186,38 @@ impl Vmm {
         )?;
 
         let devices = attach::attach(&spec, vm.clone(), &ram.memory, &mut pio_bus, &mut mmio_bus)?;
-        let rsdp = acpi::write_tables(&ram.memory, &acpi::AcpiConfig { vcpus: spec.vcpus, pci: true })?;
-        let boot = boot::load(
-            &ram.memory,
-            ram.size,
-            &spec.kernel,
-            spec.initramfs.as_deref(),
-            &spec.cmdline,
-            rsdp,
-        )?;
+        // A restored guest's RAM already holds its kernel and ACPI tables (and has long
+        // since reused the boot areas).
+        let entry = match restore {
+            Some(_) => None,
+            None => {
+                let rsdp = acpi::write_tables(&ram.memory, &acpi::AcpiConfig { vcpus: spec.vcpus, pci: true })?;
+                let boot = boot::load(
+                    &ram.memory,
+                    ram.size,
+                    &spec.kernel,
+                    spec.initramfs.as_deref(),
+                    &spec.cmdline,
+                    rsdp,
+                )?;
+                Some(boot.entry)
+            }
+        };
         let mut vcpus = Vec::new();
         for id in 0..spec.vcpus {
-            vcpus.push(vcpu::create(&vm, &ram.memory, id, spec.vcpus, (id == 0).then_some(boot.entry))?);
+            let fd = vcpu::create(&vm, &ram.memory, id, spec.vcpus, entry.filter(|_| id == 0))?;
+            vcpus.push(Arc::new(Mutex::new(fd)));
+        }
+        let msrs = vcpu::saveable_msrs(&vm, &vcpus[0].lock().unwrap_or_else(|p| p.into_inner()))?;
+        if let Some(snap) = restore {
+            vm.restore_state(&snap.state.vm)?;
+            for (v, s) in vcpus.iter().zip(&snap.state.vcpus) {
+                vcpu::restore_state(v, s)?;
+            }
+            let pci = devices.pci.as_ref().ok_or_else(|| Error::Device { device: "pci".into(), reason: "no PCI root".into() })?;
+            pci.restore_state(&snap.state.pci).map_err(|e| Error::Device { device: "pci".into(), reason: e.to_string() })?;
+            // Virtio workers continue from the ring indices in the restored RAM.
+            pci.resume();
         }
         let shared = Arc::new(VmShared {
             name: spec.name.clone(),
@@ -167,6 +231,15 @@ impl Vmm {
             serial,
             power_button,
             devices,
+            snapshot: snapshot::Sources {
+                spec: spec.clone(),
+                vm: vm.clone(),
+                memfd: ram.memfd.clone(),
+                mem_size: ram.size,
+                vcpus: vcpus.clone(),
+                msrs,
+                cmos,
+            },
             threads: Mutex::new(Vec::new()),
         });
         Ok(Vmm { spec, vm, ram, pio: pio_bus, mmio: mmio_bus, vcpus, shared })

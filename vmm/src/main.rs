@@ -1,4 +1,4 @@
-//! `rayos-vmm --spec vm.json`: runs one VM and exits with its outcome:
+//! `rayos-vmm --spec vm.json` (or `--restore <snapshot dir>`): runs one VM and exits with its outcome:
 //! 0 = the guest powered off, 10 = the guest rebooted (start it again), 1 = error,
 //! 31 = killed by the seccomp filter.
 
@@ -14,8 +14,15 @@ use vmm::{ExitReason, Vmm};
 #[command(name = "rayos-vmm", about = "RayOS KVM virtual machine monitor (one VM per process)")]
 struct Args {
     /// The VM spec (JSON).
+    #[arg(long, required_unless_present = "restore", conflicts_with = "restore")]
+    spec: Option<PathBuf>,
+    /// Continue the VM saved in this snapshot directory (the `snapshot` control command's
+    /// `path`), with the spec saved there.
     #[arg(long)]
-    spec: PathBuf,
+    restore: Option<PathBuf>,
+    /// With --restore: keep the vCPUs paused until the control socket's `resume`.
+    #[arg(long, requires = "restore")]
+    paused: bool,
 }
 
 fn main() {
@@ -46,7 +53,17 @@ fn main() {
 }
 
 fn run(args: &Args, start: Instant, inherited: &std::collections::BTreeSet<i32>) -> anyhow::Result<ExitReason> {
-    let spec = VmSpec::from_file(&args.spec)?;
-    let vmm = Vmm::build(spec, start).context("setting up the VM")?;
+    let vmm = match (&args.spec, &args.restore) {
+        (_, Some(dir)) => {
+            let snap = vmm::snapshot::load(dir).with_context(|| format!("snapshot {}", dir.display()))?;
+            let vmm = Vmm::restore(&snap, start).with_context(|| format!("restoring {}", dir.display()))?;
+            if args.paused {
+                vmm.shared().control.set_paused(true);
+            }
+            vmm
+        }
+        (Some(spec), None) => Vmm::build(VmSpec::from_file(spec)?, start).context("setting up the VM")?,
+        (None, None) => anyhow::bail!("give --spec or --restore"),
+    };
     Ok(vmm.run(inherited)?)
 }

@@ -6,8 +6,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
-    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
@@ -98,7 +99,6 @@ pub fn create(vm: &Vm, mem: &GuestMemory, id: u8, nr: u8, entry: Option<u64>) ->
 }
 
 fn set_msrs(vcpu: &VcpuFd) -> Result<()> {
-    const MSR_IA32_TSC: u32 = 0x10;
     const MSR_IA32_SYSENTER_CS: u32 = 0x174;
     const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
     const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
@@ -237,10 +237,25 @@ pub fn install_kick_handler() -> Result<()> {
         .map_err(|e| Error::io("installing the vCPU kick signal handler", e.into()))
 }
 
+/// A vCPU as the VMM shares it: its thread holds the lock while in KVM_RUN, the snapshot
+/// writer takes it while the thread is parked.
+pub type SharedVcpu = Arc<Mutex<VcpuFd>>;
+
+fn lock(v: &SharedVcpu) -> std::sync::MutexGuard<'_, VcpuFd> {
+    v.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// The vCPU thread body. Returns when the VM stops.
-pub fn run(mut vcpu: VcpuFd, id: usize, ctx: VcpuContext) {
+pub fn run(shared: SharedVcpu, id: usize, ctx: VcpuContext) {
     let fail = |reason: String| ctx.lifecycle.request(ExitReason::Failed(format!("vCPU {id}: {reason}")));
-    while ctx.control.checkpoint() {
+    loop {
+        if ctx.control.is_paused() {
+            complete_pending_io(&mut lock(&shared));
+        }
+        if !ctx.control.checkpoint() {
+            break;
+        }
+        let mut vcpu = lock(&shared);
         let exit = vcpu.run();
         ctx.exits[id].fetch_add(1, Ordering::Relaxed);
         match exit {
@@ -274,10 +289,193 @@ pub fn run(mut vcpu: VcpuFd, id: usize, ctx: VcpuContext) {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
             Err(e) => fail(format!("KVM_RUN: {e}")),
         }
+        drop(vcpu);
         if ctx.lifecycle.current().is_some() {
             break;
         }
     }
+}
+
+/// KVM finishes an I/O or MMIO read that user space answered only on the next KVM_RUN (it
+/// writes the register and moves RIP then). A vCPU about to park enters once with
+/// immediate_exit set, so that its saved registers never miss an instruction's result.
+fn complete_pending_io(vcpu: &mut VcpuFd) {
+    vcpu.set_kvm_immediate_exit(1);
+    match vcpu.run() {
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+        Ok(VcpuExit::Intr) => {}
+        other => tracing::warn!("completing pending I/O before pause: {other:?}"),
+    }
+    vcpu.set_kvm_immediate_exit(0);
+}
+
+/// MSRs that must come in a fixed order within KVM_SET_MSRS: the TSC first (the deadline
+/// timer and kvmclock are relative to it), the TSC deadline last.
+const MSR_IA32_TSC: u32 = 0x10;
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+
+/// The MSRs worth saving: KVM's KVM_GET_MSR_INDEX_LIST (what it can save and restore),
+/// minus those this vCPU refuses to read (features the CPU model lacks). Called at set-up,
+/// before isolation: the snapshot writer cannot ask /dev/kvm later.
+pub fn saveable_msrs(vm: &Vm, vcpu: &VcpuFd) -> Result<Vec<u32>> {
+    let list = vm.kvm.get_msr_index_list().map_err(|e| Error::kvm("KVM_GET_MSR_INDEX_LIST", e))?;
+    let mut indices: Vec<u32> = list.as_slice().to_vec();
+    indices.sort_by_key(|i| match *i {
+        MSR_IA32_TSC => 0,
+        MSR_IA32_TSC_DEADLINE => 2,
+        _ => 1,
+    });
+    loop {
+        let mut msrs = msr_buffer(&indices)?;
+        let n = vcpu.get_msrs(&mut msrs).map_err(|e| Error::kvm("KVM_GET_MSRS", e))?;
+        if n >= indices.len() {
+            return Ok(indices);
+        }
+        // KVM stops at the first MSR it cannot read.
+        tracing::debug!("MSR {:#x} is not readable on this vCPU; not saved", indices[n]);
+        indices.remove(n);
+    }
+}
+
+fn msr_buffer(indices: &[u32]) -> Result<Msrs> {
+    let entries: Vec<kvm_msr_entry> = indices.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+    Msrs::from_entries(&entries).map_err(|e| Error::Vcpu { cpu: 0, reason: format!("MSR list: {e:?}") })
+}
+
+/// One MSR as saved: readable in state.json.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MsrValue {
+    pub index: u32,
+    pub data: u64,
+}
+
+/// Legacy FPU state (KVM_GET_FPU). kvm-bindings has no serde for `kvm_fpu`, so it is
+/// mirrored field by field.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FpuState {
+    pub fpr: Vec<[u8; 16]>,
+    pub fcw: u16,
+    pub fsw: u16,
+    pub ftwx: u8,
+    pub last_opcode: u16,
+    pub last_ip: u64,
+    pub last_dp: u64,
+    pub xmm: Vec<[u8; 16]>,
+    pub mxcsr: u32,
+}
+
+impl From<&kvm_fpu> for FpuState {
+    fn from(f: &kvm_fpu) -> Self {
+        FpuState {
+            fpr: f.fpr.to_vec(),
+            fcw: f.fcw,
+            fsw: f.fsw,
+            ftwx: f.ftwx,
+            last_opcode: f.last_opcode,
+            last_ip: f.last_ip,
+            last_dp: f.last_dp,
+            xmm: f.xmm.to_vec(),
+            mxcsr: f.mxcsr,
+        }
+    }
+}
+
+impl FpuState {
+    fn to_kvm(&self) -> std::result::Result<kvm_fpu, String> {
+        let mut f = kvm_fpu {
+            fcw: self.fcw,
+            fsw: self.fsw,
+            ftwx: self.ftwx,
+            last_opcode: self.last_opcode,
+            last_ip: self.last_ip,
+            last_dp: self.last_dp,
+            mxcsr: self.mxcsr,
+            ..Default::default()
+        };
+        if self.fpr.len() != f.fpr.len() || self.xmm.len() != f.xmm.len() {
+            return Err(format!("fpu: {} fpr and {} xmm registers, expected 8 and 16", self.fpr.len(), self.xmm.len()));
+        }
+        f.fpr.copy_from_slice(&self.fpr);
+        f.xmm.copy_from_slice(&self.xmm);
+        Ok(f)
+    }
+}
+
+/// Everything KVM holds about one vCPU. Field order is restore order (see [`restore_state`]).
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct VcpuState {
+    pub id: u8,
+    pub mp_state: kvm_mp_state,
+    pub sregs: kvm_sregs,
+    pub regs: kvm_regs,
+    pub fpu: FpuState,
+    pub xsave: kvm_xsave,
+    pub xcrs: kvm_xcrs,
+    pub debugregs: kvm_debugregs,
+    pub lapic: kvm_lapic_state,
+    pub msrs: Vec<MsrValue>,
+    pub vcpu_events: kvm_vcpu_events,
+    /// For information and a same-host check; the TSC itself is the IA32_TSC MSR.
+    pub tsc_khz: Option<u32>,
+}
+
+/// Reads the state of a parked vCPU (its thread does not hold the lock while parked).
+pub fn save_state(vcpu: &SharedVcpu, id: u8, msr_indices: &[u32]) -> Result<VcpuState> {
+    let v = lock(vcpu);
+    let cpu = usize::from(id);
+    let k = |op: &'static str| move |e| Error::Vcpu { cpu, reason: format!("{op}: {e}") };
+    let mp_state = v.get_mp_state().map_err(k("KVM_GET_MP_STATE"))?;
+    let regs = v.get_regs().map_err(k("KVM_GET_REGS"))?;
+    let sregs = v.get_sregs().map_err(k("KVM_GET_SREGS"))?;
+    let fpu = v.get_fpu().map_err(k("KVM_GET_FPU"))?;
+    let xsave = v.get_xsave().map_err(k("KVM_GET_XSAVE"))?;
+    let xcrs = v.get_xcrs().map_err(k("KVM_GET_XCRS"))?;
+    let debugregs = v.get_debug_regs().map_err(k("KVM_GET_DEBUGREGS"))?;
+    let lapic = v.get_lapic().map_err(k("KVM_GET_LAPIC"))?;
+    let mut msrs = msr_buffer(msr_indices)?;
+    let n = v.get_msrs(&mut msrs).map_err(k("KVM_GET_MSRS"))?;
+    if n != msr_indices.len() {
+        return Err(Error::Vcpu {
+            cpu,
+            reason: format!("KVM_GET_MSRS read {n} of {} MSRs (stopped at {:#x})", msr_indices.len(), msr_indices[n]),
+        });
+    }
+    let msrs = msrs.as_slice().iter().map(|e| MsrValue { index: e.index, data: e.data }).collect();
+    let vcpu_events = v.get_vcpu_events().map_err(k("KVM_GET_VCPU_EVENTS"))?;
+    let tsc_khz = v.get_tsc_khz().ok();
+    Ok(VcpuState { id, mp_state, sregs, regs, fpu: FpuState::from(&fpu), xsave, xcrs, debugregs, lapic, msrs, vcpu_events, tsc_khz })
+}
+
+/// Puts a saved state into a freshly created vCPU (CPUID already set), before it runs.
+/// Order matters: sregs (mode, EFER, APIC base) before regs and the LAPIC; MSRs after the
+/// LAPIC (the TSC deadline arms its timer); pending events last.
+pub fn restore_state(vcpu: &SharedVcpu, s: &VcpuState) -> Result<()> {
+    let v = lock(vcpu);
+    let cpu = usize::from(s.id);
+    let k = |op: &'static str| move |e| Error::Vcpu { cpu, reason: format!("{op}: {e}") };
+    v.set_mp_state(s.mp_state).map_err(k("KVM_SET_MP_STATE"))?;
+    v.set_sregs(&s.sregs).map_err(k("KVM_SET_SREGS"))?;
+    v.set_regs(&s.regs).map_err(k("KVM_SET_REGS"))?;
+    let fpu = s.fpu.to_kvm().map_err(|reason| Error::Vcpu { cpu, reason })?;
+    v.set_fpu(&fpu).map_err(k("KVM_SET_FPU"))?;
+    // SAFETY: `kvm_xsave` is the legacy 4 KiB layout KVM_GET_XSAVE produced; nothing of
+    // KVM_GET_XSAVE2's larger buffer (AMX) was saved, so none is read past it.
+    unsafe { v.set_xsave(&s.xsave) }.map_err(k("KVM_SET_XSAVE"))?;
+    v.set_xcrs(&s.xcrs).map_err(k("KVM_SET_XCRS"))?;
+    v.set_debug_regs(&s.debugregs).map_err(k("KVM_SET_DEBUGREGS"))?;
+    v.set_lapic(&s.lapic).map_err(k("KVM_SET_LAPIC"))?;
+    let entries: Vec<kvm_msr_entry> =
+        s.msrs.iter().map(|m| kvm_msr_entry { index: m.index, data: m.data, ..Default::default() }).collect();
+    let msrs = Msrs::from_entries(&entries).map_err(|e| Error::Vcpu { cpu, reason: format!("MSR list: {e:?}") })?;
+    let n = v.set_msrs(&msrs).map_err(k("KVM_SET_MSRS"))?;
+    if n != entries.len() {
+        return Err(Error::Vcpu {
+            cpu,
+            reason: format!("KVM_SET_MSRS took {n} of {} MSRs (refused {:#x})", entries.len(), entries[n].index),
+        });
+    }
+    v.set_vcpu_events(&s.vcpu_events).map_err(k("KVM_SET_VCPU_EVENTS"))?;
+    Ok(())
 }
 
 /// Pause all vCPUs: ask, then kick until every thread is parked (or `timeout` passes).

@@ -1,0 +1,373 @@
+//! VM snapshots: a directory with the guest's RAM (`memory`, sparse) and everything else as
+//! one versioned `state.json`. Each part saves itself (Firecracker style): vCPUs in
+//! [`crate::vcpu::save_state`], the in-kernel irqchip/PIT/clock in [`crate::vm::Vm::save_state`],
+//! PCI and virtio devices in [`crate::devices::pci::PciRoot::save_state`], legacy devices in
+//! their own modules. This module puts the parts together, writes them atomically, and
+//! checks a snapshot before a restore uses it.
+//!
+//! A snapshot is taken with the vCPUs parked and the device workers paused; the VM stays
+//! paused afterwards (`resume` continues it). It is restored by `rayos-vmm --restore <dir>`
+//! in a new process, on the same host (same KVM, same disk images at the same paths).
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::devices::legacy::cmos::{Cmos, CmosState};
+use crate::devices::legacy::serial::SerialRegs;
+use crate::devices::pci::PciState;
+use crate::spec::VmSpec;
+use crate::vcpu::{SharedVcpu, VcpuState};
+use crate::vm::{Vm, VmState};
+use crate::VmShared;
+
+/// Bumped whenever the layout of `state.json` or `memory` changes meaning.
+pub const FORMAT_VERSION: u32 = 1;
+/// Device models and their saved state change between versions: only the VMM that wrote a
+/// snapshot restores it.
+pub const VMM_VERSION: &str = env!("CARGO_PKG_VERSION");
+pub const STATE_FILE: &str = "state.json";
+pub const MEMORY_FILE: &str = "memory";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot {0} already exists; send \"replace\": true to overwrite it")]
+    Exists(PathBuf),
+    #[error("snapshot path {0} names no directory")]
+    BadPath(PathBuf),
+    #[error("{file}: field `{field}`: {reason}")]
+    Field { file: PathBuf, field: String, reason: String },
+    #[error("{file}: {source}")]
+    Io { file: PathBuf, source: std::io::Error },
+    #[error("vCPUs did not stop within 2 s")]
+    PauseTimeout,
+    #[error("this VM has no PCI root to save")]
+    NoPci,
+    #[error(transparent)]
+    Vmm(#[from] crate::Error),
+}
+
+fn io_err(file: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
+    move |source| SnapshotError::Io { file: file.to_path_buf(), source }
+}
+
+/// Guest RAM as saved.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryInfo {
+    /// File name inside the snapshot directory.
+    pub file: String,
+    /// Bytes of guest RAM (the file's length; most of it holes).
+    pub size: u64,
+    /// Bytes actually written (non-zero pages).
+    pub data_bytes: u64,
+}
+
+/// Port I/O devices with state worth keeping. The i8042 is only a reset line and the ACPI
+/// registers only latch the power button, so neither is saved.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LegacyState {
+    pub serial: SerialRegs,
+    pub cmos: CmosState,
+    /// When the guest reached init, in ms after the original VMM's start.
+    pub boot_ms: Option<u64>,
+}
+
+/// `state.json`.
+#[derive(Serialize, Deserialize)]
+pub struct SnapshotState {
+    pub format_version: u32,
+    pub vmm_version: String,
+    pub created_unix_ms: u64,
+    /// The spec the VM was started from; a restore builds the same devices from it.
+    pub spec: VmSpec,
+    pub memory: MemoryInfo,
+    pub vm: VmState,
+    pub vcpus: Vec<VcpuState>,
+    pub legacy: LegacyState,
+    pub pci: PciState,
+}
+
+/// What the snapshot writer reaches at run time, besides [`VmShared`]'s other fields.
+pub struct Sources {
+    pub spec: VmSpec,
+    pub vm: Arc<Vm>,
+    pub memfd: Arc<File>,
+    pub mem_size: u64,
+    pub vcpus: Vec<SharedVcpu>,
+    /// From [`crate::vcpu::saveable_msrs`] at set-up.
+    pub msrs: Vec<u32>,
+    pub cmos: Arc<Mutex<Cmos>>,
+}
+
+/// What `snapshot` answers.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub path: PathBuf,
+    pub memory_bytes: u64,
+    pub memory_written: u64,
+    pub state_bytes: u64,
+    pub ms: u64,
+}
+
+/// Pauses the VM (if it runs), saves it into the directory `path` and leaves it paused.
+pub fn take(vm: &VmShared, path: &Path, replace: bool) -> Result<Report, SnapshotError> {
+    let t0 = Instant::now();
+    let target = Target::new(path)?;
+    if !replace && path.exists() {
+        return Err(SnapshotError::Exists(path.to_path_buf()));
+    }
+    if !vm.pause(Duration::from_secs(2)) {
+        return Err(SnapshotError::PauseTimeout);
+    }
+    let pci = vm.devices.pci.as_ref().ok_or(SnapshotError::NoPci)?;
+    // Device workers stop taking requests; what they took is complete (see VirtioDevice).
+    pci.pause();
+    let r = save_paused(vm, pci, &target, replace);
+    pci.resume();
+    let (memory_written, state_bytes) = r?;
+    let report = Report {
+        path: path.to_path_buf(),
+        memory_bytes: vm.snapshot.mem_size,
+        memory_written,
+        state_bytes,
+        ms: t0.elapsed().as_millis() as u64,
+    };
+    tracing::info!(?report, "snapshot written");
+    Ok(report)
+}
+
+fn save_paused(
+    vm: &VmShared,
+    pci: &crate::devices::pci::PciRoot,
+    target: &Target,
+    replace: bool,
+) -> Result<(u64, u64), SnapshotError> {
+    let src = &vm.snapshot;
+    let vm_state = src.vm.save_state()?;
+    let vcpus = src
+        .vcpus
+        .iter()
+        .enumerate()
+        .map(|(id, v)| crate::vcpu::save_state(v, id as u8, &src.msrs))
+        .collect::<crate::Result<Vec<_>>>()?;
+    let legacy = LegacyState {
+        serial: vm.serial.lock().unwrap_or_else(|p| p.into_inner()).save_state(),
+        cmos: src.cmos.lock().unwrap_or_else(|p| p.into_inner()).save_state(),
+        boot_ms: vm.boot_time.get(),
+    };
+    let pci_state = pci.save_state();
+    target.write(replace, |dir| {
+        let mem_path = dir.join(MEMORY_FILE);
+        let out = File::options().read(true).write(true).create_new(true).open(&mem_path).map_err(io_err(&mem_path))?;
+        let data_bytes = crate::memory::copy_sparse(&src.memfd, &out, src.mem_size).map_err(io_err(&mem_path))?;
+        out.sync_all().map_err(io_err(&mem_path))?;
+        let state = SnapshotState {
+            format_version: FORMAT_VERSION,
+            vmm_version: VMM_VERSION.into(),
+            created_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            spec: src.spec.clone(),
+            memory: MemoryInfo { file: MEMORY_FILE.into(), size: src.mem_size, data_bytes },
+            vm: vm_state,
+            vcpus,
+            legacy,
+            pci: pci_state,
+        };
+        let state_path = dir.join(STATE_FILE);
+        let text = serde_json::to_vec(&state).map_err(|e| SnapshotError::Field {
+            file: state_path.clone(),
+            field: "(document)".into(),
+            reason: e.to_string(),
+        })?;
+        let mut f = File::options().write(true).create_new(true).open(&state_path).map_err(io_err(&state_path))?;
+        f.write_all(&text).map_err(io_err(&state_path))?;
+        f.sync_all().map_err(io_err(&state_path))?;
+        Ok((data_bytes, text.len() as u64))
+    })
+}
+
+/// Where a snapshot goes, and the temporary names next to it that make the write atomic.
+struct Target {
+    path: PathBuf,
+    parent: PathBuf,
+    tmp: PathBuf,
+    old: PathBuf,
+}
+
+impl Target {
+    fn new(path: &Path) -> Result<Self, SnapshotError> {
+        let name = path.file_name().ok_or_else(|| SnapshotError::BadPath(path.into()))?.to_string_lossy().to_string();
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let pid = std::process::id();
+        Ok(Target {
+            path: path.to_path_buf(),
+            tmp: parent.join(format!(".{name}.partial-{pid}")),
+            old: parent.join(format!(".{name}.old-{pid}")),
+            parent,
+        })
+    }
+
+    /// Fills a temporary directory with `fill`, then renames it to the target: a reader
+    /// sees the old snapshot or the complete new one, never a mix. An existing target is
+    /// replaced only with `replace`.
+    fn write<T>(&self, replace: bool, fill: impl FnOnce(&Path) -> Result<T, SnapshotError>) -> Result<T, SnapshotError> {
+        remove_snapshot_dir(&self.tmp);
+        std::fs::create_dir(&self.tmp).map_err(io_err(&self.tmp))?;
+        let r = fill(&self.tmp).and_then(|v| {
+            fsync_dir(&self.tmp)?;
+            Ok(v)
+        });
+        let v = match r {
+            Ok(v) => v,
+            Err(e) => {
+                remove_snapshot_dir(&self.tmp);
+                return Err(e);
+            }
+        };
+        let had_old = self.path.exists();
+        if had_old {
+            if !replace {
+                remove_snapshot_dir(&self.tmp);
+                return Err(SnapshotError::Exists(self.path.clone()));
+            }
+            std::fs::rename(&self.path, &self.old).map_err(io_err(&self.path))?;
+        }
+        if let Err(e) = std::fs::rename(&self.tmp, &self.path) {
+            if had_old {
+                let _ = std::fs::rename(&self.old, &self.path);
+            }
+            remove_snapshot_dir(&self.tmp);
+            return Err(SnapshotError::Io { file: self.path.clone(), source: e });
+        }
+        fsync_dir(&self.parent)?;
+        if had_old {
+            remove_snapshot_dir(&self.old);
+        }
+        Ok(v)
+    }
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), SnapshotError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+}
+
+/// Removes a snapshot directory we made: only the files a snapshot has (no directory
+/// listing, so nothing else a user put there goes), then the directory if empty.
+fn remove_snapshot_dir(dir: &Path) {
+    for f in [MEMORY_FILE, STATE_FILE] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+    if let Err(e) = std::fs::remove_dir(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!("leaving {}: {e}", dir.display());
+        }
+    }
+}
+
+/// A snapshot read back and checked, ready for [`crate::Vmm::restore`].
+pub struct Loaded {
+    pub dir: PathBuf,
+    pub state: SnapshotState,
+    pub memory: File,
+}
+
+/// Reads `dir/state.json` and opens `dir/memory`, refusing anything this VMM cannot restore
+/// exactly. Errors name the file and the field. Nothing is changed or deleted.
+pub fn load(dir: &Path) -> Result<Loaded, SnapshotError> {
+    let state_path = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&state_path).map_err(io_err(&state_path))?;
+    let state = parse_state(&state_path, &text)?;
+    let mem_path = dir.join(&state.memory.file);
+    if state.memory.file.contains('/') || state.memory.file == ".." {
+        return Err(field(&state_path, "memory.file", "must name a file inside the snapshot directory"));
+    }
+    let memory = File::open(&mem_path).map_err(io_err(&mem_path))?;
+    let len = memory.metadata().map_err(io_err(&mem_path))?.len();
+    if len != state.memory.size {
+        return Err(SnapshotError::Field {
+            file: mem_path,
+            field: "length".into(),
+            reason: format!("{len} bytes, state.json's memory.size says {}", state.memory.size),
+        });
+    }
+    Ok(Loaded { dir: dir.to_path_buf(), state, memory })
+}
+
+fn field(file: &Path, name: &str, reason: impl ToString) -> SnapshotError {
+    SnapshotError::Field { file: file.to_path_buf(), field: name.to_string(), reason: reason.to_string() }
+}
+
+fn take_field<T: DeserializeOwned>(file: &Path, obj: &serde_json::Map<String, Value>, name: &str) -> Result<T, SnapshotError> {
+    let v = obj.get(name).ok_or_else(|| field(file, name, "missing"))?;
+    T::deserialize(v).map_err(|e| field(file, name, e))
+}
+
+/// Parses and checks `state.json` field by field, so that an error says which one is wrong.
+pub fn parse_state(file: &Path, text: &str) -> Result<SnapshotState, SnapshotError> {
+    let doc: Value = serde_json::from_str(text).map_err(|e| field(file, "(document)", e))?;
+    let obj = doc.as_object().ok_or_else(|| field(file, "(document)", "not a JSON object"))?;
+    // Versions first: a snapshot from another VMM fails on them, not on some field that
+    // happened to change shape.
+    let format_version: u32 = take_field(file, obj, "format_version")?;
+    if format_version != FORMAT_VERSION {
+        return Err(field(file, "format_version", format!("{format_version}; this rayos-vmm reads {FORMAT_VERSION}")));
+    }
+    let vmm_version: String = take_field(file, obj, "vmm_version")?;
+    if vmm_version != VMM_VERSION {
+        return Err(field(
+            file,
+            "vmm_version",
+            format!("snapshot made by rayos-vmm {vmm_version}; this is {VMM_VERSION}, which restores only its own"),
+        ));
+    }
+    let known = ["format_version", "vmm_version", "created_unix_ms", "spec", "memory", "vm", "vcpus", "legacy", "pci"];
+    if let Some(k) = obj.keys().find(|k| !known.contains(&k.as_str())) {
+        return Err(field(file, k, "unknown field"));
+    }
+    let spec: VmSpec = take_field(file, obj, "spec")?;
+    spec.validate().map_err(|e| field(file, "spec", e))?;
+    let memory: MemoryInfo = take_field(file, obj, "memory")?;
+    if memory.size != spec.memory_bytes() {
+        return Err(field(file, "memory.size", format!("{} bytes, spec.memory_mib says {}", memory.size, spec.memory_bytes())));
+    }
+    let raw_vcpus = obj.get("vcpus").and_then(Value::as_array).ok_or_else(|| field(file, "vcpus", "missing or not a list"))?;
+    if raw_vcpus.len() != usize::from(spec.vcpus) {
+        return Err(field(file, "vcpus", format!("{} saved, spec.vcpus says {}", raw_vcpus.len(), spec.vcpus)));
+    }
+    let mut vcpus = Vec::new();
+    for (i, v) in raw_vcpus.iter().enumerate() {
+        let name = format!("vcpus[{i}]");
+        let s = VcpuState::deserialize(v).map_err(|e| field(file, &name, e))?;
+        if usize::from(s.id) != i {
+            return Err(field(file, &format!("{name}.id"), format!("{} where {i} belongs", s.id)));
+        }
+        vcpus.push(s);
+    }
+    Ok(SnapshotState {
+        format_version,
+        vmm_version,
+        created_unix_ms: take_field(file, obj, "created_unix_ms")?,
+        spec,
+        memory,
+        vm: take_field(file, obj, "vm")?,
+        vcpus,
+        legacy: take_field(file, obj, "legacy")?,
+        pci: take_field(file, obj, "pci")?,
+    })
+}
+
+#[cfg(test)]
+mod tests;
