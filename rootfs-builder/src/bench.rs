@@ -61,7 +61,8 @@ pub fn run(what: What) -> Result<()> {
 fn wait_line(log: &Path, needle: &str, child: &mut std::process::Child, timeout: Duration) -> Result<String> {
     let start = Instant::now();
     loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
+        // Lossy: firmware and guests write bytes that are not UTF-8 to the serial port.
+        let text = String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned();
         if let Some(l) = text.lines().find(|l| l.contains(needle)) {
             return Ok(l.to_string());
         }
