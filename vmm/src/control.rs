@@ -190,7 +190,14 @@ pub fn spawn(vm: Arc<VmShared>, listener: UnixListener) -> Result<()> {
                         let vm = vm.clone();
                         let _ = std::thread::Builder::new().name("control-conn".into()).spawn(move || serve(vm, s));
                     }
-                    Err(e) => tracing::warn!("control socket accept: {e}"),
+                    Err(e) => {
+                        tracing::warn!("control socket accept: {e}");
+                        // A listener that is gone stays gone; anything else may pass.
+                        if matches!(e.raw_os_error(), Some(libc::EBADF | libc::EINVAL | libc::ENOTSOCK)) {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
                 }
             }
         })
