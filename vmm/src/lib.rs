@@ -214,6 +214,16 @@ impl Vmm {
             for (v, s) in vcpus.iter().zip(&snap.state.vcpus) {
                 vcpu::restore_state(v, s)?;
             }
+            vm.restore_clock(&snap.state.vm)?;
+            let tsc = |msrs: &[vcpu::MsrValue]| msrs.iter().find(|m| m.index == 0x10).map(|m| m.data);
+            let now = vcpu::save_state(&vcpus[0], 0, &msrs).ok();
+            tracing::info!(
+                "restored clocks: kvmclock saved {} ns now {:?}; vCPU 0 TSC saved {:?} now {:?}",
+                snap.state.vm.clock.clock,
+                vm.fd.get_clock().map(|c| c.clock).ok(),
+                tsc(&snap.state.vcpus[0].msrs),
+                now.as_ref().and_then(|n| tsc(&n.msrs)),
+            );
             let pci = devices.pci.as_ref().ok_or_else(|| Error::Device { device: "pci".into(), reason: "no PCI root".into() })?;
             pci.restore_state(&snap.state.pci).map_err(|e| Error::Device { device: "pci".into(), reason: e.to_string() })?;
             // Virtio workers continue from the ring indices in the restored RAM.

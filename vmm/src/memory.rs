@@ -56,6 +56,19 @@ impl GuestRam {
     }
 }
 
+/// Where guest physical address `gpa` lives in the memfd (RAM ranges sit at consecutive
+/// offsets), if it is RAM.
+pub fn memfd_offset(mem_size: u64, gpa: u64) -> Option<u64> {
+    let mut offset = 0;
+    for r in layout::ram_ranges(mem_size) {
+        if r.contains(&gpa) {
+            return Some(offset + gpa - r.start);
+        }
+        offset += r.end - r.start;
+    }
+    None
+}
+
 const PAGE: usize = 4096;
 /// Copy unit: large enough for few syscalls, small enough to stay out of the way.
 const CHUNK: usize = 1 << 20;

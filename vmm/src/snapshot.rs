@@ -164,6 +164,17 @@ fn save_paused(
         boot_ms: vm.boot_time.get(),
     };
     let pci_state = pci.save_state();
+    let mut vm_state = vm_state;
+    let stable = vm_state.clock.flags & kvm_bindings::KVM_CLOCK_TSC_STABLE != 0;
+    let guest_ns = guest_kvmclock_ns(src, vcpus.first());
+    tracing::info!("kvmclock: KVM_GET_CLOCK {} ns (TSC stable: {stable}), guest pvclock {guest_ns:?} ns", vm_state.clock.clock);
+    if let (false, Some(ns)) = (stable, guest_ns) {
+        // Without a stable TSC, KVM_GET_CLOCK is the host's monotonic clock plus an offset,
+        // which drifts from the TSC-based time the guest computes from its pvclock page
+        // (seconds under nested emulation). Restoring it would jump the guest's clock; the
+        // guest's own reading, as QEMU does, continues it.
+        vm_state.clock.clock = ns;
+    }
     target.write(replace, |dir| {
         let mem_path = dir.join(MEMORY_FILE);
         let out = File::options().read(true).write(true).create_new(true).open(&mem_path).map_err(io_err(&mem_path))?;
@@ -194,6 +205,41 @@ fn save_paused(
         f.sync_all().map_err(io_err(&state_path))?;
         Ok((data_bytes, text.len() as u64))
     })
+}
+
+/// The kvmclock time vCPU 0's guest reads now: its pvclock structure (at the GPA in
+/// MSR_KVM_SYSTEM_TIME_NEW, or the legacy MSR) applied to its saved TSC.
+fn guest_kvmclock_ns(src: &Sources, vcpu0: Option<&VcpuState>) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    const MSR_KVM_SYSTEM_TIME: u32 = 0x12;
+    const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
+    const MSR_IA32_TSC: u32 = 0x10;
+    let v = vcpu0?;
+    let msr = |i| v.msrs.iter().find(|m| m.index == i).map(|m| m.data);
+    let system_time_msr = msr(MSR_KVM_SYSTEM_TIME_NEW).filter(|m| m & 1 == 1).or(msr(MSR_KVM_SYSTEM_TIME).filter(|m| m & 1 == 1))?;
+    let tsc = msr(MSR_IA32_TSC)?;
+    let off = crate::memory::memfd_offset(src.mem_size, system_time_msr & !1)?;
+    // struct pvclock_vcpu_time_info: version, pad, tsc_timestamp, system_time,
+    // tsc_to_system_mul, tsc_shift, flags, pad[2].
+    let mut b = [0u8; 32];
+    src.memfd.read_exact_at(&mut b, off).ok()?;
+    let version = u32::from_le_bytes(b[0..4].try_into().ok()?);
+    if version & 1 == 1 {
+        return None; // mid-update: cannot happen with the vCPUs parked, but never trust it
+    }
+    let tsc_timestamp = u64::from_le_bytes(b[8..16].try_into().ok()?);
+    let system_time = u64::from_le_bytes(b[16..24].try_into().ok()?);
+    let mul = u32::from_le_bytes(b[24..28].try_into().ok()?);
+    let shift = b[28] as i8;
+    Some(pvclock_ns(tsc, tsc_timestamp, system_time, mul, shift))
+}
+
+/// Linux's `pvclock_scale_delta` plus the base: what a guest's kvmclock reads at `tsc`.
+fn pvclock_ns(tsc: u64, tsc_timestamp: u64, system_time: u64, mul: u32, shift: i8) -> u64 {
+    let delta = tsc.saturating_sub(tsc_timestamp);
+    let shift = i32::from(shift);
+    let delta = if shift < 0 { delta.checked_shr(shift.unsigned_abs()) } else { delta.checked_shl(shift as u32) }.unwrap_or(0);
+    system_time.wrapping_add(((u128::from(delta) * u128::from(mul)) >> 32) as u64)
 }
 
 /// Where a snapshot goes, and the temporary names next to it that make the write atomic.

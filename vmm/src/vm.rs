@@ -120,14 +120,10 @@ impl Vm {
         })
     }
 
-    /// Before any vCPU state is restored (LAPICs deliver through this irqchip) and before
-    /// the vCPUs run.
+    /// The PIT and the irqchip, before any vCPU state is restored (LAPICs deliver through
+    /// this irqchip) and before the vCPUs run. The clock comes later: [`Vm::restore_clock`].
     pub fn restore_state(&self, s: &VmState) -> Result<()> {
         self.fd.set_pit2(&s.pit2).map_err(|e| Error::kvm("KVM_SET_PIT2", e))?;
-        // KVM_SET_CLOCK takes no flags but KVM_CLOCK_REALTIME: the guest's clock continues
-        // from the saved value rather than jumping by the time the snapshot sat on disk.
-        let clock = kvm_clock_data { clock: s.clock.clock, ..Default::default() };
-        self.fd.set_clock(&clock).map_err(|e| Error::kvm("KVM_SET_CLOCK", e))?;
         for (c, id) in [(&s.pic_master, KVM_IRQCHIP_PIC_MASTER), (&s.pic_slave, KVM_IRQCHIP_PIC_SLAVE), (&s.ioapic, KVM_IRQCHIP_IOAPIC)] {
             if c.chip_id != id {
                 return Err(Error::Device { device: "irqchip".into(), reason: format!("saved chip id {} where {id} belongs", c.chip_id) });
@@ -135,6 +131,16 @@ impl Vm {
             self.fd.set_irqchip(c).map_err(|e| Error::kvm("KVM_SET_IRQCHIP", e))?;
         }
         Ok(())
+    }
+
+    /// After every vCPU's TSC is restored, as QEMU does: each TSC write may make KVM
+    /// resample its master clock, and kvmclock's offset must be computed against the final
+    /// one (set earlier, the restored guest's clock was seen to jump seconds ahead under
+    /// nested KVM). KVM_SET_CLOCK takes no flags but KVM_CLOCK_REALTIME: the guest's clock
+    /// continues from the saved value rather than by the time the snapshot sat on disk.
+    pub fn restore_clock(&self, s: &VmState) -> Result<()> {
+        let clock = kvm_clock_data { clock: s.clock.clock, ..Default::default() };
+        self.fd.set_clock(&clock).map_err(|e| Error::kvm("KVM_SET_CLOCK", e))
     }
 }
 

@@ -218,3 +218,16 @@ fn writes_are_atomic_and_never_replace_without_asking() {
     assert!(matches!(Target::new(Path::new("/")), Err(SnapshotError::BadPath(_))));
     std::fs::remove_dir_all(&base).unwrap();
 }
+
+#[test]
+fn pvclock_time_is_scaled_like_the_guest_does() {
+    // 1 GHz TSC: mul = 2^31 with shift 1 gives 1 ns per cycle.
+    assert_eq!(pvclock_ns(1_500, 500, 7_000, 1 << 31, 1), 8_000);
+    // 4 GHz TSC: shift -2 and mul 2^32 - 1 (about 0.25 ns per cycle).
+    let ns = pvclock_ns(4_000_000_500, 500, 0, u32::MAX, -2);
+    assert!((999_999_999..=1_000_000_000).contains(&ns), "{ns}");
+    // A TSC behind the timestamp never goes back.
+    assert_eq!(pvclock_ns(100, 500, 7_000, 1 << 31, 1), 7_000);
+    // A hostile shift does not panic.
+    assert_eq!(pvclock_ns(1_500, 500, 7_000, 1 << 31, -128), 7_000);
+}
