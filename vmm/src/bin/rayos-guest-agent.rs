@@ -9,7 +9,9 @@
 //! /dev/hwrng), `disk-write` / `disk-read` (a marker in the first sector of /dev/vda),
 //! `input` (waits for KEY_A from "RayOS Keyboard" and a position from "RayOS Tablet"),
 //! `display` (draws a test pattern on /dev/fb0), `agent` (greets the VMM on the
-//! `org.rayos.agent` port and prints the line it gets back).
+//! `org.rayos.agent` port and prints the line it gets back), `heartbeatN` (prints N numbered
+//! lines 200 ms apart with the guest's monotonic clock: a restored snapshot continues the
+//! count).
 
 use std::fs;
 use std::time::Duration;
@@ -155,7 +157,13 @@ fn disk_write() -> Result<String, String> {
 
 fn disk_read() -> Result<String, String> {
     use std::io::Read;
+    use std::os::fd::AsRawFd;
     let mut f = fs::File::open(DISK).map_err(|e| format!("{DISK}: {e}"))?;
+    // Drop the page cache, so the sector really comes from the device (a disk-write in the
+    // same boot left it cached).
+    const BLKFLSBUF: libc::c_ulong = 0x1261;
+    // SAFETY: BLKFLSBUF takes no argument; the fd is an open block device.
+    unsafe { libc::ioctl(f.as_raw_fd(), BLKFLSBUF, 0) };
     let mut sector = [0u8; 512];
     f.read_exact(&mut sector).map_err(|e| format!("reading {DISK}: {e}"))?;
     let text = String::from_utf8_lossy(&sector);
@@ -314,6 +322,22 @@ fn display() -> Result<String, String> {
     Ok(format!("{w}x{h} stride={stride} driver={}", driver.trim()))
 }
 
+fn monotonic_ms() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime fills the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
+fn heartbeat(count: u64) {
+    let cs = fs::read_to_string("/sys/devices/system/clocksource/clocksource0/current_clocksource").unwrap_or_default();
+    println!("agent: heartbeat clocksource={}", cs.trim());
+    for n in 1..=count {
+        println!("agent: heartbeat n={n} uptime_ms={}", monotonic_ms());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn agent_channel() -> Result<String, String> {
     use std::io::{BufRead, Write};
     let t0 = std::time::Instant::now();
@@ -357,6 +381,7 @@ fn main() {
             "input" => report("input", input()),
             "display" => report("display", display()),
             "agent" => report("agent", agent_channel()),
+            other if other.starts_with("heartbeat") => heartbeat(other[9..].parse().unwrap_or(10)),
             other if other.starts_with("sleep") => {
                 let ms = other[5..].parse().unwrap_or(0);
                 println!("agent: sleeping {ms} ms");
