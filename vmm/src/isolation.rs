@@ -56,6 +56,14 @@ const ALLOWED: &[i64] = &[
     libc::SYS_fdatasync,
     libc::SYS_fstat,
     libc::SYS_fsync,
+    // The snapshot writer: sizing the memory file, and the atomic temp-dir-and-rename.
+    libc::SYS_ftruncate,
+    libc::SYS_mkdir,
+    libc::SYS_mkdirat,
+    libc::SYS_rename,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_rmdir,
     libc::SYS_futex,
     libc::SYS_getpid,
     libc::SYS_getrandom,
@@ -101,8 +109,26 @@ const ALLOWED: &[i64] = &[
 /// kvm-bindings), for the requests the VMM may issue once isolated.
 #[allow(non_snake_case)]
 mod request {
-    use kvm_bindings::{kvm_ioeventfd, kvm_msi, kvm_userspace_memory_region};
+    use kvm_bindings::{
+        kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_ioeventfd, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msi,
+        kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs,
+        kvm_xsave,
+    };
     const KVMIO: u32 = 0xAE;
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_FPU, KVMIO, 0x8c, kvm_fpu);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
+    vmm_sys_util::ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
+    vmm_sys_util::ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
+    vmm_sys_util::ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
     vmm_sys_util::ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
     vmm_sys_util::ioctl_iow_nr!(KVM_SIGNAL_MSI, KVMIO, 0xa5, kvm_msi);
     vmm_sys_util::ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_ioeventfd);
@@ -115,7 +141,7 @@ mod request {
 /// through irqfds registered at set-up, PCI devices use MSI-X). Code that reads or writes
 /// VM state after isolation (pause, snapshot) must add its requests here; the SIGSYS line
 /// names the request number it was stopped on.
-pub fn allowed_ioctls() -> [(u32, &'static str); 5] {
+pub fn allowed_ioctls() -> [(u32, &'static str); 19] {
     [
         (request::KVM_RUN() as u32, "KVM_RUN: the vCPU loops"),
         (request::KVM_SIGNAL_MSI() as u32, "KVM_SIGNAL_MSI: MSI-X interrupts from devices"),
@@ -125,6 +151,21 @@ pub fn allowed_ioctls() -> [(u32, &'static str); 5] {
             "KVM_SET_USER_MEMORY_REGION: the framebuffer slot follows its BAR",
         ),
         (crate::devices::virtio::net::TUNSETOFFLOAD as u32, "TUNSETOFFLOAD: virtio-net activation"),
+        // The `snapshot` control command reads (never writes) the parked vCPUs and the VM.
+        (request::KVM_GET_MP_STATE() as u32, "KVM_GET_MP_STATE: snapshot"),
+        (request::KVM_GET_REGS() as u32, "KVM_GET_REGS: snapshot"),
+        (request::KVM_GET_SREGS() as u32, "KVM_GET_SREGS: snapshot"),
+        (request::KVM_GET_FPU() as u32, "KVM_GET_FPU: snapshot"),
+        (request::KVM_GET_XSAVE() as u32, "KVM_GET_XSAVE: snapshot"),
+        (request::KVM_GET_XCRS() as u32, "KVM_GET_XCRS: snapshot"),
+        (request::KVM_GET_DEBUGREGS() as u32, "KVM_GET_DEBUGREGS: snapshot"),
+        (request::KVM_GET_LAPIC() as u32, "KVM_GET_LAPIC: snapshot"),
+        (request::KVM_GET_MSRS() as u32, "KVM_GET_MSRS: snapshot"),
+        (request::KVM_GET_VCPU_EVENTS() as u32, "KVM_GET_VCPU_EVENTS: snapshot"),
+        (request::KVM_GET_TSC_KHZ() as u32, "KVM_GET_TSC_KHZ: snapshot"),
+        (request::KVM_GET_IRQCHIP() as u32, "KVM_GET_IRQCHIP: snapshot"),
+        (request::KVM_GET_PIT2() as u32, "KVM_GET_PIT2: snapshot"),
+        (request::KVM_GET_CLOCK() as u32, "KVM_GET_CLOCK: snapshot"),
     ]
 }
 
@@ -382,7 +423,12 @@ mod tests {
     #[test]
     fn ioctl_numbers_match_the_kernel_headers() {
         // From <linux/kvm.h> and <linux/if_tun.h> on x86_64.
-        let want = [0xae80, 0x4020_aea5, 0x4040_ae79, 0x4020_ae46, 0x4004_54d0];
+        let want = [
+            0xae80, 0x4020_aea5, 0x4040_ae79, 0x4020_ae46, 0x4004_54d0,
+            // The snapshot writer's KVM_GET_* requests.
+            0x8004_ae98, 0x8090_ae81, 0x8138_ae83, 0x81a0_ae8c, 0x9000_aea4, 0x8188_aea6, 0x8080_aea1,
+            0x8400_ae8e, 0xc008_ae88, 0x8040_ae9f, 0xaea3, 0xc208_ae62, 0x8070_ae9f, 0x8030_ae7c,
+        ];
         let got: Vec<u32> = allowed_ioctls().iter().map(|(r, _)| *r).collect();
         assert_eq!(got, want);
     }
