@@ -164,6 +164,11 @@ fn save_paused(
         boot_ms: vm.boot_time.get(),
     };
     let pci_state = pci.save_state();
+    if vcpus.first().and_then(|v| v.msrs.iter().find(|m| m.index == 0x10)).is_some_and(|m| m.data == 0) {
+        // Seen under nested KVM on TCG: KVM's idea of the guest TSC is not what the guest
+        // reads, and kvmclock (which KVM derives from it) cannot be carried over exactly.
+        tracing::warn!("vCPU 0's TSC reads 0 from KVM (a nested KVM without working TSC scaling?): the restored guest's clock may jump");
+    }
     let mut vm_state = vm_state;
     let stable = vm_state.clock.flags & kvm_bindings::KVM_CLOCK_TSC_STABLE != 0;
     let guest_ns = guest_kvmclock_ns(src, vcpus.first());
