@@ -22,12 +22,19 @@ pub const EXIT_CODE_SECCOMP: i32 = 31;
 /// Descriptors open when the process started, besides stdin/stdout/stderr: whatever the
 /// parent leaked to us. Call first thing in `main`, before anything opens files.
 pub fn inherited_fds() -> BTreeSet<i32> {
-    std::fs::read_dir("/proc/self/fd")
+    let listed: Vec<i32> = std::fs::read_dir("/proc/self/fd")
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse().ok())
         .filter(|fd| *fd > 2)
+        .collect();
+    // The listing shows the directory's own descriptor, closed by now; its number is reused
+    // during set-up (e.g. by the control socket) and isolation must not close that one.
+    listed
+        .into_iter()
+        // SAFETY: F_GETFD only queries a descriptor's flags.
+        .filter(|fd| unsafe { libc::fcntl(*fd, libc::F_GETFD) } >= 0)
         .collect()
 }
 
@@ -368,6 +375,20 @@ mod tests {
             out.extend_from_slice(&buf[..n as usize]);
         }
         (libc::WEXITSTATUS(status), String::from_utf8_lossy(&out).into_owned())
+    }
+
+    /// Every descriptor reported is open (the listing's own directory fd is not), and a
+    /// descriptor the process holds is among them.
+    #[test]
+    fn inherited_fds_are_the_open_ones() {
+        let f = std::fs::File::open("/proc/self/status").unwrap();
+        let fds = inherited_fds();
+        use std::os::fd::AsRawFd;
+        assert!(fds.contains(&f.as_raw_fd()), "{fds:?}");
+        for fd in &fds {
+            // SAFETY: F_GETFD only queries a descriptor's flags.
+            assert!(unsafe { libc::fcntl(*fd, libc::F_GETFD) } >= 0, "fd {fd} is not open: {fds:?}");
+        }
     }
 
     #[test]

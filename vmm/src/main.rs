@@ -27,14 +27,7 @@ struct Args {
 
 fn main() {
     let start = Instant::now();
-    // Only descriptors still open: the listing's own directory fd shows up in it and is
-    // closed by now; its number is reused during set-up (e.g. by the control socket), and
-    // isolation must not close that.
-    let inherited: std::collections::BTreeSet<i32> = vmm::isolation::inherited_fds()
-        .into_iter()
-        // SAFETY: F_GETFD only queries the descriptor's flags.
-        .filter(|fd| unsafe { libc::fcntl(*fd, libc::F_GETFD) } >= 0)
-        .collect();
+    let inherited = vmm::isolation::inherited_fds();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
