@@ -275,7 +275,14 @@ pub fn run(shared: SharedVcpu, id: usize, ctx: VcpuContext) {
                 // Only without an in-kernel LAPIC; keep the thread from spinning.
                 std::thread::sleep(Duration::from_millis(1));
             }
-            Ok(VcpuExit::Shutdown) => ctx.lifecycle.request(ExitReason::Reboot("triple fault")),
+            Ok(VcpuExit::Shutdown) => {
+                // Where the guest was: with no exit before it, the guest died in its
+                // decompressor or earliest kernel code (no port I/O yet).
+                // (The shutdown itself was counted already.)
+                let exits = ctx.exits[id].load(Ordering::Relaxed).saturating_sub(1);
+                tracing::warn!("vCPU {id}: triple fault after {exits} exits; {}", shutdown_state(&vcpu));
+                ctx.lifecycle.request(ExitReason::Reboot("triple fault"))
+            }
             Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _)) => ctx.lifecycle.request(ExitReason::PowerOff),
             Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _)) => {
                 ctx.lifecycle.request(ExitReason::Reboot("system reset"))
@@ -294,6 +301,55 @@ pub fn run(shared: SharedVcpu, id: usize, ctx: VcpuContext) {
             break;
         }
     }
+}
+
+/// Requests for reading a vCPU's registers, to check them against the seccomp allowlist.
+#[allow(non_snake_case)]
+mod request {
+    use kvm_bindings::{kvm_regs, kvm_sregs};
+    const KVMIO: u32 = 0xAE;
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
+}
+
+/// The vCPU's registers as KVM reports them after a triple fault, for the log. On AMD, KVM
+/// re-INITs the vCPU on a SHUTDOWN intercept (the VMCB is undefined after it), so what is
+/// read there is the reset state (RIP 0xfff0), which says so rather than where the guest died.
+fn shutdown_state(vcpu: &VcpuFd) -> String {
+    // After isolation an ioctl outside the allowlist kills the VMM (exit 31), which would
+    // turn a guest reboot into a VMM failure: read only what the filter lets through.
+    let allowed = crate::isolation::allowed_ioctls();
+    let permitted = |req: u64| allowed.iter().any(|(r, _)| u64::from(*r) == req);
+    if !permitted(request::KVM_GET_REGS() as u64) || !permitted(request::KVM_GET_SREGS() as u64) {
+        return "registers not read (KVM_GET_REGS/KVM_GET_SREGS are not in the seccomp allowlist)".into();
+    }
+    let regs = match vcpu.get_regs() {
+        Ok(r) => r,
+        Err(e) => return format!("registers unreadable: {e}"),
+    };
+    let s = match vcpu.get_sregs() {
+        Ok(s) => s,
+        Err(e) => return format!("rip={:#x}, sregs unreadable: {e}", regs.rip),
+    };
+    let reset = regs.rip == 0xfff0 && s.cs.base == 0xffff_0000;
+    format!(
+        "rip={:#x} rsp={:#x} rflags={:#x} cs={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} \
+         gdt={:#x}/{:#x} idt={:#x}/{:#x}{}",
+        regs.rip,
+        regs.rsp,
+        regs.rflags,
+        s.cs.selector,
+        s.cr0,
+        s.cr2,
+        s.cr3,
+        s.cr4,
+        s.efer,
+        s.gdt.base,
+        s.gdt.limit,
+        s.idt.base,
+        s.idt.limit,
+        if reset { " (reset state: KVM re-INITs the vCPU on shutdown, the faulting state is lost)" } else { "" }
+    )
 }
 
 /// KVM finishes an I/O or MMIO read that user space answered only on the next KVM_RUN (it
@@ -516,6 +572,13 @@ mod tests {
         assert_eq!((data.selector, data.db, data.l, data.type_), (16, 1, 0, 3));
         let null = segment(gdt_entry(0, 0, 0), 0);
         assert_eq!(null.unusable, 1);
+    }
+
+    #[test]
+    fn register_requests_are_the_kernels() {
+        // include/uapi/linux/kvm.h: _IOR(KVMIO, 0x81, struct kvm_regs), _IOR(KVMIO, 0x83, struct kvm_sregs).
+        assert_eq!(request::KVM_GET_REGS() as u64, 0x8090_ae81);
+        assert_eq!(request::KVM_GET_SREGS() as u64, 0x8138_ae83);
     }
 
     #[test]
