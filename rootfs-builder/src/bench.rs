@@ -208,13 +208,14 @@ fn fuzz(seconds: u64) -> Result<()> {
 /// machine and runs all three VMMs in it); this builds what it needs and runs it.
 fn vmm(rounds: u32) -> Result<()> {
     let a = build::all()?;
-    cargo_build::build_static(["vmm"])?;
+    let bin = cargo_build::build_static(["vmm"])?;
     let work = paths::out_dir().join("bench").join("vmm");
     std::fs::create_dir_all(&work)?;
     let script = paths::workspace().join("vmm/scripts/bench-nested.sh");
     progress::step("bench", format!("rayos-vmm vs QEMU -M pc / -M microvm, nested, {rounds} round(s)"));
     let out = std::process::Command::new("bash")
         .arg(&script)
+        .env("RAYOS_BIN_DIR", &bin)
         .arg(&a.kernel)
         .arg(rounds.to_string())
         .arg(&work)

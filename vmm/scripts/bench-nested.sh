@@ -20,15 +20,34 @@
 # against 228). rayos-vmm writes in 128 KiB pwritev pieces, see WRITE_PIECE in
 # src/devices/virtio/block/request.rs for why that matters on tmpfs.
 #
+# Where rayos-vmm's start-to-init goes (2026-11-25, 256 MiB, 1 vCPU; guest `initcall_debug`,
+# kernel log read after init; wall times from the VMM's first exit per I/O port):
+# - VMM set-up before the first KVM_RUN: 110-330 ms (exec and KVM/memfd set-up ~50, the
+#   bzImage and initramfs copied in ~30-50, vCPU/MSR set-up ~30, seccomp ~15-40);
+# - bzImage decompression and early setup_arch up to kvmclock: ~1.1 s, the largest share.
+#   Unpacking the zstd vmlinux in the VMM instead (Firecracker-style ELF entry) moved ~0.9 s
+#   of it into the VMM for a ~5% net gain in noisy A/B runs, and loses KASLR: not done;
+# - the guest kernel to init: ~1.2 s of guest time (more wall time: until kvm-clock takes
+#   over at fs_initcall the guest counts lost jiffies). LAPIC timer calibration, pty_init
+#   (~140 ms), kvm_amd's set-up when the guest sees SVM (~100 ms, now hidden, see cpuid.rs),
+#   acpi_init (~60 ms), inet/loop/chr_dev (~50 ms each);
+# - exits to user space are cheap in total: ~650 to init (PCI config ~480, COM1 ~150,
+#   CMOS ~60) at ~40 us each nested, ~25 ms; ECAM/MCFG would not change the picture.
+# TSC-deadline (which would skip the LAPIC calibration) breaks timers under this TCG
+# nesting, see cpuid.rs. Fallocate/MADV_POPULATE_WRITE of guest RAM before boot did not
+# help (the population costs more in L1 than the guest's first-touch faults).
+#
 # Usage: bench-nested.sh KERNEL [ROUNDS] [WORKDIR]
 #   KERNEL: a bzImage with KVM (host side) and virtio/serial (guest side); used for both.
 # Needs the static release build of the vmm crate
-# (RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --target x86_64-unknown-linux-gnu -p vmm).
+# (RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --target x86_64-unknown-linux-gnu -p vmm),
+# found as nested-run.sh says (RAYOS_BIN_DIR, else CARGO_TARGET_DIR's or the workspace's target/).
 # Prints one `bench-vmm:` summary line per VMM; exit status 0 if every run reached the marker.
 set -euo pipefail
 kernel=$(realpath "$1"); rounds=${2:-2}; work=${3:-$(mktemp -d)}
 here=$(dirname "$(realpath "$0")")
-bin=$(realpath "$here/../../target/x86_64-unknown-linux-gnu/release")
+bin=$(realpath "${RAYOS_BIN_DIR:-${CARGO_TARGET_DIR:-$here/../../target}/x86_64-unknown-linux-gnu/release}")
+export RAYOS_BIN_DIR=$bin
 rm -rf "$work/specs" "$work/files" && mkdir -p "$work/specs" "$work/files/usr/share/qemu" "$work/files/usr/share/seabios" "$work/groot"
 cp "$kernel" "$work/outer-bzImage"; cp "$kernel" "$work/guest-bzImage"
 cp "$bin/rayos-guest-agent" "$work/groot/init"

@@ -5,11 +5,12 @@
 # Usage: nested-run.sh WORKDIR TESTS [extra outer cmdline]
 #   WORKDIR holds: outer-bzImage, guest-bzImage, [modules/*.ko + modules.order for the outer
 #   kernel], specs/<test>.json (+ .ctl), [guest-initrd] and [files/* copied to the outer root].
-#   TESTS: comma-separated spec names. Binaries come from the static release build.
+#   TESTS: comma-separated spec names. Binaries come from the static release build: RAYOS_BIN_DIR,
+#   else $CARGO_TARGET_DIR (or the workspace's target/) /x86_64-unknown-linux-gnu/release.
 # Prints the outer serial console; exit code is QEMU's.
 set -euo pipefail
 work=$(realpath "$1"); tests=$2; extra=${3:-}
-bin=$(realpath "$(dirname "$0")/../../target/x86_64-unknown-linux-gnu/release")
+bin=$(realpath "${RAYOS_BIN_DIR:-${CARGO_TARGET_DIR:-$(dirname "$0")/../../target}/x86_64-unknown-linux-gnu/release}")
 root=$work/outer-root
 rm -rf "$root" && mkdir -p "$root"/{specs,guest,dev,proc,sys,tmp,run}
 cp "$bin/rayos-vmm-testinit" "$root/init"
