@@ -140,6 +140,12 @@ fn vmm_boots_linux_smp_with_devices_control_and_power_off() {
                 "{\"cmd\":\"display\",\"points\":[[0,0],[300,200],[1023,767]]}\n",
             )),
         },
+        // virtio-net on a tap: the guest and the host side exchange UDP datagrams.
+        Run {
+            name: "net",
+            spec: spec("net", 1, "net", serde_json::json!({"net": [{"tap": "rtap0"}]})),
+            ctl: None,
+        },
         // A second VM on the same disk image: what the first one wrote is there.
         Run {
             name: "dev2",
@@ -194,6 +200,12 @@ fn vmm_boots_linux_smp_with_devices_control_and_power_off() {
     assert_eq!(written.len(), 1, "{log}");
     let marker = written[0].split("marker=").nth(1).unwrap().trim();
     assert_has(&log, &format!("agent: disk-read ok marker={marker}"));
+
+    // virtio-net: the guest's datagram reached the host side of the tap and the echo came back.
+    let echo = lines_with(&log, "agent: net ok echo=");
+    assert_eq!(echo.len(), 1, "{log}");
+    let payload = echo[0].split("echo=").nth(1).unwrap().split_whitespace().next().unwrap();
+    assert_has(&log, &format!("testinit: net net echo {payload} from 10.0.2.2:"));
 
     // Agent channel both ways.
     let got = ctl_answer(&log, "dev1", "hello from guest");

@@ -362,6 +362,38 @@ fn agent_channel() -> Result<String, String> {
     Ok(format!("got={}", line.trim()))
 }
 
+#[path = "common/netcfg.rs"]
+mod netcfg;
+
+/// virtio-net both ways: eth0 gets 10.0.2.2/24, sends a UDP datagram to the host side of
+/// the tap (10.0.2.1:5555, where rayos-vmm-testinit answers) and waits for the echo.
+fn net() -> Result<String, String> {
+    let t0 = std::time::Instant::now();
+    while !std::path::Path::new("/sys/class/net/eth0").exists() {
+        if t0.elapsed() > Duration::from_secs(10) {
+            return Err("no eth0 (virtio-net) after 10 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    netcfg::configure("eth0", std::net::Ipv4Addr::new(10, 0, 2, 2), 24)?;
+    let sock = std::net::UdpSocket::bind("10.0.2.2:0").map_err(|e| format!("bind: {e}"))?;
+    sock.set_read_timeout(Some(Duration::from_millis(500))).map_err(|e| e.to_string())?;
+    let payload = format!("rayos-net-{}", std::process::id() ^ 0x5a5a);
+    let mut buf = [0u8; 256];
+    // The host configures its side once the VMM has created the tap: resend until it answers.
+    while t0.elapsed() < Duration::from_secs(60) {
+        sock.send_to(payload.as_bytes(), "10.0.2.1:5555").map_err(|e| format!("send: {e}"))?;
+        if let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let got = String::from_utf8_lossy(&buf[..n]).to_string();
+            if got == format!("echo {payload}") {
+                return Ok(format!("echo={payload} from={from}"));
+            }
+            return Err(format!("unexpected answer {got:?} from {from}"));
+        }
+    }
+    Err("no echo from 10.0.2.1:5555 within 60 s".into())
+}
+
 fn main() {
     mount("devtmpfs", "/dev", "devtmpfs");
     mount("proc", "/proc", "proc");
@@ -382,6 +414,7 @@ fn main() {
             "display" => report("display", display()),
             "agent" => report("agent", agent_channel()),
             other if other.starts_with("heartbeat") => heartbeat(other[9..].parse().unwrap_or(10)),
+            "net" => report("net", net()),
             other if other.starts_with("sleep") => {
                 let ms = other[5..].parse().unwrap_or(0);
                 println!("agent: sleeping {ms} ms");

@@ -14,6 +14,10 @@
 //! the child's memory at that moment (overhead = RSS minus shared memory, which is where
 //! both rayos-vmm and QEMU with a memfd backend keep guest RAM).
 //!
+//! A spec with `net: [{tap}]` gets the host side of its first tap configured once the VMM has
+//! created it (10.0.2.1/24) and a UDP echo on 10.0.2.1:5555 (the guest agent's `net` check);
+//! each datagram is printed as `testinit: <name> net echo <payload> from <addr>`.
+//!
 //! Control script lines: a JSON request (sent, answer printed as `testinit: <name> ctl <json>`),
 //! `sleep <ms>`, or `wait <text>` (poll the serial tail until it contains text, up to 60 s).
 
@@ -45,6 +49,45 @@ fn load_modules() {
             println!("testinit: loading {m}: {}", std::io::Error::last_os_error());
         }
     }
+}
+
+#[path = "common/netcfg.rs"]
+mod netcfg;
+
+fn first_tap(spec: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(&fs::read_to_string(spec).ok()?).ok()?;
+    v.get("net")?.get(0)?.get("tap")?.as_str().map(String::from)
+}
+
+/// The host side of `tap`: address, then a UDP echo until the VMM is gone.
+fn serve_tap(name: String, tap: String) {
+    std::thread::spawn(move || {
+        let t0 = Instant::now();
+        while !std::path::Path::new(&format!("/sys/class/net/{tap}")).exists() {
+            if t0.elapsed() > Duration::from_secs(30) {
+                println!("testinit: {name} net: no {tap} after 30 s");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if let Err(e) = netcfg::configure(&tap, std::net::Ipv4Addr::new(10, 0, 2, 1), 24) {
+            println!("testinit: {name} net: {e}");
+            return;
+        }
+        let sock = match std::net::UdpSocket::bind("10.0.2.1:5555") {
+            Ok(s) => s,
+            Err(e) => {
+                println!("testinit: {name} net: bind 10.0.2.1:5555: {e}");
+                return;
+            }
+        };
+        let mut buf = [0u8; 256];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let payload = String::from_utf8_lossy(&buf[..n]).to_string();
+            println!("testinit: {name} net echo {payload} from {from}");
+            let _ = sock.send_to(format!("echo {payload}").as_bytes(), from);
+        }
+    });
 }
 
 fn ctl_socket(spec: &str) -> Option<String> {
@@ -197,6 +240,9 @@ fn main() {
                 continue;
             }
         };
+        if let Some(tap) = first_tap(&spec) {
+            serve_tap(name.to_string(), tap);
+        }
         let script = fs::read_to_string(format!("/specs/{name}.ctl")).ok();
         let driver = match (script, ctl_socket(&spec)) {
             (Some(script), Some(sock)) => {
