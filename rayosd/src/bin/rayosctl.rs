@@ -91,8 +91,12 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    // `logs -f` runs until interrupted; `vm` commands have their own waits.
-    let follow = matches!(cli.cmd, Cmd::Logs { follow: true, .. } | Cmd::Vm { .. });
+    // `logs -f` runs until interrupted; `vm start --wait` has its own deadline. Everything
+    // else gives up after --timeout rather than hang on a control channel that went quiet.
+    let follow = matches!(
+        cli.cmd,
+        Cmd::Logs { follow: true, .. } | Cmd::Vm { action: rayosd::vm::cli::VmCmd::Start { wait: Some(_), .. } }
+    );
     let result = rt.block_on(async {
         if cli.timeout == 0 || follow {
             return run(&cli).await;
