@@ -63,6 +63,21 @@ fn data_extents(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
     Ok(out)
 }
 
+/// The header and extent table (layout in the module comment).
+fn header(size: u64, extents: &[(u64, u64)]) -> Vec<u8> {
+    let mut h = Vec::with_capacity(32 + extents.len() * 16);
+    h.extend_from_slice(MAGIC);
+    h.extend_from_slice(&VERSION.to_le_bytes());
+    h.extend_from_slice(&0u32.to_le_bytes());
+    h.extend_from_slice(&size.to_le_bytes());
+    h.extend_from_slice(&(extents.len() as u64).to_le_bytes());
+    for (off, len) in extents {
+        h.extend_from_slice(&off.to_le_bytes());
+        h.extend_from_slice(&len.to_le_bytes());
+    }
+    h
+}
+
 /// Packs the disk image at `src` into `out` (zstd at `level`).
 pub fn pack(src: &Path, out: &Path, level: i32) -> Result<PackStats, DiskPackError> {
     let err = |path: &Path, what: &'static str| {
@@ -75,17 +90,7 @@ pub fn pack(src: &Path, out: &Path, level: i32) -> Result<PackStats, DiskPackErr
     let tmp = out.with_extension("partial");
     let sink = File::create(&tmp).map_err(err(&tmp, "create"))?;
     let mut z = zstd::Encoder::new(io::BufWriter::new(sink), level).map_err(err(&tmp, "starting zstd"))?;
-    let mut header = Vec::with_capacity(32 + extents.len() * 16);
-    header.extend_from_slice(MAGIC);
-    header.extend_from_slice(&VERSION.to_le_bytes());
-    header.extend_from_slice(&0u32.to_le_bytes());
-    header.extend_from_slice(&size.to_le_bytes());
-    header.extend_from_slice(&(extents.len() as u64).to_le_bytes());
-    for (off, len) in &extents {
-        header.extend_from_slice(&off.to_le_bytes());
-        header.extend_from_slice(&len.to_le_bytes());
-    }
-    z.write_all(&header).map_err(err(&tmp, "write"))?;
+    z.write_all(&header(size, &extents)).map_err(err(&tmp, "write"))?;
     let mut data = 0;
     for &(off, len) in &extents {
         file.seek(SeekFrom::Start(off)).map_err(err(src, "seek"))?;
@@ -273,17 +278,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out.img");
         for (size, extents) in [(4096u64, vec![(0u64, 8192u64)]), (1 << 20, vec![(4096, 4096), (0, 4096)]), (100, vec![(u64::MAX, 2)])] {
-            let mut h = Vec::new();
-            h.extend_from_slice(MAGIC);
-            h.extend_from_slice(&VERSION.to_le_bytes());
-            h.extend_from_slice(&0u32.to_le_bytes());
-            h.extend_from_slice(&size.to_le_bytes());
-            h.extend_from_slice(&(extents.len() as u64).to_le_bytes());
-            for (o, l) in &extents {
-                h.extend_from_slice(&o.to_le_bytes());
-                h.extend_from_slice(&l.to_le_bytes());
-            }
-            let z = zstd::encode_all(&h[..], 3).unwrap();
+            let z = zstd::encode_all(&header(size, &extents)[..], 3).unwrap();
             let e = unpack(&z[..], Path::new("x"), &out, &mut |_, _| {}).unwrap_err();
             assert!(e.to_string().contains("extent"), "{e}");
             assert!(!out.exists());
