@@ -118,7 +118,9 @@ impl Framer {
                 let n = self.skip.min(data.len() - i);
                 self.skip -= n;
                 i += n;
-            } else if self.header.is_empty() && b == 0 {
+            } else if self.header.is_empty() && (b == 0 || b == crate::session::FIRST_BYTE) {
+                // A D-Bus message starts with `l` or `B`: a NUL or a session preamble here is
+                // the next client.
                 return Some(i);
             } else {
                 self.header.push(b);
@@ -146,6 +148,62 @@ impl Framer {
             }
         }
         None
+    }
+}
+
+/// The start of a session on the port: a `crate::session` hello to answer, or a plain D-Bus
+/// client's bytes to pass on as they are.
+#[derive(Default)]
+struct Preamble {
+    head: Vec<u8>,
+    done: bool,
+}
+
+enum PreambleStep {
+    /// Not a whole hello line yet.
+    Wait,
+    /// Write this answer to the port, then pass on the bytes after the hello.
+    Answer(Vec<u8>, Vec<u8>),
+    Pass(Vec<u8>),
+}
+
+impl Preamble {
+    fn feed(&mut self, data: Vec<u8>) -> PreambleStep {
+        use crate::session::{ack_line, parse_hello, FIRST_BYTE, HELLO_LEN};
+        if self.done {
+            return PreambleStep::Pass(data);
+        }
+        self.head.extend(data);
+        loop {
+            match self.head.first() {
+                None => return PreambleStep::Wait,
+                Some(&b) if b != FIRST_BYTE => {
+                    self.done = true;
+                    return PreambleStep::Pass(std::mem::take(&mut self.head));
+                }
+                Some(_) => {}
+            }
+            let end = self.head.windows(2).position(|w| w == b"\r\n").map(|at| at + 2);
+            let Some(end) = end.filter(|e| *e <= HELLO_LEN) else {
+                if self.head.len() < HELLO_LEN {
+                    return PreambleStep::Wait;
+                }
+                // Garbage, or a hello cut short by a client that went away: drop up to the
+                // next candidate start and look again.
+                let skip = self.head[1..].iter().position(|b| *b == FIRST_BYTE || *b == 0).map_or(self.head.len(), |p| p + 1);
+                tracing::warn!("bridge: dropped {skip} bytes that are not a session hello");
+                self.head.drain(..skip);
+                continue;
+            };
+            let line: Vec<u8> = self.head.drain(..end).collect();
+            match parse_hello(&line) {
+                Ok(nonce) => {
+                    self.done = true;
+                    return PreambleStep::Answer(ack_line(nonce), std::mem::take(&mut self.head));
+                }
+                Err(e) => tracing::warn!("bridge: {e}; dropped"),
+            }
+        }
     }
 }
 
@@ -183,6 +241,7 @@ async fn session(port: File, system: Arc<System>, first: Vec<u8>) -> SessionEnd 
         let mut framer = Framer::default();
         let mut buf = vec![0u8; 16384];
         let mut pending = first;
+        let mut preamble = Preamble::default();
         let end = loop {
             let data: Vec<u8> = if !pending.is_empty() {
                 std::mem::take(&mut pending)
@@ -194,6 +253,21 @@ async fn session(port: File, system: Arc<System>, first: Vec<u8>) -> SessionEnd 
                     Err(e) => break SessionEnd { why: format!("port read: {e}"), next: Vec::new() },
                 }
             };
+            let data = match preamble.feed(data) {
+                PreambleStep::Wait => continue,
+                PreambleStep::Answer(ack, rest) => {
+                    // Nothing else writes to the port now: this session's server waits for
+                    // the client's D-Bus handshake, which waits for this answer.
+                    if let Err(e) = (&port).write_all(&ack) {
+                        break SessionEnd { why: format!("port write: {e}"), next: Vec::new() };
+                    }
+                    rest
+                }
+                PreambleStep::Pass(d) => d,
+            };
+            if data.is_empty() {
+                continue;
+            }
             let (now, next) = match framer.feed(&data) {
                 Some(at) => (&data[..at], Some(data[at..].to_vec())),
                 None => (&data[..], None),
@@ -322,6 +396,78 @@ mod tests {
         drop(host);
         let (sessions, why) = tokio::time::timeout(Duration::from_secs(5), bridge).await.unwrap().unwrap();
         assert_eq!((sessions, why.as_str()), (3, "host disconnected"));
+    }
+
+    /// An earlier session's answers still in flight reach the next host client first; with
+    /// the session preamble (`rayosctl` always sends one) that client drops them.
+    #[tokio::test(flavor = "current_thread")]
+    async fn stale_bytes_from_an_earlier_session_do_not_reach_the_next_client() {
+        use std::os::fd::OwnedFd;
+        let (host, guest) = std::os::unix::net::UnixStream::pair().unwrap();
+        let port = File::from(OwnedFd::from(guest));
+        let mut stale_writer = port.try_clone().unwrap();
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let system = Arc::new(System {
+            supervisor: crate::supervisor::Supervisor::new(Arc::new(crate::reaper::Reaper::new()), Default::default(), tx.clone()),
+            status: std::sync::Mutex::new(crate::control::SystemStatus { mode: "rescue".into(), ..Default::default() }),
+            power: tx,
+        });
+        let bridge = tokio::spawn(async move {
+            let mut carry = Vec::new();
+            loop {
+                let end = session(port.try_clone().unwrap(), system.clone(), std::mem::take(&mut carry)).await;
+                if end.next.is_empty() {
+                    return end.why;
+                }
+                carry = end.next;
+            }
+        });
+        // What the previous session's server wrote after its client had gone: a D-Bus reply
+        // header and body, and even an answer to another client's preamble.
+        let mut stale = vec![b'l', 2, 1, 1, 8, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0];
+        stale.extend(crate::session::ack_line(&crate::session::new_nonce()));
+        stale.extend(b"OK 0123456789abcdef0123456789abcdef\r\n");
+        stale_writer.write_all(&stale).unwrap();
+        let mut client = tokio::net::UnixStream::from_std({
+            host.set_nonblocking(true).unwrap();
+            host
+        })
+        .unwrap();
+        crate::session::client_open(&mut client).await.unwrap();
+        let conn = zbus::connection::Builder::unix_stream(client).p2p().build().await.unwrap();
+        let proxy = crate::client::Control1Proxy::builder(&conn).build().await.unwrap();
+        let st = tokio::time::timeout(Duration::from_secs(5), proxy.status()).await.expect("no answer").unwrap();
+        assert_eq!(st.mode, "rescue");
+        drop(proxy);
+        drop(conn);
+        let why = tokio::time::timeout(Duration::from_secs(5), bridge).await.unwrap().unwrap();
+        assert_eq!(why, "host disconnected");
+    }
+
+    #[test]
+    fn preamble_answers_a_hello_passes_plain_dbus_and_drops_garbage() {
+        let nonce = crate::session::new_nonce();
+        let mut hello = crate::session::hello_line(&nonce);
+        hello.extend(b"\0AUTH");
+        let mut p = Preamble::default();
+        // Cut anywhere, the same answer and the same rest.
+        assert!(matches!(p.feed(hello[..7].to_vec()), PreambleStep::Wait));
+        match p.feed(hello[7..].to_vec()) {
+            PreambleStep::Answer(ack, rest) => {
+                assert_eq!(ack, crate::session::ack_line(&nonce));
+                assert_eq!(rest, b"\0AUTH");
+            }
+            _ => panic!("no answer"),
+        }
+        assert!(matches!(p.feed(b"more".to_vec()), PreambleStep::Pass(d) if d == b"more"));
+
+        let mut p = Preamble::default();
+        assert!(matches!(p.feed(b"\0AUTH".to_vec()), PreambleStep::Pass(d) if d == b"\0AUTH"));
+
+        let mut p = Preamble::default();
+        let mut junk = b"RRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRR".to_vec();
+        junk.extend(crate::session::hello_line(&nonce));
+        assert!(matches!(p.feed(junk), PreambleStep::Answer(ack, rest) if ack == crate::session::ack_line(&nonce) && rest.is_empty()));
     }
 
     /// Bytes a zbus client sends, captured from a real handshake and call.

@@ -41,6 +41,8 @@ pub enum ClientError {
     Connect { path: PathBuf, source: std::io::Error },
     #[error("D-Bus handshake on {path} failed: {source}")]
     Handshake { path: PathBuf, source: zbus::Error },
+    #[error("{path}: {source}")]
+    Session { path: PathBuf, source: crate::session::SessionError },
     #[error("access denied: {0}")]
     AccessDenied(String),
     #[error("{0}")]
@@ -77,6 +79,22 @@ impl From<zbus::Error> for ClientError {
     }
 }
 
+/// Connects to the control socket at `path`, opens a session (`crate::session`: the stream
+/// may carry an earlier client's leftovers over the virtio-serial bridge) and starts D-Bus.
+pub async fn connection(path: &Path) -> Result<zbus::Connection, ClientError> {
+    let mut stream = tokio::net::UnixStream::connect(path)
+        .await
+        .map_err(|source| ClientError::Connect { path: path.to_path_buf(), source })?;
+    crate::session::client_open(&mut stream)
+        .await
+        .map_err(|source| ClientError::Session { path: path.to_path_buf(), source })?;
+    zbus::connection::Builder::unix_stream(stream)
+        .p2p()
+        .build()
+        .await
+        .map_err(|source| ClientError::Handshake { path: path.to_path_buf(), source })
+}
+
 /// One connection to the control API.
 pub struct Client {
     proxy: Control1Proxy<'static>,
@@ -87,14 +105,7 @@ impl Client {
     /// socket, or on a host the QEMU chardev socket of the `org.rayos.control` virtio-serial port.
     pub async fn connect(path: impl AsRef<Path>) -> Result<Client, ClientError> {
         let path = path.as_ref().to_path_buf();
-        let stream = tokio::net::UnixStream::connect(&path)
-            .await
-            .map_err(|source| ClientError::Connect { path: path.clone(), source })?;
-        let conn = zbus::connection::Builder::unix_stream(stream)
-            .p2p()
-            .build()
-            .await
-            .map_err(|source| ClientError::Handshake { path: path.clone(), source })?;
+        let conn = connection(&path).await?;
         let proxy = Control1Proxy::builder(&conn)
             .cache_properties(zbus::proxy::CacheProperties::No)
             .build()

@@ -246,9 +246,13 @@ pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, ServeError> {
 pub async fn serve(listener: tokio::net::UnixListener, system: Arc<System>) {
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
+            Ok((mut stream, _)) => {
                 let system = system.clone();
                 tokio::spawn(async move {
+                    if let Err(e) = crate::session::server_accept(&mut stream).await {
+                        tracing::debug!("control: client refused: {e}");
+                        return;
+                    }
                     if let Err(e) = serve_stream(stream, system).await {
                         tracing::debug!("control: client connection ended: {e}");
                     }

@@ -314,15 +314,7 @@ fn install(runs: usize) -> Result<()> {
 
 /// `rayosctl --socket <sock> --json <args>`: the JSON answer, or an error with its output.
 fn rayosctl(bin: &Path, sock: &Path, args: &[&str]) -> Result<serde_json::Value> {
-    let run = || std::process::Command::new(bin).arg("--socket").arg(sock).arg("--json").args(args).output();
-    let mut out = run()?;
-    // Exit 3 = no connection or no handshake. The virtio-serial port has no session framing:
-    // bytes of the previous session still in flight can reach the next client and spoil its
-    // handshake (a known limitation of the development bridge); one retry gets a clean one.
-    if out.status.code() == Some(3) {
-        std::thread::sleep(Duration::from_secs(1));
-        out = run()?;
-    }
+    let out = std::process::Command::new(bin).arg("--socket").arg(sock).arg("--json").args(args).output()?;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     if !out.status.success() {
         bail!("rayosctl {args:?}: {}{}", text, String::from_utf8_lossy(&out.stderr));

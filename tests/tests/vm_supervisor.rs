@@ -224,17 +224,13 @@ fn boot(name: &str, disk_for: impl FnOnce(&Path) -> PathBuf) -> (Qemu, PathBuf) 
 
 /// `rayosctl --json …` against the machine's control channel; (exit code, JSON or text).
 fn ctl(q: &Qemu, args: &[&str]) -> (i32, Value, String) {
-    let run = || {
-        Command::new(rayosctl()).arg("--socket").arg(q.control_socket()).args(["--json", "--timeout", "30"]).args(args).output().unwrap()
-    };
-    let mut out = run();
-    // Exit 3: no connection, handshake or answer. The development bridge (virtio-serial) has
-    // no session framing, and bytes of the previous session can spoil the next one; once
-    // more gets a clean session. A second failure is reported as it is.
-    if out.status.code() == Some(3) {
-        eprintln!("rayosctl {args:?}: {}; retrying once", String::from_utf8_lossy(&out.stderr).trim());
-        out = run();
-    }
+    let out = Command::new(rayosctl())
+        .arg("--socket")
+        .arg(q.control_socket())
+        .args(["--json", "--timeout", "30"])
+        .args(args)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let v = serde_json::from_str(&text).unwrap_or(Value::Null);
     (out.status.code().unwrap_or(-1), v, format!("{text}{}", String::from_utf8_lossy(&out.stderr)))

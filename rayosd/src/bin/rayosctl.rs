@@ -123,7 +123,7 @@ fn main() -> ExitCode {
 
 fn exit_code(e: &ClientError) -> u8 {
     match e {
-        ClientError::Connect { .. } | ClientError::Handshake { .. } => 3,
+        ClientError::Connect { .. } | ClientError::Handshake { .. } | ClientError::Session { .. } => 3,
         ClientError::AccessDenied(_) => 4,
         ClientError::NoSuchService(_) => 5,
         ClientError::InvalidArgument(_) => 6,

@@ -111,14 +111,7 @@ pub enum VmCmd {
 }
 
 async fn connect(path: &Path) -> Result<Vms1Proxy<'static>, ClientError> {
-    let stream = tokio::net::UnixStream::connect(path)
-        .await
-        .map_err(|source| ClientError::Connect { path: path.to_path_buf(), source })?;
-    let conn = zbus::connection::Builder::unix_stream(stream)
-        .p2p()
-        .build()
-        .await
-        .map_err(|source| ClientError::Handshake { path: path.to_path_buf(), source })?;
+    let conn = crate::client::connection(path).await?;
     Vms1Proxy::builder(&conn)
         .cache_properties(zbus::proxy::CacheProperties::No)
         .build()
