@@ -309,6 +309,16 @@ async fn session(port: File, system: Arc<System>, first: Vec<u8>) -> SessionEnd 
 mod tests {
     use super::*;
 
+    /// A control-API system in rescue mode; power requests go nowhere.
+    fn rescue_system() -> Arc<System> {
+        let (tx, _) = tokio::sync::mpsc::unbounded_channel();
+        Arc::new(System {
+            supervisor: crate::supervisor::Supervisor::new(Arc::new(crate::reaper::Reaper::new()), Default::default(), tx.clone()),
+            status: std::sync::Mutex::new(crate::control::SystemStatus { mode: "rescue".into(), ..Default::default() }),
+            power: tx,
+        })
+    }
+
     /// The pump and session logic against a socket standing in for the port.
     #[tokio::test(flavor = "current_thread")]
     async fn a_client_on_the_far_side_of_the_port_reaches_the_api() {
@@ -316,13 +326,7 @@ mod tests {
         let (host, guest) = std::os::unix::net::UnixStream::pair().unwrap();
         host.set_nonblocking(true).unwrap();
         let port = File::from(OwnedFd::from(guest));
-        let reaper = Arc::new(crate::reaper::Reaper::new());
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        let system = Arc::new(System {
-            supervisor: crate::supervisor::Supervisor::new(reaper, Default::default(), tx.clone()),
-            status: std::sync::Mutex::new(crate::control::SystemStatus { mode: "rescue".into(), ..Default::default() }),
-            power: tx,
-        });
+        let system = rescue_system();
         let bridge = tokio::spawn(async move { session(port, system, Vec::new()).await.why });
         let host = tokio::net::UnixStream::from_std(host).unwrap();
         let conn = zbus::connection::Builder::unix_stream(host).p2p().build().await.unwrap();
@@ -340,12 +344,7 @@ mod tests {
         use std::os::fd::OwnedFd;
         let (host, guest) = std::os::unix::net::UnixStream::pair().unwrap();
         let port = File::from(OwnedFd::from(guest));
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        let system = Arc::new(System {
-            supervisor: crate::supervisor::Supervisor::new(Arc::new(crate::reaper::Reaper::new()), Default::default(), tx.clone()),
-            status: std::sync::Mutex::new(crate::control::SystemStatus { mode: "rescue".into(), ..Default::default() }),
-            power: tx,
-        });
+        let system = rescue_system();
         let bridge = tokio::spawn(async move {
             let mut carry = Vec::new();
             let mut sessions = 0;
@@ -406,12 +405,7 @@ mod tests {
         let (host, guest) = std::os::unix::net::UnixStream::pair().unwrap();
         let port = File::from(OwnedFd::from(guest));
         let mut stale_writer = port.try_clone().unwrap();
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        let system = Arc::new(System {
-            supervisor: crate::supervisor::Supervisor::new(Arc::new(crate::reaper::Reaper::new()), Default::default(), tx.clone()),
-            status: std::sync::Mutex::new(crate::control::SystemStatus { mode: "rescue".into(), ..Default::default() }),
-            power: tx,
-        });
+        let system = rescue_system();
         let bridge = tokio::spawn(async move {
             let mut carry = Vec::new();
             loop {
