@@ -159,7 +159,7 @@ fn run_qemu(fresh: bool, rescue: bool, memory: u32, cpus: u32) -> Result<()> {
 }
 
 fn test(args: Vec<String>) -> Result<ExitCode> {
-    hostdeps::ensure(&[hostdeps::BUILD, hostdeps::RUN].concat())?;
+    hostdeps::ensure(&[hostdeps::BUILD, hostdeps::RUN, hostdeps::TEST].concat())?;
     let a = build::all()?;
     progress::step("test", "cargo test --workspace");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
