@@ -22,6 +22,8 @@ use rootfs_builder::qemu::{Boot, Disk, QemuConfig, Serial};
 pub use rootfs_builder::{esp, image, initramfs, Artifacts};
 use thiserror::Error;
 
+pub mod nested;
+
 /// Generous: TCG boots through OVMF take ~10 s alone and several tests share two cores.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 

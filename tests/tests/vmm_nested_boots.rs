@@ -3,18 +3,11 @@
 //! ("guest rebooted (triple fault)") seen under rayosd and in the nested tests, which hit one
 //! boot in a few and so are invisible to tests that boot each configuration once.
 
-use std::path::PathBuf;
-use std::sync::OnceLock;
 use std::time::Duration;
 
-use rayos_tests::{artifacts, initramfs::Initramfs, Qemu};
+use rayos_tests::nested::Outer;
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(600);
-
-fn vmm_bins() -> &'static PathBuf {
-    static B: OnceLock<PathBuf> = OnceLock::new();
-    B.get_or_init(|| rootfs_builder::cargo_build::build_static(["vmm"]).expect("building the vmm binaries"))
-}
 
 #[test]
 fn vmm_cold_boots_repeatedly_without_triple_fault() {
@@ -34,36 +27,11 @@ fn vmm_cold_boots_repeatedly_without_triple_fault() {
         })
         .collect();
 
-    let a = artifacts();
-    let builder = Qemu::builder("vmm_nested_boots");
-    let dir = builder.workdir().to_path_buf();
-    let guest_initrd = dir.join("guest-initrd");
-    let mut g = Initramfs::new();
-    g.file("/init", &vmm_bins().join("rayos-guest-agent"), 0o755).unwrap();
-    g.write(&guest_initrd).unwrap();
-    let mut ird = Initramfs::new();
-    ird.file("/init", &vmm_bins().join("rayos-vmm-testinit"), 0o755).unwrap();
-    ird.file("/rayos-vmm", &vmm_bins().join("rayos-vmm"), 0o755).unwrap();
-    ird.file("/guest/bzImage", &a.kernel, 0o644).unwrap();
-    ird.file("/guest/initrd", &guest_initrd, 0o644).unwrap();
-    for d in ["/dev", "/proc", "/sys", "/tmp", "/run"] {
-        ird.dir(d, 0o755).unwrap();
-    }
+    let mut outer = Outer::new("vmm_nested_boots");
     for (name, spec) in &runs {
-        ird.bytes(&format!("/specs/{name}.json"), spec.to_string().into_bytes(), 0o644).unwrap();
+        outer.vmm(name, spec, None);
     }
-    let outer = dir.join("outer-initrd");
-    ird.write(&outer).unwrap();
-    let names: Vec<&str> = runs.iter().map(|(n, _)| n.as_str()).collect();
-    let mut q = builder
-        .direct_kernel(&a.kernel, &outer, &format!("console=ttyS0 panic=-1 quiet rayos.vmmtest={}", names.join(",")))
-        .memory_mib(2048)
-        .cpus(2)
-        .no_reboot()
-        .spawn()
-        .unwrap();
-    q.wait_for("testinit: all done", RUN_TIMEOUT).unwrap();
-    let log = q.serial_log();
+    let log = outer.boot(RUN_TIMEOUT);
 
     assert!(!log.contains("triple fault"), "a guest triple-faulted:\n{log}");
     for (name, spec) in &runs {

@@ -95,7 +95,8 @@ fn main() -> ExitCode {
     // else gives up after --timeout rather than hang on a control channel that went quiet.
     let follow = matches!(
         cli.cmd,
-        Cmd::Logs { follow: true, .. } | Cmd::Vm { action: rayosd::vm::cli::VmCmd::Start { wait: Some(_), .. } }
+        Cmd::Logs { follow: true, .. }
+            | Cmd::Vm { action: rayosd::vm::cli::VmCmd::Start { wait: Some(_), .. } | rayosd::vm::cli::VmCmd::Stop { wait: Some(_), .. } }
     );
     let result = rt.block_on(async {
         if cli.timeout == 0 || follow {

@@ -83,6 +83,9 @@ pub enum VmCmd {
         /// Power off at once.
         #[arg(long)]
         force: bool,
+        /// Wait until it is stopped (up to this many seconds).
+        #[arg(long)]
+        wait: Option<u64>,
     },
     /// Pause the vCPUs (RAM is kept).
     Pause { vm: String },
@@ -237,9 +240,30 @@ pub async fn run(socket: &str, json: bool, cmd: &VmCmd) -> Result<(), ClientErro
                 }
             }
         }
-        VmCmd::Stop { vm, force } => {
+        VmCmd::Stop { vm, force, wait } => {
+            let t = std::time::Instant::now();
             p.stop_vm(vm, *force).await?;
-            done(json, &format!("stopping {vm}"))
+            let Some(secs) = wait else {
+                done(json, &format!("stopping {vm}"));
+                return Ok(());
+            };
+            let deadline = t + Duration::from_secs(*secs);
+            loop {
+                let v = p.get_vm(vm).await?;
+                match v.state.as_str() {
+                    "stopped" => {
+                        done(json, &format!("{vm} stopped after {} ms", t.elapsed().as_millis()));
+                        break;
+                    }
+                    "failed" | "broken" | "crash-loop" => {
+                        return Err(ClientError::InvalidArgument(format!("{vm} is {}: {}", v.state, v.detail)))
+                    }
+                    _ if std::time::Instant::now() > deadline => {
+                        return Err(ClientError::InvalidArgument(format!("{vm}: not stopped within {secs} s (state {})", v.state)))
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
         }
         VmCmd::Pause { vm } => {
             p.pause_vm(vm).await?;

@@ -18,6 +18,11 @@
 //! created it (10.0.2.1/24) and a UDP echo on 10.0.2.1:5555 (the guest agent's `net` check);
 //! each datagram is printed as `testinit: <name> net echo <payload> from <addr>`.
 //!
+//! A `.cmd` with a `#background` line is left running while the next runs go on (e.g.
+//! rayos-systemless, driven by rayosctl runs); `#wait-for <path>` first waits up to 60 s for
+//! that path (its socket) to appear. Background runs get SIGTERM after the last run, and
+//! print `testinit: <name> exit=…` when they end.
+//!
 //! Control script lines: a JSON request (sent, answer printed as `testinit: <name> ctl <json>`),
 //! `sleep <ms>`, or `wait <text>` (poll the serial tail until it contains text, up to 60 s).
 
@@ -213,6 +218,7 @@ fn main() {
         .unwrap_or("")
         .to_string();
     println!("testinit: kvm={} tests={tests}", std::path::Path::new("/dev/kvm").exists());
+    let mut background: Vec<(String, std::process::Child, Instant, std::thread::JoinHandle<()>)> = Vec::new();
     for name in tests.split(',').filter(|t| !t.is_empty()) {
         let spec = format!("/specs/{name}.json");
         make_disks(&spec);
@@ -258,12 +264,31 @@ fn main() {
             .is_ok_and(|t| t.lines().any(|l| l.trim() == "#kill-after-marker"))
             .then_some(Duration::from_secs(2));
         let echo = std::thread::spawn(move || watch_output(&echo_name, pid, t0, out, kill_after));
+        let cmd_text = fs::read_to_string(&cmd_file).unwrap_or_default();
+        if cmd_text.lines().any(|l| l.trim() == "#background") {
+            if let Some(path) = cmd_text.lines().find_map(|l| l.trim().strip_prefix("#wait-for ")) {
+                while !std::path::Path::new(path.trim()).exists() && t0.elapsed() < Duration::from_secs(60) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                println!("testinit: {name} {path} exists={}", std::path::Path::new(path.trim()).exists());
+            }
+            println!("testinit: {name} started pid={pid}");
+            background.push((name.to_string(), child, t0, echo));
+            continue;
+        }
         let status = child.wait();
         let _ = echo.join();
         if let Some(d) = driver {
             let _ = d.join();
         }
         let code = status.ok().and_then(|s| s.code()).unwrap_or(-1);
+        println!("testinit: {name} exit={code} ms={}", t0.elapsed().as_millis());
+    }
+    for (name, mut child, t0, echo) in background {
+        // SAFETY: signalling our own child, which we have not reaped yet.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let code = child.wait().ok().and_then(|s| s.code()).unwrap_or(-1);
+        let _ = echo.join();
         println!("testinit: {name} exit={code} ms={}", t0.elapsed().as_millis());
     }
     println!("testinit: all done");

@@ -1,0 +1,96 @@
+//! The outer VM of nested-KVM tests: QEMU (TCG, emulated AMD-V) boots the RayOS kernel
+//! straight into `rayos-vmm-testinit` (vmm/src/bin), which runs each named run in turn: a VMM
+//! on `/specs/<name>.json`, or the command in `/specs/<name>.cmd`, and prints
+//! `testinit: <name> exit=<code> ms=<wall>`. The initramfs carries `/rayos-vmm`, the guest
+//! kernel `/guest/bzImage` and the guest initramfs `/guest/initrd` (`rayos-guest-agent` as
+//! init). Everything is read back from the outer serial console.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use crate::initramfs::Initramfs;
+use crate::{artifacts, Qemu, QemuBuilder};
+
+/// The static release builds of the vmm crate's binaries (rayos-vmm, testinit, guest agent).
+pub fn vmm_bins() -> &'static PathBuf {
+    static B: OnceLock<PathBuf> = OnceLock::new();
+    B.get_or_init(|| rootfs_builder::cargo_build::build_static(["vmm"]).expect("building the vmm binaries"))
+}
+
+pub struct Outer {
+    builder: QemuBuilder,
+    ird: Initramfs,
+    runs: Vec<String>,
+}
+
+impl Outer {
+    pub fn new(test: &str) -> Outer {
+        let a = artifacts();
+        let builder = Qemu::builder(test);
+        let guest_initrd = builder.workdir().join("guest-initrd");
+        let mut g = Initramfs::new();
+        g.file("/init", &vmm_bins().join("rayos-guest-agent"), 0o755).unwrap();
+        g.write(&guest_initrd).unwrap();
+        let mut ird = Initramfs::new();
+        ird.file("/init", &vmm_bins().join("rayos-vmm-testinit"), 0o755).unwrap();
+        ird.file("/rayos-vmm", &vmm_bins().join("rayos-vmm"), 0o755).unwrap();
+        ird.file("/guest/bzImage", &a.kernel, 0o644).unwrap();
+        ird.file("/guest/initrd", &guest_initrd, 0o644).unwrap();
+        for d in ["/dev", "/proc", "/sys", "/tmp", "/run"] {
+            ird.dir(d, 0o755).unwrap();
+        }
+        Outer { builder, ird, runs: Vec::new() }
+    }
+
+    /// The test's folder on the host.
+    pub fn workdir(&self) -> &Path {
+        self.builder.workdir()
+    }
+
+    /// A host file in the outer initramfs.
+    pub fn file(&mut self, path: &str, src: &Path, mode: u32) -> &mut Self {
+        self.ird.file(path, src, mode).unwrap();
+        self
+    }
+
+    pub fn text(&mut self, path: &str, text: &str) -> &mut Self {
+        self.ird.bytes(path, text.as_bytes().to_vec(), 0o644).unwrap();
+        self
+    }
+
+    /// A VMM run on `spec`, driven by the control script `ctl` when given.
+    pub fn vmm(&mut self, name: &str, spec: &serde_json::Value, ctl: Option<&str>) -> &mut Self {
+        self.text(&format!("/specs/{name}.json"), &spec.to_string());
+        if let Some(c) = ctl {
+            self.text(&format!("/specs/{name}.ctl"), c);
+        }
+        self.runs.push(name.to_string());
+        self
+    }
+
+    /// A command run: one argument per item; `#background` and `#wait-for PATH` are testinit's
+    /// markers (leave it running; wait for PATH first).
+    pub fn cmd(&mut self, name: &str, args: &[&str]) -> &mut Self {
+        self.text(&format!("/specs/{name}.cmd"), &args.join("\n"));
+        self.runs.push(name.to_string());
+        self
+    }
+
+    /// Boots the outer VM (2 vCPUs, 2 GiB), runs everything, returns the serial log.
+    pub fn boot(self, timeout: Duration) -> String {
+        let Outer { builder, ird, runs } = self;
+        let outer = builder.workdir().join("outer-initrd");
+        ird.write(&outer).unwrap();
+        let a = artifacts();
+        let mut q = builder
+            .direct_kernel(&a.kernel, &outer, &format!("console=ttyS0 panic=-1 quiet rayos.vmmtest={}", runs.join(",")))
+            .memory_mib(2048)
+            .cpus(2)
+            .no_reboot()
+            .spawn()
+            .unwrap();
+        q.wait_for("testinit: all done", timeout).unwrap();
+        q.serial_log()
+    }
+}
