@@ -40,7 +40,11 @@ fn io(p: &Path) -> impl FnOnce(std::io::Error) -> BuildError {
 #[derive(Debug, Clone)]
 pub struct Artifacts {
     pub dir: PathBuf,
+    /// The bzImage (`vmlinuz`).
     pub kernel: PathBuf,
+    /// The same kernel as a stripped, uncompressed ELF (`vmlinux`), which rayos-vmm boots
+    /// without the guest's decompression.
+    pub vmlinux: PathBuf,
     pub kernel_config: PathBuf,
     pub initramfs: PathBuf,
     pub usb_image: PathBuf,
@@ -54,6 +58,7 @@ impl Artifacts {
         Artifacts {
             dir: dir.to_path_buf(),
             kernel: dir.join("vmlinuz"),
+            vmlinux: dir.join("vmlinux"),
             kernel_config: dir.join("kernel.config"),
             initramfs: dir.join("initramfs.img"),
             usb_image: dir.join("rayos-usb.img"),
@@ -62,7 +67,7 @@ impl Artifacts {
     }
 
     pub fn complete(&self) -> bool {
-        [&self.kernel, &self.kernel_config, &self.initramfs, &self.usb_image, &self.linux_disk].iter().all(|p| p.is_file())
+        [&self.kernel, &self.vmlinux, &self.kernel_config, &self.initramfs, &self.usb_image, &self.linux_disk].iter().all(|p| p.is_file())
     }
 }
 
@@ -120,6 +125,7 @@ pub fn all() -> Result<Artifacts, BuildError> {
 
     let k = kernel::ensure()?;
     place(&k.bzimage, &a.kernel)?;
+    place(&k.vmlinux, &a.vmlinux)?;
     place(&k.config, &a.kernel_config)?;
 
     let manifest_path = paths::initramfs_manifest();
