@@ -208,7 +208,8 @@ pub fn load(
         KernelFormat::BzImage => loaded.kernel_load.raw_value() + STARTUP_64_OFFSET,
         KernelFormat::Elf => loaded.kernel_load.raw_value(),
     };
-    tracing::debug!(kernel = %kernel.display(), format = format.name(), entry = format_args!("{entry:#x}"), end = format_args!("{:#x}", loaded.kernel_end), "kernel loaded");
+    // One line per start; tests check which format booted.
+    tracing::info!("kernel {} ({}): entry {entry:#x}, ends at {:#x}", kernel.display(), format.name(), loaded.kernel_end);
 
     let mut cl = Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(|e| Error::Cmdline(e.to_string()))?;
     cl.insert_str(cmdline).map_err(|e| Error::Cmdline(format!("{cmdline:?}: {e}")))?;
