@@ -165,12 +165,17 @@ pub fn all() -> Result<Artifacts, BuildError> {
     let boot = PathBuf::from(paths::SYSTEMD_BOOT_EFI);
     let entries: String = image::usb_entries().iter().map(|e| e.render()).collect();
     let stamp = hash_files(
-        &format!("usb-2{entries}"),
-        &[a.kernel.clone(), a.initramfs.clone(), boot.clone(), a.linux_disk.clone()],
+        &format!("usb-3{entries}"),
+        &[a.kernel.clone(), a.initramfs.clone(), boot.clone(), a.linux_disk.clone(), a.vmlinux.clone()],
     )?;
     if !fresh(&a.usb_image, &stamp) {
         progress::step("image", "writing the USB image (GPT, FAT32 ESP, systemd-boot, default Linux VM)");
-        let extra = [(installer::esp::DEFAULT_LINUX_DISK_PATH, a.linux_disk.as_path())];
+        // The default Linux VM: its disk and its kernel (the uncompressed one, which
+        // rayos-vmm boots without the guest decompressing it).
+        let extra = [
+            (installer::esp::DEFAULT_LINUX_DISK_PATH, a.linux_disk.as_path()),
+            (installer::esp::DEFAULT_LINUX_KERNEL_PATH, a.vmlinux.as_path()),
+        ];
         let size = image::build_usb(&a.usb_image, &a.kernel, &a.initramfs, &boot, &extra)?;
         record(&a.usb_image, &stamp)?;
         progress::step("image", format!("{} ({})", a.usb_image.display(), progress::fmt_size(size)));
