@@ -25,8 +25,12 @@
 # - VMM set-up before the first KVM_RUN: 110-330 ms (exec and KVM/memfd set-up ~50, the
 #   bzImage and initramfs copied in ~30-50, vCPU/MSR set-up ~30, seccomp ~15-40);
 # - bzImage decompression and early setup_arch up to kvmclock: ~1.1 s, the largest share.
-#   Unpacking the zstd vmlinux in the VMM instead (Firecracker-style ELF entry) moved ~0.9 s
-#   of it into the VMM for a ~5% net gain in noisy A/B runs, and loses KASLR: not done;
+#   Unpacking the zstd vmlinux in the VMM instead moved ~0.9 s of it into the VMM for a ~5%
+#   net gain (the VMM runs emulated too). What is done instead: the build keeps the stripped
+#   vmlinux and rayos-vmm boots it (ELF entry, no decompression at all, no KASLR). First
+#   figures (2026-12-02, 2 rounds, host loaded by a concurrent CI run, so all slower than
+#   above): rayos-vmm vmlinux 3624 ms, bzImage 5200, QEMU -M pc 8983, microvm 17544 (medians);
+#   vmlinux/pc 0.40x, bzImage/pc 0.58x;
 # - the guest kernel to init: ~1.2 s of guest time (more wall time: until kvm-clock takes
 #   over at fs_initcall the guest counts lost jiffies). LAPIC timer calibration, pty_init
 #   (~140 ms), kvm_amd's set-up when the guest sees SVM (~100 ms, now hidden, see cpuid.rs),
