@@ -37,10 +37,15 @@ pub struct BootFiles {
     pub answers: Option<(String, String)>,
     /// The default Linux VM's disk, packed (`diskpack`), when the medium carries it.
     pub default_linux: Option<Vec<u8>>,
+    /// The RayOS kernel as a stripped ELF vmlinux for the default Linux VM, when the medium
+    /// carries it (rayos-vmm boots it without the guest decompressing a bzImage).
+    pub default_linux_kernel: Option<Vec<u8>>,
 }
 
 /// Where the USB medium's ESP carries the default Linux VM's packed disk.
 pub const DEFAULT_LINUX_DISK_PATH: &str = "rayos/vms/linux.rdisk.zst";
+/// Where it carries the default Linux VM's kernel: the RayOS kernel as an uncompressed ELF.
+pub const DEFAULT_LINUX_KERNEL_PATH: &str = "rayos/vms/vmlinux";
 
 /// True when a FAT filesystem at `offset` holds the installer's boot entry (the USB medium).
 pub fn has_installer_entry<T: Read + Write + Seek>(dev: &mut T, offset: u64, len: u64) -> bool {
@@ -84,7 +89,8 @@ pub fn read_boot_files(dev: &mut File, offset: u64, len: u64, answers_path: Opti
             .map(|b| ("rayos/answers.toml".to_string(), String::from_utf8_lossy(&b).into_owned())),
     };
     let default_linux = read_file(&fs, DEFAULT_LINUX_DISK_PATH)?;
-    Ok(BootFiles { systemd_boot, kernel, initramfs, answers, default_linux })
+    let default_linux_kernel = read_file(&fs, DEFAULT_LINUX_KERNEL_PATH)?;
+    Ok(BootFiles { systemd_boot, kernel, initramfs, answers, default_linux, default_linux_kernel })
 }
 
 /// FAT32 over the whole partition window.
@@ -198,7 +204,7 @@ mod tests {
         f.set_len(512 << 20).unwrap();
         let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&img).unwrap();
         format(Window::new(&mut f, 0, 512 << 20)).unwrap();
-        let files = BootFiles { systemd_boot: vec![1; 1000], kernel: vec![2; 100_000], initramfs: vec![3; 300_000], answers: None, default_linux: None };
+        let files = BootFiles { systemd_boot: vec![1; 1000], kernel: vec![2; 100_000], initramfs: vec![3; 300_000], answers: None, default_linux: None, default_linux_kernel: None };
         install_files(Window::new(&mut f, 0, 512 << 20), &files, true, "0.1.0").unwrap();
         let (ok, out) = fsck(&img);
         assert!(ok, "{out}");

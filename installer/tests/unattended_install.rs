@@ -119,7 +119,7 @@ fn unattended_whole_disk_install_produces_bootable_layout() {
     assert!(vm.policy.autostart_hidden);
     let vm_dir = format!("/data/vms/{}", vm.id);
     assert_eq!(vm.disks[0].path, Path::new(&vm_dir).join("disk.img"));
-    assert_eq!(vm.config.kernel, Path::new(&vm_dir).join("vmlinuz"));
+    assert_eq!(vm.config.kernel, Path::new(&vm_dir).join("vmlinux"));
     let in_volume = |p: &Path| p.strip_prefix("/data").unwrap().to_str().unwrap().to_string();
     let disk_out = m.dir.path().join("guest-disk.img");
     let (ok, out) = run("debugfs", &["-R", &format!("dump {} {}", in_volume(&vm.disks[0].path), disk_out.display()), data_img.to_str().unwrap()]);
@@ -127,7 +127,7 @@ fn unattended_whole_disk_install_produces_bootable_layout() {
     let disk = std::fs::read(&disk_out).unwrap();
     assert_eq!(disk.len() as u64, GUEST_DISK_SIZE);
     assert_eq!(&disk[GUEST_MARK_OFFSET as usize..][..GUEST_MARK.len()], GUEST_MARK);
-    assert_eq!(debugfs_cat_bytes(&data_img, &in_volume(&vm.config.kernel)), files.kernel);
+    assert_eq!(Some(debugfs_cat_bytes(&data_img, &in_volume(&vm.config.kernel))), files.default_linux_kernel);
     let log = debugfs_cat(&data_img, "/install.log");
     assert!(log.contains("TARGET-1") && log.contains("install complete"), "{log}");
     assert_eq!(debugfs_cat(&data_img, "/config/answers.toml"), text.trim_end());
@@ -276,5 +276,5 @@ fn dedicated_vm_storage_partition_is_formatted_and_recorded() {
     let vm_dir = format!("/vms/{}", vm.id);
     assert_eq!(vm.disks[0].path, Path::new(&vm_dir).join("disk.img"));
     let (ok, ls) = run("debugfs", &["-R", &format!("ls -l /{}", vm.id), vms_img.to_str().unwrap()]);
-    assert!(ok && ls.contains("disk.img") && ls.contains("vmlinuz"), "{ls}");
+    assert!(ok && ls.contains("disk.img") && ls.contains("vmlinux"), "{ls}");
 }

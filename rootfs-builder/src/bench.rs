@@ -19,8 +19,9 @@ pub enum What {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
-    /// rayos-vmm beside QEMU -M pc and -M microvm in the same nested-KVM machine: VMM start to
-    /// guest init (ratios), VMM memory overhead, virtio-blk sequential throughput.
+    /// rayos-vmm (booting the vmlinux and the bzImage) beside QEMU -M pc and -M microvm
+    /// (bzImage) in the same nested-KVM machine: VMM start to guest init (ratios), VMM memory
+    /// overhead, virtio-blk sequential throughput.
     Vmm {
         #[arg(long, default_value_t = 2)]
         rounds: u32,
@@ -208,17 +209,20 @@ fn fuzz(seconds: u64) -> Result<()> {
 /// machine and runs all three VMMs in it); this builds what it needs and runs it.
 fn vmm(rounds: u32) -> Result<()> {
     let a = build::all()?;
+    // bench-nested.sh packs the outer machine with cpio(1) and zstd(1) and runs QEMU.
+    rootfs_builder::hostdeps::ensure(&["cpio", "zstd", "qemu-system-x86"])?;
     let bin = cargo_build::build_static(["vmm"])?;
     let work = paths::out_dir().join("bench").join("vmm");
     std::fs::create_dir_all(&work)?;
     let script = paths::workspace().join("vmm/scripts/bench-nested.sh");
-    progress::step("bench", format!("rayos-vmm vs QEMU -M pc / -M microvm, nested, {rounds} round(s)"));
+    progress::step("bench", format!("rayos-vmm (vmlinux, bzImage) vs QEMU -M pc / -M microvm (bzImage), nested, {rounds} round(s)"));
     let out = std::process::Command::new("bash")
         .arg(&script)
         .env("RAYOS_BIN_DIR", &bin)
         .arg(&a.kernel)
         .arg(rounds.to_string())
         .arg(&work)
+        .arg(&a.vmlinux)
         .stderr(Stdio::inherit())
         .output()
         .with_context(|| format!("running {}", script.display()))?;
@@ -228,7 +232,7 @@ fn vmm(rounds: u32) -> Result<()> {
         eprintln!("{text}");
         bail!("the nested VMM benchmark failed ({}); its files are in {}", out.status, work.display());
     }
-    println!("vmm (nested KVM in QEMU TCG, same kernel/initramfs/256 MiB):");
+    println!("vmm (nested KVM in QEMU TCG, same kernel build/initramfs/256 MiB; VMM start to guest init):");
     for l in lines {
         println!("  {}", l.trim_start_matches("bench-vmm:").trim());
     }

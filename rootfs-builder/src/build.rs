@@ -40,7 +40,11 @@ fn io(p: &Path) -> impl FnOnce(std::io::Error) -> BuildError {
 #[derive(Debug, Clone)]
 pub struct Artifacts {
     pub dir: PathBuf,
+    /// The bzImage (`vmlinuz`).
     pub kernel: PathBuf,
+    /// The same kernel as a stripped, uncompressed ELF (`vmlinux`), which rayos-vmm boots
+    /// without the guest's decompression.
+    pub vmlinux: PathBuf,
     pub kernel_config: PathBuf,
     pub initramfs: PathBuf,
     pub usb_image: PathBuf,
@@ -54,6 +58,7 @@ impl Artifacts {
         Artifacts {
             dir: dir.to_path_buf(),
             kernel: dir.join("vmlinuz"),
+            vmlinux: dir.join("vmlinux"),
             kernel_config: dir.join("kernel.config"),
             initramfs: dir.join("initramfs.img"),
             usb_image: dir.join("rayos-usb.img"),
@@ -62,7 +67,7 @@ impl Artifacts {
     }
 
     pub fn complete(&self) -> bool {
-        [&self.kernel, &self.kernel_config, &self.initramfs, &self.usb_image, &self.linux_disk].iter().all(|p| p.is_file())
+        [&self.kernel, &self.vmlinux, &self.kernel_config, &self.initramfs, &self.usb_image, &self.linux_disk].iter().all(|p| p.is_file())
     }
 }
 
@@ -120,6 +125,7 @@ pub fn all() -> Result<Artifacts, BuildError> {
 
     let k = kernel::ensure()?;
     place(&k.bzimage, &a.kernel)?;
+    place(&k.vmlinux, &a.vmlinux)?;
     place(&k.config, &a.kernel_config)?;
 
     let manifest_path = paths::initramfs_manifest();
@@ -159,12 +165,17 @@ pub fn all() -> Result<Artifacts, BuildError> {
     let boot = PathBuf::from(paths::SYSTEMD_BOOT_EFI);
     let entries: String = image::usb_entries().iter().map(|e| e.render()).collect();
     let stamp = hash_files(
-        &format!("usb-2{entries}"),
-        &[a.kernel.clone(), a.initramfs.clone(), boot.clone(), a.linux_disk.clone()],
+        &format!("usb-3{entries}"),
+        &[a.kernel.clone(), a.initramfs.clone(), boot.clone(), a.linux_disk.clone(), a.vmlinux.clone()],
     )?;
     if !fresh(&a.usb_image, &stamp) {
         progress::step("image", "writing the USB image (GPT, FAT32 ESP, systemd-boot, default Linux VM)");
-        let extra = [(installer::esp::DEFAULT_LINUX_DISK_PATH, a.linux_disk.as_path())];
+        // The default Linux VM: its disk and its kernel (the uncompressed one, which
+        // rayos-vmm boots without the guest decompressing it).
+        let extra = [
+            (installer::esp::DEFAULT_LINUX_DISK_PATH, a.linux_disk.as_path()),
+            (installer::esp::DEFAULT_LINUX_KERNEL_PATH, a.vmlinux.as_path()),
+        ];
         let size = image::build_usb(&a.usb_image, &a.kernel, &a.initramfs, &boot, &extra)?;
         record(&a.usb_image, &stamp)?;
         progress::step("image", format!("{} ({})", a.usb_image.display(), progress::fmt_size(size)));

@@ -6,7 +6,7 @@ use thiserror::Error;
 
 /// What building the kernel, initramfs and image needs.
 pub const BUILD: &[&str] = &[
-    "bc", "bison", "flex", "libelf-dev", "libssl-dev", "make", "gcc", "xz-utils", "e2fsprogs",
+    "bc", "bison", "flex", "libelf-dev", "libssl-dev", "make", "gcc", "binutils", "xz-utils", "e2fsprogs",
     "systemd-boot-efi",
 ];
 /// What booting RayOS in QEMU needs.

@@ -43,6 +43,9 @@ pub struct Source {
 #[derive(Debug, Clone)]
 pub struct Kernel {
     pub bzimage: PathBuf,
+    /// The uncompressed ELF kernel of the same build, stripped: what rayos-vmm boots without
+    /// the guest decompressing it (the build dir's `vmlinux`, `objcopy --strip-all`).
+    pub vmlinux: PathBuf,
     pub config: PathBuf,
     pub source_version: String,
 }
@@ -180,19 +183,55 @@ pub fn ensure() -> Result<Kernel, KernelError> {
     let src = source()?;
     let hash = config_hash(&src.version, &fragments)?;
     let dir = paths::cache_dir().join("kernel").join(format!("{}-{hash}", sanitize(&src.version)));
-    let kernel =
-        Kernel { bzimage: dir.join("bzImage"), config: dir.join("config"), source_version: src.version.clone() };
+    let kernel = Kernel {
+        bzimage: dir.join("bzImage"),
+        vmlinux: dir.join("vmlinux"),
+        config: dir.join("config"),
+        source_version: src.version.clone(),
+    };
+    let build = dir.join("build");
     if kernel.bzimage.exists() && kernel.config.exists() {
-        return Ok(kernel);
+        if kernel.vmlinux.exists() {
+            return Ok(kernel);
+        }
+        // A cache entry from before the vmlinux was kept: take it from the build folder if
+        // that still holds the very build the cached bzImage came from; otherwise `make`
+        // below brings the build folder up to date (or rebuilds it if it is gone).
+        if same_build(&build, &kernel.bzimage) {
+            progress::step("kernel", format!("keeping the stripped vmlinux of the cached build in {}", dir.display()));
+            strip_vmlinux(&build.join("vmlinux"), &kernel.vmlinux)?;
+            return Ok(kernel);
+        }
     }
     progress::step("kernel", format!("building {} {} (config {hash}); this takes a few minutes", src.package, src.version));
-    let build = dir.join("build");
     configure(&src, &build, &fragments)?;
     compile(&src, &build, &dir)?;
     std::fs::copy(build.join(".config"), &kernel.config).map_err(|e| KernelError::Io(kernel.config.clone(), e))?;
+    strip_vmlinux(&build.join("vmlinux"), &kernel.vmlinux)?;
+    // The bzImage last: its presence marks the entry complete for older checkouts too.
     std::fs::copy(build.join("arch/x86/boot/bzImage"), &kernel.bzimage)
         .map_err(|e| KernelError::Io(kernel.bzimage.clone(), e))?;
     Ok(kernel)
+}
+
+/// True when `build` holds a vmlinux and the bzImage made with it is byte for byte `cached`.
+fn same_build(build: &Path, cached: &Path) -> bool {
+    if !build.join("vmlinux").is_file() {
+        return false;
+    }
+    match (std::fs::read(build.join("arch/x86/boot/bzImage")), std::fs::read(cached)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// `objcopy --strip-all vmlinux` into `to`, through a temporary file so that a reader
+/// (another checkout sharing the cache) never sees half of it. Symbols and debug sections
+/// are not loaded into the guest; the kernel keeps its own kallsyms.
+fn strip_vmlinux(from: &Path, to: &Path) -> Result<(), KernelError> {
+    let tmp = to.with_extension(format!("partial-{}", std::process::id()));
+    run(Command::new("objcopy").arg("--strip-all").arg(from).arg(&tmp))?;
+    std::fs::rename(&tmp, to).map_err(|e| KernelError::Io(to.to_path_buf(), e))
 }
 
 fn compile(src: &Source, build: &Path, dir: &Path) -> Result<(), KernelError> {

@@ -85,10 +85,13 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             let k = kernel::ensure()?;
             let size = std::fs::metadata(&k.bzimage)?.len();
             println!("{} ({}, linux-source {})", k.bzimage.display(), progress::fmt_size(size), k.source_version);
+            let size = std::fs::metadata(&k.vmlinux)?.len();
+            println!("{} ({}, stripped ELF of the same build)", k.vmlinux.display(), progress::fmt_size(size));
         }
         Cmd::Initramfs | Cmd::Image => {
             let a = build::all()?;
             println!("kernel     {}", a.kernel.display());
+            println!("vmlinux    {}", a.vmlinux.display());
             println!("initramfs  {}", a.initramfs.display());
             println!("USB image  {}", a.usb_image.display());
         }

@@ -15,6 +15,7 @@ pub struct VmSpec {
     #[serde(default = "default_vcpus")]
     pub vcpus: u8,
     pub memory_mib: u64,
+    /// A bzImage or an uncompressed ELF vmlinux, told apart by magic (see `boot`).
     pub kernel: PathBuf,
     #[serde(default)]
     pub initramfs: Option<PathBuf>,

@@ -178,6 +178,7 @@ pub fn boot_files() -> BootFiles {
         initramfs: (0..5_000_000u32).map(|i| (i * 13) as u8).collect(),
         answers: None,
         default_linux: Some(default_linux_packed()),
+        default_linux_kernel: Some(b"\x7fELF stand-in vmlinux".iter().copied().cycle().take(1_000_000).collect()),
     }
 }
 

@@ -115,12 +115,18 @@ pub struct VmRecord {
     pub last_booted_at: Option<u64>,
 }
 
+/// The default Linux guest's kernel file in its VM folder: the RayOS kernel as an uncompressed
+/// ELF vmlinux, which rayos-vmm boots without the guest decompressing a bzImage.
+pub const DEFAULT_LINUX_KERNEL: &str = "vmlinux";
+
 /// The kernel command line of the default Linux guest (`rootfs_builder::guest::CMDLINE`).
 pub const DEFAULT_LINUX_CMDLINE: &str = "console=tty1 console=ttyS0,115200 root=/dev/vda rw panic=10";
 
 impl VmRecord {
     /// The default Linux subsystem as the installer registers it: its files in `vm_dir`
-    /// (`/data/vms/<id>/`): `disk.img` (the Debian ext4 image) and `vmlinuz` (the RayOS kernel);
+    /// (`/data/vms/<id>/`): `disk.img` (the Debian ext4 image) and [`DEFAULT_LINUX_KERNEL`] (the
+    /// RayOS kernel as a stripped ELF; an installer whose medium lacks it points `kernel` at
+    /// the bzImage, `vmlinuz`, instead);
     /// 2 vCPUs, 2 GiB, display, input, the agent port; autostart hidden, restarted on failure.
     pub fn default_linux(id: Uuid, vm_dir: &Path) -> VmRecord {
         VmRecord {
@@ -131,7 +137,7 @@ impl VmRecord {
             config: DeviceConfig {
                 vcpus: 2,
                 memory_mib: 2048,
-                kernel: vm_dir.join("vmlinuz"),
+                kernel: vm_dir.join(DEFAULT_LINUX_KERNEL),
                 initramfs: None,
                 cmdline: DEFAULT_LINUX_CMDLINE.into(),
                 display: Some((1280, 800)),
