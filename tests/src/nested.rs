@@ -18,6 +18,14 @@ pub fn vmm_bins() -> &'static PathBuf {
     B.get_or_init(|| rootfs_builder::cargo_build::build_static(["vmm"]).expect("building the vmm binaries"))
 }
 
+/// An initramfs whose /init is `rayos-guest-agent`, written to `out`.
+pub fn guest_initramfs(out: &Path) -> PathBuf {
+    let mut g = Initramfs::new();
+    g.file("/init", &vmm_bins().join("rayos-guest-agent"), 0o755).unwrap();
+    g.write(out).unwrap();
+    out.to_path_buf()
+}
+
 pub struct Outer {
     builder: QemuBuilder,
     ird: Initramfs,
@@ -28,10 +36,7 @@ impl Outer {
     pub fn new(test: &str) -> Outer {
         let a = artifacts();
         let builder = Qemu::builder(test);
-        let guest_initrd = builder.workdir().join("guest-initrd");
-        let mut g = Initramfs::new();
-        g.file("/init", &vmm_bins().join("rayos-guest-agent"), 0o755).unwrap();
-        g.write(&guest_initrd).unwrap();
+        let guest_initrd = guest_initramfs(&builder.workdir().join("guest-initrd"));
         let mut ird = Initramfs::new();
         ird.file("/init", &vmm_bins().join("rayos-vmm-testinit"), 0o755).unwrap();
         ird.file("/rayos-vmm", &vmm_bins().join("rayos-vmm"), 0o755).unwrap();

@@ -4,31 +4,17 @@
 //! `rayos-guest-agent`, which checks a device and prints `agent: <check> ok|FAIL …`.
 //! Everything is read back from the outer serial console.
 
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use rayos_tests::{artifacts, initramfs::Initramfs, Qemu};
+use rayos_tests::nested::{guest_initramfs, vmm_bins, Outer};
+use rayos_tests::artifacts;
 
 /// Nested boots take seconds each under TCG; several run in sequence, on two shared cores.
 const RUN_TIMEOUT: Duration = Duration::from_secs(900);
 
 /// Where the outer initramfs carries the stripped ELF vmlinux (when a run needs it).
 const GUEST_VMLINUX: &str = "/guest/vmlinux";
-
-fn vmm_bins() -> &'static PathBuf {
-    static B: OnceLock<PathBuf> = OnceLock::new();
-    B.get_or_init(|| rootfs_builder::cargo_build::build_static(["vmm"]).expect("building the vmm binaries"))
-}
-
-fn guest_initramfs(dir: &Path) -> PathBuf {
-    let out = dir.join("guest-initrd");
-    let mut ird = Initramfs::new();
-    ird.file("/init", &vmm_bins().join("rayos-guest-agent"), 0o755).unwrap();
-    ird.write(&out).unwrap();
-    out
-}
 
 /// One VMM run: its spec, and optionally a control script.
 struct Run {
@@ -59,44 +45,19 @@ fn run_nested(test: &str, runs: &[Run]) -> String {
 /// [`run_nested`] with extra files in the outer initramfs (e.g. `/specs/<name>.cmd`, a
 /// command testinit runs instead of `rayos-vmm --spec`).
 fn run_nested_with(test: &str, runs: &[Run], extra: &[(&str, &str)]) -> String {
-    let a = artifacts();
-    let builder = Qemu::builder(test);
-    let dir = builder.workdir().to_path_buf();
-    let guest_initrd = guest_initramfs(&dir);
-    let mut ird = Initramfs::new();
-    ird.file("/init", &vmm_bins().join("rayos-vmm-testinit"), 0o755).unwrap();
-    ird.file("/rayos-vmm", &vmm_bins().join("rayos-vmm"), 0o755).unwrap();
-    ird.file("/guest/bzImage", &a.kernel, 0o644).unwrap();
+    let mut outer = Outer::new(test);
     // The uncompressed kernel only where a run boots it: it is large, and every byte of the
     // outer initramfs is unpacked at emulated speed.
     if runs.iter().any(|r| r.spec["kernel"] == GUEST_VMLINUX) {
-        ird.file(GUEST_VMLINUX, &a.vmlinux, 0o644).unwrap();
-    }
-    ird.file("/guest/initrd", &guest_initrd, 0o644).unwrap();
-    for d in ["/dev", "/proc", "/sys", "/tmp", "/run"] {
-        ird.dir(d, 0o755).unwrap();
+        outer.file(GUEST_VMLINUX, &artifacts().vmlinux, 0o644);
     }
     for r in runs {
-        ird.bytes(&format!("/specs/{}.json", r.name), r.spec.to_string().into_bytes(), 0o644).unwrap();
-        if let Some(c) = r.ctl {
-            ird.bytes(&format!("/specs/{}.ctl", r.name), c.as_bytes().to_vec(), 0o644).unwrap();
-        }
+        outer.vmm(r.name, &r.spec, r.ctl);
     }
     for (path, text) in extra {
-        ird.bytes(path, text.as_bytes().to_vec(), 0o644).unwrap();
+        outer.text(path, text);
     }
-    let outer = dir.join("outer-initrd");
-    ird.write(&outer).unwrap();
-    let names: Vec<&str> = runs.iter().map(|r| r.name).collect();
-    let mut q = builder
-        .direct_kernel(&a.kernel, &outer, &format!("console=ttyS0 panic=-1 quiet rayos.vmmtest={}", names.join(",")))
-        .memory_mib(2048)
-        .cpus(2)
-        .no_reboot()
-        .spawn()
-        .unwrap();
-    q.wait_for("testinit: all done", RUN_TIMEOUT).unwrap();
-    q.serial_log()
+    outer.boot(RUN_TIMEOUT)
 }
 
 /// The lines of `log` that start with `prefix` (after any console noise on the same line).
@@ -383,7 +344,7 @@ fn vmm_snapshot_restore_continues_the_guest() {
 fn vmm_never_hangs_on_the_host_kvm() {
     let dir = std::env::temp_dir().join(format!("vmm-host-kvm-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let initrd = guest_initramfs(&dir);
+    let initrd = guest_initramfs(&dir.join("guest-initrd"));
     let spec_path = dir.join("vm.json");
     let spec = serde_json::json!({
         "name": "host", "vcpus": 1, "memory_mib": 128,
