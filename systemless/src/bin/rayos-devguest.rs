@@ -7,7 +7,11 @@
 //! - writes `ready` and `heartbeat <n>` lines on the `org.rayos.agent` virtio-console port too,
 //!   when the VMM offers one;
 //! - powers off on the ACPI power button (the supervisor's graceful stop), or when the host
-//!   writes `shutdown` on the agent port.
+//!   writes `shutdown` on the agent port;
+//! - answers `screen <id>` on the agent port with one line `screen <id> {json}`: the text of
+//!   the display's first virtual console (tty1, read from /dev/vcsu1 and /dev/vcsa1), so the
+//!   host can check what a user sees there (`{"tty":1,"rows":…,"cols":…,"cursor":[x,y],
+//!   "text":"…"}`, rows joined by `\n` with trailing blanks cut; or `{"error":"…"}`).
 //!
 //! With `--service` it is the guest agent of a full distribution (the default Debian guest
 //! runs it from inittab): no mounts, and the power button or a shutdown request runs the
@@ -15,6 +19,7 @@
 
 use std::fs;
 use std::io::Write;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 fn mount(src: &str, target: &str, fstype: &str) {
@@ -62,6 +67,47 @@ fn agent_port() -> Option<fs::File> {
         }
     }
     None
+}
+
+/// The virtual console whose text `screen` returns: tty1 is the one on the display (the
+/// kernel's `console=tty1`, Debian's first getty).
+const SCREEN_TTY: u32 = 1;
+
+/// The text of virtual console `tty` as JSON: its size and cursor from the 4-byte header of
+/// /dev/vcsaN (rows, cols, x, y), the characters from /dev/vcsuN (one UCS-4 code point per
+/// cell, so what the user reads, not the font's glyph numbers that /dev/vcsN holds).
+fn screen_json(tty: u32) -> serde_json::Value {
+    let read = |dev: String| fs::read(&dev).map_err(|e| format!("{dev}: {e}"));
+    let result = read(format!("/dev/vcsa{tty}")).and_then(|attr| Ok((attr, read(format!("/dev/vcsu{tty}"))?)));
+    result.and_then(|(attr, cells)| screen_from(tty, &attr, &cells)).unwrap_or_else(|e| serde_json::json!({ "error": e }))
+}
+
+fn screen_from(tty: u32, attr: &[u8], cells: &[u8]) -> Result<serde_json::Value, String> {
+    let &[rows, cols, x, y, ..] = attr else { return Err(format!("/dev/vcsa{tty}: no header")) };
+    let chars: Vec<char> = cells
+        .chunks_exact(4)
+        .map(|c| match u32::from_ne_bytes([c[0], c[1], c[2], c[3]]) {
+            0 => ' ',
+            v => char::from_u32(v).unwrap_or(char::REPLACEMENT_CHARACTER),
+        })
+        .collect();
+    // The header's bytes wrap at 256 columns (a 2048-pixel-wide screen); the cell count
+    // does not, so the width comes from it.
+    let rows = usize::from(rows);
+    if rows == 0 || chars.is_empty() || chars.len() % rows != 0 {
+        return Err(format!("/dev/vcsu{tty}: {} cells do not make {rows} rows (header: {cols} columns)", chars.len()));
+    }
+    let cols = chars.len() / rows;
+    let text: Vec<String> = chars.chunks(cols).map(|r| r.iter().collect::<String>().trim_end().to_string()).collect();
+    Ok(serde_json::json!({"tty": tty, "rows": rows, "cols": cols, "cursor": [x, y], "text": text.join("\n")}))
+}
+
+/// One whole line on the agent port: the heartbeat loop and the request reader share the
+/// port, and a line written in pieces could interleave with the other's.
+fn send_line(port: &Mutex<fs::File>, line: &str) {
+    let mut buf = line.to_string();
+    buf.push('\n');
+    let _ = port.lock().unwrap_or_else(|p| p.into_inner()).write_all(buf.as_bytes());
 }
 
 fn power_off(why: &str, service: bool) -> ! {
@@ -118,17 +164,21 @@ fn main() {
     let interval = cmdline_value(&cmdline, "devguest.interval_ms").and_then(|v| v.parse().ok()).unwrap_or(200u64);
     println!("devguest: init");
     std::thread::spawn(move || watch_power_button(service));
-    let mut agent = agent_port();
-    if let Some(a) = agent.as_mut() {
-        let _ = writeln!(a, "ready");
-        if let Ok(r) = a.try_clone() {
+    let agent = agent_port().map(|f| Arc::new(Mutex::new(f)));
+    if let Some(a) = &agent {
+        send_line(a, "ready");
+        let reader = a.lock().unwrap().try_clone();
+        if let Ok(r) = reader {
+            let a = a.clone();
             std::thread::spawn(move || {
                 use std::io::BufRead;
                 for line in std::io::BufReader::new(r).lines() {
-                    match line.as_deref().map(str::trim) {
-                        Ok("shutdown") => power_off("shutdown requested on the agent port", service),
-                        Ok(_) => {}
-                        Err(_) => return,
+                    let Ok(line) = line else { return };
+                    let line = line.trim();
+                    if line == "shutdown" {
+                        power_off("shutdown requested on the agent port", service);
+                    } else if let Some(id) = line.strip_prefix("screen ") {
+                        send_line(&a, &format!("screen {} {}", id.trim(), screen_json(SCREEN_TTY)));
                     }
                 }
             });
@@ -143,9 +193,27 @@ fn main() {
     };
     for n in 1u64.. {
         println!("heartbeat {n} uptime_ms={}", uptime());
-        if let Some(a) = agent.as_mut() {
-            let _ = writeln!(a, "heartbeat {n}");
+        if let Some(a) = &agent {
+            send_line(a, &format!("heartbeat {n}"));
         }
         std::thread::sleep(Duration::from_millis(interval));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_screen_is_read_as_rows_of_text() {
+        let line = |t: &str| -> Vec<u8> { format!("{t:<4}").chars().flat_map(|c| (c as u32).to_ne_bytes()).collect() };
+        let cells = [line("ab"), vec![0; 16], line("é:")].concat();
+        let s = super::screen_from(1, &[3, 4, 2, 2], &cells).unwrap();
+        assert_eq!(s["text"], "ab\n\né:");
+        assert_eq!((s["rows"].as_u64(), s["cols"].as_u64(), s["cursor"].to_string()), (Some(3), Some(4), "[2,2]".into()));
+        // A width past 255 columns wraps in the header; the cell count gives it.
+        let wide = vec![b' ', 0, 0, 0].repeat(300);
+        assert_eq!(super::screen_from(1, &[1, 44, 0, 0], &wide).unwrap()["cols"], 300);
+        let e = super::screen_from(1, &[2, 4, 0, 0], &line("abc")[..12]).unwrap_err();
+        assert!(e.contains("3 cells do not make 2 rows"), "{e}");
+        assert!(super::screen_from(1, &[3], &cells).unwrap_err().contains("no header"));
     }
 }
