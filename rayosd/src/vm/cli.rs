@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::Subcommand;
 use futures_util::StreamExt;
 
-use super::manager::{CreateRequest, VmInfo};
+use super::manager::{CreateRequest, GuestScreen, VmInfo};
 use super::registry::{DeviceConfig, DiskRecord, Policy, RestartPolicy, VmKind};
 use crate::client::ClientError;
 
@@ -29,6 +29,8 @@ pub trait Vms1 {
     fn delete_vm(&self, vm: &str, purge: bool) -> zbus::Result<()>;
     fn logs(&self, vm: &str, lines: u32) -> zbus::Result<String>;
     fn signal_vmm(&self, vm: &str, signal: &str) -> zbus::Result<bool>;
+    fn guest_screen(&self, vm: &str) -> zbus::Result<GuestScreen>;
+    fn screenshot(&self, vm: &str) -> zbus::Result<Vec<u8>>;
     #[zbus(signal)]
     fn vm_state_changed(&self, id: &str, name: &str, state: &str, detail: &str) -> zbus::Result<()>;
 }
@@ -109,8 +111,23 @@ pub enum VmCmd {
         #[arg(short, long, default_value = "KILL")]
         signal: String,
     },
+    /// The text on the VM's display console (tty1), read by its guest agent (root).
+    Screen { vm: String },
+    /// Save the VM's display as a binary PPM (root).
+    Screenshot { vm: String, path: PathBuf },
     /// Print VmStateChanged signals as they come.
     Watch,
+}
+
+/// Width and height from a binary PPM's header (`P6 <w> <h> 255`).
+pub fn ppm_size(data: &[u8]) -> Option<(u32, u32)> {
+    // Lossy: the pixel bytes after the header are not text, and only the first tokens count.
+    let head = String::from_utf8_lossy(&data[..data.len().min(32)]);
+    let mut f = head.split_ascii_whitespace();
+    if f.next()? != "P6" {
+        return None;
+    }
+    Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
 }
 
 async fn connect(path: &Path) -> Result<Vms1Proxy<'static>, ClientError> {
@@ -293,6 +310,24 @@ pub async fn run(socket: &str, json: bool, cmd: &VmCmd) -> Result<(), ClientErro
                 println!("sent {signal} to the VMM of {vm}")
             } else {
                 println!("{vm} has no VMM running; nothing signalled")
+            }
+        }
+        VmCmd::Screen { vm } => {
+            let s = p.guest_screen(vm).await?;
+            if json {
+                print_json(&s)
+            } else {
+                println!("{}", s.text)
+            }
+        }
+        VmCmd::Screenshot { vm, path } => {
+            let data = p.screenshot(vm).await?;
+            let (w, h) = ppm_size(&data).ok_or_else(|| ClientError::Call(zbus::Error::Failure(format!("{vm}: the screenshot is not a PPM image"))))?;
+            std::fs::write(path, &data).map_err(|e| ClientError::InvalidArgument(format!("PATH {}: {e}", path.display())))?;
+            if json {
+                print_json(&serde_json::json!({ "ok": true, "path": path, "width": w, "height": h, "bytes": data.len() }))
+            } else {
+                println!("{vm}: {w}x{h} screenshot saved to {}", path.display())
             }
         }
         VmCmd::Watch => {

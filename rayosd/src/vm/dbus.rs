@@ -5,14 +5,18 @@
 //! The manager is process-wide ([`install`]): the control server serves this object on
 //! every connection without carrying VM state itself. Until one is installed (installer and
 //! rescue modes) every method answers `org.rayos.Error.Unavailable`.
-//! Reading needs nothing; changing needs the caller's uid to be 0 (SO_PEERCRED).
+//! Reading the list, states and logs needs nothing; changing a VM, and reading its screen,
+//! need the caller's uid to be 0 (SO_PEERCRED).
 
 use std::sync::{Arc, OnceLock};
 
-use super::manager::{CreateRequest, VmError, VmInfo, VmManager};
+use super::manager::{CreateRequest, GuestScreen, VmError, VmInfo, VmManager};
 
 pub const OBJECT_PATH: &str = "/org/rayos/Vms";
 pub const INTERFACE: &str = "org.rayos.Vms1";
+/// How long `GuestScreen` waits for the guest agent's answer (a guest under nested
+/// emulation can take seconds to schedule its agent).
+pub const SCREEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 /// Most serial log lines one `Logs` call returns.
 pub const MAX_LOG_LINES: u32 = 10_000;
 
@@ -51,7 +55,7 @@ impl From<VmError> for VmApiError {
             VmError::Registry(super::registry::RegistryError::NameTaken(_) | super::registry::RegistryError::BadName(_)) => {
                 VmApiError::InvalidArgument(e.to_string())
             }
-            VmError::Registry(_) => VmApiError::Failed(e.to_string()),
+            VmError::Registry(_) | VmError::Failed { .. } => VmApiError::Failed(e.to_string()),
         }
     }
 }
@@ -67,7 +71,7 @@ async fn require_root(conn: &zbus::Connection, method: &str) -> Result<(), VmApi
         .map_err(|e| VmApiError::AccessDenied(format!("{method}: cannot read the caller's credentials: {e}")))?;
     match creds.unix_user_id() {
         Some(0) => Ok(()),
-        Some(uid) => Err(VmApiError::AccessDenied(format!("{method} changes a VM and needs root; caller uid is {uid}"))),
+        Some(uid) => Err(VmApiError::AccessDenied(format!("{method} needs root (it changes a VM or shows its screen); caller uid is {uid}"))),
         None => Err(VmApiError::AccessDenied(format!("{method} needs root; the caller's uid is unknown"))),
     }
 }
@@ -145,6 +149,19 @@ impl VmsServer {
             return Err(VmApiError::InvalidArgument(format!("lines must be 1..={MAX_LOG_LINES}, got {lines}")));
         }
         Ok(mgr()?.logs(vm, lines as usize)?)
+    }
+
+    /// The text on the VM's display console (tty1), read by its guest agent. Root only: the
+    /// screen can show anything a user typed or was shown.
+    async fn guest_screen(&self, #[zbus(connection)] conn: &zbus::Connection, vm: &str) -> Result<GuestScreen, VmApiError> {
+        require_root(conn, "GuestScreen").await?;
+        Ok(mgr()?.guest_screen(vm, SCREEN_TIMEOUT).await?)
+    }
+
+    /// The VM's display as a binary PPM (P6). Root only, like `GuestScreen`.
+    async fn screenshot(&self, #[zbus(connection)] conn: &zbus::Connection, vm: &str) -> Result<Vec<u8>, VmApiError> {
+        require_root(conn, "Screenshot").await?;
+        Ok(mgr()?.screenshot(vm).await?)
     }
 
     #[zbus(signal)]

@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -102,6 +103,19 @@ pub struct VmInfo {
     pub last_booted_at: u64,
 }
 
+/// The text on a VM's display console as its guest agent reads it (the `GuestScreen` call).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, zbus::zvariant::Type)]
+pub struct GuestScreen {
+    /// The virtual console read (1: the one the display shows at boot).
+    pub tty: u32,
+    pub rows: u32,
+    pub cols: u32,
+    pub cursor_x: u32,
+    pub cursor_y: u32,
+    /// `rows` lines joined by `\n`, trailing blanks cut.
+    pub text: String,
+}
+
 /// A state change (the `VmStateChanged` signal).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmEvent {
@@ -139,6 +153,10 @@ pub enum VmError {
     Registry(#[from] RegistryError),
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// The VM is in a state for the request, but carrying it out failed (the VMM or the
+    /// guest agent did not do its part).
+    #[error("VM {name}: {reason}")]
+    Failed { name: String, reason: String },
 }
 
 #[derive(Debug)]
@@ -324,6 +342,60 @@ impl VmManager {
         let vm = self.record(id_or_name)?;
         let files = VmFiles::new(&self.settings.paths.run_dir, &self.vm_dir(vm.id), &vm);
         Ok(vmm_process::serial_tail(&files.serial_log, lines))
+    }
+
+    /// The control socket of a VM whose VMM is up (running, or paused when `paused_ok`).
+    fn live_vmm(&self, id_or_name: &str, what: &str, paused_ok: bool) -> Result<(VmRecord, PathBuf), VmError> {
+        let vm = self.record(id_or_name)?;
+        let st = parse_state(&self.get(id_or_name)?.state);
+        if !(st == VmState::Running || (paused_ok && st == VmState::Paused)) {
+            let need = if paused_ok { "a running or paused VM" } else { "a running VM" };
+            return Err(VmError::Refused { name: vm.name, reason: format!("{what} needs {need}; it is {st}") });
+        }
+        let files = VmFiles::new(&self.settings.paths.run_dir, &self.vm_dir(vm.id), &vm);
+        Ok((vm, files.control_socket))
+    }
+
+    /// What the VM's display console (tty1) shows, as text: asks the guest agent (`screen
+    /// <id>` on its port; it answers `screen <id> {json}`, see `rayos-devguest`) and waits up
+    /// to `timeout` for the answer.
+    pub async fn guest_screen(&self, id_or_name: &str, timeout: Duration) -> Result<GuestScreen, VmError> {
+        let (vm, sock) = self.live_vmm(id_or_name, "reading the guest's screen", false)?;
+        if !vm.config.agent {
+            return Err(VmError::Refused { name: vm.name, reason: "reading the guest's screen needs the guest agent (config.agent)".into() });
+        }
+        let failed = |reason: String| VmError::Failed { name: vm.name.clone(), reason };
+        // Unique per request: the agent's output ring still holds earlier answers.
+        let id = format!("{}-{}", std::process::id(), NEXT_REQUEST.fetch_add(1, Ordering::Relaxed));
+        let call = |req: serde_json::Value| vmm_process::request(&sock, req, Duration::from_secs(3));
+        call(json!({"cmd": "agent_send", "data": format!("screen {id}\n")})).await.map_err(|e| failed(e.to_string()))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let a = call(json!({"cmd": "agent_read"})).await.map_err(|e| failed(e.to_string()))?;
+            if let Some(answer) = find_screen_answer(a.get("data").and_then(|d| d.as_str()).unwrap_or(""), &id) {
+                return answer.map_err(|e| failed(format!("the guest agent could not read tty1: {e}")));
+            }
+            if Instant::now() >= deadline {
+                return Err(failed(format!("the guest agent did not answer the screen request within {timeout:?}")));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The VM's display as a binary PPM (P6): the VMM writes the frame into the run folder,
+    /// we read it back and remove it.
+    pub async fn screenshot(&self, id_or_name: &str) -> Result<Vec<u8>, VmError> {
+        let (vm, sock) = self.live_vmm(id_or_name, "a screenshot", true)?;
+        if vm.config.display.is_none() {
+            return Err(VmError::Refused { name: vm.name, reason: "a screenshot needs a display (config.display)".into() });
+        }
+        let path = self.settings.paths.run_dir.join(format!("{}.screenshot-{}.ppm", vm.id, NEXT_REQUEST.fetch_add(1, Ordering::Relaxed)));
+        let failed = |reason: String| VmError::Failed { name: vm.name.clone(), reason };
+        // Reading a large frame takes a moment under emulation.
+        let r = vmm_process::request(&sock, json!({"cmd": "screenshot", "path": path}), Duration::from_secs(20)).await;
+        let data = r.map_err(|e| failed(e.to_string())).and_then(|_| std::fs::read(&path).map_err(|e| failed(format!("{}: {e}", path.display()))));
+        let _ = std::fs::remove_file(&path);
+        data
     }
 
     /// Boot in installed mode: start every VM whose policy says so, hidden. A VM that cannot
@@ -676,6 +748,38 @@ impl VmManager {
     }
 }
 
+/// Numbers requests to the VMMs and guest agents (screen ids, screenshot files).
+static NEXT_REQUEST: AtomicU64 = AtomicU64::new(1);
+
+/// In the agent's recent output, the complete answer line `screen <id> {json}`: Some(Ok)
+/// with the screen, Some(Err) with the agent's error, None while it has not come.
+fn find_screen_answer(data: &str, id: &str) -> Option<Result<GuestScreen, String>> {
+    let prefix = format!("screen {id} ");
+    // Only whole lines: the last one may still be arriving.
+    let complete = &data[..data.rfind('\n')? + 1];
+    let json = complete.lines().rev().find_map(|l| l.strip_prefix(prefix.as_str()))?;
+    #[derive(Deserialize)]
+    struct Answer {
+        error: Option<String>,
+        tty: Option<u32>,
+        rows: Option<u32>,
+        cols: Option<u32>,
+        cursor: Option<(u32, u32)>,
+        text: Option<String>,
+    }
+    let a: Answer = match serde_json::from_str(json) {
+        Ok(a) => a,
+        Err(e) => return Some(Err(format!("unreadable answer: {e}"))),
+    };
+    if let Some(e) = a.error {
+        return Some(Err(e));
+    }
+    let (Some(tty), Some(rows), Some(cols), Some((cursor_x, cursor_y)), Some(text)) = (a.tty, a.rows, a.cols, a.cursor, a.text) else {
+        return Some(Err(format!("answer without tty, rows, cols, cursor or text: {json}")));
+    };
+    Some(Ok(GuestScreen { tty, rows, cols, cursor_x, cursor_y, text }))
+}
+
 /// How often the guest agent's output is read.
 const AGENT_POLL: Duration = Duration::from_millis(250);
 
@@ -710,5 +814,21 @@ mod agent_tests {
         assert_eq!(super::parse_agent("ready\nheartbeat 1\nheartbeat 2\nheartb"), (true, 2));
         // The ring may start mid-line.
         assert_eq!(super::parse_agent("beat 7\nheartbeat 8\n"), (false, 8));
+    }
+
+    #[test]
+    fn the_screen_answer_is_found_by_its_id_and_only_when_complete() {
+        use super::find_screen_answer;
+        let ours = r#"screen 7-2 {"tty":1,"rows":2,"cols":80,"cursor":[7,1],"text":"Debian\nhost login:"}"#;
+        let old = r#"screen 7-1 {"tty":1,"rows":2,"cols":80,"cursor":[0,0],"text":"old"}"#;
+        assert!(find_screen_answer(&format!("ready\n{old}\nheartbeat 3\n"), "7-2").is_none(), "an earlier answer is not ours");
+        assert!(find_screen_answer(&ours[..40], "7-2").is_none(), "a line still arriving");
+        let s = find_screen_answer(&format!("{old}\nheartbeat 4\n{ours}\nheartbeat 5\n"), "7-2").unwrap().unwrap();
+        assert_eq!((s.tty, s.rows, s.cols, s.cursor_x, s.cursor_y), (1, 2, 80, 7, 1));
+        assert_eq!(s.text, "Debian\nhost login:");
+        let e = find_screen_answer("screen 9 {\"error\":\"/dev/vcsu1: No such file\"}\n", "9").unwrap().unwrap_err();
+        assert!(e.contains("/dev/vcsu1"), "{e}");
+        let e = find_screen_answer("screen 9 {\"tty\":1}\n", "9").unwrap().unwrap_err();
+        assert!(e.contains("without"), "{e}");
     }
 }

@@ -12,7 +12,7 @@ use super::registry::{DeviceConfig, DiskRecord, Policy, RestartPolicy, VmKind};
 use crate::reaper::Reaper;
 
 /// Behaviour comes from words in the spec's cmdline: `crash-after-MS`, `ignore-acpi`,
-/// `no-socket`.
+/// `no-socket`, `mute-agent` (the guest agent never answers).
 const FAKE_VMM: &str = r#"#!/usr/bin/python3
 import json, os, socket, sys, threading, time
 spec = json.load(open(sys.argv[2]))
@@ -20,6 +20,7 @@ words = spec["cmdline"].split()
 t0 = time.time()
 log = open(spec["serial_log"], "a", buffering=1)
 paused = threading.Event()
+agent_out = ["ready\n"]
 for w in words:
     if w.startswith("crash-after-"):
         ms = int(w[len("crash-after-"):])
@@ -56,6 +57,16 @@ def serve(c):
                 threading.Timer(0.05, lambda: os._exit(0)).start()
         elif cmd == "poweroff":
             threading.Timer(0.01, lambda: os._exit(0)).start()
+        elif cmd == "agent_send":
+            for l in req["data"].splitlines():
+                if l.startswith("screen ") and "mute-agent" not in words:
+                    screen = {"tty": 1, "rows": 2, "cols": 20, "cursor": [12, 1], "text": "Debian GNU/Linux 12\nfake login:"}
+                    agent_out.append("screen %s %s\n" % (l.split()[1], json.dumps(screen)))
+        elif cmd == "agent_read":
+            ans.update(data="".join(agent_out))
+        elif cmd == "screenshot":
+            open(req["path"], "wb").write(b"P6\n2 1\n255\n" + bytes([255, 0, 0, 0, 0, 255]))
+            ans.update(width=2, height=1)
         f.write(json.dumps(ans) + "\n")
         f.flush()
 while True:
@@ -279,4 +290,63 @@ async fn delete_keeps_the_disk_unless_purged_and_the_registry_reopens_the_same()
     let list = again.list();
     assert_eq!(list.len(), 1);
     assert_eq!(list[0].id, c);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_guest_screen_comes_from_the_agent_and_the_screenshot_from_the_vmm() {
+    let env = setup("screen", |_| {});
+    let mk = |name: &str, cmdline: &str, agent: bool, display: Option<(u32, u32)>| {
+        let disk = env.dir.join(format!("{name}.img"));
+        std::fs::write(&disk, b"").unwrap();
+        let config = DeviceConfig {
+            vcpus: 1,
+            memory_mib: 64,
+            kernel: env.dir.join("bzImage"),
+            initramfs: None,
+            cmdline: cmdline.into(),
+            display,
+            input: false,
+            net_taps: vec![],
+            rng: false,
+            agent,
+        };
+        let req = CreateRequest { name: name.into(), kind: VmKind::Linux, disks: vec![DiskRecord { path: disk, read_only: false }], config, policy: Policy::default() };
+        env.mgr.create(req).unwrap();
+    };
+    mk("shown", "", true, Some((1024, 768)));
+    mk("mute", "mute-agent", true, None);
+    mk("bare", "", false, None);
+
+    // A stopped VM has no screen to read.
+    let e = env.mgr.guest_screen("shown", Duration::from_secs(2)).await.unwrap_err();
+    assert!(matches!(e, super::manager::VmError::Refused { .. }) && e.to_string().contains("it is stopped"), "{e}");
+    let e = env.mgr.screenshot("shown").await.unwrap_err();
+    assert!(matches!(e, super::manager::VmError::Refused { .. }), "{e}");
+
+    for vm in ["shown", "mute", "bare"] {
+        env.mgr.start(vm, false).unwrap();
+        wait_state(&env, vm, "running", Duration::from_secs(5)).await;
+    }
+    let s = env.mgr.guest_screen("shown", Duration::from_secs(2)).await.unwrap();
+    assert_eq!((s.tty, s.rows, s.cols, s.cursor_x, s.cursor_y), (1, 2, 20, 12, 1));
+    assert_eq!(s.text, "Debian GNU/Linux 12\nfake login:");
+    // Each request gets its own answer, not the one before it.
+    assert_eq!(env.mgr.guest_screen("shown", Duration::from_secs(2)).await.unwrap(), s);
+
+    let ppm = env.mgr.screenshot("shown").await.unwrap();
+    assert_eq!(ppm, b"P6\n2 1\n255\n\xff\x00\x00\x00\x00\xff");
+    assert_eq!(super::cli::ppm_size(&ppm), Some((2, 1)));
+    let run = env.dir.join("run");
+    let left: Vec<_> = std::fs::read_dir(&run).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().contains("screenshot")).collect();
+    assert!(left.is_empty(), "the screenshot file was left in {}: {left:?}", run.display());
+
+    let t = Instant::now();
+    let e = env.mgr.guest_screen("mute", Duration::from_millis(300)).await.unwrap_err();
+    assert!(matches!(e, super::manager::VmError::Failed { .. }) && e.to_string().contains("did not answer"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(2), "the timeout was not kept: {:?}", t.elapsed());
+    let e = env.mgr.guest_screen("bare", Duration::from_secs(1)).await.unwrap_err();
+    assert!(e.to_string().contains("config.agent"), "{e}");
+    let e = env.mgr.screenshot("bare").await.unwrap_err();
+    assert!(e.to_string().contains("config.display"), "{e}");
+    env.mgr.shutdown_all(Duration::from_secs(2)).await;
 }
