@@ -67,11 +67,13 @@ struct Vm {
     memory_mib: u64,
     /// Copy this image as the VM's disk instead of a blank 1 MiB one.
     disk_src: Option<PathBuf>,
+    /// A display of this size (and a keyboard and tablet with it).
+    display: Option<(u32, u32)>,
 }
 
 impl Vm {
     fn new(name: &'static str, autostart: bool) -> Vm {
-        Vm { id: new_uuid(), name, autostart, disk: true, bad_kernel: false, agent: true, boot: None, memory_mib: 128, disk_src: None }
+        Vm { id: new_uuid(), name, autostart, disk: true, bad_kernel: false, agent: true, boot: None, memory_mib: 128, disk_src: None, display: None }
     }
 
     fn record(&self) -> Value {
@@ -95,7 +97,7 @@ impl Vm {
                 "kernel": kernel,
                 "initramfs": initramfs,
                 "cmdline": cmdline,
-                "display": null, "input": false, "net_taps": [], "rng": false, "agent": self.agent
+                "display": self.display, "input": self.display.is_some(), "net_taps": [], "rng": false, "agent": self.agent
             },
             "policy": {"autostart_hidden": self.autostart, "restart": "on-failure"},
             "created_at": 1764000000u64,
@@ -444,9 +446,80 @@ fn vm_registry_survives_reboot_and_a_corrupt_registry_falls_back_to_the_backup()
     assert_eq!(bak["vms"].as_array().unwrap().len(), 1, "the backup is the version before the create");
 }
 
-/// The default Linux guest (Debian bookworm + systemd + the RayOS guest agent, built by
+/// A binary PPM (P6, maxval 255): width, height, RGB bytes.
+fn read_ppm(path: &Path) -> (usize, usize, Vec<u8>) {
+    let data = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut fields = Vec::new();
+    let mut at = 0;
+    while fields.len() < 4 {
+        while data[at].is_ascii_whitespace() {
+            at += 1;
+        }
+        let start = at;
+        while !data[at].is_ascii_whitespace() {
+            at += 1;
+        }
+        fields.push(String::from_utf8_lossy(&data[start..at]).to_string());
+    }
+    assert_eq!((fields[0].as_str(), fields[3].as_str()), ("P6", "255"), "{}: not a P6 PPM", path.display());
+    let (w, h): (usize, usize) = (fields[1].parse().unwrap(), fields[2].parse().unwrap());
+    let pixels = data[at + 1..].to_vec();
+    assert_eq!(pixels.len(), w * h * 3, "{}: pixel data of a {w}x{h} image", path.display());
+    (w, h, pixels)
+}
+
+/// What the screenshot shows against the console's text: the background (the most common
+/// colour), how many pixels differ from it, and which text rows have any such pixel.
+fn lit_rows(w: usize, h: usize, px: &[u8], rows: usize) -> (u32, usize, Vec<bool>) {
+    let colour = |i: usize| u32::from_be_bytes([0, px[3 * i], px[3 * i + 1], px[3 * i + 2]]);
+    let mut counts = std::collections::HashMap::new();
+    for i in 0..w * h {
+        *counts.entry(colour(i)).or_insert(0usize) += 1;
+    }
+    let bg = counts.iter().max_by_key(|(_, n)| **n).map(|(c, _)| *c).unwrap();
+    let cell_h = h / rows;
+    let mut lit = 0;
+    let mut by_row = vec![false; rows];
+    for y in 0..cell_h * rows {
+        for x in 0..w {
+            if colour(y * w + x) != bg {
+                lit += 1;
+                by_row[y / cell_h] = true;
+            }
+        }
+    }
+    (bg, lit, by_row)
+}
+
+/// The screenshot check itself, on made-up frames: it must tell a console's picture from a
+/// blank or a shifted one (no QEMU needed).
+#[test]
+fn the_screenshot_check_finds_the_lit_text_rows() {
+    let (w, h, rows) = (16, 12, 3);
+    let mut px = vec![0u8; w * h * 3];
+    // Row 1 (pixels 4..8) has a "glyph" of grey pixels.
+    for y in 5..7 {
+        for x in 2..6 {
+            px[3 * (y * w + x)..3 * (y * w + x) + 3].copy_from_slice(&[0xaa, 0xaa, 0xaa]);
+        }
+    }
+    let (bg, lit, by_row) = lit_rows(w, h, &px, rows);
+    assert_eq!((bg, lit, by_row), (0, 8, vec![false, true, false]));
+    assert_eq!(lit_rows(w, h, &vec![0u8; w * h * 3], rows), (0, 0, vec![false; 3]), "a blank frame lights nothing");
+    // A white background with dark text: the background is whatever is most common.
+    let inv: Vec<u8> = px.iter().map(|b| 0xff - b).collect();
+    assert_eq!(lit_rows(w, h, &inv, rows).1, 8);
+
+    let path = std::env::temp_dir().join(format!("rayos-ppm-{}.ppm", std::process::id()));
+    std::fs::write(&path, [format!("P6\n{w} {h}\n255\n").into_bytes(), px.clone()].concat()).unwrap();
+    assert_eq!(read_ppm(&path), (w, h, px));
+    let _ = std::fs::remove_file(&path);
+}
+
+/// The default Linux guest (Debian bookworm + sysvinit + the RayOS guest agent, built by
 /// `rootfs_builder::guest`) autostarts under the supervisor in a real RayOS, its agent reports
-/// ready, its serial console offers a login, and a stop shuts it down cleanly.
+/// ready, its serial console and its display (tty1) each offer a login, and a stop shuts it
+/// down cleanly.
 #[test]
 fn vm_default_debian_guest_boots_to_a_login() {
     let guest = rootfs_builder::guest::ensure_default_linux_guest().expect("building the default Linux guest");
@@ -454,11 +527,13 @@ fn vm_default_debian_guest_boots_to_a_login() {
     debian.memory_mib = 512;
     debian.disk_src = Some(guest.disk.clone());
     debian.boot = Some(("/data/images/vmlinuz".into(), None, guest.cmdline.clone()));
+    // The display of `VmRecord::default_linux`.
+    debian.display = Some((1280, 800));
     let registry = registry_json(&[&debian]);
     let (mut q, _disk) = boot("vm-debian", |dir| data_disk_sized(dir, &[&debian], &registry, None, BIG_PART_SIZE));
     q.wait_for("rayosd: ready", BOOT_TIMEOUT).unwrap();
     q.wait_for("vm debian: autostart (hidden)", BOOT_TIMEOUT).unwrap();
-    // The agent's boot-timer write comes when systemd starts it: "guest init" here is the
+    // The agent's boot-timer write comes when init starts it: "guest init" here is the
     // agent's start, later than the kernel's init.
     let init = q.wait_for("vm debian: guest init reached", Duration::from_secs(600)).unwrap();
     eprintln!("debian: {init}");
@@ -472,6 +547,59 @@ fn vm_default_debian_guest_boots_to_a_login() {
         assert!(t.elapsed() < Duration::from_secs(300), "no login prompt on the serial console:\n{serial}");
         std::thread::sleep(Duration::from_secs(2));
     }
+    eprintln!("debian: serial login prompt after {:?}", t.elapsed());
+
+    // The display: the text of tty1 (read by the guest agent) has the login prompt…
+    let t = Instant::now();
+    let text_of = |v: &Value| v["text"].as_str().unwrap_or_default().to_string();
+    loop {
+        let (code, v, out) = ctl(&q, &["vm", "screen", "debian"]);
+        if code == 0 && text_of(&v).lines().any(|l| l.trim_end().ends_with("rayos-linux login:")) {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "no login prompt on the display console (tty1):\n{}", if code == 0 { text_of(&v) } else { out });
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    eprintln!("debian: tty1 login prompt after {:?} more", t.elapsed());
+    // …and the framebuffer really shows that console: pixels lit in exactly the text rows
+    // that have characters (the cursor's row may be lit without any). Text and picture are
+    // compared only when the text did not change around the screenshot.
+    let shot = q.workdir().join("debian-display.ppm");
+    let shot_arg = shot.to_str().unwrap().to_string();
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let before = ctl_ok(&q, &["vm", "screen", "debian"]);
+        let ts = Instant::now();
+        let info = ctl_ok(&q, &["vm", "screenshot", "debian", &shot_arg]);
+        let shot_ms = ts.elapsed().as_millis();
+        let after = ctl_ok(&q, &["vm", "screen", "debian"]);
+        if text_of(&before) != text_of(&after) {
+            assert!(tries < 5, "tty1 kept changing around the screenshots:\n{}", text_of(&after));
+            continue;
+        }
+        let (w, h, px) = read_ppm(&shot);
+        assert_eq!((info["width"].as_u64(), info["height"].as_u64()), (Some(w as u64), Some(h as u64)));
+        // Not necessarily the configured size: the VMM announces no preferred mode (EDID) yet,
+        // so Linux picks its own (1024x768).
+        let rows = after["rows"].as_u64().unwrap() as usize;
+        let cursor_row = after["cursor"][1].as_u64().unwrap() as usize;
+        let text = text_of(&after);
+        let has_text: Vec<bool> = (0..rows).map(|r| text.lines().nth(r).is_some_and(|l| !l.trim().is_empty())).collect();
+        let (bg, lit, lit_by_row) = lit_rows(w, h, &px, rows);
+        let chars = text.chars().filter(|c| !c.is_whitespace()).count();
+        eprintln!("debian: screenshot {w}x{h} in {shot_ms} ms: background {bg:06x}, {lit} lit pixels, {chars} characters on {rows} rows");
+        // A glyph of the 8x16 console font lights 10-40 pixels; 5 per character is a floor.
+        assert!(lit >= 5 * chars && chars > 20, "the display is (nearly) blank: {lit} lit pixels for {chars} characters of text:\n{text}");
+        let wrong: Vec<usize> = (0..rows).filter(|&r| lit_by_row[r] != has_text[r] && !(r == cursor_row && lit_by_row[r])).collect();
+        assert!(
+            wrong.is_empty(),
+            "the display does not show tty1: rows {wrong:?} differ (lit: {lit_by_row:?}); screenshot {}; text:\n{text}",
+            shot.display()
+        );
+        break;
+    }
+
     ctl_ok(&q, &["vm", "stop", "debian"]);
     let v = wait_vm(&q, "debian", "stopped", Duration::from_secs(300), |v| v["state"] == "stopped");
     assert_eq!(v["detail"], "the guest powered off", "not a clean power-off: {v}");
