@@ -583,7 +583,7 @@ fn vm_default_debian_guest_boots_to_a_login() {
         // Not necessarily the configured size: the VMM announces no preferred mode (EDID) yet,
         // so Linux picks its own (1024x768).
         let rows = after["rows"].as_u64().unwrap() as usize;
-        let cursor_row = after["cursor"][1].as_u64().unwrap() as usize;
+        let cursor_row = after["cursor_y"].as_u64().unwrap() as usize;
         let text = text_of(&after);
         let has_text: Vec<bool> = (0..rows).map(|r| text.lines().nth(r).is_some_and(|l| !l.trim().is_empty())).collect();
         let (bg, lit, lit_by_row) = lit_rows(w, h, &px, rows);
