@@ -106,6 +106,11 @@ impl Framer {
                         continue;
                     }
                 }
+                // No SASL command starts with NUL or `R`: a new client whose predecessor
+                // went away before BEGIN.
+                if self.line.is_empty() && (b == 0 || b == crate::session::FIRST_BYTE) {
+                    return Some(i);
+                }
                 self.line.push(b);
                 if self.line.ends_with(b"\r\n") {
                     if self.line == b"BEGIN\r\n" {
@@ -493,6 +498,18 @@ mod tests {
         let mut f = Framer::default();
         let at = two.iter().enumerate().find_map(|(i, b)| f.feed(std::slice::from_ref(b)).map(|_| i));
         assert_eq!(at, Some(one.len()));
+    }
+
+    /// A client that went away during SASL, before BEGIN, and the next one's hello.
+    #[test]
+    fn framer_finds_a_new_client_after_an_unfinished_handshake() {
+        let first = b"\0AUTH EXTERNAL 30\r\n".to_vec();
+        for next in [crate::session::hello_line(&crate::session::new_nonce()), b"\0AUTH EXTERNAL 30\r\n".to_vec()] {
+            let mut both = first.clone();
+            both.extend(&next);
+            let mut f = Framer::default();
+            assert_eq!(f.feed(&both), Some(first.len()));
+        }
     }
 
     #[test]

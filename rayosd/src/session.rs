@@ -13,7 +13,6 @@
 //! same read. Plain D-Bus clients (`busctl`, `gdbus`) skip the preamble: their first byte is
 //! NUL, never `R`, and servers accept both.
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -27,6 +26,10 @@ const NONCE_LEN: usize = 32;
 pub const HELLO_LEN: usize = HELLO.len() + NONCE_LEN + 2;
 /// Stale bytes a client drops before it gives up on ever seeing its answer.
 const MAX_STALE: usize = 8 << 20;
+/// How long a client waits for the next byte of the server's answer. It is per read, so a
+/// long stream of stale bytes does not count against it; it ends a session whose hello was
+/// lost, rather than waiting for ever.
+pub const CLIENT_WAIT: Duration = Duration::from_secs(30);
 /// How long a server waits for a connected client's first bytes.
 pub const SERVER_WAIT: Duration = Duration::from_secs(10);
 
@@ -40,6 +43,8 @@ pub enum SessionError {
     Closed,
     #[error("session preamble: {0} bytes arrived without the server's answer; is this a RayOS control socket?")]
     NoAnswer(usize),
+    #[error("session preamble: no answer from the server within {0:?}")]
+    NoAnswerWithin(Duration),
     #[error("session preamble: {0} unexpected bytes after the server's answer")]
     Trailing(usize),
     #[error("session preamble: the client sent nothing within {0:?}")]
@@ -81,11 +86,15 @@ pub async fn client_open(stream: &mut tokio::net::UnixStream) -> Result<(), Sess
     let ack = ack_line(&nonce);
     let mut buf = Vec::with_capacity(256);
     let mut chunk = [0u8; 4096];
+    let mut total = 0;
     loop {
-        let n = stream.read(&mut chunk).await?;
+        let n = tokio::time::timeout(CLIENT_WAIT, stream.read(&mut chunk))
+            .await
+            .map_err(|_| SessionError::NoAnswerWithin(CLIENT_WAIT))??;
         if n == 0 {
             return Err(SessionError::Closed);
         }
+        total += n;
         buf.extend_from_slice(&chunk[..n]);
         if let Some(end) = find_end(&buf, &ack) {
             if end != buf.len() {
@@ -97,8 +106,8 @@ pub async fn client_open(stream: &mut tokio::net::UnixStream) -> Result<(), Sess
             }
             return Ok(());
         }
-        if buf.len() > MAX_STALE {
-            return Err(SessionError::NoAnswer(buf.len()));
+        if total > MAX_STALE {
+            return Err(SessionError::NoAnswer(total));
         }
         // Keep only what could still hold the start of the answer.
         if buf.len() > 2 * ack.len() + 4096 {
@@ -143,28 +152,6 @@ pub async fn server_accept(stream: &mut tokio::net::UnixStream) -> Result<bool, 
     let nonce = parse_hello(&line)?.to_string();
     stream.write_all(&ack_line(&nonce)).await?;
     Ok(true)
-}
-
-/// The blocking client side, for std streams (tests, tools without a runtime).
-pub fn client_open_blocking<S: Read + Write>(stream: &mut S) -> Result<(), SessionError> {
-    let nonce = new_nonce();
-    stream.write_all(&hello_line(&nonce))?;
-    let ack = ack_line(&nonce);
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let n = stream.read(&mut chunk)?;
-        if n == 0 {
-            return Err(SessionError::Closed);
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(end) = find_end(&buf, &ack) {
-            return if end == buf.len() { Ok(()) } else { Err(SessionError::Trailing(buf.len() - end)) };
-        }
-        if buf.len() > MAX_STALE {
-            return Err(SessionError::NoAnswer(buf.len()));
-        }
-    }
 }
 
 #[cfg(test)]

@@ -210,7 +210,7 @@ fn fuzz(seconds: u64) -> Result<()> {
 fn vmm(rounds: u32) -> Result<()> {
     let a = build::all()?;
     // bench-nested.sh packs the outer machine with cpio(1) and zstd(1) and runs QEMU.
-    rootfs_builder::hostdeps::ensure(&["cpio", "zstd", "qemu-system-x86"])?;
+    rootfs_builder::hostdeps::ensure(&["cpio", "zstd", "python3", "qemu-system-x86"])?;
     let bin = cargo_build::build_static(["vmm"])?;
     let work = paths::out_dir().join("bench").join("vmm");
     std::fs::create_dir_all(&work)?;

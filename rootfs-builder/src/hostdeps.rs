@@ -11,9 +11,10 @@ pub const BUILD: &[&str] = &[
 ];
 /// What booting RayOS in QEMU needs.
 pub const RUN: &[&str] = &["qemu-system-x86", "ovmf"];
-/// What the tests check images with beyond the build's tools: `fsck.vfat` for the ESPs the
-/// installer writes (e2fsck and debugfs come with e2fsprogs).
-pub const TEST: &[&str] = &["dosfstools"];
+/// What the tests need beyond the build's tools: `fsck.vfat` for the ESPs the installer
+/// writes (e2fsck and debugfs come with e2fsprogs), python3 for the fake VMM of rayosd's
+/// unit tests.
+pub const TEST: &[&str] = &["dosfstools", "python3"];
 
 #[derive(Debug, Error)]
 pub enum HostDepsError {

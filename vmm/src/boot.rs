@@ -138,7 +138,12 @@ fn check_elf(f: &mut File, head: &[u8], file_len: u64, ram_top: u64) -> std::res
                 "segment {i} ({filesz} bytes at file offset {offset:#x}) runs past the end of the file ({file_len} bytes): truncated?"
             ));
         }
-        let end = paddr.checked_add(memsz.max(filesz)).ok_or_else(|| format!("segment {i} at {paddr:#x} overflows"))?;
+        if filesz > memsz {
+            // The loader copies filesz bytes but reports the end from memsz: the initramfs
+            // placed after it would overlap the kernel.
+            return Err(format!("segment {i} has more file bytes ({filesz}) than memory bytes ({memsz})"));
+        }
+        let end = paddr.checked_add(memsz).ok_or_else(|| format!("segment {i} at {paddr:#x} overflows"))?;
         if paddr < layout::HIGH_RAM_START || end > ram_top {
             return Err(format!(
                 "segment {i} needs guest memory {paddr:#x}..{end:#x}, outside the VM's low RAM {:#x}..{ram_top:#x}",
@@ -149,6 +154,10 @@ fn check_elf(f: &mut File, head: &[u8], file_len: u64, ram_top: u64) -> std::res
     }
     if loads == 0 {
         return Err("ELF has no loadable segments".into());
+    }
+    // The vCPU starts with only the first GiB identity-mapped (vcpu.rs).
+    if entry >= 1 << 30 {
+        return Err(format!("ELF entry point {entry:#x} is above the first GiB, which is all the boot page tables map"));
     }
     if !entry_loaded {
         return Err(format!(
@@ -372,6 +381,10 @@ mod tests {
         refused("elf-arm", &arm, "not x86-64");
         refused("elf-entry", &elf(0x100_0000, 0x200_0000, &[0x90; 4096]), "entry point 0x2000000");
         refused("elf-big", &elf(0x3ff_0000, 0x3ff_0000, &[0x90; 4096]), "outside the VM's low RAM");
+        let mut no_bss = good.clone();
+        let ph = ELF64_EHDR_SIZE;
+        no_bss[ph + 40..ph + 48].copy_from_slice(&16u64.to_le_bytes());
+        refused("elf-filesz", &no_bss, "more file bytes");
         let mut phnum = good.clone();
         phnum[56..58].copy_from_slice(&0xffffu16.to_le_bytes());
         refused("elf-phnum", &phnum, "program header");
