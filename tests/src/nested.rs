@@ -26,6 +26,15 @@ pub fn guest_initramfs(out: &Path) -> PathBuf {
     out.to_path_buf()
 }
 
+/// The part of a serial `log` that belongs to run `name`: after the previous run's exit line,
+/// up to and including its own (a background run's output may be mixed in).
+pub fn section<'a>(log: &'a str, name: &str) -> &'a str {
+    let at = log.find(&format!("testinit: {name} exit=")).unwrap_or_else(|| panic!("run {name} never ended:\n{log}"));
+    let end = at + log[at..].find('\n').unwrap_or(log.len() - at);
+    let start = log[..at].rfind(" exit=").map(|i| i + log[i..].find('\n').unwrap_or(0)).unwrap_or(0);
+    &log[start..end]
+}
+
 pub struct Outer {
     builder: QemuBuilder,
     ird: Initramfs,

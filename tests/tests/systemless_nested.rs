@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use rayos_tests::nested::Outer;
+use rayos_tests::nested::{section, Outer};
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(900);
 const SOCK: &str = "/run/sl/control.sock";
@@ -15,15 +15,6 @@ fn ctl<'a>(args: &[&'a str]) -> Vec<&'a str> {
     let mut v = vec!["/rayosctl", "--socket", SOCK, "--timeout", "60"];
     v.extend_from_slice(args);
     v
-}
-
-/// The output of run `name`: the lines between its start and its `exit=` line are mixed with
-/// other output only for background runs, so a run's lines are those after the previous
-/// run's exit line.
-fn run_output<'a>(log: &'a str, name: &str) -> &'a str {
-    let end = log.find(&format!("testinit: {name} exit=")).unwrap_or_else(|| panic!("run {name} never ended:\n{log}"));
-    let start = log[..end].rfind(" exit=").map_or(0, |i| i + 1);
-    &log[start..end]
 }
 
 #[test]
@@ -53,16 +44,16 @@ fn systemless_runs_a_real_vm_under_nested_kvm() {
     for run in ["create", "start", "show", "stop", "logs", "list"] {
         assert!(log.contains(&format!("testinit: {run} exit=0 ")), "rayosctl {run} failed:\n{log}");
     }
-    assert!(run_output(&log, "create").contains("created tiny id="), "{log}");
-    assert!(run_output(&log, "start").contains("tiny: guest init "), "{log}");
-    let show = run_output(&log, "show");
+    assert!(section(&log, "create").contains("created tiny id="), "{log}");
+    assert!(section(&log, "start").contains("tiny: guest init "), "{log}");
+    let show = section(&log, "show");
     assert!(show.contains("\"state\": \"running\""), "not running after start: {show}");
-    assert!(run_output(&log, "stop").contains("tiny stopped after"), "{log}");
+    assert!(section(&log, "stop").contains("tiny stopped after"), "{log}");
     // The guest's own console, through systemless's serial log of the VM.
-    let serial = run_output(&log, "logs");
+    let serial = section(&log, "logs");
     assert!(serial.contains("agent: cpus ok online=2"), "the guest did not see its 2 vCPUs:\n{serial}");
     assert!(serial.contains("agent: powerbutton ok pressed"), "stop did not reach the guest as a power button press:\n{serial}");
-    assert!(run_output(&log, "list").contains("stopped"), "{log}");
+    assert!(section(&log, "list").contains("stopped"), "{log}");
     // SIGTERM: systemless stops cleanly and says so.
     assert!(log.contains("rayos-systemless: stopped") && log.contains("testinit: sl exit=0 "), "systemless did not stop cleanly:\n{log}");
 }

@@ -7,7 +7,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rayos_tests::nested::{guest_initramfs, vmm_bins, Outer};
+use rayos_tests::nested::{guest_initramfs, section, vmm_bins, Outer};
 use rayos_tests::artifacts;
 
 /// Nested boots take seconds each under TCG; several run in sequence, on two shared cores.
@@ -204,15 +204,6 @@ fn vmm_boots_linux_smp_with_devices_control_and_power_off() {
     assert_eq!(status["vcpus"], 2);
     assert!(status["boot_ms"].as_u64().is_some(), "{status}");
     assert_eq!(ctl_answer(&log, "ctl", "bad request")["ok"], false);
-}
-
-/// The part of `log` that belongs to run `name`: after the previous run's exit line, up to
-/// and including its own.
-fn section<'a>(log: &'a str, name: &str) -> &'a str {
-    let at = log.find(&format!("testinit: {name} exit=")).unwrap_or_else(|| panic!("run {name} never ended:\n{log}"));
-    let end = at + log[at..].find('\n').unwrap_or(log.len() - at);
-    let start = log[..at].rfind(" exit=").map(|i| i + log[i..].find('\n').unwrap_or(0)).unwrap_or(0);
-    &log[start..end]
 }
 
 /// The uncompressed kernel: rayos-vmm boots the stripped ELF vmlinux of the same kernel build
