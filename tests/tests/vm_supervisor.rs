@@ -580,8 +580,8 @@ fn vm_default_debian_guest_boots_to_a_login() {
         }
         let (w, h, px) = read_ppm(&shot);
         assert_eq!((info["width"].as_u64(), info["height"].as_u64()), (Some(w as u64), Some(h as u64)));
-        // Not necessarily the configured size: the VMM announces no preferred mode (EDID) yet,
-        // so Linux picks its own (1024x768).
+        // The configured size: the VMM announces it as the preferred mode (EDID).
+        assert_eq!((w, h), (1280, 800), "the guest did not take the display's preferred mode");
         let rows = after["rows"].as_u64().unwrap() as usize;
         let cursor_row = after["cursor_y"].as_u64().unwrap() as usize;
         let text = text_of(&after);

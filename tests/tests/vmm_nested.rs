@@ -83,8 +83,9 @@ fn ctl_answer(log: &str, name: &str, marker: &str) -> serde_json::Value {
 #[test]
 fn vmm_boots_linux_smp_with_devices_control_and_power_off() {
     let runs = [
-        // 2 vCPUs through the ACPI MADT; power-off (ACPI S5) ends the VMM with 0.
-        Run { name: "smp", spec: spec("smp", 2, "cpus", serde_json::json!({})), ctl: None },
+        // 2 vCPUs through the ACPI MADT, and a kernel log without warnings (CPUID, XSAVE,
+        // ACPI tables as Linux checks them); power-off (ACPI S5) ends the VMM with 0.
+        Run { name: "smp", spec: spec("smp", 2, "cpus,nowarn", serde_json::json!({})), ctl: None },
         // Every device at once; the control socket injects input and reads the display.
         Run {
             name: "dev1",
@@ -94,7 +95,7 @@ fn vmm_boots_linux_smp_with_devices_control_and_power_off() {
                 "rng,disk-write,display,agent,input",
                 serde_json::json!({
                     "disks": [{"path": "/tmp/disk.img"}], "rng": true, "input": {},
-                    "display": {"width": 1024, "height": 768}, "console": {},
+                    "display": {"width": 1280, "height": 800}, "console": {},
                 }),
             ),
             ctl: Some(concat!(
@@ -106,7 +107,7 @@ fn vmm_boots_linux_smp_with_devices_control_and_power_off() {
                 "{\"cmd\":\"key\",\"code\":30,\"pressed\":false}\n",
                 "{\"cmd\":\"pointer\",\"x\":1000,\"y\":2000}\n",
                 "wait agent: input ok\n",
-                "{\"cmd\":\"display\",\"points\":[[0,0],[300,200],[1023,767]]}\n",
+                "{\"cmd\":\"display\",\"points\":[[0,0],[300,200],[1279,799]]}\n",
             )),
         },
         // virtio-net on a tap: the guest and the host side exchange UDP datagrams.
@@ -127,7 +128,9 @@ fn vmm_boots_linux_smp_with_devices_control_and_power_off() {
             spec: spec("pwr", 1, "powerbutton", serde_json::json!({})),
             ctl: Some("wait agent: powerbutton waiting\n{\"cmd\":\"shutdown\"}\n"),
         },
-        // The guest reboots (ACPI reset register): the VMM exits 10 for its supervisor.
+        // The guest reboots the way Linux does by default here (no `reboot=` option): via the
+        // reset vector, whose stub writes the ACPI reset register; the VMM exits 10 for its
+        // supervisor.
         Run { name: "reboot", spec: spec("reboot", 1, "cpus rayos.agent_end=reboot", serde_json::json!({})), ctl: None },
         // Pause, resume, status, a bad request, and a forced power-off.
         Run {
@@ -152,14 +155,15 @@ fn vmm_boots_linux_smp_with_devices_control_and_power_off() {
         let code = if r.name == "reboot" { 10 } else { 0 };
         assert_has(&log, &format!("testinit: {} exit={code} ", r.name));
     }
-    assert_has(&log, "rayos-vmm: guest rebooted");
+    assert_has(&log, "rayos-vmm: guest rebooted (ACPI reset register)");
     assert!(!log.contains("seccomp: blocked syscall"), "{log}");
     assert!(!log.contains(" FAIL "), "a guest check failed:\n{log}");
     // The boot timer fired for each guest.
     assert!(lines_with(&log, "boot-timer: guest init reached after").len() >= runs.len(), "{log}");
 
-    // SMP: the guest sees both vCPUs.
+    // SMP: the guest sees both vCPUs; its kernel did not warn about what the VMM gave it.
     assert_has(&log, "agent: cpus ok online=2");
+    assert_has(&log, "agent: nowarn ok");
 
     // virtio-rng.
     assert_has(&log, "agent: rng ok source=virtio_rng");
@@ -185,8 +189,10 @@ fn vmm_boots_linux_smp_with_devices_control_and_power_off() {
     assert_has(&log, "agent: input ok key=30 abs=1000,2000");
 
     // The guest drew pixel(x, y) = (x & 0xff) << 16 | (y & 0xff) << 8 | 0x5a through the bochs
-    // DRM driver; the VMM reads the same pixels from the shared framebuffer.
-    assert_has(&log, "agent: display ok 1024x768");
+    // DRM driver at the configured size (announced as the preferred mode through EDID, where
+    // Linux would otherwise pick 1024x768); the VMM reads the same pixels from the shared
+    // framebuffer.
+    assert_has(&log, "agent: display ok 1280x800");
     let d = ctl_answer(&log, "dev1", "\"pixels\"");
     assert_eq!(d["enabled"], true);
     let pixels: Vec<(u64, u64, u64)> = serde_json::from_value(d["pixels"].clone()).unwrap();
@@ -261,8 +267,11 @@ fn vmm_snapshot_restore_continues_the_guest() {
             spec: spec(
                 "snap1",
                 1,
-                "disk-write,heartbeat25,disk-write,disk-read",
-                serde_json::json!({"disks": [{"path": "/tmp/snapdisk.img"}], "rng": true, "console": {}}),
+                "disk-write,display,heartbeat25,disk-write,disk-read",
+                serde_json::json!({
+                    "disks": [{"path": "/tmp/snapdisk.img"}], "rng": true, "console": {},
+                    "display": {"width": 800, "height": 600},
+                }),
             ),
             ctl: Some(concat!(
                 "wait agent: heartbeat n=4\n",
@@ -274,7 +283,12 @@ fn vmm_snapshot_restore_continues_the_guest() {
         },
         // Only the control socket matters here (testinit reads it from the spec); the VM
         // comes from the snapshot.
-        Run { name: "snap2", spec: serde_json::json!({"control_socket": "/run/snap1.sock"}), ctl: None },
+        // Its first request reads the display before the guest could redraw anything.
+        Run {
+            name: "snap2",
+            spec: serde_json::json!({"control_socket": "/run/snap1.sock"}),
+            ctl: Some("{\"cmd\":\"display\",\"points\":[[0,0],[300,200],[799,599]]}\n"),
+        },
     ];
     let log = run_nested_with(
         "vmm_nested_snapshot",
@@ -324,6 +338,15 @@ fn vmm_snapshot_restore_continues_the_guest() {
     assert_eq!(written.len(), 1, "{after}");
     let marker = written[0].split("marker=").nth(1).unwrap().trim();
     assert_has(after, &format!("agent: disk-read ok marker={marker}"));
+    // The display: the pattern drawn before the snapshot is on the restored VMM's screen.
+    assert_eq!(lines_with(before, "agent: display ok 800x600").len(), 1, "{before}");
+    let d = ctl_answer(&log, "snap2", "\"pixels\"");
+    assert_eq!((d["enabled"].clone(), d["width"].clone()), (true.into(), 800.into()), "{d}");
+    let pixels: Vec<(u64, u64, u64)> = serde_json::from_value(d["pixels"].clone()).unwrap();
+    assert_eq!(pixels.len(), 3, "{d}");
+    for (x, y, v) in &pixels {
+        assert_eq!(*v, ((x & 0xff) << 16) | ((y & 0xff) << 8) | 0x5a, "restored pixel ({x},{y}) in {d}");
+    }
     let restored_ms: Vec<&str> = lines_with(after, "restored /tmp/snap in");
     println!("snapshot: {snap}\nrestore: {restored_ms:?}");
 }

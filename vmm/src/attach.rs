@@ -115,8 +115,15 @@ pub fn attach(
             out.tablet = Some(inj);
         }
     }
-    if spec.display.is_some() {
-        let disp = BochsDisplay::new(vm.clone(), DEFAULT_FB_SIZE).map_err(|e| dev_err("bochs-display", e))?;
+    if let Some(d) = &spec.display {
+        // Room for two frames of the configured mode (double buffering), and a BAR size that
+        // is a power of two; the spec check keeps width and height within EDID's 12 bits.
+        let need = 2 * u64::from(d.width) * u64::from(d.height) * 4;
+        let fb_size = need.next_power_of_two().max(DEFAULT_FB_SIZE);
+        let mut disp = BochsDisplay::new(vm.clone(), fb_size).map_err(|e| dev_err("bochs-display", e))?;
+        // The configured size is the guest's preferred (native) mode through EDID; without it
+        // Linux's bochs driver and OVMF start at 1024x768.
+        disp.set_preferred_mode(d.width as u16, d.height as u16).map_err(|e| dev_err("bochs-display", e))?;
         out.framebuffer = Some(disp.framebuffer());
         root.add(Box::new(disp)).map_err(|e| dev_err("bochs-display", e))?;
     }

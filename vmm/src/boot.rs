@@ -222,12 +222,6 @@ pub fn load(
 
     let mut cl = Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(|e| Error::Cmdline(e.to_string()))?;
     cl.insert_str(cmdline).map_err(|e| Error::Cmdline(format!("{cmdline:?}: {e}")))?;
-    // Linux guests reboot through the i8042 unless told otherwise (as Firecracker does):
-    // their default ACPI-first reboot path hung in our nested tests before reaching any
-    // reset register, while `reboot=k` and triple faults reset promptly.
-    if !cmdline.split_whitespace().any(|w| w.starts_with("reboot=")) {
-        cl.insert_str("reboot=k").map_err(|e| Error::Cmdline(e.to_string()))?;
-    }
     load_cmdline(mem, GuestAddress(layout::CMDLINE_START), &cl).map_err(|e| Error::Cmdline(e.to_string()))?;
 
     // The fields a loader fills in (Documentation/arch/x86/boot.rst), the same for both
@@ -281,6 +275,13 @@ fn load_initramfs(mem: &GuestMemory, mem_size: u64, path: &Path, addr_max: u64, 
     Ok((addr, size))
 }
 
+/// Puts [`layout::RESET_STUB`] at the real-mode reset vector, for guests that reboot by
+/// jumping there.
+pub fn write_reset_stub(mem: &GuestMemory) -> Result<()> {
+    mem.write_slice(&layout::RESET_STUB, GuestAddress(layout::RESET_VECTOR))
+        .map_err(|e| Error::Acpi(format!("writing the reset stub at {:#x}: {e}", layout::RESET_VECTOR)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -325,6 +326,24 @@ mod tests {
         b
     }
 
+    /// The reset vector holds `mov al, 1; mov dx, 0x601; out dx, al; hlt; jmp $-3`: the
+    /// ACPI reset register write that the VMM turns into a reboot, then a halt loop.
+    #[test]
+    fn the_reset_vector_writes_the_reset_register() {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        write_reset_stub(&mem).unwrap();
+        let mut code = [0u8; 10];
+        mem.read_slice(&mut code, GuestAddress(0xffff0)).unwrap();
+        assert_eq!(code[0..2], [0xb0, layout::ACPI_RESET_VALUE]);
+        assert_eq!(u16::from_le_bytes([code[3], code[4]]), layout::pio::ACPI_RESET);
+        assert_eq!(code[2], 0xba);
+        assert_eq!(code[5..9], [0xee, 0xf4, 0xeb, 0xfd], "out dx, al; hlt; jmp back to the hlt");
+        // The e820 map keeps it away from the kernel's allocator.
+        assert!(layout::e820_map(64 << 20)
+            .iter()
+            .any(|&(start, size, t)| t == layout::E820_RESERVED && start <= 0xffff0 && 0xffff0 + 10 <= start + size));
+    }
+
     #[test]
     fn formats_are_told_by_their_magic() {
         assert_eq!(detect(&elf(0x100_0000, 0x100_0000, &[0x90; 16])), Ok(KernelFormat::Elf));
@@ -355,7 +374,7 @@ mod tests {
         let (align, rsdp, nr) = (p.hdr.kernel_alignment, p.acpi_rsdp_addr, p.e820_entries);
         assert_eq!((align, rsdp, nr as usize), (KERNEL_MIN_ALIGNMENT_BYTES, 0xe0000, layout::e820_map(64 << 20).len()));
         let cmdline_size = p.hdr.cmdline_size;
-        assert_eq!(cmdline_size as usize, "console=ttyS0 reboot=k".len() + 1);
+        assert_eq!(cmdline_size as usize, "console=ttyS0".len() + 1);
         let (rd, rd_size) = (p.hdr.ramdisk_image as u64, p.hdr.ramdisk_size);
         // Above the kernel's bss, at the top of RAM.
         assert!(rd >= 0x100_0000 + 4096 + 0x10000 && rd + 3000 <= 64 << 20, "{rd:#x}");

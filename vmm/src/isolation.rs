@@ -6,7 +6,10 @@
 //! numbers the running VMM issues (so a compromised device model cannot create VMs, change
 //! vCPU state or push input into a terminal), `mmap`/`mprotect` never executable, `prctl`
 //! only to name a thread, `clone` only for threads (clone3, whose flags a filter cannot
-//! read, fails with ENOSYS so glibc falls back to clone).
+//! read, fails with ENOSYS so glibc falls back to clone), `openat` only to read or to create
+//! a new file (never to truncate or write an existing one: a compromised device model cannot
+//! overwrite disk images or saved state), `fcntl` only for descriptor flags and CLOEXEC
+//! duplicates (no locks, leases, owners or signals on another process's files).
 
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
@@ -59,7 +62,6 @@ const ALLOWED: &[i64] = &[
     libc::SYS_exit,
     libc::SYS_exit_group,
     libc::SYS_fallocate,
-    libc::SYS_fcntl,
     libc::SYS_fdatasync,
     libc::SYS_fstat,
     libc::SYS_fsync,
@@ -81,7 +83,6 @@ const ALLOWED: &[i64] = &[
     libc::SYS_munmap,
     libc::SYS_nanosleep,
     libc::SYS_newfstatat,
-    libc::SYS_openat,
     libc::SYS_poll,
     libc::SYS_ppoll,
     libc::SYS_pread64,
@@ -202,8 +203,28 @@ fn conditional_rules() -> Result<Vec<(i64, Vec<SeccompRule>)>> {
         (libc::SYS_mprotect, vec![not_exec()?]),
         // Device workers started when the guest activates a device name their thread.
         (libc::SYS_prctl, vec![rule(vec![condition(0, SeccompCmpOp::Eq, libc::PR_SET_NAME as u64)?])?]),
+        (libc::SYS_openat, openat_rules()?),
+        (
+            libc::SYS_fcntl,
+            FCNTL_COMMANDS.iter().map(|c| rule(vec![condition(1, SeccompCmpOp::Eq, *c as u64)?])).collect::<Result<_>>()?,
+        ),
         // Threads (vCPUs, device workers, control connections), never a new process.
         (libc::SYS_clone, vec![rule(vec![condition(0, SeccompCmpOp::MaskedEq(THREAD), THREAD)?])?]),
+    ])
+}
+
+/// fcntl commands the VMM's runtime uses: std's `try_clone` (F_DUPFD_CLOEXEC) and flag
+/// queries and updates.
+const FCNTL_COMMANDS: [i32; 5] = [libc::F_GETFD, libc::F_SETFD, libc::F_GETFL, libc::F_SETFL, libc::F_DUPFD_CLOEXEC];
+
+/// openat's `flags` may be any read-only open (the snapshot writer opens its directory to
+/// fsync it), or a create that fails if the file exists (snapshot parts, screenshots).
+fn openat_rules() -> Result<Vec<SeccompRule>> {
+    let (creat, excl, trunc) = (libc::O_CREAT as u64, libc::O_EXCL as u64, libc::O_TRUNC as u64);
+    let read_only = (libc::O_ACCMODE as u64) | creat | trunc;
+    Ok(vec![
+        rule(vec![condition(2, SeccompCmpOp::MaskedEq(read_only), 0)?])?,
+        rule(vec![condition(2, SeccompCmpOp::MaskedEq(creat | excl | trunc), creat | excl)?])?,
     ])
 }
 
@@ -537,6 +558,54 @@ mod tests {
         });
         assert_eq!(code, EXIT_CODE_SECCOMP, "{err}");
         assert!(err.contains("blocked syscall 157"), "{err}");
+    }
+
+    #[test]
+    fn files_are_read_or_created_never_truncated_or_overwritten() {
+        let dir = std::env::temp_dir().join(format!("vmm-seccomp-open-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let existing = dir.join("disk.img");
+        std::fs::write(&existing, b"guest data").unwrap();
+        let c_existing = std::ffi::CString::new(existing.to_str().unwrap()).unwrap();
+        let c_new = std::ffi::CString::new(dir.join("new").to_str().unwrap()).unwrap();
+        let (e1, n1) = (c_existing.clone(), c_new.clone());
+        let (code, err) = filtered(move || {
+            // SAFETY: openat/fcntl/close with valid NUL-terminated paths and our own fds.
+            unsafe {
+                let fd = libc::openat(libc::AT_FDCWD, e1.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+                if fd >= 0 && libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) >= 0 && libc::fcntl(fd, libc::F_GETFL) >= 0 {
+                    say(b"read open and dup ok\n");
+                }
+                let flags = libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC;
+                if libc::openat(libc::AT_FDCWD, n1.as_ptr(), flags, 0o600) >= 0 {
+                    say(b"create_new ok\n");
+                }
+                // Same flags on an existing file: the kernel says EEXIST.
+                if libc::openat(libc::AT_FDCWD, e1.as_ptr(), flags, 0o600) < 0 {
+                    say(b"create_new of an existing file refused by the kernel\n");
+                }
+                // A lock: not on the list.
+                let lock = libc::flock { l_type: libc::F_WRLCK as i16, l_whence: 0, l_start: 0, l_len: 0, l_pid: 0 };
+                libc::fcntl(fd, libc::F_SETLK, &lock);
+            }
+            say(b"F_SETLK was not stopped\n");
+        });
+        assert_eq!(code, EXIT_CODE_SECCOMP, "{err}");
+        assert!(err.contains("read open and dup ok") && err.contains("create_new ok"), "{err}");
+        assert!(err.contains("refused by the kernel"), "{err}");
+        assert!(err.contains("blocked syscall 072"), "{err}");
+        for flags in [libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC, libc::O_RDWR, libc::O_WRONLY | libc::O_TRUNC] {
+            let e = c_existing.clone();
+            let (code, err) = filtered(move || {
+                // SAFETY: the filter traps this call before it opens anything.
+                unsafe { libc::openat(libc::AT_FDCWD, e.as_ptr(), flags, 0o600) };
+            });
+            assert_eq!(code, EXIT_CODE_SECCOMP, "flags {flags:#o}: {err}");
+            assert!(err.contains("blocked syscall 257"), "{err}");
+        }
+        assert_eq!(std::fs::read(&existing).unwrap(), b"guest data", "the existing file is untouched");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

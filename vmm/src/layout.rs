@@ -25,7 +25,10 @@ pub const CMDLINE_START: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = 4096;
 pub const EBDA_START: u64 = 0x9fc00;
 pub const ACPI_START: u64 = 0xe0000;
-pub const ACPI_END: u64 = 0x100000;
+pub const ACPI_END: u64 = RESET_VECTOR;
+/// Where a CPU starts after reset in real mode (f000:fff0), and where Linux jumps when it
+/// reboots "through the BIOS"; see [`RESET_STUB`].
+pub const RESET_VECTOR: u64 = 0xffff0;
 pub const HIGH_RAM_START: u64 = 0x100000;
 pub const MEM_32BIT_GAP_START: u64 = 0xc000_0000;
 pub const FOUR_GIB: u64 = 0x1_0000_0000;
@@ -50,6 +53,21 @@ pub mod pio {
 }
 
 pub const ACPI_RESET_VALUE: u8 = 0x1;
+
+/// The code at [`RESET_VECTOR`]: `mov al, ACPI_RESET_VALUE; mov dx, ACPI_RESET; out dx, al;
+/// hlt; jmp hlt`. There is no BIOS behind the VMM, so "the BIOS reboots" means "ask the VMM".
+/// Linux on a hardware-reduced ACPI machine without EFI runtime services reboots this way
+/// (reboot_init picks BOOT_EFI, which falls through to BOOT_BIOS: a jump to f000:fff0 in
+/// real mode); before this stub the jump ran into zeros and the guest hung.
+pub const RESET_STUB: [u8; 10] = [
+    0xb0, ACPI_RESET_VALUE,
+    0xba, pio::ACPI_RESET as u8, (pio::ACPI_RESET >> 8) as u8,
+    0xee,
+    0xf4,
+    0xeb, 0xfd,
+    0x90,
+];
+const _: () = assert!(RESET_VECTOR + RESET_STUB.len() as u64 <= HIGH_RAM_START);
 /// The ACPI S5 sleep type the DSDT's `_S5_` package announces.
 pub const ACPI_S5_TYPE: u8 = 5;
 pub const COM1_GSI: u32 = 4;
@@ -82,7 +100,7 @@ pub fn e820_map(mem_size: u64) -> Vec<(u64, u64, u32)> {
     let mut map = vec![
         (0, EBDA_START, E820_RAM),
         (EBDA_START, 0xa0000 - EBDA_START, E820_RESERVED),
-        (ACPI_START, ACPI_END - ACPI_START, E820_RESERVED),
+        (ACPI_START, HIGH_RAM_START - ACPI_START, E820_RESERVED),
     ];
     for r in ram_ranges(mem_size) {
         let start = r.start.max(HIGH_RAM_START);

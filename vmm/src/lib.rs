@@ -98,6 +98,23 @@ pub struct Vmm {
     shared: Arc<VmShared>,
 }
 
+/// Puts a snapshot's pixels back into the display's framebuffer (built from the same spec,
+/// so the same size; checked all the same).
+fn load_framebuffer(snap: &Loaded, fb: Option<&devices::display::SharedFramebuffer>) -> Result<()> {
+    let (Some(file), Some(info), Some(fb)) = (&snap.framebuffer, &snap.state.framebuffer, fb) else {
+        return Ok(());
+    };
+    let path = snap.dir.join(&info.file);
+    if info.size != fb.size() {
+        return Err(Error::Device {
+            device: "bochs-display".into(),
+            reason: format!("{}: {} bytes, but this display's framebuffer has {}", path.display(), info.size, fb.size()),
+        });
+    }
+    memory::copy_sparse(file, fb.file(), info.size).map_err(|e| Error::io(format!("loading {}", path.display()), e))?;
+    Ok(())
+}
+
 impl Vmm {
     pub fn build(spec: VmSpec, start: Instant) -> Result<Self> {
         Self::build_inner(spec, start, None)
@@ -186,12 +203,16 @@ impl Vmm {
         )?;
 
         let devices = attach::attach(&spec, vm.clone(), &ram.memory, &mut pio_bus, &mut mmio_bus)?;
+        if let Some(snap) = restore {
+            load_framebuffer(snap, devices.framebuffer.as_ref())?;
+        }
         // A restored guest's RAM already holds its kernel and ACPI tables (and has long
         // since reused the boot areas).
         let entry = match restore {
             Some(_) => None,
             None => {
                 let rsdp = acpi::write_tables(&ram.memory, &acpi::AcpiConfig { vcpus: spec.vcpus, pci: true })?;
+                boot::write_reset_stub(&ram.memory)?;
                 let boot = boot::load(
                     &ram.memory,
                     ram.size,

@@ -76,7 +76,9 @@ pub fn save_ppm(fb: &SharedFramebuffer, path: &Path) -> io::Result<(u32, u32)> {
             data.extend_from_slice(&[(v >> 16) as u8, (v >> 8) as u8, v as u8]);
         }
     }
-    File::create(path).and_then(|mut f| f.write_all(&data))
+    // A new file only: the VMM's seccomp filter allows no truncating open, and a screenshot
+    // must never replace a file that is already there.
+    File::options().write(true).create_new(true).open(path).and_then(|mut f| f.write_all(&data))
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
     Ok((m.width, m.height))
 }

@@ -1,5 +1,6 @@
-//! VM snapshots: a directory with the guest's RAM (`memory`, sparse) and everything else as
-//! one versioned `state.json`. Each part saves itself (Firecracker style): vCPUs in
+//! VM snapshots: a directory with the guest's RAM (`memory`, sparse), the display's pixels
+//! (`framebuffer`, sparse, when the VM has a display) and everything else as one versioned
+//! `state.json`. Each part saves itself (Firecracker style): vCPUs in
 //! [`crate::vcpu::save_state`], the in-kernel irqchip/PIT/clock in [`crate::vm::Vm::save_state`],
 //! PCI and virtio devices in [`crate::devices::pci::PciRoot::save_state`], legacy devices in
 //! their own modules. This module puts the parts together, writes them atomically, and
@@ -28,12 +29,13 @@ use crate::vm::{Vm, VmState};
 use crate::VmShared;
 
 /// Bumped whenever the layout of `state.json` or `memory` changes meaning.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Device models and their saved state change between versions: only the VMM that wrote a
 /// snapshot restores it.
 pub const VMM_VERSION: &str = env!("CARGO_PKG_VERSION");
 pub const STATE_FILE: &str = "state.json";
 pub const MEMORY_FILE: &str = "memory";
+pub const FRAMEBUFFER_FILE: &str = "framebuffer";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -57,7 +59,7 @@ fn io_err(file: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
     move |source| SnapshotError::Io { file: file.to_path_buf(), source }
 }
 
-/// Guest RAM as saved.
+/// Guest RAM (or the display's framebuffer) as saved.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MemoryInfo {
@@ -89,6 +91,9 @@ pub struct SnapshotState {
     /// The spec the VM was started from; a restore builds the same devices from it.
     pub spec: VmSpec,
     pub memory: MemoryInfo,
+    /// The display's pixels; present exactly when `spec.display` is, so that a restored
+    /// screen shows what the guest drew (it does not redraw an unchanged console).
+    pub framebuffer: Option<MemoryInfo>,
     pub vm: VmState,
     pub vcpus: Vec<VcpuState>,
     pub legacy: LegacyState,
@@ -185,6 +190,16 @@ fn save_paused(
         let out = File::options().read(true).write(true).create_new(true).open(&mem_path).map_err(io_err(&mem_path))?;
         let data_bytes = crate::memory::copy_sparse(&src.memfd, &out, src.mem_size).map_err(io_err(&mem_path))?;
         out.sync_all().map_err(io_err(&mem_path))?;
+        let framebuffer = match &vm.devices.framebuffer {
+            Some(fb) => {
+                let fb_path = dir.join(FRAMEBUFFER_FILE);
+                let out = File::options().read(true).write(true).create_new(true).open(&fb_path).map_err(io_err(&fb_path))?;
+                let data_bytes = crate::memory::copy_sparse(fb.file(), &out, fb.size()).map_err(io_err(&fb_path))?;
+                out.sync_all().map_err(io_err(&fb_path))?;
+                Some(MemoryInfo { file: FRAMEBUFFER_FILE.into(), size: fb.size(), data_bytes })
+            }
+            None => None,
+        };
         let state = SnapshotState {
             format_version: FORMAT_VERSION,
             vmm_version: VMM_VERSION.into(),
@@ -194,6 +209,7 @@ fn save_paused(
                 .unwrap_or(0),
             spec: src.spec.clone(),
             memory: MemoryInfo { file: MEMORY_FILE.into(), size: src.mem_size, data_bytes },
+            framebuffer,
             vm: vm_state,
             vcpus,
             legacy,
@@ -318,7 +334,7 @@ fn fsync_dir(dir: &Path) -> Result<(), SnapshotError> {
 /// Removes a snapshot directory we made: only the files a snapshot has (no directory
 /// listing, so nothing else a user put there goes), then the directory if empty.
 fn remove_snapshot_dir(dir: &Path) {
-    for f in [MEMORY_FILE, STATE_FILE] {
+    for f in [MEMORY_FILE, FRAMEBUFFER_FILE, STATE_FILE] {
         let _ = std::fs::remove_file(dir.join(f));
     }
     if let Err(e) = std::fs::remove_dir(dir) {
@@ -333,6 +349,8 @@ pub struct Loaded {
     pub dir: PathBuf,
     pub state: SnapshotState,
     pub memory: File,
+    /// The saved pixels, when the VM has a display.
+    pub framebuffer: Option<File>,
 }
 
 /// Reads `dir/state.json` and opens `dir/memory`, refusing anything this VMM cannot restore
@@ -341,20 +359,31 @@ pub fn load(dir: &Path) -> Result<Loaded, SnapshotError> {
     let state_path = dir.join(STATE_FILE);
     let text = std::fs::read_to_string(&state_path).map_err(io_err(&state_path))?;
     let state = parse_state(&state_path, &text)?;
-    let mem_path = dir.join(&state.memory.file);
-    if state.memory.file.contains('/') || state.memory.file == ".." {
-        return Err(field(&state_path, "memory.file", "must name a file inside the snapshot directory"));
+    let memory = open_part(dir, &state_path, "memory", &state.memory)?;
+    let framebuffer = match &state.framebuffer {
+        Some(info) => Some(open_part(dir, &state_path, "framebuffer", info)?),
+        None => None,
+    };
+    Ok(Loaded { dir: dir.to_path_buf(), state, memory, framebuffer })
+}
+
+/// Opens the data file `info` names (field `name` of state.json), checking that it stays
+/// inside the snapshot directory and has the recorded length.
+fn open_part(dir: &Path, state_path: &Path, name: &str, info: &MemoryInfo) -> Result<File, SnapshotError> {
+    if info.file.is_empty() || info.file.contains('/') || info.file == ".." || info.file == "." {
+        return Err(field(state_path, &format!("{name}.file"), "must name a file inside the snapshot directory"));
     }
-    let memory = File::open(&mem_path).map_err(io_err(&mem_path))?;
-    let len = memory.metadata().map_err(io_err(&mem_path))?.len();
-    if len != state.memory.size {
+    let path = dir.join(&info.file);
+    let f = File::open(&path).map_err(io_err(&path))?;
+    let len = f.metadata().map_err(io_err(&path))?.len();
+    if len != info.size {
         return Err(SnapshotError::Field {
-            file: mem_path,
+            file: path,
             field: "length".into(),
-            reason: format!("{len} bytes, state.json's memory.size says {}", state.memory.size),
+            reason: format!("{len} bytes, state.json's {name}.size says {}", info.size),
         });
     }
-    Ok(Loaded { dir: dir.to_path_buf(), state, memory })
+    Ok(f)
 }
 
 fn field(file: &Path, name: &str, reason: impl ToString) -> SnapshotError {
@@ -384,7 +413,7 @@ pub fn parse_state(file: &Path, text: &str) -> Result<SnapshotState, SnapshotErr
             format!("snapshot made by rayos-vmm {vmm_version}; this is {VMM_VERSION}, which restores only its own"),
         ));
     }
-    let known = ["format_version", "vmm_version", "created_unix_ms", "spec", "memory", "vm", "vcpus", "legacy", "pci"];
+    let known = ["format_version", "vmm_version", "created_unix_ms", "spec", "memory", "framebuffer", "vm", "vcpus", "legacy", "pci"];
     if let Some(k) = obj.keys().find(|k| !known.contains(&k.as_str())) {
         return Err(field(file, k, "unknown field"));
     }
@@ -393,6 +422,15 @@ pub fn parse_state(file: &Path, text: &str) -> Result<SnapshotState, SnapshotErr
     let memory: MemoryInfo = take_field(file, obj, "memory")?;
     if memory.size != spec.memory_bytes() {
         return Err(field(file, "memory.size", format!("{} bytes, spec.memory_mib says {}", memory.size, spec.memory_bytes())));
+    }
+    let framebuffer: Option<MemoryInfo> = match obj.get("framebuffer") {
+        None | Some(Value::Null) => None,
+        Some(_) => take_field(file, obj, "framebuffer")?,
+    };
+    match (&spec.display, &framebuffer) {
+        (Some(_), None) => return Err(field(file, "framebuffer", "missing, but spec.display has a display")),
+        (None, Some(_)) => return Err(field(file, "framebuffer", "present, but spec.display has no display")),
+        _ => {}
     }
     let raw_vcpus = obj.get("vcpus").and_then(Value::as_array).ok_or_else(|| field(file, "vcpus", "missing or not a list"))?;
     if raw_vcpus.len() != usize::from(spec.vcpus) {
@@ -413,6 +451,7 @@ pub fn parse_state(file: &Path, text: &str) -> Result<SnapshotState, SnapshotErr
         created_unix_ms: take_field(file, obj, "created_unix_ms")?,
         spec,
         memory,
+        framebuffer,
         vm: take_field(file, obj, "vm")?,
         vcpus,
         legacy: take_field(file, obj, "legacy")?,

@@ -141,8 +141,9 @@ impl VmSpec {
             }
         }
         if let Some(d) = &self.display {
-            if d.width == 0 || d.height == 0 || d.width > 8192 || d.height > 8192 {
-                return bad("display", format!("{}x{} is not a sane mode", d.width, d.height));
+            // EDID's detailed timing holds 12-bit sizes.
+            if d.width == 0 || d.height == 0 || d.width > 4095 || d.height > 4095 {
+                return bad("display", format!("{}x{} is not a mode the display can announce (1..=4095 each)", d.width, d.height));
             }
         }
         for n in &self.net {

@@ -79,6 +79,7 @@ pub fn create(vm: &Vm, mem: &GuestMemory, id: u8, nr: u8, entry: Option<u64>) ->
         .map_err(|e| Error::kvm("KVM_GET_SUPPORTED_CPUID", e))?;
     cpuid::filter(&mut cpuid, id, nr);
     vcpu.set_cpuid2(&cpuid).map_err(|e| Error::kvm("KVM_SET_CPUID2", e))?;
+    preset_xcr0(&vcpu, &cpuid, id);
     set_msrs(&vcpu)?;
     let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
     vcpu.set_fpu(&fpu).map_err(|e| Error::kvm("KVM_SET_FPU", e))?;
@@ -96,6 +97,31 @@ pub fn create(vm: &Vm, mem: &GuestMemory, id: u8, nr: u8, entry: Option<u64>) ->
         vcpu.set_regs(&regs).map_err(|e| Error::kvm("KVM_SET_REGS", e))?;
     }
     Ok(vcpu)
+}
+
+/// The XCR0 a guest that enables every user state component in CPUID leaf 0xD ends up with.
+pub(crate) fn full_xcr0(cpuid: &CpuId) -> Option<u64> {
+    let leaf = cpuid.as_slice().iter().find(|e| e.function == 0xd && e.index == 0)?;
+    let xcr0 = u64::from(leaf.eax) | u64::from(leaf.edx) << 32;
+    (xcr0 & 0b11 == 0b11).then_some(xcr0)
+}
+
+/// Starts the vCPU with XCR0 already holding every state component the guest may enable,
+/// instead of the reset value (x87 only). A guest sets XCR0 itself with XSETBV, which KVM
+/// intercepts; but under QEMU TCG's emulated AMD-V (the nested test set-up) KVM evidently
+/// does not see it: CPUID 0xD's save-area size, which KVM derives from its XCR0, stayed at
+/// 576 bytes (x87 and SSE) while the guest had enabled AVX (832), and Linux warned "XSAVE
+/// consistency problem: size 832 != kernel_size 576" on every boot (a WARN splat). KVM also
+/// loads its XCR0 on VM entry. With the value preset both agree and the warning is gone
+/// (guest check `nowarn`); on real hardware the guest's own XSETBV still wins.
+fn preset_xcr0(vcpu: &VcpuFd, cpuid: &CpuId, id: u8) {
+    let Some(xcr0) = full_xcr0(cpuid) else { return };
+    let mut xcrs = kvm_bindings::kvm_xcrs { nr_xcrs: 1, ..Default::default() };
+    xcrs.xcrs[0].xcr = 0;
+    xcrs.xcrs[0].value = xcr0;
+    if let Err(e) = vcpu.set_xcrs(&xcrs) {
+        tracing::warn!("vCPU {id}: KVM_SET_XCRS (XCR0 {xcr0:#x}): {e}; the guest sets XCR0 itself");
+    }
 }
 
 fn set_msrs(vcpu: &VcpuFd) -> Result<()> {
@@ -562,6 +588,19 @@ pub fn kick_all(threads: &[std::thread::JoinHandle<()>]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn xcr0_preset_is_leaf_0xd_when_it_has_x87_and_sse() {
+        let leaf = |eax, edx| kvm_bindings::kvm_cpuid_entry2 { function: 0xd, index: 0, eax, edx, ..Default::default() };
+        let sub1 = kvm_bindings::kvm_cpuid_entry2 { function: 0xd, index: 1, eax: 0xf, ..Default::default() };
+        let c = CpuId::from_entries(&[sub1, leaf(0x7, 0)]).unwrap();
+        assert_eq!(full_xcr0(&c), Some(0x7));
+        let c = CpuId::from_entries(&[leaf(0x2e7, 0x1)]).unwrap();
+        assert_eq!(full_xcr0(&c), Some(0x1_0000_02e7));
+        // No XSAVE leaf, or one without SSE: leave XCR0 at its reset value.
+        assert_eq!(full_xcr0(&CpuId::from_entries(&[sub1]).unwrap()), None);
+        assert_eq!(full_xcr0(&CpuId::from_entries(&[leaf(0x1, 0)]).unwrap()), None);
+    }
 
     #[test]
     fn gdt_segments_round_trip() {

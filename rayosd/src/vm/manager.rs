@@ -391,6 +391,9 @@ impl VmManager {
         }
         let path = self.settings.paths.run_dir.join(format!("{}.screenshot-{}.ppm", vm.id, NEXT_REQUEST.fetch_add(1, Ordering::Relaxed)));
         let failed = |reason: String| VmError::Failed { name: vm.name.clone(), reason };
+        // The VMM creates the file and never replaces one (its seccomp filter allows no
+        // truncating open); a leftover of ours in our own run folder goes first.
+        let _ = std::fs::remove_file(&path);
         // Reading a large frame takes a moment under emulation.
         let r = vmm_process::request(&sock, json!({"cmd": "screenshot", "path": path}), Duration::from_secs(20)).await;
         let data = r.map_err(|e| failed(e.to_string())).and_then(|_| std::fs::read(&path).map_err(|e| failed(format!("{}: {e}", path.display()))));

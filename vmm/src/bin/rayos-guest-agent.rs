@@ -8,7 +8,8 @@
 //! for the ACPI power button's KEY_POWER, then goes on to power off), `rng` (reads
 //! /dev/hwrng), `disk-write` / `disk-read` (a marker in the first sector of /dev/vda),
 //! `input` (waits for KEY_A from "RayOS Keyboard" and a position from "RayOS Tablet"),
-//! `display` (draws a test pattern on /dev/fb0), `agent` (greets the VMM on the
+//! `display` (draws a test pattern on /dev/fb0), `dmesg` (prints the kernel log, for boot
+//! profiling), `nowarn` (fails on kernel warnings in the log), `agent` (greets the VMM on the
 //! `org.rayos.agent` port and prints the line it gets back), `heartbeatN` (prints N numbered
 //! lines 200 ms apart with the guest's monotonic clock: a restored snapshot continues the
 //! count).
@@ -394,6 +395,52 @@ fn net() -> Result<String, String> {
     Err("no echo from 10.0.2.1:5555 within 60 s".into())
 }
 
+/// The kernel log's records (text only), oldest first.
+fn kernel_log() -> Result<Vec<String>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("/dev/kmsg")
+        .map_err(|e| format!("/dev/kmsg: {e}"))?;
+    let mut buf = vec![0u8; 8192];
+    let mut out = Vec::new();
+    // One record per read ("prio,seq,usec,flags;text\n"); EAGAIN at the end of the buffer.
+    while let Ok(n) = f.read(&mut buf) {
+        let rec = String::from_utf8_lossy(&buf[..n]);
+        if let Some((head, text)) = rec.split_once(';') {
+            let usec = head.split(',').nth(2).unwrap_or("?");
+            out.push(format!("{usec} {}", text.lines().next().unwrap_or("")));
+        }
+    }
+    Ok(out)
+}
+
+/// Fails with the offending lines if the kernel warned while booting on this VMM (a WARN()
+/// splat, a firmware bug report, an XSAVE/CPUID inconsistency).
+fn kernel_warnings() -> Result<String, String> {
+    let log = kernel_log()?;
+    let bad: Vec<&String> = log
+        .iter()
+        .filter(|l| ["WARNING:", "[Firmware Bug]", "consistency problem", "BUG:"].iter().any(|m| l.contains(m)))
+        .collect();
+    if bad.is_empty() {
+        Ok(format!("{} records", log.len()))
+    } else {
+        Err(bad.iter().map(|l| l.as_str()).collect::<Vec<_>>().join(" | "))
+    }
+}
+
+/// Prints the kernel log as `agent: kmsg <µs> <text>` (for boot profiling with
+/// `initcall_debug quiet`: the lines reach the log buffer, not the slow serial console).
+fn dmesg() {
+    match kernel_log() {
+        Ok(lines) => lines.iter().for_each(|l| println!("agent: kmsg {l}")),
+        Err(e) => println!("agent: dmesg FAIL {e}"),
+    }
+}
+
 fn main() {
     mount("devtmpfs", "/dev", "devtmpfs");
     mount("proc", "/proc", "proc");
@@ -415,6 +462,8 @@ fn main() {
             "agent" => report("agent", agent_channel()),
             other if other.starts_with("heartbeat") => heartbeat(other[9..].parse().unwrap_or(10)),
             "net" => report("net", net()),
+            "dmesg" => dmesg(),
+            "nowarn" => report("nowarn", kernel_warnings()),
             other if other.starts_with("sleep") => {
                 let ms = other[5..].parse().unwrap_or(0);
                 println!("agent: sleeping {ms} ms");

@@ -50,6 +50,7 @@ fn state() -> SnapshotState {
         vmm_version: VMM_VERSION.into(),
         created_unix_ms: 1,
         memory: MemoryInfo { file: MEMORY_FILE.into(), size: s.memory_bytes(), data_bytes: 4096 },
+        framebuffer: None,
         spec: s,
         vm: VmState {
             pic_master: kvm_bindings::kvm_irqchip { chip_id: 0, ..Default::default() },
@@ -186,6 +187,38 @@ fn load_checks_the_memory_file_and_deletes_nothing() {
     v["memory"]["file"] = "../elsewhere".into();
     std::fs::write(dir.join(STATE_FILE), v.to_string()).unwrap();
     assert!(load(&dir).err().unwrap().to_string().contains("`memory.file`"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_framebuffer_goes_with_the_display_and_is_checked() {
+    // A VM with a display saves its pixels; state.json must say so, and only then.
+    let mut with_display = json();
+    with_display["spec"]["display"] = serde_json::json!({"width": 640, "height": 480});
+    assert!(refused(&with_display).contains("`framebuffer`: missing"), "{}", refused(&with_display));
+    let mut v = json();
+    v["framebuffer"] = serde_json::json!({"file": FRAMEBUFFER_FILE, "size": 1 << 24, "data_bytes": 0});
+    assert!(refused(&v).contains("`framebuffer`: present"), "{}", refused(&v));
+
+    let dir = tmpdir("fb");
+    with_display["framebuffer"] = serde_json::json!({"file": FRAMEBUFFER_FILE, "size": 1 << 24, "data_bytes": 4096});
+    std::fs::write(dir.join(STATE_FILE), with_display.to_string()).unwrap();
+    File::create(dir.join(MEMORY_FILE)).unwrap().set_len(64 << 20).unwrap();
+    // Missing, then short: named, and nothing deleted.
+    let e = load(&dir).err().unwrap().to_string();
+    assert!(e.contains(&dir.join(FRAMEBUFFER_FILE).display().to_string()), "{e}");
+    std::fs::write(dir.join(FRAMEBUFFER_FILE), b"px").unwrap();
+    let e = load(&dir).err().unwrap().to_string();
+    assert!(e.contains("`length`") && e.contains("framebuffer.size"), "{e}");
+    assert!(dir.join(FRAMEBUFFER_FILE).exists() && dir.join(MEMORY_FILE).exists());
+    File::options().write(true).open(dir.join(FRAMEBUFFER_FILE)).unwrap().set_len(1 << 24).unwrap();
+    let l = load(&dir).unwrap();
+    assert!(l.framebuffer.is_some());
+    assert_eq!(l.state.framebuffer.as_ref().map(|f| f.size), Some(1 << 24));
+    // A file name that leaves the directory.
+    with_display["framebuffer"]["file"] = "../memory".into();
+    std::fs::write(dir.join(STATE_FILE), with_display.to_string()).unwrap();
+    assert!(load(&dir).err().unwrap().to_string().contains("`framebuffer.file`"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

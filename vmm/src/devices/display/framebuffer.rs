@@ -1,8 +1,9 @@
 //! The framebuffer memory (a memfd) and the mode the guest programmed, shared with the
 //! compositor.
 
+use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -33,7 +34,7 @@ pub struct FbMode {
 }
 
 pub(crate) struct FbShared {
-    pub(crate) fd: OwnedFd,
+    pub(crate) fd: File,
     pub(crate) size: u64,
     pub(crate) mode: Mutex<Option<FbMode>>,
     pub(crate) generation: AtomicU64,
@@ -54,7 +55,7 @@ impl SharedFramebuffer {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: `raw` is a fresh descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let fd = unsafe { File::from_raw_fd(raw) };
         // SAFETY: ftruncate on our own valid descriptor.
         if unsafe { libc::ftruncate(fd.as_raw_fd(), size as i64) } < 0 {
             return Err(io::Error::last_os_error());
@@ -65,6 +66,11 @@ impl SharedFramebuffer {
     /// The memfd holding the pixels.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.inner.fd.as_fd()
+    }
+
+    /// The memfd as a file, for the snapshot writer's sparse copy.
+    pub(crate) fn file(&self) -> &File {
+        &self.inner.fd
     }
 
     pub fn size(&self) -> u64 {
