@@ -57,6 +57,12 @@ pub enum ClientError {
     /// No VM supervisor runs (not installed mode).
     #[error("{0}")]
     Unavailable(String),
+    /// A `--wait` ran out of time; the request itself was made.
+    #[error("timed out: {0}")]
+    TimedOut(String),
+    /// A `--wait` saw the VM end up somewhere else (failed, broken, stopped).
+    #[error("{0}")]
+    VmEnded(String),
     #[error("control API call failed: {0}")]
     Call(zbus::Error),
 }

@@ -12,7 +12,8 @@ use rayosd::supervisor::ServiceInfo;
 
 const EXIT_CODES: &str = "Exit codes: 0 success, 1 the call failed, 2 bad usage, 3 cannot connect, \
 4 access denied (needs root), 5 no such service, 6 invalid argument, 7 no such VM, \
-8 refused (the VM's state does not allow it), 9 no VM supervisor (not installed mode).";
+8 refused (the VM's state does not allow it), 9 no VM supervisor (not installed mode), \
+10 timed out (a --wait ran out; the request was made).";
 
 #[derive(Parser)]
 #[command(name = "rayosctl", version, about = "Control RayOS: status, services, logs, power", after_help = EXIT_CODES)]
@@ -131,7 +132,8 @@ fn exit_code(e: &ClientError) -> u8 {
         ClientError::NoSuchVm(_) => 7,
         ClientError::Refused(_) => 8,
         ClientError::Unavailable(_) => 9,
-        ClientError::Call(_) => 1,
+        ClientError::TimedOut(_) => 10,
+        ClientError::Call(_) | ClientError::VmEnded(_) => 1,
     }
 }
 

@@ -247,10 +247,10 @@ pub async fn run(socket: &str, json: bool, cmd: &VmCmd) -> Result<(), ClientErro
                             break;
                         }
                         if matches!(v.state.as_str(), "failed" | "broken" | "crash-loop" | "stopped") && t.elapsed() > Duration::from_millis(200) {
-                            return Err(ClientError::InvalidArgument(format!("{vm} is {}: {}", v.state, v.detail)));
+                            return Err(ClientError::VmEnded(format!("{vm} is {}: {}", v.state, v.detail)));
                         }
                         if std::time::Instant::now() > deadline {
-                            return Err(ClientError::InvalidArgument(format!("{vm}: guest init not reached within {secs} s (state {})", v.state)));
+                            return Err(ClientError::TimedOut(format!("{vm}: guest init not reached within {secs} s (state {})", v.state)));
                         }
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
@@ -273,10 +273,10 @@ pub async fn run(socket: &str, json: bool, cmd: &VmCmd) -> Result<(), ClientErro
                         break;
                     }
                     "failed" | "broken" | "crash-loop" => {
-                        return Err(ClientError::InvalidArgument(format!("{vm} is {}: {}", v.state, v.detail)))
+                        return Err(ClientError::VmEnded(format!("{vm} is {}: {}", v.state, v.detail)))
                     }
                     _ if std::time::Instant::now() > deadline => {
-                        return Err(ClientError::InvalidArgument(format!("{vm}: not stopped within {secs} s (state {})", v.state)))
+                        return Err(ClientError::TimedOut(format!("{vm}: not stopped within {secs} s (state {})", v.state)))
                     }
                     _ => tokio::time::sleep(Duration::from_millis(20)).await,
                 }
