@@ -103,6 +103,10 @@ pub fn ensure_default_linux_guest() -> Result<GuestImage, GuestError> {
 pub fn ensure_disk() -> Result<PathBuf, GuestError> {
     let cache = crate::paths::cache_dir().join("guest");
     std::fs::create_dir_all(&cache).map_err(io(&cache))?;
+    // The debootstrap tree is shared by every image built from it and gets each build's
+    // agent copied in: one build at a time, across checkouts.
+    let lock_path = cache.join(".lock");
+    let _lock = crate::paths::lock_cache(&cache, "guest").map_err(io(&lock_path))?;
     let packages = PACKAGES.join(",");
     let boot_key = hash_hex(&[SUITE.as_bytes(), MIRROR.as_bytes(), packages.as_bytes()]);
     // The download first: it needs nothing else and is the slowest part.

@@ -190,6 +190,8 @@ pub fn ensure() -> Result<Kernel, KernelError> {
         source_version: src.version.clone(),
     };
     let build = dir.join("build");
+    // Checked (and built) under the entry's lock: another checkout may be building it now.
+    let _lock = paths::lock_cache(&dir, "kernel").map_err(|e| KernelError::Io(dir.join(".lock"), e))?;
     if kernel.bzimage.exists() && kernel.config.exists() {
         if kernel.vmlinux.exists() {
             return Ok(kernel);

@@ -56,3 +56,17 @@ pub const SYSTEMD_BOOT_EFI: &str = "/usr/lib/systemd/boot/efi/systemd-bootx64.ef
 /// OVMF firmware code and a template for its variable store (package ovmf).
 pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
+/// An exclusive lock on `dir/.lock` (the folder is created if needed), held while the file
+/// lives. Checkouts share the cache: two builds of one cache entry (a kernel, the guest's
+/// debootstrap tree) at the same time would write into the same folder.
+pub fn lock_cache(dir: &Path, what: &str) -> std::io::Result<std::fs::File> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(".lock");
+    let f = std::fs::File::create(&path)?;
+    if f.try_lock().is_err() {
+        crate::progress::step(what, format!("waiting for another build using {}", dir.display()));
+        f.lock()?;
+    }
+    Ok(f)
+}
