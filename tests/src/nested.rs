@@ -98,7 +98,7 @@ impl Outer {
         ird.write(&outer).unwrap();
         let a = artifacts();
         let mut q = builder
-            .direct_kernel(&a.kernel, &outer, &format!("console=ttyS0 panic=-1 quiet rayos.vmmtest={}", runs.join(",")))
+            .direct_kernel(&a.kernel, &outer, &format!("console=ttyS0 panic=-1 quiet rayos.shmem_thp=advise rayos.vmmtest={}", runs.join(",")))
             .memory_mib(2048)
             .cpus(2)
             .no_reboot()

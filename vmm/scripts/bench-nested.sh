@@ -41,6 +41,9 @@
 # nesting, see cpuid.rs. Fallocate/MADV_POPULATE_WRITE of guest RAM before boot did not
 # help (the population costs more in L1 than the guest's first-touch faults).
 #
+# The outer VM allows shmem huge pages on request, as rayosd does on RayOS (SHMEM_THP=never
+# turns that off): rayos-vmm and QEMU both madvise their memfd guest RAM for them.
+#
 # Usage: bench-nested.sh KERNEL [ROUNDS] [WORKDIR] [VMLINUX]
 #   KERNEL: a bzImage with KVM (host side) and virtio/serial (guest side); used for both.
 #   VMLINUX: the same kernel as an uncompressed ELF (default: `vmlinux` beside KERNEL, as in
@@ -84,14 +87,16 @@ for v in rayos qemu; do head -c 64M /dev/zero > "$work/files/blk-$v.img"; done
 cat > "$work/specs/blk-rayos.json" <<J
 {"name":"blk","vcpus":1,"memory_mib":256,"kernel":"/guest/bzImage","initramfs":"/guest/initrd","cmdline":"console=ttyS0 quiet rayos.agent=disk-bench","serial_stdout":true,"disks":[{"path":"/blk-rayos.img"}]}
 J
-printf '%s\n' "$q" -M pc -enable-kvm -cpu host -m 256 -smp 1 -nodefaults -no-user-config -nographic \
+# Ended 2 s after its result: QEMU's guests (-cpu host) get the TSC-deadline timer, which
+# fires late under this nesting (see vmm/src/cpuid.rs); one hung 10 minutes in its power-off.
+printf '%s\n' '#kill-after agent: disk-bench ' "$q" -M pc -enable-kvm -cpu host -m 256 -smp 1 -nodefaults -no-user-config -nographic \
   -serial stdio -no-reboot -kernel /guest/bzImage -initrd /guest/initrd \
   -drive file=/blk-qemu.img,if=none,id=d,format=raw,cache=writeback,aio=threads -device virtio-blk-pci,drive=d \
   -append "console=ttyS0 quiet rayos.agent=disk-bench" > "$work/specs/blk-qemu.cmd"
 blk_rounds=${BLK_ROUNDS:-3}
 boots="rayos,microvm,pc"; [ -n "$vmlinux" ] && boots="rayos_vmlinux,$boots"
 tests=$(for _ in $(seq "$rounds"); do printf '%s,' "$boots"; done)$(for _ in $(seq "$blk_rounds"); do printf 'blk-rayos,blk-qemu,'; done)
-NESTED_TIMEOUT=${NESTED_TIMEOUT:-900} "$here/nested-run.sh" "$work" "$tests" > "$work/bench.log" 2>&1 || true
+NESTED_TIMEOUT=${NESTED_TIMEOUT:-900} "$here/nested-run.sh" "$work" "$tests" "rayos.shmem_thp=${SHMEM_THP:-advise}" > "$work/bench.log" 2>&1 || true
 python3 - "$work/bench.log" "$rounds" "$blk_rounds" "$boots" <<'PY'
 import re, sys, statistics
 log = open(sys.argv[1], errors="replace").read()

@@ -7,7 +7,8 @@
 //! `testinit: <name> exit=<code> ms=<wall time>` per run, then powers off.
 //!
 //! If `/specs/<name>.cmd` exists instead, it is the command to run (one argument per line;
-//! a `#kill-after-marker` line ends it 2 s after the marker), e.g. QEMU for the side-by-side
+//! a `#kill-after-marker` line ends it 2 s after the marker, `#kill-after TEXT` 2 s after TEXT
+//! appears on its output), e.g. QEMU for the side-by-side
 //! boot benchmark. Either way the child's stdout is echoed
 //! and, when `RAYOS-BOOT-TIMER` appears on it (the guest agent prints it at init), the run
 //! prints `testinit: <name> marker_ms=<since spawn> rss_kb=… shmem_kb=… overhead_kb=…`,
@@ -164,14 +165,17 @@ fn status_kb(pid: u32, key: &str) -> u64 {
 }
 
 /// Echoes the child's stdout and reports time and memory when the boot marker shows up.
-/// `kill_after`: end the child this long after the marker (benchmark runs of other VMMs,
-/// whose power-off path is not what is measured).
-fn watch_output(name: &str, pid: u32, t0: Instant, out: std::process::ChildStdout, kill_after: Option<Duration>) {
+/// `kill_on`: end the child 2 s after this text appears (benchmark runs of other VMMs, whose
+/// power-off path is not what is measured: the boot marker, or a result line).
+fn watch_output(name: &str, pid: u32, t0: Instant, out: std::process::ChildStdout, kill_on: Option<Vec<u8>>) {
     use std::io::Read;
+    const MARKER: &[u8] = b"RAYOS-BOOT-TIMER";
     let mut r = BufReader::new(out);
     let mut buf = [0u8; 4096];
     let mut tail: Vec<u8> = Vec::new();
     let mut seen = false;
+    let mut killing = false;
+    let keep = MARKER.len().max(kill_on.as_ref().map_or(0, |k| k.len()));
     loop {
         let n = match r.read(&mut buf) {
             Ok(0) | Err(_) => return,
@@ -179,11 +183,11 @@ fn watch_output(name: &str, pid: u32, t0: Instant, out: std::process::ChildStdou
         };
         let ms = t0.elapsed().as_millis();
         let _ = std::io::stdout().write_all(&buf[..n]);
-        if seen {
+        if seen && (killing || kill_on.is_none()) {
             continue;
         }
         tail.extend_from_slice(&buf[..n]);
-        if tail.windows(16).any(|w| w == b"RAYOS-BOOT-TIMER") {
+        if !seen && tail.windows(MARKER.len()).any(|w| w == MARKER) {
             seen = true;
             let rss = status_kb(pid, "VmRSS:");
             let shmem = status_kb(pid, "RssShmem:");
@@ -191,15 +195,19 @@ fn watch_output(name: &str, pid: u32, t0: Instant, out: std::process::ChildStdou
                 "testinit: {name} marker_ms={ms} rss_kb={rss} shmem_kb={shmem} overhead_kb={}",
                 rss.saturating_sub(shmem)
             );
-            if let Some(d) = kill_after {
+        }
+        if let Some(k) = &kill_on {
+            if !killing && tail.windows(k.len()).any(|w| w == k.as_slice()) {
+                killing = true;
                 std::thread::spawn(move || {
-                    std::thread::sleep(d);
+                    std::thread::sleep(Duration::from_secs(2));
                     // SAFETY: signalling our own child, which we have not reaped yet.
                     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
                 });
             }
-        } else if tail.len() > 64 {
-            tail.drain(..tail.len() - 16);
+        }
+        if tail.len() > 4 * keep {
+            tail.drain(..tail.len() - keep);
         }
     }
 }
@@ -217,6 +225,20 @@ fn main() {
         .find_map(|w| w.strip_prefix("rayos.vmmtest="))
         .unwrap_or("")
         .to_string();
+    // The host's shmem THP policy (rayosd sets `advise`, see vmm::memory): `rayos.shmem_thp=`.
+    if let Some(v) = cmdline.split_whitespace().find_map(|w| w.strip_prefix("rayos.shmem_thp=")) {
+        let r = fs::write("/sys/kernel/mm/transparent_hugepage/shmem_enabled", v);
+        println!("testinit: shmem_enabled={v}: {r:?}");
+    }
+    // Memory compaction in a loop (`rayos.compact_ms=N`): page migration under running guests,
+    // the load under which the intermittent nested triple faults were seen.
+    if let Some(ms) = cmdline.split_whitespace().find_map(|w| w.strip_prefix("rayos.compact_ms=")).and_then(|v| v.parse::<u64>().ok()) {
+        std::thread::spawn(move || loop {
+            let _ = fs::write("/proc/sys/vm/compact_memory", "1");
+            std::thread::sleep(Duration::from_millis(ms));
+        });
+        println!("testinit: compacting memory every {ms} ms");
+    }
     println!("testinit: kvm={} tests={tests}", std::path::Path::new("/dev/kvm").exists());
     let mut background: Vec<(String, std::process::Child, Instant, std::thread::JoinHandle<()>)> = Vec::new();
     for name in tests.split(',').filter(|t| !t.is_empty()) {
@@ -260,10 +282,13 @@ fn main() {
         let out = child.stdout.take().expect("piped stdout");
         let pid = child.id();
         let echo_name = name.to_string();
-        let kill_after = fs::read_to_string(&cmd_file)
-            .is_ok_and(|t| t.lines().any(|l| l.trim() == "#kill-after-marker"))
-            .then_some(Duration::from_secs(2));
-        let echo = std::thread::spawn(move || watch_output(&echo_name, pid, t0, out, kill_after));
+        let kill_on = fs::read_to_string(&cmd_file).ok().and_then(|t| {
+            t.lines().map(str::trim).find_map(|l| match l {
+                "#kill-after-marker" => Some(b"RAYOS-BOOT-TIMER".to_vec()),
+                _ => l.strip_prefix("#kill-after ").map(|text| text.as_bytes().to_vec()),
+            })
+        });
+        let echo = std::thread::spawn(move || watch_output(&echo_name, pid, t0, out, kill_on));
         let cmd_text = fs::read_to_string(&cmd_file).unwrap_or_default();
         if cmd_text.lines().any(|l| l.trim() == "#background") {
             if let Some(path) = cmd_text.lines().find_map(|l| l.trim().strip_prefix("#wait-for ")) {
