@@ -93,4 +93,20 @@ mod tests {
         assert_eq!(decode(PixelFormat::Bgrx8888, &[0, 0x12, 0x34, 0x56]), 0x12_3456);
         assert_eq!(decode(PixelFormat::Rgb565, &0xf800u16.to_le_bytes()), 0xf8_0000);
     }
+
+    #[test]
+    fn a_screenshot_never_replaces_a_file() {
+        let fb = SharedFramebuffer::create(1 << 20).unwrap();
+        fb.set_mode(Some(crate::devices::display::FbMode { width: 4, height: 2, stride: 16, offset: 0, format: PixelFormat::Xrgb8888 }));
+        let path = std::env::temp_dir().join(format!("vmm-shot-{}.ppm", std::process::id()));
+        std::fs::write(&path, b"keep me").unwrap();
+        let e = save_ppm(&fb, &path).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");
+        assert!(e.to_string().contains(&path.display().to_string()), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"keep me");
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(save_ppm(&fb, &path).unwrap(), (4, 2));
+        assert!(std::fs::read(&path).unwrap().starts_with(b"P6\n4 2\n255\n"));
+        std::fs::remove_file(&path).unwrap();
+    }
 }

@@ -219,5 +219,10 @@ mod tests {
         let nokernel = write(&d, "nok.json", r#"{"memory_mib":64,"kernel":"/nonexistent/bzImage"}"#);
         let e = VmSpec::from_file(&nokernel).unwrap_err().to_string();
         assert!(e.contains("`kernel`") && e.contains("/nonexistent/bzImage"), "{e}");
+
+        // EDID holds 12-bit sizes: a display it cannot announce is refused by name.
+        let wide = write(&d, "wide.json", &format!(r#"{{"memory_mib":64,"kernel":"{}","display":{{"width":5120,"height":1440}}}}"#, k.display()));
+        let e = VmSpec::from_file(&wide).unwrap_err().to_string();
+        assert!(e.contains("`display`") && e.contains("5120x1440"), "{e}");
     }
 }
