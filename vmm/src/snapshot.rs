@@ -186,20 +186,12 @@ fn save_paused(
         vm_state.clock.clock = ns;
     }
     target.write(replace, |dir| {
-        let mem_path = dir.join(MEMORY_FILE);
-        let out = File::options().read(true).write(true).create_new(true).open(&mem_path).map_err(io_err(&mem_path))?;
-        let data_bytes = crate::memory::copy_sparse(&src.memfd, &out, src.mem_size).map_err(io_err(&mem_path))?;
-        out.sync_all().map_err(io_err(&mem_path))?;
+        let memory = save_part(dir, MEMORY_FILE, &src.memfd, src.mem_size)?;
         let framebuffer = match &vm.devices.framebuffer {
-            Some(fb) => {
-                let fb_path = dir.join(FRAMEBUFFER_FILE);
-                let out = File::options().read(true).write(true).create_new(true).open(&fb_path).map_err(io_err(&fb_path))?;
-                let data_bytes = crate::memory::copy_sparse(fb.file(), &out, fb.size()).map_err(io_err(&fb_path))?;
-                out.sync_all().map_err(io_err(&fb_path))?;
-                Some(MemoryInfo { file: FRAMEBUFFER_FILE.into(), size: fb.size(), data_bytes })
-            }
+            Some(fb) => Some(save_part(dir, FRAMEBUFFER_FILE, fb.file(), fb.size())?),
             None => None,
         };
+        let data_bytes = memory.data_bytes;
         let state = SnapshotState {
             format_version: FORMAT_VERSION,
             vmm_version: VMM_VERSION.into(),
@@ -208,7 +200,7 @@ fn save_paused(
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
             spec: src.spec.clone(),
-            memory: MemoryInfo { file: MEMORY_FILE.into(), size: src.mem_size, data_bytes },
+            memory,
             framebuffer,
             vm: vm_state,
             vcpus,
@@ -226,6 +218,15 @@ fn save_paused(
         f.sync_all().map_err(io_err(&state_path))?;
         Ok((data_bytes, text.len() as u64))
     })
+}
+
+/// Writes `size` bytes of `src` (a memfd) sparsely into a new file `dir/name` and syncs it.
+fn save_part(dir: &Path, name: &str, src: &File, size: u64) -> Result<MemoryInfo, SnapshotError> {
+    let path = dir.join(name);
+    let out = File::options().read(true).write(true).create_new(true).open(&path).map_err(io_err(&path))?;
+    let data_bytes = crate::memory::copy_sparse(src, &out, size).map_err(io_err(&path))?;
+    out.sync_all().map_err(io_err(&path))?;
+    Ok(MemoryInfo { file: name.into(), size, data_bytes })
 }
 
 /// The kvmclock time vCPU 0's guest reads now: its pvclock structure (at the GPA in
@@ -424,7 +425,7 @@ pub fn parse_state(file: &Path, text: &str) -> Result<SnapshotState, SnapshotErr
         return Err(field(file, "memory.size", format!("{} bytes, spec.memory_mib says {}", memory.size, spec.memory_bytes())));
     }
     let framebuffer: Option<MemoryInfo> = match obj.get("framebuffer") {
-        None | Some(Value::Null) => None,
+        None => None,
         Some(_) => take_field(file, obj, "framebuffer")?,
     };
     match (&spec.display, &framebuffer) {
