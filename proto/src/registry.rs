@@ -1,0 +1,320 @@
+//! The VM registry file `vms.json`: `{"schema_version":1,"vms":[…]}`, one [`VmRecord`] per VM.
+//! rayosd owns the file (load, backup, corrupt handling); the installer writes the first one.
+//! Both write through [`atomic_write`].
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The schema this code reads and writes. Older versions would be migrated here; a newer
+/// one is treated as unreadable (kept aside, never overwritten by an older RayOS).
+pub const SCHEMA_VERSION: u32 = 1;
+pub const FILE_NAME: &str = "vms.json";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmKind {
+    Linux,
+    Windows,
+}
+
+impl VmKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmKind::Linux => "linux",
+            VmKind::Windows => "windows",
+        }
+    }
+}
+
+impl std::str::FromStr for VmKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "linux" => Ok(VmKind::Linux),
+            "windows" => Ok(VmKind::Windows),
+            _ => Err(format!("VM kind {s:?} is not linux or windows")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskRecord {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// What the VMM builds for this VM (turned into a [`crate::spec::VmSpec`] at each start).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    pub kernel: PathBuf,
+    #[serde(default)]
+    pub initramfs: Option<PathBuf>,
+    #[serde(default)]
+    pub cmdline: String,
+    /// Display size, when the VM has one.
+    #[serde(default)]
+    pub display: Option<(u32, u32)>,
+    #[serde(default)]
+    pub input: bool,
+    #[serde(default)]
+    pub net_taps: Vec<String>,
+    #[serde(default)]
+    pub rng: bool,
+    /// Offer the `org.rayos.agent` virtio-console port.
+    #[serde(default)]
+    pub agent: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Restart after a VMM crash (with backoff, until a crash loop).
+    OnFailure,
+    Never,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Start at boot in installed mode, without switching the display to it.
+    pub autostart_hidden: bool,
+    pub restart: RestartPolicy,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy { autostart_hidden: false, restart: RestartPolicy::OnFailure }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmRecord {
+    pub id: Uuid,
+    pub name: String,
+    pub kind: VmKind,
+    pub disks: Vec<DiskRecord>,
+    pub config: DeviceConfig,
+    pub policy: Policy,
+    /// Seconds since the Unix epoch.
+    pub created_at: u64,
+    #[serde(default)]
+    pub last_booted_at: Option<u64>,
+}
+
+/// The default Linux guest's kernel file in its VM folder: the RayOS kernel as an uncompressed
+/// ELF vmlinux, which rayos-vmm boots without the guest decompressing a bzImage.
+pub const DEFAULT_LINUX_KERNEL: &str = "vmlinux";
+
+/// The kernel command line of the default Linux guest (`rootfs_builder::guest::CMDLINE`).
+pub const DEFAULT_LINUX_CMDLINE: &str = "console=tty1 console=ttyS0,115200 root=/dev/vda rw panic=10";
+
+impl VmRecord {
+    /// The default Linux subsystem as the installer registers it: its files in `vm_dir`
+    /// (`/data/vms/<id>/`): `disk.img` (the Debian ext4 image) and [`DEFAULT_LINUX_KERNEL`] (the
+    /// RayOS kernel as a stripped ELF; an installer whose medium lacks it points `kernel` at
+    /// the bzImage, `vmlinuz`, instead);
+    /// 2 vCPUs, 2 GiB, display, input, the agent port; autostart hidden, restarted on failure.
+    pub fn default_linux(id: Uuid, vm_dir: &Path) -> VmRecord {
+        VmRecord {
+            id,
+            name: "linux".into(),
+            kind: VmKind::Linux,
+            disks: vec![DiskRecord { path: vm_dir.join("disk.img"), read_only: false }],
+            config: DeviceConfig {
+                vcpus: 2,
+                memory_mib: 2048,
+                kernel: vm_dir.join(DEFAULT_LINUX_KERNEL),
+                initramfs: None,
+                cmdline: DEFAULT_LINUX_CMDLINE.into(),
+                display: Some((1280, 800)),
+                input: true,
+                net_taps: vec![],
+                rng: true,
+                agent: true,
+            },
+            policy: Policy { autostart_hidden: true, restart: RestartPolicy::OnFailure },
+            created_at: now_secs(),
+            last_booted_at: None,
+        }
+    }
+}
+
+/// A VM name: 1-64 characters of a-z, A-Z, 0-9, '-', '_'.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// The whole file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryFile {
+    pub schema_version: u32,
+    pub vms: Vec<VmRecord>,
+}
+
+impl RegistryFile {
+    pub fn new(vms: Vec<VmRecord>) -> RegistryFile {
+        RegistryFile { schema_version: SCHEMA_VERSION, vms }
+    }
+
+    /// The file's bytes: pretty JSON and a final newline.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut bytes = serde_json::to_vec_pretty(self).expect("registry records always serialize");
+        bytes.push(b'\n');
+        bytes
+    }
+
+    /// Reads a registry file; the error says what is wrong in words for the user.
+    pub fn parse(bytes: &[u8]) -> Result<RegistryFile, String> {
+        // The version is read first so a newer schema is named as such, not as a field error.
+        let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
+        match v.get("schema_version").and_then(|v| v.as_u64()) {
+            None => return Err("no schema_version".into()),
+            Some(n) if n != SCHEMA_VERSION as u64 => {
+                return Err(format!("schema_version {n} is not {SCHEMA_VERSION}, the one this RayOS reads"))
+            }
+            Some(_) => {}
+        }
+        let f: RegistryFile = serde_json::from_value(v).map_err(|e| format!("bad record: {e}"))?;
+        let mut seen = std::collections::HashSet::new();
+        for vm in &f.vms {
+            if !seen.insert(vm.id) {
+                return Err(format!("VM id {} appears twice", vm.id));
+            }
+            if !valid_name(&vm.name) {
+                return Err(format!("VM name {:?} is invalid (1-64 characters of a-z, A-Z, 0-9, '-', '_')", vm.name));
+            }
+        }
+        Ok(f)
+    }
+}
+
+/// A file operation that failed, with the file and the step.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {op}: {source}")]
+pub struct FileError {
+    pub path: PathBuf,
+    pub op: &'static str,
+    pub source: std::io::Error,
+}
+
+fn file_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> FileError + 'a {
+    move |source| FileError { path: path.to_path_buf(), op, source }
+}
+
+pub fn sync_dir(dir: &Path) -> Result<(), FileError> {
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(file_err(dir, "fsync of the directory"))
+}
+
+/// Temp file in the same directory, fsync, rename over `path`, fsync the directory: a reader
+/// sees the old file or the new one, never a torn one, even across a power cut.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), FileError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = PathBuf::from(tmp_name);
+    {
+        let mut f = std::fs::File::create(&tmp).map_err(file_err(&tmp, "create"))?;
+        f.write_all(bytes).map_err(file_err(&tmp, "write"))?;
+        f.sync_all().map_err(file_err(&tmp, "fsync"))?;
+    }
+    std::fs::rename(&tmp, path).map_err(file_err(path, "rename into place"))?;
+    sync_dir(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A registry as installed disks hold it today: it must keep reading.
+    const INSTALLED: &str = r#"{
+  "schema_version": 1,
+  "vms": [
+    {
+      "id": "0b0c6c6e-3c5e-4a57-9d56-7c1b7f0d2a11",
+      "name": "linux",
+      "kind": "linux",
+      "disks": [
+        {
+          "path": "/vms/0b0c6c6e-3c5e-4a57-9d56-7c1b7f0d2a11/disk.img",
+          "read_only": false
+        }
+      ],
+      "config": {
+        "vcpus": 2,
+        "memory_mib": 2048,
+        "kernel": "/vms/0b0c6c6e-3c5e-4a57-9d56-7c1b7f0d2a11/vmlinux",
+        "initramfs": null,
+        "cmdline": "console=tty1 console=ttyS0,115200 root=/dev/vda rw panic=10",
+        "display": [
+          1280,
+          800
+        ],
+        "input": true,
+        "net_taps": [],
+        "rng": true,
+        "agent": true
+      },
+      "policy": {
+        "autostart_hidden": true,
+        "restart": "on-failure"
+      },
+      "created_at": 1764806400,
+      "last_booted_at": null
+    }
+  ]
+}
+"#;
+
+    #[test]
+    fn an_installed_registry_reads_and_writes_back_byte_for_byte() {
+        let f = RegistryFile::parse(INSTALLED.as_bytes()).unwrap();
+        assert_eq!(f.vms.len(), 1);
+        let vm = &f.vms[0];
+        assert_eq!((vm.name.as_str(), vm.kind, vm.config.display), ("linux", VmKind::Linux, Some((1280, 800))));
+        assert_eq!(vm.policy.restart, RestartPolicy::OnFailure);
+        assert_eq!(String::from_utf8(f.to_bytes()).unwrap(), INSTALLED);
+    }
+
+    #[test]
+    fn bad_files_are_named_by_what_is_wrong() {
+        assert!(RegistryFile::parse(b"{\"schema_version\":1,\"vms\":[").unwrap_err().contains("not JSON"));
+        assert!(RegistryFile::parse(b"{}").unwrap_err().contains("no schema_version"));
+        assert!(RegistryFile::parse(br#"{"schema_version":2,"vms":[]}"#).unwrap_err().contains("schema_version 2"));
+        let typo = INSTALLED.replace("\"rng\"", "\"rgn\"");
+        assert!(RegistryFile::parse(typo.as_bytes()).unwrap_err().contains("rgn"));
+        let twice = RegistryFile::parse(INSTALLED.as_bytes()).unwrap();
+        let twice = RegistryFile::new(vec![twice.vms[0].clone(), twice.vms[0].clone()]);
+        assert!(RegistryFile::parse(&twice.to_bytes()).unwrap_err().contains("appears twice"));
+        let badname = INSTALLED.replace("\"name\": \"linux\"", "\"name\": \"a b\"");
+        assert!(RegistryFile::parse(badname.as_bytes()).unwrap_err().contains("\"a b\""));
+    }
+
+    #[test]
+    fn atomic_write_replaces_and_leaves_no_temp_file() {
+        let d = std::env::temp_dir().join(format!("proto-registry-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join(FILE_NAME);
+        atomic_write(&p, b"one").unwrap();
+        atomic_write(&p, b"two").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        assert!(!d.join("vms.json.tmp").exists());
+        let e = atomic_write(&d.join("no-such-dir/vms.json"), b"x").unwrap_err().to_string();
+        assert!(e.contains("no-such-dir") && e.contains("create"), "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}
