@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
-    #[error("VM spec {path}: {source}")]
+    #[error("reading VM spec {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
     #[error("VM spec {path}: {source}")]
     Parse { path: PathBuf, source: serde_json::Error },

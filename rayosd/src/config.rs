@@ -3,56 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct SystemConfig {
-    pub machine_name: String,
-    pub timezone: String,
-    pub locale: String,
-    pub keymap: String,
-    /// Start VMs marked autostart at boot (installed mode only).
-    pub autostart_vms: bool,
-    /// Where VM disks live, as the installer chose.
-    pub vm_storage: VmStorage,
-}
-
-/// `[vm_storage]`: `kind = "data-volume"` (VMs under /data/vms), `"path"` (`location` is a
-/// directory under /data) or `"partition"` (`location` is the PARTUUID of a dedicated ext4
-/// partition, mounted at /vms).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct VmStorage {
-    pub kind: String,
-    pub location: Option<String>,
-}
-
-impl Default for VmStorage {
-    fn default() -> Self {
-        VmStorage { kind: "data-volume".into(), location: None }
-    }
-}
-
-impl VmStorage {
-    /// The PARTUUID of the dedicated VM partition, when there is one.
-    pub fn partition(&self) -> Option<&str> {
-        (self.kind == "partition").then_some(self.location.as_deref()).flatten()
-    }
-}
-
-impl Default for SystemConfig {
-    fn default() -> Self {
-        SystemConfig {
-            machine_name: "rayos".into(),
-            timezone: "UTC".into(),
-            locale: "C.UTF-8".into(),
-            keymap: "us".into(),
-            autostart_vms: true,
-            vm_storage: VmStorage::default(),
-        }
-    }
-}
+/// The schema, shared with the installer that writes the file.
+pub use rayos_proto::system::{SystemToml as SystemConfig, VmStorage, VmStorageKind};
 
 /// What loading found.
 #[derive(Debug, PartialEq, Eq)]
@@ -80,7 +32,7 @@ pub fn load(path: &Path) -> std::io::Result<Loaded> {
     };
     let parsed = std::str::from_utf8(&text)
         .map_err(|e| format!("not UTF-8: {e}"))
-        .and_then(|s| toml::from_str::<SystemConfig>(s).map_err(|e| e.to_string()));
+        .and_then(|s| SystemConfig::parse(s).map_err(|e| e.to_string()));
     match parsed {
         Ok(c) => Ok(Loaded::Ok(c)),
         Err(error) => {

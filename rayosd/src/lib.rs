@@ -18,6 +18,7 @@ pub mod mounts;
 pub mod power;
 pub mod procfs;
 pub mod reaper;
+pub mod restart;
 pub mod session;
 pub mod supervisor;
 pub mod timeline;

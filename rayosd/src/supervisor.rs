@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 
 use crate::power::PowerAction;
 use crate::reaper::{ExitKind, Reaper};
+use crate::restart::{RestartLimits, RestartTracker, Verdict};
 
 /// When a service is started again after it ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,6 +81,19 @@ pub struct Limits {
     pub crash_window: Duration,
     /// Between SIGTERM and SIGKILL when stopping.
     pub stop_timeout: Duration,
+}
+
+impl Limits {
+    /// The backoff and crash-loop part, as services and VMs share it.
+    pub fn restart(&self) -> RestartLimits {
+        RestartLimits {
+            backoff_initial: self.backoff_initial,
+            backoff_max: self.backoff_max,
+            stable_after: self.stable_after,
+            crash_count: self.crash_count,
+            crash_window: self.crash_window,
+        }
+    }
 }
 
 impl Default for Limits {
@@ -282,8 +296,7 @@ impl Supervisor {
     async fn run_service(self: Arc<Self>, spec: ServiceSpec, mut ctl: mpsc::UnboundedReceiver<Ctl>) {
         let name = spec.name.clone();
         let limits = self.limits;
-        let mut failures: Vec<Instant> = Vec::new();
-        let mut backoff = limits.backoff_initial;
+        let mut tracker = RestartTracker::new(limits.restart());
         let mut first = true;
         loop {
             // Start.
@@ -356,15 +369,13 @@ impl Supervisor {
 
             match requested {
                 Some(Ctl::Restart) => {
-                    failures.clear();
-                    backoff = limits.backoff_initial;
+                    tracker.reset();
                     continue;
                 }
                 Some(_) => {
                     self.update(&name, |i| i.state = ServiceState::Stopped);
                     if wait_for_start(&mut ctl).await {
-                        failures.clear();
-                        backoff = limits.backoff_initial;
+                        tracker.reset();
                         continue;
                     }
                     return;
@@ -397,27 +408,21 @@ impl Supervisor {
                 return;
             }
 
-            if ran >= limits.stable_after {
-                failures.clear();
-                backoff = limits.backoff_initial;
-            }
-            let now = Instant::now();
-            failures.push(now);
-            failures.retain(|t| now.duration_since(*t) <= limits.crash_window);
-            if failures.len() >= limits.crash_count {
-                tracing::error!(
-                    "service {name} is crash-looping ({} failures within {} s, last: {exit}); not restarting it (rayosctl service restart {name} to try again)",
-                    failures.len(),
-                    limits.crash_window.as_secs()
-                );
-                self.update(&name, |i| i.state = ServiceState::CrashLoop);
-                if wait_for_start(&mut ctl).await {
-                    failures.clear();
-                    backoff = limits.backoff_initial;
-                    continue;
+            let backoff = match tracker.failed(ran, Instant::now()) {
+                Verdict::Restart { after } => after,
+                Verdict::CrashLoop { failures } => {
+                    tracing::error!(
+                        "service {name} is crash-looping ({failures} failures within {} s, last: {exit}); not restarting it (rayosctl service restart {name} to try again)",
+                        limits.crash_window.as_secs()
+                    );
+                    self.update(&name, |i| i.state = ServiceState::CrashLoop);
+                    if wait_for_start(&mut ctl).await {
+                        tracker.reset();
+                        continue;
+                    }
+                    return;
                 }
-                return;
-            }
+            };
             tracing::info!("service {name}: restarting in {} ms", backoff.as_millis());
             self.update(&name, |i| {
                 i.state = ServiceState::Backoff;
@@ -435,15 +440,13 @@ impl Supervisor {
                     },
                 }
             }
-            backoff = (backoff * 2).min(limits.backoff_max);
             if stopped {
                 self.update(&name, |i| {
                     i.state = ServiceState::Stopped;
                     i.backoff_ms = 0;
                 });
                 if wait_for_start(&mut ctl).await {
-                    failures.clear();
-                    backoff = limits.backoff_initial;
+                    tracker.reset();
                     continue;
                 }
                 return;

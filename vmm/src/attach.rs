@@ -18,10 +18,16 @@ use crate::devices::virtio::{VirtioDevice, VirtioPciDevice};
 use crate::devices::{GuestMemory, VmHandle};
 use crate::error::{Error, Result};
 use crate::layout::{self, pio};
+use crate::events::EventSink;
 use crate::spec::VmSpec;
+use rayos_proto::agent::LineBuffer;
+use rayos_proto::vmm::Event;
 
 /// Name of the virtio-console port the guest agent talks on.
 pub const AGENT_PORT: &str = "org.rayos.agent";
+/// Longest guest-agent line passed on as an event (a screen answer of a 300x100 console
+/// fits); a longer one is dropped whole.
+pub const AGENT_LINE_MAX: usize = 64 * 1024;
 
 /// Handles to devices the VMM drives from outside the guest.
 #[derive(Default)]
@@ -57,6 +63,7 @@ pub fn attach(
     mem: &GuestMemory,
     pio_bus: &mut Bus,
     mmio_bus: &mut Bus,
+    events: &EventSink,
 ) -> Result<Attached> {
     let mut root = PciRoot::new(vm.clone(), layout::PCI_MMIO32);
     let mut out = Attached::default();
@@ -88,15 +95,25 @@ pub fn attach(
             let end = ends.remove(0);
             let mut reader = end.try_clone().map_err(|e| dev_err("virtio-console", e))?;
             let rx = out.agent_rx.clone();
+            let events = events.clone();
             std::thread::Builder::new()
                 .name("agent-rx".into())
                 .spawn(move || {
                     let mut buf = [0u8; 4096];
+                    let mut lines = LineBuffer::new(AGENT_LINE_MAX);
+                    let mut dropped = 0;
                     while let Ok(n) = reader.read(&mut buf) {
                         if n == 0 {
                             break;
                         }
                         rx.push(&buf[..n]);
+                        for line in lines.push(&buf[..n]) {
+                            events.send(Event::AgentLine { line });
+                        }
+                        if lines.dropped() != dropped {
+                            dropped = lines.dropped();
+                            events.warn(format!("the guest agent wrote a line longer than {AGENT_LINE_MAX} bytes; dropped"));
+                        }
                     }
                 })
                 .map_err(|e| dev_err("virtio-console", e))?;

@@ -1,16 +1,16 @@
-//! The control socket: a unix stream socket speaking JSON lines. Each request is one JSON
+//! The control socket (for tools and tests; rayosd uses [`crate::events`]): a unix stream
+//! socket speaking JSON lines. Each request is one JSON
 //! object with a `cmd` field; each answer is one JSON object with `ok` and either the
 //! result fields or `error`. The protocol is documented in ARCHITECTURE.md (vmm section).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Deserialize;
-use serde_json::{json, Value};
+use rayos_proto::vmm::{Answer, DisplayReply, Event, Reply, RunState, SnapshotReply, StatusReply};
 
 use crate::devices::display::SharedFramebuffer;
 use crate::devices::virtio::input::InputEvent;
@@ -18,86 +18,61 @@ use crate::error::{Error, Result};
 use crate::lifecycle::ExitReason;
 use crate::VmShared;
 
+/// The requests, shared with rayosd (which sends them on its own connection, see
+/// [`crate::events`]).
+pub use rayos_proto::vmm::Request;
+
 const ABS_X: u16 = 0;
 const ABS_Y: u16 = 1;
 const ABS_MAX: u32 = 32767;
 
-#[derive(Debug, Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Request {
-    Status,
-    Pause,
-    Resume,
-    /// Graceful: press the ACPI power button; the guest decides to power off.
-    Shutdown,
-    /// Immediate: the VMM stops the VM and exits 0.
-    Poweroff,
-    /// The recent serial output (the ring buffer), as lossy UTF-8.
-    Serial,
-    /// Queue bytes on the serial port's receive side.
-    SerialInput { data: String },
-    /// Press (`pressed: true`) or release a key on the virtio keyboard (Linux key codes).
-    Key { code: u16, pressed: bool },
-    /// Move the absolute pointer (0..=32767 on each axis), optionally with buttons held.
-    Pointer { x: u32, y: u32, #[serde(default)] buttons: Vec<u16> },
-    /// The display mode and a few pixels (x, y, 0xXXRRGGBB) for checks without a screenshot.
-    Display { #[serde(default)] points: Vec<(u32, u32)> },
-    /// Save the current frame as a binary PPM.
-    Screenshot { path: PathBuf },
-    /// Send text to the guest agent's port.
-    AgentSend { data: String },
-    /// What the guest agent has written so far (the last 64 KiB), as lossy UTF-8.
-    AgentRead,
-    /// Pause the VM (it stays paused) and save it into the directory `path` (see
-    /// [`crate::snapshot`]); an existing snapshot there is replaced only with `replace`.
-    Snapshot { path: PathBuf, #[serde(default)] replace: bool },
-}
-
-pub fn handle(vm: &VmShared, req: Request) -> Value {
+pub fn handle(vm: &VmShared, req: Request) -> Answer {
+    let no = |what: &str| Answer::err(what);
     match req {
         Request::Status => {
             let exits: Vec<u64> = vm.exits.iter().map(|e| e.load(Ordering::Relaxed)).collect();
-            json!({
-                "ok": true,
-                "name": vm.name,
-                "state": if vm.control.is_paused() { "paused" } else { "running" },
-                "vcpus": exits.len(),
-                "memory_mib": vm.memory_mib,
-                "uptime_ms": vm.start.elapsed().as_millis() as u64,
-                "boot_ms": vm.boot_time.get(),
-                "exits": exits,
-            })
+            Answer::ok(Reply::Status(StatusReply {
+                name: vm.name.clone(),
+                state: if vm.control.is_paused() { RunState::Paused } else { RunState::Running },
+                vcpus: exits.len(),
+                memory_mib: vm.memory_mib,
+                uptime_ms: vm.start.elapsed().as_millis() as u64,
+                boot_ms: vm.boot_time.get(),
+                exits,
+            }))
         }
         Request::Pause => {
             if vm.pause(Duration::from_secs(2)) {
-                json!({"ok": true, "state": "paused"})
+                vm.events.send(Event::State { state: RunState::Paused });
+                Answer::ok(Reply::State { state: RunState::Paused })
             } else {
-                json!({"ok": false, "error": "vCPUs did not stop within 2 s"})
+                no("vCPUs did not stop within 2 s")
             }
         }
         Request::Resume => {
             vm.control.set_paused(false);
-            json!({"ok": true, "state": "running"})
+            vm.events.send(Event::State { state: RunState::Running });
+            Answer::ok(Reply::State { state: RunState::Running })
         }
         Request::Shutdown => match vm.power_button.press() {
-            Ok(()) => json!({"ok": true, "note": "ACPI power button pressed"}),
-            Err(e) => json!({"ok": false, "error": format!("power button: {e}")}),
+            Ok(()) => Answer::ok(Reply::Note { note: "ACPI power button pressed".into() }),
+            Err(e) => Answer::err(format!("power button: {e}")),
         },
         Request::Poweroff => {
             vm.lifecycle.request(ExitReason::PowerOff);
-            json!({"ok": true})
+            Answer::done()
         }
-        Request::Serial => json!({"ok": true, "data": String::from_utf8_lossy(&vm.serial_ring.contents())}),
+        Request::Serial => Answer::ok(Reply::Data { data: String::from_utf8_lossy(&vm.serial_ring.contents()).into_owned() }),
         Request::SerialInput { data } => {
             let n = vm.serial.lock().unwrap_or_else(|p| p.into_inner()).enqueue_input(data.as_bytes());
-            json!({"ok": true, "queued": n})
+            Answer::ok(Reply::Queued { queued: n })
         }
         Request::Key { code, pressed } => match &vm.devices.keyboard {
             Some(k) => {
                 k.inject(&[InputEvent::key(code, pressed), InputEvent::syn()]);
-                json!({"ok": true})
+                Answer::done()
             }
-            None => json!({"ok": false, "error": "this VM has no keyboard (spec: input.keyboard)"}),
+            None => no("this VM has no keyboard (spec: input.keyboard)"),
         },
         Request::Pointer { x, y, buttons } => match &vm.devices.tablet {
             Some(t) => {
@@ -105,48 +80,59 @@ pub fn handle(vm: &VmShared, req: Request) -> Value {
                 ev.extend(buttons.iter().map(|b| InputEvent::key(*b, true)));
                 ev.push(InputEvent::syn());
                 t.inject(&ev);
-                json!({"ok": true})
+                Answer::done()
             }
-            None => json!({"ok": false, "error": "this VM has no tablet (spec: input.tablet)"}),
+            None => no("this VM has no tablet (spec: input.tablet)"),
         },
         Request::Display { points } => match &vm.devices.framebuffer {
             Some(fb) => display_status(fb, &points),
-            None => json!({"ok": false, "error": "this VM has no display (spec: display)"}),
+            None => no("this VM has no display (spec: display)"),
         },
         Request::Screenshot { path } => match &vm.devices.framebuffer {
             Some(fb) => match crate::screenshot::save_ppm(fb, &path) {
-                Ok((w, h)) => json!({"ok": true, "width": w, "height": h}),
-                Err(e) => json!({"ok": false, "error": e.to_string()}),
+                Ok((width, height)) => Answer::ok(Reply::Screenshot { width, height }),
+                Err(e) => Answer::err(e.to_string()),
             },
-            None => json!({"ok": false, "error": "this VM has no display (spec: display)"}),
+            None => no("this VM has no display (spec: display)"),
         },
         Request::AgentSend { data } => match vm.devices.agent_send(data.as_bytes()) {
-            Ok(()) => json!({"ok": true}),
-            Err(e) => json!({"ok": false, "error": format!("agent port: {e}")}),
+            Ok(()) => Answer::done(),
+            Err(e) => Answer::err(format!("agent port: {e}")),
         },
-        Request::AgentRead => json!({"ok": true, "data": String::from_utf8_lossy(&vm.devices.agent_rx.contents())}),
+        Request::AgentRead => Answer::ok(Reply::Data { data: String::from_utf8_lossy(&vm.devices.agent_rx.contents()).into_owned() }),
         Request::Snapshot { path, replace } => match crate::snapshot::take(vm, &path, replace) {
-            Ok(r) => json!({
-                "ok": true, "state": "paused", "path": r.path, "memory_bytes": r.memory_bytes,
-                "memory_written": r.memory_written, "state_bytes": r.state_bytes, "ms": r.ms,
-            }),
-            Err(e) => json!({"ok": false, "error": format!("snapshot to {}: {e}", path.display())}),
+            Ok(r) => {
+                vm.events.send(Event::State { state: RunState::Paused });
+                Answer::ok(Reply::Snapshot(SnapshotReply {
+                    state: RunState::Paused,
+                    path: r.path,
+                    memory_bytes: r.memory_bytes,
+                    memory_written: r.memory_written,
+                    state_bytes: r.state_bytes,
+                    ms: r.ms,
+                }))
+            }
+            Err(e) => Answer::err(format!("snapshot to {}: {e}", path.display())),
         },
     }
 }
 
-fn display_status(fb: &SharedFramebuffer, points: &[(u32, u32)]) -> Value {
+fn display_status(fb: &SharedFramebuffer, points: &[(u32, u32)]) -> Answer {
     let Some(mode) = fb.mode() else {
-        return json!({"ok": true, "enabled": false});
+        return Answer::ok(Reply::Display(DisplayReply { enabled: false, width: None, height: None, stride: None, format: None, pixels: None }));
     };
     let pixels = match crate::screenshot::read_pixels(fb, points) {
         Ok(p) => p,
-        Err(e) => return json!({"ok": false, "error": e.to_string()}),
+        Err(e) => return Answer::err(e.to_string()),
     };
-    json!({
-        "ok": true, "enabled": true, "width": mode.width, "height": mode.height,
-        "stride": mode.stride, "format": format!("{:?}", mode.format), "pixels": pixels,
-    })
+    Answer::ok(Reply::Display(DisplayReply {
+        enabled: true,
+        width: Some(mode.width),
+        height: Some(mode.height),
+        stride: Some(mode.stride),
+        format: Some(format!("{:?}", mode.format)),
+        pixels: Some(pixels),
+    }))
 }
 
 fn serve(vm: Arc<VmShared>, stream: UnixStream) {
@@ -161,9 +147,9 @@ fn serve(vm: Arc<VmShared>, stream: UnixStream) {
         }
         let answer = match serde_json::from_str::<Request>(&line) {
             Ok(req) => handle(&vm, req),
-            Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
+            Err(e) => Answer::err(format!("bad request: {e}")),
         };
-        if writeln!(out, "{answer}").is_err() {
+        if out.write_all(rayos_proto::vmm::to_line(&answer).as_bytes()).is_err() {
             return;
         }
     }
@@ -203,24 +189,4 @@ pub fn spawn(vm: Arc<VmShared>, listener: UnixListener) -> Result<()> {
         })
         .map(|_| ())
         .map_err(|e| Error::io("spawning the control thread", e))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn requests_parse_and_bad_ones_are_refused() {
-        assert!(matches!(serde_json::from_str::<Request>(r#"{"cmd":"status"}"#), Ok(Request::Status)));
-        assert!(matches!(
-            serde_json::from_str::<Request>(r#"{"cmd":"snapshot","path":"/x"}"#),
-            Ok(Request::Snapshot { .. })
-        ));
-        assert!(serde_json::from_str::<Request>(r#"{"cmd":"explode"}"#).is_err());
-        assert!(serde_json::from_str::<Request>(r#"{"cmd":"snapshot"}"#).is_err(), "path is required");
-        assert!(matches!(
-            serde_json::from_str::<Request>(r#"{"cmd":"snapshot","path":"/x","replace":true}"#),
-            Ok(Request::Snapshot { replace: true, .. })
-        ));
-    }
 }

@@ -5,12 +5,8 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("reading VM spec {path}: {source}")]
-    SpecRead { path: PathBuf, source: io::Error },
-    #[error("VM spec {path}: {source}")]
-    SpecParse { path: PathBuf, source: serde_json::Error },
-    #[error("VM spec field `{field}`: {reason}")]
-    SpecInvalid { field: &'static str, reason: String },
+    #[error(transparent)]
+    Spec(#[from] rayos_proto::spec::SpecError),
     #[error("/dev/kvm: {0}")]
     KvmOpen(kvm_ioctls::Error),
     #[error("KVM {op}: {source}")]

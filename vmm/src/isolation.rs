@@ -20,7 +20,7 @@ use seccompiler::{
 
 use crate::error::{Error, Result};
 
-pub const EXIT_CODE_SECCOMP: i32 = 31;
+pub const EXIT_CODE_SECCOMP: i32 = rayos_proto::vmm::exit_code::SECCOMP;
 
 /// Descriptors open when the process started, besides stdin/stdout/stderr: whatever the
 /// parent leaked to us. Call first thing in `main`, before anything opens files.

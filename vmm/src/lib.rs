@@ -13,6 +13,7 @@ pub mod cpuid;
 pub mod devices;
 pub mod isolation;
 pub mod error;
+pub mod events;
 pub mod layout;
 pub mod lifecycle;
 pub mod memory;
@@ -23,6 +24,7 @@ pub mod vcpu;
 pub mod vm;
 
 use std::fs::File;
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -60,6 +62,8 @@ pub struct VmShared {
     pub power_button: PowerButton,
     pub devices: attach::Attached,
     pub snapshot: snapshot::Sources,
+    /// The supervisor connection's events (nowhere until `--control-fd` is served).
+    pub events: events::EventSink,
     threads: Mutex<Vec<libc::pthread_t>>,
 }
 
@@ -161,7 +165,8 @@ impl Vmm {
             None => None,
         };
         let serial_ring = SerialRing::default();
-        let boot_time = BootTime::default();
+        let events = events::EventSink::default();
+        let boot_time = BootTime::with_events(events.clone());
         if let Some(ms) = restore.and_then(|s| s.state.legacy.boot_ms) {
             boot_time.set(ms);
         }
@@ -202,7 +207,7 @@ impl Vmm {
             Arc::new(Mutex::new(AcpiPm::new(lifecycle.clone(), power_button.clone()))),
         )?;
 
-        let devices = attach::attach(&spec, vm.clone(), &ram.memory, &mut pio_bus, &mut mmio_bus)?;
+        let devices = attach::attach(&spec, vm.clone(), &ram.memory, &mut pio_bus, &mut mmio_bus, &events)?;
         if let Some(snap) = restore {
             load_framebuffer(snap, devices.framebuffer.as_ref())?;
         }
@@ -271,6 +276,7 @@ impl Vmm {
                 msrs,
                 cmos,
             },
+            events,
             threads: Mutex::new(Vec::new()),
         });
         Ok(Vmm { spec, vm, ram, pio: pio_bus, mmio: mmio_bus, vcpus, shared })
@@ -281,13 +287,17 @@ impl Vmm {
     }
 
     /// Runs the VM until it ends. `inherited_fds` (from [`isolation::inherited_fds`] at
-    /// process start) are closed when the spec asks for isolation.
-    pub fn run(self, inherited_fds: &std::collections::BTreeSet<i32>) -> Result<ExitReason> {
+    /// process start) are closed when the spec asks for isolation; `supervisor` (the
+    /// `--control-fd` connection, not among them) gets the events and serves requests.
+    pub fn run(self, inherited_fds: &std::collections::BTreeSet<i32>, supervisor: Option<UnixStream>) -> Result<ExitReason> {
         let Vmm { spec, vm, ram, pio, mmio, vcpus, shared } = self;
         vcpu::install_kick_handler()?;
         if let Some(path) = &spec.control_socket {
             let listener = control::bind(path)?;
             control::spawn(shared.clone(), listener)?;
+        }
+        if let Some(conn) = supervisor {
+            events::serve(shared.clone(), conn)?;
         }
         if spec.isolate {
             isolation::isolate(inherited_fds)?;
@@ -322,6 +332,12 @@ impl Vmm {
                 ));
             }
         }
+        let why = match &reason {
+            ExitReason::PowerOff => "the guest powered off".to_string(),
+            ExitReason::Reboot(why) => format!("the guest rebooted ({why})"),
+            ExitReason::Failed(why) => why.clone(),
+        };
+        shared.events.send(rayos_proto::vmm::Event::Exiting { code: reason.exit_code(), reason: why });
         shared.control.stop();
         let threads = shared.threads.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let t0 = Instant::now();

@@ -4,6 +4,8 @@
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
+use rayos_proto::vmm::exit_code;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExitReason {
     /// ACPI S5 (the guest powered off) or `poweroff` on the control socket.
@@ -18,15 +20,15 @@ impl ExitReason {
     /// The process exit code rayosd sees (documented in ARCHITECTURE.md, vmm section).
     pub fn exit_code(&self) -> i32 {
         match self {
-            ExitReason::PowerOff => 0,
-            ExitReason::Failed(_) => 1,
+            ExitReason::PowerOff => exit_code::POWERED_OFF,
+            ExitReason::Failed(_) => exit_code::ERROR,
             ExitReason::Reboot(_) => EXIT_CODE_REBOOT,
         }
     }
 }
 
 /// Exit code for "the guest rebooted": the supervisor starts the VM again from its spec.
-pub const EXIT_CODE_REBOOT: i32 = 10;
+pub const EXIT_CODE_REBOOT: i32 = exit_code::REBOOTED;
 
 #[derive(Default)]
 pub struct Lifecycle {

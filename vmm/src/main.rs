@@ -23,6 +23,10 @@ struct Args {
     /// With --restore: keep the vCPUs paused until the control socket's `resume`.
     #[arg(long, requires = "restore")]
     paused: bool,
+    /// One end of a socketpair the supervisor made, inherited as this fd: the VMM pushes its
+    /// events over it and answers requests on it (rayos_proto::vmm::FromVmm / Envelope).
+    #[arg(long, value_name = "FD")]
+    control_fd: Option<i32>,
 }
 
 fn main() {
@@ -36,6 +40,11 @@ fn main() {
         )
         .init();
     let args = Args::parse();
+    // The supervisor connection is inherited on purpose: isolation must not close it.
+    let mut inherited = inherited;
+    if let Some(fd) = args.control_fd {
+        inherited.remove(&fd);
+    }
     match run(&args, start, &inherited) {
         Ok(reason) => {
             match &reason {
@@ -65,5 +74,6 @@ fn run(args: &Args, start: Instant, inherited: &std::collections::BTreeSet<i32>)
         (Some(spec), None) => Vmm::build(VmSpec::from_file(spec)?, start).context("setting up the VM")?,
         (None, None) => anyhow::bail!("give --spec or --restore"),
     };
-    Ok(vmm.run(inherited)?)
+    let supervisor = args.control_fd.map(vmm::events::from_fd).transpose()?;
+    Ok(vmm.run(inherited, supervisor)?)
 }

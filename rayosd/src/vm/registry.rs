@@ -6,163 +6,16 @@
 //! read as a registry is renamed aside to `vms.json.corrupt-<n>` (never overwritten, never
 //! deleted), the backup is used, and the problem is reported to the caller.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-/// The schema this code reads and writes. Older versions would be migrated here; a newer
-/// one is treated as unreadable (kept aside, never overwritten by an older RayOS).
-pub const SCHEMA_VERSION: u32 = 1;
-pub const FILE_NAME: &str = "vms.json";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum VmKind {
-    Linux,
-    Windows,
-}
-
-impl VmKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            VmKind::Linux => "linux",
-            VmKind::Windows => "windows",
-        }
-    }
-}
-
-impl std::str::FromStr for VmKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "linux" => Ok(VmKind::Linux),
-            "windows" => Ok(VmKind::Windows),
-            _ => Err(format!("VM kind {s:?} is not linux or windows")),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DiskRecord {
-    pub path: PathBuf,
-    #[serde(default)]
-    pub read_only: bool,
-}
-
-/// What the VMM builds for this VM (turned into a `vmm::spec::VmSpec` at each start).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeviceConfig {
-    pub vcpus: u8,
-    pub memory_mib: u64,
-    pub kernel: PathBuf,
-    #[serde(default)]
-    pub initramfs: Option<PathBuf>,
-    #[serde(default)]
-    pub cmdline: String,
-    /// Display size, when the VM has one.
-    #[serde(default)]
-    pub display: Option<(u32, u32)>,
-    #[serde(default)]
-    pub input: bool,
-    #[serde(default)]
-    pub net_taps: Vec<String>,
-    #[serde(default)]
-    pub rng: bool,
-    /// Offer the `org.rayos.agent` virtio-console port.
-    #[serde(default)]
-    pub agent: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum RestartPolicy {
-    /// Restart after a VMM crash (with backoff, until a crash loop).
-    OnFailure,
-    Never,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Policy {
-    /// Start at boot in installed mode, without switching the display to it.
-    pub autostart_hidden: bool,
-    pub restart: RestartPolicy,
-}
-
-impl Default for Policy {
-    fn default() -> Self {
-        Policy { autostart_hidden: false, restart: RestartPolicy::OnFailure }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VmRecord {
-    pub id: Uuid,
-    pub name: String,
-    pub kind: VmKind,
-    pub disks: Vec<DiskRecord>,
-    pub config: DeviceConfig,
-    pub policy: Policy,
-    /// Seconds since the Unix epoch.
-    pub created_at: u64,
-    #[serde(default)]
-    pub last_booted_at: Option<u64>,
-}
-
-/// The default Linux guest's kernel file in its VM folder: the RayOS kernel as an uncompressed
-/// ELF vmlinux, which rayos-vmm boots without the guest decompressing a bzImage.
-pub const DEFAULT_LINUX_KERNEL: &str = "vmlinux";
-
-/// The kernel command line of the default Linux guest (`rootfs_builder::guest::CMDLINE`).
-pub const DEFAULT_LINUX_CMDLINE: &str = "console=tty1 console=ttyS0,115200 root=/dev/vda rw panic=10";
-
-impl VmRecord {
-    /// The default Linux subsystem as the installer registers it: its files in `vm_dir`
-    /// (`/data/vms/<id>/`): `disk.img` (the Debian ext4 image) and [`DEFAULT_LINUX_KERNEL`] (the
-    /// RayOS kernel as a stripped ELF; an installer whose medium lacks it points `kernel` at
-    /// the bzImage, `vmlinuz`, instead);
-    /// 2 vCPUs, 2 GiB, display, input, the agent port; autostart hidden, restarted on failure.
-    pub fn default_linux(id: Uuid, vm_dir: &Path) -> VmRecord {
-        VmRecord {
-            id,
-            name: "linux".into(),
-            kind: VmKind::Linux,
-            disks: vec![DiskRecord { path: vm_dir.join("disk.img"), read_only: false }],
-            config: DeviceConfig {
-                vcpus: 2,
-                memory_mib: 2048,
-                kernel: vm_dir.join(DEFAULT_LINUX_KERNEL),
-                initramfs: None,
-                cmdline: DEFAULT_LINUX_CMDLINE.into(),
-                display: Some((1280, 800)),
-                input: true,
-                net_taps: vec![],
-                rng: true,
-                agent: true,
-            },
-            policy: Policy { autostart_hidden: true, restart: RestartPolicy::OnFailure },
-            created_at: now_secs(),
-            last_booted_at: None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RegistryFile {
-    schema_version: u32,
-    vms: Vec<VmRecord>,
-}
-
-pub fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
+// The records and the file's schema are shared with the installer, which writes the first one.
+pub use rayos_proto::registry::{
+    now_secs, DeviceConfig, DiskRecord, Policy, RegistryFile, RestartPolicy, VmKind, VmRecord, DEFAULT_LINUX_CMDLINE,
+    DEFAULT_LINUX_KERNEL, FILE_NAME, SCHEMA_VERSION,
+};
+use rayos_proto::registry::{valid_name, FileError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -174,6 +27,12 @@ pub enum RegistryError {
     NoSuchVm(String),
     #[error("registry: VM name {0:?} is invalid (1-64 characters of a-z, A-Z, 0-9, '-', '_')")]
     BadName(String),
+}
+
+impl From<FileError> for RegistryError {
+    fn from(e: FileError) -> Self {
+        RegistryError::Io { path: e.path, op: e.op, source: e.source }
+    }
 }
 
 fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> RegistryError + 'a {
@@ -214,23 +73,7 @@ pub struct Registry {
 }
 
 fn parse(bytes: &[u8]) -> Result<Vec<VmRecord>, String> {
-    // The version is read first so a newer schema is named as such, not as a field error.
-    let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
-    match v.get("schema_version").and_then(|v| v.as_u64()) {
-        None => return Err("no schema_version".into()),
-        Some(n) if n != SCHEMA_VERSION as u64 => {
-            return Err(format!("schema_version {n} is not {SCHEMA_VERSION}, the one this RayOS reads"))
-        }
-        Some(_) => {}
-    }
-    let f: RegistryFile = serde_json::from_value(v).map_err(|e| format!("bad record: {e}"))?;
-    let mut seen = std::collections::HashSet::new();
-    for vm in &f.vms {
-        if !seen.insert(vm.id) {
-            return Err(format!("VM id {} appears twice", vm.id));
-        }
-    }
-    Ok(f.vms)
+    RegistryFile::parse(bytes).map(|f| f.vms)
 }
 
 /// `<file>.corrupt-<n>` for the first n not taken.
@@ -249,26 +92,12 @@ fn keep_aside(file: &Path) -> Result<PathBuf, RegistryError> {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), RegistryError> {
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir, "fsync of the directory"))
+    Ok(rayos_proto::registry::sync_dir(dir)?)
 }
 
 /// Temp file in the same directory, fsync, rename over `path`, fsync the directory.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), RegistryError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(".tmp");
-    let tmp = PathBuf::from(tmp_name);
-    {
-        let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp, "create"))?;
-        f.write_all(bytes).map_err(io_err(&tmp, "write"))?;
-        f.sync_all().map_err(io_err(&tmp, "fsync"))?;
-    }
-    std::fs::rename(&tmp, path).map_err(io_err(path, "rename into place"))?;
-    sync_dir(dir)
-}
-
-fn valid_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    Ok(rayos_proto::registry::atomic_write(path, bytes)?)
 }
 
 impl Registry {
@@ -362,9 +191,7 @@ impl Registry {
 
     /// Writes the registry: the current file becomes the backup, then the new one goes in.
     pub fn save(&mut self) -> Result<(), RegistryError> {
-        let file = RegistryFile { schema_version: SCHEMA_VERSION, vms: self.vms.clone() };
-        let mut bytes = serde_json::to_vec_pretty(&file).expect("registry records always serialize");
-        bytes.push(b'\n');
+        let bytes = RegistryFile::new(self.vms.clone()).to_bytes();
         if let Some(prev) = &self.on_disk {
             if *prev == bytes {
                 return Ok(());

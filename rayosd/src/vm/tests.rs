@@ -1,7 +1,8 @@
 //! The supervisor against a fake VMM: a small script that speaks rayos-vmm's command line,
-//! spec file and control protocol, and "runs a guest" that writes heartbeats to the serial
-//! log while not paused. The real VMM cannot run guests on these hosts' KVM; the QEMU tests
-//! (tests/tests/vm_*.rs) cover it.
+//! spec file and supervisor connection (`--control-fd`: requests in, answers and events out),
+//! and "runs a guest" that writes heartbeats to the serial log while not paused and, with the
+//! agent port, `ready` and heartbeats as agent lines. The real VMM cannot run guests on these
+//! hosts' KVM; the QEMU tests (tests/tests/vm_*.rs) cover it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,66 +13,84 @@ use super::registry::{DeviceConfig, DiskRecord, Policy, RestartPolicy, VmKind};
 use crate::reaper::Reaper;
 
 /// Behaviour comes from words in the spec's cmdline: `crash-after-MS`, `ignore-acpi`,
-/// `no-socket`, `mute-agent` (the guest agent never answers).
+/// `never-up` (no first event), `mute-agent` (the guest agent never answers).
 const FAKE_VMM: &str = r#"#!/usr/bin/python3
 import json, os, socket, sys, threading, time
-spec = json.load(open(sys.argv[2]))
+args = sys.argv[1:]
+spec = json.load(open(args[args.index("--spec") + 1]))
+conn = socket.socket(fileno=int(args[args.index("--control-fd") + 1]))
 words = spec["cmdline"].split()
+agent = bool(spec.get("console"))
 t0 = time.time()
 log = open(spec["serial_log"], "a", buffering=1)
 paused = threading.Event()
-agent_out = ["ready\n"]
+wlock = threading.Lock()
+def send(msg):
+    with wlock:
+        conn.sendall((json.dumps(msg) + "\n").encode())
+def event(ev):
+    send({"type": "event", "event": ev})
+def leave(code, reason):
+    event({"kind": "exiting", "code": code, "reason": reason})
+    os._exit(code)
 for w in words:
     if w.startswith("crash-after-"):
         ms = int(w[len("crash-after-"):])
         threading.Timer(ms / 1000, lambda: os._exit(3)).start()
-if "no-socket" in words:
+if "never-up" in words:
     time.sleep(60)
-srv = socket.socket(socket.AF_UNIX)
-srv.bind(spec["control_socket"])
-srv.listen()
+event({"kind": "up", "name": spec["name"], "state": "running", "boot_ms": None})
 def guest():
     n = 0
     log.write("guest: init\n")
+    time.sleep(0.05)
+    event({"kind": "boot_timer", "ms": int((time.time() - t0) * 1000)})
+    if agent:
+        event({"kind": "agent_line", "line": "ready"})
     while True:
         if not paused.is_set():
             n += 1
             log.write("heartbeat %d\n" % n)
+            if agent and n % 5 == 0:
+                event({"kind": "agent_line", "line": "heartbeat %d" % (n // 5)})
         time.sleep(0.02)
 threading.Thread(target=guest, daemon=True).start()
-def serve(c):
-    f = c.makefile("rw")
-    for line in f:
-        req = json.loads(line)
-        cmd = req["cmd"]
-        ans = {"ok": True}
-        if cmd == "status":
-            ans.update(state="paused" if paused.is_set() else "running", boot_ms=int((time.time() - t0) * 1000))
-        elif cmd == "pause":
-            paused.set()
-        elif cmd == "resume":
-            paused.clear()
-        elif cmd == "shutdown":
-            if "ignore-acpi" not in words:
-                log.write("guest: power button, powering off\n")
-                threading.Timer(0.05, lambda: os._exit(0)).start()
-        elif cmd == "poweroff":
-            threading.Timer(0.01, lambda: os._exit(0)).start()
-        elif cmd == "agent_send":
-            for l in req["data"].splitlines():
-                if l.startswith("screen ") and "mute-agent" not in words:
-                    screen = {"tty": 1, "rows": 2, "cols": 20, "cursor": [12, 1], "text": "Debian GNU/Linux 12\nfake login:"}
-                    agent_out.append("screen %s %s\n" % (l.split()[1], json.dumps(screen)))
-        elif cmd == "agent_read":
-            ans.update(data="".join(agent_out))
-        elif cmd == "screenshot":
-            open(req["path"], "wb").write(b"P6\n2 1\n255\n" + bytes([255, 0, 0, 0, 0, 255]))
-            ans.update(width=2, height=1)
-        f.write(json.dumps(ans) + "\n")
-        f.flush()
-while True:
-    c, _ = srv.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
+def screen(l):
+    answer = {"tty": 1, "rows": 2, "cols": 20, "cursor": [12, 1], "text": "Debian GNU/Linux 12\nfake login:"}
+    event({"kind": "agent_line", "line": "screen %s %s" % (l.split()[1], json.dumps(answer))})
+for line in conn.makefile("r"):
+    env = json.loads(line)
+    req = env["request"]
+    cmd = req["cmd"]
+    ans = {"ok": True}
+    if cmd == "pause":
+        paused.set()
+        ans["state"] = "paused"
+        event({"kind": "state", "state": "paused"})
+    elif cmd == "resume":
+        paused.clear()
+        ans["state"] = "running"
+        event({"kind": "state", "state": "running"})
+    elif cmd == "shutdown":
+        if "ignore-acpi" not in words:
+            log.write("guest: power button, powering off\n")
+            threading.Timer(0.05, lambda: leave(0, "the guest powered off")).start()
+        ans["note"] = "ACPI power button pressed"
+    elif cmd == "poweroff":
+        threading.Timer(0.01, lambda: leave(0, "the guest powered off")).start()
+    elif cmd == "agent_send":
+        for l in req["data"].splitlines():
+            if l.startswith("screen ") and "mute-agent" not in words:
+                # Another line first: the answer is found among the agent's lines.
+                event({"kind": "agent_line", "line": "heartbeat 999"})
+                threading.Timer(0.02, screen, args=(l,)).start()
+    elif cmd == "screenshot":
+        open(req["path"], "wb").write(b"P6\n2 1\n255\n" + bytes([255, 0, 0, 0, 0, 255]))
+        ans.update(width=2, height=1)
+    else:
+        ans = {"ok": False, "error": "the fake VMM does not do %s" % cmd}
+    send({"type": "answer", "id": env["id"], "answer": ans})
+time.sleep(60)
 "#;
 
 struct Env {
@@ -95,7 +114,7 @@ fn setup(tag: &str, tweak: impl FnOnce(&mut Settings)) -> Env {
     s.backoff_max = Duration::from_millis(200);
     s.crash_count = 3;
     s.crash_window = Duration::from_secs(30);
-    s.socket_timeout = Duration::from_secs(3);
+    s.up_timeout = Duration::from_secs(3);
     tweak(&mut s);
     let only_reaper = crate::reaper::exclusive_for_test();
     let reaper = Arc::new(Reaper::new());
@@ -261,12 +280,12 @@ async fn autostart_marks_a_vm_with_a_missing_disk_broken_and_starts_the_others()
 }
 
 #[tokio::test(flavor = "current_thread")]
-async fn a_vmm_without_a_control_socket_is_killed_and_counted_as_failed() {
-    let env = setup("nosock", |s| s.socket_timeout = Duration::from_millis(300));
-    create(&env, "mute", "no-socket", false);
+async fn a_vmm_that_never_comes_up_is_killed_and_counted_as_failed() {
+    let env = setup("nosock", |s| s.up_timeout = Duration::from_millis(300));
+    create(&env, "mute", "never-up", false);
     env.mgr.start("mute", false).unwrap();
     let i = wait_state(&env, "mute", "failed", Duration::from_secs(5)).await;
-    assert!(i.detail.contains("no control socket"), "{}", i.detail);
+    assert!(i.detail.contains("did not come up"), "{}", i.detail);
     env.mgr.stop("mute", false).unwrap();
     wait_state(&env, "mute", "stopped", Duration::from_secs(5)).await;
 }
@@ -327,6 +346,17 @@ async fn the_guest_screen_comes_from_the_agent_and_the_screenshot_from_the_vmm()
         env.mgr.start(vm, false).unwrap();
         wait_state(&env, vm, "running", Duration::from_secs(5)).await;
     }
+    // Readiness and heartbeats arrive as agent lines on the VMM's connection.
+    let t = Instant::now();
+    loop {
+        let i = env.mgr.get("shown").unwrap();
+        if i.agent_ready && i.agent_heartbeat >= 2 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "agent not ready with heartbeats: {i:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!env.mgr.get("bare").unwrap().agent_ready, "a VM without the agent port reported an agent");
     let s = env.mgr.guest_screen("shown", Duration::from_secs(2)).await.unwrap();
     assert_eq!((s.tty, s.rows, s.cols, s.cursor_x, s.cursor_y), (1, 2, 20, 12, 1));
     assert_eq!(s.text, "Debian GNU/Linux 12\nfake login:");
@@ -349,4 +379,58 @@ async fn the_guest_screen_comes_from_the_agent_and_the_screenshot_from_the_vmm()
     let e = env.mgr.screenshot("bare").await.unwrap_err();
     assert!(e.to_string().contains("config.display"), "{e}");
     env.mgr.shutdown_all(Duration::from_secs(2)).await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_windows_record_is_broken_not_booted_as_linux() {
+    let env = setup("windows", |_| {});
+    let disk = env.dir.join("win.img");
+    std::fs::write(&disk, b"").unwrap();
+    let config = DeviceConfig {
+        vcpus: 1,
+        memory_mib: 64,
+        kernel: env.dir.join("bzImage"),
+        initramfs: None,
+        cmdline: String::new(),
+        display: None,
+        input: false,
+        net_taps: vec![],
+        rng: false,
+        agent: false,
+    };
+    let req = CreateRequest { name: "win".into(), kind: VmKind::Windows, disks: vec![DiskRecord { path: disk, read_only: false }], config, policy: Policy::default() };
+    env.mgr.create(req).unwrap();
+    env.mgr.start("win", false).unwrap();
+    let i = wait_state(&env, "win", "broken", Duration::from_secs(5)).await;
+    assert_eq!(i.detail, "Windows VMs are not supported yet");
+    assert_eq!(i.pid, 0, "no VMM was started");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_vm_that_runs_healthy_between_crashes_is_never_a_crash_loop() {
+    // 3 crashes within 30 s would be a loop; each run lasts longer than a healthy one.
+    let env = setup("healthy", |s| s.stable_after = Duration::from_millis(300));
+    create(&env, "flaky", "crash-after-500", false);
+    let mut events = env.mgr.subscribe();
+    env.mgr.start("flaky", false).unwrap();
+    let t = Instant::now();
+    loop {
+        let i = env.mgr.get("flaky").unwrap();
+        assert_ne!(i.state, "crash-loop", "healthy runs counted towards a crash loop: {}", i.detail);
+        if i.restarts >= 4 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "not restarted enough: {i:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The backoff started over after each healthy run: always the initial 50 ms.
+    let mut waits = Vec::new();
+    while let Ok(ev) = events.try_recv() {
+        if let Some(w) = ev.detail.split("restarting in ").nth(1) {
+            waits.push(w.to_string());
+        }
+    }
+    assert!(waits.len() >= 3 && waits.iter().all(|w| w == "50 ms"), "{waits:?}");
+    env.mgr.stop("flaky", true).unwrap();
+    wait_state(&env, "flaky", "stopped", Duration::from_secs(3)).await;
 }

@@ -1,22 +1,22 @@
 //! One `rayos-vmm` process: its spec file, its spawn (the exit status comes from the
-//! [`Reaper`], never from our own wait), its output into rayosd's log, and a client for its
-//! JSON-lines control socket (see `vmm/src/control.rs`).
+//! [`Reaper`], never from our own wait) with its supervisor connection (a socketpair whose
+//! other end it gets as `--control-fd 3`, see [`super::vmm_conn`]), and its output into
+//! rayosd's log.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
-use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use rayos_proto::spec::{ConsoleSpec, DiskSpec, DisplaySpec, InputSpec, NetSpec, VmSpec};
+use tokio::io::AsyncBufReadExt;
 use tokio::sync::oneshot;
 
 use super::registry::VmRecord;
 use crate::reaper::{ExitKind, Reaper};
 
-/// `rayos-vmm`'s exit code for "the guest rebooted" (vmm::lifecycle::EXIT_CODE_REBOOT).
-pub const EXIT_REBOOT: i32 = vmm::lifecycle::EXIT_CODE_REBOOT;
+/// The descriptor the VMM finds its supervisor connection on.
+const CONTROL_FD: i32 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
@@ -28,8 +28,6 @@ pub enum VmmError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("cannot start {bin}: {source}")]
     Spawn { bin: PathBuf, source: std::io::Error },
-    #[error("VMM control socket {path}: {reason}")]
-    Control { path: PathBuf, reason: String },
 }
 
 /// Where one VM's runtime files go.
@@ -57,33 +55,25 @@ pub fn missing_disks(vm: &VmRecord) -> Vec<PathBuf> {
     vm.disks.iter().filter(|d| !d.path.is_file()).map(|d| d.path.clone()).collect()
 }
 
-/// The `vmm::spec::VmSpec` for `vm`, checked the way rayos-vmm will check it.
-pub fn build_spec(vm: &VmRecord, files: &VmFiles) -> Result<vmm::spec::VmSpec, VmmError> {
+/// The [`VmSpec`] for `vm`, checked the way rayos-vmm will check it.
+pub fn build_spec(vm: &VmRecord, files: &VmFiles) -> Result<VmSpec, VmmError> {
     if let Some(d) = missing_disks(vm).into_iter().next() {
         return Err(VmmError::MissingDisk(d));
     }
     let c = &vm.config;
-    // Built as JSON and parsed so fields the VMM adds later take their defaults.
-    let v = json!({
-        "name": vm.name,
-        "vcpus": c.vcpus,
-        "memory_mib": c.memory_mib,
-        "kernel": c.kernel,
-        "initramfs": c.initramfs,
-        "cmdline": c.cmdline,
-        "disks": vm.disks.iter().map(|d| json!({"path": d.path, "read_only": d.read_only})).collect::<Vec<_>>(),
-        "net": c.net_taps.iter().map(|t| json!({"tap": t})).collect::<Vec<_>>(),
-        "display": c.display.map(|(w, h)| json!({"width": w, "height": h})),
-        "input": if c.input { json!({}) } else { Value::Null },
-        // `{}`: the VMM's defaults give the agent port.
-        "console": if c.agent { json!({}) } else { Value::Null },
-        "rng": c.rng,
-        "serial_log": files.serial_log,
-        "control_socket": files.control_socket,
-    });
-    let bad = |reason: String| VmmError::BadSpec { vm: vm.name.clone(), reason };
-    let spec: vmm::spec::VmSpec = serde_json::from_value(v).map_err(|e| bad(e.to_string()))?;
-    spec.validate().map_err(|e| bad(e.to_string()))?;
+    let mut spec = VmSpec::new(&vm.name, c.vcpus, c.memory_mib, c.kernel.clone());
+    spec.initramfs = c.initramfs.clone();
+    spec.cmdline = c.cmdline.clone();
+    spec.disks = vm.disks.iter().map(|d| DiskSpec { path: d.path.clone(), read_only: d.read_only }).collect();
+    spec.net = c.net_taps.iter().map(|t| NetSpec { tap: t.clone() }).collect();
+    spec.display = c.display.map(|(width, height)| DisplaySpec { width, height });
+    spec.input = c.input.then(InputSpec::default);
+    spec.console = c.agent.then(ConsoleSpec::default);
+    spec.rng = c.rng;
+    spec.serial_log = Some(files.serial_log.clone());
+    // For tools and tests (`vmm/scripts`, the QEMU tests); rayosd talks over its own connection.
+    spec.control_socket = Some(files.control_socket.clone());
+    spec.validate().map_err(|e| VmmError::BadSpec { vm: vm.name.clone(), reason: e.to_string() })?;
     Ok(spec)
 }
 
@@ -91,11 +81,14 @@ pub fn build_spec(vm: &VmRecord, files: &VmFiles) -> Result<vmm::spec::VmSpec, V
 pub struct Spawned {
     pub pid: u32,
     pub exit: oneshot::Receiver<ExitKind>,
+    /// Our end of its supervisor connection.
+    pub conn: tokio::net::UnixStream,
 }
 
-/// Writes the spec and starts `vmm_bin --spec FILE`. Its stdout/stderr go to the log under
-/// `vm <name>`. Must run on the runtime that runs the reaper (registration is in this call).
-pub fn spawn(reaper: &Reaper, vmm_bin: &Path, vm: &VmRecord, files: &VmFiles, spec: &vmm::spec::VmSpec) -> Result<Spawned, VmmError> {
+/// Writes the spec and starts `vmm_bin --spec FILE --control-fd 3`. Its stdout/stderr go to
+/// the log under `vm <name>`. Must run on the runtime that runs the reaper (registration is in
+/// this call).
+pub fn spawn(reaper: &Reaper, vmm_bin: &Path, vm: &VmRecord, files: &VmFiles, spec: &VmSpec) -> Result<Spawned, VmmError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| VmmError::Io { path, source }
@@ -109,14 +102,33 @@ pub fn spawn(reaper: &Reaper, vmm_bin: &Path, vm: &VmRecord, files: &VmFiles, sp
     let _ = std::fs::remove_file(&files.control_socket);
     let _ = std::fs::remove_file(&files.agent_socket);
 
+    let spawn_err = |source| VmmError::Spawn { bin: vmm_bin.to_path_buf(), source };
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(spawn_err)?;
     let mut cmd = Command::new(vmm_bin);
-    cmd.arg("--spec").arg(&files.spec);
+    cmd.arg("--spec").arg(&files.spec).arg("--control-fd").arg(CONTROL_FD.to_string());
+    let theirs_fd = theirs.as_raw_fd();
+    // SAFETY: between fork and exec only dup2/fcntl run (async-signal-safe); `theirs` stays
+    // open in the parent until spawn returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            if theirs_fd == CONTROL_FD {
+                // dup2 onto itself would keep close-on-exec set.
+                if libc::fcntl(CONTROL_FD, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(theirs_fd, CONTROL_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     // Its log lines go into ours: no terminal colours.
     cmd.env("NO_COLOR", "1");
     // Its own process group: a terminal's ctrl-c to systemless must not kill the VMs with it.
     cmd.process_group(0);
-    let mut child = cmd.spawn().map_err(|source| VmmError::Spawn { bin: vmm_bin.to_path_buf(), source })?;
+    let mut child = cmd.spawn().map_err(spawn_err)?;
+    drop(theirs);
     let pid = child.id();
     let exit = reaper.watch(pid);
     let source = format!("vm {}", vm.name);
@@ -134,28 +146,9 @@ pub fn spawn(reaper: &Reaper, vmm_bin: &Path, vm: &VmRecord, files: &VmFiles, sp
             }
         });
     }
+    let conn = ours.set_nonblocking(true).and_then(|()| tokio::net::UnixStream::from_std(ours)).map_err(spawn_err)?;
     // Dropping `Child` neither waits nor kills: the reaper owns the wait.
-    Ok(Spawned { pid, exit })
-}
-
-/// One request on the VMM's control socket; returns the answer when `ok` is true.
-pub async fn request(socket: &Path, req: Value, timeout: Duration) -> Result<Value, VmmError> {
-    let err = |reason: String| VmmError::Control { path: socket.to_path_buf(), reason };
-    let work = async {
-        let mut s = tokio::net::UnixStream::connect(socket).await.map_err(|e| err(format!("connect: {e}")))?;
-        let mut line = req.to_string();
-        line.push('\n');
-        s.write_all(line.as_bytes()).await.map_err(|e| err(format!("write: {e}")))?;
-        let mut answer = String::new();
-        tokio::io::BufReader::new(s).read_line(&mut answer).await.map_err(|e| err(format!("read: {e}")))?;
-        let v: Value = serde_json::from_str(&answer).map_err(|e| err(format!("bad answer {answer:?}: {e}")))?;
-        if v.get("ok") == Some(&Value::Bool(true)) {
-            Ok(v)
-        } else {
-            Err(err(v.get("error").and_then(|e| e.as_str()).unwrap_or("refused").to_string()))
-        }
-    };
-    tokio::time::timeout(timeout, work).await.map_err(|_| err(format!("no answer within {timeout:?}")))?
+    Ok(Spawned { pid, exit, conn })
 }
 
 /// The last `lines` lines of the VM's serial log.

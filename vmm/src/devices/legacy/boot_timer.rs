@@ -12,19 +12,27 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::devices::BusDevice;
+use rayos_proto::vmm::Event;
 
-/// Milliseconds from VMM start to the first boot-timer write; u64::MAX until then.
+use crate::devices::BusDevice;
+use crate::events::EventSink;
+
+/// Milliseconds from VMM start to the first boot-timer write; u64::MAX until then. The first
+/// write is also an event for the supervisor.
 #[derive(Clone)]
-pub struct BootTime(Arc<AtomicU64>);
+pub struct BootTime(Arc<AtomicU64>, EventSink);
 
 impl Default for BootTime {
     fn default() -> Self {
-        BootTime(Arc::new(AtomicU64::new(u64::MAX)))
+        BootTime::with_events(EventSink::default())
     }
 }
 
 impl BootTime {
+    pub fn with_events(events: EventSink) -> Self {
+        BootTime(Arc::new(AtomicU64::new(u64::MAX)), events)
+    }
+
     /// Records "init reached" now, unless it was recorded before; logs the first time.
     pub fn record(&self, start: Instant, via: &str) {
         let ms = start.elapsed().as_millis() as u64;
@@ -32,6 +40,7 @@ impl BootTime {
             let us = start.elapsed().as_micros();
             tracing::info!("boot-timer: guest init reached after {ms} ms ({via})");
             eprintln!("boot-timer: guest init reached after {ms} ms ({us} us, {via})");
+            self.1.send(Event::BootTimer { ms });
         }
     }
 

@@ -1,0 +1,102 @@
+//! The guest agent's side of a VM: its readiness and heartbeat (from the agent lines the VMM
+//! passes on as events) and `GuestScreen` (a `screen <id>` request, answered among those
+//! lines). The line protocol is `rayos_proto::agent`.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use rayos_proto::agent::{FromAgent, ScreenAnswer, ToAgent};
+use rayos_proto::vmm::Request as VmmRequest;
+use tokio::sync::broadcast::error::RecvError;
+
+use super::manager::{GuestScreen, VmError, VmManager, NEXT_REQUEST};
+
+/// What the agent said so far in this run.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct AgentStatus {
+    pub ready: bool,
+    /// The last heartbeat number; 0 before the first.
+    pub heartbeat: u64,
+}
+
+impl AgentStatus {
+    /// Takes one agent line; true when it made the agent ready.
+    pub fn line(&mut self, line: &str) -> bool {
+        match FromAgent::parse(line) {
+            Ok(FromAgent::Ready) => !std::mem::replace(&mut self.ready, true),
+            Ok(FromAgent::Heartbeat(n)) => {
+                self.heartbeat = n;
+                false
+            }
+            // Screen answers go to their request; other lines are not ours to judge.
+            Ok(FromAgent::Screen { .. }) | Err(_) => false,
+        }
+    }
+}
+
+impl VmManager {
+    /// What the VM's display console (tty1) shows, as text: asks the guest agent (`screen
+    /// <id>` on its port; it answers `screen <id> {json}`, see `rayos-devguest`) and waits up
+    /// to `timeout` for the answer among its lines.
+    pub async fn guest_screen(&self, id_or_name: &str, timeout: Duration) -> Result<GuestScreen, VmError> {
+        let (vm, conn) = self.live_vmm(id_or_name, "reading the guest's screen", false)?;
+        if !vm.config.agent {
+            return Err(VmError::Refused { name: vm.name, reason: "reading the guest's screen needs the guest agent (config.agent)".into() });
+        }
+        let failed = |reason: String| VmError::Failed { name: vm.name.clone(), reason };
+        // Unique per request: an answer to an earlier request that timed out may still come.
+        let id = format!("{}-{}", std::process::id(), NEXT_REQUEST.fetch_add(1, Ordering::Relaxed));
+        // Listening before asking: the answer cannot come before we hear.
+        let mut lines = conn.agent_lines();
+        let ask = ToAgent::Screen { id: id.clone() }.to_line();
+        conn.request(VmmRequest::AgentSend { data: ask }, Duration::from_secs(3)).await.map_err(|e| failed(e.to_string()))?;
+        let deadline = Instant::now() + timeout;
+        let no_answer = || failed(format!("the guest agent did not answer the screen request within {timeout:?}"));
+        loop {
+            let line = match tokio::time::timeout_at(deadline.into(), lines.recv()).await {
+                Err(_) => return Err(no_answer()),
+                Ok(Err(RecvError::Closed)) => return Err(failed("the VMM's connection closed".into())),
+                // Lines lost while we were slow: ours may be among the next ones.
+                Ok(Err(RecvError::Lagged(_))) => continue,
+                Ok(Ok(line)) => line,
+            };
+            if FromAgent::screen_id(&line) != Some(id.as_str()) {
+                continue;
+            }
+            return match FromAgent::parse(&line) {
+                Ok(FromAgent::Screen { answer: ScreenAnswer::Screen(s), .. }) => Ok(GuestScreen {
+                    tty: s.tty,
+                    rows: s.rows,
+                    cols: s.cols,
+                    cursor_x: s.cursor.0,
+                    cursor_y: s.cursor.1,
+                    text: s.text,
+                }),
+                Ok(FromAgent::Screen { answer: ScreenAnswer::Error { error }, .. }) => {
+                    Err(failed(format!("the guest agent could not read tty1: {error}")))
+                }
+                Ok(other) => Err(failed(format!("unexpected answer {other:?}"))),
+                Err(e) => Err(failed(format!("the guest agent's answer: {e}"))),
+            };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AgentStatus;
+
+    #[test]
+    fn agent_lines_give_readiness_and_the_last_heartbeat() {
+        let mut a = AgentStatus::default();
+        assert!(!a.line("heartbeat 1"));
+        assert_eq!(a, AgentStatus { ready: false, heartbeat: 1 });
+        assert!(a.line("ready"), "the first ready makes it ready");
+        assert!(!a.line("ready"), "only once");
+        a.line("heartbeat 2");
+        a.line("garbage \u{fffd}");
+        a.line("heartbeat x");
+        a.line(r#"screen 1 {"error":"no"}"#);
+        assert_eq!(a, AgentStatus { ready: true, heartbeat: 2 });
+    }
+}

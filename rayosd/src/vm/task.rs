@@ -1,0 +1,329 @@
+//! The per-VM task: waits for a start, runs the VMM (spawn, its events, the API's
+//! pause/resume/stop), and after it ends decides: stopped, broken, rebooted (start again) or
+//! crashed (restart with the shared backoff policy, [`crate::restart`], until a crash loop).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use rayos_proto::vmm::{exit_code, Event, Request as VmmRequest, RunState};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use super::agent::AgentStatus;
+use super::manager::{parse_state, Ctl, Outcome, VmManager};
+use super::registry::{self, RestartPolicy, VmKind};
+use super::state::VmState;
+use super::vmm_conn::VmmConn;
+use super::vmm_process::{self, VmFiles};
+use crate::reaper::ExitKind;
+use crate::restart::{RestartTracker, Verdict};
+
+/// What `run_once` says about a VM of a kind the VMM cannot boot yet.
+pub const WINDOWS_NOT_SUPPORTED: &str = "Windows VMs are not supported yet";
+
+impl VmManager {
+    pub(super) async fn vm_task(self: Arc<Self>, id: Uuid, mut rx: mpsc::UnboundedReceiver<Ctl>) {
+        let mut tracker = RestartTracker::new(self.settings.restart_limits());
+        let mut restarts = 0u32;
+        loop {
+            // Idle: wait for a start.
+            let fresh = loop {
+                match rx.recv().await {
+                    None | Some(Ctl::Delete) => return,
+                    Some(Ctl::Start { fresh }) => break fresh,
+                    Some(other) => tracing::debug!("vm {id}: {other:?} ignored while not running"),
+                }
+            };
+            if fresh {
+                tracing::info!("vm {id}: fresh start (no saved state is resumed)");
+            }
+            tracker.reset();
+            let requested_at = Instant::now();
+            loop {
+                let started = Instant::now();
+                let outcome = self.run_once(id, &mut rx, requested_at).await;
+                match outcome {
+                    Outcome::Stopped(detail) => {
+                        self.set(id, VmState::Stopped, &detail, |i| i.pid = 0);
+                        break;
+                    }
+                    Outcome::Broken(detail) => {
+                        self.set(id, VmState::Broken, &detail, |i| i.pid = 0);
+                        break;
+                    }
+                    Outcome::Deleted => return,
+                    Outcome::Rebooted => {
+                        restarts += 1;
+                        self.set(id, VmState::Starting, "the guest rebooted", |i| i.restarts = restarts);
+                        continue;
+                    }
+                    Outcome::Crashed(why) => {
+                        let policy = self.registry.lock().unwrap().get(id).map(|v| v.policy.restart);
+                        if policy != Some(RestartPolicy::OnFailure) {
+                            self.set(id, VmState::Failed, &format!("VMM {why}; policy: no restart"), |i| i.pid = 0);
+                            break;
+                        }
+                        let backoff = match tracker.failed(started.elapsed(), Instant::now()) {
+                            Verdict::Restart { after } => after,
+                            Verdict::CrashLoop { failures } => {
+                                let detail = format!(
+                                    "VMM {why}; crashed {failures} times within {:?}: not restarted until started again",
+                                    self.settings.crash_window
+                                );
+                                let name = self.get(&id.to_string()).map(|i| i.name).unwrap_or_default();
+                                tracing::error!("vm {name}: crash loop: {detail}");
+                                self.problems.lock().unwrap().push(format!("VM {name}: crash loop: {detail}"));
+                                self.set(id, VmState::CrashLoop, &detail, |i| i.pid = 0);
+                                break;
+                            }
+                        };
+                        let detail = format!("VMM {why}; restarting in {} ms", backoff.as_millis());
+                        self.set(id, VmState::Failed, &detail, |i| i.pid = 0);
+                        // The backoff can be cut short by a stop (or a delete).
+                        let sleep = tokio::time::sleep(backoff);
+                        tokio::pin!(sleep);
+                        let cancelled = loop {
+                            tokio::select! {
+                                _ = &mut sleep => break false,
+                                c = rx.recv() => match c {
+                                    None | Some(Ctl::Delete) => return,
+                                    Some(Ctl::Stop { .. }) => break true,
+                                    Some(_) => {}
+                                }
+                            }
+                        };
+                        if cancelled {
+                            self.set(id, VmState::Stopped, "restart cancelled by a stop", |_| {});
+                            break;
+                        }
+                        restarts += 1;
+                        self.set(id, VmState::Starting, "restarting after a crash", |i| i.restarts = restarts);
+                    }
+                }
+            }
+        }
+    }
+
+    /// One VMM run, from spawn to its exit.
+    async fn run_once(&self, id: Uuid, rx: &mut mpsc::UnboundedReceiver<Ctl>, requested_at: Instant) -> Outcome {
+        let Some(vm) = self.registry.lock().unwrap().get(id).cloned() else { return Outcome::Deleted };
+        if vm.kind == VmKind::Windows {
+            tracing::error!("vm {}: {WINDOWS_NOT_SUPPORTED}; not booted", vm.name);
+            return Outcome::Broken(WINDOWS_NOT_SUPPORTED.into());
+        }
+        let files = VmFiles::new(&self.settings.paths.run_dir, &self.vm_dir(id), &vm);
+        let missing = vmm_process::missing_disks(&vm);
+        if !missing.is_empty() {
+            let list: Vec<String> = missing.iter().map(|p| p.display().to_string()).collect();
+            let detail = format!("disk image missing: {}", list.join(", "));
+            tracing::error!("vm {}: {detail}", vm.name);
+            return Outcome::Broken(detail);
+        }
+        let spec = match vmm_process::build_spec(&vm, &files) {
+            Ok(s) => s,
+            Err(e) => return Outcome::Broken(e.to_string()),
+        };
+        self.set(id, VmState::Starting, "", |i| {
+            i.guest_init_ms = 0;
+            i.start_to_init_ms = 0;
+            i.agent_ready = false;
+            i.agent_heartbeat = 0;
+        });
+        // What the supervisor adds to a start is the time until it spawns the VMM; from then on
+        // the VMM's own boot timer says when the guest reached init.
+        let supervisor_ms = requested_at.elapsed().as_millis() as u64;
+        let spawned = match vmm_process::spawn(&self.reaper, &self.settings.vmm_bin, &vm, &files, &spec) {
+            Ok(s) => s,
+            Err(e) => return Outcome::Crashed(format!("could not start: {e}")),
+        };
+        let pid = spawned.pid;
+        let mut exit = spawned.exit;
+        let (conn, mut events) = VmmConn::start(spawned.conn, &vm.name);
+        let started = Instant::now();
+        tracing::info!("vm {}: VMM pid {pid} started ({} ms after the request)", vm.name, requested_at.elapsed().as_millis());
+        let booted_at = registry::now_secs();
+        if let Err(e) = self.registry.lock().unwrap().update(id, |v| v.last_booted_at = Some(booted_at)) {
+            tracing::warn!("vm {}: recording the boot time: {e}", vm.name);
+        }
+        self.set(id, VmState::Starting, "", |i| {
+            i.pid = pid;
+            i.last_booted_at = booted_at;
+        });
+
+        let call = |req: VmmRequest| {
+            let conn = conn.clone();
+            async move { conn.request(req, Duration::from_secs(3)).await }
+        };
+        let mut up = false;
+        let mut hung = false;
+        // The VMM closed its end of the connection at this time (it is exiting, or gave up).
+        let mut silent_since: Option<Instant> = None;
+        let mut events_done = false;
+        let mut vmm_reason: Option<String> = None;
+        let mut stopping: Option<(Instant, bool)> = None;
+        let mut agent = AgentStatus::default();
+        let kind = loop {
+            // The one timer this loop needs: whichever deadline comes first.
+            let deadline = [
+                (!up && !hung).then(|| started + self.settings.up_timeout),
+                stopping.map(|(since, forced)| since + if forced { Duration::from_secs(2) } else { self.settings.stop_timeout }),
+                silent_since.map(|t| t + Duration::from_secs(2)),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let timer = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                status = &mut exit => break status.unwrap_or(ExitKind::Signaled(9)),
+                ev = events.recv(), if !events_done => match ev {
+                    None => {
+                        events_done = true;
+                        // The VMM closed its end: it is exiting, or it gave up on us. Either way
+                        // it gets a moment to exit on its own.
+                        silent_since = Some(Instant::now());
+                    }
+                    Some(Event::Up { state, boot_ms, .. }) => {
+                        up = true;
+                        conn_for(self, id, Some(conn.clone()));
+                        if stopping.is_none() {
+                            self.set(id, if state == RunState::Paused { VmState::Paused } else { VmState::Running }, "", |_| {});
+                        }
+                        if let Some(ms) = boot_ms {
+                            self.init_reached(id, &vm.name, ms, supervisor_ms, requested_at);
+                        }
+                    }
+                    Some(Event::State { state }) => {
+                        // Only between running and paused: a stop in progress stays one.
+                        let now = parse_state(&self.get(&id.to_string()).map(|i| i.state).unwrap_or_default());
+                        if stopping.is_none() && matches!(now, VmState::Running | VmState::Paused) {
+                            self.set(id, if state == RunState::Paused { VmState::Paused } else { VmState::Running }, "", |_| {});
+                        }
+                    }
+                    Some(Event::BootTimer { ms }) => self.init_reached(id, &vm.name, ms, supervisor_ms, requested_at),
+                    Some(Event::AgentLine { line }) => {
+                        if agent.line(&line) {
+                            tracing::info!("vm {}: guest agent ready ({} ms after the start request)", vm.name, requested_at.elapsed().as_millis());
+                        }
+                        if let Some(e) = self.vms.lock().unwrap().get_mut(&id) {
+                            e.info.agent_ready = agent.ready;
+                            e.info.agent_heartbeat = agent.heartbeat;
+                        }
+                    }
+                    Some(Event::Warning { message }) => tracing::warn!("vm {}: VMM: {message}", vm.name),
+                    Some(Event::Exiting { code, reason }) => {
+                        tracing::info!("vm {}: VMM exiting with {code}: {reason}", vm.name);
+                        vmm_reason = Some(reason);
+                    }
+                },
+                _ = timer => {
+                    if !up && !hung && started.elapsed() >= self.settings.up_timeout {
+                        tracing::error!("vm {}: VMM not up after {:?}; killing it", vm.name, self.settings.up_timeout);
+                        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                        hung = true;
+                    }
+                    if silent_since.is_some_and(|t| t.elapsed() >= Duration::from_secs(2)) {
+                        tracing::error!("vm {}: VMM closed its connection but did not exit; killing it", vm.name);
+                        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                        silent_since = None;
+                    }
+                    if let Some((since, forced)) = stopping {
+                        if !forced && since.elapsed() >= self.settings.stop_timeout {
+                            tracing::warn!("vm {}: guest did not power off within {:?}; forcing", vm.name, self.settings.stop_timeout);
+                            force_off(&conn, pid).await;
+                            stopping = Some((Instant::now(), true));
+                        } else if forced && since.elapsed() >= Duration::from_secs(2) {
+                            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                            stopping = Some((Instant::now(), true));
+                        }
+                    }
+                }
+                c = rx.recv() => match c {
+                    None => {
+                        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                    }
+                    Some(Ctl::Start { .. }) | Some(Ctl::Delete) => {}
+                    Some(Ctl::Pause) => match call(VmmRequest::Pause).await {
+                        Ok(_) => self.set(id, VmState::Paused, "", |_| {}),
+                        Err(e) => tracing::warn!("vm {}: pause: {e}", vm.name),
+                    },
+                    Some(Ctl::Resume) => match call(VmmRequest::Resume).await {
+                        Ok(_) => self.set(id, VmState::Running, "", |_| {}),
+                        Err(e) => tracing::warn!("vm {}: resume: {e}", vm.name),
+                    },
+                    Some(Ctl::Stop { force }) => {
+                        self.set(id, VmState::Stopping, if force { "forced" } else { "ACPI power button" }, |_| {});
+                        if force || !up {
+                            force_off(&conn, pid).await;
+                            stopping = Some((Instant::now(), true));
+                        } else {
+                            // A paused guest cannot see the power button.
+                            let _ = call(VmmRequest::Resume).await;
+                            if agent.ready {
+                                let shutdown = rayos_proto::agent::ToAgent::Shutdown.to_line();
+                                let _ = call(VmmRequest::AgentSend { data: shutdown }).await;
+                            }
+                            if let Err(e) = call(VmmRequest::Shutdown).await {
+                                tracing::warn!("vm {}: power button: {e}; forcing", vm.name);
+                                force_off(&conn, pid).await;
+                                stopping = Some((Instant::now(), true));
+                            } else {
+                                stopping = Some((Instant::now(), false));
+                            }
+                        }
+                    }
+                },
+            }
+        };
+        conn_for(self, id, None);
+        let _ = std::fs::remove_file(&files.control_socket);
+        if hung {
+            return Outcome::Crashed(format!("did not come up (no first event on its connection) within {:?} and was killed", self.settings.up_timeout));
+        }
+        let why = |k: ExitKind| match &vmm_reason {
+            Some(r) => format!("{k}: {r}"),
+            None => k.to_string(),
+        };
+        match (kind, stopping) {
+            (ExitKind::Exited(exit_code::POWERED_OFF), Some((_, false))) => Outcome::Stopped("the guest powered off".into()),
+            (_, Some((_, forced))) => Outcome::Stopped(format!("{}; VMM {kind}", if forced { "forced off" } else { "stopped" })),
+            (ExitKind::Exited(exit_code::POWERED_OFF), None) => Outcome::Stopped("the guest powered off".into()),
+            (ExitKind::Exited(exit_code::REBOOTED), None) => Outcome::Rebooted,
+            (k, None) => Outcome::Crashed(why(k)),
+        }
+    }
+
+    fn init_reached(&self, id: Uuid, name: &str, ms: u64, supervisor_ms: u64, requested_at: Instant) {
+        if self.vms.lock().unwrap().get(&id).is_some_and(|e| e.info.guest_init_ms != 0) {
+            return;
+        }
+        // When init ran, not when we heard of it (`noticed`); exec of the VMM binary counts
+        // as the VMM's.
+        let total = supervisor_ms + ms;
+        let noticed = requested_at.elapsed().as_millis() as u64;
+        tracing::info!("vm {name}: guest init reached: {ms} ms after VMM start, {total} ms after the start request (VMM spawned {supervisor_ms} ms after it; seen after {noticed} ms)");
+        if let Some(e) = self.vms.lock().unwrap().get_mut(&id) {
+            e.info.guest_init_ms = ms.max(1);
+            e.info.start_to_init_ms = total;
+        }
+    }
+}
+
+/// Publishes (or withdraws) the live connection the API's requests use.
+fn conn_for(mgr: &VmManager, id: Uuid, conn: Option<Arc<VmmConn>>) {
+    if let Some(e) = mgr.vms.lock().unwrap().get_mut(&id) {
+        e.conn = conn;
+    }
+}
+
+async fn force_off(conn: &VmmConn, pid: u32) {
+    if conn.request(VmmRequest::Poweroff, Duration::from_secs(1)).await.is_err() {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+}
