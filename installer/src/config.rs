@@ -98,48 +98,31 @@ impl SystemConfig {
     }
 }
 
-/// The `system.toml` document: what rayosd reads on first boot (`rayosd::config::SystemConfig`
-/// reads machine_name, timezone, locale, keymap, autostart_vms and ignores the rest).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SystemToml {
-    pub schema_version: u32,
-    pub machine_name: String,
-    pub timezone: String,
-    pub locale: String,
-    pub keymap: String,
-    pub autostart_vms: bool,
-    pub policy: Policy,
-    pub vm_storage: VmStorageToml,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct VmStorageToml {
-    /// "data-volume", "partition" or "path"
-    pub kind: String,
-    /// For "partition": the partition's PARTUUID; for "path": the directory.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub location: Option<String>,
-}
+/// The `system.toml` document: its schema is shared with rayosd, which reads it.
+pub use rayos_proto::system::{SystemPolicy, SystemToml, VmStorage as VmStorageToml, VmStorageKind};
 
 pub fn system_toml(cfg: &SystemConfig, vm: &VmStorage, vm_part_uuid: Option<uuid::Uuid>) -> String {
     let vm_storage = match vm {
-        VmStorage::DataVolume => VmStorageToml { kind: "data-volume".into(), location: None },
+        VmStorage::DataVolume => VmStorageToml { kind: VmStorageKind::DataVolume, location: None },
         VmStorage::DedicatedPartition { .. } => {
-            VmStorageToml { kind: "partition".into(), location: vm_part_uuid.map(|u| u.to_string()) }
+            VmStorageToml { kind: VmStorageKind::Partition, location: vm_part_uuid.map(|u| u.to_string()) }
         }
-        VmStorage::Path(p) => VmStorageToml { kind: "path".into(), location: Some(p.clone()) },
+        VmStorage::Path(p) => VmStorageToml { kind: VmStorageKind::Path, location: Some(p.clone()) },
     };
     let doc = SystemToml {
-        schema_version: 1,
+        schema_version: rayos_proto::system::SCHEMA_VERSION,
         machine_name: cfg.hostname.clone(),
         timezone: cfg.timezone.clone(),
         locale: cfg.locale.clone(),
         keymap: cfg.keymap.clone(),
         autostart_vms: true,
-        policy: cfg.policy.clone(),
+        policy: SystemPolicy {
+            autostart_linux_hidden: cfg.policy.autostart_linux_hidden,
+            autostart_windows_hidden: cfg.policy.autostart_windows_hidden,
+        },
         vm_storage,
     };
-    toml::to_string(&doc).expect("system.toml serialises")
+    doc.to_toml()
 }
 
 #[cfg(test)]
@@ -166,7 +149,7 @@ mod tests {
         let text = system_toml(&SystemConfig::default(), &VmStorage::Path("/data/vmdisks".into()), None);
         let back: SystemToml = toml::from_str(&text).unwrap();
         assert_eq!(back.machine_name, "rayos");
-        assert_eq!(back.vm_storage.kind, "path");
+        assert_eq!(back.vm_storage.kind, VmStorageKind::Path);
         assert_eq!(back.vm_storage.location.as_deref(), Some("/data/vmdisks"));
     }
 }

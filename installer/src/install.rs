@@ -62,7 +62,7 @@ pub enum InstallError {
     #[error(transparent)]
     DiskPack(#[from] diskpack::DiskPackError),
     #[error("registering the default Linux VM: {0}")]
-    Registry(#[from] rayosd::vm::registry::RegistryError),
+    Registry(#[from] rayos_proto::registry::FileError),
 }
 
 #[derive(Debug, Clone)]
@@ -120,8 +120,9 @@ pub fn verify_identity(planned: &Disk, now: Option<&Disk>) -> Result<(), Install
 /// Puts the default Linux VM (when the medium carries it) into the staged data volume, or
 /// into `vm_staging` (the dedicated VM partition's contents, mounted at /vms by rayosd), and
 /// writes the registry: its disk unpacked sparse and the RayOS kernel under `<base>/<id>/`, its
-/// record saying where they will be once mounted. The registry is written by rayosd's own
-/// code, so what the installer writes is what rayosd reads.
+/// record saying where they will be once mounted. The registry file's schema is rayosd's
+/// (`rayos_proto::registry`), written the same atomic way, so what the installer writes is
+/// what rayosd reads.
 fn stage_vms(
     staging: &Path,
     vm_staging: Option<&Path>,
@@ -130,11 +131,13 @@ fn stage_vms(
     files: &BootFiles,
     log: &mut Log,
 ) -> Result<usize, InstallError> {
-    use rayosd::vm::registry::{Registry, VmRecord, DEFAULT_LINUX_KERNEL};
-    let (mut registry, _) = Registry::open(&staging.join("registry"))?;
+    use rayos_proto::registry::{atomic_write, RegistryFile, VmRecord, DEFAULT_LINUX_KERNEL, FILE_NAME};
+    let registry_dir = staging.join("registry");
+    fs::create_dir_all(&registry_dir).map_err(|source| InstallError::Io { path: registry_dir.clone(), source })?;
+    let write_registry = |vms: Vec<VmRecord>| atomic_write(&registry_dir.join(FILE_NAME), &RegistryFile::new(vms).to_bytes());
     let Some(packed) = &files.default_linux else {
         log.step(70, &format!("the medium carries no default Linux VM ({}): none registered", esp::DEFAULT_LINUX_DISK_PATH));
-        registry.save()?;
+        write_registry(Vec::new())?;
         return Ok(0);
     };
     // Where rayosd will find it: /vms (the dedicated partition), a path under /data, or
@@ -169,7 +172,7 @@ fn stage_vms(
     fs::write(&kernel, bytes).map_err(|source| InstallError::Io { path: kernel, source })?;
     vm.config.kernel = vm_dir.join(name);
     vm.policy.autostart_hidden = cfg.policy.autostart_linux_hidden;
-    registry.insert(vm)?;
+    write_registry(vec![vm])?;
     log.step(
         88,
         &format!(

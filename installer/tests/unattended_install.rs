@@ -259,7 +259,7 @@ fn dedicated_vm_storage_partition_is_formatted_and_recorded() {
     let data_img = m.dir.path().join("data.img");
     extract(&img, data.first_lba * 512, data.size_bytes, &data_img);
     let sys: installer::config::SystemToml = toml::from_str(&debugfs_cat(&data_img, "/config/system.toml")).unwrap();
-    assert_eq!(sys.vm_storage.kind, "partition");
+    assert_eq!(sys.vm_storage.kind, installer::config::VmStorageKind::Partition);
     assert_eq!(sys.vm_storage.location, Some(vms.part_uuid.to_string()), "rayosd finds the VM partition by PARTUUID");
     // rayosd reads the same file the same way.
     let sys_path = m.dir.path().join("system.toml");

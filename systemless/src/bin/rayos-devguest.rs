@@ -22,6 +22,8 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rayos_proto::agent::{FromAgent, Screen, ScreenAnswer, ToAgent};
+
 fn mount(src: &str, target: &str, fstype: &str) {
     let _ = fs::create_dir_all(target);
     let c = |s: &str| std::ffi::CString::new(s).unwrap();
@@ -76,13 +78,16 @@ const SCREEN_TTY: u32 = 1;
 /// The text of virtual console `tty` as JSON: its size and cursor from the 4-byte header of
 /// /dev/vcsaN (rows, cols, x, y), the characters from /dev/vcsuN (one UCS-4 code point per
 /// cell, so what the user reads, not the font's glyph numbers that /dev/vcsN holds).
-fn screen_json(tty: u32) -> serde_json::Value {
+fn screen_answer(tty: u32) -> ScreenAnswer {
     let read = |dev: String| fs::read(&dev).map_err(|e| format!("{dev}: {e}"));
     let result = read(format!("/dev/vcsa{tty}")).and_then(|attr| Ok((attr, read(format!("/dev/vcsu{tty}"))?)));
-    result.and_then(|(attr, cells)| screen_from(tty, &attr, &cells)).unwrap_or_else(|e| serde_json::json!({ "error": e }))
+    match result.and_then(|(attr, cells)| screen_from(tty, &attr, &cells)) {
+        Ok(s) => ScreenAnswer::Screen(s),
+        Err(error) => ScreenAnswer::Error { error },
+    }
 }
 
-fn screen_from(tty: u32, attr: &[u8], cells: &[u8]) -> Result<serde_json::Value, String> {
+fn screen_from(tty: u32, attr: &[u8], cells: &[u8]) -> Result<Screen, String> {
     let &[rows, cols, x, y, ..] = attr else { return Err(format!("/dev/vcsa{tty}: no header")) };
     let chars: Vec<char> = cells
         .chunks_exact(4)
@@ -99,15 +104,13 @@ fn screen_from(tty: u32, attr: &[u8], cells: &[u8]) -> Result<serde_json::Value,
     }
     let cols = chars.len() / rows;
     let text: Vec<String> = chars.chunks(cols).map(|r| r.iter().collect::<String>().trim_end().to_string()).collect();
-    Ok(serde_json::json!({"tty": tty, "rows": rows, "cols": cols, "cursor": [x, y], "text": text.join("\n")}))
+    Ok(Screen { tty, rows: rows as u32, cols: cols as u32, cursor: (x.into(), y.into()), text: text.join("\n") })
 }
 
 /// One whole line on the agent port: the heartbeat loop and the request reader share the
 /// port, and a line written in pieces could interleave with the other's.
-fn send_line(port: &Mutex<fs::File>, line: &str) {
-    let mut buf = line.to_string();
-    buf.push('\n');
-    let _ = port.lock().unwrap_or_else(|p| p.into_inner()).write_all(buf.as_bytes());
+fn send_line(port: &Mutex<fs::File>, msg: &FromAgent) {
+    let _ = port.lock().unwrap_or_else(|p| p.into_inner()).write_all(msg.to_line().as_bytes());
 }
 
 fn power_off(why: &str, service: bool) -> ! {
@@ -166,7 +169,7 @@ fn main() {
     std::thread::spawn(move || watch_power_button(service));
     let agent = agent_port().map(|f| Arc::new(Mutex::new(f)));
     if let Some(a) = &agent {
-        send_line(a, "ready");
+        send_line(a, &FromAgent::Ready);
         let reader = a.lock().unwrap().try_clone();
         if let Ok(r) = reader {
             let a = a.clone();
@@ -174,11 +177,10 @@ fn main() {
                 use std::io::BufRead;
                 for line in std::io::BufReader::new(r).lines() {
                     let Ok(line) = line else { return };
-                    let line = line.trim();
-                    if line == "shutdown" {
-                        power_off("shutdown requested on the agent port", service);
-                    } else if let Some(id) = line.strip_prefix("screen ") {
-                        send_line(&a, &format!("screen {} {}", id.trim(), screen_json(SCREEN_TTY)));
+                    match ToAgent::parse(&line) {
+                        Ok(ToAgent::Shutdown) => power_off("shutdown requested on the agent port", service),
+                        Ok(ToAgent::Screen { id }) => send_line(&a, &FromAgent::Screen { id, answer: screen_answer(SCREEN_TTY) }),
+                        Err(e) => println!("devguest: {e}"),
                     }
                 }
             });
@@ -194,7 +196,7 @@ fn main() {
     for n in 1u64.. {
         println!("heartbeat {n} uptime_ms={}", uptime());
         if let Some(a) = &agent {
-            send_line(a, &format!("heartbeat {n}"));
+            send_line(a, &FromAgent::Heartbeat(n));
         }
         std::thread::sleep(Duration::from_millis(interval));
     }
@@ -207,11 +209,11 @@ mod tests {
         let line = |t: &str| -> Vec<u8> { format!("{t:<4}").chars().flat_map(|c| (c as u32).to_ne_bytes()).collect() };
         let cells = [line("ab"), vec![0; 16], line("é:")].concat();
         let s = super::screen_from(1, &[3, 4, 2, 2], &cells).unwrap();
-        assert_eq!(s["text"], "ab\n\né:");
-        assert_eq!((s["rows"].as_u64(), s["cols"].as_u64(), s["cursor"].to_string()), (Some(3), Some(4), "[2,2]".into()));
+        assert_eq!(s.text, "ab\n\né:");
+        assert_eq!((s.rows, s.cols, s.cursor), (3, 4, (2, 2)));
         // A width past 255 columns wraps in the header; the cell count gives it.
         let wide = vec![b' ', 0, 0, 0].repeat(300);
-        assert_eq!(super::screen_from(1, &[1, 44, 0, 0], &wide).unwrap()["cols"], 300);
+        assert_eq!(super::screen_from(1, &[1, 44, 0, 0], &wide).unwrap().cols, 300);
         let e = super::screen_from(1, &[2, 4, 0, 0], &line("abc")[..12]).unwrap_err();
         assert!(e.contains("3 cells do not make 2 rows"), "{e}");
         assert!(super::screen_from(1, &[3], &cells).unwrap_err().contains("no header"));
