@@ -81,8 +81,9 @@ for line in conn.makefile("r"):
     elif cmd == "agent_send":
         for l in req["data"].splitlines():
             if l.startswith("screen ") and "mute-agent" not in words:
-                # Another line first: the answer is found among the agent's lines.
+                # Other lines first, an answer to someone else among them: ours is found by its id.
                 event({"kind": "agent_line", "line": "heartbeat 999"})
+                event({"kind": "agent_line", "line": 'screen 0-0 {"error": "an answer to another request"}'})
                 threading.Timer(0.02, screen, args=(l,)).start()
     elif cmd == "screenshot":
         open(req["path"], "wb").write(b"P6\n2 1\n255\n" + bytes([255, 0, 0, 0, 0, 255]))
