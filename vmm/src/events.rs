@@ -178,6 +178,20 @@ mod tests {
     }
 
     #[test]
+    fn the_boot_timer_is_an_event_once() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let sink = EventSink::default();
+        sink.attach(a);
+        let t = crate::devices::legacy::boot_timer::BootTime::with_events(sink.clone());
+        let start = Instant::now();
+        t.record(start, "port 0x440");
+        t.record(start, "serial marker");
+        drop((t, sink));
+        let lines: Vec<FromVmm> = BufReader::new(b).lines().map(|l| from_line(&l.unwrap()).unwrap()).collect();
+        assert!(matches!(lines.as_slice(), [FromVmm::Event { event: Event::BootTimer { .. } }]), "{lines:?}");
+    }
+
+    #[test]
     fn a_descriptor_that_is_not_a_socket_is_refused_by_name() {
         let f = std::fs::File::open("/proc/self/status").unwrap();
         use std::os::fd::AsRawFd;
