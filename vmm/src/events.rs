@@ -84,9 +84,9 @@ impl EventSink {
         let mut conn = self.0.conn.lock().unwrap_or_else(|p| p.into_inner());
         let Some(s) = conn.as_mut() else { return };
         if let Err(e) = s.write_all(line.as_bytes()) {
-            // A line may be half written: nothing after it could be read correctly.
+            // A line may be half written: nothing after it could be read correctly. Dropping
+            // the stream closes it (close is in the seccomp filter's set; shutdown is not).
             tracing::error!("supervisor connection: {e}; no more events are sent");
-            let _ = s.shutdown(std::net::Shutdown::Both);
             *conn = None;
         }
     }
