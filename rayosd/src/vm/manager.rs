@@ -337,11 +337,12 @@ impl VmManager {
         Ok(())
     }
 
-    /// The last `lines` lines of the VM's serial console.
+    /// The last `lines` lines of the VM's serial console (read in bounded memory, see
+    /// [`super::serial_tail`]).
     pub fn logs(&self, id_or_name: &str, lines: usize) -> Result<String, VmError> {
         let vm = self.record(id_or_name)?;
         let files = VmFiles::new(&self.settings.paths.run_dir, &self.vm_dir(vm.id), &vm);
-        Ok(vmm_process::serial_tail(&files.serial_log, lines))
+        Ok(super::serial_tail::serial_tail(&files.serial_log, lines))
     }
 
     /// The control socket of a VM whose VMM is up (running, or paused when `paused_ok`).
