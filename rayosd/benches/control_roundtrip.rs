@@ -2,11 +2,11 @@
 //! thread and single-threaded runtime, as in rayosd). Prints p50/p99 over 1000 calls.
 //! Run: `cargo bench -p rayosd --bench control_roundtrip`. Target: p99 ≤ 2 ms.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rayosd::client::Client;
-use rayosd::control::{self, System, SystemStatus};
+use rayosd::api::{control, System, SystemStatus};
 use rayosd::reaper::Reaper;
 use rayosd::supervisor::{Limits, Supervisor};
 
@@ -20,11 +20,11 @@ fn main() {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async move {
             let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-            let system = Arc::new(System {
-                supervisor: Supervisor::new(Arc::new(Reaper::new()), Limits::default(), tx.clone()),
-                status: Mutex::new(SystemStatus { mode: "rescue".into(), ..Default::default() }),
-                power: tx,
-            });
+            let system = Arc::new(System::new(
+                Supervisor::new(Arc::new(Reaper::new()), Limits::default(), tx.clone()),
+                SystemStatus { mode: "rescue".into(), ..Default::default() },
+                tx,
+            ));
             let l = control::bind(&sock2).unwrap();
             ready_tx.send(()).unwrap();
             control::serve(l, system).await;

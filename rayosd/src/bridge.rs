@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 
-use crate::control::System;
+use crate::api::System;
 
 /// The virtio-serial port name the bridge serves.
 pub const PORT_NAME: &str = "org.rayos.control";
@@ -231,7 +231,7 @@ async fn session(port: File, system: Arc<System>, first: Vec<u8>) -> SessionEnd 
         Err(e) => return fail(format!("socketpair: {e}")),
     };
     let server = tokio::spawn(async move {
-        if let Err(e) = crate::control::serve_stream(server_end, system).await {
+        if let Err(e) = crate::api::control::serve_stream(server_end, system).await {
             tracing::debug!("bridge: D-Bus session: {e}");
         }
     });
@@ -317,11 +317,11 @@ mod tests {
     /// A control-API system in rescue mode; power requests go nowhere.
     fn rescue_system() -> Arc<System> {
         let (tx, _) = tokio::sync::mpsc::unbounded_channel();
-        Arc::new(System {
-            supervisor: crate::supervisor::Supervisor::new(Arc::new(crate::reaper::Reaper::new()), Default::default(), tx.clone()),
-            status: std::sync::Mutex::new(crate::control::SystemStatus { mode: "rescue".into(), ..Default::default() }),
-            power: tx,
-        })
+        Arc::new(System::new(
+            crate::supervisor::Supervisor::new(Arc::new(crate::reaper::Reaper::new()), Default::default(), tx.clone()),
+            crate::api::SystemStatus { mode: "rescue".into(), ..Default::default() },
+            tx,
+        ))
     }
 
     /// The pump and session logic against a socket standing in for the port.

@@ -2,14 +2,14 @@
 //!
 //! ```no_run
 //! # async fn f() -> Result<(), rayosd::client::ClientError> {
-//! let c = rayosd::client::Client::connect(rayosd::control::SOCKET_PATH).await?;
+//! let c = rayosd::client::Client::connect(rayosd::api::control::SOCKET_PATH).await?;
 //! println!("{}", c.status().await?.mode);
 //! # Ok(()) }
 //! ```
 
 use std::path::{Path, PathBuf};
 
-use crate::control::SystemStatus;
+use crate::api::SystemStatus;
 use crate::log::LogRecord;
 use crate::supervisor::ServiceInfo;
 
@@ -57,6 +57,9 @@ pub enum ClientError {
     /// No VM supervisor runs (not installed mode).
     #[error("{0}")]
     Unavailable(String),
+    /// The request asks for something RayOS does not do yet (e.g. `vm start --fresh`).
+    #[error("not supported: {0}")]
+    NotSupported(String),
     /// A `--wait` ran out of time; the request itself was made.
     #[error("timed out: {0}")]
     TimedOut(String),
@@ -78,6 +81,7 @@ impl From<zbus::Error> for ClientError {
                 "org.rayos.Error.NoSuchVm" => return ClientError::NoSuchVm(msg),
                 "org.rayos.Error.Refused" => return ClientError::Refused(msg),
                 "org.rayos.Error.Unavailable" => return ClientError::Unavailable(msg),
+                "org.rayos.Error.NotSupported" => return ClientError::NotSupported(msg),
                 _ => {}
             }
         }

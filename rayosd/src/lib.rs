@@ -4,13 +4,14 @@
 //! - [`log`]: kmsg + console + ring buffer + rotating file.
 //! - [`reaper`]: the one owner of every `waitpid`.
 //! - [`mounts`], [`power`]: PID 1 duties (only the `rayosd` binary calls these).
+//! - [`api`]: the control API (D-Bus `org.rayos.Control1`, `org.rayos.Vms1`); [`client`] its client.
 
 pub mod bootcount;
 pub mod bridge;
+pub mod api;
 pub mod client;
 pub mod cmdline;
 pub mod config;
-pub mod control;
 pub mod datavol;
 pub mod efivars;
 pub mod log;

@@ -39,7 +39,7 @@ pub enum SessionError {
     Io(#[from] std::io::Error),
     #[error("session preamble: malformed hello {0:?} (expected `RAYOS-SESSION <32 hex digits>`)")]
     BadHello(String),
-    #[error("session preamble: the server closed the connection before answering")]
+    #[error("session preamble: the server closed the connection before answering (is it serving too many clients?)")]
     Closed,
     #[error("session preamble: {0} bytes arrived without the server's answer; is this a RayOS control socket?")]
     NoAnswer(usize),
@@ -82,7 +82,14 @@ fn find_end(buf: &[u8], ack: &[u8]) -> Option<usize> {
 /// Client side: sends the hello and reads until the server's answer, dropping stale bytes.
 pub async fn client_open(stream: &mut tokio::net::UnixStream) -> Result<(), SessionError> {
     let nonce = new_nonce();
-    stream.write_all(&hello_line(&nonce)).await?;
+    // A server that closes at once (one at its client limit) can do so before the hello is
+    // written, or without reading it: the kernel then reports a broken pipe or a reset
+    // rather than an end of stream. Either is the server closing before it answered.
+    let closed = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => SessionError::Closed,
+        _ => SessionError::Io(e),
+    };
+    stream.write_all(&hello_line(&nonce)).await.map_err(closed)?;
     let ack = ack_line(&nonce);
     let mut buf = Vec::with_capacity(256);
     let mut chunk = [0u8; 4096];
@@ -90,7 +97,8 @@ pub async fn client_open(stream: &mut tokio::net::UnixStream) -> Result<(), Sess
     loop {
         let n = tokio::time::timeout(CLIENT_WAIT, stream.read(&mut chunk))
             .await
-            .map_err(|_| SessionError::NoAnswerWithin(CLIENT_WAIT))??;
+            .map_err(|_| SessionError::NoAnswerWithin(CLIENT_WAIT))?
+            .map_err(closed)?;
         if n == 0 {
             return Err(SessionError::Closed);
         }

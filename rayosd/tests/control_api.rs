@@ -1,11 +1,11 @@
 //! The real control server and client over a real unix socket, on the host (no PID 1 duties).
 
 use std::process::Command;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rayosd::client::{Client, ClientError};
-use rayosd::control::{self, System, SystemStatus};
+use rayosd::api::{control, System, SystemStatus};
 use rayosd::power::PowerAction;
 use rayosd::reaper::Reaper;
 use rayosd::supervisor::{Limits, ServiceSpec, ServiceState, Supervisor};
@@ -32,11 +32,7 @@ async fn start(tag: &str) -> Fixture {
     let (tx, power) = mpsc::unbounded_channel();
     let supervisor = Supervisor::new(reaper, Limits::default(), tx.clone());
     supervisor.add(ServiceSpec::new("sleeper", &["sleep", "60"])).unwrap();
-    let system = Arc::new(System {
-        supervisor: supervisor.clone(),
-        status: Mutex::new(SystemStatus { mode: "rescue".into(), ..Default::default() }),
-        power: tx,
-    });
+    let system = Arc::new(System::new(supervisor.clone(), SystemStatus { mode: "rescue".into(), ..Default::default() }, tx));
     let listener = control::bind(&sock).unwrap();
     tokio::spawn(control::serve(listener, system));
     Fixture { dir, sock, power, supervisor }

@@ -1,12 +1,12 @@
 //! `rayos-systemless --state-dir DIR`: see the crate docs and README.md.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use rayosd::control::{self, System, SystemStatus};
+use rayosd::api::{control, Access, System, SystemStatus};
 use rayosd::reaper::Reaper;
 use rayosd::supervisor::{Limits, Supervisor};
 use rayosd::vm::{Paths, Settings, VmManager};
@@ -82,12 +82,13 @@ fn main() -> anyhow::Result<()> {
         let mut settings = Settings::new(vmm.clone(), Paths::under(&state_dir));
         settings.stop_timeout = Duration::from_secs(args.stop_timeout_secs);
         let mgr = VmManager::open(reaper.clone(), settings).context("opening the VM registry")?;
-        rayosd::vm::dbus::install(mgr.clone());
 
         let (power_tx, mut power_rx) = tokio::sync::mpsc::unbounded_channel();
         let supervisor = Supervisor::new(reaper.clone(), Limits::default(), power_tx.clone());
         let status = SystemStatus { mode: "systemless".into(), ..Default::default() };
-        let system = Arc::new(System { supervisor, status: Mutex::new(status), power: power_tx });
+        // systemless runs as an ordinary user: that user may change things, as root may.
+        let system = Arc::new(System::new(supervisor, status, power_tx).with_access(Access::root_or_this_user()));
+        system.set_vms(mgr.clone());
         let listener = control::bind(&socket)?;
         tokio::spawn(control::serve(listener, system));
         println!(

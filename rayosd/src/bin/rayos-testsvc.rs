@@ -58,7 +58,7 @@ fn main() {
                 eprintln!("rayos-testsvc: cannot become uid 65534: {e}");
                 std::process::exit(2);
             }
-            let answer = rayosd::client::blocking::Client::connect(rayosd::control::SOCKET_PATH).and_then(|c| c.power_off());
+            let answer = rayosd::client::blocking::Client::connect(rayosd::api::control::SOCKET_PATH).and_then(|c| c.power_off());
             match answer {
                 Err(rayosd::client::ClientError::AccessDenied(m)) => println!("rayos-testsvc: nonroot power_off refused: {m}"),
                 Ok(()) => println!("rayos-testsvc: nonroot power_off ALLOWED"),

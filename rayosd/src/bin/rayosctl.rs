@@ -6,14 +6,16 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use rayosd::client::{Client, ClientError};
-use rayosd::control::{SystemStatus, SOCKET_PATH};
+use rayosd::api::control::SOCKET_PATH;
+use rayosd::api::SystemStatus;
 use rayosd::log::LogRecord;
 use rayosd::supervisor::ServiceInfo;
 
 const EXIT_CODES: &str = "Exit codes: 0 success, 1 the call failed, 2 bad usage, 3 cannot connect, \
 4 access denied (needs root), 5 no such service, 6 invalid argument, 7 no such VM, \
 8 refused (the VM's state does not allow it), 9 no VM supervisor (not installed mode), \
-10 timed out (a --wait ran out; the request was made).";
+10 timed out (a --wait ran out; the request was made), 11 not supported yet (e.g. vm start --fresh, \
+Windows VMs).";
 
 #[derive(Parser)]
 #[command(name = "rayosctl", version, about = "Control RayOS: status, services, logs, power", after_help = EXIT_CODES)]
@@ -133,6 +135,7 @@ fn exit_code(e: &ClientError) -> u8 {
         ClientError::Refused(_) => 8,
         ClientError::Unavailable(_) => 9,
         ClientError::TimedOut(_) => 10,
+        ClientError::NotSupported(_) => 11,
         ClientError::Call(_) | ClientError::VmEnded(_) => 1,
     }
 }

@@ -3,13 +3,13 @@
 mod data;
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use rayosd::cmdline::{BootOptions, Mode};
-use rayosd::control::{self, System, SystemStatus};
+use rayosd::api::{control, System, SystemStatus};
 use rayosd::power::{final_reboot, PowerAction};
 use rayosd::reaper::Reaper;
 use rayosd::supervisor::{Limits, RestartPolicy, ServiceSpec, Stdio3, Supervisor};
@@ -171,7 +171,7 @@ async fn run(opts: BootOptions, init_uptime_ms: u64, boot_entry: String) -> Powe
 
     let (power_tx, mut power_rx) = mpsc::unbounded_channel();
     let supervisor = Supervisor::new(reaper.clone(), Limits::default(), power_tx.clone());
-    let system = Arc::new(System { supervisor: supervisor.clone(), status: Mutex::new(status), power: power_tx });
+    let system = Arc::new(System::new(supervisor.clone(), status, power_tx));
     match control::bind(Path::new(control::SOCKET_PATH)) {
         Ok(l) => {
             tokio::spawn(control::serve(l, system.clone()));
@@ -190,7 +190,11 @@ async fn run(opts: BootOptions, init_uptime_ms: u64, boot_entry: String) -> Powe
         }
     }
     if mode == Mode::Installed {
-        rayosd::vm::boot::start_installed(reaper.clone());
+        if let Some(vms) = rayosd::vm::boot::open_installed(reaper.clone()) {
+            // Served before any VM starts, so a client sees every state change.
+            system.set_vms(vms.clone());
+            rayosd::vm::boot::autostart(&vms);
+        }
         // Ready in installed mode is what "this boot is good" means (boot assessment).
         tokio::task::spawn_blocking(|| {
             let (efi, sys, dev) = (Path::new(efivars::EFIVARFS), Path::new("/sys/class/block"), Path::new("/dev"));
@@ -226,7 +230,7 @@ async fn run(opts: BootOptions, init_uptime_ms: u64, boot_entry: String) -> Powe
         }
     };
     system.status.lock().unwrap().shutting_down = true;
-    shutdown(action, &supervisor).await;
+    shutdown(action, &supervisor, system.vms().map(|m| &**m)).await;
     if let Some(w) = watchdog.take() {
         w.magic_close();
     }
@@ -287,10 +291,12 @@ async fn devices(system: Arc<System>) {
 }
 
 /// Stops services, then every other process, syncs and unmounts. The caller then reboots.
-async fn shutdown(action: PowerAction, supervisor: &Supervisor) {
+async fn shutdown(action: PowerAction, supervisor: &Supervisor, vms: Option<&rayosd::vm::VmManager>) {
     log::sink().mute_console(false);
     info!("shutdown: {} — stopping services", action.as_str());
-    rayosd::vm::boot::stop_all().await;
+    if let Some(m) = vms {
+        rayosd::vm::boot::stop_all(m).await;
+    }
     supervisor.stop_all().await;
     if user_processes_left() > 0 {
         let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);

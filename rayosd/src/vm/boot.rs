@@ -1,5 +1,5 @@
-//! The two hooks PID 1 calls: start the VM supervisor in installed mode (and start the
-//! autostart VMs hidden), and stop every VM first at an orderly shutdown.
+//! The hooks PID 1 calls: open the VM supervisor in installed mode, start the autostart VMs
+//! hidden, and stop every VM first at an orderly shutdown.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,19 +13,22 @@ pub const VMM_BIN: &str = "/usr/bin/rayos-vmm";
 /// What an orderly shutdown gives the guests to power off before they are forced.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Opens the registry on the mounted data volume, serves it on the control API and starts
-/// the VMs marked autostart, hidden (no display switch), unless `/data/config/system.toml`
-/// says `autostart_vms = false`. Errors are logged: a broken registry must not stop the boot.
-pub fn start_installed(reaper: Arc<Reaper>) -> Option<Arc<VmManager>> {
+/// Opens the registry on the mounted data volume. Errors are logged: a broken registry must
+/// not stop the boot. PID 1 then hands the manager to the control API and calls [`autostart`].
+pub fn open_installed(reaper: Arc<Reaper>) -> Option<Arc<VmManager>> {
     let settings = Settings::new(PathBuf::from(VMM_BIN), Paths::installed());
-    let mgr = match VmManager::open(reaper, settings) {
-        Ok(m) => m,
+    match VmManager::open(reaper, settings) {
+        Ok(m) => Some(m),
         Err(e) => {
             tracing::error!("vm: the VM supervisor cannot start: {e}");
-            return None;
+            None
         }
-    };
-    super::dbus::install(mgr.clone());
+    }
+}
+
+/// Starts the VMs marked autostart, hidden (no display switch), unless
+/// `/data/config/system.toml` says `autostart_vms = false`.
+pub fn autostart(mgr: &VmManager) {
     let autostart = match crate::config::load(std::path::Path::new("/data/config/system.toml")) {
         Ok(l) => l.config().autostart_vms,
         Err(_) => true,
@@ -36,14 +39,11 @@ pub fn start_installed(reaper: Arc<Reaper>) -> Option<Arc<VmManager>> {
     } else {
         tracing::info!("vm: supervisor up; autostart is off in system.toml");
     }
-    Some(mgr)
 }
 
 /// Stops every running VM (ACPI power button, forced after [`SHUTDOWN_TIMEOUT`]). Call
 /// before any other process is signalled: a VMM killed by the general SIGTERM would take its
 /// guest down without a clean shutdown.
-pub async fn stop_all() {
-    if let Some(m) = super::dbus::manager() {
-        m.shutdown_all(SHUTDOWN_TIMEOUT).await;
-    }
+pub async fn stop_all(mgr: &VmManager) {
+    mgr.shutdown_all(SHUTDOWN_TIMEOUT).await;
 }

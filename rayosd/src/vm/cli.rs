@@ -44,6 +44,7 @@ pub enum VmCmd {
     /// Register a new VM (stopped).
     Create {
         name: String,
+        /// `linux` (`windows` is refused until Windows guests are supported: exit 11).
         #[arg(long, default_value = "linux")]
         kind: String,
         /// A disk image (repeatable).
@@ -72,7 +73,8 @@ pub enum VmCmd {
     /// Start hidden (the display stays where it is).
     Start {
         vm: String,
-        /// Ignore saved state: boot from scratch.
+        /// Ignore saved state: boot from scratch. Refused until saved-state resume exists
+        /// (exit 11).
         #[arg(long)]
         fresh: bool,
         /// Wait until the guest's init runs (up to this many seconds) and print the times.

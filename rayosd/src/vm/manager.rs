@@ -19,7 +19,7 @@ use uuid::Uuid;
 use super::registry::{self, DeviceConfig, DiskRecord, Policy, Registry, RegistryError, VmKind, VmRecord};
 use super::state::{self, Request, VmState};
 use super::vmm_conn::VmmConn;
-use super::vmm_process::{self, VmFiles};
+use super::vmm_process::VmFiles;
 use crate::reaper::Reaper;
 use crate::restart::RestartLimits;
 
@@ -353,11 +353,12 @@ impl VmManager {
         Ok(())
     }
 
-    /// The last `lines` lines of the VM's serial console.
+    /// The last `lines` lines of the VM's serial console (read in bounded memory, see
+    /// [`super::serial_tail`]).
     pub fn logs(&self, id_or_name: &str, lines: usize) -> Result<String, VmError> {
         let vm = self.record(id_or_name)?;
         let files = VmFiles::new(&self.settings.paths.run_dir, &self.vm_dir(vm.id), &vm);
-        Ok(vmm_process::serial_tail(&files.serial_log, lines))
+        Ok(super::serial_tail::serial_tail(&files.serial_log, lines))
     }
 
     /// The connection of a VM whose VMM is up (running, or paused when `paused_ok`).

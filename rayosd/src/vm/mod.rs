@@ -8,16 +8,16 @@
 //! - [`task`]: the per-VM task loop: start, stop, pause, resume, crash restarts.
 //! - [`agent`]: the guest agent: readiness, heartbeat, screen requests.
 //! - [`display`]: screenshots.
-//! - [`dbus`]: the `org.rayos.Vms1` interface on the control connection.
-//! - [`cli`]: `rayosctl vm …`.
+//! - [`serial_tail`]: the end of a VM's serial console log, read in bounded memory.
+//! - [`cli`]: `rayosctl vm …` (the API itself, `org.rayos.Vms1`, is `crate::api::vms`).
 
 pub mod agent;
 pub mod boot;
 pub mod cli;
-pub mod dbus;
 pub mod display;
 pub mod manager;
 pub mod registry;
+pub mod serial_tail;
 pub mod state;
 pub mod task;
 pub mod vmm_conn;

@@ -151,14 +151,6 @@ pub fn spawn(reaper: &Reaper, vmm_bin: &Path, vm: &VmRecord, files: &VmFiles, sp
     Ok(Spawned { pid, exit, conn })
 }
 
-/// The last `lines` lines of the VM's serial log.
-pub fn serial_tail(path: &Path, lines: usize) -> String {
-    // Consoles write NULs (padding, cleared screens); D-Bus strings cannot carry them.
-    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).replace('\0', "")).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,10 +202,6 @@ mod tests {
         let e = build_spec(&vm, &files).unwrap_err().to_string();
         assert!(e.contains("disk image") && e.contains("disk.img"), "{e}");
         assert_eq!(missing_disks(&vm), vec![disk]);
-
-        let log = dir.join("serial.log");
-        std::fs::write(&log, b"one\n\0\0login: \ntwo\nthree\n").unwrap();
-        assert_eq!(serial_tail(&log, 3), "login: \ntwo\nthree");
 
         let mut bad = record(&dir, &dir.join("bzImage"));
         bad.config.kernel = dir.join("no-such-kernel");

@@ -1,21 +1,21 @@
-//! The control API server: D-Bus interface `org.rayos.Control1` at `/org/rayos/Control1`,
-//! served peer-to-peer (no bus daemon) on a unix socket, one D-Bus connection per client.
+//! `org.rayos.Control1` at `/org/rayos/Control1`, and the control socket: bind, accept (at
+//! most [`MAX_CLIENTS`] at once), and serve every interface on each client's connection.
 //!
-//! Anyone who can connect may read (status, services, logs); methods that change anything
-//! need the caller's uid to be 0, taken from the socket's peer credentials (SO_PEERCRED).
+//! Reading (status, services, the system log) is open to anyone who can connect; changing
+//! methods need [`super::auth::require_root`].
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use nix::sys::signal::Signal;
-use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
-use zbus::zvariant::Type;
+use tokio::sync::Semaphore;
 
+use super::auth::{require_root, Denied};
+use super::{vms, System, SystemStatus};
 use crate::log::LogRecord;
 use crate::power::PowerAction;
-use crate::supervisor::{ServiceInfo, Supervisor, SupervisorError};
+use crate::supervisor::{ServiceInfo, SupervisorError};
 
 pub const OBJECT_PATH: &str = "/org/rayos/Control1";
 pub const INTERFACE: &str = "org.rayos.Control1";
@@ -23,51 +23,11 @@ pub const INTERFACE: &str = "org.rayos.Control1";
 pub const SOCKET_PATH: &str = "/run/rayos/control.sock";
 /// Most log lines one call returns.
 pub const MAX_LOG_LINES: u32 = crate::log::RING_CAPACITY as u32;
-
-/// What `Status` returns.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Type)]
-pub struct SystemStatus {
-    pub version: String,
-    /// installer, installed or rescue.
-    pub mode: String,
-    /// Why the system is in rescue mode when it was not asked for; empty otherwise.
-    pub rescue_reason: String,
-    pub uptime_ms: u64,
-    pub init_uptime_ms: u64,
-    pub ready_uptime_ms: u64,
-    /// systemd-boot's LoaderEntrySelected; empty when not booted by systemd-boot.
-    pub boot_entry: String,
-    /// The data volume's device (e.g. /dev/nvme0n1p2) when mounted at /data; empty otherwise.
-    pub data_device: String,
-    pub orphans_reaped: u64,
-    /// Zombie processes right now (there should be none).
-    pub zombies: u32,
-    /// rayosd's resident memory.
-    pub rss_kib: u64,
-    pub watchdog: String,
-    pub shutting_down: bool,
-}
-
-/// The state the API reads and the handles it changes things through. `systemless` builds one
-/// of these too, without PID 1 duties.
-pub struct System {
-    pub supervisor: Arc<Supervisor>,
-    /// The parts of the status that do not change by themselves; the rest is filled per call.
-    pub status: Mutex<SystemStatus>,
-    pub power: mpsc::UnboundedSender<PowerAction>,
-}
-
-impl System {
-    pub fn snapshot(&self) -> SystemStatus {
-        let mut s = self.status.lock().unwrap().clone();
-        s.version = env!("CARGO_PKG_VERSION").to_string();
-        s.uptime_ms = crate::timeline::uptime_ms();
-        s.orphans_reaped = self.supervisor.reaper().orphans_reaped();
-        s.zombies = crate::procfs::zombies();
-        s.rss_kib = crate::procfs::self_rss_kib();
-        s
-    }
-}
+/// Most clients connected to the socket at once. One more is closed at once: every client
+/// costs PID 1 a task and buffers, and the socket is open to every local user.
+pub const MAX_CLIENTS: usize = 32;
+/// At most one "too many clients" log line per this long (a flood must not flood the log).
+pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Errors the API returns, as D-Bus errors named `org.rayos.Error.<Variant>`.
 #[derive(Debug, zbus::DBusError)]
@@ -75,7 +35,7 @@ impl System {
 pub enum ControlError {
     #[zbus(error)]
     ZBus(zbus::Error),
-    /// The method changes the system and the caller is not root.
+    /// The method changes the system and the caller is not allowed to.
     AccessDenied(String),
     NoSuchService(String),
     InvalidArgument(String),
@@ -90,21 +50,15 @@ impl From<SupervisorError> for ControlError {
     }
 }
 
+impl From<Denied> for ControlError {
+    fn from(Denied(why): Denied) -> Self {
+        ControlError::AccessDenied(why)
+    }
+}
+
 /// The object served at [`OBJECT_PATH`].
 pub struct ControlServer {
     system: Arc<System>,
-}
-
-async fn require_root(conn: &zbus::Connection, method: &str) -> Result<(), ControlError> {
-    let creds = conn
-        .peer_creds()
-        .await
-        .map_err(|e| ControlError::AccessDenied(format!("{method}: cannot read the caller's credentials: {e}")))?;
-    match creds.unix_user_id() {
-        Some(0) => Ok(()),
-        Some(uid) => Err(ControlError::AccessDenied(format!("{method} changes the system and needs root; caller uid is {uid}"))),
-        None => Err(ControlError::AccessDenied(format!("{method} needs root; the caller's uid is unknown"))),
-    }
 }
 
 fn check_name(name: &str) -> Result<(), ControlError> {
@@ -114,17 +68,6 @@ fn check_name(name: &str) -> Result<(), ControlError> {
         )));
     }
     Ok(())
-}
-
-/// Parses `TERM`, `SIGTERM`, `term` or `15`.
-pub fn parse_signal(s: &str) -> Result<Signal, ControlError> {
-    let bad = || ControlError::InvalidArgument(format!("signal {s:?} is not a signal name (e.g. TERM, KILL) or number"));
-    if let Ok(n) = s.parse::<i32>() {
-        return Signal::try_from(n).map_err(|_| bad());
-    }
-    let upper = s.to_ascii_uppercase();
-    let full = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
-    full.parse::<Signal>().map_err(|_| bad())
 }
 
 #[zbus::interface(name = "org.rayos.Control1")]
@@ -149,21 +92,21 @@ impl ControlServer {
 
     async fn start_service(&self, #[zbus(connection)] conn: &zbus::Connection, name: &str) -> Result<(), ControlError> {
         check_name(name)?;
-        require_root(conn, "StartService").await?;
+        require_root(conn, self.system.access(), "StartService").await?;
         tracing::info!("control: start service {name}");
         Ok(self.system.supervisor.start(name)?)
     }
 
     async fn stop_service(&self, #[zbus(connection)] conn: &zbus::Connection, name: &str) -> Result<(), ControlError> {
         check_name(name)?;
-        require_root(conn, "StopService").await?;
+        require_root(conn, self.system.access(), "StopService").await?;
         tracing::info!("control: stop service {name}");
         Ok(self.system.supervisor.stop(name)?)
     }
 
     async fn restart_service(&self, #[zbus(connection)] conn: &zbus::Connection, name: &str) -> Result<(), ControlError> {
         check_name(name)?;
-        require_root(conn, "RestartService").await?;
+        require_root(conn, self.system.access(), "RestartService").await?;
         tracing::info!("control: restart service {name}");
         Ok(self.system.supervisor.restart(name)?)
     }
@@ -172,8 +115,8 @@ impl ControlServer {
     /// process was signalled (false when the service is not running).
     async fn signal_service(&self, #[zbus(connection)] conn: &zbus::Connection, name: &str, signal: &str) -> Result<bool, ControlError> {
         check_name(name)?;
-        let sig = parse_signal(signal)?;
-        require_root(conn, "SignalService").await?;
+        let sig = super::parse_signal(signal).map_err(ControlError::InvalidArgument)?;
+        require_root(conn, self.system.access(), "SignalService").await?;
         tracing::info!("control: signal {} to service {name}", sig.as_str());
         Ok(self.system.supervisor.signal(name, sig)?)
     }
@@ -192,30 +135,34 @@ impl ControlServer {
     }
 
     async fn power_off(&self, #[zbus(connection)] conn: &zbus::Connection) -> Result<(), ControlError> {
-        require_root(conn, "PowerOff").await?;
+        require_root(conn, self.system.access(), "PowerOff").await?;
         tracing::info!("control: power-off requested");
         let _ = self.system.power.send(PowerAction::PowerOff);
         Ok(())
     }
 
     async fn reboot(&self, #[zbus(connection)] conn: &zbus::Connection) -> Result<(), ControlError> {
-        require_root(conn, "Reboot").await?;
+        require_root(conn, self.system.access(), "Reboot").await?;
         tracing::info!("control: reboot requested");
         let _ = self.system.power.send(PowerAction::Reboot);
         Ok(())
     }
 }
 
-/// Serves one client's D-Bus connection on `stream` until the client goes away.
+/// Serves one client's D-Bus connection on `stream` until the client goes away: every
+/// interface, on one connection.
 pub async fn serve_stream(stream: tokio::net::UnixStream, system: Arc<System>) -> zbus::Result<()> {
+    let vms = system.vms().cloned();
     let conn = zbus::connection::Builder::unix_stream(stream)
         .server(zbus::Guid::generate())?
         .p2p()
-        .serve_at(OBJECT_PATH, ControlServer { system })?
-        .serve_at(crate::vm::dbus::OBJECT_PATH, crate::vm::dbus::VmsServer)?
+        .serve_at(OBJECT_PATH, ControlServer { system: system.clone() })?
+        .serve_at(vms::OBJECT_PATH, vms::VmsServer::new(system))?
         .build()
         .await?;
-    crate::vm::dbus::forward_signals(&conn);
+    if let Some(m) = vms {
+        vms::forward_signals(&m, &conn);
+    }
     // The stream ends when the peer closes the socket; only then may the connection drop.
     let mut messages = zbus::MessageStream::from(&conn);
     while messages.next().await.is_some() {}
@@ -242,13 +189,47 @@ pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, ServeError> {
     Ok(l)
 }
 
-/// Accepts clients forever.
+/// Says "too many clients" at most once per [`REFUSAL_LOG_INTERVAL`], with how many
+/// connections were refused since it last spoke.
+struct RefusalLog {
+    socket: String,
+    last: Option<Instant>,
+    unreported: u64,
+}
+
+impl RefusalLog {
+    fn refused(&mut self, now: Instant) {
+        self.unreported += 1;
+        if self.last.is_some_and(|t| now.duration_since(t) < REFUSAL_LOG_INTERVAL) {
+            return;
+        }
+        tracing::warn!(
+            "control: {}: {MAX_CLIENTS} clients are connected (the most allowed); closed {} new connection(s) at once",
+            self.socket,
+            self.unreported
+        );
+        self.last = Some(now);
+        self.unreported = 0;
+    }
+}
+
+/// Accepts clients forever, at most [`MAX_CLIENTS`] at once; a client that sends nothing is
+/// dropped after `session::SERVER_WAIT` (10 s) and frees its slot.
 pub async fn serve(listener: tokio::net::UnixListener, system: Arc<System>) {
+    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    let socket = listener.local_addr().ok().and_then(|a| a.as_pathname().map(|p| p.display().to_string()));
+    let mut refusals = RefusalLog { socket: socket.unwrap_or_else(|| "socket".into()), last: None, unreported: 0 };
     loop {
         match listener.accept().await {
             Ok((mut stream, _)) => {
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    drop(stream);
+                    refusals.refused(Instant::now());
+                    continue;
+                };
                 let system = system.clone();
                 tokio::spawn(async move {
+                    let _slot = slot;
                     if let Err(e) = crate::session::server_accept(&mut stream).await {
                         tracing::debug!("control: client refused: {e}");
                         return;
@@ -260,8 +241,28 @@ pub async fn serve(listener: tokio::net::UnixListener, system: Arc<System>) {
             }
             Err(e) => {
                 tracing::warn!("control: accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_refusal_line_is_rate_limited_and_counts_what_it_skipped() {
+        let mut r = RefusalLog { socket: "test.sock".into(), last: None, unreported: 0 };
+        let t0 = Instant::now();
+        r.refused(t0);
+        assert_eq!((r.last, r.unreported), (Some(t0), 0), "the first refusal is reported at once");
+        for i in 1..=50 {
+            r.refused(t0 + Duration::from_millis(i * 100));
+        }
+        assert_eq!((r.last, r.unreported), (Some(t0), 50), "silent within the interval");
+        let t1 = t0 + REFUSAL_LOG_INTERVAL + Duration::from_millis(1);
+        r.refused(t1);
+        assert_eq!((r.last, r.unreported), (Some(t1), 0), "the next line reports the 51 since");
     }
 }
