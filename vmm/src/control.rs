@@ -113,12 +113,13 @@ pub fn handle(vm: &VmShared, req: Request) -> Value {
             Some(fb) => display_status(fb, &points),
             None => json!({"ok": false, "error": "this VM has no display (spec: display)"}),
         },
-        Request::Screenshot { path } => match &vm.devices.framebuffer {
-            Some(fb) => match crate::screenshot::save_ppm(fb, &path) {
+        Request::Screenshot { path } => match (&vm.devices.framebuffer, vm.vm_dir.as_deref()) {
+            (None, _) => json!({"ok": false, "error": "this VM has no display (spec: display)"}),
+            (_, None) => json!({"ok": false, "error": crate::vmdir::VmDirError::NoDir.to_string()}),
+            (Some(fb), Some(dir)) => match crate::screenshot::save_ppm(fb, dir, &path) {
                 Ok((w, h)) => json!({"ok": true, "width": w, "height": h}),
                 Err(e) => json!({"ok": false, "error": e.to_string()}),
             },
-            None => json!({"ok": false, "error": "this VM has no display (spec: display)"}),
         },
         Request::AgentSend { data } => match vm.devices.agent_send(data.as_bytes()) {
             Ok(()) => json!({"ok": true}),

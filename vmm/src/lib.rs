@@ -21,6 +21,7 @@ pub mod snapshot;
 pub mod spec;
 pub mod vcpu;
 pub mod vm;
+pub mod vmdir;
 
 use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -60,6 +61,8 @@ pub struct VmShared {
     pub power_button: PowerButton,
     pub devices: attach::Attached,
     pub snapshot: snapshot::Sources,
+    /// `spec.vm_dir`, open: where snapshots and screenshots go.
+    pub vm_dir: Option<Arc<vmdir::VmDir>>,
     threads: Mutex<Vec<libc::pthread_t>>,
 }
 
@@ -132,6 +135,10 @@ impl Vmm {
 
     fn build_inner(spec: VmSpec, start: Instant, restore: Option<&Loaded>) -> Result<Self> {
         spec.validate()?;
+        let vm_dir = match &spec.vm_dir {
+            Some(d) => Some(Arc::new(vmdir::VmDir::open(d).map_err(|e| Error::Device { device: "vm_dir".into(), reason: e.to_string() })?)),
+            None => None,
+        };
         let vm = Arc::new(Vm::new()?);
         let ram = GuestRam::new(&spec.name, spec.memory_bytes())?;
         if let Some(snap) = restore {
@@ -271,6 +278,7 @@ impl Vmm {
                 msrs,
                 cmos,
             },
+            vm_dir,
             threads: Mutex::new(Vec::new()),
         });
         Ok(Vmm { spec, vm, ram, pio: pio_bus, mmio: mmio_bus, vcpus, shared })
@@ -290,7 +298,8 @@ impl Vmm {
             control::spawn(shared.clone(), listener)?;
         }
         if spec.isolate {
-            isolation::isolate(inherited_fds)?;
+            let confine = isolation::Confinement { vm_dir: shared.vm_dir.as_ref().map(|d| d.raw_fd()), run_as: spec.run_as };
+            isolation::isolate(inherited_fds, confine)?;
         }
         let pio = Arc::new(pio);
         let mmio = Arc::new(mmio);
@@ -335,7 +344,10 @@ impl Vmm {
             }
         }
         drop((vm, ram));
-        if let Some(p) = &spec.control_socket {
+        // Isolated, the VMM may not unlink outside its own directory (and, as another user,
+        // could not in rayosd's runtime directory): whoever starts the next VMM clears the
+        // stale socket (see `control::bind`).
+        if let (Some(p), false) = (&spec.control_socket, spec.isolate) {
             let _ = std::fs::remove_file(p);
         }
         Ok(reason)
