@@ -17,6 +17,7 @@ use serde_json::json;
 use tokio::sync::{broadcast, mpsc};
 use uuid::Uuid;
 
+use super::owner;
 use super::registry::{self, DeviceConfig, DiskRecord, Policy, Registry, RegistryError, RestartPolicy, VmKind, VmRecord};
 use super::state::{self, Request, VmState};
 use super::vmm_process::{self, VmFiles, EXIT_REBOOT};
@@ -254,8 +255,13 @@ impl VmManager {
         if req.config.vcpus == 0 || req.config.memory_mib == 0 {
             return Err(VmError::Invalid("config.vcpus and config.memory_mib must be positive".into()));
         }
+        let id = {
+            // Each VM has a user of its own, derived from its UUID (see `owner`).
+            let reg = self.registry.lock().unwrap();
+            std::iter::repeat_with(Uuid::new_v4).find(|id| owner::collision(reg.vms(), *id).is_none()).expect("an endless iterator")
+        };
         let vm = VmRecord {
-            id: Uuid::new_v4(),
+            id,
             name: req.name,
             kind: req.kind,
             disks: req.disks,
@@ -382,21 +388,21 @@ impl VmManager {
         }
     }
 
-    /// The VM's display as a binary PPM (P6): the VMM writes the frame into the run folder,
-    /// we read it back and remove it.
+    /// The VM's display as a binary PPM (P6): the VMM writes the frame into the VM's own
+    /// folder (the only place it may write), we read it back and remove it.
     pub async fn screenshot(&self, id_or_name: &str) -> Result<Vec<u8>, VmError> {
         let (vm, sock) = self.live_vmm(id_or_name, "a screenshot", true)?;
         if vm.config.display.is_none() {
             return Err(VmError::Refused { name: vm.name, reason: "a screenshot needs a display (config.display)".into() });
         }
-        let path = self.settings.paths.run_dir.join(format!("{}.screenshot-{}.ppm", vm.id, NEXT_REQUEST.fetch_add(1, Ordering::Relaxed)));
+        let path = self.vm_dir(vm.id).join(format!("screenshot-{}.ppm", NEXT_REQUEST.fetch_add(1, Ordering::Relaxed)));
         let failed = |reason: String| VmError::Failed { name: vm.name.clone(), reason };
         // The VMM creates the file and never replaces one (its seccomp filter allows no
-        // truncating open); a leftover of ours in our own run folder goes first.
+        // truncating open); a leftover goes first.
         let _ = std::fs::remove_file(&path);
         // Reading a large frame takes a moment under emulation.
         let r = vmm_process::request(&sock, json!({"cmd": "screenshot", "path": path}), Duration::from_secs(20)).await;
-        let data = r.map_err(|e| failed(e.to_string())).and_then(|_| std::fs::read(&path).map_err(|e| failed(format!("{}: {e}", path.display()))));
+        let data = r.map_err(|e| failed(e.to_string())).and_then(|_| read_screenshot(&path).map_err(|e| failed(format!("{}: {e}", path.display()))));
         let _ = std::fs::remove_file(&path);
         data
     }
@@ -596,6 +602,15 @@ impl VmManager {
             tracing::error!("vm {}: {detail}", vm.name);
             return Outcome::Broken(detail);
         }
+        if let Some(other) = owner::collision(self.registry.lock().unwrap().vms(), id) {
+            let detail = format!(
+                "VM {} has the same user (uid {}) and would share its files: delete and recreate one of them",
+                other.name,
+                owner::vm_uid(id)
+            );
+            tracing::error!("vm {}: {detail}", vm.name);
+            return Outcome::Broken(detail);
+        }
         let spec = match vmm_process::build_spec(&vm, &files) {
             Ok(s) => s,
             Err(e) => return Outcome::Broken(e.to_string()),
@@ -749,6 +764,24 @@ impl VmManager {
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
         }
     }
+}
+
+/// The largest PPM a display can give: 4095x4095 pixels (EDID's limit), 3 bytes each, and
+/// its header.
+const MAX_SCREENSHOT: u64 = 4095 * 4095 * 3 + 64;
+
+/// Reads the screenshot the VMM wrote into its folder, which its user owns: not through a
+/// symlink (to a file only root may read), and not more than a frame can be.
+fn read_screenshot(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::File::options().read(true).custom_flags(libc::O_NOFOLLOW).open(path)?;
+    let mut data = Vec::new();
+    f.take(MAX_SCREENSHOT + 1).read_to_end(&mut data)?;
+    if data.len() as u64 > MAX_SCREENSHOT {
+        return Err(std::io::Error::other(format!("larger than any frame ({MAX_SCREENSHOT} bytes)")));
+    }
+    Ok(data)
 }
 
 /// Numbers requests to the VMMs and guest agents (screen ids, screenshot files).
