@@ -240,6 +240,8 @@ impl Vmm {
         if let Some(snap) = restore {
             vm.restore_state(&snap.state.vm)?;
             for (v, s) in vcpus.iter().zip(&snap.state.vcpus) {
+                // Before the registers: KVM_SET_TSC_KHZ must precede the TSC MSR's value.
+                vcpu::match_tsc(v, s)?;
                 vcpu::restore_state(v, s)?;
             }
             vm.restore_clock(&snap.state.vm)?;

@@ -31,9 +31,10 @@ use crate::VmShared;
 
 /// Bumped whenever the layout of `state.json` or `memory` changes meaning.
 pub const FORMAT_VERSION: u32 = 2;
-/// Device models and their saved state change between versions: only the VMM that wrote a
-/// snapshot restores it.
-pub const VMM_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Device models and their saved state change between builds: only the VMM build that
+/// wrote a snapshot restores it. The build id is `<version>-<git commit>-state-<hash>`, the
+/// hash over the sources that define saved state (see `vmm/build.rs`).
+pub const VMM_VERSION: &str = env!("RAYOS_VMM_BUILD_ID");
 pub const STATE_FILE: &str = "state.json";
 pub const MEMORY_FILE: &str = "memory";
 pub const FRAMEBUFFER_FILE: &str = "framebuffer";
@@ -458,7 +459,7 @@ pub fn parse_state(file: &Path, text: &str) -> Result<SnapshotState, SnapshotErr
         return Err(field(
             file,
             "vmm_version",
-            format!("snapshot made by rayos-vmm {vmm_version}; this is {VMM_VERSION}, which restores only its own"),
+            format!("snapshot made by rayos-vmm build {vmm_version}; this is build {VMM_VERSION}, which restores only its own snapshots"),
         ));
     }
     let known = ["format_version", "vmm_version", "created_unix_ms", "spec", "memory", "framebuffer", "vm", "vcpus", "legacy", "pci"];

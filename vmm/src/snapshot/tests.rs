@@ -111,6 +111,16 @@ fn another_vmm_version_or_format_is_refused_by_name() {
     let e = refused(&v);
     assert!(e.contains("`format_version`") && e.contains("99"), "{e}");
 
+    // Same package version, another build: the build id tells them apart.
+    let (_, hash) = VMM_VERSION.rsplit_once("-state-").expect(VMM_VERSION);
+    assert!(VMM_VERSION.starts_with(concat!(env!("CARGO_PKG_VERSION"), "-")) && hash.len() == 16, "{VMM_VERSION}");
+    for other in [env!("CARGO_PKG_VERSION").to_string(), VMM_VERSION.replace(hash, "0123456789abcdef")] {
+        let mut v = json();
+        v["vmm_version"] = other.clone().into();
+        let e = refused(&v);
+        assert!(e.contains("`vmm_version`") && e.contains(&other) && e.contains(VMM_VERSION), "{e}");
+    }
+
     // The version is checked before anything else fails to parse.
     let mut v = json();
     v["vmm_version"] = "9.9.9".into();
