@@ -16,6 +16,7 @@ pub mod error;
 pub mod layout;
 pub mod lifecycle;
 pub mod memory;
+pub mod ratelimit;
 pub mod screenshot;
 pub mod snapshot;
 pub mod spec;
@@ -35,7 +36,7 @@ use crate::devices::legacy::acpi_pm::{AcpiPm, PowerButton};
 use crate::devices::legacy::boot_timer::{BootTime, BootTimer};
 use crate::devices::legacy::cmos::Cmos;
 use crate::devices::legacy::i8042::I8042;
-use crate::devices::legacy::serial::{SerialDevice, SerialRing, SerialSink};
+use crate::devices::legacy::serial::{self, SerialDevice, SerialRing, SerialSink};
 use crate::devices::legacy::IrqTrigger;
 pub use crate::error::{Error, Result};
 pub use crate::lifecycle::{ExitReason, EXIT_CODE_REBOOT};
@@ -156,15 +157,21 @@ impl Vmm {
         vm.register_irqfd(&serial_irq, layout::COM1_GSI)?;
         let log = match &spec.serial_log {
             // A restored VM's console continues the log of the run it was saved from.
-            Some(p) => Some(
-                File::options()
+            Some(p) => {
+                let file = File::options()
                     .write(true)
                     .create(true)
                     .append(restore.is_some())
                     .truncate(restore.is_none())
                     .open(p)
-                    .map_err(|e| Error::io(format!("serial log {}", p.display()), e))?,
-            ),
+                    .map_err(|e| Error::io(format!("serial log {}", p.display()), e))?;
+                // It rotates only inside the VM's directory, where the VMM may rename.
+                let rotate = vm_dir.as_ref().and_then(|d| Some((d.clone(), d.name_of(p).ok()?)));
+                if rotate.is_none() {
+                    tracing::info!("serial log {} is not directly in spec.vm_dir: it stops at {} bytes instead of rotating", p.display(), serial::LOG_LIMIT);
+                }
+                Some(serial::SerialLog::new(file, serial::LOG_LIMIT, rotate))
+            }
             None => None,
         };
         let serial_ring = SerialRing::default();
