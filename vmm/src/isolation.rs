@@ -204,6 +204,14 @@ fn conditional_rules(vm_dir: Option<i32>) -> Result<Vec<(i64, Vec<SeccompRule>)>
             libc::SYS_fcntl,
             FCNTL_COMMANDS.iter().map(|c| rule(vec![condition(1, SeccompCmpOp::Eq, *c as u64)?])).collect::<Result<_>>()?,
         ),
+        // The control socket asks each client's uid (SO_PEERCRED), nothing else.
+        (
+            libc::SYS_getsockopt,
+            vec![rule(vec![
+                condition(1, SeccompCmpOp::Eq, libc::SOL_SOCKET as u64)?,
+                condition(2, SeccompCmpOp::Eq, libc::SO_PEERCRED as u64)?,
+            ])?],
+        ),
         // Threads (vCPUs, device workers, control connections), never a new process.
         (libc::SYS_clone, vec![rule(vec![condition(0, SeccompCmpOp::MaskedEq(THREAD), THREAD)?])?]),
     ];
@@ -682,6 +690,37 @@ mod tests {
         assert!(!dir.join("other").exists());
         assert_eq!(std::fs::read(&existing).unwrap(), b"guest data", "the existing file is untouched");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The control socket's peer check runs after isolation: SO_PEERCRED passes, other
+    /// socket options do not.
+    #[test]
+    fn the_peer_uid_can_be_asked_other_socket_options_cannot() {
+        let mut fds = [0; 2];
+        // SAFETY: socketpair fills two fds.
+        assert_eq!(unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) }, 0);
+        let fd = fds[0];
+        let (code, err) = filtered(move || {
+            let mut cred = libc::ucred { pid: 0, uid: 1, gid: 1 };
+            let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+            // SAFETY: getsockopt into a ucred of the size given.
+            let r = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_PEERCRED, (&mut cred as *mut libc::ucred).cast(), &mut len) };
+            if r == 0 && cred.pid > 0 {
+                say(b"peer cred ok\n");
+            }
+            let mut v = 0i32;
+            let mut len = 4 as libc::socklen_t;
+            // SAFETY: the filter traps this call.
+            unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, (&mut v as *mut i32).cast(), &mut len) };
+            say(b"SO_RCVBUF was not stopped\n");
+        });
+        assert_eq!(code, EXIT_CODE_SECCOMP, "{err}");
+        assert!(err.contains("peer cred ok") && err.contains("blocked syscall 055"), "{err}");
+        // SAFETY: closing our own fds.
+        unsafe {
+            libc::close(fds[0]);
+            libc::close(fds[1]);
+        }
     }
 
     #[test]
