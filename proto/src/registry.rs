@@ -228,7 +228,17 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), FileError> {
     tmp_name.push(".tmp");
     let tmp = PathBuf::from(tmp_name);
     {
-        let mut f = std::fs::File::create(&tmp).map_err(file_err(&tmp, "create"))?;
+        // Only root (rayosd) reads the registry: the VMs' own users must not.
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let mut f = std::fs::File::options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(file_err(&tmp, "create"))?;
+        // A temp file left by a crash keeps its old mode through `open`.
+        f.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(file_err(&tmp, "chmod"))?;
         f.write_all(bytes).map_err(file_err(&tmp, "write"))?;
         f.sync_all().map_err(file_err(&tmp, "fsync"))?;
     }

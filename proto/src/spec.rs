@@ -56,6 +56,22 @@ pub struct VmSpec {
     /// Drop capabilities, close stray fds and install the seccomp filter after set-up.
     #[serde(default = "default_true")]
     pub isolate: bool,
+    /// The VM's own directory: snapshots and screenshots go only here (a target elsewhere is
+    /// refused), the serial log rotates here. Opened at set-up; after isolation the VMM
+    /// creates, renames or removes nothing anywhere else.
+    #[serde(default)]
+    pub vm_dir: Option<PathBuf>,
+    /// The unprivileged user and group the VMM runs as after set-up (with `isolate`); rayosd
+    /// gives each VM its own, owning `vm_dir`.
+    #[serde(default)]
+    pub run_as: Option<RunAs>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RunAs {
+    pub uid: u32,
+    pub gid: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -150,6 +166,8 @@ impl VmSpec {
             control_socket: None,
             progress_timeout_ms: default_progress_timeout(),
             isolate: true,
+            vm_dir: None,
+            run_as: None,
         }
     }
 
@@ -193,6 +211,16 @@ impl VmSpec {
         for n in &self.net {
             if n.tap.is_empty() || n.tap.len() >= IFNAMSIZ {
                 return bad("net", format!("tap name {:?} is not a valid interface name", n.tap));
+            }
+        }
+        if let Some(d) = &self.vm_dir {
+            if !d.is_dir() {
+                return bad("vm_dir", format!("{} is not a directory", d.display()));
+            }
+        }
+        if let Some(r) = &self.run_as {
+            if r.uid == 0 || r.gid == 0 {
+                return bad("run_as", format!("uid {} gid {}: the VMM drops to an unprivileged user, not root", r.uid, r.gid));
             }
         }
         if self.progress_timeout_ms == 0 {

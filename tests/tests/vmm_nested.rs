@@ -268,16 +268,19 @@ fn vmm_snapshot_restore_continues_the_guest() {
                 "snap1",
                 1,
                 "disk-write,display,heartbeat25,disk-write,disk-read",
+                // As rayosd runs a VM: its own directory and its own unprivileged user.
                 serde_json::json!({
-                    "disks": [{"path": "/tmp/snapdisk.img"}], "rng": true, "console": {},
+                    "disks": [{"path": "/vms/snap1/disk.img"}], "rng": true, "console": {},
                     "display": {"width": 800, "height": 600},
+                    "vm_dir": "/vms/snap1", "run_as": {"uid": 2000000001u32, "gid": 2000000001u32},
                 }),
             ),
             ctl: Some(concat!(
                 "wait agent: heartbeat n=4\n",
-                "{\"cmd\":\"snapshot\",\"path\":\"/tmp/snap\"}\n",
+                "{\"cmd\":\"snapshot\",\"path\":\"/tmp/elsewhere\"}\n",
+                "{\"cmd\":\"snapshot\",\"path\":\"/vms/snap1/snap\"}\n",
                 "{\"cmd\":\"status\"}\n",
-                "{\"cmd\":\"snapshot\",\"path\":\"/tmp/snap\"}\n",
+                "{\"cmd\":\"snapshot\",\"path\":\"/vms/snap1/snap\"}\n",
                 "{\"cmd\":\"poweroff\"}\n",
             )),
         },
@@ -293,13 +296,17 @@ fn vmm_snapshot_restore_continues_the_guest() {
     let log = run_nested_with(
         "vmm_nested_snapshot",
         &runs,
-        &[("/specs/snap2.cmd", "/rayos-vmm\n--restore\n/tmp/snap\n")],
+        &[("/specs/snap2.cmd", "/rayos-vmm\n--restore\n/vms/snap1/snap\n")],
     );
     assert!(!log.contains("seccomp: blocked syscall"), "{log}");
     assert!(!log.contains(" FAIL "), "a guest check failed:\n{log}");
     assert_has(&log, "testinit: snap1 exit=0 ");
     assert_has(&log, "testinit: snap2 exit=0 ");
 
+    // Both VMMs ran as the VM's user, confined to its directory.
+    assert_eq!(lines_with(&log, "running as uid 2000000001 gid 2000000001").len(), 2, "{log}");
+    let outside = ctl_answer(&log, "snap1", "outside this VM's directory");
+    assert_eq!(outside["ok"], false, "{outside}");
     let snap = ctl_answer(&log, "snap1", "memory_written");
     assert_eq!(snap["ok"], true, "{snap}");
     let (size, written) = (snap["memory_bytes"].as_u64().unwrap(), snap["memory_written"].as_u64().unwrap());
@@ -329,7 +336,7 @@ fn vmm_snapshot_restore_continues_the_guest() {
     }
     assert_eq!(hb_after.last().unwrap().0, 25, "{log}");
     assert!(!after.contains("agent: started"), "the restored guest booted again:\n{after}");
-    assert!(after.contains("restored /tmp/snap in"), "{after}");
+    assert!(after.contains("restored /vms/snap1/snap in"), "{after}");
 
     // The disk: written before the snapshot, then written and read back (from the device,
     // not the page cache) by the restored guest.
@@ -347,7 +354,7 @@ fn vmm_snapshot_restore_continues_the_guest() {
     for (x, y, v) in &pixels {
         assert_eq!(*v, ((x & 0xff) << 16) | ((y & 0xff) << 8) | 0x5a, "restored pixel ({x},{y}) in {d}");
     }
-    let restored_ms: Vec<&str> = lines_with(after, "restored /tmp/snap in");
+    let restored_ms: Vec<&str> = lines_with(after, "restored /vms/snap1/snap in");
     println!("snapshot: {snap}\nrestore: {restored_ms:?}");
 }
 

@@ -19,6 +19,7 @@ use seccompiler::{
 };
 
 use crate::error::{Error, Result};
+use crate::spec::RunAs;
 
 pub const EXIT_CODE_SECCOMP: i32 = rayos_proto::vmm::exit_code::SECCOMP;
 
@@ -65,14 +66,9 @@ const ALLOWED: &[i64] = &[
     libc::SYS_fdatasync,
     libc::SYS_fstat,
     libc::SYS_fsync,
-    // The snapshot writer: sizing the memory file, and the atomic temp-dir-and-rename.
+    // The snapshot writer sizes its memory file. Its directory changes (mkdirat, renameat,
+    // unlinkat) are allowed only inside the VM's directory, see `vm_dir_rules`.
     libc::SYS_ftruncate,
-    libc::SYS_mkdir,
-    libc::SYS_mkdirat,
-    libc::SYS_rename,
-    libc::SYS_renameat,
-    libc::SYS_renameat2,
-    libc::SYS_rmdir,
     libc::SYS_futex,
     libc::SYS_getpid,
     libc::SYS_getrandom,
@@ -107,8 +103,6 @@ const ALLOWED: &[i64] = &[
     libc::SYS_sigaltstack,
     libc::SYS_statx,
     libc::SYS_tgkill,
-    libc::SYS_unlink,
-    libc::SYS_unlinkat,
     libc::SYS_write,
     libc::SYS_writev,
 ];
@@ -188,8 +182,10 @@ fn rule(conditions: Vec<SeccompCondition>) -> Result<SeccompRule> {
     SeccompRule::new(conditions).map_err(|e| Error::Isolation(format!("seccomp rule: {e}")))
 }
 
-/// Syscalls allowed only with some arguments (rules are alternatives).
-fn conditional_rules() -> Result<Vec<(i64, Vec<SeccompRule>)>> {
+/// Syscalls allowed only with some arguments (rules are alternatives). `vm_dir` is the
+/// descriptor of the VM's own directory ([`crate::vmdir::VmDir`]), the only directory in
+/// which files may be created, renamed or removed.
+fn conditional_rules(vm_dir: Option<i32>) -> Result<Vec<(i64, Vec<SeccompRule>)>> {
     let ioctls = allowed_ioctls()
         .iter()
         .map(|(req, _)| rule(vec![condition(1, SeccompCmpOp::Eq, u64::from(*req))?]))
@@ -197,19 +193,47 @@ fn conditional_rules() -> Result<Vec<(i64, Vec<SeccompRule>)>> {
     // Nothing is loaded or generated at run time: thread stacks, heap and guest memory are
     // never executable, so PROT_EXEC would only serve injected code.
     let not_exec = || rule(vec![condition(2, SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64), 0)?]);
-    Ok(vec![
+    let mut rules = vec![
         (libc::SYS_ioctl, ioctls),
         (libc::SYS_mmap, vec![not_exec()?]),
         (libc::SYS_mprotect, vec![not_exec()?]),
         // Device workers started when the guest activates a device name their thread.
         (libc::SYS_prctl, vec![rule(vec![condition(0, SeccompCmpOp::Eq, libc::PR_SET_NAME as u64)?])?]),
-        (libc::SYS_openat, openat_rules()?),
+        (libc::SYS_openat, openat_rules(vm_dir)?),
         (
             libc::SYS_fcntl,
             FCNTL_COMMANDS.iter().map(|c| rule(vec![condition(1, SeccompCmpOp::Eq, *c as u64)?])).collect::<Result<_>>()?,
         ),
+        // The control socket asks each client's uid (SO_PEERCRED), nothing else.
+        (
+            libc::SYS_getsockopt,
+            vec![rule(vec![
+                condition(1, SeccompCmpOp::Eq, libc::SOL_SOCKET as u64)?,
+                condition(2, SeccompCmpOp::Eq, libc::SO_PEERCRED as u64)?,
+            ])?],
+        ),
         // Threads (vCPUs, device workers, control connections), never a new process.
         (libc::SYS_clone, vec![rule(vec![condition(0, SeccompCmpOp::MaskedEq(THREAD), THREAD)?])?]),
+    ];
+    rules.extend(vm_dir_rules(vm_dir)?);
+    Ok(rules)
+}
+
+/// mkdirat, renameat(2) and unlinkat (the snapshot's temp-dir-and-rename, the serial log's
+/// rotation) only relative to the VM directory's descriptor; their path-only forms (mkdir,
+/// rename, unlink, rmdir) not at all. The filter sees the descriptor, not where the path
+/// leads: an absolute path or `..` ignores it. What keeps a compromised VMM out of other
+/// VMs' files and the registry is the uid it runs as (see [`drop_to`]); this keeps the
+/// calls to the one directory the VMM's own code uses.
+fn vm_dir_rules(vm_dir: Option<i32>) -> Result<Vec<(i64, Vec<SeccompRule>)>> {
+    let Some(fd) = vm_dir else { return Ok(vec![]) };
+    let fd = fd as u64;
+    let at = |arg| condition(arg, SeccompCmpOp::Eq, fd);
+    Ok(vec![
+        (libc::SYS_mkdirat, vec![rule(vec![at(0)?])?]),
+        (libc::SYS_unlinkat, vec![rule(vec![at(0)?])?]),
+        (libc::SYS_renameat, vec![rule(vec![at(0)?, at(2)?])?]),
+        (libc::SYS_renameat2, vec![rule(vec![at(0)?, at(2)?])?]),
     ])
 }
 
@@ -218,14 +242,19 @@ fn conditional_rules() -> Result<Vec<(i64, Vec<SeccompRule>)>> {
 const FCNTL_COMMANDS: [i32; 5] = [libc::F_GETFD, libc::F_SETFD, libc::F_GETFL, libc::F_SETFL, libc::F_DUPFD_CLOEXEC];
 
 /// openat's `flags` may be any read-only open (the snapshot writer opens its directory to
-/// fsync it), or a create that fails if the file exists (snapshot parts, screenshots).
-fn openat_rules() -> Result<Vec<SeccompRule>> {
+/// fsync it), or, relative to the VM directory's descriptor only, a create that fails if the
+/// file exists (snapshot parts, screenshots, a rotated serial log).
+fn openat_rules(vm_dir: Option<i32>) -> Result<Vec<SeccompRule>> {
     let (creat, excl, trunc) = (libc::O_CREAT as u64, libc::O_EXCL as u64, libc::O_TRUNC as u64);
     let read_only = (libc::O_ACCMODE as u64) | creat | trunc;
-    Ok(vec![
-        rule(vec![condition(2, SeccompCmpOp::MaskedEq(read_only), 0)?])?,
-        rule(vec![condition(2, SeccompCmpOp::MaskedEq(creat | excl | trunc), creat | excl)?])?,
-    ])
+    let mut rules = vec![rule(vec![condition(2, SeccompCmpOp::MaskedEq(read_only), 0)?])?];
+    if let Some(fd) = vm_dir {
+        rules.push(rule(vec![
+            condition(0, SeccompCmpOp::Eq, fd as u64)?,
+            condition(2, SeccompCmpOp::MaskedEq(creat | excl | trunc), creat | excl)?,
+        ])?);
+    }
+    Ok(rules)
 }
 
 /// The clone flags every thread has (a process made without them would be a fork).
@@ -242,9 +271,10 @@ pub fn clone3_filter() -> Result<BpfProgram> {
     f.try_into().map_err(|e: seccompiler::BackendError| Error::Isolation(format!("compiling the clone3 filter: {e}")))
 }
 
-pub fn filter() -> Result<BpfProgram> {
+/// The main filter; `vm_dir` as in [`conditional_rules`].
+pub fn filter(vm_dir: Option<i32>) -> Result<BpfProgram> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = ALLOWED.iter().map(|s| (*s, vec![])).collect();
-    rules.extend(conditional_rules()?);
+    rules.extend(conditional_rules(vm_dir)?);
     let f = SeccompFilter::new(rules, SeccompAction::Trap, SeccompAction::Allow, TargetArch::x86_64)
         .map_err(|e| Error::Isolation(format!("building the seccomp filter: {e}")))?;
     f.try_into().map_err(|e: seccompiler::BackendError| Error::Isolation(format!("compiling the seccomp filter: {e}")))
@@ -309,7 +339,7 @@ fn close_fds(fds: &BTreeSet<i32>) {
     }
 }
 
-fn drop_capabilities() -> Result<()> {
+fn drop_bounding_set() {
     let last: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()
         .and_then(|s| s.trim().parse().ok())
@@ -319,6 +349,9 @@ fn drop_capabilities() -> Result<()> {
         // unprivileged and have nothing to drop from the bounding set.
         unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
     }
+}
+
+fn drop_capabilities() -> Result<()> {
     // SAFETY: prctl with integer arguments only.
     unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, 0, 0, 0) };
     #[repr(C)]
@@ -342,17 +375,53 @@ fn drop_capabilities() -> Result<()> {
     Ok(())
 }
 
+/// Becomes `to` for good: no supplementary groups, real, effective and saved ids all set
+/// (glibc applies each call to every thread of the process). Needs root; after it the
+/// process has no capabilities left in its permitted set.
+pub fn drop_to(to: RunAs) -> Result<()> {
+    let fail = |what: &str, e: nix::Error| Error::Isolation(format!("{what} to uid {} gid {}: {e}", to.uid, to.gid));
+    let (uid, gid) = (nix::unistd::Uid::from_raw(to.uid), nix::unistd::Gid::from_raw(to.gid));
+    nix::unistd::setgroups(&[]).map_err(|e| fail("setgroups", e))?;
+    nix::unistd::setresgid(gid, gid, gid).map_err(|e| fail("setresgid", e))?;
+    nix::unistd::setresuid(uid, uid, uid).map_err(|e| fail("setresuid", e))?;
+    Ok(())
+}
+
+/// What [`isolate`] confines the process to, from the spec.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Confinement {
+    /// The VM directory's descriptor ([`crate::vmdir::VmDir::raw_fd`]).
+    pub vm_dir: Option<i32>,
+    /// The user to run as; skipped (with a log line) when the VMM is not root.
+    pub run_as: Option<RunAs>,
+}
+
 /// Applies all isolation steps to the whole process. Call after set-up, once every thread
 /// that exists at that point may be held to the filter.
-pub fn isolate(inherited: &BTreeSet<i32>) -> Result<()> {
+pub fn isolate(inherited: &BTreeSet<i32>, confine: Confinement) -> Result<()> {
     close_fds(inherited);
+    // The bounding set first: dropping it needs CAP_SETPCAP, which the uid change takes away.
+    drop_bounding_set();
+    match confine.run_as {
+        Some(to) if nix::unistd::geteuid().is_root() => {
+            drop_to(to)?;
+            tracing::info!("running as uid {} gid {}", to.uid, to.gid);
+        }
+        Some(to) => tracing::info!(
+            "not root (uid {}): cannot switch to uid {} gid {}; staying, the seccomp filter still applies",
+            nix::unistd::geteuid(),
+            to.uid,
+            to.gid
+        ),
+        None => tracing::info!("no run_as in the spec: staying uid {}", nix::unistd::geteuid()),
+    }
     drop_capabilities()?;
     // SAFETY: prctl with integer arguments only.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(Error::Isolation(format!("no_new_privs: {}", std::io::Error::last_os_error())));
     }
     install_sigsys_handler()?;
-    for bpf in [clone3_filter()?, filter()?] {
+    for bpf in [clone3_filter()?, filter(confine.vm_dir)?] {
         seccompiler::apply_filter_all_threads(&bpf).map_err(|e| Error::Isolation(format!("installing seccomp: {e}")))?;
     }
     tracing::info!("isolated: {} inherited fds closed, capabilities dropped, seccomp on", inherited.len());
@@ -414,7 +483,7 @@ mod tests {
 
     #[test]
     fn forbidden_syscall_is_named_and_fatal_allowed_ones_work() {
-        let bpf = filter().unwrap();
+        let bpf = filter(None).unwrap();
         let (code, err) = in_child(move || {
             install_sigsys_handler().unwrap();
             seccompiler::apply_filter(&bpf).unwrap();
@@ -438,7 +507,12 @@ mod tests {
 
     /// Runs `body` in a child under the VMM's filter and SIGSYS handler.
     fn filtered(body: impl FnOnce()) -> (i32, String) {
-        let bpfs = [clone3_filter().unwrap(), filter().unwrap()];
+        filtered_in(None, body)
+    }
+
+    /// As [`filtered`], with `vm_dir` the VM directory's descriptor.
+    fn filtered_in(vm_dir: Option<i32>, body: impl FnOnce()) -> (i32, String) {
+        let bpfs = [clone3_filter().unwrap(), filter(vm_dir).unwrap()];
         in_child(move || {
             install_sigsys_handler().unwrap();
             for bpf in &bpfs {
@@ -567,10 +641,11 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let existing = dir.join("disk.img");
         std::fs::write(&existing, b"guest data").unwrap();
+        let vm_dir = crate::vmdir::VmDir::open(&dir).unwrap();
+        let dirfd = vm_dir.raw_fd();
         let c_existing = std::ffi::CString::new(existing.to_str().unwrap()).unwrap();
-        let c_new = std::ffi::CString::new(dir.join("new").to_str().unwrap()).unwrap();
-        let (e1, n1) = (c_existing.clone(), c_new.clone());
-        let (code, err) = filtered(move || {
+        let e1 = c_existing.clone();
+        let (code, err) = filtered_in(Some(dirfd), move || {
             // SAFETY: openat/fcntl/close with valid NUL-terminated paths and our own fds.
             unsafe {
                 let fd = libc::openat(libc::AT_FDCWD, e1.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
@@ -578,11 +653,11 @@ mod tests {
                     say(b"read open and dup ok\n");
                 }
                 let flags = libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC;
-                if libc::openat(libc::AT_FDCWD, n1.as_ptr(), flags, 0o600) >= 0 {
-                    say(b"create_new ok\n");
+                if libc::openat(dirfd, c"new".as_ptr(), flags, 0o600) >= 0 {
+                    say(b"create_new in the VM dir ok\n");
                 }
                 // Same flags on an existing file: the kernel says EEXIST.
-                if libc::openat(libc::AT_FDCWD, e1.as_ptr(), flags, 0o600) < 0 {
+                if libc::openat(dirfd, c"disk.img".as_ptr(), flags, 0o600) < 0 {
                     say(b"create_new of an existing file refused by the kernel\n");
                 }
                 // A lock: not on the list.
@@ -592,20 +667,60 @@ mod tests {
             say(b"F_SETLK was not stopped\n");
         });
         assert_eq!(code, EXIT_CODE_SECCOMP, "{err}");
-        assert!(err.contains("read open and dup ok") && err.contains("create_new ok"), "{err}");
+        assert!(err.contains("read open and dup ok") && err.contains("create_new in the VM dir ok"), "{err}");
         assert!(err.contains("refused by the kernel"), "{err}");
         assert!(err.contains("blocked syscall 072"), "{err}");
+        assert!(dir.join("new").exists());
         for flags in [libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC, libc::O_RDWR, libc::O_WRONLY | libc::O_TRUNC] {
             let e = c_existing.clone();
-            let (code, err) = filtered(move || {
+            let (code, err) = filtered_in(Some(dirfd), move || {
                 // SAFETY: the filter traps this call before it opens anything.
                 unsafe { libc::openat(libc::AT_FDCWD, e.as_ptr(), flags, 0o600) };
             });
             assert_eq!(code, EXIT_CODE_SECCOMP, "flags {flags:#o}: {err}");
             assert!(err.contains("blocked syscall 257"), "{err}");
         }
+        // Creating a new file anywhere but relative to the VM dir's descriptor.
+        let other = std::ffi::CString::new(dir.join("other").to_str().unwrap()).unwrap();
+        let (code, err) = filtered_in(Some(dirfd), move || {
+            // SAFETY: the filter traps this call before it creates anything.
+            unsafe { libc::openat(libc::AT_FDCWD, other.as_ptr(), libc::O_RDWR | libc::O_CREAT | libc::O_EXCL, 0o600) };
+        });
+        assert_eq!(code, EXIT_CODE_SECCOMP, "{err}");
+        assert!(!dir.join("other").exists());
         assert_eq!(std::fs::read(&existing).unwrap(), b"guest data", "the existing file is untouched");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The control socket's peer check runs after isolation: SO_PEERCRED passes, other
+    /// socket options do not.
+    #[test]
+    fn the_peer_uid_can_be_asked_other_socket_options_cannot() {
+        let mut fds = [0; 2];
+        // SAFETY: socketpair fills two fds.
+        assert_eq!(unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) }, 0);
+        let fd = fds[0];
+        let (code, err) = filtered(move || {
+            let mut cred = libc::ucred { pid: 0, uid: 1, gid: 1 };
+            let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+            // SAFETY: getsockopt into a ucred of the size given.
+            let r = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_PEERCRED, (&mut cred as *mut libc::ucred).cast(), &mut len) };
+            if r == 0 && cred.pid > 0 {
+                say(b"peer cred ok\n");
+            }
+            let mut v = 0i32;
+            let mut len = 4 as libc::socklen_t;
+            // SAFETY: the filter traps this call.
+            unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, (&mut v as *mut i32).cast(), &mut len) };
+            say(b"SO_RCVBUF was not stopped\n");
+        });
+        assert_eq!(code, EXIT_CODE_SECCOMP, "{err}");
+        assert!(err.contains("peer cred ok") && err.contains("blocked syscall 055"), "{err}");
+        // SAFETY: closing our own fds.
+        unsafe {
+            libc::close(fds[0]);
+            libc::close(fds[1]);
+        }
     }
 
     #[test]
@@ -632,14 +747,197 @@ mod tests {
         assert!(!err.contains("not stopped"), "{err}");
     }
 
+    /// Nothing that starts a process, and no change to the filesystem except the `*at`
+    /// calls relative to the VM directory's descriptor: under the real filter, each path-based
+    /// call stops the VMM (and changes nothing), as does an `*at` call against any other
+    /// directory; against the VM directory they work.
     #[test]
     fn the_allowlist_excludes_process_creation_and_filesystem_changes() {
-        let conditional: Vec<i64> = conditional_rules().unwrap().iter().map(|(s, _)| *s).collect();
+        let conditional: Vec<i64> = conditional_rules(Some(3)).unwrap().iter().map(|(s, _)| *s).collect();
         for s in [libc::SYS_execve, libc::SYS_fork, libc::SYS_vfork, libc::SYS_ptrace, libc::SYS_mount, libc::SYS_socket, libc::SYS_connect] {
             assert!(!ALLOWED.contains(&s) && !conditional.contains(&s), "syscall {s} must stay forbidden");
         }
         for s in &conditional {
             assert!(!ALLOWED.contains(s), "syscall {s} is allowed with conditions, not unconditionally");
         }
+
+        let base = std::env::temp_dir().join(format!("vmm-seccomp-fs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let (own, elsewhere) = (base.join("own"), base.join("elsewhere"));
+        for d in [&own, &elsewhere] {
+            std::fs::create_dir_all(d).unwrap();
+            std::fs::write(d.join("disk.img"), b"guest data").unwrap();
+            std::fs::create_dir(d.join("sub")).unwrap();
+        }
+        let vm_dir = crate::vmdir::VmDir::open(&own).unwrap();
+        let dirfd = vm_dir.raw_fd();
+        let other = crate::vmdir::VmDir::open(&elsewhere).unwrap();
+        let other_fd = other.raw_fd();
+        let cs = |p: &std::path::Path| std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+        let (disk, sub, newdir) = (cs(&elsewhere.join("disk.img")), cs(&elsewhere.join("sub")), cs(&elsewhere.join("new")));
+        type Call = Box<dyn Fn() + Send>;
+        // SAFETY (each call below): path syscalls with valid NUL-terminated strings; the
+        // filter traps them before they run.
+        let forbidden: Vec<(&str, &str, Call)> = vec![
+            ("mkdir", "083", { let p = newdir.clone(); Box::new(move || unsafe { libc::syscall(libc::SYS_mkdir, p.as_ptr(), 0o700); }) }),
+            ("rename", "082", { let (a, b) = (disk.clone(), newdir.clone()); Box::new(move || unsafe { libc::syscall(libc::SYS_rename, a.as_ptr(), b.as_ptr()); }) }),
+            ("unlink", "087", { let p = disk.clone(); Box::new(move || unsafe { libc::syscall(libc::SYS_unlink, p.as_ptr()); }) }),
+            ("rmdir", "084", { let p = sub.clone(); Box::new(move || unsafe { libc::syscall(libc::SYS_rmdir, p.as_ptr()); }) }),
+            ("unlinkat(AT_FDCWD)", "263", { let p = disk.clone(); Box::new(move || unsafe { libc::unlinkat(libc::AT_FDCWD, p.as_ptr(), 0); }) }),
+            ("unlinkat(other dir)", "263", Box::new(move || unsafe { libc::unlinkat(other_fd, c"disk.img".as_ptr(), 0); })),
+            ("mkdirat(AT_FDCWD)", "258", { let p = newdir.clone(); Box::new(move || unsafe { libc::mkdirat(libc::AT_FDCWD, p.as_ptr(), 0o700); }) }),
+            ("renameat(own -> other dir)", "264", Box::new(move || unsafe { libc::syscall(libc::SYS_renameat, dirfd, c"disk.img".as_ptr(), other_fd, c"disk.img".as_ptr()); })),
+            ("renameat2(other -> own dir)", "316", Box::new(move || unsafe { libc::syscall(libc::SYS_renameat2, other_fd, c"disk.img".as_ptr(), dirfd, c"x".as_ptr(), 0); })),
+            ("link", "086", { let (a, b) = (disk.clone(), newdir.clone()); Box::new(move || unsafe { libc::syscall(libc::SYS_link, a.as_ptr(), b.as_ptr()); }) }),
+            ("symlinkat", "266", Box::new(move || unsafe { libc::symlinkat(c"/etc/shadow".as_ptr(), dirfd, c"shadow".as_ptr()); })),
+            ("chmod", "090", { let p = disk.clone(); Box::new(move || unsafe { libc::chmod(p.as_ptr(), 0o666); }) }),
+        ];
+        for (what, nr, call) in forbidden {
+            let (code, err) = filtered_in(Some(dirfd), move || {
+                call();
+                say(b"not stopped\n");
+            });
+            assert_eq!(code, EXIT_CODE_SECCOMP, "{what} must stop the VMM: {err}");
+            assert!(err.contains(&format!("blocked syscall {nr}")), "{what}: {err}");
+        }
+        assert_eq!(std::fs::read(elsewhere.join("disk.img")).unwrap(), b"guest data");
+        assert!(elsewhere.join("sub").is_dir() && !elsewhere.join("new").exists());
+        assert!(!own.join("shadow").exists() && own.join("disk.img").exists());
+
+        // The same calls against the VM's own directory go through.
+        let (code, err) = filtered_in(Some(dirfd), move || {
+            // SAFETY: *at calls relative to our own directory fd with static names.
+            unsafe {
+                if libc::mkdirat(dirfd, c"snap".as_ptr(), 0o700) == 0
+                    && libc::renameat(dirfd, c"disk.img".as_ptr(), dirfd, c"snap/disk.img".as_ptr()) == 0
+                    && libc::unlinkat(dirfd, c"snap/disk.img".as_ptr(), 0) == 0
+                    && libc::unlinkat(dirfd, c"sub".as_ptr(), libc::AT_REMOVEDIR) == 0
+                {
+                    say(b"own dir changes ok\n");
+                }
+            }
+        });
+        assert_eq!(code, 0, "{err}");
+        assert!(err.contains("own dir changes ok"), "{err}");
+        assert!(own.join("snap").is_dir() && !own.join("disk.img").exists() && !own.join("sub").exists());
+        drop((vm_dir, other));
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    /// The VMM after set-up as rayosd runs it: its own uid (the real drop), no capabilities,
+    /// no_new_privs, the real filter with its VM directory's descriptor. It cannot read,
+    /// rename over or unlink another VM's disk (0600, in a 0700 directory of another uid),
+    /// nor read, write or rename over the registry (root 0600 in a root 0700 directory),
+    /// whether by absolute path or by `..` from its own directory; its own snapshot into its
+    /// own directory works.
+    #[test]
+    fn a_vmm_under_its_own_uid_cannot_touch_other_vms_or_the_registry() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test drops to a VM's uid and needs root (CI runs the tests as root): run `sudo -E cargo test -p vmm`"
+        );
+        use std::os::unix::fs::{chown, PermissionsExt};
+        let (me, them) = (RunAs { uid: 3_900_001, gid: 3_900_001 }, RunAs { uid: 3_900_002, gid: 3_900_002 });
+        let base = std::env::temp_dir().join(format!("vmm-uid-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let (own, other, registry) = (base.join("vms/own"), base.join("vms/other"), base.join("registry"));
+        for d in [&own, &other, &registry] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        // As rayosd lays them out: vms/ readable by all, each VM's directory its own.
+        std::fs::set_permissions(base.join("vms"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let disk = other.join("disk.img");
+        std::fs::write(&disk, b"other guest's data").unwrap();
+        let reg = registry.join("vms.toml");
+        std::fs::write(&reg, b"registry").unwrap();
+        for (p, mode, owner) in [
+            (&own, 0o700, Some(me)),
+            (&other, 0o700, Some(them)),
+            (&disk, 0o600, Some(them)),
+            (&registry, 0o700, None),
+            (&reg, 0o600, None),
+        ] {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+            if let Some(o) = owner {
+                chown(p, Some(o.uid), Some(o.gid)).unwrap();
+            }
+        }
+        std::fs::write(own.join("scratch"), b"").unwrap();
+        chown(own.join("scratch"), Some(me.uid), Some(me.gid)).unwrap();
+
+        let vm_dir = crate::vmdir::VmDir::open(&own).unwrap();
+        let dirfd = vm_dir.raw_fd();
+        let bpfs = [clone3_filter().unwrap(), filter(Some(dirfd)).unwrap()];
+        let cs = |p: &std::path::Path| std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+        let (c_disk, c_reg) = (cs(&disk), cs(&reg));
+        let run = |body: &dyn Fn()| {
+            let bpfs = bpfs.clone();
+            in_child(move || {
+                drop_bounding_set();
+                drop_to(me).unwrap();
+                drop_capabilities().unwrap();
+                // SAFETY: prctl with integer arguments only.
+                assert_eq!(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) }, 0);
+                install_sigsys_handler().unwrap();
+                for bpf in &bpfs {
+                    seccompiler::apply_filter(bpf).unwrap();
+                }
+                body();
+            })
+        };
+        let denied = |r: libc::c_int| r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EACCES);
+        let (code, err) = run(&|| {
+            // SAFETY (all calls): *at and open calls with valid NUL-terminated strings.
+            unsafe {
+                let rd = libc::O_RDONLY | libc::O_CLOEXEC;
+                let excl = libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC;
+                let report = |what: &[u8], ok: bool| {
+                    say(what);
+                    say(if ok { b": denied\n" } else { b": ALLOWED\n" });
+                };
+                report(b"read other disk", denied(libc::openat(libc::AT_FDCWD, c_disk.as_ptr(), rd)));
+                report(b"read other disk via ..", denied(libc::openat(dirfd, c"../other/disk.img".as_ptr(), rd)));
+                report(b"rename onto other disk", denied(libc::renameat(dirfd, c"scratch".as_ptr(), dirfd, c_disk.as_ptr())));
+                report(b"rename onto other disk via ..", denied(libc::renameat(dirfd, c"scratch".as_ptr(), dirfd, c"../other/disk.img".as_ptr())));
+                report(b"unlink other disk", denied(libc::unlinkat(dirfd, c"../other/disk.img".as_ptr(), 0)));
+                report(b"read registry", denied(libc::openat(libc::AT_FDCWD, c_reg.as_ptr(), rd)));
+                report(b"rename onto registry", denied(libc::renameat(dirfd, c"scratch".as_ptr(), dirfd, c_reg.as_ptr())));
+                report(b"create in registry dir", denied(libc::openat(dirfd, c"../../registry/new".as_ptr(), excl, 0o600)));
+                report(b"unlink registry", denied(libc::unlinkat(dirfd, c_reg.as_ptr(), 0)));
+            }
+            // The VM's own snapshot, written the way `snapshot::take` writes it.
+            let shot = crate::snapshot::Target::new(&vm_dir, std::path::Path::new("snap"))
+                    .and_then(|t| {
+                        t.write(false, |tmp| {
+                            use std::io::Write;
+                            tmp.create_new(crate::snapshot::STATE_FILE)?.write_all(b"{}").map_err(|e| crate::snapshot::SnapshotError::Io { file: "state.json".into(), source: e })
+                        })
+                    })
+                    .map_err(|e| e.to_string());
+            match shot {
+                Ok(()) => say(b"own snapshot written\n"),
+                Err(e) => say(format!("own snapshot failed: {e}\n").as_bytes()),
+            }
+        });
+        assert_eq!(code, 0, "{err}");
+        assert!(!err.contains("ALLOWED"), "a VMM under its own uid reached what is not its own:\n{err}");
+        assert_eq!(err.matches(": denied").count(), 9, "{err}");
+        assert!(err.contains("own snapshot written"), "{err}");
+        let st = std::fs::metadata(own.join("snap/state.json")).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!((st.uid(), st.mode() & 0o777), (me.uid, 0o600), "the snapshot is the VM's own");
+
+        // Writing the registry in place: the filter stops the VMM before the kernel is asked.
+        let c_reg2 = cs(&reg);
+        let (code, err) = run(&|| {
+            // SAFETY: the filter traps this call.
+            unsafe { libc::openat(libc::AT_FDCWD, c_reg2.as_ptr(), libc::O_WRONLY) };
+        });
+        assert_eq!(code, EXIT_CODE_SECCOMP, "{err}");
+        assert_eq!(std::fs::read(&disk).unwrap(), b"other guest's data");
+        assert_eq!(std::fs::read(&reg).unwrap(), b"registry");
+        drop(vm_dir);
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }

@@ -17,11 +17,13 @@ pub mod events;
 pub mod layout;
 pub mod lifecycle;
 pub mod memory;
+pub mod ratelimit;
 pub mod screenshot;
 pub mod snapshot;
 pub mod spec;
 pub mod vcpu;
 pub mod vm;
+pub mod vmdir;
 
 use std::fs::File;
 use std::os::unix::net::UnixStream;
@@ -36,7 +38,7 @@ use crate::devices::legacy::acpi_pm::{AcpiPm, PowerButton};
 use crate::devices::legacy::boot_timer::{BootTime, BootTimer};
 use crate::devices::legacy::cmos::Cmos;
 use crate::devices::legacy::i8042::I8042;
-use crate::devices::legacy::serial::{SerialDevice, SerialRing, SerialSink};
+use crate::devices::legacy::serial::{self, SerialDevice, SerialRing, SerialSink};
 use crate::devices::legacy::IrqTrigger;
 pub use crate::error::{Error, Result};
 pub use crate::lifecycle::{ExitReason, EXIT_CODE_REBOOT};
@@ -64,6 +66,8 @@ pub struct VmShared {
     pub snapshot: snapshot::Sources,
     /// The supervisor connection's events (nowhere until `--control-fd` is served).
     pub events: events::EventSink,
+    /// `spec.vm_dir`, open: where snapshots and screenshots go.
+    pub vm_dir: Option<Arc<vmdir::VmDir>>,
     threads: Mutex<Vec<libc::pthread_t>>,
 }
 
@@ -136,6 +140,10 @@ impl Vmm {
 
     fn build_inner(spec: VmSpec, start: Instant, restore: Option<&Loaded>) -> Result<Self> {
         spec.validate()?;
+        let vm_dir = match &spec.vm_dir {
+            Some(d) => Some(Arc::new(vmdir::VmDir::open(d).map_err(|e| Error::Device { device: "vm_dir".into(), reason: e.to_string() })?)),
+            None => None,
+        };
         let vm = Arc::new(Vm::new()?);
         let ram = GuestRam::new(&spec.name, spec.memory_bytes())?;
         if let Some(snap) = restore {
@@ -153,15 +161,21 @@ impl Vmm {
         vm.register_irqfd(&serial_irq, layout::COM1_GSI)?;
         let log = match &spec.serial_log {
             // A restored VM's console continues the log of the run it was saved from.
-            Some(p) => Some(
-                File::options()
+            Some(p) => {
+                let file = File::options()
                     .write(true)
                     .create(true)
                     .append(restore.is_some())
                     .truncate(restore.is_none())
                     .open(p)
-                    .map_err(|e| Error::io(format!("serial log {}", p.display()), e))?,
-            ),
+                    .map_err(|e| Error::io(format!("serial log {}", p.display()), e))?;
+                // It rotates only inside the VM's directory, where the VMM may rename.
+                let rotate = vm_dir.as_ref().and_then(|d| Some((d.clone(), d.name_of(p).ok()?)));
+                if rotate.is_none() {
+                    tracing::info!("serial log {} is not directly in spec.vm_dir: it stops at {} bytes instead of rotating", p.display(), serial::LOG_LIMIT);
+                }
+                Some(serial::SerialLog::new(file, serial::LOG_LIMIT, rotate))
+            }
             None => None,
         };
         let serial_ring = SerialRing::default();
@@ -238,6 +252,8 @@ impl Vmm {
         if let Some(snap) = restore {
             vm.restore_state(&snap.state.vm)?;
             for (v, s) in vcpus.iter().zip(&snap.state.vcpus) {
+                // Before the registers: KVM_SET_TSC_KHZ must precede the TSC MSR's value.
+                vcpu::match_tsc(v, s)?;
                 vcpu::restore_state(v, s)?;
             }
             vm.restore_clock(&snap.state.vm)?;
@@ -277,6 +293,7 @@ impl Vmm {
                 cmos,
             },
             events,
+            vm_dir,
             threads: Mutex::new(Vec::new()),
         });
         Ok(Vmm { spec, vm, ram, pio: pio_bus, mmio: mmio_bus, vcpus, shared })
@@ -300,7 +317,8 @@ impl Vmm {
             events::serve(shared.clone(), conn)?;
         }
         if spec.isolate {
-            isolation::isolate(inherited_fds)?;
+            let confine = isolation::Confinement { vm_dir: shared.vm_dir.as_ref().map(|d| d.raw_fd()), run_as: spec.run_as };
+            isolation::isolate(inherited_fds, confine)?;
         }
         let pio = Arc::new(pio);
         let mmio = Arc::new(mmio);
@@ -351,7 +369,10 @@ impl Vmm {
             }
         }
         drop((vm, ram));
-        if let Some(p) = &spec.control_socket {
+        // Isolated, the VMM may not unlink outside its own directory (and, as another user,
+        // could not in rayosd's runtime directory): whoever starts the next VMM clears the
+        // stale socket (see `control::bind`).
+        if let (Some(p), false) = (&spec.control_socket, spec.isolate) {
             let _ = std::fs::remove_file(p);
         }
         Ok(reason)

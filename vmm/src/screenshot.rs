@@ -2,12 +2,12 @@
 //! frames as PPM (debugging, the compositor's fallback). Uses pread on the memfd, so the VMM
 //! needs no extra mapping.
 
-use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use crate::devices::display::{FbMode, PixelFormat, SharedFramebuffer};
+use crate::vmdir::{VmDir, VmDirError};
 
 fn pread(fb: &SharedFramebuffer, offset: u64, buf: &mut [u8]) -> io::Result<()> {
     if offset.checked_add(buf.len() as u64).is_none_or(|end| end > fb.size()) {
@@ -62,8 +62,10 @@ pub fn read_pixels(fb: &SharedFramebuffer, points: &[(u32, u32)]) -> io::Result<
     Ok(out)
 }
 
-/// Saves the visible frame as a binary PPM (P6); returns its size.
-pub fn save_ppm(fb: &SharedFramebuffer, path: &Path) -> io::Result<(u32, u32)> {
+/// Saves the visible frame as a binary PPM (P6) into a new file `path` directly inside the
+/// VM's directory `dir`; returns its size.
+pub fn save_ppm(fb: &SharedFramebuffer, dir: &VmDir, path: &Path) -> io::Result<(u32, u32)> {
+    let name = dir.name_of(path).map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e.to_string()))?;
     let m = current_mode(fb)?;
     let bpp = bytes_per_pixel(m.format);
     let mut row = vec![0u8; m.width as usize * bpp];
@@ -78,8 +80,11 @@ pub fn save_ppm(fb: &SharedFramebuffer, path: &Path) -> io::Result<(u32, u32)> {
     }
     // A new file only: the VMM's seccomp filter allows no truncating open, and a screenshot
     // must never replace a file that is already there.
-    File::options().write(true).create_new(true).open(path).and_then(|mut f| f.write_all(&data))
-        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    let mut f = dir.create_new(&name).map_err(|e| match e {
+        VmDirError::Io { path, source } => io::Error::new(source.kind(), format!("{}: {source}", path.display())),
+        e => io::Error::other(e.to_string()),
+    })?;
+    f.write_all(&data).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.path().join(&name).display())))?;
     Ok((m.width, m.height))
 }
 
@@ -98,15 +103,23 @@ mod tests {
     fn a_screenshot_never_replaces_a_file() {
         let fb = SharedFramebuffer::create(1 << 20).unwrap();
         fb.set_mode(Some(crate::devices::display::FbMode { width: 4, height: 2, stride: 16, offset: 0, format: PixelFormat::Xrgb8888 }));
-        let path = std::env::temp_dir().join(format!("vmm-shot-{}.ppm", std::process::id()));
+        let base = std::env::temp_dir().join(format!("vmm-shot-{}", std::process::id()));
+        std::fs::create_dir_all(&base).unwrap();
+        let dir = VmDir::open(&base).unwrap();
+        let path = base.join("shot.ppm");
         std::fs::write(&path, b"keep me").unwrap();
-        let e = save_ppm(&fb, &path).unwrap_err();
+        let e = save_ppm(&fb, &dir, &path).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");
         assert!(e.to_string().contains(&path.display().to_string()), "{e}");
         assert_eq!(std::fs::read(&path).unwrap(), b"keep me");
         std::fs::remove_file(&path).unwrap();
-        assert_eq!(save_ppm(&fb, &path).unwrap(), (4, 2));
+        assert_eq!(save_ppm(&fb, &dir, &path).unwrap(), (4, 2));
         assert!(std::fs::read(&path).unwrap().starts_with(b"P6\n4 2\n255\n"));
-        std::fs::remove_file(&path).unwrap();
+        // Outside the VM's directory: refused by name, nothing written.
+        let outside = std::env::temp_dir().join(format!("vmm-shot-out-{}.ppm", std::process::id()));
+        let e = save_ppm(&fb, &dir, &outside).unwrap_err().to_string();
+        assert!(e.contains("outside this VM's directory"), "{e}");
+        assert!(!outside.exists());
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }

@@ -26,13 +26,15 @@ use crate::devices::pci::PciState;
 use crate::spec::VmSpec;
 use crate::vcpu::{SharedVcpu, VcpuState};
 use crate::vm::{Vm, VmState};
+use crate::vmdir::{VmDir, VmDirError};
 use crate::VmShared;
 
 /// Bumped whenever the layout of `state.json` or `memory` changes meaning.
 pub const FORMAT_VERSION: u32 = 2;
-/// Device models and their saved state change between versions: only the VMM that wrote a
-/// snapshot restores it.
-pub const VMM_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Device models and their saved state change between builds: only the VMM build that
+/// wrote a snapshot restores it. The build id is `<version>-<git commit>-state-<hash>`, the
+/// hash over the sources that define saved state (see `vmm/build.rs`).
+pub const VMM_VERSION: &str = env!("RAYOS_VMM_BUILD_ID");
 pub const STATE_FILE: &str = "state.json";
 pub const MEMORY_FILE: &str = "memory";
 pub const FRAMEBUFFER_FILE: &str = "framebuffer";
@@ -41,12 +43,14 @@ pub const FRAMEBUFFER_FILE: &str = "framebuffer";
 pub enum SnapshotError {
     #[error("snapshot {0} already exists; send \"replace\": true to overwrite it")]
     Exists(PathBuf),
-    #[error("snapshot path {0} names no directory")]
-    BadPath(PathBuf),
     #[error("{file}: field `{field}`: {reason}")]
     Field { file: PathBuf, field: String, reason: String },
     #[error("{file}: {source}")]
     Io { file: PathBuf, source: std::io::Error },
+    #[error("{0} is not a snapshot (no state.json of rayos-vmm in a directory); \"replace\" replaces only a snapshot")]
+    NotSnapshot(PathBuf),
+    #[error(transparent)]
+    Dir(#[from] VmDirError),
     #[error("vCPUs did not stop within 2 s")]
     PauseTimeout,
     #[error("this VM has no PCI root to save")]
@@ -123,12 +127,12 @@ pub struct Report {
 }
 
 /// Pauses the VM (if it runs), saves it into the directory `path` and leaves it paused.
+/// `path` must name a directory directly inside the VM's own directory (`spec.vm_dir`).
 pub fn take(vm: &VmShared, path: &Path, replace: bool) -> Result<Report, SnapshotError> {
     let t0 = Instant::now();
-    let target = Target::new(path)?;
-    if !replace && path.exists() {
-        return Err(SnapshotError::Exists(path.to_path_buf()));
-    }
+    let dir = vm.vm_dir.as_deref().ok_or(VmDirError::NoDir)?;
+    let target = Target::new(dir, path)?;
+    target.check(replace)?;
     if !vm.pause(Duration::from_secs(2)) {
         return Err(SnapshotError::PauseTimeout);
     }
@@ -139,7 +143,7 @@ pub fn take(vm: &VmShared, path: &Path, replace: bool) -> Result<Report, Snapsho
     pci.resume();
     let (memory_written, state_bytes) = r?;
     let report = Report {
-        path: path.to_path_buf(),
+        path: dir.path().join(&target.name),
         memory_bytes: vm.snapshot.mem_size,
         memory_written,
         state_bytes,
@@ -185,10 +189,10 @@ fn save_paused(
         // guest's own reading, as QEMU does, continues it.
         vm_state.clock.clock = ns;
     }
-    target.write(replace, |dir| {
-        let memory = save_part(dir, MEMORY_FILE, &src.memfd, src.mem_size)?;
+    target.write(replace, |tmp| {
+        let memory = save_part(tmp, MEMORY_FILE, &src.memfd, src.mem_size)?;
         let framebuffer = match &vm.devices.framebuffer {
-            Some(fb) => Some(save_part(dir, FRAMEBUFFER_FILE, fb.file(), fb.size())?),
+            Some(fb) => Some(save_part(tmp, FRAMEBUFFER_FILE, fb.file(), fb.size())?),
             None => None,
         };
         let data_bytes = memory.data_bytes;
@@ -207,23 +211,24 @@ fn save_paused(
             legacy,
             pci: pci_state,
         };
-        let state_path = dir.join(STATE_FILE);
+        let state_path = tmp.path().join(STATE_FILE);
         let text = serde_json::to_vec(&state).map_err(|e| SnapshotError::Field {
             file: state_path.clone(),
             field: "(document)".into(),
             reason: e.to_string(),
         })?;
-        let mut f = File::options().write(true).create_new(true).open(&state_path).map_err(io_err(&state_path))?;
+        let mut f = tmp.create_new(STATE_FILE)?;
         f.write_all(&text).map_err(io_err(&state_path))?;
         f.sync_all().map_err(io_err(&state_path))?;
         Ok((data_bytes, text.len() as u64))
     })
 }
 
-/// Writes `size` bytes of `src` (a memfd) sparsely into a new file `dir/name` and syncs it.
-fn save_part(dir: &Path, name: &str, src: &File, size: u64) -> Result<MemoryInfo, SnapshotError> {
-    let path = dir.join(name);
-    let out = File::options().read(true).write(true).create_new(true).open(&path).map_err(io_err(&path))?;
+/// Writes `size` bytes of `src` (a memfd) sparsely into a new file `name` in the snapshot
+/// being written and syncs it.
+fn save_part(tmp: &TmpDir, name: &str, src: &File, size: u64) -> Result<MemoryInfo, SnapshotError> {
+    let path = tmp.path().join(name);
+    let out = tmp.create_new(name)?;
     let data_bytes = crate::memory::copy_sparse(src, &out, size).map_err(io_err(&path))?;
     out.sync_all().map_err(io_err(&path))?;
     Ok(MemoryInfo { file: name.into(), size, data_bytes })
@@ -264,83 +269,126 @@ fn pvclock_ns(tsc: u64, tsc_timestamp: u64, system_time: u64, mul: u32, shift: i
     system_time.wrapping_add(((u128::from(delta) * u128::from(mul)) >> 32) as u64)
 }
 
-/// Where a snapshot goes, and the temporary names next to it that make the write atomic.
-struct Target {
-    path: PathBuf,
-    parent: PathBuf,
-    tmp: PathBuf,
-    old: PathBuf,
+/// Where a snapshot goes (a name in the VM's directory), and the temporary names next to
+/// it that make the write atomic. Every change is an `*at` call on the directory's fd.
+pub(crate) struct Target<'a> {
+    dir: &'a VmDir,
+    name: String,
+    tmp: String,
+    old: String,
 }
 
-impl Target {
-    fn new(path: &Path) -> Result<Self, SnapshotError> {
-        let name = path.file_name().ok_or_else(|| SnapshotError::BadPath(path.into()))?.to_string_lossy().to_string();
-        let parent = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
+/// The snapshot directory being filled, as `fill` in [`Target::write`] sees it.
+pub(crate) struct TmpDir<'a> {
+    dir: &'a VmDir,
+    rel: &'a str,
+}
+
+impl TmpDir<'_> {
+    fn path(&self) -> PathBuf {
+        self.dir.path().join(self.rel)
+    }
+    pub(crate) fn create_new(&self, name: &str) -> Result<File, SnapshotError> {
+        Ok(self.dir.create_new(&format!("{}/{name}", self.rel))?)
+    }
+}
+
+impl<'a> Target<'a> {
+    pub(crate) fn new(dir: &'a VmDir, path: &Path) -> Result<Self, SnapshotError> {
+        let name = dir.name_of(path)?;
         let pid = std::process::id();
-        Ok(Target {
-            path: path.to_path_buf(),
-            tmp: parent.join(format!(".{name}.partial-{pid}")),
-            old: parent.join(format!(".{name}.old-{pid}")),
-            parent,
-        })
+        Ok(Target { dir, tmp: format!(".{name}.partial-{pid}"), old: format!(".{name}.old-{pid}"), name })
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().join(&self.name)
+    }
+
+    /// An existing target is replaced only when asked, and only if it is a snapshot: a
+    /// directory with our `state.json` (never a disk image, a log or someone's folder).
+    fn check(&self, replace: bool) -> Result<(), SnapshotError> {
+        if !self.dir.exists(&self.name) {
+            return Ok(());
+        }
+        if !replace {
+            return Err(SnapshotError::Exists(self.path()));
+        }
+        if !is_snapshot(self.dir, &self.name) {
+            return Err(SnapshotError::NotSnapshot(self.path()));
+        }
+        Ok(())
     }
 
     /// Fills a temporary directory with `fill`, then renames it to the target: a reader
     /// sees the old snapshot or the complete new one, never a mix. An existing target is
-    /// replaced only with `replace`.
-    fn write<T>(&self, replace: bool, fill: impl FnOnce(&Path) -> Result<T, SnapshotError>) -> Result<T, SnapshotError> {
-        remove_snapshot_dir(&self.tmp);
-        std::fs::create_dir(&self.tmp).map_err(io_err(&self.tmp))?;
-        let r = fill(&self.tmp).and_then(|v| {
-            fsync_dir(&self.tmp)?;
+    /// replaced only with `replace`, and only if it is a snapshot.
+    pub(crate) fn write<T>(&self, replace: bool, fill: impl FnOnce(&TmpDir) -> Result<T, SnapshotError>) -> Result<T, SnapshotError> {
+        self.check(replace)?;
+        remove_snapshot_dir(self.dir, &self.tmp);
+        self.dir.mkdir(&self.tmp)?;
+        let r = fill(&TmpDir { dir: self.dir, rel: &self.tmp }).and_then(|v| {
+            self.dir.sync(Some(&self.tmp))?;
             Ok(v)
         });
         let v = match r {
             Ok(v) => v,
             Err(e) => {
-                remove_snapshot_dir(&self.tmp);
+                remove_snapshot_dir(self.dir, &self.tmp);
                 return Err(e);
             }
         };
-        let had_old = self.path.exists();
-        if had_old {
-            if !replace {
-                remove_snapshot_dir(&self.tmp);
-                return Err(SnapshotError::Exists(self.path.clone()));
-            }
-            std::fs::rename(&self.path, &self.old).map_err(io_err(&self.path))?;
+        // Checked again: the target may have appeared while the parts were written.
+        if let Err(e) = self.check(replace) {
+            remove_snapshot_dir(self.dir, &self.tmp);
+            return Err(e);
         }
-        if let Err(e) = std::fs::rename(&self.tmp, &self.path) {
+        let had_old = self.dir.exists(&self.name);
+        if had_old {
+            self.dir.rename(&self.name, &self.old)?;
+        }
+        if let Err(e) = self.dir.rename(&self.tmp, &self.name) {
             if had_old {
-                let _ = std::fs::rename(&self.old, &self.path);
+                let _ = self.dir.rename(&self.old, &self.name);
             }
-            remove_snapshot_dir(&self.tmp);
-            return Err(SnapshotError::Io { file: self.path.clone(), source: e });
+            remove_snapshot_dir(self.dir, &self.tmp);
+            return Err(e.into());
         }
-        fsync_dir(&self.parent)?;
+        self.dir.sync(None)?;
         if had_old {
-            remove_snapshot_dir(&self.old);
+            remove_snapshot_dir(self.dir, &self.old);
         }
         Ok(v)
     }
 }
 
-fn fsync_dir(dir: &Path) -> Result<(), SnapshotError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+/// Whether `name` in `dir` is a snapshot directory: it holds a `state.json` that is a JSON
+/// object with our version fields.
+fn is_snapshot(dir: &VmDir, name: &str) -> bool {
+    use std::io::Read;
+    if !dir.is_dir(name) {
+        return false;
+    }
+    let Ok(f) = dir.open_read(&format!("{name}/{STATE_FILE}")) else { return false };
+    // state.json holds registers and device state: a few MiB at most.
+    let mut text = Vec::new();
+    if f.take(64 << 20).read_to_end(&mut text).is_err() {
+        return false;
+    }
+    serde_json::from_slice::<Value>(&text).ok().and_then(|v| {
+        let o = v.as_object()?;
+        Some(o.contains_key("format_version") && o.contains_key("vmm_version") && o.contains_key("spec"))
+    }) == Some(true)
 }
 
 /// Removes a snapshot directory we made: only the files a snapshot has (no directory
 /// listing, so nothing else a user put there goes), then the directory if empty.
-fn remove_snapshot_dir(dir: &Path) {
+fn remove_snapshot_dir(dir: &VmDir, rel: &str) {
     for f in [MEMORY_FILE, FRAMEBUFFER_FILE, STATE_FILE] {
-        let _ = std::fs::remove_file(dir.join(f));
+        let _ = dir.unlink(&format!("{rel}/{f}"));
     }
-    if let Err(e) = std::fs::remove_dir(dir) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            tracing::warn!("leaving {}: {e}", dir.display());
+    if let Err(e) = dir.rmdir(rel) {
+        if !matches!(&e, VmDirError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound) {
+            tracing::warn!("leaving {}: {e}", dir.path().join(rel).display());
         }
     }
 }
@@ -411,7 +459,7 @@ pub fn parse_state(file: &Path, text: &str) -> Result<SnapshotState, SnapshotErr
         return Err(field(
             file,
             "vmm_version",
-            format!("snapshot made by rayos-vmm {vmm_version}; this is {VMM_VERSION}, which restores only its own"),
+            format!("snapshot made by rayos-vmm build {vmm_version}; this is build {VMM_VERSION}, which restores only its own snapshots"),
         ));
     }
     let known = ["format_version", "vmm_version", "created_unix_ms", "spec", "memory", "framebuffer", "vm", "vcpus", "legacy", "pci"];

@@ -531,6 +531,53 @@ pub fn save_state(vcpu: &SharedVcpu, id: u8, msr_indices: &[u32]) -> Result<Vcpu
 /// Puts a saved state into a freshly created vCPU (CPUID already set), before it runs.
 /// Order matters: sregs (mode, EFER, APIC base) before regs and the LAPIC; MSRs after the
 /// LAPIC (the TSC deadline arms its timer); pending events last.
+/// What a restore does about the TSC frequency the snapshot's vCPU ran at.
+#[derive(Debug, PartialEq)]
+pub enum TscPlan {
+    /// The same (within KVM's own tolerance, 250 ppm).
+    Same,
+    /// Different: KVM must scale the new vCPU's TSC to this many kHz (KVM_SET_TSC_KHZ), or
+    /// the restore is refused.
+    Scale { saved: u32, now: u32 },
+    /// One side is unknown (KVM did not tell): nothing to compare, said in the log.
+    Unknown,
+}
+
+pub fn tsc_plan(saved: Option<u32>, now: Option<u32>) -> TscPlan {
+    match (saved, now) {
+        (Some(saved), Some(now)) if u64::from(saved.abs_diff(now)) * 1_000_000 <= u64::from(now) * 250 => TscPlan::Same,
+        (Some(saved), Some(now)) => TscPlan::Scale { saved, now },
+        _ => TscPlan::Unknown,
+    }
+}
+
+/// Makes the new vCPU's TSC run at the saved frequency: nothing to do when it does; KVM's
+/// TSC scaling when it can; otherwise the restore is refused (the guest calibrated its
+/// clocks to the saved frequency and would run fast or slow).
+pub fn match_tsc(vcpu: &SharedVcpu, s: &VcpuState) -> Result<()> {
+    let v = lock(vcpu);
+    let cpu = usize::from(s.id);
+    match tsc_plan(s.tsc_khz, v.get_tsc_khz().ok()) {
+        TscPlan::Same => Ok(()),
+        TscPlan::Unknown => {
+            tracing::warn!("vCPU {cpu}: TSC frequency saved {:?} kHz, KVM reports none now: not compared", s.tsc_khz);
+            Ok(())
+        }
+        TscPlan::Scale { saved, now } => match v.set_tsc_khz(saved) {
+            Ok(()) => {
+                tracing::warn!("vCPU {cpu}: snapshot's TSC ran at {saved} kHz, this host's at {now} kHz: KVM scales it");
+                Ok(())
+            }
+            Err(e) => Err(Error::Vcpu {
+                cpu,
+                reason: format!(
+                    "the snapshot's TSC ran at {saved} kHz, this host's runs at {now} kHz, and KVM cannot scale it ({e}); restore it on the host it was taken on"
+                ),
+            }),
+        },
+    }
+}
+
 pub fn restore_state(vcpu: &SharedVcpu, s: &VcpuState) -> Result<()> {
     let v = lock(vcpu);
     let cpu = usize::from(s.id);
@@ -600,6 +647,16 @@ mod tests {
         // No XSAVE leaf, or one without SSE: leave XCR0 at its reset value.
         assert_eq!(full_xcr0(&CpuId::from_entries(&[sub1]).unwrap()), None);
         assert_eq!(full_xcr0(&CpuId::from_entries(&[leaf(0x1, 0)]).unwrap()), None);
+    }
+
+    #[test]
+    fn tsc_frequencies_are_compared_within_kvms_tolerance() {
+        assert_eq!(tsc_plan(Some(2_000_000), Some(2_000_000)), TscPlan::Same);
+        assert_eq!(tsc_plan(Some(2_000_400), Some(2_000_000)), TscPlan::Same, "200 ppm");
+        assert_eq!(tsc_plan(Some(2_001_000), Some(2_000_000)), TscPlan::Scale { saved: 2_001_000, now: 2_000_000 });
+        assert_eq!(tsc_plan(Some(3_000_000), Some(2_000_000)), TscPlan::Scale { saved: 3_000_000, now: 2_000_000 });
+        assert_eq!(tsc_plan(None, Some(2_000_000)), TscPlan::Unknown);
+        assert_eq!(tsc_plan(Some(2_000_000), None), TscPlan::Unknown);
     }
 
     #[test]

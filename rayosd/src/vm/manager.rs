@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc};
 use uuid::Uuid;
 
+use super::owner;
 use super::registry::{self, DeviceConfig, DiskRecord, Policy, Registry, RegistryError, VmKind, VmRecord};
 use super::state::{self, Request, VmState};
 use super::vmm_conn::VmmConn;
@@ -270,8 +271,13 @@ impl VmManager {
         if req.config.vcpus == 0 || req.config.memory_mib == 0 {
             return Err(VmError::Invalid("config.vcpus and config.memory_mib must be positive".into()));
         }
+        let id = {
+            // Each VM has a user of its own, derived from its UUID (see `owner`).
+            let reg = self.registry.lock().unwrap();
+            std::iter::repeat_with(Uuid::new_v4).find(|id| owner::collision(reg.vms(), *id).is_none()).expect("an endless iterator")
+        };
         let vm = VmRecord {
-            id: Uuid::new_v4(),
+            id,
             name: req.name,
             kind: req.kind,
             disks: req.disks,

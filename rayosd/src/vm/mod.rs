@@ -4,6 +4,7 @@
 //! - [`state`]: VM states and which requests each accepts.
 //! - [`vmm_process`]: one `rayos-vmm` process: spec, spawn with its supervisor connection.
 //! - [`vmm_conn`]: that connection: requests with their answers, the VMM's events.
+//! - [`owner`]: each VM's own unprivileged user and the files it owns.
 //! - [`manager`]: the VMs as the API sees them: registry, state, requests, autostart.
 //! - [`task`]: the per-VM task loop: start, stop, pause, resume, crash restarts.
 //! - [`agent`]: the guest agent: readiness, heartbeat, screen requests.
@@ -16,6 +17,7 @@ pub mod boot;
 pub mod cli;
 pub mod display;
 pub mod manager;
+pub mod owner;
 pub mod registry;
 pub mod serial_tail;
 pub mod state;

@@ -113,6 +113,8 @@ impl Registry {
     /// and reported in the returned problems; the registry then holds what the backup had.
     pub fn open(dir: &Path) -> Result<(Registry, Vec<Problem>), RegistryError> {
         std::fs::create_dir_all(dir).map_err(io_err(dir, "create directory"))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err(dir, "chmod 0700"))?;
         let mut reg = Registry { dir: dir.to_path_buf(), vms: Vec::new(), on_disk: None };
         let main = reg.path();
         let bak = reg.backup_path();
@@ -262,6 +264,26 @@ mod tests {
             created_at: now_secs(),
             last_booted_at: None,
         }
+    }
+
+    /// The VMs' own users (see `owner`) must not read the registry: root 0700 folder, 0600
+    /// files, even where the umask would allow more.
+    #[test]
+    fn the_registry_is_roots_alone() {
+        use std::os::unix::fs::MetadataExt;
+        let d = tmpdir("modes");
+        let dir = d.join("registry");
+        std::fs::create_dir(&dir).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let (mut reg, _) = Registry::open(&dir).unwrap();
+        reg.insert(record("a")).unwrap();
+        reg.insert(record("b")).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&reg.path()), 0o600);
+        assert_eq!(mode(&reg.backup_path()), 0o600);
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]

@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use super::agent::AgentStatus;
 use super::manager::{parse_state, Ctl, Outcome, VmManager};
+use super::owner;
 use super::registry::{self, RestartPolicy, VmKind};
 use super::state::VmState;
 use super::vmm_conn::VmmConn;
@@ -118,6 +119,15 @@ impl VmManager {
         if !missing.is_empty() {
             let list: Vec<String> = missing.iter().map(|p| p.display().to_string()).collect();
             let detail = format!("disk image missing: {}", list.join(", "));
+            tracing::error!("vm {}: {detail}", vm.name);
+            return Outcome::Broken(detail);
+        }
+        if let Some(other) = owner::collision(self.registry.lock().unwrap().vms(), id) {
+            let detail = format!(
+                "VM {} has the same user (uid {}) and would share its files: delete and recreate one of them",
+                other.name,
+                owner::vm_uid(id)
+            );
             tracing::error!("vm {}: {detail}", vm.name);
             return Outcome::Broken(detail);
         }

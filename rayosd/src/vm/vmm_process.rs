@@ -37,6 +37,8 @@ pub struct VmFiles {
     pub control_socket: PathBuf,
     pub agent_socket: PathBuf,
     pub serial_log: PathBuf,
+    /// The VM's own folder (`<vms_dir>/<uuid>`): its user's, where its VMM may write.
+    pub vm_dir: PathBuf,
 }
 
 impl VmFiles {
@@ -46,6 +48,7 @@ impl VmFiles {
             control_socket: run_dir.join(format!("{}.sock", vm.id)),
             agent_socket: run_dir.join(format!("{}.agent.sock", vm.id)),
             serial_log: vm_dir.join("serial.log"),
+            vm_dir: vm_dir.to_path_buf(),
         }
     }
 }
@@ -96,6 +99,7 @@ pub fn spawn(reaper: &Reaper, vmm_bin: &Path, vm: &VmRecord, files: &VmFiles, sp
     for dir in [files.spec.parent(), files.serial_log.parent()].into_iter().flatten() {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
     }
+    let spec = &confined(spec, vm, files)?;
     let text = serde_json::to_vec_pretty(spec).expect("a VmSpec serializes");
     std::fs::write(&files.spec, text).map_err(io(&files.spec))?;
     // A socket left by a VMM that was killed would make the new one refuse to start.
@@ -149,6 +153,18 @@ pub fn spawn(reaper: &Reaper, vmm_bin: &Path, vm: &VmRecord, files: &VmFiles, sp
     let conn = ours.set_nonblocking(true).and_then(|()| tokio::net::UnixStream::from_std(ours)).map_err(spawn_err)?;
     // Dropping `Child` neither waits nor kills: the reaper owns the wait.
     Ok(Spawned { pid, exit, conn })
+}
+
+/// `spec` for a VMM that runs as the VM's own user (see [`super::owner`]) with the VM's
+/// folder as the only place it writes; the folder and the disks in it are given to that
+/// user first.
+fn confined(spec: &VmSpec, vm: &VmRecord, files: &VmFiles) -> Result<VmSpec, VmmError> {
+    super::owner::give_files(vm, &files.vm_dir).map_err(|e| VmmError::Io { path: e.path.clone(), source: std::io::Error::other(e.to_string()) })?;
+    let uid = super::owner::vm_uid(vm.id);
+    let mut spec = spec.clone();
+    spec.vm_dir = Some(files.vm_dir.clone());
+    spec.run_as = Some(rayos_proto::spec::RunAs { uid, gid: uid });
+    Ok(spec)
 }
 
 #[cfg(test)]
@@ -207,5 +223,29 @@ mod tests {
         bad.config.kernel = dir.join("no-such-kernel");
         let e = build_spec(&bad, &files).unwrap_err().to_string();
         assert!(e.contains("kernel") && e.contains("no-such-kernel"), "{e}");
+    }
+
+    /// The VMM runs as the VM's own user, writing only in the VM's folder, which is that
+    /// user's (rayosd runs as root here, as in CI).
+    #[test]
+    fn the_spawned_spec_runs_as_the_vms_user_in_its_folder() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::env::temp_dir().join(format!("rayos-vmspec-own-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("bzImage"), b"k").unwrap();
+        let disk = dir.join("disk.img");
+        std::fs::write(&disk, b"").unwrap();
+        let vm = record(&dir, &disk);
+        let files = VmFiles::new(&dir.join("run"), &dir.join("vms").join(vm.id.to_string()), &vm);
+        let spec = confined(&build_spec(&vm, &files).unwrap(), &vm, &files).unwrap();
+        let uid = crate::vm::owner::vm_uid(vm.id);
+        assert_eq!(spec.run_as, Some(rayos_proto::spec::RunAs { uid, gid: uid }));
+        assert_eq!(spec.vm_dir.as_deref(), Some(files.vm_dir.as_path()));
+        spec.validate().unwrap();
+        if nix::unistd::geteuid().is_root() {
+            assert_eq!(std::fs::metadata(&files.vm_dir).unwrap().uid(), uid);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -102,11 +102,24 @@ fn ctl_socket(spec: &str) -> Option<String> {
 }
 
 /// Creates the spec's disk images that do not exist yet (64 MiB, sparse), so a test can
-/// name a fresh disk and a later run in the same boot sees what the first one wrote.
+/// name a fresh disk and a later run in the same boot sees what the first one wrote. A
+/// `vm_dir` is created too and, with `run_as`, given to that user as rayosd does (0700).
 fn make_disks(spec: &str) {
     let Some(v) = fs::read_to_string(spec).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()) else {
         return;
     };
+    if let Some(dir) = v.get("vm_dir").and_then(|d| d.as_str()) {
+        let owner = v.get("run_as").and_then(|r| Some((r.get("uid")?.as_u64()? as u32, r.get("gid")?.as_u64()? as u32)));
+        let r = fs::create_dir_all(dir).and_then(|()| match owner {
+            Some((uid, gid)) => {
+                use std::os::unix::fs::PermissionsExt;
+                std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
+                fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            }
+            None => Ok(()),
+        });
+        println!("testinit: vm_dir {dir} owner {owner:?}: {r:?}");
+    }
     for d in v.get("disks").and_then(|d| d.as_array()).into_iter().flatten() {
         if let Some(p) = d.get("path").and_then(|p| p.as_str()) {
             if !std::path::Path::new(p).exists() {

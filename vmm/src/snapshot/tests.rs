@@ -111,6 +111,16 @@ fn another_vmm_version_or_format_is_refused_by_name() {
     let e = refused(&v);
     assert!(e.contains("`format_version`") && e.contains("99"), "{e}");
 
+    // Same package version, another build: the build id tells them apart.
+    let (_, hash) = VMM_VERSION.rsplit_once("-state-").expect(VMM_VERSION);
+    assert!(VMM_VERSION.starts_with(concat!(env!("CARGO_PKG_VERSION"), "-")) && hash.len() == 16, "{VMM_VERSION}");
+    for other in [env!("CARGO_PKG_VERSION").to_string(), VMM_VERSION.replace(hash, "0123456789abcdef")] {
+        let mut v = json();
+        v["vmm_version"] = other.clone().into();
+        let e = refused(&v);
+        assert!(e.contains("`vmm_version`") && e.contains(&other) && e.contains(VMM_VERSION), "{e}");
+    }
+
     // The version is checked before anything else fails to parse.
     let mut v = json();
     v["vmm_version"] = "9.9.9".into();
@@ -225,30 +235,59 @@ fn the_framebuffer_goes_with_the_display_and_is_checked() {
 #[test]
 fn writes_are_atomic_and_never_replace_without_asking() {
     let base = tmpdir("target");
+    let dir = VmDir::open(&base).unwrap();
     let path = base.join("snap");
-    let t = Target::new(&path).unwrap();
-    let put = |text: &'static str| {
-        move |dir: &Path| -> Result<(), SnapshotError> {
-            std::fs::write(dir.join(STATE_FILE), text).unwrap();
-            std::fs::write(dir.join(MEMORY_FILE), text).unwrap();
+    let t = Target::new(&dir, &path).unwrap();
+    let doc = |tag: &str| format!(r#"{{"format_version":2,"vmm_version":"x","spec":{{}},"tag":"{tag}"}}"#);
+    let put = |tag: &'static str| {
+        move |tmp: &TmpDir| -> Result<(), SnapshotError> {
+            tmp.create_new(STATE_FILE)?.write_all(doc(tag).as_bytes()).unwrap();
+            tmp.create_new(MEMORY_FILE)?.write_all(tag.as_bytes()).unwrap();
             Ok(())
         }
     };
     t.write(false, put("one")).unwrap();
-    assert_eq!(std::fs::read_to_string(path.join(STATE_FILE)).unwrap(), "one");
+    assert_eq!(std::fs::read_to_string(path.join(STATE_FILE)).unwrap(), doc("one"));
     let e = t.write(false, put("two")).unwrap_err();
     assert!(matches!(e, SnapshotError::Exists(_)), "{e}");
-    assert_eq!(std::fs::read_to_string(path.join(STATE_FILE)).unwrap(), "one");
+    assert_eq!(std::fs::read_to_string(path.join(STATE_FILE)).unwrap(), doc("one"));
     t.write(true, put("three")).unwrap();
     assert_eq!(std::fs::read_to_string(path.join(MEMORY_FILE)).unwrap(), "three");
     // A failing writer leaves the old snapshot alone.
-    let e = t.write(true, |_dir: &Path| -> Result<(), SnapshotError> { Err(SnapshotError::NoPci) });
+    let e = t.write(true, |_: &TmpDir| -> Result<(), SnapshotError> { Err(SnapshotError::NoPci) });
     assert!(e.is_err());
-    assert_eq!(std::fs::read_to_string(path.join(STATE_FILE)).unwrap(), "three");
+    assert_eq!(std::fs::read_to_string(path.join(STATE_FILE)).unwrap(), doc("three"));
     // Nothing temporary is left next to it.
     let names: Vec<String> = std::fs::read_dir(&base).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
     assert_eq!(names, vec!["snap".to_string()]);
-    assert!(matches!(Target::new(Path::new("/")), Err(SnapshotError::BadPath(_))));
+    std::fs::remove_dir_all(&base).unwrap();
+}
+
+/// `replace` replaces a snapshot, never a disk image or a directory that is not one; a
+/// target outside the VM's directory is refused before anything is written.
+#[test]
+fn replace_refuses_what_is_not_a_snapshot_and_targets_stay_inside() {
+    let base = tmpdir("replace");
+    let dir = VmDir::open(&base).unwrap();
+    std::fs::write(base.join("disk.img"), b"guest data").unwrap();
+    std::fs::create_dir(base.join("photos")).unwrap();
+    std::fs::write(base.join("photos/cat.jpg"), b"meow").unwrap();
+    std::fs::create_dir(base.join("fake")).unwrap();
+    std::fs::write(base.join("fake").join(STATE_FILE), b"not json").unwrap();
+    let never = |_: &TmpDir| -> Result<(), SnapshotError> { panic!("nothing may be written") };
+    for name in ["disk.img", "photos", "fake"] {
+        let t = Target::new(&dir, &base.join(name)).unwrap();
+        let e = t.check(true).unwrap_err();
+        assert!(matches!(e, SnapshotError::NotSnapshot(_)), "{name}: {e}");
+        assert!(e.to_string().contains(name) && e.to_string().contains("not a snapshot"), "{e}");
+        assert!(t.write(true, never).is_err());
+    }
+    assert_eq!(std::fs::read(base.join("disk.img")).unwrap(), b"guest data");
+    assert_eq!(std::fs::read(base.join("photos/cat.jpg")).unwrap(), b"meow");
+    for outside in ["/tmp/snap", "../snap", "photos/snap"] {
+        let e = Target::new(&dir, Path::new(outside)).err().unwrap().to_string();
+        assert!(e.contains("outside this VM's directory"), "{outside}: {e}");
+    }
     std::fs::remove_dir_all(&base).unwrap();
 }
 

@@ -62,7 +62,7 @@ impl BusDevice for AcpiPm {
                 if slp_typ == layout::ACPI_S5_TYPE {
                     self.lifecycle.request(ExitReason::PowerOff);
                 } else {
-                    tracing::warn!("guest asked for sleep type {slp_typ}, which is not offered");
+                    crate::ratelimit::guest_warn!("guest asked for sleep type {slp_typ}, which is not offered");
                 }
             }
             pio::ACPI_RESET if v == layout::ACPI_RESET_VALUE => {

@@ -11,6 +11,7 @@ use vm_superio::Serial;
 
 use super::IrqTrigger;
 use crate::devices::BusDevice;
+use crate::vmdir::VmDir;
 
 pub const RING_CAPACITY: usize = 64 * 1024;
 
@@ -33,8 +34,62 @@ impl SerialRing {
     }
 }
 
+/// The serial log's size limit: past it the log rotates to `<name>.1` (one old file kept),
+/// so a guest writing to its console as fast as it can fills at most twice this.
+pub const LOG_LIMIT: u64 = 8 << 20;
+
+/// The serial log file, kept under [`LOG_LIMIT`] (or another limit, for tests).
+pub struct SerialLog {
+    file: File,
+    written: u64,
+    limit: u64,
+    /// The VM's directory and the log's name in it, where it rotates (by `renameat` on the
+    /// directory's fd, as the seccomp filter allows). None: the log lies elsewhere, so it
+    /// stops at the limit instead.
+    rotate: Option<(Arc<VmDir>, String)>,
+    stopped: bool,
+}
+
+impl SerialLog {
+    pub fn new(file: File, limit: u64, rotate: Option<(Arc<VmDir>, String)>) -> Self {
+        // A restored VM appends to the log of the run it was saved from.
+        let written = file.metadata().map(|m| m.len()).unwrap_or(0);
+        SerialLog { file, written, limit, rotate, stopped: false }
+    }
+
+    fn write(&mut self, buf: &[u8]) {
+        if self.stopped {
+            return;
+        }
+        if self.written + buf.len() as u64 > self.limit {
+            if let Err(why) = self.rotate() {
+                let _ = writeln!(self.file, "\n[rayos-vmm: serial log stopped at {} bytes: {why}]", self.written);
+                crate::ratelimit::guest_warn!("serial log stopped at {} bytes: {why}", self.written);
+                self.stopped = true;
+                return;
+            }
+        }
+        // A full disk must not stop the guest: the ring still has the output.
+        if self.file.write_all(buf).is_ok() {
+            self.written += buf.len() as u64;
+        }
+    }
+
+    fn rotate(&mut self) -> Result<(), String> {
+        let Some((dir, name)) = &self.rotate else {
+            return Err("it is outside the VM's directory (spec: vm_dir), where it could rotate".into());
+        };
+        let old = format!("{name}.1");
+        dir.rename(name, &old).map_err(|e| e.to_string())?;
+        self.file = dir.create_new(name).map_err(|e| e.to_string())?;
+        self.written = 0;
+        tracing::info!("serial log rotated: {} -> {old}", dir.path().join(name).display());
+        Ok(())
+    }
+}
+
 pub struct SerialSink {
-    pub log: Option<File>,
+    pub log: Option<SerialLog>,
     pub ring: SerialRing,
     pub stdout: bool,
     /// Boot-timer fallback: watch the output for `boot_timer::SERIAL_MARKER`.
@@ -65,9 +120,8 @@ impl Write for SerialSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.ring.push(buf);
         self.watch_marker(buf);
-        if let Some(f) = &mut self.log {
-            // A full disk must not stop the guest: the ring still has the output.
-            let _ = f.write_all(buf);
+        if let Some(log) = &mut self.log {
+            log.write(buf);
         }
         if self.stdout {
             let _ = io::stdout().write_all(buf);
@@ -161,7 +215,7 @@ impl BusDevice for SerialDevice {
     fn write(&mut self, offset: u64, data: &[u8]) {
         if data.len() == 1 && offset < 8 {
             if let Err(e) = self.serial.write(offset as u8, data[0]) {
-                tracing::warn!("serial: {e:?}");
+                crate::ratelimit::guest_warn!("serial: {e:?}");
             }
         }
     }
@@ -177,7 +231,7 @@ mod tests {
         let path = std::env::temp_dir().join(format!("vmm-serial-{}.log", std::process::id()));
         let ring = SerialRing::default();
         let sink = SerialSink {
-            log: Some(File::create(&path).unwrap()),
+            log: Some(SerialLog::new(File::create(&path).unwrap(), LOG_LIMIT, None)),
             ring: ring.clone(),
             stdout: false,
             boot_marker: None,
@@ -252,5 +306,48 @@ mod tests {
         assert!(c.ends_with(b"axyz"));
         ring.push(&vec![b'b'; RING_CAPACITY + 10]);
         assert_eq!(ring.contents(), vec![b'b'; RING_CAPACITY]);
+    }
+
+    fn sink(log: SerialLog) -> SerialSink {
+        SerialSink { log: Some(log), ring: SerialRing::default(), stdout: false, boot_marker: None, marker_matched: 0 }
+    }
+
+    /// A guest writing without end fills the log up to the limit, then the log rotates into
+    /// `serial.log.1` inside the VM's directory: never more than twice the limit on disk.
+    #[test]
+    fn the_log_rotates_at_its_limit() {
+        let base = std::env::temp_dir().join(format!("vmm-serial-rot-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).unwrap();
+        let dir = Arc::new(VmDir::open(&base).unwrap());
+        let log = base.join("serial.log");
+        let mut s = sink(SerialLog::new(File::create(&log).unwrap(), 1000, Some((dir, "serial.log".into()))));
+        for i in 0..10_000u32 {
+            s.write_all(format!("{i:07}\n").as_bytes()).unwrap();
+        }
+        let (cur, old) = (std::fs::read_to_string(&log).unwrap(), std::fs::read_to_string(base.join("serial.log.1")).unwrap());
+        assert!(cur.len() <= 1000 && old.len() <= 1000 && old.len() > 900, "{} {}", cur.len(), old.len());
+        assert!(cur.ends_with("0009999\n"), "the newest output is in serial.log: {cur}");
+        // The old file holds what came right before.
+        let first_cur: u32 = cur.lines().next().unwrap().parse().unwrap();
+        let last_old: u32 = old.lines().last().unwrap().parse().unwrap();
+        assert_eq!(last_old + 1, first_cur);
+        let names: Vec<String> = std::fs::read_dir(&base).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    /// A log outside the VM's directory cannot rotate: it stops at the limit, saying so.
+    #[test]
+    fn a_log_that_cannot_rotate_stops_at_its_limit() {
+        let path = std::env::temp_dir().join(format!("vmm-serial-stop-{}.log", std::process::id()));
+        let mut s = sink(SerialLog::new(File::create(&path).unwrap(), 1000, None));
+        for _ in 0..10_000 {
+            s.write_all(b"garbage\n").unwrap();
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.len() < 1200, "{}", text.len());
+        assert!(text.contains("serial log stopped at") && text.contains("vm_dir"), "{text}");
+        std::fs::remove_file(&path).unwrap();
     }
 }

@@ -7,7 +7,6 @@
 
 use std::sync::{Arc, Mutex};
 
-use tracing::warn;
 
 use super::config::PciConfiguration;
 use super::PciError;
@@ -133,7 +132,7 @@ impl MsixConfig {
         let e = self.table[v];
         let addr = u64::from(e.addr_hi) << 32 | u64::from(e.addr_lo);
         if let Err(err) = self.vm.signal_msi(addr, e.data) {
-            warn!(vector = v, addr, data = e.data, %err, "MSI-X delivery failed");
+            crate::ratelimit::guest_warn!(vector = v, addr, data = e.data, %err, "MSI-X delivery failed");
         }
     }
 

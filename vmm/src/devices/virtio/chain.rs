@@ -261,7 +261,7 @@ impl DeviceQueue {
     }
 
     fn mark_broken(&mut self, irq: &dyn VirtioInterrupt, why: &str) {
-        tracing::warn!(queue = self.index, why, "virtio queue broken by the driver; device needs reset");
+        crate::ratelimit::guest_warn!(queue = self.index, why, "virtio queue broken by the driver; device needs reset");
         self.broken = true;
         irq.set_needs_reset();
     }

@@ -35,6 +35,8 @@ pub mod rng;
 pub mod worker;
 #[cfg(test)]
 pub(crate) mod testing;
+/// Not in the product binary: tests, and the fuzz crate (feature `fuzzing`).
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 
 use std::sync::Arc;

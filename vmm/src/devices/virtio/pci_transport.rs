@@ -240,7 +240,7 @@ impl VirtioPciDevice {
         if new & status::FEATURES_OK != 0 && old & status::FEATURES_OK == 0 {
             let valid = self.acked & !self.offered == 0 && self.acked & features::VERSION_1 != 0;
             if !valid {
-                warn!(device = %self.name, acked = self.acked, offered = self.offered, "driver accepted features we do not offer (or not VERSION_1); refusing FEATURES_OK");
+                crate::ratelimit::guest_warn!(device = %self.name, acked = self.acked, offered = self.offered, "driver accepted features we do not offer (or not VERSION_1); refusing FEATURES_OK");
                 new &= !status::FEATURES_OK;
             }
         }
@@ -265,7 +265,7 @@ impl VirtioPciDevice {
             let q = match self.build_queue(qc, resume) {
                 Ok(q) => q,
                 Err(why) => {
-                    warn!(device = %self.name, queue = i, why, "queue unusable at DRIVER_OK");
+                    crate::ratelimit::guest_warn!(device = %self.name, queue = i, why, "queue unusable at DRIVER_OK");
                     self.interrupt.set_needs_reset();
                     return;
                 }

@@ -150,14 +150,14 @@ fn transfer(file: &File, bufs: &[VolatileSlice<'_, ()>], mut pos: u64, write: bo
 pub fn execute_request(mem: &GuestMemory, chain: &ParsedChain, be: &BlockBackend) -> RequestOutcome {
     let writable_len = total_len(&chain.writable);
     if writable_len == 0 {
-        tracing::warn!("virtio-blk: request without a status buffer dropped");
+        crate::ratelimit::guest_warn!("virtio-blk: request without a status buffer dropped");
         return RequestOutcome { status: None, used_len: 0 };
     }
     let status_off = writable_len - 1;
     let (status, data_written) = match run(mem, chain, be, status_off) {
         Ok(n) => (S_OK, n),
         Err(Failure::IoErr(why)) => {
-            tracing::warn!(why, "virtio-blk: request failed");
+            crate::ratelimit::guest_warn!(why, "virtio-blk: request failed");
             (S_IOERR, 0)
         }
         Err(Failure::Unsupported(t)) => {

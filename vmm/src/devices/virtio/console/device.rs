@@ -174,7 +174,7 @@ impl ConsoleWorker {
 
     fn queue_control(&mut self, msg: Vec<u8>) {
         if self.pending_control.len() >= MAX_PENDING_CONTROL {
-            warn!("{NAME}: driver is not taking control messages; dropping one");
+            crate::ratelimit::guest_warn!("{NAME}: driver is not taking control messages; dropping one");
             return;
         }
         self.pending_control.push_back(msg);
@@ -191,7 +191,7 @@ impl ConsoleWorker {
             let n = if p.error.is_none() && total_len(&p.writable) >= msg.len() as u64 {
                 write_segments(&mem, &p.writable, 0, &msg)
             } else {
-                warn!("{NAME}: control receive buffer unusable or too small; message dropped");
+                crate::ratelimit::guest_warn!("{NAME}: control receive buffer unusable or too small; message dropped");
                 0
             };
             q.add_used(&mem, p.head, n as u32, &*self.irq);
@@ -414,7 +414,7 @@ impl VirtioDevice for VirtioConsole {
         }
         if ctx.acked_features & F_MULTIPORT == 0 {
             // Without multiport only port 0 exists, which we do not offer: nothing to run.
-            warn!("{NAME}: driver did not accept MULTIPORT; named ports unavailable");
+            crate::ratelimit::guest_warn!("{NAME}: driver did not accept MULTIPORT; named ports unavailable");
         }
         if ctx.acked_features & F_MULTIPORT != 0 {
             ctx.expect_queues(NAME, self.queue_sizes.len())?;

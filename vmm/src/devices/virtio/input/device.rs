@@ -199,7 +199,7 @@ impl InputWorker {
                 lock(&self.pending.events).pop_front();
                 write_segments(&mem, &p.writable, 0, &ev.to_bytes())
             } else {
-                warn!("virtio-input: event buffer unusable; skipped");
+                crate::ratelimit::guest_warn!("virtio-input: event buffer unusable; skipped");
                 0
             };
             self.eventq.add_used(&mem, p.head, n as u32, &*self.irq);

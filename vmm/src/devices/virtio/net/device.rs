@@ -92,7 +92,7 @@ impl NetWorker {
             let p = parse_chain(chain, &mem);
             let len = total_len(&p.writable);
             if p.error.is_some() || len < VNET_HDR_LEN as u64 || !p.readable.is_empty() {
-                warn!("{NAME}: unusable receive buffer (outside RAM, too short or device-readable)");
+                crate::ratelimit::guest_warn!("{NAME}: unusable receive buffer (outside RAM, too short or device-readable)");
                 self.queues[RX].add_used(&mem, p.head, 0, &*self.irq);
                 delivered = true;
                 continue;
@@ -100,7 +100,7 @@ impl NetWorker {
             let slices = match guest_slices(&mem, &p.writable, 0, len) {
                 Ok(s) => s,
                 Err(why) => {
-                    warn!(why, "{NAME}: receive buffer");
+                    crate::ratelimit::guest_warn!(why, "{NAME}: receive buffer");
                     self.queues[RX].add_used(&mem, p.head, 0, &*self.irq);
                     continue;
                 }
@@ -143,7 +143,7 @@ impl NetWorker {
                                 debug!(%e, "{NAME}: tap write failed; frame dropped");
                             }
                         }
-                        Err(why) => warn!(why, "{NAME}: transmit buffer"),
+                        Err(why) => crate::ratelimit::guest_warn!(why, "{NAME}: transmit buffer"),
                     }
                 }
                 self.queues[TX].add_used(&mem, p.head, 0, &*self.irq);

@@ -73,7 +73,7 @@ impl RngWorker {
                         }
                     }
                     Some(e) => {
-                        warn!(%e, "virtio-rng: bad request");
+                        crate::ratelimit::guest_warn!(%e, "virtio-rng: bad request");
                         0
                     }
                 };
