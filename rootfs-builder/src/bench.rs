@@ -489,3 +489,20 @@ fn vms(starts: usize) -> Result<()> {
     let _ = std::fs::remove_file(&inst.target);
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unmet_target_fails_the_bench_and_names_it() {
+        let mut t = Targets::default();
+        assert_eq!(t.at_most("ready - floor", 100, 100, "ms"), "(target: <= 100 ms: met)");
+        t.finish("bench boot").unwrap();
+        let mut t = Targets::default();
+        assert_eq!(t.at_most("ready - floor", 90, 100, "ms"), "(target: <= 100 ms: met)");
+        assert_eq!(t.at_most("initramfs (zstd)", 17_000, 16_384, "KiB"), "(target: <= 16384 KiB: NOT met)");
+        let e = t.finish("bench boot").unwrap_err().to_string();
+        assert_eq!(e, "bench boot: target NOT met: initramfs (zstd) 17000 KiB > 16384 KiB");
+    }
+}
