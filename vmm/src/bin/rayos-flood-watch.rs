@@ -2,13 +2,15 @@
 //! `rayos-vmm-testinit` in the outer VM beside `rayos-systemless`:
 //!
 //! - `rayos-flood-watch mkdisk PATH MIB`: a sparse disk image for the flooding guest;
-//! - `rayos-flood-watch watch SECS STATE_DIR RAYOSCTL SOCKET VM`: every 2 s for SECS seconds
-//!   prints one line
+//! - `rayos-flood-watch watch SECS STATE_DIR RAYOSCTL SOCKET VM`: every 2 s, until the guest
+//!   has finished (`agent: done` in the VM's log tail) or for at most SECS seconds, prints one
+//!   line
 //!   `flood-watch: t_ms=… rss_kb=… serial_files=… serial_bytes=… serial_max_file=… logs_ms=… logs_exit=… logs_bytes=…`:
 //!   the supervisor's VmRSS (the `rayos-systemless` process, from /proc), the VM's serial
 //!   log files under STATE_DIR (`serial.log` and any rotated `serial.log.*`: how many, their
 //!   total and the largest), and one `rayosctl vm logs VM -n 200` call: how long it took,
-//!   its exit status and how much it returned.
+//!   its exit status and how much it returned; then `flood-watch: guest done at t_ms=…` or
+//!   `flood-watch: guest not done after SECS s`.
 //!
 //! Only the figures are printed (never the guest's garbage), so the outer console stays
 //! readable.
@@ -50,7 +52,11 @@ fn watch(secs: u64, state: &Path, rayosctl: &str, socket: &str, vm: &str) -> Res
     let pid = supervisor_pid().ok_or("no rayos-systemless process in /proc")?;
     println!("flood-watch: supervisor pid {pid}");
     let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_secs(secs) {
+    loop {
+        if t0.elapsed() >= Duration::from_secs(secs) {
+            println!("flood-watch: guest not done after {secs} s");
+            return Ok(());
+        }
         let tick = Instant::now();
         let rss = rss_kb(pid).ok_or_else(|| format!("rayos-systemless (pid {pid}) is gone"))?;
         let mut files = (0, 0, 0);
@@ -72,9 +78,14 @@ fn watch(secs: u64, state: &Path, rayosctl: &str, socket: &str, vm: &str) -> Res
             out.status.code().unwrap_or(-1),
             out.stdout.len()
         );
+        // The guest agent's last line before it powers off (a guest that rebooted meanwhile
+        // floods again from the start, so this waits for the flood that finished).
+        if out.stdout.windows(12).any(|w| w == b"agent: done,") {
+            println!("flood-watch: guest done at t_ms={}", t0.elapsed().as_millis());
+            return Ok(());
+        }
         std::thread::sleep(Duration::from_secs(2).saturating_sub(tick.elapsed()));
     }
-    Ok(())
 }
 
 fn main() {
