@@ -133,15 +133,16 @@ async fn rayosctl(args: &[&str], uid: Option<u32>) -> (Option<i32>, String, Stri
 async fn non_root_caller_is_refused_by_rayosctl_and_root_reads_work() {
     let mut f = start("nonroot").await;
     let sock = f.sock.to_str().unwrap().to_string();
-    let root = nix::unistd::Uid::effective().is_root();
-    // nobody/nogroup; only meaningful when the test runs as root (CI does).
-    let (code, _, err) = rayosctl(&["--socket", &sock, "poweroff"], root.then_some(65534)).await;
-    if root {
-        assert_eq!(code, Some(4), "stderr: {err}");
-        assert!(err.contains("access denied") && err.contains("uid is 65534"), "{err}");
-        assert!(f.power.try_recv().is_err(), "a refused call must not power off");
-    }
+    // The caller must really be non-root: as root (CI) rayosctl runs as nobody (65534);
+    // otherwise this test's own user already is a non-root caller.
+    let me = nix::unistd::Uid::effective();
+    let (caller, uid) = if me.is_root() { (Some(65534), 65534) } else { (None, me.as_raw()) };
+    let (code, _, err) = rayosctl(&["--socket", &sock, "poweroff"], caller).await;
+    assert_eq!(code, Some(4), "a non-root poweroff must be refused with exit 4; stderr: {err}");
+    assert!(err.contains("access denied") && err.contains(&format!("uid is {uid}")), "{err}");
+    assert!(f.power.try_recv().is_err(), "a refused call must not power off");
 
+    // Reads are open to every user.
     let (code, out, err) = rayosctl(&["--socket", &sock, "--json", "services"], None).await;
     assert_eq!(code, Some(0), "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();

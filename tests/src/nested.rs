@@ -35,6 +35,13 @@ pub fn section<'a>(log: &'a str, name: &str) -> &'a str {
     &log[start..end]
 }
 
+/// The VMM's own `boot-timer: guest init reached after …` lines in `s` (one run's section).
+/// The VMM prints the line itself and logs it through tracing too (`… INFO rayos_vmm…:
+/// boot-timer: …`); only the printed one starts a line, so each guest counts once.
+pub fn boot_timer_lines(s: &str) -> usize {
+    s.lines().filter(|l| l.trim_start().starts_with("boot-timer: guest init reached after")).count()
+}
+
 pub struct Outer {
     builder: QemuBuilder,
     ird: Initramfs,

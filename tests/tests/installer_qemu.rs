@@ -144,7 +144,11 @@ fn unattended_install_onto_ahci_with_a_vm_partition() {
     let target = work.join("installer-ahci-target.img");
     blank_disk(&target, 8 * GIB).unwrap();
     let (log, _) = run_unattended("installer-ahci", &usb, &target, true);
-    assert!(log.contains("SATA"), "{log}");
+    // The installer's own disk listing names the target as the SATA disk it is (the kernel's
+    // boot lines say "SATA" too, so only the installer's line counts).
+    let listed: Vec<&str> = log.lines().filter(|l| l.contains("rayos-installer: disk ") && l.contains("(serial RAYOS-TARGET,")).collect();
+    assert_eq!(listed.len(), 1, "the installer did not list the target disk once:\n{log}");
+    assert!(listed[0].contains("(serial RAYOS-TARGET, SATA, 8.0 GiB, /dev/sd"), "{}", listed[0]);
     let parts = used_partitions(&target);
     assert_eq!(
         parts.iter().map(|p| p.2.as_str()).collect::<Vec<_>>(),

@@ -357,12 +357,18 @@ fn vm_lifecycle_autostart_crashes_and_broken_disks() {
     // Start, waiting for guest init: the benchmark of `rayosctl vm start` → guest init.
     let started = ctl_ok(&q, &["vm", "start", "deb", "--wait", "180"]);
     let (vmm_ms, total_ms) = (started["guest_init_ms"].as_u64().unwrap(), started["start_to_init_ms"].as_u64().unwrap());
+    let wall_ms = started["rayosctl_wall_ms"].as_u64().unwrap();
     eprintln!(
-        "bench: rayosctl vm start → guest init: {total_ms} ms (VMM's own start → init {vmm_ms} ms; supervisor adds {} ms; rayosctl wall {} ms)",
-        total_ms - vmm_ms,
-        started["rayosctl_wall_ms"]
+        "bench: rayosctl vm start → guest init: {total_ms} ms (VMM's own start → init {vmm_ms} ms; supervisor adds {} ms; rayosctl wall {wall_ms} ms)",
+        total_ms.saturating_sub(vmm_ms),
     );
-    assert!(total_ms >= vmm_ms);
+    // rayosd's start → init figure is checked against rayosctl's own clock, which ran from
+    // before the start request until it saw init: it must fit inside that, and not be far
+    // short of it (rayosd notices the boot timer within 20 ms, rayosctl polls it; 5 s covers
+    // a loaded nested host, a figure that left out the supervisor's part or the boot does not).
+    assert!(vmm_ms > 0 && total_ms >= vmm_ms, "{started}");
+    assert!(total_ms <= wall_ms, "rayosd says init came {total_ms} ms after the request, but rayosctl saw it after {wall_ms} ms: {started}");
+    assert!(wall_ms - total_ms < 5000, "rayosctl waited {wall_ms} ms for init that rayosd dates at {total_ms} ms after the request: {started}");
     let t = Instant::now();
     // The VMM starts a new serial log per run: a fresh boot counts from 1 again.
     while !heartbeats(&q, "deb").first().is_some_and(|n| *n == 1) || last_heartbeat(&q, "deb") < 3 {

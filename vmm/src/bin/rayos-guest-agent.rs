@@ -12,7 +12,7 @@
 //! profiling), `nowarn` (fails on kernel warnings in the log), `agent` (greets the VMM on the
 //! `org.rayos.agent` port and prints the line it gets back), `heartbeatN` (prints N numbered
 //! lines 200 ms apart with the guest's monotonic clock: a restored snapshot continues the
-//! count).
+//! count), `floodN` (a misbehaving guest for N seconds, see [`flood`]).
 
 use std::fs;
 use std::time::Duration;
@@ -217,6 +217,189 @@ fn disk_bench() -> Result<String, String> {
     // SAFETY: allocated above with the same layout.
     unsafe { std::alloc::dealloc(buf, layout) };
     Ok(format!("write_mib_s={:.1} read_mib_s={:.1}", w?, r?))
+}
+
+/// A cheap stream of garbage (xorshift64*), seeded from the kernel's RNG so each boot differs.
+struct Garbage(u64);
+
+impl Garbage {
+    fn new() -> Garbage {
+        let mut seed = [0u8; 8];
+        let _ = fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed));
+        Garbage(u64::from_le_bytes(seed) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn fill(&mut self, buf: &mut [u8]) {
+        for c in buf.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            c.copy_from_slice(&v[..c.len()]);
+        }
+    }
+}
+
+/// A guest that misbehaves as fast as it can for `secs` seconds, on every vCPU it has:
+/// - serial: random bytes straight into COM1's transmit register (`out` to 0x3f8 after
+///   ioperm: the fastest a guest can push bytes at the VMM's 16550, no tty, no flow control);
+/// - virtio-blk: random-length O_DIRECT writes of random bytes at random offsets of
+///   /dev/vda, each followed by a read of another random range;
+/// - virtio-blk notifications: the device's notify register (the virtio-pci notify
+///   capability's BAR region, mapped from sysfs) written with queue indexes the device does
+///   not have and spurious kicks of its real queue. Bogus descriptor indexes in the ring
+///   itself are out of reach from user space (the ring is the kernel driver's memory and
+///   /dev/mem is strict), so the notify register is the rawest garbage a guest process can
+///   send; where the kernel refuses the mapping, that part is skipped and said so.
+/// Prints the totals; fails only if nothing at all could be flooded.
+fn flood(secs: u64) -> Result<String, String> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let stop = Arc::new(AtomicBool::new(false));
+    let serial_bytes = Arc::new(AtomicU64::new(0));
+    let disk_ops = Arc::new(AtomicU64::new(0));
+    let notifies = Arc::new(AtomicU64::new(0));
+    let mut threads = vec![];
+    println!("agent: flood started for {secs} s");
+
+    const COM1: u16 = 0x3f8;
+    // SAFETY: ioperm only changes this process's I/O permission bitmap.
+    let serial = unsafe { libc::ioperm(COM1 as libc::c_ulong, 8, 1) } == 0;
+    if serial {
+        let (stop, count) = (stop.clone(), serial_bytes.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut g = Garbage::new();
+            while !stop.load(Ordering::Relaxed) {
+                for _ in 0..4096 {
+                    let b = g.next() as u8;
+                    // SAFETY: OUT to COM1's data register, granted by ioperm above.
+                    unsafe { std::arch::asm!("out dx, al", in("dx") COM1, in("al") b, options(nomem, nostack)) };
+                }
+                count.fetch_add(4096, Ordering::Relaxed);
+            }
+        }));
+    }
+
+    let disk = flood_disk_setup();
+    if let Ok((f, sectors)) = &disk {
+        let (stop, count, f, sectors) = (stop.clone(), disk_ops.clone(), f.try_clone().map_err(|e| e.to_string())?, *sectors);
+        threads.push(std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            const MAX: usize = 256 << 10;
+            let layout = std::alloc::Layout::from_size_align(MAX, 4096).unwrap();
+            // SAFETY: a non-zero-sized, 4 KiB-aligned allocation, never freed (the thread
+            // runs until the guest powers off).
+            let buf = unsafe { std::alloc::alloc(layout) };
+            if buf.is_null() {
+                return;
+            }
+            // SAFETY: buf holds MAX bytes.
+            let slice = unsafe { std::slice::from_raw_parts_mut(buf, MAX) };
+            let mut g = Garbage::new();
+            let pages = (sectors / 8).max(1);
+            while !stop.load(Ordering::Relaxed) {
+                let len = ((g.next() % (MAX as u64 / 4096)) as usize + 1) * 4096;
+                let at = |g: &mut Garbage| ((g.next() % pages).min(pages.saturating_sub((len / 4096) as u64)) * 4096) as i64;
+                g.fill(&mut slice[..len]);
+                let off = at(&mut g);
+                // SAFETY: buf holds at least len bytes, 4 KiB-aligned for O_DIRECT.
+                unsafe { libc::pwrite(f.as_raw_fd(), buf.cast(), len, off) };
+                let off = at(&mut g);
+                // SAFETY: as above.
+                unsafe { libc::pread(f.as_raw_fd(), buf.cast(), len, off) };
+                count.fetch_add(2, Ordering::Relaxed);
+            }
+        }));
+    }
+
+    let notify = flood_notify_region();
+    if let Ok((ptr, len)) = notify {
+        let (stop, count) = (stop.clone(), notifies.clone());
+        let ptr = ptr as usize;
+        threads.push(std::thread::spawn(move || {
+            let mut g = Garbage::new();
+            while !stop.load(Ordering::Relaxed) {
+                // Mostly queues that do not exist; every 8th a spurious kick of queue 0.
+                let v = g.next();
+                let queue = if v % 8 == 0 { 0 } else { (v >> 8) as u16 | 1 };
+                let at = ((v >> 32) as usize % (len / 2)) * 2;
+                // SAFETY: `at` is 2-aligned and inside the mapped notify region of `len` bytes.
+                unsafe { std::ptr::write_volatile((ptr + at) as *mut u16, queue) };
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+
+    std::thread::sleep(Duration::from_secs(secs));
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
+    let (s, d, n) = (serial_bytes.load(Ordering::Relaxed), disk_ops.load(Ordering::Relaxed), notifies.load(Ordering::Relaxed));
+    let skipped = [
+        (!serial).then(|| format!("serial: ioperm: {}", std::io::Error::last_os_error())),
+        disk.err().map(|e| format!("disk: {e}")),
+        notify.err().map(|e| format!("notify: {e}")),
+    ];
+    let skipped: Vec<String> = skipped.into_iter().flatten().collect();
+    // A line of its own: the serial garbage above may have left the console mid-line.
+    println!();
+    if s == 0 && d == 0 && n == 0 {
+        return Err(format!("nothing flooded: {}", skipped.join("; ")));
+    }
+    Ok(format!("serial_bytes={s} disk_ops={d} notifies={n} skipped=[{}]", skipped.join("; ")))
+}
+
+/// /dev/vda for O_DIRECT garbage, and its size in 512-byte sectors.
+fn flood_disk_setup() -> Result<(fs::File, u64), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let sectors: u64 = fs::read_to_string("/sys/block/vda/size")
+        .map_err(|e| format!("/sys/block/vda/size: {e}"))?
+        .trim()
+        .parse()
+        .map_err(|e| format!("/sys/block/vda/size: {e}"))?;
+    let f = fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(DISK).map_err(|e| format!("{DISK}: {e}"))?;
+    Ok((f, sectors))
+}
+
+/// Maps the notify region of /dev/vda's virtio-pci function (its vendor capability with
+/// cfg_type 2: BAR, offset, length) from sysfs; returns its address and length.
+fn flood_notify_region() -> Result<(*mut u8, usize), String> {
+    use std::os::fd::AsRawFd;
+    let pci = fs::canonicalize("/sys/block/vda/device/..").map_err(|e| format!("/sys/block/vda/device: {e}"))?;
+    let cfg = fs::read(pci.join("config")).map_err(|e| format!("{}/config: {e}", pci.display()))?;
+    if cfg.len() < 256 {
+        return Err(format!("{}/config: {} bytes, capabilities unreadable", pci.display(), cfg.len()));
+    }
+    let u32_at = |o: usize| u32::from_le_bytes([cfg[o], cfg[o + 1], cfg[o + 2], cfg[o + 3]]);
+    let mut cap = cfg[0x34] as usize;
+    let mut hops = 0;
+    while cap != 0 && cap + 16 <= cfg.len() && hops < 48 {
+        // Vendor-specific capability, virtio cfg_type 2 = notify.
+        if cfg[cap] == 0x09 && cfg[cap + 3] == 2 {
+            let (bar, offset, length) = (cfg[cap + 4], u32_at(cap + 8) as usize, u32_at(cap + 12) as usize);
+            let res = pci.join(format!("resource{bar}"));
+            let f = fs::OpenOptions::new().read(true).write(true).open(&res).map_err(|e| format!("{}: {e}", res.display()))?;
+            let page = 4096;
+            let start = offset / page * page;
+            let maplen = (offset - start + length.max(2)).div_ceil(page) * page;
+            // SAFETY: a shared mapping of the BAR through its sysfs resource file; checked
+            // for MAP_FAILED; never unmapped (the guest powers off after the flood).
+            let p = unsafe {
+                libc::mmap(std::ptr::null_mut(), maplen, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, f.as_raw_fd(), start as i64)
+            };
+            if p == libc::MAP_FAILED {
+                return Err(format!("mmap {}: {}", res.display(), std::io::Error::last_os_error()));
+            }
+            // SAFETY: offset - start < maplen, inside the mapping.
+            return Ok((unsafe { (p as *mut u8).add(offset - start) }, length.max(2)));
+        }
+        cap = cfg[cap + 1] as usize;
+        hops += 1;
+    }
+    Err(format!("{}: no virtio notify capability", pci.display()))
 }
 
 /// Waits up to `ms` for `f` to be readable.
@@ -464,6 +647,7 @@ fn main() {
             "net" => report("net", net()),
             "dmesg" => dmesg(),
             "nowarn" => report("nowarn", kernel_warnings()),
+            other if other.starts_with("flood") => report("flood", flood(other[5..].parse().unwrap_or(60))),
             other if other.starts_with("sleep") => {
                 let ms = other[5..].parse().unwrap_or(0);
                 println!("agent: sleeping {ms} ms");
