@@ -138,8 +138,11 @@ pub fn run(
     let mut start_install = Some(start_install);
     let mut last_screen = w.screen.clone();
     let mut driver: Option<(usize, &'static str)> = None;
+    // Drawn only when something changed: a serial line should not get a frame every poll.
+    let mut dirty = true;
     let result = 'outer: loop {
         while let Ok(p) = rx.try_recv() {
+            dirty = true;
             match p {
                 Progress::Step(pct, line) => w.on_progress(pct, &line),
                 Progress::Finished(r) => w.on_finished(r),
@@ -150,7 +153,7 @@ pub fn run(
         let redraw_all = w.screen != last_screen;
         last_screen = w.screen.clone();
         let mut broken: Vec<(usize, String)> = Vec::new();
-        for t in ttys.iter_mut() {
+        for t in ttys.iter_mut().filter(|_| dirty || redraw_all) {
             if redraw_all {
                 match fresh(&t.input, t.area) {
                     Ok(term) => t.term = term,
@@ -171,6 +174,7 @@ pub fn run(
             }
         }
 
+        dirty = false;
         let pending = ttys.iter().any(|t| t.keys.pending());
         let timeout: u16 = if pending { 50 } else { 200 };
         let ready: Vec<bool> = {
@@ -206,6 +210,7 @@ pub fn run(
                 tracing::warn!("{msg}");
                 crate::console::say(&msg);
                 t.restore();
+                dirty = true;
                 if driver.is_some_and(|(d, _)| d == id) {
                     driver = None;
                 }
@@ -223,10 +228,12 @@ pub fn run(
                     if let Ok(term) = fresh(&t.input, t.area) {
                         t.term = term;
                     }
+                    dirty = true;
                     continue;
                 }
                 Input::Key(k) => k,
             };
+            dirty = true;
             match driver {
                 None => driver = Some((id, label)),
                 Some((d, _)) if d != id => continue,
