@@ -231,6 +231,26 @@ impl QemuBuilder {
         let mut child = cmd.spawn().map_err(io("starting qemu-system-x86_64"))?;
         let log = Arc::new((Mutex::new(String::new()), Condvar::new()));
         if matches!(cfg.serial, Serial::None) {
+            // Nothing to wait on but QEMU's QMP socket, which it makes while starting up.
+            if let Some(q) = &cfg.qmp {
+                let start = Instant::now();
+                while UnixStream::connect(q).is_err() {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        return Err(HarnessError::Exited {
+                            name,
+                            pattern: "QMP socket".into(),
+                            status: status.to_string(),
+                            stderr: std::fs::read_to_string(&stderr_path).unwrap_or_default(),
+                            tail: String::new(),
+                        });
+                    }
+                    if start.elapsed() > Duration::from_secs(30) {
+                        let _ = child.kill();
+                        return Err(HarnessError::Qmp(format!("{}: no QMP socket after 30 s", q.display())));
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
             return Ok(Qemu { name, work, child: Some(child), serial: None, log, qmp: None, cfg });
         }
         // QEMU waits for us on the serial socket before it starts the guest: nothing is lost.
