@@ -120,6 +120,13 @@ mod tests {
     }
 }
 
+/// Whether OCR'd screen text holds `text`, ignoring case, spacing and the O/0 confusion of
+/// the VT font.
+pub fn ocr_contains(seen: &str, text: &str) -> bool {
+    let norm = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase().replace('0', "o");
+    norm(seen).contains(&norm(text))
+}
+
 /// The key that types `c` on a US keyboard, as (shift held, QEMU qcode).
 pub fn qcode(c: char) -> Option<(bool, String)> {
     Some(match c {
@@ -468,12 +475,10 @@ impl Qemu {
     /// Read the screen until `text` is on it (spaces and case as OCR reads them do not
     /// matter); returns what was read.
     pub fn wait_screen(&mut self, text: &str, timeout: Duration) -> Result<String, HarnessError> {
-        let norm = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase();
-        let want = norm(text);
         let deadline = Instant::now() + timeout;
         loop {
             let seen = self.screen_text()?;
-            if norm(&seen).contains(&want) {
+            if ocr_contains(&seen, text) {
                 return Ok(seen);
             }
             if let Some(child) = self.child.as_mut() {
