@@ -279,22 +279,23 @@ fn wizard_on_the_screen_with_usb_keys_and_no_serial_port() {
     assert!(seen.contains("Enter: start"), "{seen}");
     let _ = std::fs::copy(vm.workdir().join("screen.png"), vm.workdir().join("welcome.png"));
     vm.press(&["ret"]).unwrap();
-    vm.wait_screen("2/8 Disks", step).unwrap();
+    vm.wait_screen("/8 Disks", step).unwrap();
     vm.wait_screen("serial RAYOS-TARGET", step).unwrap();
     vm.press(&["ret"]).unwrap();
-    vm.wait_screen("3/8 Target", step).unwrap();
+    vm.wait_screen("/8 Target", step).unwrap();
     vm.press(&["esc"]).unwrap(); // back one step
-    vm.wait_screen("2/8 Disks", step).unwrap();
+    vm.wait_screen("/8 Disks", step).unwrap();
     vm.press(&["ret"]).unwrap();
-    vm.wait_screen("3/8 Target", step).unwrap();
+    vm.wait_screen("/8 Target", step).unwrap();
     vm.press(&["ret"]).unwrap();
-    vm.wait_screen("4/8 Data filesystem", step).unwrap();
+    vm.wait_screen("/8 Data filesystem", step).unwrap();
     vm.press(&["ret"]).unwrap();
-    // OCR reads the VT font's "VM" as "UM": the title's number and last word suffice.
-    let seen = vm.wait_screen("5/8", step).unwrap();
-    assert!(seen.contains("storage"), "{seen}");
+    // OCR reads the VT font's "VM" as "UM" and a title's step number now and then as "?":
+    // titles are matched from "/8" on, this one by its first line.
+    vm.wait_screen("/8 ", step).unwrap();
+    vm.wait_screen("disks live:", step).unwrap();
     vm.press(&["ret"]).unwrap();
-    let seen = vm.wait_screen("6/8 First-boot configuration", step).unwrap();
+    let seen = vm.wait_screen("/8 First-boot configuration", step).unwrap();
     assert!(!seen.contains("Windows"), "Windows autostart is offered:\n{seen}");
 
     // Time zone: "UTC" replaced by a zone that does not exist, refused by name, then corrected.
@@ -304,17 +305,17 @@ fn wizard_on_the_screen_with_usb_keys_and_no_serial_port() {
     }
     vm.type_text("Mars/Base\n").unwrap();
     let seen = vm.wait_screen("is not a time zone", step).unwrap();
-    assert!(ocr_contains(&seen, "6/8 First-boot"), "the user stays on the screen:\n{seen}");
+    assert!(ocr_contains(&seen, "/8 First-boot"), "the user stays on the screen:\n{seen}");
     for _ in 0.."Mars/Base".len() {
         vm.press(&["backspace"]).unwrap();
     }
     vm.type_text("Europe/Paris\n").unwrap();
-    vm.wait_screen("7/8 Summary and confirmation", step).unwrap();
+    vm.wait_screen("/8 Summary and confirmation", step).unwrap();
     vm.wait_screen("Europe/Paris", step).unwrap();
     vm.wait_screen("type: wipe RAYOS-TARGET", step).unwrap();
     vm.type_text("wipe RAYOS-TARGET\n").unwrap();
-    vm.wait_screen("8/8 Installing", step).unwrap();
-    let seen = vm.wait_screen("8/8 Done", INSTALL_TIMEOUT).unwrap();
+    vm.wait_screen("/8 Installing", step).unwrap();
+    let seen = vm.wait_screen("/8 Done", INSTALL_TIMEOUT).unwrap();
     let _ = std::fs::copy(vm.workdir().join("screen.png"), vm.workdir().join("done.png"));
     assert_eq!(seen.matches("unpacking the default Linux").count(), 1, "one line per step:\n{seen}");
     vm.press(&["ret"]).unwrap();
