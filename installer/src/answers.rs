@@ -17,7 +17,7 @@
 //! keymap = "us"
 //! [policy]
 //! autostart_linux_hidden = true
-//! autostart_windows_hidden = true
+//! # autostart_windows_hidden: Windows VMs do not exist yet; `true` is refused, false/absent accepted
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -242,6 +242,13 @@ pub fn validate(file: &str, raw: AnswerFile) -> Result<Answers, AnswerError> {
         }
     };
 
+    if raw.policy.autostart_windows_hidden == Some(true) {
+        return Err(err(
+            "policy.autostart_windows_hidden",
+            "RayOS does not run Windows VMs yet, so there is none to autostart: remove this key or set it to false"
+                .into(),
+        ));
+    }
     let d = SystemConfig::default();
     let config = SystemConfig {
         hostname: raw.system.hostname.unwrap_or(d.hostname),
@@ -250,7 +257,7 @@ pub fn validate(file: &str, raw: AnswerFile) -> Result<Answers, AnswerError> {
         keymap: raw.system.keymap.unwrap_or(d.keymap),
         policy: Policy {
             autostart_linux_hidden: raw.policy.autostart_linux_hidden.unwrap_or(true),
-            autostart_windows_hidden: raw.policy.autostart_windows_hidden.unwrap_or(true),
+            autostart_windows_hidden: false,
         },
     };
     config.validate().map_err(|(f, m)| err(&format!("system.{f}"), m))?;
@@ -384,7 +391,8 @@ pub fn to_toml(disk: &Disk, target: &Target, vm: &VmStorage, cfg: &SystemConfig,
         },
         policy: PolicySection {
             autostart_linux_hidden: Some(cfg.policy.autostart_linux_hidden),
-            autostart_windows_hidden: Some(cfg.policy.autostart_windows_hidden),
+            // Not offered until Windows VMs exist.
+            autostart_windows_hidden: None,
         },
     };
     format!("# RayOS answer file, saved by the installer wizard\n{}", toml::to_string(&file).expect("answers serialise"))

@@ -8,6 +8,8 @@ use crate::plan::VmStorage;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Policy {
     pub autostart_linux_hidden: bool,
+    /// Always false: Windows VMs do not exist yet, so neither the wizard nor the answer file
+    /// sets it (kept so system.toml keeps its shape).
     pub autostart_windows_hidden: bool,
 }
 
@@ -27,7 +29,7 @@ impl Default for SystemConfig {
             timezone: "UTC".into(),
             locale: "en_US.UTF-8".into(),
             keymap: "us".into(),
-            policy: Policy { autostart_linux_hidden: true, autostart_windows_hidden: true },
+            policy: Policy { autostart_linux_hidden: true, autostart_windows_hidden: false },
         }
     }
 }
@@ -50,41 +52,64 @@ pub fn check_hostname(s: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// An IANA zone name like `Europe/Paris` or `UTC`. The zone database is not in the initramfs,
-/// so only the form is checked.
+/// A zone of the tz database RayOS carries (compiled in through `chrono-tz`), e.g.
+/// `Europe/Paris`, `America/Argentina/Buenos_Aires`, `UTC`.
 pub fn check_timezone(s: &str) -> Result<(), String> {
-    let ok = !s.is_empty()
-        && !s.starts_with('/')
-        && !s.contains("..")
-        && s.split('/').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"_+-".contains(&b)));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!("{s:?}: not a time zone name like \"Europe/Paris\" or \"UTC\""))
+    if s.parse::<chrono_tz::Tz>().is_ok() {
+        return Ok(());
     }
+    // Help with the usual slips: case, spaces for underscores, a region alone.
+    let norm = |x: &str| x.to_ascii_lowercase().replace(' ', "_");
+    let close: Vec<&str> = chrono_tz::TZ_VARIANTS
+        .iter()
+        .map(|z| z.name())
+        .filter(|z| norm(z) == norm(s) || (!s.is_empty() && norm(z).starts_with(&format!("{}/", norm(s)))))
+        .take(4)
+        .collect();
+    let hint = if close.is_empty() { String::new() } else { format!(" (did you mean {}?)", close.join(", ")) };
+    Err(format!("{s:?} is not a time zone: use a tz database name like \"Europe/Paris\", \"America/New_York\" or \"UTC\"{hint}"))
 }
 
-/// `ll[_CC][.UTF-8]`, e.g. `en_US.UTF-8`, `de_DE`, `C.UTF-8`.
+/// The locales RayOS offers (glibc names, UTF-8).
+pub const LOCALES: &[&str] = &[
+    "C.UTF-8", "ar_EG.UTF-8", "bg_BG.UTF-8", "ca_ES.UTF-8", "cs_CZ.UTF-8", "da_DK.UTF-8", "de_AT.UTF-8", "de_CH.UTF-8",
+    "de_DE.UTF-8", "el_GR.UTF-8", "en_AU.UTF-8", "en_CA.UTF-8", "en_GB.UTF-8", "en_IE.UTF-8", "en_IN.UTF-8",
+    "en_NZ.UTF-8", "en_US.UTF-8", "en_ZA.UTF-8", "es_AR.UTF-8", "es_ES.UTF-8", "es_MX.UTF-8", "et_EE.UTF-8",
+    "fi_FI.UTF-8", "fr_BE.UTF-8", "fr_CA.UTF-8", "fr_CH.UTF-8", "fr_FR.UTF-8", "he_IL.UTF-8", "hi_IN.UTF-8",
+    "hr_HR.UTF-8", "hu_HU.UTF-8", "id_ID.UTF-8", "is_IS.UTF-8", "it_CH.UTF-8", "it_IT.UTF-8", "ja_JP.UTF-8",
+    "ko_KR.UTF-8", "lt_LT.UTF-8", "lv_LV.UTF-8", "nb_NO.UTF-8", "nl_BE.UTF-8", "nl_NL.UTF-8", "pl_PL.UTF-8",
+    "pt_BR.UTF-8", "pt_PT.UTF-8", "ro_RO.UTF-8", "ru_RU.UTF-8", "sk_SK.UTF-8", "sl_SI.UTF-8", "sr_RS.UTF-8",
+    "sv_SE.UTF-8", "th_TH.UTF-8", "tr_TR.UTF-8", "uk_UA.UTF-8", "vi_VN.UTF-8", "zh_CN.UTF-8", "zh_TW.UTF-8",
+];
+
+/// Console keyboard layouts RayOS offers (the kbd package's names).
+pub const KEYMAPS: &[&str] = &[
+    "be-latin1", "bg_bds-utf8", "br-abnt2", "by", "cf", "croat", "cz", "de", "de-latin1", "de-latin1-nodeadkeys",
+    "de_CH-latin1", "dk", "dvorak", "es", "et", "fi", "fr", "fr-latin1", "fr-latin9", "fr_CH", "gr", "hu", "il", "is-latin1",
+    "it", "jp106", "la-latin1", "lt", "lv", "mk", "nl", "no", "pl", "pt-latin1", "ro", "ru", "se-latin1", "sg", "sk-qwerty",
+    "sk-qwertz", "slovene", "sr-cy", "trq", "ua", "uk", "us", "us-acentos",
+];
+
+/// One of `LOCALES`.
 pub fn check_locale(s: &str) -> Result<(), String> {
-    let (base, codeset) = s.split_once('.').unwrap_or((s, ""));
-    let (lang, country) = base.split_once('_').unwrap_or((base, ""));
-    let ok = (lang == "C" || ((2..=3).contains(&lang.len()) && lang.bytes().all(|b| b.is_ascii_lowercase())))
-        && (country.is_empty() || (country.len() == 2 && country.bytes().all(|b| b.is_ascii_uppercase())))
-        && (codeset.is_empty() || codeset == "UTF-8" || codeset == "utf8");
-    if ok {
-        Ok(())
-    } else {
-        Err(format!("{s:?}: not a locale like \"en_US.UTF-8\""))
+    if LOCALES.contains(&s) {
+        return Ok(());
     }
+    // "de_DE" or "de_DE.utf8" mean the UTF-8 locale; say which name to write.
+    let base = s.split('.').next().unwrap_or(s);
+    let close: Vec<&str> = LOCALES.iter().copied().filter(|l| l.split('.').next() == Some(base) || l.starts_with(&format!("{base}_"))).take(4).collect();
+    let hint = if close.is_empty() { String::new() } else { format!(" (did you mean {}?)", close.join(", ")) };
+    Err(format!("{s:?} is not a locale RayOS knows: use one like \"en_US.UTF-8\" or \"de_DE.UTF-8\"{hint}"))
 }
 
+/// One of `KEYMAPS`.
 pub fn check_keymap(s: &str) -> Result<(), String> {
-    let ok = !s.is_empty() && s.len() <= 32 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!("{s:?}: not a keyboard layout name like \"us\" or \"de-latin1\""))
+    if KEYMAPS.contains(&s) {
+        return Ok(());
     }
+    let close: Vec<&str> = KEYMAPS.iter().copied().filter(|k| !s.is_empty() && (k.starts_with(s) || s.starts_with(*k))).take(4).collect();
+    let hint = if close.is_empty() { String::new() } else { format!(" (did you mean {}?)", close.join(", ")) };
+    Err(format!("{s:?} is not a keyboard layout RayOS knows: use one like \"us\", \"uk\", \"de\" or \"fr\"{hint}"))
 }
 
 impl SystemConfig {
@@ -136,12 +161,30 @@ mod tests {
         assert!(check_hostname("has space").is_err());
         assert!(check_timezone("Europe/Paris").is_ok());
         assert!(check_timezone("America/Argentina/Buenos_Aires").is_ok());
+        assert!(check_timezone("UTC").is_ok());
         assert!(check_timezone("../etc/passwd").is_err());
         assert!(check_locale("en_US.UTF-8").is_ok());
         assert!(check_locale("C.UTF-8").is_ok());
         assert!(check_locale("english").is_err());
         assert!(check_keymap("de-latin1").is_ok());
         assert!(check_keymap("us uk").is_err());
+    }
+
+    #[test]
+    fn only_names_from_the_lists_rayos_carries_are_taken_and_errors_suggest_one() {
+        // Well formed, but no such zone, locale or layout.
+        let e = check_timezone("Europe/Atlantis").unwrap_err();
+        assert!(e.starts_with("\"Europe/Atlantis\" is not a time zone: use a tz database name like"), "{e}");
+        let e = check_timezone("europe/paris").unwrap_err();
+        assert!(e.ends_with("(did you mean Europe/Paris?)"), "{e}");
+        let e = check_locale("de_DE").unwrap_err();
+        assert!(e.ends_with("(did you mean de_DE.UTF-8?)"), "{e}");
+        assert!(check_locale("xx_XX.UTF-8").is_err());
+        let e = check_keymap("qwertz").unwrap_err();
+        assert!(e.starts_with("\"qwertz\" is not a keyboard layout RayOS knows"), "{e}");
+        assert!(check_keymap("de").is_ok() && check_keymap("uk").is_ok());
+        // Every default is in its list.
+        assert!(SystemConfig::default().validate().is_ok());
     }
 
     #[test]

@@ -151,14 +151,16 @@ fn stage_vms(
     let vm_dir = base.join(id.to_string());
     let staged = root.join(vm_dir.strip_prefix(mount).expect("under its mount point"));
     fs::create_dir_all(&staged).map_err(|source| InstallError::Io { path: staged.clone(), source })?;
-    log.step(72, &format!("unpacking the default Linux VM's disk into {}", vm_dir.display()));
+    let unpacking = format!("unpacking the default Linux VM's disk into {}", vm_dir.display());
+    log.step(72, &unpacking);
     let disk = staged.join("disk.img");
     let mut last_pct = 0;
+    // The same text as the step: a UI shows one line for it and moves its percentage.
     let stats = diskpack::unpack(&packed[..], Path::new(esp::DEFAULT_LINUX_DISK_PATH), &disk, &mut |done, total| {
         let pct = 72 + (done * 16 / total.max(1)) as u8;
         if pct != last_pct {
             last_pct = pct;
-            (log.progress)(pct, "unpacking the default Linux VM's disk");
+            (log.progress)(pct, &unpacking);
         }
     })?;
     let mut vm = VmRecord::default_linux(id, &vm_dir);

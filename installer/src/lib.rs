@@ -5,6 +5,7 @@ pub mod answers;
 pub mod blockio;
 pub mod bls;
 pub mod config;
+pub mod console;
 pub mod datafs;
 pub mod diskpack;
 pub mod disks;

@@ -44,12 +44,15 @@ struct Args {
     /// take the boot files from this USB image/device instead of finding the boot medium
     #[arg(long)]
     medium: Option<PathBuf>,
+    /// tty class directory (which consoles the kernel uses, and whether a serial port exists)
+    #[arg(long, default_value = "/sys/class/tty")]
+    sys_class_tty: PathBuf,
+    /// the kernel's printk levels, lowered while the installer draws on the consoles
+    #[arg(long, default_value = "/proc/sys/kernel/printk")]
+    printk: PathBuf,
 }
 
-fn say(msg: &str) {
-    // Lines on the console that tests and people read; \r because the console may be raw.
-    println!("rayos-installer: {msg}\r");
-}
+use installer::console::{self, say, ConsolePaths, QuietKernel};
 
 fn answers_arg(cmdline: &str) -> Option<String> {
     cmdline.split_whitespace().find_map(|w| w.strip_prefix("rayos.answers=")).map(str::to_string)
@@ -85,7 +88,14 @@ fn unattended(env: &Environment, all: &[Disk], files: &BootFiles, name: &str, te
     for line in plan.describe() {
         say(&line);
     }
-    let report = install::install(env, &plan, &a.config, files, Some(text), &mut |pct, msg| say(&format!("[{pct:>3}%] {msg}")))?;
+    // One line per step, not one per percent.
+    let mut last = String::new();
+    let report = install::install(env, &plan, &a.config, files, Some(text), &mut |pct, msg| {
+        if msg != last {
+            say(&format!("[{pct:>3}%] {msg}"));
+            last = msg.to_string();
+        }
+    })?;
     say(&format!(
         "installed in {} ms, {} bytes written{}",
         report.duration.as_millis(),
@@ -97,6 +107,13 @@ fn unattended(env: &Environment, all: &[Disk], files: &BootFiles, name: &str, te
 
 fn run() -> Result<ExitCode> {
     let args = Args::parse();
+    let (consoles, unusable) = console::discover(&ConsolePaths { sys_class_tty: args.sys_class_tty.clone(), dev: args.dev.clone() });
+    console::set_line_outputs(&consoles);
+    for why in &unusable {
+        say(&format!("console not used: {why}"));
+    }
+    // Kernel messages would scribble over the wizard; they still reach kmsg and rayosd's log.
+    let _quiet = QuietKernel::new(&args.printk);
     let env = Environment {
         paths: SystemPaths { sys_class_block: args.sys_class_block.clone(), dev: args.dev.clone() },
         efivars: Some(args.efivars.clone()),
@@ -153,7 +170,7 @@ fn run() -> Result<ExitCode> {
     let mut w = Wizard::new(all);
     w.message = note;
     let env2 = env.clone();
-    let outcome = wizard::terminal::run(w, move |w: &Wizard, tx| {
+    let outcome = wizard::terminal::run(w, consoles, move |w: &Wizard, tx| {
         let plan = w.plan.clone().expect("a plan before confirmation");
         let cfg = w.config.clone();
         let answers = w.answers_toml();
@@ -167,6 +184,12 @@ fn run() -> Result<ExitCode> {
                     .map_err(|e| e.to_string()),
             ));
         });
+    })
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "{e}; connect a screen and keyboard or a serial console, or put rayos/answers.toml on the USB stick \
+             for an unattended install"
+        )
     })?;
     Ok(match outcome {
         wizard::terminal::Outcome::Reboot => {

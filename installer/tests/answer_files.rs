@@ -22,6 +22,8 @@ fn err(text: &str) -> String {
 #[test]
 fn minimal_file_is_valid_with_defaults() {
     let a = parse("answers.toml", GOOD).unwrap();
+    // Absent or false: Windows autostart is not offered, and nothing asks for it.
+    assert!(parse("answers.toml", &format!("{GOOD}[policy]\nautostart_windows_hidden = false\n")).is_ok());
     assert_eq!(a.target, Target::WholeDisk);
     assert_eq!(a.vm_storage, VmStorage::DataVolume);
     assert_eq!(a.config.hostname, "rayos");
@@ -59,6 +61,14 @@ fn each_invalid_field_is_named() {
         ("[system]\nlocale = \"klingon\"\n", "answers.toml: system.locale"),
         ("[system]\nkeymap = \"a b\"\n", "answers.toml: system.keymap"),
         ("[policy]\nautostart_linux_hidden = \"yes\"\n", "answers.toml: policy.autostart_linux_hidden: invalid type: string \"yes\", expected a boolean"),
+        (
+            "[policy]\nautostart_windows_hidden = true\n",
+            "answers.toml: policy.autostart_windows_hidden: RayOS does not run Windows VMs yet, so there is none to \
+             autostart: remove this key or set it to false",
+        ),
+        ("[system]\ntimezone = \"Mars/Olympus_Mons\"\n", "answers.toml: system.timezone: \"Mars/Olympus_Mons\" is not a time zone"),
+        ("[system]\nlocale = \"xx_YY.UTF-8\"\n", "answers.toml: system.locale: \"xx_YY.UTF-8\" is not a locale RayOS knows"),
+        ("[system]\nkeymap = \"qwertz\"\n", "answers.toml: system.keymap: \"qwertz\" is not a keyboard layout RayOS knows"),
     ] {
         let got = err(&with(extra));
         assert!(got.starts_with(want), "for {extra:?}: want prefix {want:?}, got {got:?}");
@@ -123,7 +133,7 @@ fn confirmation_must_name_the_disk_and_say_wipe_when_destroying() {
 fn wizard_answers_round_trip_through_the_parser() {
     let (_m, disks) = machine();
     let mut cfg = installer::config::SystemConfig { hostname: "saved".into(), ..Default::default() };
-    cfg.policy.autostart_windows_hidden = true;
+    cfg.policy.autostart_linux_hidden = false;
     let text = to_toml(&disks[1], &Target::Partition(3), &VmStorage::DedicatedPartition { size_bytes: 8 * GIB }, &cfg, "wipe NV-2");
     let a = parse("saved.toml", &text).unwrap();
     assert_eq!(a.target, Target::Partition(3));

@@ -14,7 +14,7 @@ use ratatui::Terminal;
 
 fn screen_text(w: &Wizard) -> String {
     let mut t = Terminal::new(TestBackend::new(80, 24)).unwrap();
-    t.draw(|f| render(f, w)).unwrap();
+    t.draw(|f| render(f, w, None)).unwrap();
     let buf = t.backend().buffer().clone();
     (0..24)
         .map(|y| (0..80).map(|x| buf[(x, y)].symbol().to_string()).collect::<String>().trim_end().to_string())
@@ -212,4 +212,56 @@ fn screens_fit_80x24_without_losing_the_footer() {
         assert!(footer.contains("Enter"), "{:?}: footer {footer:?}", w.screen);
         w.handle(Key::Enter);
     }
+}
+
+#[test]
+fn a_wrong_time_zone_is_named_and_corrected_in_place_and_windows_autostart_is_not_offered() {
+    let (_m, d) = machine();
+    let mut w = Wizard::new(d);
+    for _ in 0..5 {
+        w.handle(Key::Enter);
+    }
+    assert_eq!(w.screen, Screen::FirstBoot);
+    let s = screen_text(&w);
+    assert!(!s.contains("Windows"), "an option the product does not have is offered:\n{s}");
+    w.handle(Key::Tab);
+    for _ in 0..3 {
+        w.handle(Key::Backspace);
+    }
+    typ(&mut w, "Europe/Atlantis");
+    w.handle(Key::Enter);
+    assert_eq!(w.screen, Screen::FirstBoot, "the user stays on the screen");
+    assert_eq!(w.field_cursor, 1, "the wrong field is focused");
+    let s = screen_text(&w);
+    assert!(s.contains("! Time zone: \"Europe/Atlantis\" is not a time zone"), "{s}");
+    for _ in 0.."Atlantis".len() {
+        w.handle(Key::Backspace);
+    }
+    typ(&mut w, "Paris");
+    w.handle(Key::Enter);
+    assert_eq!(w.screen, Screen::Summary);
+    assert!(screen_text(&w).contains("Europe/Paris"));
+}
+
+#[test]
+fn progress_is_one_line_per_step_beside_its_percentage() {
+    let (_m, d) = machine();
+    let mut w = Wizard::new(d);
+    for _ in 0..6 {
+        w.handle(Key::Enter);
+    }
+    typ(&mut w, "wipe NV-TARGET");
+    assert_eq!(w.handle(Key::Enter), Action::Install);
+    w.on_progress(70, "writing the data volume");
+    for pct in 72..=88 {
+        w.on_progress(pct, "unpacking the default Linux VM's disk into /data/vms/x");
+    }
+    let s = screen_text(&w);
+    assert_eq!(s.matches("unpacking the default Linux VM's disk").count(), 1, "{s}");
+    assert_eq!(w.progress_lines.len(), 2);
+    let bar = s.lines().find(|l| l.contains('[') && l.contains('%')).expect("a progress bar");
+    let (inside, after) = bar.split_once(']').unwrap();
+    assert_eq!(after.trim(), "88%", "the percentage beside the bar, not on it: {bar:?}");
+    assert!(!inside.contains(|c: char| c.is_ascii_digit()), "{bar:?}");
+    assert!(bar.contains("#") && bar.contains("."), "{bar:?}");
 }

@@ -39,6 +39,16 @@ pub enum Stdio3 {
     Console,
     /// stdin from /dev/null; stdout and stderr line by line into rayosd's log.
     Log,
+    /// As `Log`, for a service that opens the consoles itself (the installer draws on the
+    /// screen and the serial console at once): rayosd mutes its own console output while it runs.
+    LogOwnsConsoles,
+}
+
+impl Stdio3 {
+    /// rayosd stays off the console while such a service runs.
+    pub fn owns_console(self) -> bool {
+        matches!(self, Stdio3::Console | Stdio3::LogOwnsConsoles)
+    }
 }
 
 /// What a service is and how it is supervised.
@@ -332,7 +342,7 @@ impl Supervisor {
                     }
                 }
             };
-            if spec.stdio == Stdio3::Console {
+            if spec.stdio.owns_console() {
                 self.console_claim(true);
             }
             tracing::info!("service {name}: started pid={pid}");
@@ -357,7 +367,7 @@ impl Supervisor {
                     },
                 }
             };
-            if spec.stdio == Stdio3::Console {
+            if spec.stdio.owns_console() {
                 self.console_claim(false);
             }
             let ran = started.elapsed();
@@ -478,7 +488,7 @@ async fn terminate(pid: u32, exit_rx: &mut tokio::sync::oneshot::Receiver<ExitKi
     }
 }
 
-/// Starts the process. Returns its pid and, for `Stdio3::Log`, its stdout and stderr.
+/// Starts the process. Returns its pid and, for `Stdio3::Log*`, its stdout and stderr.
 fn spawn(spec: &ServiceSpec) -> std::io::Result<(u32, Option<(OwnedFd, OwnedFd)>)> {
     let mut cmd = Command::new(&spec.argv[0]);
     cmd.args(&spec.argv[1..]);

@@ -13,8 +13,8 @@ pub const BUILD: &[&str] = &[
 pub const RUN: &[&str] = &["qemu-system-x86", "ovmf"];
 /// What the tests need beyond the build's tools: `fsck.vfat` for the ESPs the installer
 /// writes (e2fsck and debugfs come with e2fsprogs), python3 for the fake VMM of rayosd's
-/// unit tests.
-pub const TEST: &[&str] = &["dosfstools", "python3"];
+/// unit tests, tesseract to read the installer's screen (QMP screendump) back as text.
+pub const TEST: &[&str] = &["dosfstools", "python3", "tesseract-ocr"];
 
 #[derive(Debug, Error)]
 pub enum HostDepsError {

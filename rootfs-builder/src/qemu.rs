@@ -42,6 +42,8 @@ pub enum Serial {
     /// A unix socket QEMU listens on and waits for before starting (nothing is lost).
     Socket(PathBuf),
     File(PathBuf),
+    /// No serial port at all (`-serial none`), like most laptops.
+    None,
 }
 
 #[derive(Debug, Clone)]
@@ -112,6 +114,9 @@ impl QemuConfig {
             }
             Serial::File(p) => {
                 c.arg("-serial").arg(format!("file:{}", p.display()));
+            }
+            Serial::None => {
+                c.args(["-serial", "none"]);
             }
         }
         if let Some(q) = &self.qmp {

@@ -31,13 +31,15 @@ async fn serves_the_vm_api_from_a_state_folder_and_reports_host_kvm() {
         }
     }
     let all = lines.concat();
-    // The builder's probe (the one that picks QEMU's accelerator) decides which verdict this
-    // host must get; systemless must give that one, and say why when KVM is unusable.
-    match rootfs_builder::accel::detect() {
-        rootfs_builder::accel::Accel::Kvm => {
+    // The builder's probe (`kvm_probe::check`, the one that picks QEMU's accelerator), run on
+    // its own, decides which verdict this host must get; systemless must give that one, and
+    // say why when KVM is unusable.
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_rayos-systemless"));
+    match kvm_probe::check(exe, "--kvm-probe-child", kvm_probe::DEFAULT_TIMEOUT) {
+        kvm_probe::Verdict::Works { .. } => {
             assert!(all.contains("rayos-systemless: host KVM runs guests"), "the probe says KVM works here:\n{all}")
         }
-        rootfs_builder::accel::Accel::Tcg { why } => {
+        kvm_probe::Verdict::Unusable(why) => {
             assert!(all.contains("rayos-systemless: host KVM does NOT run guests: "), "the probe says KVM is unusable ({why}):\n{all}");
             assert!(!all.contains("host KVM runs guests"), "{all}");
             if !std::path::Path::new("/dev/kvm").exists() {

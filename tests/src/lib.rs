@@ -120,6 +120,30 @@ mod tests {
     }
 }
 
+/// Whether OCR'd screen text holds `text`, ignoring case, spacing and the O/0 confusion of
+/// the VT font.
+pub fn ocr_contains(seen: &str, text: &str) -> bool {
+    let norm = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase().replace('0', "o");
+    norm(seen).contains(&norm(text))
+}
+
+/// The key that types `c` on a US keyboard, as (shift held, QEMU qcode).
+pub fn qcode(c: char) -> Option<(bool, String)> {
+    Some(match c {
+        'a'..='z' | '0'..='9' => (false, c.to_string()),
+        'A'..='Z' => (true, c.to_ascii_lowercase().to_string()),
+        ' ' => (false, "spc".into()),
+        '-' => (false, "minus".into()),
+        '_' => (true, "minus".into()),
+        '/' => (false, "slash".into()),
+        '.' => (false, "dot".into()),
+        ',' => (false, "comma".into()),
+        ':' => (true, "semicolon".into()),
+        '\n' => (false, "ret".into()),
+        _ => return None,
+    })
+}
+
 pub struct QemuBuilder {
     name: String,
     work: Workdir,
@@ -196,6 +220,13 @@ impl QemuBuilder {
         &self.work.dir
     }
 
+    /// No serial port at all (`-serial none`): the machine has only its screen and keyboard.
+    /// `serial_log` stays empty; read the screen with `screen_text`.
+    pub fn no_serial(mut self) -> Self {
+        self.cfg.serial = Serial::None;
+        self
+    }
+
     pub fn spawn(self) -> Result<Qemu, HarnessError> {
         let QemuBuilder { name, work, cfg } = self;
         let serial_sock = work.sockets.join("serial.sock");
@@ -205,6 +236,30 @@ impl QemuBuilder {
         std::fs::write(work.path("qemu.cmdline"), format!("{cmd:?}\n")).map_err(io("writing qemu.cmdline"))?;
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
         let mut child = cmd.spawn().map_err(io("starting qemu-system-x86_64"))?;
+        let log = Arc::new((Mutex::new(String::new()), Condvar::new()));
+        if matches!(cfg.serial, Serial::None) {
+            // Nothing to wait on but QEMU's QMP socket, which it makes while starting up.
+            if let Some(q) = &cfg.qmp {
+                let start = Instant::now();
+                while UnixStream::connect(q).is_err() {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        return Err(HarnessError::Exited {
+                            name,
+                            pattern: "QMP socket".into(),
+                            status: status.to_string(),
+                            stderr: std::fs::read_to_string(&stderr_path).unwrap_or_default(),
+                            tail: String::new(),
+                        });
+                    }
+                    if start.elapsed() > Duration::from_secs(30) {
+                        let _ = child.kill();
+                        return Err(HarnessError::Qmp(format!("{}: no QMP socket after 30 s", q.display())));
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            return Ok(Qemu { name, work, child: Some(child), serial: None, log, qmp: None, cfg });
+        }
         // QEMU waits for us on the serial socket before it starts the guest: nothing is lost.
         let start = Instant::now();
         let stream = loop {
@@ -228,7 +283,6 @@ impl QemuBuilder {
                 }
             }
         };
-        let log = Arc::new((Mutex::new(String::new()), Condvar::new()));
         let reader = stream.try_clone().map_err(io("cloning the serial socket"))?;
         let log2 = log.clone();
         let log_file = work.path("serial.log");
@@ -253,7 +307,7 @@ impl QemuBuilder {
             m.lock().unwrap().push_str("\n[serial closed]\n");
             cv.notify_all();
         });
-        Ok(Qemu { name, work, child: Some(child), serial: stream, log, qmp: None, cfg })
+        Ok(Qemu { name, work, child: Some(child), serial: Some(stream), log, qmp: None, cfg })
     }
 }
 
@@ -261,7 +315,8 @@ pub struct Qemu {
     name: String,
     work: Workdir,
     child: Option<Child>,
-    serial: UnixStream,
+    /// None with `no_serial()`.
+    serial: Option<UnixStream>,
     log: Arc<(Mutex<String>, Condvar)>,
     qmp: Option<BufReader<UnixStream>>,
     cfg: QemuConfig,
@@ -362,7 +417,87 @@ impl Qemu {
 
     /// Type on the serial console.
     pub fn send_serial(&mut self, bytes: &[u8]) -> Result<(), HarnessError> {
-        self.serial.write_all(bytes).map_err(io("writing to the serial console"))
+        let s = self.serial.as_mut().expect("this machine has no serial port (no_serial())");
+        s.write_all(bytes).map_err(io("writing to the serial console"))
+    }
+
+    /// Press keys on the USB keyboard together, then release them (QMP `input-send-event`
+    /// with QEMU qcodes, e.g. `["shift", "a"]`, `["ret"]`, `["esc"]`).
+    pub fn press(&mut self, qcodes: &[&str]) -> Result<(), HarnessError> {
+        let ev = |q: &str, down: bool| {
+            serde_json::json!({ "type": "key", "data": { "down": down, "key": { "type": "qcode", "data": q } } })
+        };
+        let down: Vec<_> = qcodes.iter().map(|q| ev(q, true)).collect();
+        self.qmp("input-send-event", serde_json::json!({ "events": down }))?;
+        // The guest polls the USB keyboard: give it a report with the keys down before the release.
+        std::thread::sleep(Duration::from_millis(40));
+        let up: Vec<_> = qcodes.iter().rev().map(|q| ev(q, false)).collect();
+        self.qmp("input-send-event", serde_json::json!({ "events": up }))?;
+        std::thread::sleep(Duration::from_millis(40));
+        Ok(())
+    }
+
+    /// Type `text` on the USB keyboard (US layout; `\n` is Enter).
+    pub fn type_text(&mut self, text: &str) -> Result<(), HarnessError> {
+        for c in text.chars() {
+            let (shift, q) = qcode(c).ok_or_else(|| HarnessError::Qmp(format!("no key for {c:?} in type_text")))?;
+            if shift {
+                self.press(&["shift", &q])?;
+            } else {
+                self.press(&[&q])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The screen as text: a QMP screendump (kept as `screen.png` in the test folder) read by
+    /// tesseract (Debian's `tesseract-ocr`).
+    pub fn screen_text(&mut self) -> Result<String, HarnessError> {
+        let png = self.work.path("screen.png");
+        let _ = std::fs::remove_file(&png);
+        self.screendump(&png)?;
+        // QEMU writes the file when the display next refreshes.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !png.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = std::process::Command::new("tesseract")
+            .arg(&png)
+            .arg("-")
+            .output()
+            .map_err(io("running tesseract (apt-get install tesseract-ocr)"))?;
+        if !out.status.success() {
+            return Err(HarnessError::Qmp(format!("tesseract: {}", String::from_utf8_lossy(&out.stderr))));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Read the screen until `text` is on it (spaces and case as OCR reads them do not
+    /// matter); returns what was read.
+    pub fn wait_screen(&mut self, text: &str, timeout: Duration) -> Result<String, HarnessError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let seen = self.screen_text()?;
+            if ocr_contains(&seen, text) {
+                return Ok(seen);
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(HarnessError::Exited {
+                        name: self.name.clone(),
+                        pattern: text.into(),
+                        status: status.to_string(),
+                        stderr: std::fs::read_to_string(self.work.path("qemu.stderr")).unwrap_or_default(),
+                        tail: seen,
+                    });
+                }
+            }
+            if Instant::now() > deadline {
+                let _ = std::fs::copy(self.work.path("screen.png"), self.work.path("screen-timeout.png"));
+                return Err(HarnessError::Timeout { name: self.name.clone(), pattern: text.into(), timeout, tail: seen });
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
     }
 
     /// The host end of the `org.rayos.control` port (after `control_channel()`).

@@ -5,7 +5,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use rayos_tests::{artifacts, blank_disk, esp, Qemu, BOOT_TIMEOUT};
+use rayos_tests::{artifacts, blank_disk, esp, ocr_contains, Qemu, BOOT_TIMEOUT};
 
 const GIB: u64 = 1 << 30;
 const INSTALL_TIMEOUT: Duration = Duration::from_secs(420);
@@ -260,4 +260,75 @@ fn wizard_over_serial_through_every_screen_with_a_step_back() {
     vm.wait_exit(Duration::from_secs(120)).unwrap();
     let parts = used_partitions(&target);
     assert_eq!(parts.iter().map(|p| p.2.as_str()).collect::<Vec<_>>(), [esp::ESP_TYPE, esp::RAYOS_DATA_TYPE]);
+}
+
+/// A machine without any serial port (`-serial none`, like most laptops): the wizard starts on
+/// the screen and does not crash; it is driven end to end by USB keyboard keys and read back
+/// from the screen (QMP screendump + OCR): each step's title, a step back (Esc), a wrong time
+/// zone named and corrected, the typed confirmation. Then the installed disk boots.
+#[test]
+fn wizard_on_the_screen_with_usb_keys_and_no_serial_port() {
+    let usb = usb_with_answers("wizard-screen", None);
+    let target = rootfs_builder::paths::out_dir().join("test-runs/installer-screen-target.img");
+    blank_disk(&target, 6 * GIB).unwrap();
+    let mut vm = Qemu::builder("installer-screen")
+        .uefi_usb(&usb)
+        .nvme_disk(&target, "RAYOS-TARGET")
+        .no_serial()
+        .no_reboot()
+        .spawn()
+        .unwrap();
+    let step = Duration::from_secs(90);
+    let seen = vm.wait_screen("RayOS installer - 1/8 Welcome", BOOT_TIMEOUT).unwrap();
+    assert!(seen.contains("Enter: start"), "{seen}");
+    let _ = std::fs::copy(vm.workdir().join("screen.png"), vm.workdir().join("welcome.png"));
+    vm.press(&["ret"]).unwrap();
+    vm.wait_screen("/8 Disks", step).unwrap();
+    vm.wait_screen("serial RAYOS-TARGET", step).unwrap();
+    vm.press(&["ret"]).unwrap();
+    vm.wait_screen("/8 Target", step).unwrap();
+    vm.press(&["esc"]).unwrap(); // back one step
+    vm.wait_screen("/8 Disks", step).unwrap();
+    vm.press(&["ret"]).unwrap();
+    vm.wait_screen("/8 Target", step).unwrap();
+    vm.press(&["ret"]).unwrap();
+    vm.wait_screen("/8 Data filesystem", step).unwrap();
+    vm.press(&["ret"]).unwrap();
+    // OCR reads the VT font's "VM" as "UM" and a title's step number now and then as "?":
+    // titles are matched from "/8" on, this one by its first line.
+    vm.wait_screen("/8 ", step).unwrap();
+    vm.wait_screen("disks live:", step).unwrap();
+    vm.press(&["ret"]).unwrap();
+    let seen = vm.wait_screen("/8 First-boot configuration", step).unwrap();
+    assert!(!seen.contains("Windows"), "Windows autostart is offered:\n{seen}");
+
+    // Time zone: "UTC" replaced by a zone that does not exist, refused by name, then corrected.
+    vm.press(&["tab"]).unwrap();
+    for _ in 0..3 {
+        vm.press(&["backspace"]).unwrap();
+    }
+    vm.type_text("Mars/Base\n").unwrap();
+    let seen = vm.wait_screen("is not a time zone", step).unwrap();
+    assert!(ocr_contains(&seen, "/8 First-boot"), "the user stays on the screen:\n{seen}");
+    for _ in 0.."Mars/Base".len() {
+        vm.press(&["backspace"]).unwrap();
+    }
+    vm.type_text("Europe/Paris\n").unwrap();
+    vm.wait_screen("/8 Summary and confirmation", step).unwrap();
+    vm.wait_screen("Europe/Paris", step).unwrap();
+    vm.wait_screen("type: wipe RAYOS-TARGET", step).unwrap();
+    vm.type_text("wipe RAYOS-TARGET\n").unwrap();
+    vm.wait_screen("/8 Installing", step).unwrap();
+    let seen = vm.wait_screen("/8 Done", INSTALL_TIMEOUT).unwrap();
+    let _ = std::fs::copy(vm.workdir().join("screen.png"), vm.workdir().join("done.png"));
+    assert_eq!(seen.matches("unpacking the default Linux").count(), 1, "one line per step:\n{seen}");
+    vm.press(&["ret"]).unwrap();
+    vm.wait_exit(Duration::from_secs(120)).unwrap();
+    let parts = used_partitions(&target);
+    assert_eq!(parts.iter().map(|p| p.2.as_str()).collect::<Vec<_>>(), [esp::ESP_TYPE, esp::RAYOS_DATA_TYPE]);
+
+    let mut vm = Qemu::builder("installer-screen-installed").nvme_disk(&target, "RAYOS-TARGET").spawn().unwrap();
+    let ready = vm.wait_for("rayosd: ready", BOOT_TIMEOUT).unwrap();
+    assert!(ready.contains("mode=installed"), "{ready}\n{}", vm.serial_log());
+    vm.kill();
 }

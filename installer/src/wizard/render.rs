@@ -4,7 +4,7 @@
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Modifier, Style};
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Borders, Gauge, Paragraph, Wrap};
+use ratatui::widgets::{Block, Borders, Paragraph, Wrap};
 use ratatui::Frame;
 
 use super::state::{Screen, Wizard, FIRST_BOOT_FIELDS, VM_CHOICES};
@@ -32,7 +32,8 @@ fn keys(screen: &Screen) -> &'static str {
     }
 }
 
-pub fn render(f: &mut Frame, w: &Wizard) {
+/// `note`: shown instead of the keys on a console that does not drive the wizard.
+pub fn render(f: &mut Frame, w: &Wizard, note: Option<&str>) {
     let area = f.area();
     let [title, body, msg, footer] =
         Layout::vertical([Constraint::Length(1), Constraint::Min(3), Constraint::Length(2), Constraint::Length(1)])
@@ -41,7 +42,10 @@ pub fn render(f: &mut Frame, w: &Wizard) {
         Paragraph::new(format!("RayOS installer - {}", w.screen.title())).style(Style::default().add_modifier(Modifier::BOLD)),
         title,
     );
-    f.render_widget(Paragraph::new(keys(&w.screen)), footer);
+    match note {
+        Some(n) => f.render_widget(Paragraph::new(n.to_string()).style(Style::default().add_modifier(Modifier::BOLD)), footer),
+        None => f.render_widget(Paragraph::new(keys(&w.screen)), footer),
+    }
     if let Some(m) = &w.message {
         f.render_widget(Paragraph::new(format!("! {m}")).wrap(Wrap { trim: true }), msg);
     }
@@ -55,12 +59,21 @@ pub fn render(f: &mut Frame, w: &Wizard) {
 }
 
 fn progress(f: &mut Frame, w: &Wizard, area: Rect) {
-    let [gauge, log] = Layout::vertical([Constraint::Length(1), Constraint::Min(1)]).areas(area);
-    f.render_widget(Gauge::default().percent(w.progress.min(100) as u16).label(format!("{}%", w.progress)), gauge);
+    let [gauge, log] = Layout::vertical([Constraint::Length(2), Constraint::Min(1)]).areas(area);
+    f.render_widget(Paragraph::new(progress_bar(w.progress, gauge.width)), gauge);
     let shown = log.height as usize;
     let start = w.progress_lines.len().saturating_sub(shown);
     let text: Vec<Line> = w.progress_lines[start..].iter().map(|l| Line::from(l.clone())).collect();
     f.render_widget(Paragraph::new(text), log);
+}
+
+/// `[#####.....]  45%`: plain characters, readable on any terminal, the percentage beside the
+/// bar rather than on it.
+pub fn progress_bar(pct: u8, width: u16) -> String {
+    let pct = pct.min(100) as usize;
+    let inner = (width as usize).saturating_sub(8).max(10);
+    let done = inner * pct / 100;
+    format!("[{}{}] {pct:>3}%", "#".repeat(done), ".".repeat(inner - done))
 }
 
 fn lines(w: &Wizard) -> Vec<Line<'static>> {
@@ -122,7 +135,6 @@ fn lines(w: &Wizard) -> Vec<Line<'static>> {
                 c.locale.clone(),
                 c.keymap.clone(),
                 yn(c.policy.autostart_linux_hidden),
-                yn(c.policy.autostart_windows_hidden),
             ];
             for (i, (name, v)) in FIRST_BOOT_FIELDS.iter().zip(values).enumerate() {
                 out.push(selectable(i == w.field_cursor, format!("{name:<25} {v}")));

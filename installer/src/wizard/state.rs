@@ -68,8 +68,8 @@ pub const VM_CHOICES: [&str; 3] = [
     "A directory on the data volume:",
 ];
 
-pub const FIRST_BOOT_FIELDS: [&str; 6] =
-    ["Machine name", "Time zone", "Locale", "Keyboard layout", "Autostart Linux hidden", "Autostart Windows hidden"];
+/// Autostart of Windows VMs is not offered: RayOS does not run Windows VMs yet.
+pub const FIRST_BOOT_FIELDS: [&str; 5] = ["Machine name", "Time zone", "Locale", "Keyboard layout", "Autostart Linux hidden"];
 
 #[derive(Debug, Clone)]
 pub struct Wizard {
@@ -282,9 +282,6 @@ impl Wizard {
                     Key::Char(' ') | Key::Left | Key::Right if self.field_cursor == 4 => {
                         self.config.policy.autostart_linux_hidden ^= true
                     }
-                    Key::Char(' ') | Key::Left | Key::Right if self.field_cursor == 5 => {
-                        self.config.policy.autostart_windows_hidden ^= true
-                    }
                     Key::Enter => match self.config.validate() {
                         Ok(()) => {
                             self.confirm_input.clear();
@@ -328,9 +325,12 @@ impl Wizard {
         Action::None
     }
 
+    /// One line per step: a step reports its percentage many times with the same text.
     pub fn on_progress(&mut self, pct: u8, line: &str) {
         self.progress = pct;
-        self.progress_lines.push(line.to_string());
+        if self.progress_lines.last().map(String::as_str) != Some(line) {
+            self.progress_lines.push(line.to_string());
+        }
     }
 
     pub fn on_finished(&mut self, result: Result<String, String>) {

@@ -100,7 +100,9 @@ fn services_for(mode: Mode, opts: &BootOptions) -> Vec<ServiceSpec> {
     let mut v = Vec::new();
     if mode == Mode::Installer {
         let mut s = ServiceSpec::new("installer", &["/usr/bin/rayos-installer"]);
-        s.stdio = Stdio3::Console;
+        // It opens the screen's VT and the serial console itself (either may be missing);
+        // its stdout and stderr are the log.
+        s.stdio = Stdio3::LogOwnsConsoles;
         s.restart = RestartPolicy::OnFailure;
         s.on_success = Some(PowerAction::Reboot);
         v.push(s);

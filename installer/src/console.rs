@@ -1,0 +1,197 @@
+//! The machine's consoles as the installer uses them: the kernel VT on the screen (tty1, fed by
+//! every keyboard the kernel sees) and the serial console (when the port really exists).
+//!
+//! rayosd gives the installer no terminal (stdout and stderr go to rayosd's log): it opens the
+//! consoles here itself, so one that is missing or broken is reported and left out instead of
+//! taking the installer down. A serial port the firmware does not have still has its /dev node;
+//! the kernel accepts writes to it and drops them (a write returns 0), which used to make
+//! `println!` panic and, with `panic = "abort"`, the installer die with SIGABRT.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// A console the installer can draw on.
+#[derive(Debug)]
+pub struct ConsoleDev {
+    /// What a person calls it: "screen" or "serial console".
+    pub label: &'static str,
+    pub path: PathBuf,
+    pub file: File,
+}
+
+/// Where the consoles are found (a fake tree in tests).
+#[derive(Debug, Clone)]
+pub struct ConsolePaths {
+    /// `/sys/class/tty`
+    pub sys_class_tty: PathBuf,
+    /// `/dev`
+    pub dev: PathBuf,
+}
+
+impl Default for ConsolePaths {
+    fn default() -> Self {
+        ConsolePaths { sys_class_tty: "/sys/class/tty".into(), dev: "/dev".into() }
+    }
+}
+
+/// The kernel's consoles (`/sys/class/tty/console/active`, e.g. `tty0 ttyS0`) that can be used,
+/// screen first, and for each one that cannot, why.
+pub fn discover(p: &ConsolePaths) -> (Vec<ConsoleDev>, Vec<String>) {
+    let active = std::fs::read_to_string(p.sys_class_tty.join("console/active")).unwrap_or_default();
+    let mut names: Vec<String> = active.split_whitespace().map(str::to_string).collect();
+    if names.is_empty() {
+        names = vec!["tty0".into(), "ttyS0".into()];
+    }
+    // The screen first: it is where a person at the machine looks.
+    names.sort_by_key(|n| !is_vt(n));
+    let mut found = Vec::new();
+    let mut problems = Vec::new();
+    let mut vt_seen = false;
+    for name in names {
+        let (label, dev) = if is_vt(&name) {
+            if vt_seen {
+                continue;
+            }
+            vt_seen = true;
+            // tty0 is "the VT in front"; at boot that is tty1, the one the kernel's console shows.
+            ("screen", "tty1".to_string())
+        } else {
+            ("serial console", name.clone())
+        };
+        if label == "serial console" {
+            // serial_core's port type; 0 (PORT_UNKNOWN) means no UART answered at that address.
+            let ty = std::fs::read_to_string(p.sys_class_tty.join(&dev).join("type")).unwrap_or_default();
+            if ty.trim() == "0" {
+                problems.push(format!("{dev}: no serial port hardware behind it (port type unknown)"));
+                continue;
+            }
+        }
+        let path = p.dev.join(&dev);
+        match OpenOptions::new().read(true).write(true).custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK).open(&path) {
+            Ok(file) => found.push(ConsoleDev { label, path, file }),
+            Err(e) => problems.push(format!("{}: {e}", path.display())),
+        }
+    }
+    (found, problems)
+}
+
+fn is_vt(name: &str) -> bool {
+    name.strip_prefix("tty").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+static LINE_OUTPUTS: Mutex<Vec<(String, File)>> = Mutex::new(Vec::new());
+
+/// Consoles that `say` writes to (besides the log).
+pub fn set_line_outputs(consoles: &[ConsoleDev]) {
+    let mut outs = LINE_OUTPUTS.lock().unwrap_or_else(|e| e.into_inner());
+    outs.clear();
+    for c in consoles {
+        if let Ok(f) = c.file.try_clone() {
+            outs.push((c.path.display().to_string(), f));
+        }
+    }
+}
+
+/// A line for people and tests, on every console and in the log (stderr, which rayosd logs).
+/// Never fails: a console that takes no output is skipped (and said so in the log once).
+pub fn say(msg: &str) {
+    let line = format!("rayos-installer: {msg}");
+    let _ = writeln!(std::io::stderr(), "{line}");
+    let mut outs = LINE_OUTPUTS.lock().unwrap_or_else(|e| e.into_inner());
+    outs.retain_mut(|(name, f)| {
+        // \r because the console may be in raw mode.
+        match f.write_all(format!("{line}\r\n").as_bytes()) {
+            Ok(()) => true,
+            Err(e) => {
+                let _ = writeln!(std::io::stderr(), "rayos-installer: {name} takes no output ({e}); not writing to it any more");
+                false
+            }
+        }
+    });
+}
+
+/// The kernel's console log level while the installer runs: only emergencies reach the consoles
+/// (everything still goes to kmsg and rayosd's log). Restored when dropped.
+pub struct QuietKernel {
+    path: PathBuf,
+    saved: Option<String>,
+}
+
+impl QuietKernel {
+    pub fn new(printk: &Path) -> QuietKernel {
+        let saved = std::fs::read_to_string(printk).ok();
+        if saved.is_some() {
+            // Writing one number sets only the first field, the console log level.
+            if let Err(e) = std::fs::write(printk, "1") {
+                tracing::warn!("cannot lower the kernel's console log level ({}): {e}", printk.display());
+            }
+        }
+        QuietKernel { path: printk.to_path_buf(), saved }
+    }
+}
+
+impl Drop for QuietKernel {
+    fn drop(&mut self) {
+        if let Some(level) = self.saved.as_deref().and_then(|s| s.split_whitespace().next()) {
+            let _ = std::fs::write(&self.path, level);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree(active: &str, serial_type: &str) -> (tempfile::TempDir, ConsolePaths) {
+        let d = tempfile::tempdir().unwrap();
+        let sys = d.path().join("sys");
+        let dev = d.path().join("dev");
+        std::fs::create_dir_all(sys.join("console")).unwrap();
+        std::fs::create_dir_all(sys.join("ttyS0")).unwrap();
+        std::fs::create_dir_all(&dev).unwrap();
+        std::fs::write(sys.join("console/active"), active).unwrap();
+        std::fs::write(sys.join("ttyS0/type"), serial_type).unwrap();
+        // Plain files stand in for the device nodes.
+        std::fs::write(dev.join("tty1"), "").unwrap();
+        std::fs::write(dev.join("ttyS0"), "").unwrap();
+        (d, ConsolePaths { sys_class_tty: sys, dev })
+    }
+
+    #[test]
+    fn the_screen_comes_first_and_a_serial_port_without_hardware_is_left_out() {
+        let (_d, p) = tree("tty0 ttyS0\n", "4\n");
+        let (found, problems) = discover(&p);
+        assert_eq!(found.iter().map(|c| c.label).collect::<Vec<_>>(), ["screen", "serial console"]);
+        assert!(found[0].path.ends_with("tty1"), "{:?}", found[0].path);
+        assert!(problems.is_empty(), "{problems:?}");
+
+        let (_d, p) = tree("ttyS0 tty0\n", "0\n");
+        let (found, problems) = discover(&p);
+        assert_eq!(found.iter().map(|c| c.label).collect::<Vec<_>>(), ["screen"]);
+        assert_eq!(problems, ["ttyS0: no serial port hardware behind it (port type unknown)"]);
+    }
+
+    #[test]
+    fn a_missing_node_is_reported_by_path() {
+        let (_d, p) = tree("tty0\n", "4\n");
+        std::fs::remove_file(p.dev.join("tty1")).unwrap();
+        let (found, problems) = discover(&p);
+        assert!(found.is_empty());
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].contains("tty1") && problems[0].contains("No such file"), "{problems:?}");
+    }
+
+    #[test]
+    fn the_kernel_console_level_is_lowered_and_restored() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("printk");
+        std::fs::write(&p, "7\t4\t1\t7\n").unwrap();
+        let q = QuietKernel::new(&p);
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "1");
+        drop(q);
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "7");
+    }
+}
