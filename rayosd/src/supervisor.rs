@@ -82,38 +82,22 @@ impl ServiceSpec {
 /// Backoff and crash-loop limits.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    pub backoff_initial: Duration,
-    pub backoff_max: Duration,
-    /// A run this long resets the backoff.
-    pub stable_after: Duration,
-    /// This many failures within `crash_window` is a crash loop.
-    pub crash_count: usize,
-    pub crash_window: Duration,
+    /// Backoff and crash loop, the policy services and VMs share.
+    pub restart: RestartLimits,
     /// Between SIGTERM and SIGKILL when stopping.
     pub stop_timeout: Duration,
-}
-
-impl Limits {
-    /// The backoff and crash-loop part, as services and VMs share it.
-    pub fn restart(&self) -> RestartLimits {
-        RestartLimits {
-            backoff_initial: self.backoff_initial,
-            backoff_max: self.backoff_max,
-            stable_after: self.stable_after,
-            crash_count: self.crash_count,
-            crash_window: self.crash_window,
-        }
-    }
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            backoff_initial: Duration::from_millis(250),
-            backoff_max: Duration::from_secs(30),
-            stable_after: Duration::from_secs(10),
-            crash_count: 5,
-            crash_window: Duration::from_secs(60),
+            restart: RestartLimits {
+                backoff_initial: Duration::from_millis(250),
+                backoff_max: Duration::from_secs(30),
+                stable_after: Duration::from_secs(10),
+                crash_count: 5,
+                crash_window: Duration::from_secs(60),
+            },
             stop_timeout: Duration::from_secs(5),
         }
     }
@@ -306,7 +290,7 @@ impl Supervisor {
     async fn run_service(self: Arc<Self>, spec: ServiceSpec, mut ctl: mpsc::UnboundedReceiver<Ctl>) {
         let name = spec.name.clone();
         let limits = self.limits;
-        let mut tracker = RestartTracker::new(limits.restart());
+        let mut tracker = RestartTracker::new(limits.restart);
         let mut first = true;
         loop {
             // Start.
@@ -423,7 +407,7 @@ impl Supervisor {
                 Verdict::CrashLoop { failures } => {
                     tracing::error!(
                         "service {name} is crash-looping ({failures} failures within {} s, last: {exit}); not restarting it (rayosctl service restart {name} to try again)",
-                        limits.crash_window.as_secs()
+                        limits.restart.crash_window.as_secs()
                     );
                     self.update(&name, |i| i.state = ServiceState::CrashLoop);
                     if wait_for_start(&mut ctl).await {
@@ -564,11 +548,13 @@ mod tests {
 
     fn fast_limits() -> Limits {
         Limits {
-            backoff_initial: Duration::from_millis(20),
-            backoff_max: Duration::from_millis(200),
-            stable_after: Duration::from_secs(5),
-            crash_count: 4,
-            crash_window: Duration::from_secs(10),
+            restart: RestartLimits {
+                backoff_initial: Duration::from_millis(20),
+                backoff_max: Duration::from_millis(200),
+                stable_after: Duration::from_secs(5),
+                crash_count: 4,
+                crash_window: Duration::from_secs(10),
+            },
             stop_timeout: Duration::from_millis(500),
         }
     }

@@ -53,38 +53,25 @@ pub struct Settings {
     pub paths: Paths,
     /// Between the ACPI power button and a forced power-off.
     pub stop_timeout: Duration,
-    pub backoff_initial: Duration,
-    pub backoff_max: Duration,
-    /// This many crashes within `crash_window` is a crash loop.
-    pub crash_count: usize,
-    pub crash_window: Duration,
-    /// A run this long is healthy: the backoff starts over.
-    pub stable_after: Duration,
+    /// Backoff and crash loop, the policy VMs share with services.
+    pub restart: RestartLimits,
     /// How long a new VMM gets to say it is up (the first event on its connection).
     pub up_timeout: Duration,
 }
 
 impl Settings {
-    pub fn restart_limits(&self) -> RestartLimits {
-        RestartLimits {
-            backoff_initial: self.backoff_initial,
-            backoff_max: self.backoff_max,
-            stable_after: self.stable_after,
-            crash_count: self.crash_count,
-            crash_window: self.crash_window,
-        }
-    }
-
     pub fn new(vmm_bin: PathBuf, paths: Paths) -> Settings {
         Settings {
             vmm_bin,
             paths,
             stop_timeout: Duration::from_secs(20),
-            backoff_initial: Duration::from_millis(500),
-            backoff_max: Duration::from_secs(30),
-            crash_count: 5,
-            crash_window: Duration::from_secs(120),
-            stable_after: Duration::from_secs(60),
+            restart: RestartLimits {
+                backoff_initial: Duration::from_millis(500),
+                backoff_max: Duration::from_secs(30),
+                crash_count: 5,
+                crash_window: Duration::from_secs(120),
+                stable_after: Duration::from_secs(60),
+            },
             up_timeout: Duration::from_secs(10),
         }
     }

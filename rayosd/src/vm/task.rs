@@ -26,7 +26,7 @@ pub const WINDOWS_NOT_SUPPORTED: &str = "Windows VMs are not supported yet";
 
 impl VmManager {
     pub(super) async fn vm_task(self: Arc<Self>, id: Uuid, mut rx: mpsc::UnboundedReceiver<Ctl>) {
-        let mut tracker = RestartTracker::new(self.settings.restart_limits());
+        let mut tracker = RestartTracker::new(self.settings.restart);
         let mut restarts = 0u32;
         loop {
             // Idle: wait for a start.
@@ -71,7 +71,7 @@ impl VmManager {
                             Verdict::CrashLoop { failures } => {
                                 let detail = format!(
                                     "VMM {why}; crashed {failures} times within {:?}: not restarted until started again",
-                                    self.settings.crash_window
+                                    self.settings.restart.crash_window
                                 );
                                 let name = self.get(&id.to_string()).map(|i| i.name).unwrap_or_default();
                                 tracing::error!("vm {name}: crash loop: {detail}");

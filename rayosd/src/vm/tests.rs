@@ -111,10 +111,10 @@ fn setup(tag: &str, tweak: impl FnOnce(&mut Settings)) -> Env {
     std::fs::write(dir.join("bzImage"), b"kernel").unwrap();
     let mut s = Settings::new(vmm, Paths::under(&dir));
     s.stop_timeout = Duration::from_millis(500);
-    s.backoff_initial = Duration::from_millis(50);
-    s.backoff_max = Duration::from_millis(200);
-    s.crash_count = 3;
-    s.crash_window = Duration::from_secs(30);
+    s.restart.backoff_initial = Duration::from_millis(50);
+    s.restart.backoff_max = Duration::from_millis(200);
+    s.restart.crash_count = 3;
+    s.restart.crash_window = Duration::from_secs(30);
     s.up_timeout = Duration::from_secs(3);
     tweak(&mut s);
     let only_reaper = crate::reaper::exclusive_for_test();
@@ -410,7 +410,7 @@ async fn a_windows_record_is_broken_not_booted_as_linux() {
 #[tokio::test(flavor = "current_thread")]
 async fn a_vm_that_runs_healthy_between_crashes_is_never_a_crash_loop() {
     // 3 crashes within 30 s would be a loop; each run lasts longer than a healthy one.
-    let env = setup("healthy", |s| s.stable_after = Duration::from_millis(300));
+    let env = setup("healthy", |s| s.restart.stable_after = Duration::from_millis(300));
     create(&env, "flaky", "crash-after-500", false);
     let mut events = env.mgr.subscribe();
     env.mgr.start("flaky", false).unwrap();
