@@ -36,6 +36,15 @@ pub fn find_port(sys_class: &Path, dev_dir: &Path) -> Option<PathBuf> {
     })
 }
 
+/// Whether a uevent may be the one after which the bridge's port can be found by its name.
+/// A virtio port is added before the host has told its name: virtio_console sets the `name`
+/// attribute later (`VIRTIO_CONSOLE_PORT_NAME`) and announces it with a `change` event. Acting
+/// on `add` alone, a port named after coldplug was never bridged and every host client waited
+/// for an answer that never came (a CI run's `rayosctl` timed out that way, once).
+pub fn may_name_a_port(action: &str, subsystem: &str) -> bool {
+    subsystem == "virtio-ports" && matches!(action, "add" | "change")
+}
+
 /// Whether the host side of the port is open (POLLHUP means it is not).
 fn host_connected(fd: &File) -> bool {
     let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
@@ -313,6 +322,14 @@ async fn session(port: File, system: Arc<System>, first: Vec<u8>) -> SessionEnd 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_port_named_after_it_was_added_is_still_looked_for() {
+        assert!(may_name_a_port("add", "virtio-ports"));
+        assert!(may_name_a_port("change", "virtio-ports"), "the name arrives with a change event");
+        assert!(!may_name_a_port("remove", "virtio-ports"));
+        assert!(!may_name_a_port("change", "block"));
+    }
 
     /// A control-API system in rescue mode; power requests go nowhere.
     fn rescue_system() -> Arc<System> {

@@ -337,7 +337,8 @@ impl Qemu {
         self.log.0.lock().unwrap().clone()
     }
 
-    fn tail(&self) -> String {
+    /// The last 40 lines of the machine's serial console.
+    pub fn tail(&self) -> String {
         let log = self.serial_log();
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")

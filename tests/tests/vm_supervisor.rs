@@ -240,7 +240,11 @@ fn ctl(q: &Qemu, args: &[&str]) -> (i32, Value, String) {
 
 fn ctl_ok(q: &Qemu, args: &[&str]) -> Value {
     let (code, v, text) = ctl(q, args);
-    assert_eq!(code, 0, "rayosctl {args:?} failed: {text}");
+    if code != 0 {
+        // A control call that gets no answer usually means the machine itself stopped (an
+        // oops, a reset): its console says which.
+        panic!("rayosctl {args:?} failed (exit {code}): {text}\nthe machine's console, last lines:\n{}", q.tail());
+    }
     v
 }
 

@@ -279,7 +279,7 @@ async fn devices(system: Arc<System>) {
         match monitor.next().await {
             Ok(ev) => {
                 tracing::debug!("uevent: {} {} {}", ev.action, ev.subsystem(), ev.devpath);
-                if ev.action == "add" && ev.subsystem() == "virtio-ports" {
+                if bridge::may_name_a_port(&ev.action, ev.subsystem()) {
                     // devtmpfs creates the node with the event; nothing for us to create.
                     try_bridge(&mut bridged);
                 }
