@@ -40,7 +40,8 @@ pub fn find_port(sys_class: &Path, dev_dir: &Path) -> Option<PathBuf> {
 /// A virtio port is added before the host has told its name: virtio_console sets the `name`
 /// attribute later (`VIRTIO_CONSOLE_PORT_NAME`) and announces it with a `change` event. Acting
 /// on `add` alone, a port named after coldplug was never bridged and every host client waited
-/// for an answer that never came (a CI run's `rayosctl` timed out that way, once).
+/// for an answer that never came (the likely cause of a CI run whose first `rayosctl` call
+/// timed out).
 pub fn may_name_a_port(action: &str, subsystem: &str) -> bool {
     subsystem == "virtio-ports" && matches!(action, "add" | "change")
 }
