@@ -91,22 +91,71 @@ pub fn blank_disk(path: &Path, size: u64) -> std::io::Result<()> {
     f.set_len(size)
 }
 
+/// Where a kernel message (`[    4.364723] input: …`) starts inside `line`, past its start.
+fn kernel_message_at(line: &str) -> Option<usize> {
+    let b = line.as_bytes();
+    line.match_indices('[').map(|(i, _)| i).filter(|i| *i > 0).find(|&i| {
+        let rest = &b[i + 1..];
+        let spaces = rest.iter().take_while(|c| **c == b' ').count();
+        let digits = rest[spaces..].iter().take_while(|c| c.is_ascii_digit()).count();
+        let after = &rest[spaces + digits..];
+        digits > 0 && after.len() >= 8 && after[0] == b'.' && after[1..7].iter().all(u8::is_ascii_digit) && after[7] == b']'
+    })
+}
+
+fn is_kernel_message(line: &str) -> bool {
+    line.starts_with('[') && kernel_message_at(&format!("x{line}")) == Some(1)
+}
+
 /// A console line as a reader means it: without the serial CR, and without a kernel message
-/// (`[    4.364723] input: …`) that the kernel's console printed into the middle of a line a
-/// program was writing — printk does not wait for user space's output to the same UART.
+/// that the kernel's console printed into the middle of it — printk does not wait for user
+/// space's output to the same UART.
 pub fn clean_line(line: &str) -> &str {
     let line = line.trim_end_matches('\r');
-    let b = line.as_bytes();
-    for (i, _) in line.match_indices('[').filter(|(i, _)| *i > 0) {
-        let rest = &b[i + 1..];
-        let digits = rest.iter().skip_while(|c| **c == b' ').take_while(|c| c.is_ascii_digit()).count();
-        let spaces = rest.iter().take_while(|c| **c == b' ').count();
-        let after = &rest[spaces + digits..];
-        if digits > 0 && after.len() >= 8 && after[0] == b'.' && after[1..7].iter().all(u8::is_ascii_digit) && after[7] == b']' {
-            return &line[..i];
+    match kernel_message_at(line) {
+        Some(i) => &line[..i],
+        None => line,
+    }
+}
+
+/// The console's lines as their writers wrote them. A kernel message printed into the middle
+/// of a program's line (`ra[    3.19] hid-generic …\nyosd: ready`) becomes a line of its own,
+/// and the program's two halves are joined again (`rayosd: ready`), also across several
+/// kernel messages in a row.
+pub fn console_lines(text: &str) -> Vec<std::borrow::Cow<'_, str>> {
+    use std::borrow::Cow;
+    let mut out = Vec::new();
+    let mut fragment: Option<String> = None;
+    for raw in text.lines() {
+        let line = raw.trim_end_matches('\r');
+        if is_kernel_message(line) {
+            out.push(Cow::Borrowed(line));
+            continue;
+        }
+        let (head, kernel) = match kernel_message_at(line) {
+            Some(i) => (&line[..i], Some(&line[i..])),
+            None => (line, None),
+        };
+        let whole = match fragment.take() {
+            Some(mut f) => {
+                f.push_str(head);
+                Cow::Owned(f)
+            }
+            None => Cow::Borrowed(head),
+        };
+        match kernel {
+            Some(k) => {
+                // The program's line goes on after the kernel message's newline.
+                fragment = Some(whole.into_owned());
+                out.push(Cow::Borrowed(k));
+            }
+            None => out.push(whole),
         }
     }
-    line
+    if let Some(f) = fragment {
+        out.push(Cow::Owned(f));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -117,6 +166,19 @@ mod tests {
         assert_eq!(super::clean_line(l), "rayosd: mode: rescue");
         assert_eq!(super::clean_line("rayosd: cmdline: a [b] c"), "rayosd: cmdline: a [b] c");
         assert_eq!(super::clean_line("[    1.000000] kernel line"), "[    1.000000] kernel line");
+    }
+
+    #[test]
+    fn a_line_split_by_kernel_messages_is_joined_again() {
+        // As a CI run's console had it: "rayosd: ready" was never seen whole.
+        let text = "rayosd: watchdog: armed\r\nra[    3.194817] hid-generic 0003: input: USB HID\r\nyosd: ready mode=installed\r\n";
+        let lines = super::console_lines(text);
+        assert_eq!(lines, ["rayosd: watchdog: armed", "[    3.194817] hid-generic 0003: input: USB HID", "rayosd: ready mode=installed"]);
+        // Two kernel messages in a row, and one that came after the program's last byte.
+        let text = "rayo[    1.000000] a\n[    1.000001] b\nsd: up\nrayosd: mode: rescue[    4.364723] input: x\n\n";
+        let lines = super::console_lines(text);
+        assert_eq!(lines, ["[    1.000000] a", "[    1.000001] b", "rayosd: up", "[    4.364723] input: x", "rayosd: mode: rescue"]);
+        assert_eq!(super::console_lines("plain [b] line\n"), ["plain [b] line"]);
     }
 }
 
@@ -378,8 +440,8 @@ impl Qemu {
                     Some(i) => &text[..i],
                     None => "",
                 };
-                if let Some(l) = complete.lines().map(clean_line).find(|l| pred(l)) {
-                    return Ok(l.to_string());
+                if let Some(l) = console_lines(complete).into_iter().find(|l| pred(l)) {
+                    return Ok(l.into_owned());
                 }
                 let _ = cv.wait_timeout(guard, Duration::from_millis(200)).unwrap();
             }
@@ -388,8 +450,8 @@ impl Qemu {
                     // Let the reader drain what QEMU wrote last.
                     std::thread::sleep(Duration::from_millis(200));
                     let text = self.serial_log();
-                    if let Some(l) = text.get(offset..).unwrap_or("").lines().map(clean_line).find(|l| pred(l)) {
-                        return Ok(l.to_string());
+                    if let Some(l) = console_lines(text.get(offset..).unwrap_or("")).into_iter().find(|l| pred(l)) {
+                        return Ok(l.into_owned());
                     }
                     return Err(HarnessError::Exited {
                         name: self.name.clone(),
