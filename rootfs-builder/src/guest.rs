@@ -22,8 +22,10 @@ use crate::progress::{self, Ticker};
 
 pub const SUITE: &str = "bookworm";
 pub const MIRROR: &str = "http://deb.debian.org/debian";
-/// On top of minbase (which has login and passwd): an init and a few tools.
-pub const PACKAGES: &[&str] = &["sysvinit-core", "procps", "iproute2", "less", "nano"];
+/// On top of minbase (which has login and passwd): an init and a few tools; `sudo` for the
+/// user the agent creates at first boot, `locales` to generate that user's locale, `kbd` and
+/// `console-data` (the kbd keymaps the installer offers) to load their keyboard layout.
+pub const PACKAGES: &[&str] = &["sysvinit-core", "procps", "iproute2", "less", "nano", "sudo", "locales", "kbd", "console-data"];
 pub const IMAGE_SIZE: u64 = 2 << 30;
 pub const ROOT_DEVICE: &str = "/dev/vda";
 /// The guest's kernel command line (serial last: it becomes /dev/console).

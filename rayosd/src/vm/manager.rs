@@ -272,6 +272,7 @@ impl VmManager {
             policy: req.policy,
             created_at: registry::now_secs(),
             last_booted_at: None,
+            firstboot: None,
         };
         let dir = self.vm_dir(vm.id);
         self.registry.lock().unwrap().insert(vm.clone())?;
