@@ -87,8 +87,9 @@ pub enum FromAgent {
     Ready,
     Heartbeat(u64),
     Screen { id: String, answer: ScreenAnswer },
-    /// The answer to `setup`: `setup ok`, or `setup failed: <why>` (one line).
-    Setup(Result<(), String>),
+    /// The answer to `setup`: `setup ok`, `setup ok: <warning>` (done, but part of it could
+    /// not be applied) or `setup failed: <why>` (one line each).
+    Setup(Result<Option<String>, String>),
 }
 
 impl FromAgent {
@@ -100,8 +101,9 @@ impl FromAgent {
             FromAgent::Screen { id, answer } => {
                 format!("screen {id} {}\n", serde_json::to_string(answer).expect("a screen answer serializes"))
             }
-            FromAgent::Setup(Ok(())) => "setup ok\n".into(),
+            FromAgent::Setup(Ok(None)) => "setup ok\n".into(),
             // One line, whatever the reason holds.
+            FromAgent::Setup(Ok(Some(warning))) => format!("setup ok: {}\n", warning.replace(['\n', '\r'], " ")),
             FromAgent::Setup(Err(why)) => format!("setup failed: {}\n", why.replace(['\n', '\r'], " ")),
         }
     }
@@ -121,7 +123,10 @@ impl FromAgent {
             return n.trim().parse().map(FromAgent::Heartbeat).map_err(|e| bad(format!("heartbeat number: {e}")));
         }
         if l == "setup ok" {
-            return Ok(FromAgent::Setup(Ok(())));
+            return Ok(FromAgent::Setup(Ok(None)));
+        }
+        if let Some(warning) = l.strip_prefix("setup ok:") {
+            return Ok(FromAgent::Setup(Ok(Some(warning.trim().into()))));
         }
         if let Some(why) = l.strip_prefix("setup failed:") {
             return Ok(FromAgent::Setup(Err(why.trim().into())));
@@ -258,9 +263,12 @@ mod tests {
         assert!(reason.contains("missing field"), "{reason}");
         assert!(matches!(ToAgent::parse(&line.replace("\"keymap\"", "\"shell\":\"/bin/sh\",\"keymap\"")), Err(LineError::Bad { .. })));
 
-        assert_eq!(FromAgent::parse("setup ok"), Ok(FromAgent::Setup(Ok(()))));
+        assert_eq!(FromAgent::parse("setup ok"), Ok(FromAgent::Setup(Ok(None))));
+        let warned = FromAgent::Setup(Ok(Some("keymap cz: not in this guest".into())));
+        assert_eq!(warned.to_line(), "setup ok: keymap cz: not in this guest\n");
+        assert_eq!(FromAgent::parse(&warned.to_line()), Ok(warned));
         assert_eq!(FromAgent::parse("setup failed: useradd: exit status 9"), Ok(FromAgent::Setup(Err("useradd: exit status 9".into()))));
-        assert_eq!(FromAgent::Setup(Ok(())).to_line(), "setup ok\n");
+        assert_eq!(FromAgent::Setup(Ok(None)).to_line(), "setup ok\n");
         let two_lines = FromAgent::Setup(Err("useradd: bad\nsecond line".into())).to_line();
         assert_eq!(two_lines, "setup failed: useradd: bad second line\n");
         assert_eq!(FromAgent::parse(&two_lines), Ok(FromAgent::Setup(Err("useradd: bad second line".into()))));

@@ -67,11 +67,15 @@ pub struct FirstBoot {
     /// The agent's reason, when it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// What the agent could not apply although the setup is done (e.g. a keymap the guest
+    /// lacks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 impl FirstBoot {
     pub fn new(setup: GuestSetup) -> FirstBoot {
-        FirstBoot { setup, state: FirstBootState::Pending, error: None }
+        FirstBoot { setup, state: FirstBootState::Pending, error: None, warning: None }
     }
 
     /// Still to be sent to the agent.
@@ -81,11 +85,12 @@ impl FirstBoot {
 
     /// The agent's answer, recorded. Once done the hash is no longer kept: the guest's
     /// /etc/shadow has it.
-    pub fn answered(&mut self, result: &Result<(), String>) {
+    pub fn answered(&mut self, result: &Result<Option<String>, String>) {
         match result {
-            Ok(()) => {
+            Ok(warning) => {
                 self.state = FirstBootState::Done;
                 self.error = None;
+                self.warning = warning.clone();
                 self.setup.password_hash.clear();
             }
             Err(why) => {
@@ -99,7 +104,10 @@ impl FirstBoot {
     pub fn describe(&self) -> String {
         match (&self.state, &self.error) {
             (FirstBootState::Failed, Some(e)) => format!("failed: {e} (retried at the next boot)"),
-            (s, _) => format!("{} (user {}, {}, {}, keymap {})", s.as_str(), self.setup.user, self.setup.timezone, self.setup.locale, self.setup.keymap),
+            (s, _) => {
+                let warning = self.warning.as_ref().map(|w| format!("; but {w}")).unwrap_or_default();
+                format!("{} (user {}, {}, {}, keymap {}){warning}", s.as_str(), self.setup.user, self.setup.timezone, self.setup.locale, self.setup.keymap)
+            }
         }
     }
 }
@@ -190,7 +198,7 @@ pub(crate) mod tests {
 
     #[test]
     fn setups_are_checked_field_by_field() {
-        let s = GuestSetup { user: "alice".into(), password_hash: HASH.into(), timezone: "America/Argentina/Buenos_Aires".into(), locale: "en_US.UTF-8".into(), keymap: "de-latin1".into() };
+        let s = GuestSetup { user: "alice".into(), password_hash: HASH.into(), timezone: "America/Argentina/Buenos_Aires".into(), locale: "en_US.UTF-8".into(), keymap: "fr".into() };
         assert_eq!(s.check(), Ok(()));
         assert_eq!(GuestSetup { user: "root".into(), ..s.clone() }.check().unwrap_err().0, "user");
         assert_eq!(GuestSetup { password_hash: "hunter2".into(), ..s.clone() }.check().unwrap_err().0, "password_hash");
@@ -201,8 +209,9 @@ pub(crate) mod tests {
         assert!(fb.wanted());
         fb.answered(&Err("useradd: exit 9".into()));
         assert!(fb.wanted() && fb.describe().contains("useradd: exit 9"));
-        fb.answered(&Ok(()));
+        fb.answered(&Ok(Some("keymap cz: not in this guest".into())));
         assert!(!fb.wanted());
+        assert!(fb.describe().ends_with("keymap fr); but keymap cz: not in this guest"), "{}", fb.describe());
         assert!(fb.setup.password_hash.is_empty(), "the hash is not kept once the guest has it");
         assert!(fb.describe().starts_with("done (user alice"), "{}", fb.describe());
     }

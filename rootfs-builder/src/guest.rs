@@ -90,7 +90,7 @@ fn customization() -> Vec<(&'static str, u32, String)> {
         ("/etc/hostname", 0o644, "rayos-linux\n".into()),
         ("/etc/hosts", 0o644, "127.0.0.1 localhost\n127.0.1.1 rayos-linux\n".into()),
         ("/etc/fstab", 0o644, format!("{ROOT_DEVICE} / ext4 defaults,errors=remount-ro 0 1\n")),
-        ("/etc/motd", 0o644, "RayOS default Linux subsystem (Debian bookworm). Log in as root (no password); set one with passwd.\n".into()),
+        ("/etc/motd", 0o644, "RayOS default Linux subsystem (Debian bookworm). Log in as the user chosen when RayOS was installed (it has sudo rights).\n".into()),
     ]
 }
 
@@ -157,7 +157,8 @@ pub fn ensure_disk() -> Result<PathBuf, GuestError> {
     if !text.contains("# RayOS") {
         std::fs::write(&inittab, format!("{text}{INITTAB_LINES}")).map_err(io(&inittab))?;
     }
-    // Root logs in without a password on the VM's own console; the motd says how to set one.
+    // Root logs in without a password on the VM's own console until the guest agent's
+    // first-boot setup creates the installer's user and locks root.
     let shadow = tree.join("etc/shadow");
     let text = std::fs::read_to_string(&shadow).map_err(io(&shadow))?;
     let text: String = text
