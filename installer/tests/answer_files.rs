@@ -124,7 +124,8 @@ fn machine() -> (FakeMachine, Vec<installer::disks::Disk>) {
 fn disk_selection_errors_name_the_match_and_list_the_disks() {
     let (_m, disks) = machine();
     let sel = |m: &str| {
-        let text = format!("version = 1\n[disk]\nmatch = {{ {m} }}\ntarget = \"whole-disk\"\nconfirm = \"wipe X\"\n");
+        let user = GOOD.split_once("[linux_user]").unwrap().1;
+        let text = format!("version = 1\n[disk]\nmatch = {{ {m} }}\ntarget = \"whole-disk\"\nconfirm = \"wipe X\"\n[linux_user]{user}");
         parse("answers.toml", &text).unwrap().select_disk("answers.toml", &disks).map(|d| d.name.clone())
     };
     let e = sel("serial = \"X\"").unwrap_err().to_string();

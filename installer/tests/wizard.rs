@@ -64,13 +64,13 @@ fn every_screen_forward_and_back_then_install_confirmation() {
     let (_m, d) = machine();
     let mut w = Wizard::new(d);
     assert_eq!(w.screen, Screen::Welcome);
-    assert!(screen_text(&w).contains("RayOS installer - 1/8 Welcome"));
+    assert!(screen_text(&w).contains("RayOS installer - 1/9 Welcome"));
     assert!(screen_text(&w).contains("Nothing is written until you"));
 
     w.handle(Key::Enter);
     assert_eq!(w.screen, Screen::Disks);
     let s = screen_text(&w);
-    assert!(s.contains("2/8 Disks"), "{s}");
+    assert!(s.contains("2/9 Disks"), "{s}");
     assert!(s.contains("QEMU USB HARDDRIVE (serial USB-STICK, USB, 8.0 GiB, "), "{s}");
     assert!(s.contains("[not usable: this is the medium RayOS was booted from]"), "{s}");
     assert!(s.contains("> QEMU NVMe Ctrl (serial NV-TARGET, NVMe, 16.0 GiB"), "eligible disk preselected:\n{s}");
