@@ -15,6 +15,9 @@
 //! timezone = "UTC"
 //! locale = "en_US.UTF-8"
 //! keymap = "us"
+//! [linux_user]                       # the default Linux VM's user, with sudo rights
+//! name = "alice"
+//! password_hash = "$6$…"               # SHA-512 crypt, e.g. `mkpasswd -m sha-512`; never a plain password
 //! [policy]
 //! autostart_linux_hidden = true
 //! # autostart_windows_hidden: Windows VMs do not exist yet; `true` is refused, false/absent accepted
@@ -22,7 +25,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Policy, SystemConfig};
+use crate::config::{check_password_hash, check_user_name, LinuxUser, Policy, SystemConfig};
 use crate::disks::{human_size, Disk};
 use crate::plan::{Plan, Target, VmStorage};
 
@@ -99,6 +102,19 @@ pub struct PolicySection {
     pub autostart_windows_hidden: Option<bool>,
 }
 
+/// `[linux_user]`: the default Linux VM's user.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinuxUserSection {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_hash: Option<String>,
+    /// Read only to be refused by name: the file would keep it in the clear.
+    #[serde(default, skip_serializing)]
+    pub password: Option<String>,
+}
+
 /// The file as written. Optional fields are checked by `validate`, so a missing field gets the
 /// same named error as a wrong one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,6 +128,8 @@ pub struct AnswerFile {
     pub system: SystemSection,
     #[serde(default)]
     pub policy: PolicySection,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub linux_user: Option<LinuxUserSection>,
 }
 
 /// A validated answer file, before it meets the machine's disks.
@@ -249,6 +267,19 @@ pub fn validate(file: &str, raw: AnswerFile) -> Result<Answers, AnswerError> {
                 .into(),
         ));
     }
+    let user = raw.linux_user.ok_or_else(|| {
+        err("linux_user", "missing: the [linux_user] section names the Linux VM's user: name = \"…\" and password_hash = \"$6$…\"".into())
+    })?;
+    if user.password.is_some() {
+        return Err(err(
+            "linux_user.password",
+            "a plain password is not taken (the file would keep it readable): give password_hash = \"$6$…\", e.g. from `mkpasswd -m sha-512`".into(),
+        ));
+    }
+    let name = user.name.ok_or_else(|| err("linux_user.name", "missing: the Linux VM's user name, e.g. name = \"alice\"".into()))?;
+    check_user_name(&name).map_err(|m| err("linux_user.name", m))?;
+    let password_hash = user.password_hash.ok_or_else(|| err("linux_user.password_hash", "missing: password_hash = \"$6$…\" (`mkpasswd -m sha-512`)".into()))?;
+    check_password_hash(&password_hash).map_err(|m| err("linux_user.password_hash", m))?;
     let d = SystemConfig::default();
     let config = SystemConfig {
         hostname: raw.system.hostname.unwrap_or(d.hostname),
@@ -259,6 +290,7 @@ pub fn validate(file: &str, raw: AnswerFile) -> Result<Answers, AnswerError> {
             autostart_linux_hidden: raw.policy.autostart_linux_hidden.unwrap_or(true),
             autostart_windows_hidden: false,
         },
+        linux_user: Some(LinuxUser { name, password_hash }),
     };
     config.validate().map_err(|(f, m)| err(&format!("system.{f}"), m))?;
     Ok(Answers { disk_match, target, confirm, vm_storage, config })
@@ -394,6 +426,11 @@ pub fn to_toml(disk: &Disk, target: &Target, vm: &VmStorage, cfg: &SystemConfig,
             // Not offered until Windows VMs exist.
             autostart_windows_hidden: None,
         },
+        linux_user: cfg.linux_user.as_ref().map(|u| LinuxUserSection {
+            name: Some(u.name.clone()),
+            password_hash: Some(u.password_hash.clone()),
+            password: None,
+        }),
     };
     format!("# RayOS answer file, saved by the installer wizard\n{}", toml::to_string(&file).expect("answers serialise"))
 }

@@ -20,6 +20,59 @@ pub struct SystemConfig {
     pub locale: String,
     pub keymap: String,
     pub policy: Policy,
+    /// The default Linux VM's user (the wizard's "Linux user" step, the answer file's
+    /// `[linux_user]`); None until chosen.
+    pub linux_user: Option<LinuxUser>,
+}
+
+/// The default Linux VM's user: its name and its password's SHA-512 crypt hash. The password
+/// itself is never kept: [`hash_password`] turns it into this as soon as it is typed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinuxUser {
+    pub name: String,
+    pub password_hash: String,
+}
+
+/// The user name rule (`rayos_proto::firstboot::check_user_name`): lowercase, `[a-z_][a-z0-9_-]*`,
+/// at most 32 characters, no name the system keeps.
+pub use rayos_proto::firstboot::{check_password_hash, check_user_name};
+
+/// SHA-512 crypt (`$6$…`, as /etc/shadow holds it), with a random salt from the OS.
+pub fn hash_password(password: &str) -> Result<String, String> {
+    if password.is_empty() {
+        return Err("empty: type a password".into());
+    }
+    let mut salt = [0u8; 12];
+    getrandom::fill(&mut salt).map_err(|e| format!("a random salt: {e}"))?;
+    hash_with_salt(password, &salt)
+}
+
+/// 12 salt bytes are 16 crypt-base64 characters: glibc's crypt reads at most 16, so a longer
+/// salt (the crate's own default) would hash differently in the guest.
+fn hash_with_salt(password: &str, salt: &[u8; 12]) -> Result<String, String> {
+    use sha_crypt::{PasswordHasher, ShaCrypt};
+    let hash = ShaCrypt::default().hash_password_with_salt(password.as_bytes(), salt).map_err(|e| format!("hashing the password: {e}"))?;
+    Ok(hash.as_str().to_string())
+}
+
+/// Whether `password` is the one `hash` was made from.
+pub fn verify_password(password: &str, hash: &str) -> bool {
+    use sha_crypt::{PasswordHashRef, PasswordVerifier, ShaCrypt};
+    PasswordHashRef::new(hash).is_ok_and(|h| ShaCrypt::default().verify_password(password.as_bytes(), h).is_ok())
+}
+
+impl LinuxUser {
+    /// The guest agent's first-boot setup for the default Linux VM: this user, and the
+    /// system's time zone, locale and keymap.
+    pub fn first_boot(&self, cfg: &SystemConfig) -> rayos_proto::firstboot::FirstBoot {
+        rayos_proto::firstboot::FirstBoot::new(rayos_proto::firstboot::GuestSetup {
+            user: self.name.clone(),
+            password_hash: self.password_hash.clone(),
+            timezone: cfg.timezone.clone(),
+            locale: cfg.locale.clone(),
+            keymap: cfg.keymap.clone(),
+        })
+    }
 }
 
 impl Default for SystemConfig {
@@ -30,6 +83,7 @@ impl Default for SystemConfig {
             locale: "en_US.UTF-8".into(),
             keymap: "us".into(),
             policy: Policy { autostart_linux_hidden: true, autostart_windows_hidden: false },
+            linux_user: None,
         }
     }
 }
@@ -185,6 +239,27 @@ mod tests {
         assert!(check_keymap("de").is_ok() && check_keymap("uk").is_ok());
         // Every default is in its list.
         assert!(SystemConfig::default().validate().is_ok());
+    }
+
+    #[test]
+    fn passwords_are_hashed_with_sha512_crypt_and_verify() {
+        let h = hash_password("correct horse").unwrap();
+        assert!(h.starts_with("$6$"), "{h}");
+        assert_eq!(check_password_hash(&h), Ok(()), "what we make is what the agent takes");
+        assert!(verify_password("correct horse", &h));
+        assert!(!verify_password("correct hors", &h));
+        assert_ne!(hash_password("correct horse").unwrap(), h, "a fresh salt each time");
+        assert!(!h.contains("correct"));
+        // The hash the QEMU test's guest logs in with (made by Python's crypt(3)).
+        let py = "$6$rayostestsalt$IU/hlK7ZQjeRIP2O3MMET0d1BP6g7JyoiNZtxu8C2NioljB5lphidcPuoRBJAqnnirtwi73pKAcnpwLxKQSzT/";
+        assert!(verify_password("Tr0ub4dor&3", py));
+        assert!(!verify_password("Tr0ub4dor&4", py));
+        assert!(hash_password("").unwrap_err().starts_with("empty"));
+        // Byte for byte what the guest's glibc makes (python3 crypt.crypt("secret", that salt)).
+        assert_eq!(
+            hash_with_salt("secret", &[7; 12]).unwrap(),
+            "$6$rounds=5000$5Qk/5Qk/5Qk/5Qk/$uJoz4zXGqIpkmFM8PDSNYMvBeem0rJFvJrzHLGd/n1OfLwvkZj7Kxgh9LLHHSYg0r58YL0oqN6RBKEy.tXAGd1"
+        );
     }
 
     #[test]

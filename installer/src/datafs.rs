@@ -42,7 +42,11 @@ pub fn stage(root: &Path, layout: &Layout) -> Result<(), DataFsError> {
         files.push((root.join("config/answers.toml"), a.to_string()));
     }
     for (path, text) in files {
-        fs::write(&path, text).map_err(stage_err(&path))?;
+        // The saved answers hold the Linux user's password hash: root's alone, like the registry.
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let mut f = fs::File::options().write(true).create(true).truncate(true).mode(0o600).open(&path).map_err(stage_err(&path))?;
+        f.set_permissions(fs::Permissions::from_mode(0o600)).map_err(stage_err(&path))?;
+        io::Write::write_all(&mut f, text.as_bytes()).map_err(stage_err(&path))?;
     }
     Ok(())
 }

@@ -174,6 +174,9 @@ fn stage_vms(
     fs::write(&kernel, bytes).map_err(|source| InstallError::Io { path: kernel, source })?;
     vm.config.kernel = vm_dir.join(name);
     vm.policy.autostart_hidden = cfg.policy.autostart_linux_hidden;
+    // The user the guest agent creates at the VM's first boot, with the system's zone,
+    // locale and keymap; only the password's hash, in the root-only 0600 registry.
+    vm.firstboot = cfg.linux_user.as_ref().map(|u| u.first_boot(cfg));
     write_registry(vec![vm])?;
     log.step(
         88,

@@ -13,6 +13,9 @@ const GOOD: &str = r#"version = 1
 match = { serial = "NV-1" }
 target = "whole-disk"
 confirm = "wipe NV-1"
+[linux_user]
+name = "alice"
+password_hash = "$6$rayostestsalt$IU/hlK7ZQjeRIP2O3MMET0d1BP6g7JyoiNZtxu8C2NioljB5lphidcPuoRBJAqnnirtwi73pKAcnpwLxKQSzT/"
 "#;
 
 fn err(text: &str) -> String {
@@ -27,6 +30,31 @@ fn minimal_file_is_valid_with_defaults() {
     assert_eq!(a.target, Target::WholeDisk);
     assert_eq!(a.vm_storage, VmStorage::DataVolume);
     assert_eq!(a.config.hostname, "rayos");
+    assert_eq!(a.config.linux_user.as_ref().unwrap().name, "alice");
+}
+
+#[test]
+fn the_linux_user_section_is_required_and_takes_only_a_hash() {
+    let without = GOOD.split("[linux_user]").next().unwrap().to_string();
+    let user = |body: &str| format!("{without}[linux_user]\n{body}");
+    let hash = "$6$rayostestsalt$IU/hlK7ZQjeRIP2O3MMET0d1BP6g7JyoiNZtxu8C2NioljB5lphidcPuoRBJAqnnirtwi73pKAcnpwLxKQSzT/";
+    for (text, want) in [
+        (without.clone(), "answers.toml: linux_user: missing: the [linux_user] section names the Linux VM's user"),
+        (user(&format!("password_hash = \"{hash}\"\n")), "answers.toml: linux_user.name: missing"),
+        (user("name = \"alice\"\n"), "answers.toml: linux_user.password_hash: missing"),
+        (user("name = \"alice\"\npassword = \"hunter2\"\n"), "answers.toml: linux_user.password: a plain password is not taken"),
+        (user(&format!("name = \"root\"\npassword_hash = \"{hash}\"\n")), "answers.toml: linux_user.name: \"root\" is a name the system keeps"),
+        (user(&format!("name = \"Bob Smith\"\npassword_hash = \"{hash}\"\n")), "answers.toml: linux_user.name: \"Bob Smith\" is not a Linux user name"),
+        (user("name = \"alice\"\npassword_hash = \"$1$md5$abc\"\n"), "answers.toml: linux_user.password_hash: not a SHA-512 crypt hash"),
+        (user(&format!("name = \"alice\"\npassword_hash = \"{hash}\"\nshell = \"/bin/zsh\"\n")), "answers.toml: linux_user.shell: unknown field `shell`"),
+        (format!("{without}linux_user = \"alice\"\n"), "answers.toml: disk.linux_user: unknown field"),
+    ] {
+        let got = err(&text);
+        assert!(got.starts_with(want), "for\n{text}\nwant prefix {want:?}\ngot {got:?}");
+    }
+    // The inline-table form of the same section.
+    let inline = format!("version = 1\nlinux_user = {{ name = \"alice\", password_hash = \"{hash}\" }}\n{}", &without["version = 1\n".len()..]);
+    assert_eq!(parse("answers.toml", &inline).unwrap().config.linux_user.unwrap().password_hash, hash);
 }
 
 #[test]
@@ -96,7 +124,8 @@ fn machine() -> (FakeMachine, Vec<installer::disks::Disk>) {
 fn disk_selection_errors_name_the_match_and_list_the_disks() {
     let (_m, disks) = machine();
     let sel = |m: &str| {
-        let text = format!("version = 1\n[disk]\nmatch = {{ {m} }}\ntarget = \"whole-disk\"\nconfirm = \"wipe X\"\n");
+        let user = GOOD.split_once("[linux_user]").unwrap().1;
+        let text = format!("version = 1\n[disk]\nmatch = {{ {m} }}\ntarget = \"whole-disk\"\nconfirm = \"wipe X\"\n[linux_user]{user}");
         parse("answers.toml", &text).unwrap().select_disk("answers.toml", &disks).map(|d| d.name.clone())
     };
     let e = sel("serial = \"X\"").unwrap_err().to_string();
@@ -132,7 +161,8 @@ fn confirmation_must_name_the_disk_and_say_wipe_when_destroying() {
 #[test]
 fn wizard_answers_round_trip_through_the_parser() {
     let (_m, disks) = machine();
-    let mut cfg = installer::config::SystemConfig { hostname: "saved".into(), ..Default::default() };
+    let user = installer::config::LinuxUser { name: "bob".into(), password_hash: installer::config::hash_password("pw").unwrap() };
+    let mut cfg = installer::config::SystemConfig { hostname: "saved".into(), linux_user: Some(user), ..Default::default() };
     cfg.policy.autostart_linux_hidden = false;
     let text = to_toml(&disks[1], &Target::Partition(3), &VmStorage::DedicatedPartition { size_bytes: 8 * GIB }, &cfg, "wipe NV-2");
     let a = parse("saved.toml", &text).unwrap();

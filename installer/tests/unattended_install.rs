@@ -29,9 +29,15 @@ keymap = "de"
 [policy]
 autostart_linux_hidden = true
 autostart_windows_hidden = false
+[linux_user]
+name = "alice"
+password_hash = "{LINUX_HASH}"
 "#
     )
 }
+
+/// crypt("Tr0ub4dor&3", "$6$rayostestsalt$").
+const LINUX_HASH: &str = "$6$rayostestsalt$IU/hlK7ZQjeRIP2O3MMET0d1BP6g7JyoiNZtxu8C2NioljB5lphidcPuoRBJAqnnirtwi73pKAcnpwLxKQSzT/";
 
 fn debugfs_cat_bytes(part: &Path, file: &str) -> Vec<u8> {
     let out = std::process::Command::new("debugfs").args(["-R", &format!("cat {file}"), part.to_str().unwrap()]).output().unwrap();
@@ -117,6 +123,19 @@ fn unattended_whole_disk_install_produces_bootable_layout() {
     let [vm] = reg.vms() else { panic!("one VM registered: {:?}", reg.vms()) };
     assert_eq!((vm.name.as_str(), vm.kind), ("linux", rayosd::vm::registry::VmKind::Linux));
     assert!(vm.policy.autostart_hidden);
+    // The guest agent's first-boot setup: the answer file's user (its hash only) and the
+    // system's zone, locale and keymap; the files holding the hash are root's alone.
+    let fb = vm.firstboot.as_ref().expect("the default Linux VM has its first-boot setup");
+    assert_eq!(fb.state, rayos_proto::firstboot::FirstBootState::Pending);
+    let s = &fb.setup;
+    assert_eq!(
+        (s.user.as_str(), s.password_hash.as_str(), s.timezone.as_str(), s.locale.as_str(), s.keymap.as_str()),
+        ("alice", LINUX_HASH, "Europe/Paris", "de_DE.UTF-8", "de")
+    );
+    for file in ["/registry/vms.json", "/config/answers.toml"] {
+        let (ok, stat) = run("debugfs", &["-R", &format!("stat {file}"), data_img.to_str().unwrap()]);
+        assert!(ok && stat.contains("Mode:  0600"), "{file} is not 0600: {stat}");
+    }
     let vm_dir = format!("/data/vms/{}", vm.id);
     assert_eq!(vm.disks[0].path, Path::new(&vm_dir).join("disk.img"));
     assert_eq!(vm.config.kernel, Path::new(&vm_dir).join("vmlinux"));

@@ -28,6 +28,18 @@ fn typ(w: &mut Wizard, s: &str) {
     }
 }
 
+/// The "Linux user" step filled in correctly (user alice, password typed twice).
+fn linux_user(w: &mut Wizard) {
+    assert_eq!(w.screen, Screen::LinuxUser);
+    typ(w, "alice");
+    w.handle(Key::Tab);
+    typ(w, "s3cret pw");
+    w.handle(Key::Tab);
+    typ(w, "s3cret pw");
+    w.handle(Key::Enter);
+    assert_eq!(w.screen, Screen::Summary, "{:?}", w.message);
+}
+
 fn machine() -> (FakeMachine, Vec<installer::disks::Disk>) {
     let m = FakeMachine::new();
     // The USB stick is the boot medium: listed, never selectable.
@@ -52,13 +64,13 @@ fn every_screen_forward_and_back_then_install_confirmation() {
     let (_m, d) = machine();
     let mut w = Wizard::new(d);
     assert_eq!(w.screen, Screen::Welcome);
-    assert!(screen_text(&w).contains("RayOS installer - 1/8 Welcome"));
+    assert!(screen_text(&w).contains("RayOS installer - 1/9 Welcome"));
     assert!(screen_text(&w).contains("Nothing is written until you"));
 
     w.handle(Key::Enter);
     assert_eq!(w.screen, Screen::Disks);
     let s = screen_text(&w);
-    assert!(s.contains("2/8 Disks"), "{s}");
+    assert!(s.contains("2/9 Disks"), "{s}");
     assert!(s.contains("QEMU USB HARDDRIVE (serial USB-STICK, USB, 8.0 GiB, "), "{s}");
     assert!(s.contains("[not usable: this is the medium RayOS was booted from]"), "{s}");
     assert!(s.contains("> QEMU NVMe Ctrl (serial NV-TARGET, NVMe, 16.0 GiB"), "eligible disk preselected:\n{s}");
@@ -134,13 +146,20 @@ fn every_screen_forward_and_back_then_install_confirmation() {
     assert!(s.contains("> Autostart Linux hidden    [ ]"), "{s}");
     assert!(s.contains("  Time zone                 Europe/Berlin"), "{s}");
 
-    // Summary, then back to first boot, then summary again.
+    // The Linux user, then the summary, then back to the first-boot screen and on again.
     w.handle(Key::Enter);
-    assert_eq!(w.screen, Screen::Summary);
+    linux_user(&mut w);
+    w.handle(Key::Esc);
+    assert_eq!(w.screen, Screen::LinuxUser);
     w.handle(Key::Esc);
     assert_eq!(w.screen, Screen::FirstBoot);
     w.handle(Key::Enter);
-    assert_eq!(w.screen, Screen::Summary);
+    assert_eq!(w.screen, Screen::LinuxUser);
+    for _ in 0.."alice".len() {
+        w.handle(Key::Backspace);
+    }
+    linux_user(&mut w);
+    assert!(screen_text(&w).contains("Linux VM user: alice (sudo); root is locked"), "{}", screen_text(&w));
     let s = screen_text(&w);
     assert!(s.contains("Disk: QEMU NVMe Ctrl (serial NV-TARGET, NVMe, 16.0 GiB"), "{s}");
     assert!(s.contains("create  #2 RayOS ESP (EFI System), 512.0 MiB"), "{s}");
@@ -154,7 +173,10 @@ fn every_screen_forward_and_back_then_install_confirmation() {
     assert_eq!(w.handle(Key::Enter), Action::None);
     assert!(w.message.as_deref().unwrap().contains("Type exactly \"install NV-TARGET\""));
     w.handle(Key::Esc);
-    w.handle(Key::Enter);
+    for _ in 0.."alice".len() {
+        w.handle(Key::Backspace);
+    }
+    linux_user(&mut w);
     assert!(w.confirm_input.is_empty(), "going back clears a typed confirmation");
     typ(&mut w, "install NV-TARGET");
     assert_eq!(w.handle(Key::Enter), Action::Install);
@@ -177,6 +199,61 @@ fn every_screen_forward_and_back_then_install_confirmation() {
     assert_eq!(a.confirm, "install NV-TARGET");
     assert_eq!(a.config.hostname, "box");
     assert!(!a.config.policy.autostart_linux_hidden, "the policy as toggled on the first-boot screen");
+    let user = a.config.linux_user.expect("the Linux user is saved");
+    assert_eq!(user.name, "alice");
+    assert!(installer::config::verify_password("s3cret pw", &user.password_hash));
+    assert!(!saved.contains("s3cret"), "the password itself is never written:\n{saved}");
+}
+
+#[test]
+fn the_linux_user_step_checks_the_name_and_asks_the_password_twice_unseen() {
+    let (_m, d) = machine();
+    let mut w = Wizard::new(d);
+    for _ in 0..6 {
+        w.handle(Key::Enter);
+    }
+    assert_eq!(w.screen, Screen::LinuxUser);
+    let s = screen_text(&w);
+    assert!(s.contains("RayOS installer - 7/9 Linux user"), "{s}");
+    assert!(s.contains("> User name"), "{s}");
+    // Empty, reserved and malformed names: named, and the user stays on the screen.
+    w.handle(Key::Enter);
+    assert_eq!(w.screen, Screen::LinuxUser);
+    assert!(screen_text(&w).contains("! User name: empty"), "{}", screen_text(&w));
+    for (bad, says) in [("root", "keeps for itself"), ("Alice", "is not a Linux user name"), ("9lives", "is not a Linux user name")] {
+        typ(&mut w, bad);
+        w.handle(Key::Enter);
+        assert_eq!(w.screen, Screen::LinuxUser);
+        let msg = w.message.clone().unwrap_or_default();
+        assert!(msg.starts_with(&format!("User name: \"{bad}\"")) && msg.contains(says), "{bad}: {msg}");
+        for _ in 0..bad.len() {
+            w.handle(Key::Backspace);
+        }
+    }
+    typ(&mut w, "alice");
+    // No password.
+    w.handle(Key::Enter);
+    assert_eq!((w.screen.clone(), w.field_cursor), (Screen::LinuxUser, 1));
+    assert!(w.message.as_deref().unwrap().starts_with("Password: empty"), "{:?}", w.message);
+    // Two different passwords: refused, both cleared, typed again.
+    typ(&mut w, "hunter2");
+    w.handle(Key::Tab);
+    typ(&mut w, "hunter3");
+    let s = screen_text(&w);
+    assert!(!s.contains("hunter") && !s.contains('*'), "a password is shown:\n{s}");
+    w.handle(Key::Enter);
+    assert_eq!((w.screen.clone(), w.field_cursor), (Screen::LinuxUser, 1));
+    assert!(w.message.as_deref().unwrap().starts_with("Password: the two passwords differ"), "{:?}", w.message);
+    assert!(w.password.is_empty() && w.password_again.is_empty());
+    typ(&mut w, "hunter2");
+    w.handle(Key::Tab);
+    typ(&mut w, "hunter2");
+    w.handle(Key::Enter);
+    assert_eq!(w.screen, Screen::Summary);
+    let user = w.config.linux_user.clone().unwrap();
+    assert_eq!(user.name, "alice");
+    assert!(user.password_hash.starts_with("$6$") && installer::config::verify_password("hunter2", &user.password_hash));
+    assert!(w.password.is_empty() && w.password_again.is_empty(), "the typed password is not kept");
 }
 
 #[test]
@@ -186,7 +263,7 @@ fn whole_disk_needs_wipe_confirmation_and_failure_offers_restart() {
     for _ in 0..6 {
         w.handle(Key::Enter);
     }
-    assert_eq!(w.screen, Screen::Summary);
+    linux_user(&mut w);
     let s = screen_text(&w);
     assert!(s.contains("New GPT partition table: EVERYTHING on this disk is erased"), "{s}");
     assert!(s.contains("DESTROY #1"), "{s}");
@@ -206,12 +283,13 @@ fn whole_disk_needs_wipe_confirmation_and_failure_offers_restart() {
 fn screens_fit_80x24_without_losing_the_footer() {
     let (_m, d) = machine();
     let mut w = Wizard::new(d);
-    for _ in 0..6 {
+    for _ in 0..7 {
         let s = screen_text(&w);
         let footer = s.lines().last().unwrap();
         assert!(footer.contains("Enter"), "{:?}: footer {footer:?}", w.screen);
         w.handle(Key::Enter);
     }
+    assert_eq!(w.screen, Screen::LinuxUser);
 }
 
 #[test]
@@ -239,7 +317,7 @@ fn a_wrong_time_zone_is_named_and_corrected_in_place_and_windows_autostart_is_no
     }
     typ(&mut w, "Paris");
     w.handle(Key::Enter);
-    assert_eq!(w.screen, Screen::Summary);
+    linux_user(&mut w);
     assert!(screen_text(&w).contains("Europe/Paris"));
 }
 
@@ -250,6 +328,7 @@ fn progress_is_one_line_per_step_beside_its_percentage() {
     for _ in 0..6 {
         w.handle(Key::Enter);
     }
+    linux_user(&mut w);
     typ(&mut w, "wipe NV-TARGET");
     assert_eq!(w.handle(Key::Enter), Action::Install);
     w.on_progress(70, "writing the data volume");

@@ -120,30 +120,32 @@ fn the_first_console_typed_on_drives_the_other_shows_it_and_a_broken_one_is_left
             let _ = tx.send(Progress::Finished(Err("the disk went away".into())));
         })
     });
-    wait_for(&screen, "1/8 Welcome");
-    wait_for(&serial, "1/8 Welcome");
+    wait_for(&screen, "1/9 Welcome");
+    wait_for(&serial, "1/9 Welcome");
     wait_for(&screen, "/dev/null: not a terminal");
 
     // Keys on the screen: the screen drives; the serial console shows where it is in use.
     (&screen.master).write_all(b"\r").unwrap();
-    wait_for(&screen, "2/8 Disks");
-    wait_for(&serial, "2/8 Disks");
+    wait_for(&screen, "2/9 Disks");
+    wait_for(&serial, "2/9 Disks");
     wait_for(&serial, "in use on the screen: keys typed here are ignored");
     // Keys on the serial console do nothing now.
     let mark = screen.len();
     (&serial.master).write_all(b"\x1b").unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    assert!(!text(&screen.out.lock().unwrap()[mark..]).contains("1/8 Welcome"), "serial keys were obeyed");
+    assert!(!text(&screen.out.lock().unwrap()[mark..]).contains("1/9 Welcome"), "serial keys were obeyed");
 
     // Esc alone (no more bytes follow) goes back; then on to the summary and the install.
     let mark = screen.len();
     (&screen.master).write_all(b"\x1b").unwrap();
-    wait_after(&screen, mark, "1/8 Welcome");
+    wait_after(&screen, mark, "1/9 Welcome");
     for _ in 0..6 {
         (&screen.master).write_all(b"\r").unwrap();
         std::thread::sleep(Duration::from_millis(300));
     }
-    wait_for(&screen, "7/8 Summary");
+    wait_for(&screen, "7/9 Linux user");
+    (&screen.master).write_all(b"alice\tpw\tpw\r").unwrap();
+    wait_for(&screen, "8/9 Summary");
     (&screen.master).write_all(b"wipe NV-TARGET\r").unwrap();
     wait_for(&screen, "Installation failed");
     wait_for(&serial, "ERROR: the disk went away");
@@ -158,14 +160,14 @@ fn a_console_that_goes_away_is_dropped_and_named_on_the_other() {
     let (screen, screen_dev) = pty("screen");
     let (serial, serial_dev) = pty("serial console");
     let run = std::thread::spawn(move || terminal::run(w, vec![screen_dev, serial_dev], |_w, _tx| {}));
-    wait_for(&serial, "1/8 Welcome");
-    wait_for(&screen, "1/8 Welcome");
+    wait_for(&serial, "1/9 Welcome");
+    wait_for(&screen, "1/9 Welcome");
     // The serial cable is pulled: its master side closes, the slave reads EOF / EIO.
     serial.close();
     wait_for(&screen, "The serial console (/dev/serial console) stopped working");
     // The screen still works.
     (&screen.master).write_all(b"\r").unwrap();
-    wait_for(&screen, "2/8 Disks");
+    wait_for(&screen, "2/9 Disks");
     screen.close();
     // With no console left the wizard ends with an error instead of aborting.
     let e = run.join().unwrap().err().expect("an error with no console left").to_string();

@@ -1,11 +1,15 @@
 //! The guest agent's line protocol on the `org.rayos.agent` virtio-console port: one message
 //! per `\n`-terminated line.
 //!
-//! Host to guest: `shutdown` (power off cleanly), `screen <id>` (read the display console).
-//! Guest to host: `ready` (once, when it runs), `heartbeat <n>` (counting up), and the answer
-//! `screen <id> {json}` (the [`Screen`] or `{"error":"…"}`).
+//! Host to guest: `shutdown` (power off cleanly), `screen <id>` (read the display console),
+//! `setup {json}` (the first-boot user, time zone, locale and keymap: a [`GuestSetup`]).
+//! Guest to host: `ready` (once, when it runs), `heartbeat <n>` (counting up), the answer
+//! `screen <id> {json}` (the [`Screen`] or `{"error":"…"}`), and `setup ok` or
+//! `setup failed: <why>`.
 
 use serde::{Deserialize, Serialize};
+
+use crate::firstboot::GuestSetup;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LineError {
@@ -23,6 +27,8 @@ pub enum ToAgent {
     Shutdown,
     /// Answer with the display console's text; `id` (no spaces) comes back in the answer.
     Screen { id: String },
+    /// Create the user, lock root, set the time zone, locale and keymap; once per guest.
+    Setup(GuestSetup),
 }
 
 impl ToAgent {
@@ -31,6 +37,7 @@ impl ToAgent {
         match self {
             ToAgent::Shutdown => "shutdown\n".into(),
             ToAgent::Screen { id } => format!("screen {id}\n"),
+            ToAgent::Setup(s) => format!("setup {}\n", serde_json::to_string(s).expect("a setup serializes")),
         }
     }
 
@@ -39,6 +46,12 @@ impl ToAgent {
         match l.split_once(' ') {
             _ if l.is_empty() => Err(LineError::Empty),
             None if l == "shutdown" => Ok(ToAgent::Shutdown),
+            Some(("setup", json)) => {
+                let bad = |reason: String| LineError::Bad { line: l.into(), reason };
+                let s: GuestSetup = serde_json::from_str(json).map_err(|e| bad(format!("unreadable setup: {e}")))?;
+                s.check().map_err(|(field, e)| bad(format!("setup {field}: {e}")))?;
+                Ok(ToAgent::Setup(s))
+            }
             Some(("screen", id)) if !id.trim().is_empty() && !id.trim().contains(' ') => Ok(ToAgent::Screen { id: id.trim().into() }),
             _ => Err(LineError::Unknown(l.into())),
         }
@@ -74,6 +87,9 @@ pub enum FromAgent {
     Ready,
     Heartbeat(u64),
     Screen { id: String, answer: ScreenAnswer },
+    /// The answer to `setup`: `setup ok`, `setup ok: <warning>` (done, but part of it could
+    /// not be applied) or `setup failed: <why>` (one line each).
+    Setup(Result<Option<String>, String>),
 }
 
 impl FromAgent {
@@ -85,6 +101,10 @@ impl FromAgent {
             FromAgent::Screen { id, answer } => {
                 format!("screen {id} {}\n", serde_json::to_string(answer).expect("a screen answer serializes"))
             }
+            FromAgent::Setup(Ok(None)) => "setup ok\n".into(),
+            // One line, whatever the reason holds.
+            FromAgent::Setup(Ok(Some(warning))) => format!("setup ok: {}\n", warning.replace(['\n', '\r'], " ")),
+            FromAgent::Setup(Err(why)) => format!("setup failed: {}\n", why.replace(['\n', '\r'], " ")),
         }
     }
 
@@ -101,6 +121,15 @@ impl FromAgent {
         let bad = |reason: String| LineError::Bad { line: l.into(), reason };
         if let Some(n) = l.strip_prefix("heartbeat ") {
             return n.trim().parse().map(FromAgent::Heartbeat).map_err(|e| bad(format!("heartbeat number: {e}")));
+        }
+        if l == "setup ok" {
+            return Ok(FromAgent::Setup(Ok(None)));
+        }
+        if let Some(warning) = l.strip_prefix("setup ok:") {
+            return Ok(FromAgent::Setup(Ok(Some(warning.trim().into()))));
+        }
+        if let Some(why) = l.strip_prefix("setup failed:") {
+            return Ok(FromAgent::Setup(Err(why.trim().into())));
         }
         if let Some(rest) = l.strip_prefix("screen ") {
             let (id, json) = rest.split_once(' ').ok_or_else(|| bad("no answer after the id".into()))?;
@@ -205,6 +234,45 @@ mod tests {
         assert_eq!(FromAgent::screen_id(partial), Some("7-2"));
         assert_eq!(FromAgent::Heartbeat(3).to_line(), "heartbeat 3\n");
         assert_eq!(FromAgent::Ready.to_line(), "ready\n");
+    }
+
+    fn setup() -> GuestSetup {
+        GuestSetup {
+            user: "alice".into(),
+            password_hash: crate::firstboot::tests::HASH.into(),
+            timezone: "Europe/Paris".into(),
+            locale: "fr_FR.UTF-8".into(),
+            keymap: "fr-latin9".into(),
+        }
+    }
+
+    #[test]
+    fn setup_lines_round_trip_and_bad_ones_are_refused_by_field() {
+        let line = ToAgent::Setup(setup()).to_line();
+        assert!(line.starts_with("setup {\"user\":\"alice\",\"password_hash\":\"$6$saltsalt$") && line.ends_with("}\n"), "{line}");
+        assert_eq!(line.matches('\n').count(), 1);
+        assert_eq!(ToAgent::parse(&line), Ok(ToAgent::Setup(setup())));
+        // A bad field is named; so is a missing or unknown one.
+        let bad = ToAgent::Setup(GuestSetup { user: "root".into(), ..setup() }).to_line();
+        let Err(LineError::Bad { reason, .. }) = ToAgent::parse(&bad) else { panic!("root taken") };
+        assert!(reason.starts_with("setup user:"), "{reason}");
+        let plain = line.replace(crate::firstboot::tests::HASH, "secret");
+        let Err(LineError::Bad { reason, .. }) = ToAgent::parse(&plain) else { panic!("a plain password taken") };
+        assert!(reason.starts_with("setup password_hash:"), "{reason}");
+        let Err(LineError::Bad { reason, .. }) = ToAgent::parse(r#"setup {"user":"alice"}"#) else { panic!() };
+        assert!(reason.contains("missing field"), "{reason}");
+        assert!(matches!(ToAgent::parse(&line.replace("\"keymap\"", "\"shell\":\"/bin/sh\",\"keymap\"")), Err(LineError::Bad { .. })));
+
+        assert_eq!(FromAgent::parse("setup ok"), Ok(FromAgent::Setup(Ok(None))));
+        let warned = FromAgent::Setup(Ok(Some("keymap cz: not in this guest".into())));
+        assert_eq!(warned.to_line(), "setup ok: keymap cz: not in this guest\n");
+        assert_eq!(FromAgent::parse(&warned.to_line()), Ok(warned));
+        assert_eq!(FromAgent::parse("setup failed: useradd: exit status 9"), Ok(FromAgent::Setup(Err("useradd: exit status 9".into()))));
+        assert_eq!(FromAgent::Setup(Ok(None)).to_line(), "setup ok\n");
+        let two_lines = FromAgent::Setup(Err("useradd: bad\nsecond line".into())).to_line();
+        assert_eq!(two_lines, "setup failed: useradd: bad second line\n");
+        assert_eq!(FromAgent::parse(&two_lines), Ok(FromAgent::Setup(Err("useradd: bad second line".into()))));
+        assert!(matches!(FromAgent::parse("setup maybe"), Err(LineError::Unknown(_))));
     }
 
     #[test]

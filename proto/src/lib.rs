@@ -4,6 +4,7 @@
 //! - [`spec`]: the VM spec rayosd writes and `rayos-vmm --spec` reads.
 //! - [`vmm`]: the VMM's control requests, answers and events, and its exit codes.
 //! - [`agent`]: the guest agent's line protocol on the `org.rayos.agent` port.
+//! - [`firstboot`]: a Linux VM's first-boot user and settings, and the checks on them.
 //! - [`registry`]: the VM registry file (`vms.json`) and its records.
 //! - [`system`]: `system.toml`, written by the installer and read by rayosd.
 //!
@@ -11,6 +12,7 @@
 //! against literal examples.
 
 pub mod agent;
+pub mod firstboot;
 pub mod registry;
 pub mod spec;
 pub mod system;

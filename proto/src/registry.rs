@@ -109,6 +109,10 @@ pub struct VmRecord {
     pub created_at: u64,
     #[serde(default)]
     pub last_booted_at: Option<u64>,
+    /// The user and settings the guest agent sets up at the VM's first boot (the default
+    /// Linux VM's, from the installer); absent for VMs without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firstboot: Option<crate::firstboot::FirstBoot>,
 }
 
 /// The default Linux guest's kernel file in its VM folder: the RayOS kernel as an uncompressed
@@ -145,6 +149,7 @@ impl VmRecord {
             policy: Policy { autostart_hidden: true, restart: RestartPolicy::OnFailure },
             created_at: now_secs(),
             last_booted_at: None,
+            firstboot: None,
         }
     }
 }
@@ -298,6 +303,31 @@ mod tests {
         assert_eq!((vm.name.as_str(), vm.kind, vm.config.display), ("linux", VmKind::Linux, Some((1280, 800))));
         assert_eq!(vm.policy.restart, RestartPolicy::OnFailure);
         assert_eq!(String::from_utf8(f.to_bytes()).unwrap(), INSTALLED);
+    }
+
+    #[test]
+    fn a_first_boot_setup_is_kept_in_the_record_and_checked() {
+        use crate::firstboot::{FirstBoot, FirstBootState, GuestSetup};
+        let mut f = RegistryFile::parse(INSTALLED.as_bytes()).unwrap();
+        assert_eq!(f.vms[0].firstboot, None, "a record without one reads as before");
+        let setup = GuestSetup {
+            user: "alice".into(),
+            password_hash: crate::firstboot::tests::HASH.into(),
+            timezone: "Europe/Paris".into(),
+            locale: "fr_FR.UTF-8".into(),
+            keymap: "fr".into(),
+        };
+        f.vms[0].firstboot = Some(FirstBoot::new(setup));
+        let text = String::from_utf8(f.to_bytes()).unwrap();
+        assert!(text.contains("\"firstboot\": {\n        \"setup\": {\n          \"user\": \"alice\""), "{text}");
+        assert!(text.contains("\"state\": \"pending\""), "{text}");
+        let back = RegistryFile::parse(text.as_bytes()).unwrap();
+        assert_eq!(back, f);
+        assert_eq!(back.vms[0].firstboot.as_ref().unwrap().state, FirstBootState::Pending);
+        let e = RegistryFile::parse(text.replace("\"state\": \"pending\"", "\"state\": \"later\"").as_bytes()).unwrap_err();
+        assert!(e.contains("later"), "{e}");
+        let e = RegistryFile::parse(text.replace("\"user\"", "\"username\"").as_bytes()).unwrap_err();
+        assert!(e.contains("username"), "{e}");
     }
 
     #[test]

@@ -301,7 +301,8 @@ struct InstallRun {
 /// One unattended install of a copy of the USB image onto a blank 8 GiB NVMe disk.
 fn install_run(a: &build::Artifacts, dir: &Path, accel: &accel::Accel, i: usize) -> Result<InstallRun> {
     let answers = "version = 1\n[disk]\nmatch = { serial = \"BENCH-TARGET\" }\ntarget = \"whole-disk\"\n\
-                   confirm = \"wipe BENCH-TARGET\"\n[system]\nhostname = \"bench\"\n";
+                   confirm = \"wipe BENCH-TARGET\"\n[system]\nhostname = \"bench\"\n\
+                   [linux_user]\nname = \"bench\"\npassword_hash = \"$6$benchsalt$0kQCiHldjG5kuj8v4yzRhjGa58r4Kq.bbzhE43OQbldhEO7AGV.3.DNU3G9BMAIW5y72HXigxRHEilIdGP80o0\"\n";
     let usb = dir.join("install-usb.img");
     std::fs::copy(&a.usb_image, &usb).with_context(|| format!("copying {}", a.usb_image.display()))?;
     let mut esp = rootfs_builder::esp::Esp::open(&usb)?;

@@ -22,8 +22,10 @@ use crate::progress::{self, Ticker};
 
 pub const SUITE: &str = "bookworm";
 pub const MIRROR: &str = "http://deb.debian.org/debian";
-/// On top of minbase (which has login and passwd): an init and a few tools.
-pub const PACKAGES: &[&str] = &["sysvinit-core", "procps", "iproute2", "less", "nano"];
+/// On top of minbase (which has login and passwd): an init and a few tools; `sudo` for the
+/// user the agent creates at first boot, `locales` to generate that user's locale, `kbd` and
+/// `console-data` (the kbd keymaps the installer offers) to load their keyboard layout.
+pub const PACKAGES: &[&str] = &["sysvinit-core", "procps", "iproute2", "less", "nano", "sudo", "locales", "kbd", "console-data"];
 pub const IMAGE_SIZE: u64 = 2 << 30;
 pub const ROOT_DEVICE: &str = "/dev/vda";
 /// The guest's kernel command line (serial last: it becomes /dev/console).
@@ -88,7 +90,7 @@ fn customization() -> Vec<(&'static str, u32, String)> {
         ("/etc/hostname", 0o644, "rayos-linux\n".into()),
         ("/etc/hosts", 0o644, "127.0.0.1 localhost\n127.0.1.1 rayos-linux\n".into()),
         ("/etc/fstab", 0o644, format!("{ROOT_DEVICE} / ext4 defaults,errors=remount-ro 0 1\n")),
-        ("/etc/motd", 0o644, "RayOS default Linux subsystem (Debian bookworm). Log in as root (no password); set one with passwd.\n".into()),
+        ("/etc/motd", 0o644, "RayOS default Linux subsystem (Debian bookworm). Log in as the user chosen when RayOS was installed (it has sudo rights).\n".into()),
     ]
 }
 
@@ -155,7 +157,8 @@ pub fn ensure_disk() -> Result<PathBuf, GuestError> {
     if !text.contains("# RayOS") {
         std::fs::write(&inittab, format!("{text}{INITTAB_LINES}")).map_err(io(&inittab))?;
     }
-    // Root logs in without a password on the VM's own console; the motd says how to set one.
+    // Root logs in without a password on the VM's own console until the guest agent's
+    // first-boot setup creates the installer's user and locks root.
     let shadow = tree.join("etc/shadow");
     let text = std::fs::read_to_string(&shadow).map_err(io(&shadow))?;
     let text: String = text

@@ -27,9 +27,13 @@ fn usb_with_answers(name: &str, answers: Option<&str>) -> PathBuf {
 fn answers(serial: &str, target: &str, confirm: &str) -> String {
     format!(
         "version = 1\n[disk]\nmatch = {{ serial = \"{serial}\" }}\ntarget = \"{target}\"\nconfirm = \"{confirm}\"\n\
-         [system]\nhostname = \"qemu-box\"\ntimezone = \"Europe/Paris\"\n"
+         [system]\nhostname = \"qemu-box\"\ntimezone = \"Europe/Paris\"\n\
+         [linux_user]\nname = \"alice\"\npassword_hash = \"{LINUX_HASH}\"\n"
     )
 }
+
+/// crypt("Tr0ub4dor&3", "$6$rayostestsalt$").
+const LINUX_HASH: &str = "$6$rayostestsalt$IU/hlK7ZQjeRIP2O3MMET0d1BP6g7JyoiNZtxu8C2NioljB5lphidcPuoRBJAqnnirtwi73pKAcnpwLxKQSzT/";
 
 /// Reads a byte range of a disk image.
 fn read_range(path: &Path, offset: u64, len: usize) -> Vec<u8> {
@@ -214,7 +218,7 @@ fn invalid_answer_files_and_the_boot_medium_are_refused() {
     let line = vm.wait_for("rayos-installer: unattended install refused", INSTALL_TIMEOUT).unwrap();
     assert!(line.contains("answers.toml: disk.confirm: \"yes\" does not confirm"), "{line}");
     assert!(line.contains("write confirm = \"wipe RAYOS-TARGET\""), "{line}");
-    wait_text(&vm, 0, "1/8 Welcome", BOOT_TIMEOUT);
+    wait_text(&vm, 0, "1/9 Welcome", BOOT_TIMEOUT);
     vm.kill();
     assert!(used_partitions_or_none(&target).is_none(), "nothing was written to the target");
 
@@ -238,24 +242,28 @@ fn wizard_over_serial_through_every_screen_with_a_step_back() {
     let target = rootfs_builder::paths::out_dir().join("test-runs/installer-wizard-target.img");
     blank_disk(&target, 6 * GIB).unwrap();
     let mut vm = Qemu::builder("installer-wizard").uefi_usb(&usb).nvme_disk(&target, "RAYOS-TARGET").no_reboot().spawn().unwrap();
-    wait_text(&vm, 0, "1/8 Welcome", BOOT_TIMEOUT);
+    wait_text(&vm, 0, "1/9 Welcome", BOOT_TIMEOUT);
     let step = |vm: &mut Qemu, keys: &[u8], expect: &str| {
         let from = vm.log_len();
         vm.send_serial(keys).unwrap();
         wait_text(vm, from, expect, Duration::from_secs(60));
     };
-    step(&mut vm, b"\r", "2/8 Disks");
+    step(&mut vm, b"\r", "2/9 Disks");
     wait_text(&vm, 0, "serial RAYOS-TARGET", Duration::from_secs(10));
-    step(&mut vm, b"\r", "3/8 Target");
-    step(&mut vm, b"\x1b", "2/8 Disks"); // back one step
-    step(&mut vm, b"\r", "3/8 Target");
-    step(&mut vm, b"\r", "4/8 Data filesystem");
-    step(&mut vm, b"\r", "5/8 VM storage");
-    step(&mut vm, b"\r", "6/8 First-boot");
-    step(&mut vm, b"\r", "7/8 Summary");
+    step(&mut vm, b"\r", "3/9 Target");
+    step(&mut vm, b"\x1b", "2/9 Disks"); // back one step
+    step(&mut vm, b"\r", "3/9 Target");
+    step(&mut vm, b"\r", "4/9 Data filesystem");
+    step(&mut vm, b"\r", "5/9 VM storage");
+    step(&mut vm, b"\r", "6/9 First-boot");
+    step(&mut vm, b"\r", "7/9 Linux user");
+    // Two different passwords: named, typed again.
+    step(&mut vm, b"alice\tone\ttwo\r", "the two passwords differ");
+    step(&mut vm, b"Tr0ub4dor&3\tTr0ub4dor&3\r", "8/9 Summary");
+    wait_text(&vm, 0, "Linux VM user: alice", Duration::from_secs(10));
     wait_text(&vm, 0, "type: wipe RAYOS-TARGET", Duration::from_secs(10));
-    step(&mut vm, b"wipe RAYOS-TARGET\r", "8/8 Installing");
-    wait_text(&vm, 0, "8/8 Done", INSTALL_TIMEOUT);
+    step(&mut vm, b"wipe RAYOS-TARGET\r", "9/9 Installing");
+    wait_text(&vm, 0, "9/9 Done", INSTALL_TIMEOUT);
     vm.send_serial(b"\r").unwrap();
     vm.wait_exit(Duration::from_secs(120)).unwrap();
     let parts = used_partitions(&target);
@@ -279,27 +287,27 @@ fn wizard_on_the_screen_with_usb_keys_and_no_serial_port() {
         .spawn()
         .unwrap();
     let step = Duration::from_secs(90);
-    let seen = vm.wait_screen("RayOS installer - 1/8 Welcome", BOOT_TIMEOUT).unwrap();
+    let seen = vm.wait_screen("RayOS installer - 1/9 Welcome", BOOT_TIMEOUT).unwrap();
     assert!(seen.contains("Enter: start"), "{seen}");
     let _ = std::fs::copy(vm.workdir().join("screen.png"), vm.workdir().join("welcome.png"));
     vm.press(&["ret"]).unwrap();
-    vm.wait_screen("/8 Disks", step).unwrap();
+    vm.wait_screen("/9 Disks", step).unwrap();
     vm.wait_screen("serial RAYOS-TARGET", step).unwrap();
     vm.press(&["ret"]).unwrap();
-    vm.wait_screen("/8 Target", step).unwrap();
+    vm.wait_screen("/9 Target", step).unwrap();
     vm.press(&["esc"]).unwrap(); // back one step
-    vm.wait_screen("/8 Disks", step).unwrap();
+    vm.wait_screen("/9 Disks", step).unwrap();
     vm.press(&["ret"]).unwrap();
-    vm.wait_screen("/8 Target", step).unwrap();
+    vm.wait_screen("/9 Target", step).unwrap();
     vm.press(&["ret"]).unwrap();
-    vm.wait_screen("/8 Data filesystem", step).unwrap();
+    vm.wait_screen("/9 Data filesystem", step).unwrap();
     vm.press(&["ret"]).unwrap();
     // OCR reads the VT font's "VM" as "UM" and a title's step number now and then as "?":
-    // titles are matched from "/8" on, this one by its first line.
-    vm.wait_screen("/8 ", step).unwrap();
+    // titles are matched from "/9" on, this one by its first line.
+    vm.wait_screen("/9 ", step).unwrap();
     vm.wait_screen("disks live:", step).unwrap();
     vm.press(&["ret"]).unwrap();
-    let seen = vm.wait_screen("/8 First-boot configuration", step).unwrap();
+    let seen = vm.wait_screen("/9 First-boot configuration", step).unwrap();
     assert!(!seen.contains("Windows"), "Windows autostart is offered:\n{seen}");
 
     // Time zone: "UTC" replaced by a zone that does not exist, refused by name, then corrected.
@@ -309,17 +317,23 @@ fn wizard_on_the_screen_with_usb_keys_and_no_serial_port() {
     }
     vm.type_text("Mars/Base\n").unwrap();
     let seen = vm.wait_screen("is not a time zone", step).unwrap();
-    assert!(ocr_contains(&seen, "/8 First-boot"), "the user stays on the screen:\n{seen}");
+    assert!(ocr_contains(&seen, "/9 First-boot"), "the user stays on the screen:\n{seen}");
     for _ in 0.."Mars/Base".len() {
         vm.press(&["backspace"]).unwrap();
     }
     vm.type_text("Europe/Paris\n").unwrap();
-    vm.wait_screen("/8 Summary and confirmation", step).unwrap();
+    vm.wait_screen("/9 Linux user", step).unwrap();
+    vm.type_text("alice").unwrap();
+    vm.press(&["tab"]).unwrap();
+    vm.type_text("Tr0ub4dor3").unwrap();
+    vm.press(&["tab"]).unwrap();
+    vm.type_text("Tr0ub4dor3\n").unwrap();
+    vm.wait_screen("/9 Summary and confirmation", step).unwrap();
     vm.wait_screen("Europe/Paris", step).unwrap();
     vm.wait_screen("type: wipe RAYOS-TARGET", step).unwrap();
     vm.type_text("wipe RAYOS-TARGET\n").unwrap();
-    vm.wait_screen("/8 Installing", step).unwrap();
-    let seen = vm.wait_screen("/8 Done", INSTALL_TIMEOUT).unwrap();
+    vm.wait_screen("/9 Installing", step).unwrap();
+    let seen = vm.wait_screen("/9 Done", INSTALL_TIMEOUT).unwrap();
     let _ = std::fs::copy(vm.workdir().join("screen.png"), vm.workdir().join("done.png"));
     assert_eq!(seen.matches("unpacking the default Linux").count(), 1, "one line per step:\n{seen}");
     vm.press(&["ret"]).unwrap();

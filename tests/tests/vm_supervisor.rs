@@ -69,11 +69,13 @@ struct Vm {
     disk_src: Option<PathBuf>,
     /// A display of this size (and a keyboard and tablet with it).
     display: Option<(u32, u32)>,
+    /// The record's `firstboot` (the user and settings the guest agent sets up).
+    firstboot: Option<Value>,
 }
 
 impl Vm {
     fn new(name: &'static str, autostart: bool) -> Vm {
-        Vm { id: new_uuid(), name, autostart, disk: true, bad_kernel: false, agent: true, boot: None, memory_mib: 128, disk_src: None, display: None }
+        Vm { id: new_uuid(), name, autostart, disk: true, bad_kernel: false, agent: true, boot: None, memory_mib: 128, disk_src: None, display: None, firstboot: None }
     }
 
     fn record(&self) -> Value {
@@ -86,7 +88,7 @@ impl Vm {
                 "console=ttyS0 panic=-1 devguest.interval_ms=250".into(),
             ),
         };
-        json!({
+        let mut record = json!({
             "id": self.id,
             "name": self.name,
             "kind": "linux",
@@ -102,7 +104,11 @@ impl Vm {
             "policy": {"autostart_hidden": self.autostart, "restart": "on-failure"},
             "created_at": 1764000000u64,
             "last_booted_at": null
-        })
+        });
+        if let Some(fb) = &self.firstboot {
+            record["firstboot"] = fb.clone();
+        }
+        record
     }
 }
 
@@ -526,10 +532,86 @@ fn the_screenshot_check_finds_the_lit_text_rows() {
     let _ = std::fs::remove_file(&path);
 }
 
+/// The Linux user the test's installer chose: its password and that password's SHA-512
+/// crypt hash (python3 `crypt.crypt(PASSWORD, "$6$rayostestsalt$")`), as the record keeps it.
+const LINUX_USER: &str = "alice";
+const LINUX_PASSWORD: &str = "Tr0ub4dor&3";
+const LINUX_PASSWORD_HASH: &str =
+    "$6$rayostestsalt$IU/hlK7ZQjeRIP2O3MMET0d1BP6g7JyoiNZtxu8C2NioljB5lphidcPuoRBJAqnnirtwi73pKAcnpwLxKQSzT/";
+/// No daylight saving time: `date +%Z` says JST all year.
+const LINUX_TIMEZONE: &str = "Asia/Tokyo";
+const LINUX_LOCALE: &str = "en_GB.UTF-8";
+
+fn serial_of(q: &Qemu, vm: &str) -> String {
+    ctl_ok(q, &["vm", "logs", vm, "-n", "400"])["serial"].as_str().unwrap_or_default().to_string()
+}
+
+/// Waits until the VM's serial console output satisfies `pred`; returns that output.
+fn wait_serial(q: &Qemu, vm: &str, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+    let t = Instant::now();
+    loop {
+        let serial = serial_of(q, vm);
+        if pred(&serial) {
+            return serial;
+        }
+        assert!(t.elapsed() < timeout, "{what}: not on the serial console after {timeout:?}:\n{serial}");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// Types a line on the VM's serial console, as a user at a terminal would.
+fn type_line(q: &Qemu, vm: &str, text: &str) {
+    ctl_ok(q, &["vm", "type", vm, text, "--enter"]);
+}
+
+/// The first-boot setup (the record's `firstboot`) was done by the guest agent: the login on
+/// the serial console takes the chosen user and password, root with an empty password is
+/// refused, and the guest runs in the chosen time zone and locale.
+fn first_boot_user_logs_in_and_root_is_refused(q: &Qemu) {
+    let t = Instant::now();
+    let v = wait_vm(q, "debian", "first-boot setup done", Duration::from_secs(300), |v| {
+        v["firstboot"].as_str().is_some_and(|f| !f.starts_with("pending"))
+    });
+    assert!(v["firstboot"].as_str().unwrap().starts_with("done (user alice"), "the first-boot setup did not succeed: {v}");
+    eprintln!("debian: first-boot setup done after {:?}: {}", t.elapsed(), v["firstboot"]);
+    let count = |s: &str, what: &str| s.matches(what).count();
+
+    // Root, empty password: refused (before the setup, root logged in with no password asked).
+    let before = serial_of(q, "debian");
+    let (prompts, refusals) = (count(&before, "rayos-linux login:"), count(&before, "Login incorrect"));
+    type_line(q, "debian", "root");
+    // A locked root still gets the password question; an open one gets a shell at once.
+    let s = wait_serial(q, "debian", "the password question for root", Duration::from_secs(60), |s| {
+        s.contains("Password:") || s.contains("root@rayos-linux")
+    });
+    assert!(!s.contains("root@rayos-linux"), "root logged in without a password:\n{s}");
+    type_line(q, "debian", "");
+    let s = wait_serial(q, "debian", "root refused and the login asked again", Duration::from_secs(90), |s| {
+        s.contains("root@rayos-linux") || (count(s, "Login incorrect") > refusals && count(s, "rayos-linux login:") > prompts)
+    });
+    assert!(!s.contains("root@rayos-linux"), "root logged in with an empty password:\n{s}");
+
+    // The chosen user, with the chosen password: a shell, in the sudo group.
+    let (prompts, passwords) = (count(&s, "rayos-linux login:"), count(&s, "Password:"));
+    type_line(q, "debian", LINUX_USER);
+    wait_serial(q, "debian", "the password question", Duration::from_secs(60), |s| count(s, "Password:") > passwords);
+    type_line(q, "debian", LINUX_PASSWORD);
+    let s = wait_serial(q, "debian", "a shell for the user", Duration::from_secs(90), |s| {
+        s.contains("alice@rayos-linux:~$") || count(s, "rayos-linux login:") > prompts
+    });
+    assert!(s.contains("alice@rayos-linux:~$"), "the user's login was refused:\n{s}");
+    // The quotes keep the typed command line (echoed back) from matching the answer.
+    type_line(q, "debian", r#"echo "CHE""CK zone=$(cat /etc/timezone) abbr=$(date +%Z) lang=$LANG groups=$(id -nG)"; exit"#);
+    let s = wait_serial(q, "debian", "the user's check line", Duration::from_secs(60), |s| s.contains("CHECK zone="));
+    let line = s.lines().find(|l| l.contains("CHECK zone=")).unwrap().trim().to_string();
+    assert_eq!(line, format!("CHECK zone={LINUX_TIMEZONE} abbr=JST lang={LINUX_LOCALE} groups=alice sudo"), "{s}");
+    eprintln!("debian: {line}");
+}
+
 /// The default Linux guest (Debian bookworm + sysvinit + the RayOS guest agent, built by
 /// `rootfs_builder::guest`) autostarts under the supervisor in a real RayOS, its agent reports
-/// ready, its serial console and its display (tty1) each offer a login, and a stop shuts it
-/// down cleanly.
+/// ready, its serial console and its display (tty1) each offer a login, the first-boot setup
+/// makes that login the chosen user's (root refused), and a stop shuts it down cleanly.
 #[test]
 fn vm_default_debian_guest_boots_to_a_login() {
     let guest = rootfs_builder::guest::ensure_default_linux_guest().expect("building the default Linux guest");
@@ -539,6 +621,17 @@ fn vm_default_debian_guest_boots_to_a_login() {
     debian.boot = Some(("/data/images/vmlinuz".into(), None, guest.cmdline.clone()));
     // The display of `VmRecord::default_linux`.
     debian.display = Some((1280, 800));
+    // What the installer records for the default Linux VM (the wizard's user and settings).
+    debian.firstboot = Some(json!({
+        "setup": {
+            "user": LINUX_USER,
+            "password_hash": LINUX_PASSWORD_HASH,
+            "timezone": LINUX_TIMEZONE,
+            "locale": LINUX_LOCALE,
+            "keymap": "us"
+        },
+        "state": "pending"
+    }));
     let registry = registry_json(&[&debian]);
     let (mut q, _disk) = boot("vm-debian", |dir| data_disk_sized(dir, &[&debian], &registry, None, BIG_PART_SIZE));
     q.wait_for("rayosd: ready", BOOT_TIMEOUT).unwrap();
@@ -571,6 +664,7 @@ fn vm_default_debian_guest_boots_to_a_login() {
         std::thread::sleep(Duration::from_secs(2));
     }
     eprintln!("debian: tty1 login prompt after {:?} more", t.elapsed());
+    first_boot_user_logs_in_and_root_is_refused(&q);
     // …and the framebuffer really shows that console: pixels lit in exactly the text rows
     // that have characters (the cursor's row may be lit without any). Text and picture are
     // compared only when the text did not change around the screenshot.

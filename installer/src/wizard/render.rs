@@ -7,7 +7,7 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Paragraph, Wrap};
 use ratatui::Frame;
 
-use super::state::{Screen, Wizard, FIRST_BOOT_FIELDS, VM_CHOICES};
+use super::state::{Screen, Wizard, FIRST_BOOT_FIELDS, LINUX_USER_FIELDS, VM_CHOICES};
 use crate::disks::human_size;
 
 fn selectable(selected: bool, text: String) -> Line<'static> {
@@ -25,6 +25,7 @@ fn keys(screen: &Screen) -> &'static str {
         Screen::Filesystem => "Enter: next  Esc: back",
         Screen::VmStorage => "Up/Down: choose  type: edit field  Enter: next  Esc: back",
         Screen::FirstBoot => "Up/Down/Tab: field  type/Backspace: edit  Space: toggle  Enter: next  Esc: back",
+        Screen::LinuxUser => "Up/Down/Tab: field  type/Backspace: edit  Enter: next  Esc: back",
         Screen::Summary => "type the confirmation  Enter: install  Esc: back",
         Screen::Installing => "please wait",
         Screen::Done => "Enter: reboot (remove the USB stick)",
@@ -140,6 +141,16 @@ fn lines(w: &Wizard) -> Vec<Line<'static>> {
                 out.push(selectable(i == w.field_cursor, format!("{name:<25} {v}")));
             }
         }
+        Screen::LinuxUser => {
+            out.push("The user of the Linux VM (Debian), with sudo rights. Root gets no password:".into());
+            out.push("log in as this user. The password is not shown as you type it.".into());
+            out.push("".into());
+            // The passwords are not echoed, not even as stars: their length stays unknown.
+            let values = [w.linux_name.clone(), String::new(), String::new()];
+            for (i, (name, v)) in LINUX_USER_FIELDS.iter().zip(values).enumerate() {
+                out.push(selectable(i == w.field_cursor, format!("{name:<25} {v}")));
+            }
+        }
         Screen::Summary => {
             if let Some(plan) = &w.plan {
                 for l in plan.describe() {
@@ -153,6 +164,9 @@ fn lines(w: &Wizard) -> Vec<Line<'static>> {
                     )
                     .into(),
                 );
+                if let Some(u) = &w.config.linux_user {
+                    out.push(format!("Linux VM user: {} (sudo); root is locked", u.name).into());
+                }
                 out.push("".into());
                 let want = w.required_confirmation().unwrap_or_default();
                 out.push(format!("To go ahead, type: {want}").into());

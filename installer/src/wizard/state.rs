@@ -2,7 +2,7 @@
 //! Esc always goes back one step; nothing is written before the typed confirmation.
 
 use crate::answers;
-use crate::config::SystemConfig;
+use crate::config::{check_user_name, hash_password, LinuxUser, SystemConfig};
 use crate::disks::Disk;
 use crate::plan::{make_plan, Plan, Target, VmStorage};
 
@@ -28,6 +28,7 @@ pub enum Screen {
     Filesystem,
     VmStorage,
     FirstBoot,
+    LinuxUser,
     Summary,
     Installing,
     Done,
@@ -37,16 +38,17 @@ pub enum Screen {
 impl Screen {
     pub fn title(&self) -> &'static str {
         match self {
-            Screen::Welcome => "1/8 Welcome",
-            Screen::Disks => "2/8 Disks",
-            Screen::Target => "3/8 Target",
-            Screen::Filesystem => "4/8 Data filesystem",
-            Screen::VmStorage => "5/8 VM storage",
-            Screen::FirstBoot => "6/8 First-boot configuration",
-            Screen::Summary => "7/8 Summary and confirmation",
-            Screen::Installing => "8/8 Installing",
-            Screen::Done => "8/8 Done",
-            Screen::Failed => "8/8 Installation failed",
+            Screen::Welcome => "1/9 Welcome",
+            Screen::Disks => "2/9 Disks",
+            Screen::Target => "3/9 Target",
+            Screen::Filesystem => "4/9 Data filesystem",
+            Screen::VmStorage => "5/9 VM storage",
+            Screen::FirstBoot => "6/9 First-boot configuration",
+            Screen::LinuxUser => "7/9 Linux user",
+            Screen::Summary => "8/9 Summary and confirmation",
+            Screen::Installing => "9/9 Installing",
+            Screen::Done => "9/9 Done",
+            Screen::Failed => "9/9 Installation failed",
         }
     }
 }
@@ -71,6 +73,9 @@ pub const VM_CHOICES: [&str; 3] = [
 /// Autostart of Windows VMs is not offered: RayOS does not run Windows VMs yet.
 pub const FIRST_BOOT_FIELDS: [&str; 5] = ["Machine name", "Time zone", "Locale", "Keyboard layout", "Autostart Linux hidden"];
 
+/// The Linux VM's user, as WSL asks at first start: the passwords are typed, never shown.
+pub const LINUX_USER_FIELDS: [&str; 3] = ["User name", "Password", "Password again"];
+
 #[derive(Debug, Clone)]
 pub struct Wizard {
     pub screen: Screen,
@@ -83,6 +88,11 @@ pub struct Wizard {
     pub config: SystemConfig,
     pub field_cursor: usize,
     pub confirm_input: String,
+    /// The "Linux user" step's fields. The passwords live here only while typed: Enter
+    /// turns them into `config.linux_user`'s hash and clears them.
+    pub linux_name: String,
+    pub password: String,
+    pub password_again: String,
     pub plan: Option<Plan>,
     /// Shown under the current screen until the next key.
     pub message: Option<String>,
@@ -106,6 +116,9 @@ impl Wizard {
             config: SystemConfig::default(),
             field_cursor: 0,
             confirm_input: String::new(),
+            linux_name: String::new(),
+            password: String::new(),
+            password_again: String::new(),
             plan: None,
             message: None,
             progress: 0,
@@ -166,6 +179,9 @@ impl Wizard {
             (Screen::FirstBoot, 1, _) => Some(&mut self.config.timezone),
             (Screen::FirstBoot, 2, _) => Some(&mut self.config.locale),
             (Screen::FirstBoot, 3, _) => Some(&mut self.config.keymap),
+            (Screen::LinuxUser, 0, _) => Some(&mut self.linux_name),
+            (Screen::LinuxUser, 1, _) => Some(&mut self.password),
+            (Screen::LinuxUser, 2, _) => Some(&mut self.password_again),
             (Screen::Summary, _, _) => Some(&mut self.confirm_input),
             _ => None,
         }
@@ -191,9 +207,17 @@ impl Wizard {
                 Screen::Filesystem => Screen::Target,
                 Screen::VmStorage => Screen::Filesystem,
                 Screen::FirstBoot => Screen::VmStorage,
+                Screen::LinuxUser => {
+                    self.clear_passwords();
+                    self.field_cursor = 0;
+                    Screen::FirstBoot
+                }
                 Screen::Summary => {
                     self.confirm_input.clear();
-                    Screen::FirstBoot
+                    // The password is typed again (twice): only its hash was kept.
+                    self.config.linux_user = None;
+                    self.field_cursor = 0;
+                    Screen::LinuxUser
                 }
                 ref s => s.clone(),
             };
@@ -284,8 +308,8 @@ impl Wizard {
                     }
                     Key::Enter => match self.config.validate() {
                         Ok(()) => {
-                            self.confirm_input.clear();
-                            self.go(Screen::Summary);
+                            self.field_cursor = 0;
+                            self.go(Screen::LinuxUser);
                         }
                         Err((field, msg)) => {
                             self.field_cursor = ["hostname", "timezone", "locale", "keymap"]
@@ -296,6 +320,12 @@ impl Wizard {
                         }
                     },
                     _ => {}
+                }
+            }
+            Screen::LinuxUser => {
+                Self::cursor(LINUX_USER_FIELDS.len(), &mut self.field_cursor, key);
+                if key == Key::Enter {
+                    self.linux_user_entered();
                 }
             }
             Screen::Summary => {
@@ -323,6 +353,42 @@ impl Wizard {
             }
         }
         Action::None
+    }
+
+    fn clear_passwords(&mut self) {
+        self.password.clear();
+        self.password_again.clear();
+    }
+
+    /// Enter on the "Linux user" step: the name checked, the password typed twice and the
+    /// same, then hashed; an error names the field and puts the cursor on it.
+    fn linux_user_entered(&mut self) {
+        let fail = |w: &mut Self, field: usize, msg: String| {
+            w.field_cursor = field;
+            w.message = Some(format!("{}: {msg}", LINUX_USER_FIELDS[field]));
+        };
+        if let Err(e) = check_user_name(&self.linux_name) {
+            return fail(self, 0, e);
+        }
+        if self.password.is_empty() {
+            return fail(self, 1, "empty: type a password for the Linux user".into());
+        }
+        if self.password != self.password_again {
+            self.clear_passwords();
+            return fail(self, 1, "the two passwords differ: type the password again, twice".into());
+        }
+        match hash_password(&self.password) {
+            Ok(password_hash) => {
+                self.clear_passwords();
+                self.config.linux_user = Some(LinuxUser { name: self.linux_name.clone(), password_hash });
+                self.confirm_input.clear();
+                self.go(Screen::Summary);
+            }
+            Err(e) => {
+                self.clear_passwords();
+                fail(self, 1, e)
+            }
+        }
     }
 
     /// One line per step: a step reports its percentage many times with the same text.

@@ -169,6 +169,13 @@ impl VmsServer {
         Ok(self.mgr()?.guest_screen(vm, SCREEN_TIMEOUT).await?)
     }
 
+    /// Types `text` on the VM's serial console; returns the bytes queued. Root only: it can
+    /// log in on the VM.
+    async fn serial_input(&self, #[zbus(connection)] conn: &zbus::Connection, vm: &str, text: &str) -> Result<u64, VmApiError> {
+        require_root(conn, self.system.access(), "SerialInput").await?;
+        Ok(self.mgr()?.serial_input(vm, text).await? as u64)
+    }
+
     /// The VM's display as a binary PPM (P6). Root only, like `GuestScreen`.
     async fn screenshot(&self, #[zbus(connection)] conn: &zbus::Connection, vm: &str) -> Result<Vec<u8>, VmApiError> {
         require_root(conn, self.system.access(), "Screenshot").await?;

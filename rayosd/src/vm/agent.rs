@@ -1,6 +1,7 @@
 //! The guest agent's side of a VM: its readiness and heartbeat (from the agent lines the VMM
-//! passes on as events) and `GuestScreen` (a `screen <id>` request, answered among those
-//! lines). The line protocol is `rayos_proto::agent`.
+//! passes on as events), `GuestScreen` (a `screen <id>` request, answered among those
+//! lines), and the first-boot setup (`setup {json}` once the agent is ready, until it answers
+//! `setup ok`). The line protocol is `rayos_proto::agent`.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -9,7 +10,10 @@ use rayos_proto::agent::{FromAgent, ScreenAnswer, ToAgent};
 use rayos_proto::vmm::Request as VmmRequest;
 use tokio::sync::broadcast::error::RecvError;
 
+use uuid::Uuid;
+
 use super::manager::{GuestScreen, VmError, VmManager, NEXT_REQUEST};
+use super::vmm_conn::VmmConn;
 
 /// What the agent said so far in this run.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -28,13 +32,56 @@ impl AgentStatus {
                 self.heartbeat = n;
                 false
             }
-            // Screen answers go to their request; other lines are not ours to judge.
-            Ok(FromAgent::Screen { .. }) | Err(_) => false,
+            // Screen and setup answers go to their request; other lines are not ours to judge.
+            Ok(FromAgent::Screen { .. }) | Ok(FromAgent::Setup(_)) | Err(_) => false,
         }
     }
 }
 
 impl VmManager {
+    /// Once the agent is ready: hands it the VM's first-boot setup, when the VM has one that
+    /// is not done. A setup that cannot be sent is recorded as failed (and sent again at the
+    /// next boot).
+    pub(super) async fn send_first_boot_setup(&self, id: Uuid, name: &str, conn: &VmmConn) {
+        let fb = self.registry.lock().unwrap().get(id).and_then(|v| v.firstboot.clone());
+        let Some(fb) = fb.filter(|f| f.wanted()) else { return };
+        if let Err((field, e)) = fb.setup.check() {
+            self.first_boot_answered(id, name, Err(format!("the VM's record has a bad firstboot.setup.{field}: {e}")));
+            return;
+        }
+        let line = ToAgent::Setup(fb.setup).to_line();
+        match conn.request(VmmRequest::AgentSend { data: line }, Duration::from_secs(3)).await {
+            Ok(_) => tracing::info!("vm {name}: first-boot setup sent to the guest agent"),
+            Err(e) => self.first_boot_answered(id, name, Err(format!("sending it to the guest agent: {e}"))),
+        }
+    }
+
+    /// Records the agent's `setup ok` / `setup failed: …` in the VM's record (so a done
+    /// setup is never sent again) and in what `vm show` says.
+    pub(super) fn first_boot_answered(&self, id: Uuid, name: &str, result: Result<Option<String>, String>) {
+        match &result {
+            Ok(None) => tracing::info!("vm {name}: first-boot setup done (user created, root locked)"),
+            Ok(Some(warning)) => tracing::warn!("vm {name}: first-boot setup done (user created, root locked), but {warning}"),
+            Err(why) => {
+                tracing::error!("vm {name}: first-boot setup failed: {why}");
+                self.problems.lock().unwrap().push(format!("VM {name}: first-boot setup failed: {why}"));
+            }
+        }
+        let mut shown = String::new();
+        let saved = self.registry.lock().unwrap().update(id, |v| {
+            if let Some(fb) = v.firstboot.as_mut() {
+                fb.answered(&result);
+                shown = fb.describe();
+            }
+        });
+        if let Err(e) = saved {
+            tracing::error!("vm {name}: recording the first-boot setup's result: {e}");
+        }
+        if let Some(e) = self.vms.lock().unwrap().get_mut(&id) {
+            e.info.firstboot = shown;
+        }
+    }
+
     /// What the VM's display console (tty1) shows, as text: asks the guest agent (`screen
     /// <id>` on its port; it answers `screen <id> {json}`, see `rayos-devguest`) and waits up
     /// to `timeout` for the answer among its lines.
@@ -97,6 +144,7 @@ mod tests {
         a.line("garbage \u{fffd}");
         a.line("heartbeat x");
         a.line(r#"screen 1 {"error":"no"}"#);
+        a.line("setup failed: no");
         assert_eq!(a, AgentStatus { ready: true, heartbeat: 2 });
     }
 }

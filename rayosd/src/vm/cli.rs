@@ -31,6 +31,7 @@ pub trait Vms1 {
     fn signal_vmm(&self, vm: &str, signal: &str) -> zbus::Result<bool>;
     fn guest_screen(&self, vm: &str) -> zbus::Result<GuestScreen>;
     fn screenshot(&self, vm: &str) -> zbus::Result<Vec<u8>>;
+    fn serial_input(&self, vm: &str, text: &str) -> zbus::Result<u64>;
     #[zbus(signal)]
     fn vm_state_changed(&self, id: &str, name: &str, state: &str, detail: &str) -> zbus::Result<()>;
 }
@@ -117,6 +118,14 @@ pub enum VmCmd {
     Screen { vm: String },
     /// Save the VM's display as a binary PPM (root).
     Screenshot { vm: String, path: PathBuf },
+    /// Type TEXT on the VM's serial console (root), as if typed on a terminal attached to it.
+    Type {
+        vm: String,
+        text: String,
+        /// Press Enter after the text.
+        #[arg(long)]
+        enter: bool,
+    },
     /// Print VmStateChanged signals as they come.
     Watch,
 }
@@ -196,6 +205,9 @@ pub async fn run(socket: &str, json: bool, cmd: &VmCmd) -> Result<(), ClientErro
                 println!("memory: {} MiB, vCPUs: {}, restarts: {}", v.memory_mib, v.vcpus, v.restarts);
                 if v.guest_init_ms > 0 {
                     println!("guest init: {} ms after VMM start, {} ms after the start request", v.guest_init_ms, v.start_to_init_ms);
+                }
+                if !v.firstboot.is_empty() {
+                    println!("first-boot setup: {}", v.firstboot);
                 }
             }
         }
@@ -330,6 +342,15 @@ pub async fn run(socket: &str, json: bool, cmd: &VmCmd) -> Result<(), ClientErro
                 print_json(&serde_json::json!({ "ok": true, "path": path, "width": w, "height": h, "bytes": data.len() }))
             } else {
                 println!("{vm}: {w}x{h} screenshot saved to {}", path.display())
+            }
+        }
+        VmCmd::Type { vm, text, enter } => {
+            let text = if *enter { format!("{text}\r") } else { text.clone() };
+            let n = p.serial_input(vm, &text).await?;
+            if json {
+                print_json(&serde_json::json!({ "ok": true, "queued": n }))
+            } else {
+                println!("{vm}: {n} bytes typed on the serial console")
             }
         }
         VmCmd::Watch => {

@@ -98,6 +98,10 @@ pub struct VmInfo {
     pub agent_ready: bool,
     /// The last heartbeat number the guest agent sent; 0 before the first.
     pub agent_heartbeat: u64,
+    /// The first-boot setup the guest agent is given (user, time zone, locale, keymap) and
+    /// where it stands: "pending (…)", "done (…)" or "failed: <why> …"; empty when the VM
+    /// has none.
+    pub firstboot: String,
     pub disks: Vec<String>,
     pub memory_mib: u64,
     pub vcpus: u8,
@@ -272,6 +276,7 @@ impl VmManager {
             policy: req.policy,
             created_at: registry::now_secs(),
             last_booted_at: None,
+            firstboot: None,
         };
         let dir = self.vm_dir(vm.id);
         self.registry.lock().unwrap().insert(vm.clone())?;
@@ -431,6 +436,7 @@ impl VmManager {
             start_to_init_ms: 0,
             agent_ready: false,
             agent_heartbeat: 0,
+            firstboot: vm.firstboot.as_ref().map(|f| f.describe()).unwrap_or_default(),
             disks: vm.disks.iter().map(|d| d.path.display().to_string()).collect(),
             memory_mib: vm.config.memory_mib,
             vcpus: vm.config.vcpus,

@@ -10,6 +10,7 @@
 //! - [`agent`]: the guest agent: readiness, heartbeat, screen requests.
 //! - [`display`]: screenshots.
 //! - [`serial_tail`]: the end of a VM's serial console log, read in bounded memory.
+//! - [`serial_input`]: typing on a VM's serial console.
 //! - [`cli`]: `rayosctl vm …` (the API itself, `org.rayos.Vms1`, is `crate::api::vms`).
 
 pub mod agent;
@@ -19,6 +20,7 @@ pub mod display;
 pub mod manager;
 pub mod owner;
 pub mod registry;
+pub mod serial_input;
 pub mod serial_tail;
 pub mod state;
 pub mod task;

@@ -263,6 +263,7 @@ mod tests {
             policy: Policy { autostart_hidden: true, restart: RestartPolicy::OnFailure },
             created_at: now_secs(),
             last_booted_at: None,
+            firstboot: None,
         }
     }
 

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use rayos_proto::agent::FromAgent;
 use rayos_proto::vmm::{exit_code, Event, Request as VmmRequest, RunState};
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -220,6 +221,10 @@ impl VmManager {
                     Some(Event::AgentLine { line }) => {
                         if agent.line(&line) {
                             tracing::info!("vm {}: guest agent ready ({} ms after the start request)", vm.name, requested_at.elapsed().as_millis());
+                            self.send_first_boot_setup(id, &vm.name, &conn).await;
+                        }
+                        if let Ok(FromAgent::Setup(result)) = FromAgent::parse(&line) {
+                            self.first_boot_answered(id, &vm.name, result);
                         }
                         if let Some(e) = self.vms.lock().unwrap().get_mut(&id) {
                             e.info.agent_ready = agent.ready;

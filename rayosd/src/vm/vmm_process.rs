@@ -193,6 +193,7 @@ mod tests {
             policy: Policy::default(),
             created_at: 0,
             last_booted_at: None,
+            firstboot: None,
         }
     }
 

@@ -13,6 +13,9 @@
 //!   host can check what a user sees there (`{"tty":1,"rows":…,"cols":…,"cursor":[x,y],
 //!   "text":"…"}`, rows joined by `\n` with trailing blanks cut; or `{"error":"…"}`).
 //!
+//! - answers `setup {json}` (the first-boot user, time zone, locale and keymap) with
+//!   `setup ok` or `setup failed: <why>`, see [`first_boot_setup`]; only with `--service`.
+//!
 //! With `--service` it is the guest agent of a full distribution (the default Debian guest
 //! runs it from inittab): no mounts, and the power button or a shutdown request runs the
 //! distribution's `poweroff` (a clean shutdown) instead of ending the VM at once.
@@ -23,6 +26,89 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rayos_proto::agent::{FromAgent, Screen, ScreenAnswer, ToAgent};
+use rayos_proto::firstboot::GuestSetup;
+
+/// Written once the first-boot setup is done: it is never run again in this guest. Holds the
+/// settings (not the hash), and the keymap is loaded from it at each start.
+const SETUP_DONE: &str = "/var/lib/rayos/firstboot-done";
+
+/// Runs a setup command; its stderr (or status) is the error.
+fn run(what: &str, cmd: &mut std::process::Command) -> Result<(), String> {
+    let out = cmd.stdin(std::process::Stdio::null()).output().map_err(|e| format!("{what}: {e}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let err = String::from_utf8_lossy(&out.stderr).trim().replace('\n', "; ");
+    Err(format!("{what}: {}{}", out.status, if err.is_empty() { String::new() } else { format!(": {err}") }))
+}
+
+/// The first-boot setup of a Debian guest: the user (with sudo rights, its password as the
+/// SHA-512 crypt hash it came as), root's empty password locked, the time zone, the locale
+/// (generated when it is not C.UTF-8) and the console keymap. Once done, never again. A
+/// keymap the guest cannot load does not undo the rest: it comes back as the warning.
+fn first_boot_setup(s: &GuestSetup) -> Result<Option<String>, String> {
+    use std::process::Command;
+    // One at a time, should the host ask twice.
+    static ONE: Mutex<()> = Mutex::new(());
+    let _one = ONE.lock().unwrap_or_else(|p| p.into_inner());
+    if std::path::Path::new(SETUP_DONE).exists() {
+        println!("devguest: first-boot setup was done before ({SETUP_DONE}); not run again");
+        return Ok(None);
+    }
+    s.check().map_err(|(field, e)| format!("{field}: {e}"))?;
+    let zone = format!("/usr/share/zoneinfo/{}", s.timezone);
+    if !std::path::Path::new(&zone).is_file() {
+        return Err(format!("time zone {:?}: {zone} is not in this guest", s.timezone));
+    }
+    // A second try after a failure finds the user there already.
+    let exists = Command::new("id").arg("-u").arg(&s.user).output().is_ok_and(|o| o.status.success());
+    if exists {
+        run("usermod", Command::new("usermod").args(["-a", "-G", "sudo", "-p", &s.password_hash, "--", &s.user]))?;
+    } else {
+        run("useradd", Command::new("useradd").args(["-m", "-s", "/bin/bash", "-G", "sudo", "-p", &s.password_hash, "--", &s.user]))?;
+    }
+    run("passwd -l root", Command::new("passwd").args(["-l", "root"]))?;
+
+    let write = |path: &str, text: String| fs::write(path, text).map_err(|e| format!("{path}: {e}"));
+    write("/etc/timezone", format!("{}\n", s.timezone))?;
+    let _ = fs::remove_file("/etc/localtime");
+    std::os::unix::fs::symlink(&zone, "/etc/localtime").map_err(|e| format!("/etc/localtime: {e}"))?;
+
+    if s.locale != "C.UTF-8" {
+        // Debian's locale-gen builds what /etc/locale.gen lists uncommented.
+        let line = format!("{} UTF-8", s.locale);
+        let gen = fs::read_to_string("/etc/locale.gen").unwrap_or_default();
+        if !gen.lines().any(|l| l.trim() == line) {
+            write("/etc/locale.gen", format!("{gen}{line}\n"))?;
+        }
+        run("locale-gen", &mut Command::new("locale-gen"))?;
+    }
+    write("/etc/default/locale", format!("LANG={}\n", s.locale))?;
+
+    let warning = load_keymap(&s.keymap).err();
+    fs::create_dir_all("/var/lib/rayos").map_err(|e| format!("/var/lib/rayos: {e}"))?;
+    let done = format!("user={}\ntimezone={}\nlocale={}\nkeymap={}\n", s.user, s.timezone, s.locale, s.keymap);
+    let f = fs::File::create(SETUP_DONE).and_then(|mut f| f.write_all(done.as_bytes()).and_then(|_| f.sync_all()));
+    f.map_err(|e| format!("{SETUP_DONE}: {e}"))?;
+    // SAFETY: sync has no arguments.
+    unsafe { libc::sync() };
+    Ok(warning)
+}
+
+/// The console keymap (kbd's name, from console-data's keymaps), for every virtual console.
+fn load_keymap(keymap: &str) -> Result<(), String> {
+    run(&format!("loadkeys {keymap}"), std::process::Command::new("loadkeys").args(["-q", "--", keymap]))
+}
+
+/// At each start after the setup: the keymap it chose (the kernel forgets it at reboot).
+fn restore_keymap() {
+    let Ok(done) = fs::read_to_string(SETUP_DONE) else { return };
+    if let Some(k) = done.lines().find_map(|l| l.strip_prefix("keymap=")) {
+        if let Err(e) = load_keymap(k) {
+            println!("devguest: {e}");
+        }
+    }
+}
 
 fn mount(src: &str, target: &str, fstype: &str) {
     let _ = fs::create_dir_all(target);
@@ -163,6 +249,9 @@ fn main() {
         mount("sysfs", "/sys", "sysfs");
     }
     boot_timer(service);
+    if service {
+        restore_keymap();
+    }
     let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let interval = cmdline_value(&cmdline, "devguest.interval_ms").and_then(|v| v.parse().ok()).unwrap_or(200u64);
     println!("devguest: init");
@@ -180,6 +269,23 @@ fn main() {
                     match ToAgent::parse(&line) {
                         Ok(ToAgent::Shutdown) => power_off("shutdown requested on the agent port", service),
                         Ok(ToAgent::Screen { id }) => send_line(&a, &FromAgent::Screen { id, answer: screen_answer(SCREEN_TTY) }),
+                        Ok(ToAgent::Setup(s)) => {
+                            // Generating a locale takes a while: screen requests go on meanwhile.
+                            let a = a.clone();
+                            std::thread::spawn(move || {
+                                let result = if service {
+                                    first_boot_setup(&s)
+                                } else {
+                                    Err("this guest has no distribution to set up (rayos-devguest runs without --service)".into())
+                                };
+                                match &result {
+                                    Ok(None) => println!("devguest: first-boot setup done: user {}", s.user),
+                                    Ok(Some(w)) => println!("devguest: first-boot setup done: user {}; but {w}", s.user),
+                                    Err(e) => println!("devguest: first-boot setup failed: {e}"),
+                                }
+                                send_line(&a, &FromAgent::Setup(result));
+                            });
+                        }
                         Err(e) => println!("devguest: {e}"),
                     }
                 }
