@@ -126,6 +126,15 @@ impl HangWatch {
         self.agent_seen = Some(now);
     }
 
+    /// How long the run that began at `started` was healthy: nothing before init, else until
+    /// the agent's last sign of life (or now, for a guest without an agent).
+    pub fn healthy_for(&self, started: Instant) -> Duration {
+        if !self.init_reached {
+            return Duration::ZERO;
+        }
+        self.agent_seen.unwrap_or_else(Instant::now).saturating_duration_since(started)
+    }
+
     /// When the next rule fires unless something happens first; `None` while paused.
     pub fn deadline(&self) -> Option<Instant> {
         let since = self.running_since?;
@@ -194,6 +203,7 @@ mod tests {
         assert_eq!(w.deadline(), Some(t0 + s(180)));
         assert_eq!(w.check(t0 + s(179)), None);
         let why = w.check(t0 + s(180)).expect("hung at the bound");
+        assert_eq!(w.healthy_for(t0), Duration::ZERO, "a run that never reached init was never healthy");
         assert!(why.contains("did not reach init within 180 s") && why.contains("floor"), "{why}");
 
         // Paused from 100 s to 1000 s: 80 s of running are left after the resume.
@@ -225,6 +235,7 @@ mod tests {
         let why = w.check(t0 + s(100)).expect("silent for 60 s");
         assert!(why.contains("sent nothing for 60 s"), "{why}");
 
+        assert_eq!(w.healthy_for(t0), s(40), "healthy until its last heartbeat");
         w.paused(t0 + s(50));
         assert_eq!(w.check(t0 + s(500)), None);
         w.resumed(t0 + s(500));

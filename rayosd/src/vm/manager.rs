@@ -479,8 +479,9 @@ pub(super) enum Outcome {
     Rebooted,
     Crashed(String),
     /// The guest was found hung (by rayosd's [`super::hang`] rules or the VMM's no-progress
-    /// check) and its VMM ended.
-    Hung(String),
+    /// check) and its VMM ended; the run counts as healthy only for as long as the guest
+    /// showed signs of life (for the restart policy's "healthy run").
+    Hung { why: String, healthy_for: Duration },
     Deleted,
 }
 

@@ -63,11 +63,12 @@ impl VmManager {
                         self.set(id, VmState::Starting, "the guest rebooted", |i| i.restarts = restarts);
                         continue;
                     }
-                    Outcome::Crashed(_) | Outcome::Hung(_) => {
-                        // A hang is a failure like a crash: the same policy decides.
-                        let (state, what) = match outcome {
-                            Outcome::Hung(why) => (VmState::Hung, format!("hung: {why}")),
-                            Outcome::Crashed(why) => (VmState::Failed, format!("VMM {why}")),
+                    Outcome::Crashed(_) | Outcome::Hung { .. } => {
+                        // A hang is a failure like a crash: the same policy decides. The time
+                        // a hung guest sat silent is not a healthy run.
+                        let (state, what, ran) = match outcome {
+                            Outcome::Hung { why, healthy_for } => (VmState::Hung, format!("hung: {why}"), healthy_for),
+                            Outcome::Crashed(why) => (VmState::Failed, format!("VMM {why}"), started.elapsed()),
                             _ => unreachable!(),
                         };
                         let policy = self.registry.lock().unwrap().get(id).map(|v| v.policy.restart);
@@ -75,7 +76,7 @@ impl VmManager {
                             self.set(id, state, &format!("{what}; policy: no restart"), |i| i.pid = 0);
                             break;
                         }
-                        let backoff = match tracker.failed(started.elapsed(), Instant::now()) {
+                        let backoff = match tracker.failed(ran, Instant::now()) {
                             Verdict::Restart { after } => after,
                             Verdict::CrashLoop { failures } => {
                                 let detail = format!(
@@ -354,7 +355,7 @@ impl VmManager {
         conn_for(self, id, None);
         let _ = std::fs::remove_file(&files.control_socket);
         if let Some(why) = hang {
-            return Outcome::Hung(why);
+            return Outcome::Hung { why, healthy_for: watch.healthy_for(started) };
         }
         if not_up {
             return Outcome::Crashed(format!("did not come up (no first event on its connection) within {:?} and was killed", self.settings.up_timeout));
@@ -369,7 +370,9 @@ impl VmManager {
             (ExitKind::Exited(exit_code::POWERED_OFF), None) => Outcome::Stopped("the guest powered off".into()),
             (ExitKind::Exited(exit_code::REBOOTED), None) => Outcome::Rebooted,
             (ExitKind::Exited(exit_code::GUEST_HUNG), None) => {
-                Outcome::Hung(format!("the VMM saw no progress: {}", vmm_reason.as_deref().unwrap_or("no reason given")))
+                // The VMM judges only the time before init.
+                let why = format!("the VMM saw no progress: {}", vmm_reason.as_deref().unwrap_or("no reason given"));
+                Outcome::Hung { why, healthy_for: Duration::ZERO }
             }
             (k, None) => Outcome::Crashed(why(k)),
         }

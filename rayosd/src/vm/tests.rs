@@ -459,7 +459,11 @@ fn fast_hang(s: &mut Settings) {
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_guest_that_never_reaches_init_is_hung_within_the_bound_and_restarted_by_policy() {
-    let env = setup("hung-init", fast_hang);
+    let env = setup("hung-init", |s| {
+        fast_hang(s);
+        // Each hung run lasts longer than a healthy one would need to: still no healthy run.
+        s.restart.stable_after = Duration::from_millis(300);
+    });
     create(&env, "stuck", "no-init", false);
     let mut events = env.mgr.subscribe();
     let t = Instant::now();
