@@ -53,6 +53,10 @@ pub struct VmSpec {
     /// Fail if vCPU 0 leaves KVM_RUN not once in this long before the guest reaches init.
     #[serde(default = "default_progress_timeout")]
     pub progress_timeout_ms: u64,
+    /// Fail as a hung guest (exit 11) if, once its devices are up and before it reaches init,
+    /// the guest goes this long without any vCPU exit and without any virtio notification.
+    #[serde(default = "default_hang_timeout")]
+    pub hang_timeout_ms: u64,
     /// Drop capabilities, close stray fds and install the seccomp filter after set-up.
     #[serde(default = "default_true")]
     pub isolate: bool,
@@ -135,6 +139,12 @@ fn default_vcpus() -> u8 {
 fn default_progress_timeout() -> u64 {
     10000
 }
+/// A healthy boot is never this quiet between its first device and init: it reads its disk,
+/// prints on the console, probes devices (the longest pause measured in nested test guests:
+/// see ARCHITECTURE.md, "Hung guests").
+fn default_hang_timeout() -> u64 {
+    60_000
+}
 fn default_true() -> bool {
     true
 }
@@ -165,6 +175,7 @@ impl VmSpec {
             serial_stdout: false,
             control_socket: None,
             progress_timeout_ms: default_progress_timeout(),
+            hang_timeout_ms: default_hang_timeout(),
             isolate: true,
             vm_dir: None,
             run_as: None,
@@ -226,6 +237,9 @@ impl VmSpec {
         if self.progress_timeout_ms == 0 {
             return bad("progress_timeout_ms", "must be positive".into());
         }
+        if self.hang_timeout_ms == 0 {
+            return bad("hang_timeout_ms", "must be positive".into());
+        }
         Ok(())
     }
 
@@ -274,6 +288,7 @@ mod tests {
         assert_eq!(s.input, Some(InputSpec { keyboard: true, tablet: true }));
         assert!(s.isolate);
         assert_eq!(s.console, Some(ConsoleSpec { agent: true }));
+        assert_eq!(s.hang_timeout_ms, 60_000, "a spec without it gets the default hang bound");
         // What rayosd writes reads back the same.
         let back: VmSpec = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
         assert_eq!(back, s);
@@ -303,5 +318,9 @@ mod tests {
         let tap = write(&d, "tap.json", &format!(r#"{{"memory_mib":64,"kernel":"{}","net":[{{"tap":"a-very-long-tap-name"}}]}}"#, k.display()));
         let e = VmSpec::from_file(&tap).unwrap_err().to_string();
         assert!(e.contains("`net`") && e.contains("a-very-long-tap-name"), "{e}");
+
+        let hang = write(&d, "hang.json", &format!(r#"{{"memory_mib":64,"kernel":"{}","hang_timeout_ms":0}}"#, k.display()));
+        let e = VmSpec::from_file(&hang).unwrap_err().to_string();
+        assert!(e.contains("`hang_timeout_ms`") && e.contains("positive"), "{e}");
     }
 }

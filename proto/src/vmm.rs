@@ -20,6 +20,9 @@ pub mod exit_code {
     pub const ERROR: i32 = 1;
     /// The guest rebooted: start it again from its spec.
     pub const REBOOTED: i32 = 10;
+    /// The guest stopped making progress before it reached init (no vCPU exit and no virtio
+    /// notification for the VMM's hang limit): its supervisor marks it hung.
+    pub const GUEST_HUNG: i32 = 11;
     /// The seccomp filter caught a call outside the allowed set.
     pub const SECCOMP: i32 = 31;
 }
@@ -29,6 +32,7 @@ pub mod exit_code {
 pub enum VmmExit {
     PoweredOff,
     Rebooted,
+    GuestHung,
     Error,
     Seccomp,
     Other(i32),
@@ -39,6 +43,7 @@ impl VmmExit {
         match code {
             exit_code::POWERED_OFF => VmmExit::PoweredOff,
             exit_code::REBOOTED => VmmExit::Rebooted,
+            exit_code::GUEST_HUNG => VmmExit::GuestHung,
             exit_code::ERROR => VmmExit::Error,
             exit_code::SECCOMP => VmmExit::Seccomp,
             n => VmmExit::Other(n),
@@ -355,6 +360,7 @@ mod tests {
     fn exit_codes_read_back() {
         assert_eq!(VmmExit::from_code(0), VmmExit::PoweredOff);
         assert_eq!(VmmExit::from_code(10), VmmExit::Rebooted);
+        assert_eq!(VmmExit::from_code(11), VmmExit::GuestHung);
         assert_eq!(VmmExit::from_code(1), VmmExit::Error);
         assert_eq!(VmmExit::from_code(31), VmmExit::Seccomp);
         assert_eq!(VmmExit::from_code(2), VmmExit::Other(2));

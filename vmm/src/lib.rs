@@ -341,7 +341,8 @@ impl Vmm {
         }
 
         tracing::info!("vCPUs started {} ms after VMM start", shared.start.elapsed().as_millis());
-        let mut reason = watch(&shared, Duration::from_millis(spec.progress_timeout_ms));
+        let mut reason =
+            watch(&shared, Duration::from_millis(spec.progress_timeout_ms), Duration::from_millis(spec.hang_timeout_ms));
         if let ExitReason::Failed(why) = &reason {
             if shared.boot_time.get().is_none() && why.starts_with("vCPU") {
                 // kvm_pvm hosts either never return from KVM_RUN or fail emulation early.
@@ -353,7 +354,7 @@ impl Vmm {
         let why = match &reason {
             ExitReason::PowerOff => "the guest powered off".to_string(),
             ExitReason::Reboot(why) => format!("the guest rebooted ({why})"),
-            ExitReason::Failed(why) => why.clone(),
+            ExitReason::Failed(why) | ExitReason::GuestHung(why) => why.clone(),
         };
         shared.events.send(rayos_proto::vmm::Event::Exiting { code: reason.exit_code(), reason: why });
         shared.control.stop();
@@ -379,38 +380,74 @@ impl Vmm {
     }
 }
 
-/// Waits for the VM to end, failing it if vCPU 0 makes no progress while the guest boots.
+/// Waits for the VM to end, failing it if the guest makes no progress while it boots.
 ///
 /// A host KVM that cannot run guests (kvm_pvm) never returns from KVM_RUN, so vCPU 0's first
-/// exit must come within `stall`. Later, until the guest is up (boot-timer write, or
-/// [`EARLY_BOOT_EXITS`] exits), a silence of [`LATE_STALL_FACTOR`]× `stall` also fails: a
-/// quiet kernel under nested emulation can go seconds without an exit, an idle booted guest
-/// with an in-kernel LAPIC may never exit again, so neither is treated as a hang.
-fn watch(shared: &VmShared, stall: Duration) -> ExitReason {
+/// exit must come within `stall`. Later, in early boot (fewer than [`EARLY_BOOT_EXITS`] exits
+/// and no device in use yet), a silence of [`LATE_STALL_FACTOR`]× `stall` fails the same way:
+/// a quiet kernel under nested emulation can go seconds without an exit.
+///
+/// Once the guest's devices are up, until it reaches init (the boot-timer write), progress
+/// is any vCPU exit or any virtio notification (a guest reading its disk through an ioeventfd
+/// makes no exit): none for `hang` is a hung guest ([`ExitReason::GuestHung`], exit 11), the
+/// way the default VM was seen to stop right after its virtio-blk came up. After init nothing
+/// is judged here: an idle booted guest with an in-kernel LAPIC may never exit again; its
+/// supervisor watches the guest agent's heartbeats instead.
+fn watch(shared: &VmShared, stall: Duration, hang: Duration) -> ExitReason {
     const EARLY_BOOT_EXITS: u64 = 2000;
     const LATE_STALL_FACTOR: u32 = 6;
-    let mut last = 0u64;
+    use devices::virtio::worker::GUEST_KICKS;
+    let kicks_at_start = GUEST_KICKS.load(Ordering::Relaxed);
+    let mut last = (0u64, 0u64);
     let mut last_change = Instant::now();
     let mut first_logged = false;
+    // The longest the guest went without progress before init, for the log (what `hang`
+    // must stay well above).
+    let mut longest = Duration::ZERO;
+    let mut init_logged = false;
     loop {
         if let Some(r) = shared.lifecycle.wait_timeout(Duration::from_millis(50)) {
             return r;
         }
-        let exits = shared.exits[0].load(Ordering::Relaxed);
-        if exits > 0 && !first_logged {
+        let exits0 = shared.exits[0].load(Ordering::Relaxed);
+        if exits0 > 0 && !first_logged {
             first_logged = true;
             tracing::info!("vCPU 0 first exit {} ms after VMM start", shared.start.elapsed().as_millis());
         }
-        if shared.boot_time.get().is_some() || exits >= EARLY_BOOT_EXITS || shared.control.is_paused() {
+        if shared.boot_time.get().is_some() {
+            if !init_logged {
+                init_logged = true;
+                tracing::info!("longest pause in guest progress before init: {} ms", longest.as_millis());
+            }
+            continue;
+        }
+        if shared.control.is_paused() {
             last_change = Instant::now();
             continue;
         }
-        let limit = if exits == 0 { stall } else { stall * LATE_STALL_FACTOR };
-        if exits != last {
-            last = exits;
+        let exits: u64 = shared.exits.iter().map(|e| e.load(Ordering::Relaxed)).sum();
+        let kicks = GUEST_KICKS.load(Ordering::Relaxed) - kicks_at_start;
+        if (exits, kicks) != last {
+            longest = longest.max(last_change.elapsed());
+            last = (exits, kicks);
             last_change = Instant::now();
-        } else if last_change.elapsed() >= limit {
-            let e = Error::NoProgress { exits, secs: shared.start.elapsed().as_secs_f64() };
+            continue;
+        }
+        let quiet = last_change.elapsed();
+        let devices_up = kicks > 0 || exits0 >= EARLY_BOOT_EXITS;
+        if devices_up {
+            if quiet >= hang {
+                let why = format!(
+                    "the guest stopped making progress before it reached init: no vCPU exit and no virtio \
+                     notification for {} s, {:.1} s after VMM start (after {exits} exits and {kicks} virtio notifications)",
+                    quiet.as_secs(),
+                    shared.start.elapsed().as_secs_f64()
+                );
+                tracing::error!("{why}");
+                shared.lifecycle.request(ExitReason::GuestHung(why));
+            }
+        } else if quiet >= if exits0 == 0 { stall } else { stall * LATE_STALL_FACTOR } {
+            let e = Error::NoProgress { exits: exits0, secs: shared.start.elapsed().as_secs_f64() };
             shared.lifecycle.request(ExitReason::Failed(e.to_string()));
         }
     }

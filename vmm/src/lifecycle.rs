@@ -14,6 +14,8 @@ pub enum ExitReason {
     Reboot(&'static str),
     /// Something broke (a vCPU error, the host KVM making no progress).
     Failed(String),
+    /// The guest stopped making progress after its devices came up, before init.
+    GuestHung(String),
 }
 
 impl ExitReason {
@@ -22,6 +24,7 @@ impl ExitReason {
         match self {
             ExitReason::PowerOff => exit_code::POWERED_OFF,
             ExitReason::Failed(_) => exit_code::ERROR,
+            ExitReason::GuestHung(_) => exit_code::GUEST_HUNG,
             ExitReason::Reboot(_) => EXIT_CODE_REBOOT,
         }
     }

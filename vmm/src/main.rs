@@ -51,6 +51,7 @@ fn main() {
                 ExitReason::PowerOff => eprintln!("rayos-vmm: guest powered off"),
                 ExitReason::Reboot(why) => eprintln!("rayos-vmm: guest rebooted ({why})"),
                 ExitReason::Failed(why) => eprintln!("rayos-vmm: error: {why}"),
+                ExitReason::GuestHung(why) => eprintln!("rayos-vmm: guest hung: {why}"),
             }
             std::process::exit(reason.exit_code());
         }

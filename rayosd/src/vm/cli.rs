@@ -260,7 +260,7 @@ pub async fn run(socket: &str, json: bool, cmd: &VmCmd) -> Result<(), ClientErro
                             }
                             break;
                         }
-                        if matches!(v.state.as_str(), "failed" | "broken" | "crash-loop" | "stopped") && t.elapsed() > Duration::from_millis(200) {
+                        if matches!(v.state.as_str(), "failed" | "hung" | "broken" | "crash-loop" | "stopped") && t.elapsed() > Duration::from_millis(200) {
                             return Err(ClientError::VmEnded(format!("{vm} is {}: {}", v.state, v.detail)));
                         }
                         if std::time::Instant::now() > deadline {
@@ -286,7 +286,7 @@ pub async fn run(socket: &str, json: bool, cmd: &VmCmd) -> Result<(), ClientErro
                         done(json, &format!("{vm} stopped after {} ms", t.elapsed().as_millis()));
                         break;
                     }
-                    "failed" | "broken" | "crash-loop" => {
+                    "failed" | "hung" | "broken" | "crash-loop" => {
                         return Err(ClientError::VmEnded(format!("{vm} is {}: {}", v.state, v.detail)))
                     }
                     _ if std::time::Instant::now() > deadline => {

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc};
 use uuid::Uuid;
 
+use super::hang::HangLimits;
 use super::owner;
 use super::registry::{self, DeviceConfig, DiskRecord, Policy, Registry, RegistryError, VmKind, VmRecord};
 use super::state::{self, Request, VmState};
@@ -57,6 +58,8 @@ pub struct Settings {
     pub restart: RestartLimits,
     /// How long a new VMM gets to say it is up (the first event on its connection).
     pub up_timeout: Duration,
+    /// When a running guest counts as hung.
+    pub hang: HangLimits,
 }
 
 impl Settings {
@@ -73,6 +76,7 @@ impl Settings {
                 stable_after: Duration::from_secs(60),
             },
             up_timeout: Duration::from_secs(10),
+            hang: HangLimits::default(),
         }
     }
 }
@@ -87,7 +91,7 @@ pub struct VmInfo {
     /// The VMM's pid; 0 when none runs.
     pub pid: u32,
     pub restarts: u32,
-    /// Why it is failed/broken/crash-looping, or the last notable event.
+    /// Why it is failed/hung/broken/crash-looping, or the last notable event.
     pub detail: String,
     pub autostart_hidden: bool,
     /// ms from the VMM's start to the guest's init (the boot-timer port); 0 until reached.
@@ -393,7 +397,7 @@ impl VmManager {
         let active: Vec<String> = self
             .list()
             .into_iter()
-            .filter(|v| parse_state(&v.state).is_active() || v.state == "failed")
+            .filter(|v| parse_state(&v.state).is_active() || matches!(parse_state(&v.state), VmState::Failed | VmState::Hung))
             .map(|v| v.id)
             .collect();
         if active.is_empty() {
@@ -460,7 +464,7 @@ impl VmManager {
             changed.then(|| VmEvent { id: id.to_string(), name: e.info.name.clone(), state: state.as_str().into(), detail: detail.into() })
         };
         if let Some(ev) = ev {
-            if state == VmState::Failed || state == VmState::Broken {
+            if matches!(state, VmState::Failed | VmState::Broken | VmState::Hung) {
                 tracing::warn!("vm {}: {} ({})", ev.name, ev.state, ev.detail);
             } else if detail.is_empty() {
                 tracing::info!("vm {}: {}", ev.name, ev.state);
@@ -480,6 +484,10 @@ pub(super) enum Outcome {
     Broken(String),
     Rebooted,
     Crashed(String),
+    /// The guest was found hung (by rayosd's [`super::hang`] rules or the VMM's no-progress
+    /// check) and its VMM ended; the run counts as healthy only for as long as the guest
+    /// showed signs of life (for the restart policy's "healthy run").
+    Hung { why: String, healthy_for: Duration },
     Deleted,
 }
 

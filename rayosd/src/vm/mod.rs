@@ -8,6 +8,7 @@
 //! - [`manager`]: the VMs as the API sees them: registry, state, requests, autostart.
 //! - [`task`]: the per-VM task loop: start, stop, pause, resume, crash restarts.
 //! - [`agent`]: the guest agent: readiness, heartbeat, screen requests.
+//! - [`hang`]: when a guest counts as hung (no init within its bound, a silent agent).
 //! - [`display`]: screenshots.
 //! - [`serial_tail`]: the end of a VM's serial console log, read in bounded memory.
 //! - [`serial_input`]: typing on a VM's serial console.
@@ -17,6 +18,7 @@ pub mod agent;
 pub mod boot;
 pub mod cli;
 pub mod display;
+pub mod hang;
 pub mod manager;
 pub mod owner;
 pub mod registry;

@@ -17,6 +17,10 @@ pub enum VmState {
     Stopping,
     /// The VMM ended abnormally; a restart may be pending (see the VM's detail).
     Failed,
+    /// The guest stopped making progress (no init within its bound, its agent went silent,
+    /// or the VMM saw no progress) and its VMM was ended; a restart may be pending (see the
+    /// VM's detail), as for `failed`.
+    Hung,
     /// Crashed too often; not restarted until someone starts it.
     CrashLoop,
     /// Cannot start as configured (a disk image is missing, the spec is invalid).
@@ -32,6 +36,7 @@ impl VmState {
             VmState::Paused => "paused",
             VmState::Stopping => "stopping",
             VmState::Failed => "failed",
+            VmState::Hung => "hung",
             VmState::CrashLoop => "crash-loop",
             VmState::Broken => "broken",
         }
@@ -76,12 +81,12 @@ pub fn check(state: VmState, req: Request) -> Result<(), String> {
     use VmState::*;
     let ok = match req {
         // Broken is retried: the missing disk may be back.
-        Start => matches!(state, Stopped | Failed | CrashLoop | Broken),
-        // Stopping a failed VM cancels its pending restart.
-        Stop => matches!(state, Starting | Running | Paused | Failed | Stopping),
+        Start => matches!(state, Stopped | Failed | Hung | CrashLoop | Broken),
+        // Stopping a failed or hung VM cancels its pending restart.
+        Stop => matches!(state, Starting | Running | Paused | Failed | Hung | Stopping),
         Pause => state == Running,
         Resume => state == Paused,
-        Delete => matches!(state, Stopped | Failed | CrashLoop | Broken),
+        Delete => matches!(state, Stopped | Failed | Hung | CrashLoop | Broken),
     };
     if ok {
         Ok(())
@@ -116,6 +121,10 @@ mod tests {
         assert!(check(Running, Resume).is_err());
         assert!(check(Paused, Stop).is_ok());
         assert!(check(Failed, Stop).is_ok(), "stop cancels a pending restart");
+        assert!(check(Hung, Stop).is_ok(), "stop cancels a pending restart");
+        assert!(check(Hung, Start).is_ok());
+        assert!(check(Hung, Pause).is_err());
+        assert_eq!(serde_json::to_string(&Hung).unwrap(), "\"hung\"");
         assert!(check(Stopped, Stop).is_err());
         assert!(check(Running, Delete).unwrap_err().contains("stop it first"));
         assert!(check(Broken, Delete).is_ok());

@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::agent::AgentStatus;
+use super::hang::{BootHistory, HangWatch};
 use super::manager::{parse_state, Ctl, Outcome, VmManager};
 use super::owner;
 use super::registry::{self, RestartPolicy, VmKind};
@@ -29,6 +30,8 @@ impl VmManager {
     pub(super) async fn vm_task(self: Arc<Self>, id: Uuid, mut rx: mpsc::UnboundedReceiver<Ctl>) {
         let mut tracker = RestartTracker::new(self.settings.restart);
         let mut restarts = 0u32;
+        // How long this VM's guest usually takes to reach init: its hang bound.
+        let mut boots = BootHistory::default();
         loop {
             // Idle: wait for a start.
             let fresh = loop {
@@ -45,7 +48,7 @@ impl VmManager {
             let requested_at = Instant::now();
             loop {
                 let started = Instant::now();
-                let outcome = self.run_once(id, &mut rx, requested_at).await;
+                let outcome = self.run_once(id, &mut rx, requested_at, &mut boots).await;
                 match outcome {
                     Outcome::Stopped(detail) => {
                         self.set(id, VmState::Stopped, &detail, |i| i.pid = 0);
@@ -61,17 +64,25 @@ impl VmManager {
                         self.set(id, VmState::Starting, "the guest rebooted", |i| i.restarts = restarts);
                         continue;
                     }
-                    Outcome::Crashed(why) => {
+                    Outcome::Crashed(_) | Outcome::Hung { .. } => {
+                        // A hang is a failure like a crash: the same policy decides. The time
+                        // a hung guest sat silent is not a healthy run.
+                        let (state, what, ran) = match outcome {
+                            Outcome::Hung { why, healthy_for } => (VmState::Hung, format!("hung: {why}"), healthy_for),
+                            Outcome::Crashed(why) => (VmState::Failed, format!("VMM {why}"), started.elapsed()),
+                            _ => unreachable!(),
+                        };
                         let policy = self.registry.lock().unwrap().get(id).map(|v| v.policy.restart);
                         if policy != Some(RestartPolicy::OnFailure) {
-                            self.set(id, VmState::Failed, &format!("VMM {why}; policy: no restart"), |i| i.pid = 0);
+                            self.set(id, state, &format!("{what}; policy: no restart"), |i| i.pid = 0);
                             break;
                         }
-                        let backoff = match tracker.failed(started.elapsed(), Instant::now()) {
+                        let backoff = match tracker.failed(ran, Instant::now()) {
                             Verdict::Restart { after } => after,
                             Verdict::CrashLoop { failures } => {
                                 let detail = format!(
-                                    "VMM {why}; crashed {failures} times within {:?}: not restarted until started again",
+                                    "{what}; {} {failures} times within {:?}: not restarted until started again",
+                                    if state == VmState::Hung { "crashed or hung" } else { "crashed" },
                                     self.settings.restart.crash_window
                                 );
                                 let name = self.get(&id.to_string()).map(|i| i.name).unwrap_or_default();
@@ -81,8 +92,8 @@ impl VmManager {
                                 break;
                             }
                         };
-                        let detail = format!("VMM {why}; restarting in {} ms", backoff.as_millis());
-                        self.set(id, VmState::Failed, &detail, |i| i.pid = 0);
+                        let detail = format!("{what}; restarting in {} ms", backoff.as_millis());
+                        self.set(id, state, &detail, |i| i.pid = 0);
                         // The backoff can be cut short by a stop (or a delete).
                         let sleep = tokio::time::sleep(backoff);
                         tokio::pin!(sleep);
@@ -101,7 +112,8 @@ impl VmManager {
                             break;
                         }
                         restarts += 1;
-                        self.set(id, VmState::Starting, "restarting after a crash", |i| i.restarts = restarts);
+                        let why = if state == VmState::Hung { "restarting after a hang" } else { "restarting after a crash" };
+                        self.set(id, VmState::Starting, why, |i| i.restarts = restarts);
                     }
                 }
             }
@@ -109,7 +121,13 @@ impl VmManager {
     }
 
     /// One VMM run, from spawn to its exit.
-    async fn run_once(&self, id: Uuid, rx: &mut mpsc::UnboundedReceiver<Ctl>, requested_at: Instant) -> Outcome {
+    async fn run_once(
+        &self,
+        id: Uuid,
+        rx: &mut mpsc::UnboundedReceiver<Ctl>,
+        requested_at: Instant,
+        boots: &mut BootHistory,
+    ) -> Outcome {
         let Some(vm) = self.registry.lock().unwrap().get(id).cloned() else { return Outcome::Deleted };
         if vm.kind == VmKind::Windows {
             tracing::error!("vm {}: {WINDOWS_NOT_SUPPORTED}; not booted", vm.name);
@@ -153,7 +171,15 @@ impl VmManager {
         let mut exit = spawned.exit;
         let (conn, mut events) = VmmConn::start(spawned.conn, &vm.name);
         let started = Instant::now();
-        tracing::info!("vm {}: VMM pid {pid} started ({} ms after the request)", vm.name, requested_at.elapsed().as_millis());
+        let mut watch = HangWatch::new(&self.settings.hang, boots, started);
+        // Why the guest was found hung, once it was (its VMM is then being ended).
+        let mut hang: Option<String> = None;
+        tracing::info!(
+            "vm {}: VMM pid {pid} started ({} ms after the request); hung unless its guest reaches init within {} s",
+            vm.name,
+            requested_at.elapsed().as_millis(),
+            watch.init_bound().as_secs()
+        );
         let booted_at = registry::now_secs();
         if let Err(e) = self.registry.lock().unwrap().update(id, |v| v.last_booted_at = Some(booted_at)) {
             tracing::warn!("vm {}: recording the boot time: {e}", vm.name);
@@ -168,7 +194,7 @@ impl VmManager {
             async move { conn.request(req, Duration::from_secs(3)).await }
         };
         let mut up = false;
-        let mut hung = false;
+        let mut not_up = false;
         // The VMM closed its end of the connection at this time (it is exiting, or gave up).
         let mut silent_since: Option<Instant> = None;
         let mut events_done = false;
@@ -178,9 +204,10 @@ impl VmManager {
         let kind = loop {
             // The one timer this loop needs: whichever deadline comes first.
             let deadline = [
-                (!up && !hung).then(|| started + self.settings.up_timeout),
+                (!up && !not_up).then(|| started + self.settings.up_timeout),
                 stopping.map(|(since, forced)| since + if forced { Duration::from_secs(2) } else { self.settings.stop_timeout }),
                 silent_since.map(|t| t + Duration::from_secs(2)),
+                if stopping.is_none() { watch.deadline() } else { None },
             ]
             .into_iter()
             .flatten()
@@ -206,18 +233,32 @@ impl VmManager {
                         if stopping.is_none() {
                             self.set(id, if state == RunState::Paused { VmState::Paused } else { VmState::Running }, "", |_| {});
                         }
+                        if state == RunState::Paused {
+                            watch.paused(Instant::now());
+                        }
                         if let Some(ms) = boot_ms {
+                            watch.init();
                             self.init_reached(id, &vm.name, ms, supervisor_ms, requested_at);
                         }
                     }
                     Some(Event::State { state }) => {
+                        match state {
+                            RunState::Paused => watch.paused(Instant::now()),
+                            RunState::Running => watch.resumed(Instant::now()),
+                        }
                         // Only between running and paused: a stop in progress stays one.
                         let now = parse_state(&self.get(&id.to_string()).map(|i| i.state).unwrap_or_default());
                         if stopping.is_none() && matches!(now, VmState::Running | VmState::Paused) {
                             self.set(id, if state == RunState::Paused { VmState::Paused } else { VmState::Running }, "", |_| {});
                         }
                     }
-                    Some(Event::BootTimer { ms }) => self.init_reached(id, &vm.name, ms, supervisor_ms, requested_at),
+                    Some(Event::BootTimer { ms }) => {
+                        if !watch.init_reached() {
+                            boots.record(Duration::from_millis(ms));
+                        }
+                        watch.init();
+                        self.init_reached(id, &vm.name, ms, supervisor_ms, requested_at);
+                    }
                     Some(Event::AgentLine { line }) => {
                         if agent.line(&line) {
                             tracing::info!("vm {}: guest agent ready ({} ms after the start request)", vm.name, requested_at.elapsed().as_millis());
@@ -225,6 +266,9 @@ impl VmManager {
                         }
                         if let Ok(FromAgent::Setup(result)) = FromAgent::parse(&line) {
                             self.first_boot_answered(id, &vm.name, result);
+                        }
+                        if agent.ready {
+                            watch.agent_alive(Instant::now());
                         }
                         if let Some(e) = self.vms.lock().unwrap().get_mut(&id) {
                             e.info.agent_ready = agent.ready;
@@ -238,10 +282,19 @@ impl VmManager {
                     }
                 },
                 _ = timer => {
-                    if !up && !hung && started.elapsed() >= self.settings.up_timeout {
+                    if stopping.is_none() {
+                        if let Some(why) = watch.check(Instant::now()) {
+                            tracing::error!("vm {}: hung: {why}; ending its VMM (pid {pid})", vm.name);
+                            force_off(&conn, pid).await;
+                            // Killed if it has not exited 2 s from now.
+                            stopping = Some((Instant::now(), true));
+                            hang = Some(why);
+                        }
+                    }
+                    if !up && !not_up && started.elapsed() >= self.settings.up_timeout {
                         tracing::error!("vm {}: VMM not up after {:?}; killing it", vm.name, self.settings.up_timeout);
                         let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-                        hung = true;
+                        not_up = true;
                     }
                     if silent_since.is_some_and(|t| t.elapsed() >= Duration::from_secs(2)) {
                         tracing::error!("vm {}: VMM closed its connection but did not exit; killing it", vm.name);
@@ -265,14 +318,22 @@ impl VmManager {
                     }
                     Some(Ctl::Start { .. }) | Some(Ctl::Delete) => {}
                     Some(Ctl::Pause) => match call(VmmRequest::Pause).await {
-                        Ok(_) => self.set(id, VmState::Paused, "", |_| {}),
+                        Ok(_) => {
+                            watch.paused(Instant::now());
+                            self.set(id, VmState::Paused, "", |_| {})
+                        }
                         Err(e) => tracing::warn!("vm {}: pause: {e}", vm.name),
                     },
                     Some(Ctl::Resume) => match call(VmmRequest::Resume).await {
-                        Ok(_) => self.set(id, VmState::Running, "", |_| {}),
+                        Ok(_) => {
+                            watch.resumed(Instant::now());
+                            self.set(id, VmState::Running, "", |_| {})
+                        }
                         Err(e) => tracing::warn!("vm {}: resume: {e}", vm.name),
                     },
                     Some(Ctl::Stop { force }) => {
+                        // A stop asked for while a hung VMM is ending wins: it stays stopped.
+                        hang = None;
                         self.set(id, VmState::Stopping, if force { "forced" } else { "ACPI power button" }, |_| {});
                         if force || !up {
                             force_off(&conn, pid).await;
@@ -298,7 +359,10 @@ impl VmManager {
         };
         conn_for(self, id, None);
         let _ = std::fs::remove_file(&files.control_socket);
-        if hung {
+        if let Some(why) = hang {
+            return Outcome::Hung { why, healthy_for: watch.healthy_for(started) };
+        }
+        if not_up {
             return Outcome::Crashed(format!("did not come up (no first event on its connection) within {:?} and was killed", self.settings.up_timeout));
         }
         let why = |k: ExitKind| match &vmm_reason {
@@ -310,6 +374,11 @@ impl VmManager {
             (_, Some((_, forced))) => Outcome::Stopped(format!("{}; VMM {kind}", if forced { "forced off" } else { "stopped" })),
             (ExitKind::Exited(exit_code::POWERED_OFF), None) => Outcome::Stopped("the guest powered off".into()),
             (ExitKind::Exited(exit_code::REBOOTED), None) => Outcome::Rebooted,
+            (ExitKind::Exited(exit_code::GUEST_HUNG), None) => {
+                // The VMM judges only the time before init.
+                let why = format!("the VMM saw no progress: {}", vmm_reason.as_deref().unwrap_or("no reason given"));
+                Outcome::Hung { why, healthy_for: Duration::ZERO }
+            }
             (k, None) => Outcome::Crashed(why(k)),
         }
     }

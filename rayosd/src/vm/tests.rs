@@ -13,7 +13,10 @@ use super::registry::{DeviceConfig, DiskRecord, Policy, RestartPolicy, VmKind};
 use crate::reaper::Reaper;
 
 /// Behaviour comes from words in the spec's cmdline: `crash-after-MS`, `ignore-acpi`,
-/// `never-up` (no first event), `mute-agent` (the guest agent never answers).
+/// `never-up` (no first event), `mute-agent` (the guest agent never answers), `no-init`
+/// (the guest never reaches init: no boot-timer event), `agent-quiet-after-N` (the agent
+/// stops after N heartbeats; the guest goes on), `vmm-no-progress-after-MS` (the VMM's own
+/// no-progress check ends it: exit 11).
 const FAKE_VMM: &str = r#"#!/usr/bin/python3
 import json, os, socket, sys, threading, time
 args = sys.argv[1:]
@@ -21,6 +24,7 @@ spec = json.load(open(args[args.index("--spec") + 1]))
 conn = socket.socket(fileno=int(args[args.index("--control-fd") + 1]))
 words = spec["cmdline"].split()
 agent = bool(spec.get("console"))
+quiet_after = None
 t0 = time.time()
 log = open(spec["serial_log"], "a", buffering=1)
 paused = threading.Event()
@@ -37,6 +41,11 @@ for w in words:
     if w.startswith("crash-after-"):
         ms = int(w[len("crash-after-"):])
         threading.Timer(ms / 1000, lambda: os._exit(3)).start()
+    if w.startswith("vmm-no-progress-after-"):
+        ms = int(w[len("vmm-no-progress-after-"):])
+        threading.Timer(ms / 1000, lambda: leave(11, "guest hung: no progress for 60 s before init")).start()
+    if w.startswith("agent-quiet-after-"):
+        quiet_after = int(w[len("agent-quiet-after-"):])
 if "never-up" in words:
     time.sleep(60)
 event({"kind": "up", "name": spec["name"], "state": "running", "boot_ms": None})
@@ -44,14 +53,15 @@ def guest():
     n = 0
     log.write("guest: init\n")
     time.sleep(0.05)
-    event({"kind": "boot_timer", "ms": int((time.time() - t0) * 1000)})
+    if "no-init" not in words:
+        event({"kind": "boot_timer", "ms": int((time.time() - t0) * 1000)})
     if agent:
         event({"kind": "agent_line", "line": "ready"})
     while True:
         if not paused.is_set():
             n += 1
             log.write("heartbeat %d\n" % n)
-            if agent and n % 5 == 0:
+            if agent and n % 5 == 0 and (quiet_after is None or n // 5 <= quiet_after):
                 event({"kind": "agent_line", "line": "heartbeat %d" % (n // 5)})
         time.sleep(0.02)
 threading.Thread(target=guest, daemon=True).start()
@@ -126,6 +136,10 @@ fn setup(tag: &str, tweak: impl FnOnce(&mut Settings)) -> Env {
 }
 
 fn create(env: &Env, name: &str, cmdline: &str, autostart: bool) -> String {
+    create_with(env, name, cmdline, autostart, false, RestartPolicy::OnFailure)
+}
+
+fn create_with(env: &Env, name: &str, cmdline: &str, autostart: bool, agent: bool, restart: RestartPolicy) -> String {
     let disk = env.dir.join(format!("{name}.img"));
     std::fs::write(&disk, b"").unwrap();
     let req = CreateRequest {
@@ -142,9 +156,9 @@ fn create(env: &Env, name: &str, cmdline: &str, autostart: bool) -> String {
             input: false,
             net_taps: vec![],
             rng: false,
-            agent: false,
+            agent,
         },
-        policy: Policy { autostart_hidden: autostart, restart: RestartPolicy::OnFailure },
+        policy: Policy { autostart_hidden: autostart, restart },
     };
     env.mgr.create(req).unwrap().id
 }
@@ -434,4 +448,106 @@ async fn a_vm_that_runs_healthy_between_crashes_is_never_a_crash_loop() {
     assert!(waits.len() >= 3 && waits.iter().all(|w| w == "50 ms"), "{waits:?}");
     env.mgr.stop("flaky", true).unwrap();
     wait_state(&env, "flaky", "stopped", Duration::from_secs(3)).await;
+}
+
+/// The hung rules, fast: a guest must reach init within 600 ms, a ready agent may be silent
+/// for 500 ms. (The real bounds are minutes; see `hang::HangLimits`.)
+fn fast_hang(s: &mut Settings) {
+    s.hang.init_floor = Duration::from_millis(600);
+    s.hang.heartbeat_timeout = Duration::from_millis(500);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_guest_that_never_reaches_init_is_hung_within_the_bound_and_restarted_by_policy() {
+    let env = setup("hung-init", |s| {
+        fast_hang(s);
+        // Each hung run lasts longer than a healthy one would need to: still no healthy run.
+        s.restart.stable_after = Duration::from_millis(300);
+    });
+    create(&env, "stuck", "no-init", false);
+    let mut events = env.mgr.subscribe();
+    let t = Instant::now();
+    env.mgr.start("stuck", false).unwrap();
+    let first = wait_state(&env, "stuck", "running", Duration::from_secs(5)).await;
+    let hung = wait_state(&env, "stuck", "hung", Duration::from_secs(5)).await;
+    let after = t.elapsed();
+    assert!(after >= Duration::from_millis(600), "hung before its bound: {after:?}");
+    assert!(after < Duration::from_millis(600 + 1500), "not noticed within its bound: {after:?}");
+    assert!(
+        hung.detail.contains("hung: the guest did not reach init within 0 s") && hung.detail.contains("restarting in"),
+        "{}",
+        hung.detail
+    );
+    assert_eq!(hung.pid, 0, "its VMM ended");
+    assert!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(first.pid as i32), None).is_err(), "the hung VMM still runs");
+    // The restart policy: started again, and after 3 hangs within the window a crash loop.
+    let again = wait_state(&env, "stuck", "running", Duration::from_secs(5)).await;
+    assert!(again.restarts >= 1 && again.pid != first.pid, "not restarted: {again:?}");
+    let looped = wait_state(&env, "stuck", "crash-loop", Duration::from_secs(10)).await;
+    assert!(looped.detail.starts_with("hung: ") && looped.detail.contains("crashed or hung 3 times"), "{}", looped.detail);
+    let mut seen = Vec::new();
+    while let Ok(ev) = events.try_recv() {
+        seen.push(format!("{} {}", ev.state, ev.detail));
+    }
+    assert!(seen.iter().any(|e| e.starts_with("starting restarting after a hang")), "{seen:?}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_paused_vm_is_never_hung_and_its_paused_time_does_not_count() {
+    let env = setup("hung-pause", fast_hang);
+    create(&env, "napping", "no-init", false);
+    let t = Instant::now();
+    env.mgr.start("napping", false).unwrap();
+    wait_state(&env, "napping", "running", Duration::from_secs(5)).await;
+    env.mgr.pause("napping").unwrap();
+    wait_state(&env, "napping", "paused", Duration::from_secs(2)).await;
+    let ran = t.elapsed();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(env.mgr.get("napping").unwrap().state, "paused", "a paused VM was judged hung");
+    env.mgr.resume("napping").unwrap();
+    let resumed = Instant::now();
+    wait_state(&env, "napping", "running", Duration::from_secs(2)).await;
+    let i = wait_state(&env, "napping", "hung", Duration::from_secs(5)).await;
+    // What was left of the 600 ms when it was paused, not a fresh bound nor none.
+    let left = Duration::from_millis(600).saturating_sub(ran);
+    assert!(resumed.elapsed() >= left, "hung {:?} after the resume, {left:?} were left", resumed.elapsed());
+    assert!(resumed.elapsed() < left + Duration::from_millis(1000), "hung {:?} after the resume", resumed.elapsed());
+    assert!(i.detail.contains("did not reach init"), "{}", i.detail);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_silent_agent_makes_the_vm_hung_and_a_no_restart_policy_leaves_it_so() {
+    let env = setup("hung-agent", fast_hang);
+    // The agent says ready and 3 heartbeats (100 ms each), then nothing; init was reached.
+    create_with(&env, "mute", "agent-quiet-after-3", false, true, RestartPolicy::Never);
+    // A healthy agent VM beside it is left alone.
+    create_with(&env, "chatty", "", false, true, RestartPolicy::Never);
+    env.mgr.start("mute", false).unwrap();
+    env.mgr.start("chatty", false).unwrap();
+    let t = Instant::now();
+    wait_state(&env, "mute", "running", Duration::from_secs(5)).await;
+    let i = wait_state(&env, "mute", "hung", Duration::from_secs(5)).await;
+    assert!(t.elapsed() >= Duration::from_millis(500), "hung too early: {:?}", t.elapsed());
+    assert!(i.agent_ready && i.agent_heartbeat == 3 && i.guest_init_ms > 0, "{i:?}");
+    assert_eq!(i.detail, "hung: the guest agent was ready but has sent nothing for 0 s (no heartbeat); policy: no restart");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(env.mgr.get("mute").unwrap().state, "hung", "restarted against its policy");
+    let c = env.mgr.get("chatty").unwrap();
+    assert_eq!(c.state, "running", "{}", c.detail);
+    assert!(c.agent_heartbeat > 3);
+    // A hung VM can be started again.
+    env.mgr.start("mute", false).unwrap();
+    wait_state(&env, "mute", "running", Duration::from_secs(5)).await;
+    env.mgr.stop("mute", true).unwrap();
+    env.mgr.stop("chatty", true).unwrap();
+    wait_state(&env, "chatty", "stopped", Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_vmms_own_no_progress_exit_is_a_hang() {
+    let env = setup("hung-vmm", |_| {});
+    create_with(&env, "frozen", "no-init vmm-no-progress-after-200", false, false, RestartPolicy::Never);
+    env.mgr.start("frozen", false).unwrap();
+    let i = wait_state(&env, "frozen", "hung", Duration::from_secs(5)).await;
+    assert_eq!(i.detail, "hung: the VMM saw no progress: guest hung: no progress for 60 s before init; policy: no restart");
 }

@@ -12,7 +12,12 @@
 //! profiling), `nowarn` (fails on kernel warnings in the log), `agent` (greets the VMM on the
 //! `org.rayos.agent` port and prints the line it gets back), `heartbeatN` (prints N numbered
 //! lines 200 ms apart with the guest's monotonic clock: a restored snapshot continues the
-//! count), `floodN` (a misbehaving guest for N seconds, see [`flood`]).
+//! count), `floodN` (a misbehaving guest for N seconds, see [`flood`]), `hang` (stops making
+//! progress for good, see [`hang`]).
+//!
+//! With `rayos.agent_boot_timer=late` the boot-timer port is written after the checks instead
+//! of first, as a distribution's agent service writes it late in its boot: a guest that hangs
+//! in a check then never reaches "init", like the default VM seen stopping after its disk.
 
 use std::fs;
 use std::time::Duration;
@@ -578,6 +583,19 @@ fn net() -> Result<String, String> {
     Err("no echo from 10.0.2.1:5555 within 60 s".into())
 }
 
+/// A guest that stops making progress: PID 1 spins without a system call, forever. Nothing
+/// exits to the VMM (the timer interrupts are the in-kernel LAPIC's) and no device is
+/// notified, which is what the VMM's hang check must notice.
+fn hang() -> ! {
+    use std::io::Write;
+    println!("agent: hanging: spinning with no system call from now on");
+    let _ = std::io::stdout().flush();
+    let mut n = 0u64;
+    loop {
+        n = std::hint::black_box(n.wrapping_add(1));
+    }
+}
+
 /// The kernel log's records (text only), oldest first.
 fn kernel_log() -> Result<Vec<String>, String> {
     use std::io::Read;
@@ -628,8 +646,11 @@ fn main() {
     mount("devtmpfs", "/dev", "devtmpfs");
     mount("proc", "/proc", "proc");
     mount("sysfs", "/sys", "sysfs");
-    boot_timer();
     let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let late_boot_timer = cmdline_value(&cmdline, "rayos.agent_boot_timer").as_deref() == Some("late");
+    if !late_boot_timer {
+        boot_timer();
+    }
     println!("agent: started, cmdline: {}", cmdline.trim());
     let checks = cmdline_value(&cmdline, "rayos.agent").unwrap_or_default();
     for check in checks.split(',').filter(|c| !c.is_empty()) {
@@ -647,6 +668,7 @@ fn main() {
             "net" => report("net", net()),
             "dmesg" => dmesg(),
             "nowarn" => report("nowarn", kernel_warnings()),
+            "hang" => hang(),
             other if other.starts_with("flood") => report("flood", flood(other[5..].parse().unwrap_or(60))),
             other if other.starts_with("sleep") => {
                 let ms = other[5..].parse().unwrap_or(0);
@@ -655,6 +677,9 @@ fn main() {
             }
             other => println!("agent: {other} FAIL unknown check"),
         }
+    }
+    if late_boot_timer {
+        boot_timer();
     }
     let end = cmdline_value(&cmdline, "rayos.agent_end").unwrap_or_else(|| "poweroff".into());
     println!("agent: done, {end}");

@@ -104,8 +104,18 @@ impl Drop for Worker {
 }
 
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Clear an eventfd's counter; a read error (nothing pending on a non-blocking fd) is fine.
+/// Queue notifications from the guest's drivers that device workers took, all devices
+/// together. The progress watchdog (`watch` in lib.rs) reads it: a guest whose only activity
+/// is virtio I/O (ioeventfds, no exit to the VMM) is still making progress. One VMM process
+/// runs one VM, so one counter per process is that VM's.
+pub static GUEST_KICKS: AtomicU64 = AtomicU64::new(0);
+
+/// Clear a queue's notification eventfd, counting a notification that was pending in
+/// [`GUEST_KICKS`]; a read error (nothing pending on a non-blocking fd) is fine.
 pub fn drain(evt: &EventFd) {
-    let _ = evt.read();
+    if evt.read().is_ok() {
+        GUEST_KICKS.fetch_add(1, Ordering::Relaxed);
+    }
 }
