@@ -209,9 +209,10 @@ fn wait_text(vm: &Qemu, from: usize, text: &str, timeout: Duration) {
 
 #[test]
 fn invalid_answer_files_and_the_boot_medium_are_refused() {
-    // A bad field: named in the refusal, then the wizard starts instead.
-    let bad = "version = 1\n[disk]\nmatch = { serial = \"RAYOS-TARGET\" }\ntarget = \"whole-disk\"\nconfirm = \"yes\"\n";
-    let usb = usb_with_answers("answers-bad", Some(bad));
+    // A bad field (the rest of the file is right): named in the refusal, then the wizard
+    // starts instead.
+    let bad = answers("RAYOS-TARGET", "whole-disk", "yes");
+    let usb = usb_with_answers("answers-bad", Some(&bad));
     let target = rootfs_builder::paths::out_dir().join("test-runs/installer-bad-target.img");
     blank_disk(&target, 6 * GIB).unwrap();
     let mut vm = Qemu::builder("installer-bad-answers").uefi_usb(&usb).nvme_disk(&target, "RAYOS-TARGET").spawn().unwrap();
