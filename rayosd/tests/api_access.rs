@@ -4,8 +4,9 @@
 //!
 //! Runs as root (CI does): rayosctl is started as uids 65534/65533 to be a non-root caller.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,13 +36,13 @@ struct Server {
 }
 
 fn dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("rayosd-access-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    // Non-root callers must reach the socket.
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    dir
+    common::socket_dir("rayosd-access", tag)
+}
+
+/// rayosctl against `sock` (see [`common::rayosctl`]).
+async fn rayosctl(sock: &Path, args: &[&str], uid: Option<u32>) -> (Option<i32>, String, String) {
+    let sock = sock.to_str().unwrap();
+    common::rayosctl(&[&["--socket", sock], args].concat(), uid).await
 }
 
 /// A server with `access`; with a VM supervisor (whose VMM is never run) when `vms`.
@@ -62,35 +63,6 @@ async fn serve(tag: &str, access: Access, vms: bool) -> Server {
     Server { dir, sock, power, system }
 }
 
-/// Runs rayosctl (as `uid` when given) with its exit status from the reaper: in this process
-/// the servers' reapers own every wait, so `Command::output` would lose it (ECHILD).
-async fn rayosctl(sock: &Path, args: &[&str], uid: Option<u32>) -> (Option<i32>, String, String) {
-    use std::io::Read;
-    use std::os::unix::process::CommandExt;
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rayosctl"));
-    cmd.arg("--socket").arg(sock).args(args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
-    if let Some(u) = uid {
-        cmd.uid(u).gid(u);
-    }
-    let mut child = cmd.spawn().unwrap();
-    let exit = Reaper::new().watch(child.id());
-    let (mut o, mut e) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-    let out = tokio::task::spawn_blocking(move || {
-        let mut s = String::new();
-        let _ = o.read_to_string(&mut s);
-        s
-    });
-    let err = tokio::task::spawn_blocking(move || {
-        let mut s = String::new();
-        let _ = e.read_to_string(&mut s);
-        s
-    });
-    let code = match tokio::time::timeout(Duration::from_secs(30), exit).await.unwrap().unwrap() {
-        rayosd::reaper::ExitKind::Exited(c) => Some(c),
-        rayosd::reaper::ExitKind::Signaled(_) => None,
-    };
-    (code, out.await.unwrap(), err.await.unwrap())
-}
 
 /// Whether a new client is closed before the session preamble is answered.
 async fn refused(sock: &Path) -> bool {

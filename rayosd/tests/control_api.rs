@@ -1,6 +1,8 @@
 //! The real control server and client over a real unix socket, on the host (no PID 1 duties).
 
-use std::process::Command;
+mod common;
+
+use common::rayosctl;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,12 +21,7 @@ struct Fixture {
 }
 
 async fn start(tag: &str) -> Fixture {
-    let dir = std::env::temp_dir().join(format!("rayosd-api-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    // Non-root callers must reach the socket.
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = common::socket_dir("rayosd-api", tag);
     let sock = dir.join("control.sock");
     let reaper = Arc::new(Reaper::new());
     let r = reaper.clone();
@@ -99,35 +96,6 @@ async fn malformed_calls_get_named_errors_and_change_nothing() {
     std::fs::remove_dir_all(&f.dir).unwrap();
 }
 
-/// Runs rayosctl with its exit status from the reaper: in this process the fixtures' reapers
-/// own every wait, so `Command::output` would lose the status (ECHILD).
-async fn rayosctl(args: &[&str], uid: Option<u32>) -> (Option<i32>, String, String) {
-    use std::io::Read;
-    use std::os::unix::process::CommandExt;
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rayosctl"));
-    cmd.args(args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
-    if let Some(u) = uid {
-        cmd.uid(u).gid(u);
-    }
-    let mut child = cmd.spawn().unwrap();
-    let exit = Reaper::new().watch(child.id());
-    let (mut o, mut e) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-    let out = tokio::task::spawn_blocking(move || {
-        let mut s = String::new();
-        let _ = o.read_to_string(&mut s);
-        s
-    });
-    let err = tokio::task::spawn_blocking(move || {
-        let mut s = String::new();
-        let _ = e.read_to_string(&mut s);
-        s
-    });
-    let code = match tokio::time::timeout(Duration::from_secs(30), exit).await.unwrap().unwrap() {
-        rayosd::reaper::ExitKind::Exited(c) => Some(c),
-        rayosd::reaper::ExitKind::Signaled(_) => None,
-    };
-    (code, out.await.unwrap(), err.await.unwrap())
-}
 
 #[tokio::test(flavor = "current_thread")]
 async fn non_root_caller_is_refused_by_rayosctl_and_root_reads_work() {
