@@ -42,6 +42,14 @@ pub fn boot_timer_lines(s: &str) -> usize {
     s.lines().filter(|l| l.trim_start().starts_with("boot-timer: guest init reached after")).count()
 }
 
+/// The control socket of [`Outer::systemless`].
+pub const SYSTEMLESS_SOCK: &str = "/run/sl/control.sock";
+
+/// A rayosctl command line against [`Outer::systemless`] (60 s timeout).
+pub fn systemless_ctl<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    [&["/rayosctl", "--socket", SYSTEMLESS_SOCK, "--timeout", "60"][..], args].concat()
+}
+
 pub struct Outer {
     builder: QemuBuilder,
     ird: Initramfs,
@@ -99,6 +107,16 @@ impl Outer {
     }
 
     /// Boots the outer VM (2 vCPUs, 2 GiB), runs everything, returns the serial log.
+    /// `rayos-systemless --state-dir /run/sl` started in the background (waited for until its
+    /// control socket [`SYSTEMLESS_SOCK`] exists), with `/rayosctl` beside it for
+    /// [`systemless_ctl`] commands.
+    pub fn systemless(&mut self) -> &mut Self {
+        let bins = rootfs_builder::cargo_build::build_static(["systemless", "rayosd"]).expect("building systemless and rayosctl");
+        self.file("/rayos-systemless", &bins.join("rayos-systemless"), 0o755);
+        self.file("/rayosctl", &bins.join("rayosctl"), 0o755);
+        self.cmd("sl", &["/rayos-systemless", "--state-dir", "/run/sl", "#background", &format!("#wait-for {SYSTEMLESS_SOCK}")])
+    }
+
     pub fn boot(self, timeout: Duration) -> String {
         let Outer { builder, ird, runs } = self;
         let outer = builder.workdir().join("outer-initrd");

@@ -15,25 +15,16 @@ use std::time::Duration;
 use rayos_tests::nested::{section, Outer};
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(900);
-const SOCK: &str = "/run/sl/control.sock";
-
-fn ctl<'a>(args: &[&'a str]) -> Vec<&'a str> {
-    let mut v = vec!["/rayosctl", "--socket", SOCK, "--timeout", "60"];
-    v.extend_from_slice(args);
-    v
-}
+use rayos_tests::nested::{systemless_ctl as ctl, SYSTEMLESS_SOCK as SOCK};
 
 #[test]
 fn a_guest_that_hangs_after_its_disk_came_up_is_marked_hung_and_restarted() {
-    let bins = rootfs_builder::cargo_build::build_static(["systemless", "rayosd"]).expect("building systemless and rayosctl");
     let mut outer = Outer::new("vm_hung_nested");
     let disk = outer.workdir().join("hang.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     // Not under /tmp or /run: testinit mounts fresh file systems there.
     outer.file("/disks/hang.img", &disk, 0o644);
-    outer.file("/rayos-systemless", &bins.join("rayos-systemless"), 0o755);
-    outer.file("/rayosctl", &bins.join("rayosctl"), 0o755);
-    outer.cmd("sl", &["/rayos-systemless", "--state-dir", "/run/sl", "#background", &format!("#wait-for {SOCK}")]);
+    outer.systemless();
     outer.cmd(
         "create",
         &ctl(&[
