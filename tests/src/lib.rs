@@ -91,20 +91,19 @@ pub fn blank_disk(path: &Path, size: u64) -> std::io::Result<()> {
     f.set_len(size)
 }
 
-/// Where a kernel message (`[    4.364723] input: …`) starts inside `line`, past its start.
-fn kernel_message_at(line: &str) -> Option<usize> {
-    let b = line.as_bytes();
-    line.match_indices('[').map(|(i, _)| i).filter(|i| *i > 0).find(|&i| {
-        let rest = &b[i + 1..];
-        let spaces = rest.iter().take_while(|c| **c == b' ').count();
-        let digits = rest[spaces..].iter().take_while(|c| c.is_ascii_digit()).count();
-        let after = &rest[spaces + digits..];
-        digits > 0 && after.len() >= 8 && after[0] == b'.' && after[1..7].iter().all(u8::is_ascii_digit) && after[7] == b']'
-    })
+/// Whether `s` starts with a kernel message's timestamp: `[`, spaces, digits, `.`, six
+/// digits, `]`.
+fn starts_with_timestamp(s: &str) -> bool {
+    let Some(rest) = s.as_bytes().strip_prefix(b"[") else { return false };
+    let spaces = rest.iter().take_while(|c| **c == b' ').count();
+    let digits = rest[spaces..].iter().take_while(|c| c.is_ascii_digit()).count();
+    let after = &rest[spaces + digits..];
+    digits > 0 && after.len() >= 8 && after[0] == b'.' && after[1..7].iter().all(u8::is_ascii_digit) && after[7] == b']'
 }
 
-fn is_kernel_message(line: &str) -> bool {
-    line.starts_with('[') && kernel_message_at(&format!("x{line}")) == Some(1)
+/// Where a kernel message (`[    4.364723] input: …`) starts inside `line`, past its start.
+fn kernel_message_at(line: &str) -> Option<usize> {
+    line.match_indices('[').map(|(i, _)| i).find(|&i| i > 0 && starts_with_timestamp(&line[i..]))
 }
 
 /// A console line as a reader means it: without the serial CR, and without a kernel message
@@ -118,19 +117,20 @@ pub fn clean_line(line: &str) -> &str {
     }
 }
 
-/// The console's lines as their writers wrote them. A kernel message printed into the middle
-/// of a program's line (`ra[    3.19] hid-generic …\nyosd: ready`) becomes a line of its own,
-/// and the program's two halves are joined again (`rayosd: ready`), also across several
-/// kernel messages in a row.
-pub fn console_lines(text: &str) -> Vec<std::borrow::Cow<'_, str>> {
+/// The console's lines as their writers wrote them, lazily (the harness searches a growing
+/// log several times a second). A kernel message printed into the middle of a program's line
+/// (`ra[    3.19] hid-generic …\nyosd: ready`) becomes a line of its own, and the program's
+/// two halves are joined again (`rayosd: ready`), also across several kernel messages in a row.
+pub fn console_lines(text: &str) -> impl Iterator<Item = std::borrow::Cow<'_, str>> {
     use std::borrow::Cow;
-    let mut out = Vec::new();
+    let mut lines = text.lines().map(|l| l.trim_end_matches('\r'));
     let mut fragment: Option<String> = None;
-    for raw in text.lines() {
-        let line = raw.trim_end_matches('\r');
-        if is_kernel_message(line) {
-            out.push(Cow::Borrowed(line));
-            continue;
+    std::iter::from_fn(move || {
+        let Some(line) = lines.next() else {
+            return fragment.take().map(Cow::Owned);
+        };
+        if starts_with_timestamp(line) {
+            return Some(Cow::Borrowed(line));
         }
         let (head, kernel) = match kernel_message_at(line) {
             Some(i) => (&line[..i], Some(&line[i..])),
@@ -144,18 +144,14 @@ pub fn console_lines(text: &str) -> Vec<std::borrow::Cow<'_, str>> {
             None => Cow::Borrowed(head),
         };
         match kernel {
+            // The program's line goes on after the kernel message's newline.
             Some(k) => {
-                // The program's line goes on after the kernel message's newline.
                 fragment = Some(whole.into_owned());
-                out.push(Cow::Borrowed(k));
+                Some(Cow::Borrowed(k))
             }
-            None => out.push(whole),
+            None => Some(whole),
         }
-    }
-    if let Some(f) = fragment {
-        out.push(Cow::Owned(f));
-    }
-    out
+    })
 }
 
 #[cfg(test)]
@@ -172,13 +168,13 @@ mod tests {
     fn a_line_split_by_kernel_messages_is_joined_again() {
         // As a CI run's console had it: "rayosd: ready" was never seen whole.
         let text = "rayosd: watchdog: armed\r\nra[    3.194817] hid-generic 0003: input: USB HID\r\nyosd: ready mode=installed\r\n";
-        let lines = super::console_lines(text);
+        let lines: Vec<_> = super::console_lines(text).collect();
         assert_eq!(lines, ["rayosd: watchdog: armed", "[    3.194817] hid-generic 0003: input: USB HID", "rayosd: ready mode=installed"]);
         // Two kernel messages in a row, and one that came after the program's last byte.
         let text = "rayo[    1.000000] a\n[    1.000001] b\nsd: up\nrayosd: mode: rescue[    4.364723] input: x\n\n";
-        let lines = super::console_lines(text);
+        let lines: Vec<_> = super::console_lines(text).collect();
         assert_eq!(lines, ["[    1.000000] a", "[    1.000001] b", "rayosd: up", "[    4.364723] input: x", "rayosd: mode: rescue"]);
-        assert_eq!(super::console_lines("plain [b] line\n"), ["plain [b] line"]);
+        assert_eq!(super::console_lines("plain [b] line\n").collect::<Vec<_>>(), ["plain [b] line"]);
     }
 }
 
@@ -440,7 +436,7 @@ impl Qemu {
                     Some(i) => &text[..i],
                     None => "",
                 };
-                if let Some(l) = console_lines(complete).into_iter().find(|l| pred(l)) {
+                if let Some(l) = console_lines(complete).find(|l| pred(l)) {
                     return Ok(l.into_owned());
                 }
                 let _ = cv.wait_timeout(guard, Duration::from_millis(200)).unwrap();
@@ -450,7 +446,7 @@ impl Qemu {
                     // Let the reader drain what QEMU wrote last.
                     std::thread::sleep(Duration::from_millis(200));
                     let text = self.serial_log();
-                    if let Some(l) = console_lines(text.get(offset..).unwrap_or("")).into_iter().find(|l| pred(l)) {
+                    if let Some(l) = console_lines(text.get(offset..).unwrap_or("")).find(|l| pred(l)) {
                         return Ok(l.into_owned());
                     }
                     return Err(HarnessError::Exited {
