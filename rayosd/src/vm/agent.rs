@@ -26,14 +26,20 @@ pub struct AgentStatus {
 impl AgentStatus {
     /// Takes one agent line; true when it made the agent ready.
     pub fn line(&mut self, line: &str) -> bool {
-        match FromAgent::parse(line) {
-            Ok(FromAgent::Ready) => !std::mem::replace(&mut self.ready, true),
-            Ok(FromAgent::Heartbeat(n)) => {
-                self.heartbeat = n;
+        FromAgent::parse(line).is_ok_and(|m| self.message(&m))
+    }
+
+    /// Takes one parsed agent message (the VM's task parses each line once); true when it
+    /// made the agent ready.
+    pub fn message(&mut self, m: &FromAgent) -> bool {
+        match m {
+            FromAgent::Ready => !std::mem::replace(&mut self.ready, true),
+            FromAgent::Heartbeat(n) => {
+                self.heartbeat = *n;
                 false
             }
-            // Screen and setup answers go to their request; other lines are not ours to judge.
-            Ok(FromAgent::Screen { .. }) | Ok(FromAgent::Setup(_)) | Err(_) => false,
+            // Screen and setup answers go to their request.
+            FromAgent::Screen { .. } | FromAgent::Setup(_) => false,
         }
     }
 }

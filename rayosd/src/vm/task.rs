@@ -260,11 +260,13 @@ impl VmManager {
                         self.init_reached(id, &vm.name, ms, supervisor_ms, requested_at);
                     }
                     Some(Event::AgentLine { line }) => {
-                        if agent.line(&line) {
+                        // Lines that are not the agent's protocol are not ours to judge.
+                        let message = FromAgent::parse(&line).ok();
+                        if message.as_ref().is_some_and(|m| agent.message(m)) {
                             tracing::info!("vm {}: guest agent ready ({} ms after the start request)", vm.name, requested_at.elapsed().as_millis());
                             self.send_first_boot_setup(id, &vm.name, &conn).await;
                         }
-                        if let Ok(FromAgent::Setup(result)) = FromAgent::parse(&line) {
+                        if let Some(FromAgent::Setup(result)) = message {
                             self.first_boot_answered(id, &vm.name, result);
                         }
                         if agent.ready {
