@@ -3,6 +3,8 @@
 //!
 //! - [`spec`]: the VM spec rayosd writes and `rayos-vmm --spec` reads.
 //! - [`vmm`]: the VMM's control requests, answers and events, and its exit codes.
+//! - [`display`]: the display channel between the compositor and each VMM (framebuffer,
+//!   damage, LEDs one way; input records the other).
 //! - [`agent`]: the guest agent's line protocol on the `org.rayos.agent` port.
 //! - [`firstboot`]: a Linux VM's first-boot user and settings, and the checks on them.
 //! - [`registry`]: the VM registry file (`vms.json`) and its records.
@@ -12,6 +14,7 @@
 //! against literal examples.
 
 pub mod agent;
+pub mod display;
 pub mod firstboot;
 pub mod registry;
 pub mod spec;
