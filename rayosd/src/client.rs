@@ -35,6 +35,21 @@ pub trait Control1 {
     fn reboot(&self) -> zbus::Result<()>;
 }
 
+#[zbus::proxy(
+    interface = "org.rayos.Display1",
+    default_path = "/org/rayos/Display1",
+    default_service = "org.rayos.Display1",
+    gen_blocking = false
+)]
+pub trait Display1 {
+    fn present(&self, vm: &str) -> zbus::Result<()>;
+    fn hide(&self) -> zbus::Result<()>;
+    fn presented(&self) -> zbus::Result<String>;
+    fn open_channel(&self, vm: &str) -> zbus::Result<zbus::zvariant::OwnedFd>;
+    #[zbus(signal)]
+    fn presentation_changed(&self, vm: &str) -> zbus::Result<()>;
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot connect to the control socket {path}: {source}")]
@@ -108,6 +123,7 @@ pub async fn connection(path: &Path) -> Result<zbus::Connection, ClientError> {
 /// One connection to the control API.
 pub struct Client {
     proxy: Control1Proxy<'static>,
+    display: Display1Proxy<'static>,
 }
 
 impl Client {
@@ -120,8 +136,13 @@ impl Client {
             .cache_properties(zbus::proxy::CacheProperties::No)
             .build()
             .await
+            .map_err(|source| ClientError::Handshake { path: path.clone(), source })?;
+        let display = Display1Proxy::builder(&conn)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await
             .map_err(|source| ClientError::Handshake { path, source })?;
-        Ok(Client { proxy })
+        Ok(Client { proxy, display })
     }
 
     pub async fn ping(&self) -> Result<u64, ClientError> {
@@ -156,6 +177,18 @@ impl Client {
     }
     pub async fn power_off(&self) -> Result<(), ClientError> {
         Ok(self.proxy.power_off().await?)
+    }
+    /// Shows `vm` on the screen (starting it if it is stopped).
+    pub async fn present(&self, vm: &str) -> Result<(), ClientError> {
+        Ok(self.display.present(vm).await?)
+    }
+    /// Back to the home screen.
+    pub async fn hide(&self) -> Result<(), ClientError> {
+        Ok(self.display.hide().await?)
+    }
+    /// The presented VM, "" for the home screen.
+    pub async fn presented(&self) -> Result<String, ClientError> {
+        Ok(self.display.presented().await?)
     }
     pub async fn reboot(&self) -> Result<(), ClientError> {
         Ok(self.proxy.reboot().await?)

@@ -197,3 +197,45 @@ async fn serial_logs_need_root_and_unbuilt_options_are_refused_by_name() {
     assert_eq!(vms.list().len(), 1);
     std::fs::remove_dir_all(&s.dir).unwrap();
 }
+
+/// `org.rayos.Display1` through rayosctl: what is presented is open to everyone, changing it
+/// needs root, and a VM that does not exist or has no display is refused by name.
+#[tokio::test(flavor = "current_thread")]
+async fn presenting_needs_root_and_a_vm_with_a_display() {
+    require_root();
+    let s = serve("display", Access::root_only(), true).await;
+    let kernel = s.dir.join("bzImage");
+    std::fs::write(&kernel, b"k").unwrap();
+    let k = kernel.to_str().unwrap();
+    for args in [&["vm", "create", "headless", "--kernel", k][..], &["vm", "create", "desk", "--kernel", k, "--display", "1280x800"]] {
+        let (code, _, err) = rayosctl(&s.sock, args, None).await;
+        assert_eq!(code, Some(0), "{err}");
+    }
+    let (code, out, err) = rayosctl(&s.sock, &["presented"], Some(NOBODY)).await;
+    assert_eq!((code, out.as_str()), (Some(0), "home\n"), "{err}");
+
+    let (code, _, err) = rayosctl(&s.sock, &["present", "nosuch"], None).await;
+    assert_eq!(code, Some(7), "{err}");
+    assert!(err.contains("nosuch"), "{err}");
+    let (code, _, err) = rayosctl(&s.sock, &["present", "headless"], None).await;
+    assert_eq!(code, Some(8), "{err}");
+    assert!(err.contains("VM headless has no display"), "{err}");
+    let (code, _, err) = rayosctl(&s.sock, &["present", "desk"], Some(NOBODY)).await;
+    assert_eq!(code, Some(4), "{err}");
+    assert!(err.contains("Present needs root"), "{err}");
+    let (code, _, err) = rayosctl(&s.sock, &["hide"], Some(NOBODY)).await;
+    assert_eq!(code, Some(4), "{err}");
+    assert_eq!(s.system.display().current(), "", "refused calls change nothing");
+
+    // Root presents it: the stopped VM is started for it (this VMM, /bin/false, then fails).
+    let (code, _, err) = rayosctl(&s.sock, &["present", "desk"], None).await;
+    assert_eq!(code, Some(0), "{err}");
+    let (code, out, _) = rayosctl(&s.sock, &["presented"], Some(NOBODY)).await;
+    assert_eq!((code, out.as_str()), (Some(0), "desk\n"));
+    let vms = s.system.vms().unwrap();
+    assert!(vms.get("desk").unwrap().restarts > 0 || vms.get("desk").unwrap().state != "stopped", "presenting a stopped VM starts it");
+    let (code, _, err) = rayosctl(&s.sock, &["hide"], None).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(s.system.display().current(), "");
+    std::fs::remove_dir_all(&s.dir).unwrap();
+}

@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 use tokio::sync::Semaphore;
 
 use super::auth::{require_root, Denied};
-use super::{vms, System, SystemStatus};
+use super::{display, vms, System, SystemStatus};
 use crate::log::LogRecord;
 use crate::power::PowerAction;
 use crate::supervisor::{ServiceInfo, SupervisorError};
@@ -157,12 +157,14 @@ pub async fn serve_stream(stream: tokio::net::UnixStream, system: Arc<System>) -
         .server(zbus::Guid::generate())?
         .p2p()
         .serve_at(OBJECT_PATH, ControlServer { system: system.clone() })?
-        .serve_at(vms::OBJECT_PATH, vms::VmsServer::new(system))?
+        .serve_at(vms::OBJECT_PATH, vms::VmsServer::new(system.clone()))?
+        .serve_at(display::OBJECT_PATH, display::DisplayServer::new(system.clone()))?
         .build()
         .await?;
     if let Some(m) = vms {
         vms::forward_signals(&m, &conn);
     }
+    display::forward_signals(&system, &conn);
     // The stream ends when the peer closes the socket; only then may the connection drop.
     let mut messages = zbus::MessageStream::from(&conn);
     while messages.next().await.is_some() {}

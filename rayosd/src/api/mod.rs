@@ -5,13 +5,15 @@
 //!   bind/serve code, which serves every interface on each connection.
 //! - [`vms`]: `org.rayos.Vms1` (the VM supervisor), served when a [`VmManager`] runs.
 //! - [`auth`]: who may call what: the one `require_root` and the peer-credential lookup.
-//! - A display interface (the compositor's) will be `api/display.rs`, beside these.
+//! - [`display`]: `org.rayos.Display1` (what the screen presents; the compositor's display
+//!   channels).
 //!
 //! [`System`] is the state every interface reads; the servers hold it, nothing is global.
 //! Dependencies point one way: `control` → `vms` → `auth` → this module.
 
 pub mod auth;
 pub mod control;
+pub mod display;
 pub mod vms;
 
 use std::sync::{Arc, Mutex, OnceLock};
@@ -48,6 +50,8 @@ pub struct SystemStatus {
     pub rss_kib: u64,
     pub watchdog: String,
     pub shutting_down: bool,
+    /// `machine_name` from system.toml ("rayos" when there is none).
+    pub machine_name: String,
 }
 
 /// The state the API reads and the handles it changes things through. rayosd (PID 1) and
@@ -61,12 +65,20 @@ pub struct System {
     /// only), so it is set once, later; until then `org.rayos.Vms1` answers `Unavailable`.
     vms: OnceLock<Arc<VmManager>>,
     access: Access,
+    display: display::Presentation,
 }
 
 impl System {
     /// A system whose changing methods only root may call (rayosd as PID 1).
     pub fn new(supervisor: Arc<Supervisor>, status: SystemStatus, power: mpsc::UnboundedSender<PowerAction>) -> System {
-        System { supervisor, status: Mutex::new(status), power, vms: OnceLock::new(), access: Access::root_only() }
+        System {
+            supervisor,
+            status: Mutex::new(status),
+            power,
+            vms: OnceLock::new(),
+            access: Access::root_only(),
+            display: display::Presentation::default(),
+        }
     }
 
     /// Who besides root may call the changing methods (systemless: the user running it).
@@ -83,6 +95,11 @@ impl System {
 
     pub fn vms(&self) -> Option<&Arc<VmManager>> {
         self.vms.get()
+    }
+
+    /// What the screen presents.
+    pub fn display(&self) -> &display::Presentation {
+        &self.display
     }
 
     pub fn access(&self) -> Access {

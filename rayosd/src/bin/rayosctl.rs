@@ -63,6 +63,12 @@ enum Cmd {
     Poweroff,
     /// Orderly reboot.
     Reboot,
+    /// Show a VM on the screen and route the keyboard and mouse to it (starts it if stopped).
+    Present { vm: String },
+    /// Back to the home screen.
+    Hide,
+    /// Which VM the screen shows ("home" for the home screen).
+    Presented,
     /// VMs: list, create, start, stop, pause, resume, delete, logs.
     Vm {
         #[command(subcommand)]
@@ -224,6 +230,16 @@ async fn run(cli: &Cli) -> Result<(), ClientError> {
         }
         Cmd::Poweroff => done(cli, c.power_off().await?, "powering off"),
         Cmd::Reboot => done(cli, c.reboot().await?, "rebooting"),
+        Cmd::Present { vm } => done(cli, c.present(vm).await?, &format!("presenting {vm}")),
+        Cmd::Hide => done(cli, c.hide().await?, "home screen"),
+        Cmd::Presented => {
+            let vm = c.presented().await?;
+            if cli.json {
+                print_json(&serde_json::json!({ "presented": vm }))
+            } else {
+                println!("{}", if vm.is_empty() { "home" } else { &vm });
+            }
+        }
         Cmd::Vm { .. } => unreachable!("handled before connecting"),
     }
     Ok(())

@@ -15,7 +15,8 @@ const E2FSCK: &str = "/usr/sbin/e2fsck";
 const LOG_FILE_MAX: u64 = 4 * 1024 * 1024;
 
 /// Returns the device mounted at /data.
-pub async fn mount_data(reaper: &Reaper) -> Result<String, DataVolError> {
+/// Returns the data device and the machine's name (system.toml).
+pub async fn mount_data(reaper: &Reaper) -> Result<(String, String), DataVolError> {
     let started = Instant::now();
     let part = loop {
         let parts = datavol::scan(Path::new("/sys/class/block"), Path::new("/dev"));
@@ -65,7 +66,7 @@ pub async fn mount_data(reaper: &Reaper) -> Result<String, DataVolError> {
             warn!("vm storage: {e}; VMs on it will not start");
         }
     }
-    Ok(dev)
+    Ok((dev, cfg.machine_name))
 }
 
 /// The dedicated VM storage partition named in system.toml, checked and mounted at /vms.

@@ -138,11 +138,11 @@ async fn run(opts: BootOptions, init_uptime_ms: u64, boot_entry: String) -> Powe
         }
     };
 
-    let mut status = SystemStatus { init_uptime_ms, boot_entry, ..Default::default() };
+    let mut status = SystemStatus { init_uptime_ms, boot_entry, machine_name: "rayos".into(), ..Default::default() };
     let mut mode = opts.mode;
     if mode == Mode::Installed {
         match data::mount_data(&reaper).await {
-            Ok(dev) => status.data_device = dev,
+            Ok((dev, name)) => (status.data_device, status.machine_name) = (dev, name),
             Err(e) => {
                 let msg = format!("installed mode: {e}; starting rescue mode instead. Nothing was formatted.");
                 error!("{msg}");
@@ -197,6 +197,9 @@ async fn run(opts: BootOptions, init_uptime_ms: u64, boot_entry: String) -> Powe
             system.set_vms(vms.clone());
             rayosd::vm::boot::autostart(&vms);
         }
+        // After the VM supervisor is served, so the compositor's first connection already
+        // gets every VM state change.
+        add_compositor(&supervisor);
         // Ready in installed mode is what "this boot is good" means (boot assessment).
         tokio::task::spawn_blocking(|| {
             let (efi, sys, dev) = (Path::new(efivars::EFIVARFS), Path::new("/sys/class/block"), Path::new("/dev"));
@@ -209,6 +212,7 @@ async fn run(opts: BootOptions, init_uptime_ms: u64, boot_entry: String) -> Powe
     }
     if mode == Mode::Rescue {
         rescue_screen(&system.status.lock().unwrap());
+        add_compositor(&supervisor);
     }
     tokio::spawn(devices(system.clone()));
 
@@ -238,6 +242,22 @@ async fn run(opts: BootOptions, init_uptime_ms: u64, boot_entry: String) -> Powe
     }
     info!("shutdown: {} now", action.as_str());
     action
+}
+
+/// The compositor (`rayos-compositor`): the screen, the home screen, present/hide and the
+/// keyboard and mouse. The VMs do not depend on it: when it dies they run on and it is
+/// restarted. Absent from the image (a build without it), nothing is started.
+fn add_compositor(supervisor: &Arc<Supervisor>) {
+    const BIN: &str = "/usr/bin/rayos-compositor";
+    if !Path::new(BIN).exists() {
+        warn!("compositor: {BIN} is missing; the screen shows the console only");
+        return;
+    }
+    let mut s = ServiceSpec::new("compositor", &[BIN]);
+    s.restart = RestartPolicy::Always;
+    if let Err(e) = supervisor.add(s) {
+        error!("{e}");
+    }
 }
 
 fn rescue_screen(s: &SystemStatus) {

@@ -70,6 +70,10 @@ pub enum VmCmd {
         /// Offer the guest agent port.
         #[arg(long)]
         agent: bool,
+        /// A display of WIDTHxHEIGHT (e.g. 1280x800) with a virtio keyboard and tablet, so
+        /// it can be presented.
+        #[arg(long, value_parser = parse_size)]
+        display: Option<(u32, u32)>,
     },
     /// Start hidden (the display stays where it is).
     Start {
@@ -150,6 +154,13 @@ async fn connect(path: &Path) -> Result<Vms1Proxy<'static>, ClientError> {
         .map_err(|source| ClientError::Handshake { path: path.to_path_buf(), source })
 }
 
+/// `1280x800` → (1280, 800).
+fn parse_size(s: &str) -> Result<(u32, u32), String> {
+    let bad = || format!("{s:?} is not WIDTHxHEIGHT (e.g. 1280x800)");
+    let (w, h) = s.split_once('x').ok_or_else(bad)?;
+    Ok((w.parse().map_err(|_| bad())?, h.parse().map_err(|_| bad())?))
+}
+
 fn print_json<T: serde::Serialize>(v: &T) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
@@ -211,7 +222,7 @@ pub async fn run(socket: &str, json: bool, cmd: &VmCmd) -> Result<(), ClientErro
                 }
             }
         }
-        VmCmd::Create { name, kind, disks, kernel, initramfs, cmdline, memory_mib, vcpus, autostart, no_restart, agent } => {
+        VmCmd::Create { name, kind, disks, kernel, initramfs, cmdline, memory_mib, vcpus, autostart, no_restart, agent, display } => {
             let kind: VmKind = kind.parse().map_err(ClientError::InvalidArgument)?;
             let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
             let req = CreateRequest {
@@ -224,8 +235,8 @@ pub async fn run(socket: &str, json: bool, cmd: &VmCmd) -> Result<(), ClientErro
                     kernel: abs(kernel),
                     initramfs: initramfs.as_ref().map(abs),
                     cmdline: cmdline.clone(),
-                    display: None,
-                    input: false,
+                    display: *display,
+                    input: display.is_some(),
                     net_taps: vec![],
                     rng: true,
                     agent: *agent,

@@ -5,6 +5,7 @@
 //! [`VmEvent`] (the `VmStateChanged` D-Bus signal).
 
 use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -111,6 +112,8 @@ pub struct VmInfo {
     pub vcpus: u8,
     pub created_at: u64,
     pub last_booted_at: u64,
+    /// It has a display the compositor can present (`org.rayos.Display1`).
+    pub has_display: bool,
 }
 
 /// The text on a VM's display console as its guest agent reads it (the `GuestScreen` call).
@@ -183,6 +186,8 @@ pub(super) struct Entry {
     ctl: mpsc::UnboundedSender<Ctl>,
     /// The running VMM's connection (requests from the API go over it).
     pub(super) conn: Option<Arc<VmmConn>>,
+    /// rayosd's end of the running VMM's display channel (VMs with a display).
+    pub(super) display: Option<Arc<OwnedFd>>,
 }
 
 pub struct VmManager {
@@ -376,6 +381,18 @@ impl VmManager {
         Ok((vm, conn))
     }
 
+    /// A duplicate of rayosd's end of the running VMM's display channel, for the compositor.
+    /// Refused by name for a VM without a display or without a running VMM.
+    pub fn display_channel(&self, id_or_name: &str) -> Result<OwnedFd, VmError> {
+        let vm = self.record(id_or_name)?;
+        if vm.config.display.is_none() {
+            return Err(VmError::Refused { name: vm.name, reason: "it has no display".into() });
+        }
+        let fd = self.vms.lock().unwrap().get(&vm.id).and_then(|e| e.display.clone());
+        let fd = fd.ok_or_else(|| VmError::Refused { name: vm.name.clone(), reason: "its VMM is not running".into() })?;
+        fd.try_clone().map_err(|e| VmError::Refused { name: vm.name, reason: format!("cannot share its display channel: {e}") })
+    }
+
     /// Boot in installed mode: start every VM whose policy says so, hidden. A VM that cannot
     /// start (missing disk, …) is marked broken; the others still start.
     pub fn autostart(&self) -> usize {
@@ -446,8 +463,9 @@ impl VmManager {
             vcpus: vm.config.vcpus,
             created_at: vm.created_at,
             last_booted_at: vm.last_booted_at.unwrap_or(0),
+            has_display: vm.config.display.is_some(),
         };
-        self.vms.lock().unwrap().insert(vm.id, Entry { info, ctl: tx, conn: None });
+        self.vms.lock().unwrap().insert(vm.id, Entry { info, ctl: tx, conn: None, display: None });
         let mgr = self.clone();
         let id = vm.id;
         tokio::spawn(async move { mgr.vm_task(id, rx).await });

@@ -19,6 +19,7 @@ use super::owner;
 use super::registry::{self, RestartPolicy, VmKind};
 use super::state::VmState;
 use super::vmm_conn::VmmConn;
+use std::os::fd::OwnedFd;
 use super::vmm_process::{self, VmFiles};
 use crate::reaper::ExitKind;
 use crate::restart::{RestartTracker, Verdict};
@@ -170,6 +171,7 @@ impl VmManager {
         let pid = spawned.pid;
         let mut exit = spawned.exit;
         let (conn, mut events) = VmmConn::start(spawned.conn, &vm.name);
+        let display = spawned.display.map(Arc::new);
         let started = Instant::now();
         let mut watch = HangWatch::new(&self.settings.hang, boots, started);
         // Why the guest was found hung, once it was (its VMM is then being ended).
@@ -229,7 +231,7 @@ impl VmManager {
                     }
                     Some(Event::Up { state, boot_ms, .. }) => {
                         up = true;
-                        conn_for(self, id, Some(conn.clone()));
+                        conn_for(self, id, Some((conn.clone(), display.clone())));
                         if stopping.is_none() {
                             self.set(id, if state == RunState::Paused { VmState::Paused } else { VmState::Running }, "", |_| {});
                         }
@@ -360,6 +362,7 @@ impl VmManager {
             }
         };
         conn_for(self, id, None);
+        drop(display);
         let _ = std::fs::remove_file(&files.control_socket);
         if let Some(why) = hang {
             return Outcome::Hung { why, healthy_for: watch.healthy_for(started) };
@@ -401,10 +404,14 @@ impl VmManager {
     }
 }
 
-/// Publishes (or withdraws) the live connection the API's requests use.
-fn conn_for(mgr: &VmManager, id: Uuid, conn: Option<Arc<VmmConn>>) {
+/// Publishes (or withdraws) the live connection the API's requests use, and the display
+/// channel the compositor is given.
+fn conn_for(mgr: &VmManager, id: Uuid, live: Option<(Arc<VmmConn>, Option<Arc<OwnedFd>>)>) {
     if let Some(e) = mgr.vms.lock().unwrap().get_mut(&id) {
-        e.conn = conn;
+        (e.conn, e.display) = match live {
+            Some((conn, display)) => (Some(conn), display),
+            None => (None, None),
+        };
     }
 }
 

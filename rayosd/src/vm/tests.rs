@@ -46,6 +46,16 @@ for w in words:
         threading.Timer(ms / 1000, lambda: leave(11, "guest hung: no progress for 60 s before init")).start()
     if w.startswith("agent-quiet-after-"):
         quiet_after = int(w[len("agent-quiet-after-"):])
+if "--display-fd" in args:
+    # The display channel: each datagram comes back with "echo:" in front.
+    disp = socket.socket(fileno=int(args[args.index("--display-fd") + 1]))
+    def echo():
+        while True:
+            d = disp.recv(65536)
+            if not d:
+                return
+            disp.send(b"echo:" + d)
+    threading.Thread(target=echo, daemon=True).start()
 if "never-up" in words:
     time.sleep(60)
 event({"kind": "up", "name": spec["name"], "state": "running", "boot_ms": None})
@@ -140,6 +150,18 @@ fn create(env: &Env, name: &str, cmdline: &str, autostart: bool) -> String {
 }
 
 fn create_with(env: &Env, name: &str, cmdline: &str, autostart: bool, agent: bool, restart: RestartPolicy) -> String {
+    create_full(env, name, cmdline, autostart, agent, restart, None)
+}
+
+fn create_full(
+    env: &Env,
+    name: &str,
+    cmdline: &str,
+    autostart: bool,
+    agent: bool,
+    restart: RestartPolicy,
+    display: Option<(u32, u32)>,
+) -> String {
     let disk = env.dir.join(format!("{name}.img"));
     std::fs::write(&disk, b"").unwrap();
     let req = CreateRequest {
@@ -152,8 +174,8 @@ fn create_with(env: &Env, name: &str, cmdline: &str, autostart: bool, agent: boo
             kernel: env.dir.join("bzImage"),
             initramfs: None,
             cmdline: cmdline.into(),
-            display: None,
-            input: false,
+            display,
+            input: display.is_some(),
             net_taps: vec![],
             rng: false,
             agent,
@@ -550,4 +572,48 @@ async fn the_vmms_own_no_progress_exit_is_a_hang() {
     env.mgr.start("frozen", false).unwrap();
     let i = wait_state(&env, "frozen", "hung", Duration::from_secs(5)).await;
     assert_eq!(i.detail, "hung: the VMM saw no progress: guest hung: no progress for 60 s before init; policy: no restart");
+}
+
+/// The compositor's display channel is the other end of the socketpair the running VMM got
+/// as `--display-fd`: a datagram sent on it reaches that VMM whole. A VM without a display,
+/// or without a running VMM, is refused by name; a restarted VM gets a new channel.
+#[tokio::test(flavor = "current_thread")]
+async fn the_display_channel_reaches_the_running_vmm_and_only_it() {
+    use std::os::unix::net::UnixDatagram;
+    let env = setup("display", |_| {});
+    create_full(&env, "shown", "", false, false, RestartPolicy::OnFailure, Some((1024, 768)));
+    create(&env, "headless", "", false);
+
+    let e = env.mgr.display_channel("shown").unwrap_err().to_string();
+    assert!(e.contains("shown") && e.contains("not running"), "{e}");
+    let e = env.mgr.display_channel("headless").unwrap_err().to_string();
+    assert!(e.contains("headless") && e.contains("no display"), "{e}");
+    assert!(env.mgr.display_channel("nosuch").is_err());
+    assert!(env.mgr.get("shown").unwrap().has_display && !env.mgr.get("headless").unwrap().has_display);
+
+    let ask = |fd: std::os::fd::OwnedFd, what: &[u8]| {
+        // SEQPACKET reads like a datagram socket: one message per recv.
+        let sock = UnixDatagram::from(fd);
+        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        sock.send(what).unwrap();
+        let mut buf = [0u8; 256];
+        let n = sock.recv(&mut buf).unwrap();
+        buf[..n].to_vec()
+    };
+    env.mgr.start("shown", false).unwrap();
+    wait_state(&env, "shown", "running", Duration::from_secs(10)).await;
+    let first_pid = env.mgr.get("shown").unwrap().pid;
+    let fd = env.mgr.display_channel("shown").unwrap();
+    assert_eq!(tokio::task::spawn_blocking(move || ask(fd, b"hello")).await.unwrap(), b"echo:hello");
+
+    env.mgr.stop("shown", true).unwrap();
+    wait_state(&env, "shown", "stopped", Duration::from_secs(10)).await;
+    assert!(env.mgr.display_channel("shown").is_err());
+    env.mgr.start("shown", false).unwrap();
+    wait_state(&env, "shown", "running", Duration::from_secs(10)).await;
+    assert_ne!(env.mgr.get("shown").unwrap().pid, first_pid);
+    let fd = env.mgr.display_channel("shown").unwrap();
+    assert_eq!(tokio::task::spawn_blocking(move || ask(fd, b"again")).await.unwrap(), b"echo:again");
+    env.mgr.stop("shown", true).unwrap();
+    wait_state(&env, "shown", "stopped", Duration::from_secs(10)).await;
 }

@@ -3,12 +3,13 @@
 //! other end it gets as `--control-fd 3`, see [`super::vmm_conn`]), and its output into
 //! rayosd's log.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use rayos_proto::spec::{ConsoleSpec, DiskSpec, DisplaySpec, InputSpec, NetSpec, VmSpec};
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::oneshot;
 
@@ -17,6 +18,8 @@ use crate::reaper::{ExitKind, Reaper};
 
 /// The descriptor the VMM finds its supervisor connection on.
 const CONTROL_FD: i32 = 3;
+/// The descriptor the VMM finds its display channel on (VMs with a display only).
+const DISPLAY_FD: i32 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
@@ -86,9 +89,29 @@ pub struct Spawned {
     pub exit: oneshot::Receiver<ExitKind>,
     /// Our end of its supervisor connection.
     pub conn: tokio::net::UnixStream,
+    /// Our end of its display channel (`rayos_proto::display`), for VMs with a display: the
+    /// compositor gets duplicates of it (`org.rayos.Display1.OpenChannel`).
+    pub display: Option<OwnedFd>,
 }
 
-/// Writes the spec and starts `vmm_bin --spec FILE --control-fd 3`. Its stdout/stderr go to
+/// A close-on-exec copy of `fd` numbered above [`CONTROL_FD`] and [`DISPLAY_FD`].
+fn above_fixed_fds(fd: &impl AsFd) -> std::io::Result<OwnedFd> {
+    let raw = nix::fcntl::fcntl(fd.as_fd().as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(DISPLAY_FD + 1)).map_err(std::io::Error::from)?;
+    // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Puts `fd` (numbered above the fixed descriptors) at `target` in a child between fork and
+/// exec; dup2 clears close-on-exec on the copy. Async-signal-safe.
+fn place_fd(fd: i32, target: i32) -> std::io::Result<()> {
+    // SAFETY: dup2 on descriptors the parent keeps open until the spawn returns.
+    if unsafe { libc::dup2(fd, target) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Writes the spec and starts `vmm_bin --spec FILE --control-fd 3 [--display-fd 4]`. Its stdout/stderr go to
 /// the log under `vm <name>`. Must run on the runtime that runs the reaper (registration is in
 /// this call).
 pub fn spawn(reaper: &Reaper, vmm_bin: &Path, vm: &VmRecord, files: &VmFiles, spec: &VmSpec) -> Result<Spawned, VmmError> {
@@ -108,20 +131,32 @@ pub fn spawn(reaper: &Reaper, vmm_bin: &Path, vm: &VmRecord, files: &VmFiles, sp
 
     let spawn_err = |source| VmmError::Spawn { bin: vmm_bin.to_path_buf(), source };
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(spawn_err)?;
+    // SEQPACKET: each datagram is one whole message, so a compositor that dies mid-write
+    // leaves nothing half written for the next one.
+    let display = match spec.display {
+        Some(_) => Some(
+            socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
+                .map_err(|e| spawn_err(std::io::Error::from(e)))?,
+        ),
+        None => None,
+    };
     let mut cmd = Command::new(vmm_bin);
     cmd.arg("--spec").arg(&files.spec).arg("--control-fd").arg(CONTROL_FD.to_string());
-    let theirs_fd = theirs.as_raw_fd();
-    // SAFETY: between fork and exec only dup2/fcntl run (async-signal-safe); `theirs` stays
+    if display.is_some() {
+        cmd.arg("--display-fd").arg(DISPLAY_FD.to_string());
+    }
+    // Both child-side ends are first copied above the descriptors they go to, so placing one
+    // can never overwrite the other.
+    let control_src = above_fixed_fds(&theirs).map_err(spawn_err)?;
+    let display_src = display.as_ref().map(|(_, t)| above_fixed_fds(t)).transpose().map_err(spawn_err)?;
+    let (control_raw, display_raw) = (control_src.as_raw_fd(), display_src.as_ref().map(|d| d.as_raw_fd()));
+    // SAFETY: between fork and exec only dup2 runs (async-signal-safe); the descriptors stay
     // open in the parent until spawn returns.
     unsafe {
         cmd.pre_exec(move || {
-            if theirs_fd == CONTROL_FD {
-                // dup2 onto itself would keep close-on-exec set.
-                if libc::fcntl(CONTROL_FD, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            } else if libc::dup2(theirs_fd, CONTROL_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
+            place_fd(control_raw, CONTROL_FD)?;
+            if let Some(d) = display_raw {
+                place_fd(d, DISPLAY_FD)?;
             }
             Ok(())
         });
@@ -132,7 +167,8 @@ pub fn spawn(reaper: &Reaper, vmm_bin: &Path, vm: &VmRecord, files: &VmFiles, sp
     // Its own process group: a terminal's ctrl-c to systemless must not kill the VMs with it.
     cmd.process_group(0);
     let mut child = cmd.spawn().map_err(spawn_err)?;
-    drop(theirs);
+    drop((theirs, control_src, display_src));
+    let display = display.map(|(ours, _theirs)| ours);
     let pid = child.id();
     let exit = reaper.watch(pid);
     let source = format!("vm {}", vm.name);
@@ -152,7 +188,7 @@ pub fn spawn(reaper: &Reaper, vmm_bin: &Path, vm: &VmRecord, files: &VmFiles, sp
     }
     let conn = ours.set_nonblocking(true).and_then(|()| tokio::net::UnixStream::from_std(ours)).map_err(spawn_err)?;
     // Dropping `Child` neither waits nor kills: the reaper owns the wait.
-    Ok(Spawned { pid, exit, conn })
+    Ok(Spawned { pid, exit, conn, display })
 }
 
 /// `spec` for a VMM that runs as the VM's own user (see [`super::owner`]) with the VM's

@@ -1,0 +1,155 @@
+//! `org.rayos.Display1` at `/org/rayos/Display1`: what the screen shows. rayosd holds the
+//! truth (which VM is presented, "" for the home screen) so that it outlives the compositor;
+//! the compositor acts on the `PresentationChanged(vm)` signal and asks for each VM's display
+//! channel (`OpenChannel`, a duplicate of rayosd's end of the socketpair the VMM got as
+//! `--display-fd`, see `rayos_proto::display`).
+//!
+//! Reading what is presented needs nothing; presenting, hiding and opening a channel (which
+//! shows what a guest shows and types into it) need [`require_root`].
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use super::auth::require_root;
+use super::vms::VmApiError;
+use super::System;
+use crate::vm::manager::VmManager;
+use crate::vm::state::{self, Request};
+
+pub const OBJECT_PATH: &str = "/org/rayos/Display1";
+pub const INTERFACE: &str = "org.rayos.Display1";
+
+/// Which VM the screen shows; `""` is the home screen.
+pub struct Presentation {
+    tx: watch::Sender<String>,
+}
+
+impl Default for Presentation {
+    fn default() -> Self {
+        Presentation { tx: watch::channel(String::new()).0 }
+    }
+}
+
+impl Presentation {
+    pub fn current(&self) -> String {
+        self.tx.borrow().clone()
+    }
+
+    /// Sets what is shown; returns whether it changed.
+    pub fn set(&self, vm: &str) -> bool {
+        self.tx.send_if_modified(|cur| {
+            if cur == vm {
+                return false;
+            }
+            *cur = vm.to_string();
+            true
+        })
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<String> {
+        self.tx.subscribe()
+    }
+}
+
+/// The object served at [`OBJECT_PATH`].
+pub struct DisplayServer {
+    system: Arc<System>,
+}
+
+impl DisplayServer {
+    pub fn new(system: Arc<System>) -> DisplayServer {
+        DisplayServer { system }
+    }
+
+    fn mgr(&self) -> Result<&Arc<VmManager>, VmApiError> {
+        self.system.vms().ok_or_else(|| {
+            VmApiError::Unavailable("the VM supervisor is not running (it runs in installed mode and in rayos-systemless)".into())
+        })
+    }
+}
+
+#[zbus::interface(name = "org.rayos.Display1")]
+impl DisplayServer {
+    /// Shows `vm` full screen and routes the keyboard and mouse to it. A VM that is not
+    /// running is started first (a running one is never started twice); a VM without a
+    /// display is refused by name.
+    async fn present(&self, #[zbus(connection)] conn: &zbus::Connection, vm: &str) -> Result<(), VmApiError> {
+        require_root(conn, self.system.access(), "Present").await?;
+        let mgr = self.mgr()?;
+        let info = mgr.get(vm)?;
+        if !info.has_display {
+            return Err(VmApiError::Refused(format!("Present {:?}: VM {} has no display", vm, info.name)));
+        }
+        let st = crate::vm::manager::parse_state(&info.state);
+        if state::check(st, Request::Start).is_ok() {
+            tracing::info!("display: starting VM {} to present it", info.name);
+            mgr.start(&info.name, false)?;
+        }
+        if self.system.display().set(&info.name) {
+            tracing::info!("display: presenting VM {}", info.name);
+        }
+        Ok(())
+    }
+
+    /// Back to the home screen; no VM gets input.
+    async fn hide(&self, #[zbus(connection)] conn: &zbus::Connection) -> Result<(), VmApiError> {
+        require_root(conn, self.system.access(), "Hide").await?;
+        if self.system.display().set("") {
+            tracing::info!("display: home screen");
+        }
+        Ok(())
+    }
+
+    /// The presented VM's name, or "" for the home screen.
+    async fn presented(&self) -> String {
+        self.system.display().current()
+    }
+
+    /// The display channel of `vm`'s running VMM (`rayos_proto::display`), for the compositor.
+    async fn open_channel(
+        &self,
+        #[zbus(connection)] conn: &zbus::Connection,
+        vm: &str,
+    ) -> Result<zbus::zvariant::OwnedFd, VmApiError> {
+        require_root(conn, self.system.access(), "OpenChannel").await?;
+        Ok(self.mgr()?.display_channel(vm)?.into())
+    }
+
+    #[zbus(signal)]
+    async fn presentation_changed(emitter: &zbus::object_server::SignalEmitter<'_>, vm: &str) -> zbus::Result<()>;
+}
+
+/// Sends every change of what is presented as a `PresentationChanged` signal on `conn` until
+/// the peer goes.
+pub fn forward_signals(system: &System, conn: &zbus::Connection) {
+    let mut rx = system.display().subscribe();
+    let conn = conn.clone();
+    tokio::spawn(async move {
+        while rx.changed().await.is_ok() {
+            let vm = rx.borrow_and_update().clone();
+            if conn.emit_signal(None::<&str>, OBJECT_PATH, INTERFACE, "PresentationChanged", &(vm.as_str(),)).await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_presentation_change_is_announced_once() {
+        let p = Presentation::default();
+        let mut rx = p.subscribe();
+        assert_eq!(p.current(), "");
+        assert!(p.set("linux"));
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(*rx.borrow_and_update(), "linux");
+        assert!(!p.set("linux"));
+        assert!(!rx.has_changed().unwrap());
+        assert!(p.set(""));
+        assert_eq!(p.current(), "");
+    }
+}
