@@ -50,36 +50,9 @@ pub enum InputKind {
     Tablet,
 }
 
-/// One evdev event as virtio-input carries it (struct virtio_input_event).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct InputEvent {
-    pub kind: u16,
-    pub code: u16,
-    pub value: u32,
-}
-
-impl InputEvent {
-    pub fn key(code: u16, pressed: bool) -> Self {
-        Self { kind: EV_KEY, code, value: u32::from(pressed) }
-    }
-    pub fn abs(axis: u16, value: u32) -> Self {
-        Self { kind: EV_ABS, code: axis, value }
-    }
-    pub fn rel(axis: u16, delta: i32) -> Self {
-        Self { kind: EV_REL, code: axis, value: delta as u32 }
-    }
-    /// End of a group of events (SYN_REPORT).
-    pub fn syn() -> Self {
-        Self { kind: EV_SYN, code: 0, value: 0 }
-    }
-    fn to_bytes(self) -> [u8; 8] {
-        let mut b = [0u8; 8];
-        b[0..2].copy_from_slice(&self.kind.to_le_bytes());
-        b[2..4].copy_from_slice(&self.code.to_le_bytes());
-        b[4..8].copy_from_slice(&self.value.to_le_bytes());
-        b
-    }
-}
+/// One evdev event as virtio-input carries it (struct virtio_input_event): the display
+/// channel's wire record, so the compositor's input reaches the queue without conversion.
+pub use rayos_proto::display::InputRecord as InputEvent;
 
 struct Pending {
     events: Mutex<VecDeque<InputEvent>>,
