@@ -944,4 +944,53 @@ mod tests {
         drop(vm_dir);
         std::fs::remove_dir_all(&base).unwrap();
     }
+
+    /// The display channel's thread, started after isolation as the VMM's threads may be,
+    /// answers Attach (sendmsg with the memfd) and, shown, reads KVM's dirty log of a real
+    /// framebuffer slot (KVM_GET_DIRTY_LOG) and sends the damage, all under the filter.
+    #[test]
+    fn the_display_channel_works_under_the_filter() {
+        use crate::attach::{Attached, Display};
+        use crate::devices::display::{BochsDisplay, DEFAULT_FB_SIZE};
+        use crate::devices::BusDevice;
+        use crate::display_channel::Channel;
+        use nix::sys::socket::{recv, send, socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
+        use rayos_proto::display::{decode_from_vmm, encode_to_vmm, FromVmm, ToVmm};
+        use std::os::fd::AsRawFd;
+
+        let vm = std::sync::Arc::new(crate::vm::Vm::new().expect("a KVM VM (needs /dev/kvm)"));
+        let window = 0xc000_0000..0xd000_0000u64;
+        let mut root = crate::devices::pci::PciRoot::new(vm.clone(), window.clone());
+        let dev = BochsDisplay::new(vm.clone(), DEFAULT_FB_SIZE).unwrap();
+        let devices = Attached { display: Some(Display { framebuffer: dev.framebuffer(), dirty: dev.dirty() }), ..Attached::default() };
+        let slot = root.add(Box::new(dev)).unwrap();
+        // A 640x480 mode (Linux's bochs_hw_setmode), so damage has lines to name.
+        let regs = root.bar_address(slot, 2).unwrap().0 - window.start;
+        let mut mmio = root.mmio_window();
+        for (i, v) in [(4u64, 0u16), (3, 32), (1, 640), (2, 480), (6, 640), (4, 0x41)] {
+            mmio.write(regs + 0x500 + 2 * i, &v.to_le_bytes());
+        }
+        let (vmm_end, comp) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::empty()).unwrap();
+        let channel = Channel::new(vmm_end, &devices).unwrap();
+        let (code, err) = filtered(move || {
+            let _thread = channel.spawn().unwrap();
+            let mut buf = [0u8; 4096];
+            let mut next = || {
+                let n = recv(comp.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap();
+                decode_from_vmm(&buf[..n]).unwrap()
+            };
+            send(comp.as_raw_fd(), &encode_to_vmm(&ToVmm::Attach), MsgFlags::empty()).unwrap();
+            if matches!(next(), FromVmm::Framebuffer { .. }) {
+                say(b"framebuffer received\n");
+            }
+            send(comp.as_raw_fd(), &encode_to_vmm(&ToVmm::Shown { shown: true }), MsgFlags::empty()).unwrap();
+            if next() == (FromVmm::Damage { y0: 0, y1: 480 }) {
+                say(b"damage received\n");
+            }
+            // Two more ticks, each reading the dirty log.
+            std::thread::sleep(std::time::Duration::from_millis(40));
+        });
+        assert_eq!(code, 0, "{err}");
+        assert!(err.contains("framebuffer received") && err.contains("damage received"), "{err}");
+    }
 }
