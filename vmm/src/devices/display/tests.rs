@@ -237,7 +237,8 @@ fn guest_writes_come_from_the_dirty_log_and_trapped_writes_mark_everything() {
     let dirty = dev.dirty();
     let slot = root.add(Box::new(dev)).unwrap();
     let fb_bar = root.bar_address(slot, 0).unwrap().0 - WINDOW.start;
-    assert_eq!(vm.maps.lock().unwrap().iter().map(|m| m.3).collect::<Vec<_>>(), vec![crate::devices::DirtyLogging::On]);
+    let logging: Vec<_> = vm.maps.lock().unwrap().iter().map(|m| m.3).collect();
+    assert_eq!(logging, vec![crate::devices::DirtyLogging::On], "the framebuffer slot is logged");
     assert_eq!(dirty.take(), Written::Nothing);
     vm.guest_writes(&[2, 70]);
     let Written::Pages(bits) = dirty.take() else { panic!("pages expected") };
