@@ -163,7 +163,10 @@ impl Channel {
         loop {
             let timeout = match self.next_tick {
                 // Rounded up: waking early would only spin until the deadline.
-                Some(t) => PollTimeout::from(t.saturating_duration_since(Instant::now()).as_micros().div_ceil(1000).min(1000) as u16),
+                Some(t) => {
+                    let ms = t.saturating_duration_since(Instant::now()).as_micros().div_ceil(1000);
+                    PollTimeout::from(ms.min(1000) as u16)
+                }
                 None => PollTimeout::NONE,
             };
             let mut want = PollFlags::POLLIN;

@@ -141,7 +141,8 @@ fn input_reaches_the_injector_and_only_input_kinds_pass() {
     rig.send(&encode_input(InputTarget::Keyboard, &a));
     assert_eq!(wait_queued(&rig.keyboard, 2), a);
     // An LED record (0x11) or a force-feedback one (0x15) is not input: dropped, the rest kept.
-    let mixed = [InputRecord { kind: 0x11, code: 1, value: 1 }, InputRecord::key(30, false), InputRecord { kind: 0x15, code: 0, value: 0 }, InputRecord::syn()];
+    let (led, ff) = (InputRecord { kind: 0x11, code: 1, value: 1 }, InputRecord { kind: 0x15, code: 0, value: 0 });
+    let mixed = [led, InputRecord::key(30, false), ff, InputRecord::syn()];
     rig.send(&encode_input(InputTarget::Keyboard, &mixed));
     assert_eq!(wait_queued(&rig.keyboard, 4)[2..], [InputRecord::key(30, false), InputRecord::syn()]);
     // No tablet in this VM: dropped, and the channel goes on.
@@ -215,7 +216,8 @@ fn the_guests_keyboard_leds_are_forwarded() {
     rig.attach();
     let mem = guest_mem();
     let rings = Rings::new(&mem, 2, 16);
-    rig.keyboard_dev.activate(rings.context(&mem, Arc::new(RecordingIrq::default()), crate::devices::virtio::features::VERSION_1)).unwrap();
+    let features = crate::devices::virtio::features::VERSION_1;
+    rig.keyboard_dev.activate(rings.context(&mem, Arc::new(RecordingIrq::default()), features)).unwrap();
     // Linux's virtinput_status: caps lock on, then num lock on.
     let status = [InputEvent { kind: 0x11, code: 1, value: 1 }, InputEvent { kind: 0x11, code: 0, value: 1 }, InputEvent::syn()];
     for (i, ev) in status.iter().enumerate() {

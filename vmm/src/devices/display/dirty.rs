@@ -61,7 +61,11 @@ impl FbDirty {
             Some(s) => match self.0.vm.dirty_log(s, self.0.len) {
                 Ok(bits) => bits,
                 Err(e) => {
-                    crate::ratelimit::guest_warn!(%e, slot = s, "bochs-display: KVM_GET_DIRTY_LOG failed; taking the whole framebuffer as changed");
+                    crate::ratelimit::guest_warn!(
+                        %e,
+                        slot = s,
+                        "bochs-display: KVM_GET_DIRTY_LOG failed; taking the whole framebuffer as changed"
+                    );
                     return Written::Everything;
                 }
             },
