@@ -59,6 +59,9 @@ pub struct QemuConfig {
     pub qmp: Option<PathBuf>,
     /// virtio-serial port `org.rayos.control` on this host unix socket.
     pub control: Option<PathBuf>,
+    /// The monitor's preferred mode (virtio-gpu `xres`/`yres`); QEMU's default (1280x800)
+    /// when unset.
+    pub screen: Option<(u32, u32)>,
     pub extra: Vec<String>,
 }
 
@@ -74,6 +77,7 @@ impl QemuConfig {
             window: false,
             qmp: None,
             control: None,
+            screen: None,
             extra: Vec::new(),
         }
     }
@@ -100,7 +104,10 @@ impl QemuConfig {
             }
         }
         // The screen: virtio-gpu has a GOP driver in OVMF and a DRM driver in our kernel.
-        c.args(["-device", "virtio-gpu-pci"]);
+        match self.screen {
+            Some((w, h)) => c.args(["-device", &format!("virtio-gpu-pci,xres={w},yres={h}")]),
+            None => c.args(["-device", "virtio-gpu-pci"]),
+        };
         c.args(["-display", if self.window { "gtk" } else { "none" }]);
         c.args(["-device", "virtio-rng-pci"]);
         c.args(["-device", "qemu-xhci,id=xhci", "-device", "usb-kbd,bus=xhci.0", "-device", "usb-tablet,bus=xhci.0"]);

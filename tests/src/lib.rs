@@ -257,6 +257,12 @@ impl QemuBuilder {
         self
     }
 
+    /// A monitor whose preferred mode is `w`x`h` (virtio-gpu `xres`/`yres`).
+    pub fn screen(mut self, w: u32, h: u32) -> Self {
+        self.cfg.screen = Some((w, h));
+        self
+    }
+
     pub fn cpus(mut self, n: u32) -> Self {
         self.cfg.cpus = n;
         self

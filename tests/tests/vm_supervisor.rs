@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use rayos_tests::{artifacts, initramfs::Initramfs, Qemu, BOOT_TIMEOUT};
+use rayos_tests::{artifacts, initramfs::Initramfs, Qemu, QemuBuilder, BOOT_TIMEOUT};
 use serde_json::{json, Value};
 
 const DATA_TYPE_GUID: &str = "bcae553e-c9a9-4fbc-8291-e48c272f7ecf";
@@ -216,8 +216,12 @@ fn read_data_file(disk: &Path, path: &str) -> Option<Vec<u8>> {
 }
 
 fn boot(name: &str, disk_for: impl FnOnce(&Path) -> PathBuf) -> (Qemu, PathBuf) {
+    boot_with(name, |b| b, disk_for)
+}
+
+fn boot_with(name: &str, tweak: impl FnOnce(QemuBuilder) -> QemuBuilder, disk_for: impl FnOnce(&Path) -> PathBuf) -> (Qemu, PathBuf) {
     let a = artifacts();
-    let builder = Qemu::builder(name);
+    let builder = tweak(Qemu::builder(name));
     let disk = disk_for(builder.workdir());
     let q = builder
         .direct_kernel(&a.kernel, &a.initramfs, "console=ttyS0,115200 panic=10 rayos.mode=installed")
@@ -711,4 +715,71 @@ fn vm_default_debian_guest_boots_to_a_login() {
     assert_eq!(v["detail"], "the guest powered off", "not a clean power-off: {v}");
     ctl_ok(&q, &["poweroff"]);
     q.wait_exit(Duration::from_secs(60)).unwrap();
+}
+
+/// The compositor's screen, as the user at the monitor sees it (QMP screendump, read by OCR
+/// and by the compositor's own layout lines) and drives it (QMP keyboard): the home screen
+/// lists the VMs with their states; `rayosctl present` shows a VM's own display full screen
+/// (here the devguest's heartbeats on its tty0); Ctrl+Alt+Home returns home; a VM without a
+/// display is refused by name; a killed compositor is restarted and the VMs run on.
+#[test]
+fn compositor_home_screen_present_and_hide() {
+    let mut work = Vm::new("work", true);
+    work.display = Some((1280, 800));
+    // Its user space writes to /dev/console = the last console: its own screen (tty0).
+    work.boot = Some((
+        "/data/images/vmlinuz".into(),
+        Some("/data/images/devguest.img".into()),
+        "console=ttyS0 console=tty0 panic=-1 devguest.interval_ms=250".into(),
+    ));
+    let spare = Vm::new("spare", false);
+    let registry = registry_json(&[&work, &spare]);
+    let (mut q, _disk) = boot_with("compositor", |b| b.screen(1920, 1080), |dir| data_disk(dir, &[&work, &spare], &registry, None));
+    q.wait_for("rayosd: ready", BOOT_TIMEOUT).unwrap();
+    wait_vm(&q, "work", "running with its agent", GUEST_TIMEOUT, |v| v["agent_ready"] == true);
+    // The compositor says where it drew each VM; the screen must show the same.
+    q.wait_for("layout home vm=spare", BOOT_TIMEOUT).unwrap();
+    let home = q.wait_screen("work", Duration::from_secs(60)).unwrap();
+    for text in ["spare", "stopped", "running"] {
+        assert!(rayos_tests::ocr_contains(&home, text), "the home screen does not show {text:?}; OCR read:\n{home}");
+    }
+    assert_eq!(ctl_ok(&q, &["presented"])["presented"], "");
+
+    // A VM without a display cannot be presented; nothing changes.
+    let (code, _, out) = ctl(&q, &["present", "spare"]);
+    assert_eq!(code, 8, "{out}");
+    assert!(out.contains("VM spare has no display"), "{out}");
+
+    ctl_ok(&q, &["present", "work"]);
+    assert_eq!(ctl_ok(&q, &["presented"])["presented"], "work");
+    // The VM's own screen: the devguest's heartbeat lines on its console.
+    let shown = q.wait_screen("heartbeat", Duration::from_secs(60)).unwrap();
+    assert!(!rayos_tests::ocr_contains(&shown, "spare"), "the home screen is still showing:\n{shown}");
+
+    // The return combo on the machine's USB keyboard.
+    q.press(&["ctrl", "alt", "home"]).unwrap();
+    let t = Instant::now();
+    while ctl_ok(&q, &["presented"])["presented"] != "" {
+        assert!(t.elapsed() < Duration::from_secs(30), "Ctrl+Alt+Home did not return home");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    q.wait_screen("spare", Duration::from_secs(60)).unwrap();
+
+    // A killed compositor comes back; the VM never noticed.
+    let beat = wait_vm(&q, "work", "a heartbeat", GUEST_TIMEOUT, |v| v["agent_heartbeat"].as_u64() > Some(0))["agent_heartbeat"].as_u64().unwrap();
+    let pid = ctl_ok(&q, &["service", "show", "compositor"])["pid"].as_u64().unwrap();
+    ctl_ok(&q, &["service", "kill", "compositor", "--signal", "KILL"]);
+    let t = Instant::now();
+    loop {
+        let s = ctl_ok(&q, &["service", "show", "compositor"]);
+        if s["state"] == "running" && s["pid"].as_u64() != Some(pid) {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "the compositor was not restarted: {s}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    q.wait_screen("spare", Duration::from_secs(60)).unwrap();
+    let v = wait_vm(&q, "work", "heartbeats after the compositor's restart", GUEST_TIMEOUT, |v| v["agent_heartbeat"].as_u64() > Some(beat));
+    assert_eq!(v["state"], "running");
+    assert_eq!(v["restarts"], 0, "the VM was restarted with the compositor: {v}");
 }

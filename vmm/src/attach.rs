@@ -6,7 +6,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
 use crate::bus::Bus;
-use crate::devices::display::{BochsDisplay, SharedFramebuffer, DEFAULT_FB_SIZE};
+use crate::devices::display::{BochsDisplay, FbDirty, SharedFramebuffer, DEFAULT_FB_SIZE};
 use crate::devices::legacy::serial::SerialRing;
 use crate::devices::pci::PciRoot;
 use crate::devices::virtio::block::{BlockConfig, VirtioBlock};
@@ -34,13 +34,20 @@ pub const AGENT_LINE_MAX: usize = 64 * 1024;
 pub struct Attached {
     pub keyboard: Option<InputInjector>,
     pub tablet: Option<InputInjector>,
-    pub framebuffer: Option<SharedFramebuffer>,
+    pub display: Option<Display>,
     /// Writes go to the guest agent's port.
     pub agent_tx: Option<Mutex<UnixStream>>,
     /// What the guest agent wrote (the last 64 KiB).
     pub agent_rx: SerialRing,
     /// The PCI root with every device, for snapshots (pause, save and restore state).
     pub pci: Option<PciRoot>,
+}
+
+/// The display's handles: its framebuffer and what the guest wrote into it.
+#[derive(Clone)]
+pub struct Display {
+    pub framebuffer: SharedFramebuffer,
+    pub dirty: FbDirty,
 }
 
 fn dev_err(device: &str, reason: impl ToString) -> Error {
@@ -141,7 +148,7 @@ pub fn attach(
         // The configured size is the guest's preferred (native) mode through EDID; without it
         // Linux's bochs driver and OVMF start at 1024x768.
         disp.set_preferred_mode(d.width as u16, d.height as u16).map_err(|e| dev_err("bochs-display", e))?;
-        out.framebuffer = Some(disp.framebuffer());
+        out.display = Some(Display { framebuffer: disp.framebuffer(), dirty: disp.dirty() });
         root.add(Box::new(disp)).map_err(|e| dev_err("bochs-display", e))?;
     }
 
@@ -153,6 +160,10 @@ pub fn attach(
 }
 
 impl Attached {
+    pub fn framebuffer(&self) -> Option<&SharedFramebuffer> {
+        self.display.as_ref().map(|d| &d.framebuffer)
+    }
+
     pub fn agent_send(&self, data: &[u8]) -> std::io::Result<()> {
         match &self.agent_tx {
             Some(s) => s.lock().unwrap_or_else(|p| p.into_inner()).write_all(data),

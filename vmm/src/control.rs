@@ -84,11 +84,11 @@ pub fn handle(vm: &VmShared, req: Request) -> Answer {
             }
             None => no("this VM has no tablet (spec: input.tablet)"),
         },
-        Request::Display { points } => match &vm.devices.framebuffer {
+        Request::Display { points } => match vm.devices.framebuffer() {
             Some(fb) => display_status(fb, &points),
             None => no("this VM has no display (spec: display)"),
         },
-        Request::Screenshot { path } => match (&vm.devices.framebuffer, vm.vm_dir.as_deref()) {
+        Request::Screenshot { path } => match (vm.devices.framebuffer(), vm.vm_dir.as_deref()) {
             (None, _) => no("this VM has no display (spec: display)"),
             (_, None) => Answer::err(crate::vmdir::VmDirError::NoDir.to_string()),
             (Some(fb), Some(dir)) => match crate::screenshot::save_ppm(fb, dir, &path) {

@@ -31,6 +31,8 @@ pub enum Error {
     Io { what: String, source: io::Error },
     #[error("isolation: {0}")]
     Isolation(String),
+    #[error(transparent)]
+    DisplayChannel(#[from] crate::display_channel::SetupError),
     #[error(
         "host KVM made no progress: vCPU 0 left KVM_RUN {exits} times in the first {secs:.1} s \
          and then not at all; this host's KVM cannot run ordinary guests \

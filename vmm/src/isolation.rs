@@ -112,7 +112,7 @@ const ALLOWED: &[i64] = &[
 #[allow(non_snake_case)]
 mod request {
     use kvm_bindings::{
-        kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_ioeventfd, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msi,
+        kvm_clock_data, kvm_debugregs, kvm_dirty_log, kvm_fpu, kvm_ioeventfd, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msi,
         kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs,
         kvm_xsave,
     };
@@ -135,6 +135,7 @@ mod request {
     vmm_sys_util::ioctl_iow_nr!(KVM_SIGNAL_MSI, KVMIO, 0xa5, kvm_msi);
     vmm_sys_util::ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_ioeventfd);
     vmm_sys_util::ioctl_iow_nr!(KVM_SET_USER_MEMORY_REGION, KVMIO, 0x46, kvm_userspace_memory_region);
+    vmm_sys_util::ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
 }
 
 /// The ioctl requests the VMM issues after set-up, and where. Everything else KVM offers
@@ -143,7 +144,7 @@ mod request {
 /// through irqfds registered at set-up, PCI devices use MSI-X). Code that reads or writes
 /// VM state after isolation (pause, snapshot) must add its requests here; the SIGSYS line
 /// names the request number it was stopped on.
-pub fn allowed_ioctls() -> [(u32, &'static str); 19] {
+pub fn allowed_ioctls() -> [(u32, &'static str); 20] {
     [
         (request::KVM_RUN() as u32, "KVM_RUN: the vCPU loops"),
         (request::KVM_SIGNAL_MSI() as u32, "KVM_SIGNAL_MSI: MSI-X interrupts from devices"),
@@ -153,6 +154,9 @@ pub fn allowed_ioctls() -> [(u32, &'static str); 19] {
             "KVM_SET_USER_MEMORY_REGION: the framebuffer slot follows its BAR",
         ),
         (crate::devices::virtio::net::TUNSETOFFLOAD as u32, "TUNSETOFFLOAD: virtio-net activation"),
+        // Reads (and resets) which framebuffer pages the guest wrote; the display channel
+        // asks every 16 ms while the VM is on screen, for the compositor's damage.
+        (request::KVM_GET_DIRTY_LOG() as u32, "KVM_GET_DIRTY_LOG: framebuffer damage"),
         // The `snapshot` control command reads (never writes) the parked vCPUs and the VM.
         (request::KVM_GET_MP_STATE() as u32, "KVM_GET_MP_STATE: snapshot"),
         (request::KVM_GET_REGS() as u32, "KVM_GET_REGS: snapshot"),
@@ -540,7 +544,7 @@ mod tests {
     fn ioctl_numbers_match_the_kernel_headers() {
         // From <linux/kvm.h> and <linux/if_tun.h> on x86_64.
         let want = [
-            0xae80, 0x4020_aea5, 0x4040_ae79, 0x4020_ae46, 0x4004_54d0,
+            0xae80, 0x4020_aea5, 0x4040_ae79, 0x4020_ae46, 0x4004_54d0, 0x4010_ae42,
             // The snapshot writer's KVM_GET_* requests.
             0x8004_ae98, 0x8090_ae81, 0x8138_ae83, 0x81a0_ae8c, 0x9000_aea4, 0x8188_aea6, 0x8080_aea1,
             0x8400_ae8e, 0xc008_ae88, 0x8040_ae9f, 0xaea3, 0xc208_ae62, 0x8070_ae9f, 0x8030_ae7c,
@@ -939,5 +943,54 @@ mod tests {
         assert_eq!(std::fs::read(&reg).unwrap(), b"registry");
         drop(vm_dir);
         std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    /// The display channel's thread, started after isolation as the VMM's threads may be,
+    /// answers Attach (sendmsg with the memfd) and, shown, reads KVM's dirty log of a real
+    /// framebuffer slot (KVM_GET_DIRTY_LOG) and sends the damage, all under the filter.
+    #[test]
+    fn the_display_channel_works_under_the_filter() {
+        use crate::attach::{Attached, Display};
+        use crate::devices::display::{BochsDisplay, DEFAULT_FB_SIZE};
+        use crate::devices::BusDevice;
+        use crate::display_channel::Channel;
+        use nix::sys::socket::{recv, send, socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
+        use rayos_proto::display::{decode_from_vmm, encode_to_vmm, FromVmm, ToVmm};
+        use std::os::fd::AsRawFd;
+
+        let vm = std::sync::Arc::new(crate::vm::Vm::new().expect("a KVM VM (needs /dev/kvm)"));
+        let window = 0xc000_0000..0xd000_0000u64;
+        let mut root = crate::devices::pci::PciRoot::new(vm.clone(), window.clone());
+        let dev = BochsDisplay::new(vm.clone(), DEFAULT_FB_SIZE).unwrap();
+        let devices = Attached { display: Some(Display { framebuffer: dev.framebuffer(), dirty: dev.dirty() }), ..Attached::default() };
+        let slot = root.add(Box::new(dev)).unwrap();
+        // A 640x480 mode (Linux's bochs_hw_setmode), so damage has lines to name.
+        let regs = root.bar_address(slot, 2).unwrap().0 - window.start;
+        let mut mmio = root.mmio_window();
+        for (i, v) in [(4u64, 0u16), (3, 32), (1, 640), (2, 480), (6, 640), (4, 0x41)] {
+            mmio.write(regs + 0x500 + 2 * i, &v.to_le_bytes());
+        }
+        let (vmm_end, comp) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::empty()).unwrap();
+        let channel = Channel::new(vmm_end, &devices).unwrap();
+        let (code, err) = filtered(move || {
+            let _thread = channel.spawn().unwrap();
+            let mut buf = [0u8; 4096];
+            let mut next = || {
+                let n = recv(comp.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap();
+                decode_from_vmm(&buf[..n]).unwrap()
+            };
+            send(comp.as_raw_fd(), &encode_to_vmm(&ToVmm::Attach), MsgFlags::empty()).unwrap();
+            if matches!(next(), FromVmm::Framebuffer { .. }) {
+                say(b"framebuffer received\n");
+            }
+            send(comp.as_raw_fd(), &encode_to_vmm(&ToVmm::Shown { shown: true }), MsgFlags::empty()).unwrap();
+            if next() == (FromVmm::Damage { y0: 0, y1: 480 }) {
+                say(b"damage received\n");
+            }
+            // Two more ticks, each reading the dirty log.
+            std::thread::sleep(std::time::Duration::from_millis(40));
+        });
+        assert_eq!(code, 0, "{err}");
+        assert!(err.contains("framebuffer received") && err.contains("damage received"), "{err}");
     }
 }

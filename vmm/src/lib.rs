@@ -11,6 +11,7 @@ pub mod bus;
 pub mod control;
 pub mod cpuid;
 pub mod devices;
+pub mod display_channel;
 pub mod isolation;
 pub mod error;
 pub mod events;
@@ -223,7 +224,7 @@ impl Vmm {
 
         let devices = attach::attach(&spec, vm.clone(), &ram.memory, &mut pio_bus, &mut mmio_bus, &events)?;
         if let Some(snap) = restore {
-            load_framebuffer(snap, devices.framebuffer.as_ref())?;
+            load_framebuffer(snap, devices.framebuffer())?;
         }
         // A restored guest's RAM already holds its kernel and ACPI tables (and has long
         // since reused the boot areas).
@@ -305,10 +306,21 @@ impl Vmm {
 
     /// Runs the VM until it ends. `inherited_fds` (from [`isolation::inherited_fds`] at
     /// process start) are closed when the spec asks for isolation; `supervisor` (the
-    /// `--control-fd` connection, not among them) gets the events and serves requests.
-    pub fn run(self, inherited_fds: &std::collections::BTreeSet<i32>, supervisor: Option<UnixStream>) -> Result<ExitReason> {
+    /// `--control-fd` connection, not among them) gets the events and serves requests;
+    /// `display` (the `--display-fd` channel, not among them either) is served to the
+    /// compositor, and refused when the VM has no display.
+    pub fn run(
+        self,
+        inherited_fds: &std::collections::BTreeSet<i32>,
+        supervisor: Option<UnixStream>,
+        display: Option<std::os::fd::OwnedFd>,
+    ) -> Result<ExitReason> {
         let Vmm { spec, vm, ram, pio, mmio, vcpus, shared } = self;
         vcpu::install_kick_handler()?;
+        if let Some(sock) = display {
+            // Before isolation: the channel reopens the framebuffer read-only through /proc.
+            display_channel::Channel::new(sock, &shared.devices)?.spawn()?;
+        }
         if let Some(path) = &spec.control_socket {
             let listener = control::bind(path)?;
             control::spawn(shared.clone(), listener)?;

@@ -27,6 +27,11 @@ struct Args {
     /// events over it and answers requests on it (rayos_proto::vmm::FromVmm / Envelope).
     #[arg(long, value_name = "FD")]
     control_fd: Option<i32>,
+    /// One end of a SOCK_SEQPACKET socketpair, inherited as this fd: the display channel to
+    /// the compositor (framebuffer, damage, LEDs out; input in; rayos_proto::display). The VM
+    /// must have a display.
+    #[arg(long, value_name = "FD")]
+    display_fd: Option<i32>,
 }
 
 fn main() {
@@ -40,9 +45,10 @@ fn main() {
         )
         .init();
     let args = Args::parse();
-    // The supervisor connection is inherited on purpose: isolation must not close it.
+    // The supervisor connection and the display channel are inherited on purpose: isolation
+    // must not close them.
     let mut inherited = inherited;
-    if let Some(fd) = args.control_fd {
+    for fd in [args.control_fd, args.display_fd].into_iter().flatten() {
         inherited.remove(&fd);
     }
     match run(&args, start, &inherited) {
@@ -76,5 +82,6 @@ fn run(args: &Args, start: Instant, inherited: &std::collections::BTreeSet<i32>)
         (None, None) => anyhow::bail!("give --spec or --restore"),
     };
     let supervisor = args.control_fd.map(vmm::events::from_fd).transpose()?;
-    Ok(vmm.run(inherited, supervisor)?)
+    let display = args.display_fd.map(vmm::display_channel::from_fd).transpose()?;
+    Ok(vmm.run(inherited, supervisor, display)?)
 }

@@ -191,7 +191,7 @@ fn save_paused(
     }
     target.write(replace, |tmp| {
         let memory = save_part(tmp, MEMORY_FILE, &src.memfd, src.mem_size)?;
-        let framebuffer = match &vm.devices.framebuffer {
+        let framebuffer = match vm.devices.framebuffer() {
             Some(fb) => Some(save_part(tmp, FRAMEBUFFER_FILE, fb.file(), fb.size())?),
             None => None,
         };

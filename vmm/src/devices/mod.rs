@@ -31,12 +31,26 @@ pub trait VmHandle: Send + Sync {
     fn register_ioevent(&self, fd: &EventFd, addr: u64, datamatch: Option<u32>) -> io::Result<()>;
     fn unregister_ioevent(&self, fd: &EventFd, addr: u64, datamatch: Option<u32>) -> io::Result<()>;
     /// Map host memory (e.g. a display's shared framebuffer) into guest physical space.
-    /// Returns a slot id for [`VmHandle::unmap_memory`].
+    /// Returns a slot id for [`VmHandle::unmap_memory`] and [`VmHandle::dirty_log`].
     ///
     /// # Safety
     /// `host` must point to `len` bytes that stay mapped until `unmap_memory` is called.
-    unsafe fn map_memory(&self, gpa: u64, host: *mut u8, len: u64) -> io::Result<u32>;
+    unsafe fn map_memory(&self, gpa: u64, host: *mut u8, len: u64, logging: DirtyLogging) -> io::Result<u32>;
     fn unmap_memory(&self, slot: u32) -> io::Result<()>;
+    /// The pages of `slot` (`len` bytes, mapped with [`DirtyLogging::On`]) the guest wrote
+    /// since the last call, one bit per 4 KiB page (bit `i % 64` of word `i / 64`), and
+    /// starts the next round (KVM_GET_DIRTY_LOG). Writes through the host mapping are not
+    /// seen: only the guest's.
+    fn dirty_log(&self, slot: u32, len: u64) -> io::Result<Vec<u64>>;
+}
+
+/// Whether KVM records which pages of a slot the guest writes (KVM_MEM_LOG_DIRTY_PAGES): a
+/// write-protect fault on the first write to each page after each [`VmHandle::dirty_log`],
+/// and nothing more while nobody asks. Only the framebuffer uses it (the compositor's damage).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DirtyLogging {
+    Off,
+    On,
 }
 
 pub mod display;

@@ -9,9 +9,10 @@ use std::sync::Arc;
 
 use tracing::{debug, info, warn};
 
+use super::dirty::FbDirty;
 use super::framebuffer::{FbMode, PixelFormat, SharedFramebuffer};
 use crate::devices::pci::{BarKind, BarSpec, PciConfiguration, PciDevice, PciError, PciHeader};
-use crate::devices::VmHandle;
+use crate::devices::{DirtyLogging, VmHandle};
 
 /// Framebuffer size unless configured: 16 MiB holds 1920×1080×4 twice (page flipping).
 pub const DEFAULT_FB_SIZE: u64 = 16 << 20;
@@ -82,7 +83,8 @@ pub struct BochsDisplay {
     vm: Arc<dyn VmHandle>,
     fb: SharedFramebuffer,
     map: Mapping,
-    slot: Option<u32>,
+    /// Also holds the framebuffer's KVM slot while the guest has it mapped.
+    dirty: FbDirty,
     regs: [u16; NUM_DISPI],
     endian: u32,
     edid: Option<[u8; 128]>,
@@ -125,7 +127,8 @@ impl BochsDisplay {
         regs[INDEX_ID] = ID5;
         regs[INDEX_BPP] = 32;
         regs[INDEX_VIDEO_MEMORY_64K] = (fb_size / 0x10000).min(u64::from(u16::MAX)) as u16;
-        Ok(Self { config, vm, fb, map, slot: None, regs, endian: LITTLE_ENDIAN, edid: None })
+        let dirty = FbDirty::new(vm.clone(), fb_size);
+        Ok(Self { config, vm, fb, map, dirty, regs, endian: LITTLE_ENDIAN, edid: None })
     }
 
     /// Announce `width`×`height` as the display's preferred (native) mode through EDID, e.g.
@@ -143,6 +146,11 @@ impl BochsDisplay {
     /// The compositor's view of the framebuffer.
     pub fn framebuffer(&self) -> SharedFramebuffer {
         self.fb.clone()
+    }
+
+    /// What the guest (or the VMM) wrote into the framebuffer, for damage.
+    pub fn dirty(&self) -> FbDirty {
+        self.dirty.clone()
     }
 
     fn bytes_per_pixel(&self) -> u32 {
@@ -209,6 +217,7 @@ impl BochsDisplay {
                 if value & ENABLED != 0 && !was && value & NOCLEARMEM == 0 {
                     // SAFETY: writes within our own mapping of map.len bytes.
                     unsafe { std::ptr::write_bytes(self.map.ptr, 0, self.map.len) };
+                    self.dirty.host_wrote();
                 }
             }
             INDEX_BANK | INDEX_VIRT_WIDTH | INDEX_X_OFFSET | INDEX_Y_OFFSET => self.regs[index] = value,
@@ -257,10 +266,10 @@ impl BochsDisplay {
         }
     }
 
-    fn unmap_guest(&mut self) {
-        if let Some(slot) = self.slot.take() {
-            if let Err(e) = self.vm.unmap_memory(slot) {
-                warn!(%e, slot, "bochs-display: unmapping the framebuffer from the guest failed");
+    fn unmap_guest(&mut self, slot: &mut Option<u32>) {
+        if let Some(s) = slot.take() {
+            if let Err(e) = self.vm.unmap_memory(s) {
+                warn!(%e, slot = s, "bochs-display: unmapping the framebuffer from the guest failed");
             }
         }
     }
@@ -296,6 +305,7 @@ impl PciDevice for BochsDisplay {
                 // SAFETY: offset..offset+len is inside our mapping (checked above).
                 let dst = unsafe { std::slice::from_raw_parts_mut(self.map.ptr.add(offset as usize), data.len()) };
                 dst.copy_from_slice(data);
+                self.dirty.host_wrote();
             }
             2 => self.mmio_write(offset, data),
             _ => {}
@@ -325,12 +335,15 @@ impl PciDevice for BochsDisplay {
         if bar != 0 {
             return;
         }
-        self.unmap_guest();
+        let dirty = self.dirty.clone();
+        let mut slot = dirty.slot();
+        self.unmap_guest(&mut slot);
         let Some(gpa) = addr else { return };
+        // Logged, so the display channel can tell the compositor which lines changed.
         // SAFETY: the mapping lives as long as `self`, and Drop unmaps it from the guest before
         // munmap, so the guest never sees freed memory.
-        match unsafe { self.vm.map_memory(gpa, self.map.ptr, self.map.len as u64) } {
-            Ok(slot) => self.slot = Some(slot),
+        match unsafe { self.vm.map_memory(gpa, self.map.ptr, self.map.len as u64, DirtyLogging::On) } {
+            Ok(s) => *slot = Some(s),
             Err(e) => warn!(%e, gpa, "bochs-display: framebuffer not mapped into the guest; accesses trap (slow)"),
         }
     }
@@ -338,7 +351,9 @@ impl PciDevice for BochsDisplay {
 
 impl Drop for BochsDisplay {
     fn drop(&mut self) {
-        self.unmap_guest();
+        let dirty = self.dirty.clone();
+        let mut slot = dirty.slot();
+        self.unmap_guest(&mut slot);
     }
 }
 

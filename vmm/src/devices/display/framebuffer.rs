@@ -9,29 +9,9 @@ use std::sync::{Arc, Mutex};
 
 use crate::devices::pci::lock;
 
-/// Pixel layout in memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PixelFormat {
-    /// 32 bpp, bytes B, G, R, X (DRM_FORMAT_XRGB8888); what Linux and OVMF use.
-    Xrgb8888,
-    /// 32 bpp, bytes X, R, G, B (DRM_FORMAT_BGRX8888): the guest asked for big-endian.
-    Bgrx8888,
-    /// 24 bpp, bytes B, G, R.
-    Rgb888,
-    /// 16 bpp, 5-6-5.
-    Rgb565,
-}
-
-/// What the guest shows: `width`×`height` pixels starting `offset` bytes into the memfd,
-/// `stride` bytes per line.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FbMode {
-    pub width: u32,
-    pub height: u32,
-    pub stride: u32,
-    pub offset: u64,
-    pub format: PixelFormat,
-}
+// The mode is what the display channel sends the compositor: one type on both sides, no
+// conversion to keep in step.
+pub use rayos_proto::display::{FbMode, PixelFormat};
 
 pub(crate) struct FbShared {
     pub(crate) fd: File,

@@ -13,12 +13,14 @@
 //! - Linux's bochs DRM driver (CONFIG_DRM_BOCHS) binds to it (vendor 0x1234, device 0x1111,
 //!   revision 2 with the QEMU extended registers), with page flipping through Y_OFFSET.
 //!
-//! The cost: no damage tracking (the compositor samples the whole buffer each frame) and no
-//! hardware cursor; both are acceptable for a full-screen VM.
+//! Damage comes from KVM's dirty log on the framebuffer's slot ([`FbDirty`]), read only while
+//! the VM is on screen. The cost: no hardware cursor, acceptable for a full-screen VM.
 
 mod bochs;
+mod dirty;
 mod edid;
 mod framebuffer;
 
 pub use bochs::{BochsDisplay, DisplayError, DEFAULT_FB_SIZE};
+pub use dirty::{damaged_lines, FbDirty, Written, PAGE_SIZE};
 pub use framebuffer::{FbMode, PixelFormat, SharedFramebuffer};

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use super::*;
 use crate::devices::pci::testing::FakeVm;
 use crate::devices::pci::{PciMmioWindow, PciRoot};
+use crate::devices::display::Written;
 use crate::devices::BusDevice;
 
 const WINDOW: std::ops::Range<u64> = 0xC000_0000..0xD000_0000;
@@ -226,4 +227,27 @@ fn mode_and_mapping_survive_save_and_restore() {
     assert_eq!(fb2.mode().unwrap().offset, 720 * 1280 * 4);
     let bar0 = root2.bar_address(slot, 0).unwrap().0;
     assert!(vm2.maps.lock().unwrap().iter().any(|m| m.1 == bar0), "framebuffer mapped at the restored BAR");
+}
+
+#[test]
+fn guest_writes_come_from_the_dirty_log_and_trapped_writes_mark_everything() {
+    let vm = Arc::new(FakeVm::default());
+    let mut root = PciRoot::new(vm.clone(), WINDOW);
+    let dev = BochsDisplay::new(vm.clone(), DEFAULT_FB_SIZE).unwrap();
+    let dirty = dev.dirty();
+    let slot = root.add(Box::new(dev)).unwrap();
+    let fb_bar = root.bar_address(slot, 0).unwrap().0 - WINDOW.start;
+    let logging: Vec<_> = vm.maps.lock().unwrap().iter().map(|m| m.3).collect();
+    assert_eq!(logging, vec![crate::devices::DirtyLogging::On], "the framebuffer slot is logged");
+    assert_eq!(dirty.take(), Written::Nothing);
+    vm.guest_writes(&[2, 70]);
+    let Written::Pages(bits) = dirty.take() else { panic!("pages expected") };
+    assert_eq!((bits[0], bits[1]), (1 << 2, 1 << 6));
+    assert_eq!(bits.len(), (16 << 20) / 4096 / 64);
+    assert_eq!(dirty.take(), Written::Nothing, "each write is reported once");
+    // The trapped path (no KVM mapping) writes through the VMM: KVM's log cannot see it.
+    let mut mmio = root.mmio_window();
+    mmio.write(fb_bar + 4096, &[1, 2, 3, 4]);
+    assert_eq!(dirty.take(), Written::Everything);
+    assert_eq!(dirty.take(), Written::Nothing);
 }

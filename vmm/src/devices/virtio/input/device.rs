@@ -30,6 +30,7 @@ pub const EV_SYN: u16 = 0x00;
 pub const EV_KEY: u16 = 0x01;
 pub const EV_REL: u16 = 0x02;
 pub const EV_ABS: u16 = 0x03;
+pub const EV_MSC: u16 = 0x04;
 pub const EV_LED: u16 = 0x11;
 pub const EV_REP: u16 = 0x14;
 pub const ABS_X: u16 = 0x00;
@@ -42,6 +43,12 @@ pub const BTN_MIDDLE: u16 = 0x112;
 pub const ABS_MAX: u32 = 32767;
 const BUS_VIRTUAL: u16 = 0x06;
 
+/// The key codes the keyboard announces (the guest ignores others): KEY_ESC (1) to
+/// KEY_MICMUTE (248), and KEY_OK (0x160) to the braille keys (0x1ff), what media and laptop
+/// keyboards send. Not 0x200 and up: that range holds gamepad buttons (BTN_DPAD_*,
+/// BTN_TRIGGER_HAPPY*), which would make udev take the keyboard for a joystick.
+pub const KEYBOARD_KEYS: [std::ops::RangeInclusive<u16>; 2] = [1..=248, 0x160..=0x1ff];
+
 /// Which device this is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum InputKind {
@@ -50,40 +57,41 @@ pub enum InputKind {
     Tablet,
 }
 
-/// One evdev event as virtio-input carries it (struct virtio_input_event).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct InputEvent {
-    pub kind: u16,
-    pub code: u16,
-    pub value: u32,
+/// One evdev event as virtio-input carries it (struct virtio_input_event): the display
+/// channel's wire record, so the compositor's input reaches the queue without conversion.
+pub use rayos_proto::display::InputRecord as InputEvent;
+
+/// The keyboard LEDs as the guest last set them (EV_LED on the status queue).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Leds {
+    pub num: bool,
+    pub caps: bool,
+    pub scroll: bool,
 }
 
-impl InputEvent {
-    pub fn key(code: u16, pressed: bool) -> Self {
-        Self { kind: EV_KEY, code, value: u32::from(pressed) }
-    }
-    pub fn abs(axis: u16, value: u32) -> Self {
-        Self { kind: EV_ABS, code: axis, value }
-    }
-    pub fn rel(axis: u16, delta: i32) -> Self {
-        Self { kind: EV_REL, code: axis, value: delta as u32 }
-    }
-    /// End of a group of events (SYN_REPORT).
-    pub fn syn() -> Self {
-        Self { kind: EV_SYN, code: 0, value: 0 }
-    }
-    fn to_bytes(self) -> [u8; 8] {
-        let mut b = [0u8; 8];
-        b[0..2].copy_from_slice(&self.kind.to_le_bytes());
-        b[2..4].copy_from_slice(&self.code.to_le_bytes());
-        b[4..8].copy_from_slice(&self.value.to_le_bytes());
-        b
+impl Leds {
+    /// Applies one EV_LED event; false if it is not one of these three LEDs.
+    fn set(&mut self, code: u16, on: bool) -> bool {
+        match code {
+            LED_NUML => self.num = on,
+            LED_CAPSL => self.caps = on,
+            LED_SCROLLL => self.scroll = on,
+            _ => return false,
+        }
+        true
     }
 }
+
+const LED_NUML: u16 = 0x00;
+const LED_CAPSL: u16 = 0x01;
+const LED_SCROLLL: u16 = 0x02;
 
 struct Pending {
     events: Mutex<VecDeque<InputEvent>>,
     wake: EventFd,
+    leds: Mutex<Leds>,
+    /// Written when the guest changes an LED (the display channel waits on it).
+    leds_changed: EventFd,
 }
 
 /// Handle for pushing input into the guest; cheap to clone, usable from any thread.
@@ -107,6 +115,22 @@ impl InputInjector {
         if let Err(e) = self.pending.wake.write(1) {
             warn!(%e, "virtio-input: cannot wake the device");
         }
+    }
+
+    /// The LEDs as the guest last set them.
+    pub fn leds(&self) -> Leds {
+        *lock(&self.pending.leds)
+    }
+
+    /// Becomes readable when the guest changes an LED; read it (8 bytes) to re-arm.
+    pub fn leds_changed(&self) -> &EventFd {
+        &self.pending.leds_changed
+    }
+
+    /// What is waiting for guest buffers, oldest first.
+    #[cfg(test)]
+    pub(crate) fn queued(&self) -> Vec<InputEvent> {
+        lock(&self.pending.events).iter().copied().collect()
     }
 }
 
@@ -133,7 +157,12 @@ impl VirtioInput {
     /// A device named `name` (what the guest shows, e.g. "RayOS Keyboard"); the injector
     /// feeds it.
     pub fn new(kind: InputKind, name: &str) -> std::io::Result<(Self, InputInjector)> {
-        let pending = Arc::new(Pending { events: Mutex::new(VecDeque::new()), wake: EventFd::new(EFD_NONBLOCK)? });
+        let pending = Arc::new(Pending {
+            events: Mutex::new(VecDeque::new()),
+            wake: EventFd::new(EFD_NONBLOCK)?,
+            leds: Mutex::new(Leds::default()),
+            leds_changed: EventFd::new(EFD_NONBLOCK)?,
+        });
         let injector = InputInjector { pending: pending.clone() };
         let mut name = name.to_owned();
         name.truncate(128);
@@ -164,8 +193,7 @@ impl VirtioInput {
 
     fn ev_bits(&self, ev: u16) -> Vec<u8> {
         match (self.kind, ev) {
-            // Every key code from KEY_ESC (1) to KEY_MICMUTE (248).
-            (InputKind::Keyboard, EV_KEY) => bitmap(&(1..=248).collect::<Vec<u16>>()),
+            (InputKind::Keyboard, EV_KEY) => bitmap(&KEYBOARD_KEYS.into_iter().flatten().collect::<Vec<u16>>()),
             // Num, Caps and Scroll Lock LEDs.
             (InputKind::Keyboard, EV_LED) => bitmap(&[0, 1, 2]),
             // Non-empty so the guest enables software autorepeat.
@@ -216,8 +244,16 @@ impl InputWorker {
             let p = parse_chain(chain, &mem);
             let mut b = [0u8; 8];
             if p.error.is_none() && read_segments(&mem, &p.readable, 0, &mut b) == 8 {
-                // LED state from the guest; the compositor does not mirror it yet.
-                debug!(kind = u16::from_le_bytes([b[0], b[1]]), code = u16::from_le_bytes([b[2], b[3]]), "virtio-input status event");
+                let ev = InputEvent::from_bytes(b);
+                debug!(kind = ev.kind, code = ev.code, value = ev.value, "virtio-input status event");
+                if ev.kind == EV_LED {
+                    let mut leds = lock(&self.pending.leds);
+                    let before = *leds;
+                    if leds.set(ev.code, ev.value != 0) && *leds != before {
+                        drop(leds);
+                        let _ = self.pending.leds_changed.write(1);
+                    }
+                }
             }
             self.statusq.add_used(&mem, p.head, 0, &*self.irq);
         }

@@ -28,7 +28,9 @@ fn keyboard_config_describes_keys_leds_and_repeat() {
     assert_eq!(cfg(&mut kbd, CFG_ID_NAME, 0), b"RayOS Keyboard");
     let keys = cfg(&mut kbd, CFG_EV_BITS, EV_KEY as u8);
     assert!(bit(&keys, 1) && bit(&keys, 30) && bit(&keys, 248), "KEY_ESC, KEY_A, KEY_MICMUTE");
+    assert!(bit(&keys, 0x160) && bit(&keys, 0x1ff), "KEY_OK .. the last braille key");
     assert!(!bit(&keys, 0) && !bit(&keys, BTN_LEFT));
+    assert!(!bit(&keys, 0x220) && !bit(&keys, 0x2c0), "no gamepad buttons (BTN_DPAD_UP, BTN_TRIGGER_HAPPY1)");
     assert!(bit(&cfg(&mut kbd, CFG_EV_BITS, EV_LED as u8), 1), "caps lock LED");
     assert_eq!(cfg(&mut kbd, CFG_EV_BITS, EV_REP as u8).len(), 1);
     assert!(cfg(&mut kbd, CFG_EV_BITS, EV_ABS as u8).is_empty());
@@ -110,4 +112,27 @@ fn event_idx_receive_buffers_posted_later_are_noticed() {
     assert_eq!(u16::from_le_bytes([x[0], x[1]]), EV_ABS);
     assert_eq!(u32::from_le_bytes(x[4..8].try_into().unwrap()), 100);
     tab.reset();
+}
+
+#[test]
+fn led_events_from_the_guest_update_the_state_and_signal_it() {
+    let mem = guest_mem();
+    let (mut kbd, inj) = VirtioInput::new(InputKind::Keyboard, "kbd").unwrap();
+    let rings = Rings::new(&mem, 2, 16);
+    let irq = Arc::new(RecordingIrq::default());
+    kbd.activate(rings.context(&mem, irq, VERSION_1)).unwrap();
+    assert_eq!(inj.leds(), Leds::default());
+    assert!(inj.leds_changed().read().is_err(), "not signalled before any change");
+    // Linux's virtinput_status: EV_LED LED_CAPSL 1, then EV_SYN, each its own buffer.
+    let status = [InputEvent { kind: EV_LED, code: 1, value: 1 }, InputEvent::syn(), InputEvent { kind: EV_LED, code: 9, value: 1 }];
+    for (i, ev) in status.iter().enumerate() {
+        let addr = 0x20_0000 + i as u64 * 8;
+        mem.write_obj(ev.to_bytes(), GuestAddress(addr)).unwrap();
+        rings.add_desc_chains(1, &[RawDescriptor::from(Descriptor::new(addr, 8, 0, 0))], i as u16);
+    }
+    rings.kick(1);
+    assert!(rings.wait_used(&mem, 1, 3));
+    assert_eq!(inj.leds(), Leds { num: false, caps: true, scroll: false }, "an unknown LED (9) changes nothing");
+    assert_eq!(inj.leds_changed().read().unwrap(), 1, "signalled once");
+    kbd.reset();
 }
