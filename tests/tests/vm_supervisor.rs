@@ -709,12 +709,54 @@ fn vm_default_debian_guest_boots_to_a_login() {
         );
         break;
     }
+    keyboard_reaches_only_the_presented_vm(&mut q);
 
     ctl_ok(&q, &["vm", "stop", "debian"]);
     let v = wait_vm(&q, "debian", "stopped", Duration::from_secs(300), |v| v["state"] == "stopped");
     assert_eq!(v["detail"], "the guest powered off", "not a clean power-off: {v}");
     ctl_ok(&q, &["poweroff"]);
     q.wait_exit(Duration::from_secs(60)).unwrap();
+}
+
+/// The machine's USB keyboard (QMP) types into the Debian VM's tty1 login only while it is
+/// presented: keys pressed on the home screen never reach it, the return combo (pressed with
+/// Ctrl held) is not delivered and leaves no modifier stuck in the guest.
+fn keyboard_reaches_only_the_presented_vm(q: &mut Qemu) {
+    let screen = |q: &Qemu| ctl_ok(q, &["vm", "screen", "debian"])["text"].as_str().unwrap_or_default().to_string();
+    let wait_text = |q: &Qemu, what: &str| {
+        let t = Instant::now();
+        loop {
+            let text = screen(q);
+            if text.contains(what) {
+                return text;
+            }
+            assert!(t.elapsed() < Duration::from_secs(60), "{what:?} never reached the guest's tty1:\n{text}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    ctl_ok(q, &["present", "debian"]);
+    // The compositor shows the guest's own screen: its tty1 login prompt.
+    q.wait_screen("rayos-linux login", Duration::from_secs(60)).unwrap();
+    q.type_text("seenkeys").unwrap();
+    wait_text(q, "login: seenkeys");
+
+    q.press(&["ctrl", "alt", "home"]).unwrap();
+    let t = Instant::now();
+    while ctl_ok(q, &["presented"])["presented"] != "" {
+        assert!(t.elapsed() < Duration::from_secs(30), "Ctrl+Alt+Home did not return home");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    q.type_text("lostkeys").unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let text = screen(q);
+    assert!(!text.contains("lostkeys"), "keys typed on the home screen reached the hidden VM:\n{text}");
+
+    ctl_ok(q, &["present", "debian"]);
+    q.wait_screen("rayos-linux login", Duration::from_secs(60)).unwrap();
+    // With Ctrl stuck from the combo these would be Ctrl+A, Ctrl+B, Ctrl+C.
+    q.type_text("abc").unwrap();
+    wait_text(q, "login: seenkeysabc");
+    ctl_ok(q, &["hide"]);
 }
 
 /// The compositor's screen, as the user at the monitor sees it (QMP screendump, read by OCR
