@@ -48,6 +48,8 @@ pub struct SystemStatus {
     pub rss_kib: u64,
     pub watchdog: String,
     pub shutting_down: bool,
+    /// system.toml's machine_name; empty when unset.
+    pub machine_name: String,
 }
 
 /// The state the API reads and the handles it changes things through. rayosd (PID 1) and

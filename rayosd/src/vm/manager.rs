@@ -111,6 +111,8 @@ pub struct VmInfo {
     pub vcpus: u8,
     pub created_at: u64,
     pub last_booted_at: u64,
+    /// The VM has a display (config.display): the compositor can present it.
+    pub has_display: bool,
 }
 
 /// The text on a VM's display console as its guest agent reads it (the `GuestScreen` call).
@@ -446,6 +448,7 @@ impl VmManager {
             vcpus: vm.config.vcpus,
             created_at: vm.created_at,
             last_booted_at: vm.last_booted_at.unwrap_or(0),
+            has_display: vm.config.display.is_some(),
         };
         self.vms.lock().unwrap().insert(vm.id, Entry { info, ctl: tx, conn: None });
         let mgr = self.clone();
