@@ -10,7 +10,7 @@
 use std::fs::File;
 use std::io;
 use std::ops::Range;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -123,6 +123,9 @@ fn preferred(modes: &[Mode]) -> Option<Mode> {
 impl CardOutputs {
     pub fn open(path: &Path) -> Result<Self, OutputError> {
         let file = File::options().read(true).write(true).open(path).map_err(|source| OutputError::Open { path: path.into(), source })?;
+        // Flip events are read when the fd says so; a read must never block the loop.
+        let fl = nix::fcntl::OFlag::from_bits_truncate(nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL).unwrap_or(0));
+        let _ = nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(fl | nix::fcntl::OFlag::O_NONBLOCK));
         let card = Card { file, path: path.into() };
         // Being the first to open a card makes us master already; asking again is for after a VT switch.
         if let Err(e) = card.acquire_master_lock() {
