@@ -571,17 +571,35 @@ impl App {
     }
 }
 
-/// Runs the compositor until SIGTERM/SIGINT.
+/// Runs the compositor until SIGTERM/SIGINT. Must run inside a `LocalSet`.
 pub async fn run(socket: PathBuf, dri: PathBuf, input: PathBuf) -> anyhow::Result<()> {
+    let (dev_tx, dev_rx) = mpsc::unbounded_channel::<DeviceEvent>();
+    run_with(socket, dri, input, dev_tx, dev_rx).await
+}
+
+/// `run`, with the input devices' channel made by the caller, so a test can type on it.
+pub async fn run_with(
+    socket: PathBuf,
+    dri: PathBuf,
+    input: PathBuf,
+    dev_tx: mpsc::UnboundedSender<DeviceEvent>,
+    mut dev_rx: mpsc::UnboundedReceiver<DeviceEvent>,
+) -> anyhow::Result<()> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Ev>();
-    let (dev_tx, mut dev_rx) = mpsc::unbounded_channel::<DeviceEvent>();
     let mut screen = Screen::default();
     screen.rescan(&dri);
     if screen.canvases.is_empty() {
         tracing::warn!("no connected monitor on any card in {}; looking again every 2 s", dri.display());
     }
     let vt = (!screen.canvases.is_empty()).then(crate::vt::GraphicsMode::enter).flatten();
-    let p = Arc::new(connect(&socket).await?);
+    // From here on the screen is ours: a signal must end us through the drops that give it back.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let p = tokio::select! {
+        p = connect(&socket) => Arc::new(p?),
+        _ = term.recv() => return Ok(()),
+        _ = int.recv() => return Ok(()),
+    };
 
     // Signals first, then the state they update, so no change falls between.
     let mut states = p.vms.receive_vm_state_changed().await?;
@@ -619,8 +637,6 @@ pub async fn run(socket: PathBuf, dri: PathBuf, input: PathBuf) -> anyhow::Resul
 
     let mut known_devices = HashSet::new();
     devices::scan(&input, &mut known_devices, &dev_tx);
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut hotplug = tokio::time::interval(Duration::from_secs(2));
     hotplug.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let frame = Duration::from_millis(4);

@@ -77,13 +77,18 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(false)
         .init();
     if let Some(out) = &args.headless_render {
         return headless(&args, out);
     }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the tokio runtime")?;
     let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, compositor::app::run(args.socket, args.dri, args.input))
+    let r = local.block_on(&rt, compositor::app::run(args.socket, args.dri, args.input));
+    // The D-Bus connection's tasks need the runtime while they are dropped.
+    let _rt = rt.enter();
+    drop(local);
+    r
 }
 
 #[cfg(test)]
