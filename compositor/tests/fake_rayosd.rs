@@ -173,6 +173,8 @@ async fn wait_for(calls: &Shared, what: &str) {
 #[test]
 fn keys_reach_only_the_presented_vm_and_the_combo_goes_home() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    // zbus's tasks need the runtime while they are dropped, also when an assertion unwinds.
+    let _rt = rt.enter();
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async {
         let dir = std::env::temp_dir().join(format!("rayos-comp-it-{}", std::process::id()));
@@ -252,7 +254,4 @@ fn keys_reach_only_the_presented_vm_and_the_combo_goes_home() {
         assert_eq!(keys(&drain(&vmm)), vec![]);
         let _ = std::fs::remove_dir_all(&dir);
     });
-    // zbus's tasks need the runtime to be dropped.
-    let _rt = rt.enter();
-    drop(local);
 }
