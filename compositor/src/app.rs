@@ -17,11 +17,11 @@ use rayosd::client::Control1Proxy;
 use rayosd::vm::cli::Vms1Proxy;
 use rayosd::vm::manager::VmInfo;
 use tokio::io::unix::AsyncFd;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::canvas::{rgb, Canvas};
 use crate::channel::{Channel, Inbound, Mapping, RecvError};
-use crate::devices::{self, DeviceEvent};
+use crate::devices::{self, DeviceEvent, Leds};
 use crate::font::Text;
 use crate::home::{self, Home, HomeCommand, VmEntry};
 use crate::output::{card_paths, CardOutputs};
@@ -62,6 +62,8 @@ struct VmDisplay {
     gen: u64,
     fb: Option<Mapping>,
     mode: Option<FbMode>,
+    /// What the guest last set its keyboard LEDs to.
+    leds: Leds,
     /// One per output (flattened), for the current mode.
     scalers: Vec<Option<Scaler>>,
 }
@@ -182,6 +184,8 @@ pub struct App {
     vt: Option<crate::vt::GraphicsMode>,
     last_layout: Vec<String>,
     dri: PathBuf,
+    /// The physical keyboards show the presented VM's LEDs.
+    leds: watch::Sender<Leds>,
 }
 
 fn spawn_call<F>(tx: &mpsc::UnboundedSender<Ev>, what: String, f: F)
@@ -238,7 +242,15 @@ impl App {
         }
         let (p, tx, vm) = (self.p.clone(), self.tx.clone(), vm.to_string());
         tokio::task::spawn_local(async move {
-            let r = p.display.open_channel(&vm).await.map_err(|e| e.to_string()).and_then(|fd| Channel::new(&vm, fd.into()).map_err(|e| e.to_string()));
+            // rayosd may announce "running" a moment before the VMM's channel is there.
+            let mut r = Err(String::new());
+            for attempt in 0..5 {
+                r = p.display.open_channel(&vm).await.map_err(|e| e.to_string()).and_then(|fd| Channel::new(&vm, fd.into()).map_err(|e| e.to_string()));
+                if r.is_ok() || attempt == 4 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(400)).await;
+            }
             match r {
                 Ok(channel) => drop(tx.send(Ev::ChannelOpened { vm, channel })),
                 Err(e) => {
@@ -297,7 +309,7 @@ impl App {
             }
         });
         tracing::info!("display channel of {vm} open");
-        self.displays.insert(vm.clone(), VmDisplay { channel, gen, fb: None, mode: None, scalers: Vec::new() });
+        self.displays.insert(vm.clone(), VmDisplay { channel, gen, fb: None, mode: None, leds: Leds::default(), scalers: Vec::new() });
         if self.presented.as_deref() == Some(vm.as_str()) {
             self.show(&vm, true);
         }
@@ -397,6 +409,7 @@ impl App {
         for a in self.router.present(vm.clone(), t) {
             self.act(a);
         }
+        self.leds.send_replace(vm.as_ref().and_then(|v| self.displays.get(v)).map_or(Leds::default(), |d| d.leds));
         if let Some(vm) = &vm {
             self.show(vm, true);
             // Presenting a stopped VM starts it (rayosd does); its channel opens once it runs.
@@ -488,7 +501,10 @@ impl App {
                 return;
             }
             Inbound::Other(FromVmm::Leds { num, caps, scroll }) => {
-                tracing::debug!("{vm}: LEDs num={num} caps={caps} scroll={scroll} (not carried to the keyboard yet)");
+                d.leds = Leds { num, caps, scroll };
+                if presented {
+                    self.leds.send_replace(d.leds);
+                }
                 return;
             }
             Inbound::Other(FromVmm::Framebuffer { .. }) => return,
@@ -622,6 +638,7 @@ pub async fn run_with(
         vt,
         last_layout: Vec::new(),
         dri,
+        leds: watch::channel(Leds::default()).0,
     };
     app.refresh_vms();
     {
@@ -636,7 +653,7 @@ pub async fn run_with(
     app.redraw();
 
     let mut known_devices = HashSet::new();
-    devices::scan(&input, &mut known_devices, &dev_tx);
+    devices::scan(&input, &mut known_devices, &dev_tx, &app.leds.subscribe());
     let mut hotplug = tokio::time::interval(Duration::from_secs(2));
     hotplug.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let frame = Duration::from_millis(4);
@@ -662,7 +679,7 @@ pub async fn run_with(
             }
             _ = tokio::time::sleep(frame), if app.screen.busy() => app.screen.flush(),
             _ = hotplug.tick() => {
-                devices::scan(&input, &mut known_devices, &dev_tx);
+                devices::scan(&input, &mut known_devices, &dev_tx, &app.leds.subscribe());
                 let dri = app.dri.clone();
                 if app.screen.rescan(&dri) {
                     let (w, h) = app.screen.primary_size();

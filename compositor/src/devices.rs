@@ -5,9 +5,9 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use evdev::{AbsoluteAxisCode, Device, EventType, KeyCode, RelativeAxisCode};
+use evdev::{AbsoluteAxisCode, Device, EventType, InputEvent, KeyCode, LedCode, RelativeAxisCode};
 use rayos_proto::display::ev;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::route::KeyEvent;
 
@@ -37,6 +37,21 @@ pub fn classify(keys: &HashSet<u16>, rel: &HashSet<u16>, abs: &HashSet<u16>) -> 
         keyboard,
         relative: click && rel.contains(&ev::REL_X) && rel.contains(&ev::REL_Y),
         absolute: click && abs.contains(&ev::ABS_X) && abs.contains(&ev::ABS_Y),
+    }
+}
+
+/// The keyboard LEDs the presented VM set (all off at home).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Leds {
+    pub num: bool,
+    pub caps: bool,
+    pub scroll: bool,
+}
+
+impl Leds {
+    fn events(self) -> [InputEvent; 3] {
+        let e = |code: LedCode, on: bool| InputEvent::new(EventType::LED.0, code.0, i32::from(on));
+        [e(LedCode::LED_NUML, self.num), e(LedCode::LED_CAPSL, self.caps), e(LedCode::LED_SCROLLL, self.scroll)]
     }
 }
 
@@ -145,7 +160,8 @@ fn abs_ranges(d: &Device) -> Option<((i32, i32), (i32, i32))> {
 
 /// Reads one device until it goes away: waits until none of its keys is held (grabbing with a
 /// key down would leave that key stuck down for whoever had it), grabs it, then forwards.
-async fn run_device(path: PathBuf, mut dev: Device, class: Class, tx: mpsc::UnboundedSender<DeviceEvent>) {
+async fn run_device(path: PathBuf, mut dev: Device, class: Class, tx: mpsc::UnboundedSender<DeviceEvent>, mut leds: watch::Receiver<Leds>) {
+    let has_leds = class.keyboard && dev.supported_leds().is_some_and(|l| l.contains(LedCode::LED_CAPSL));
     let name = dev.name().unwrap_or("?").to_string();
     loop {
         match dev.get_key_state() {
@@ -173,8 +189,24 @@ async fn run_device(path: PathBuf, mut dev: Device, class: Class, tx: mpsc::Unbo
             return;
         }
     };
+    if has_leds {
+        let now = *leds.borrow_and_update();
+        if let Err(e) = stream.device_mut().send_events(&now.events()) {
+            tracing::debug!("{}: setting LEDs: {e}", path.display());
+        }
+    }
     loop {
-        match stream.next_event().await {
+        let next = tokio::select! {
+            e = stream.next_event() => e,
+            Ok(()) = leds.changed(), if has_leds => {
+                let now = *leds.borrow_and_update();
+                if let Err(e) = stream.device_mut().send_events(&now.events()) {
+                    tracing::debug!("{}: setting LEDs: {e}", path.display());
+                }
+                continue;
+            }
+        };
+        match next {
             Ok(e) => {
                 if e.event_type() == EventType::KEY && !class.keyboard && e.code() < 0x100 {
                     continue;
@@ -195,7 +227,7 @@ async fn run_device(path: PathBuf, mut dev: Device, class: Class, tx: mpsc::Unbo
 }
 
 /// Opens every keyboard and pointer under `dir` not already in `known`, each read by its own task.
-pub fn scan(dir: &Path, known: &mut HashSet<PathBuf>, tx: &mpsc::UnboundedSender<DeviceEvent>) {
+pub fn scan(dir: &Path, known: &mut HashSet<PathBuf>, tx: &mpsc::UnboundedSender<DeviceEvent>, leds: &watch::Receiver<Leds>) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     for e in entries.flatten() {
         let path = e.path();
@@ -214,7 +246,7 @@ pub fn scan(dir: &Path, known: &mut HashSet<PathBuf>, tx: &mpsc::UnboundedSender
         if !class.any() {
             continue;
         }
-        tokio::spawn(run_device(path, dev, class, tx.clone()));
+        tokio::spawn(run_device(path, dev, class, tx.clone(), leds.clone()));
     }
 }
 
