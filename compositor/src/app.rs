@@ -665,13 +665,16 @@ pub async fn run_with(
             _ = int.recv() => break,
             Some(d) = dev_rx.recv() => app.handle(Ev::Device(d), &mut known_devices),
             Some(ev) = rx.recv() => app.handle(ev, &mut known_devices),
-            Some(s) = states.next() => {
+            s = states.next() => {
+                // The stream ends with the connection: rayosd went away; rayosd restarts us.
+                let Some(s) = s else { anyhow::bail!("lost the connection to rayosd on {}", socket.display()) };
                 match s.args() {
                     Ok(a) => app.handle(Ev::VmState { name: a.name.to_string(), state: a.state.to_string() }, &mut known_devices),
                     Err(e) => tracing::warn!("VmStateChanged: {e}"),
                 }
             }
-            Some(s) = presentations.next() => {
+            s = presentations.next() => {
+                let Some(s) = s else { anyhow::bail!("lost the connection to rayosd on {}", socket.display()) };
                 match s.args() {
                     Ok(a) => app.handle(Ev::Presented(a.vm.to_string()), &mut known_devices),
                     Err(e) => tracing::warn!("PresentationChanged: {e}"),

@@ -116,6 +116,10 @@ impl FakeDisplay {
 }
 
 async fn serve(listener: tokio::net::UnixListener, calls: Shared) {
+    serve_until(listener, calls, std::future::pending()).await
+}
+
+async fn serve_until(listener: tokio::net::UnixListener, calls: Shared, stop: impl std::future::Future<Output = ()>) {
     let (mut stream, _) = listener.accept().await.unwrap();
     rayosd::session::server_accept(&mut stream).await.unwrap();
     let conn = zbus::connection::Builder::unix_stream(stream)
@@ -131,8 +135,8 @@ async fn serve(listener: tokio::net::UnixListener, calls: Shared) {
         .build()
         .await
         .unwrap();
-    std::future::pending::<()>().await;
-    drop(conn);
+    stop.await;
+    conn.close().await.unwrap();
 }
 
 /// Every datagram the fake VMM received so far.
@@ -252,6 +256,30 @@ fn keys_reach_only_the_presented_vm_and_the_combo_goes_home() {
         wait_for(&calls, "reboot").await;
         settle().await;
         assert_eq!(keys(&drain(&vmm)), vec![]);
+        let _ = std::fs::remove_dir_all(&dir);
+    });
+}
+
+#[test]
+fn losing_rayosd_ends_the_compositor_with_an_error() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let _rt = rt.enter();
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async {
+        let dir = std::env::temp_dir().join(format!("rayos-comp-it2-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("control.sock");
+        let calls: Shared = Arc::default();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::task::spawn_local(serve_until(tokio::net::UnixListener::bind(&sock).unwrap(), calls.clone(), async { drop(stop_rx.await) }));
+        let (dev_tx, dev_rx) = mpsc::unbounded_channel();
+        let app = tokio::task::spawn_local(compositor::app::run_with(sock.clone(), dir.join("dri"), dir.join("input"), dev_tx, dev_rx));
+        wait_for(&calls, "open debian").await;
+        stop_tx.send(()).unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(5), app).await.expect("the compositor noticed within 5 s").unwrap();
+        let e = r.expect_err("it ends with an error").to_string();
+        assert!(e.contains("lost the connection to rayosd") && e.contains("control.sock"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     });
 }
