@@ -3,7 +3,8 @@
 //! Dumb buffers are often write-combined: reading them back is very slow, so every pixel is
 //! composed in a `Canvas` first and only ever written (never read) on the way out.
 
-/// XRGB8888 pixels, `width` per line, no padding.
+/// XRGB8888 pixels, `width` per line, no padding. The top byte means nothing (a guest's X byte
+/// may be copied into it as is): compare colours with [`Canvas::rgb_at`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Canvas {
     pub width: u32,
@@ -51,6 +52,11 @@ impl Canvas {
 
     pub fn get(&self, x: u32, y: u32) -> u32 {
         self.pixels[y as usize * self.width as usize + x as usize]
+    }
+
+    /// The colour at (x, y), without the meaningless top byte.
+    pub fn rgb_at(&self, x: u32, y: u32) -> u32 {
+        self.get(x, y) & 0x00ff_ffff
     }
 
     /// A binary PPM (P6) of the canvas: what `--headless-render` writes.

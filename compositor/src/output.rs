@@ -236,10 +236,8 @@ impl CardOutputs {
             let dst = map.as_mut();
             for y in copy.clone() {
                 let src = &canvas.pixels[y as usize * w as usize..(y as usize + 1) * w as usize];
-                let line = &mut dst[y as usize * pitch..y as usize * pitch + w as usize * 4];
-                for (d, s) in line.chunks_exact_mut(4).zip(src) {
-                    d.copy_from_slice(&s.to_le_bytes());
-                }
+                // Whole rows in one copy: write-combined memory wants long sequential writes.
+                dst[y as usize * pitch..y as usize * pitch + w as usize * 4].copy_from_slice(bytemuck::cast_slice(src));
             }
         }
         let fb = b.fb;

@@ -109,23 +109,46 @@ impl Scaler {
     /// Redraws the output rows showing guest lines `lines`; returns those rows.
     pub fn compose_lines(&self, fb: &[u8], canvas: &mut Canvas, lines: Range<u32>) -> Range<u32> {
         let rows = self.t.rows_for(lines.start.min(self.mode.height)..lines.end.min(self.mode.height));
+        // Hoist the format out of the per-pixel loop: each arm is its own monomorphised loop.
+        match self.mode.format {
+            PixelFormat::Xrgb8888 => self.rows(fb, canvas, rows.clone(), |p| u32::from_le_bytes([p[0], p[1], p[2], 0])),
+            PixelFormat::Bgrx8888 => self.rows(fb, canvas, rows.clone(), |p| pixel(PixelFormat::Bgrx8888, p)),
+            PixelFormat::Rgb888 => self.rows(fb, canvas, rows.clone(), |p| pixel(PixelFormat::Rgb888, p)),
+            PixelFormat::Rgb565 => self.rows(fb, canvas, rows.clone(), |p| pixel(PixelFormat::Rgb565, p)),
+        }
+        rows
+    }
+
+    fn rows(&self, fb: &[u8], canvas: &mut Canvas, rows: Range<u32>, px: impl Fn(&[u8]) -> u32) {
         let bpp = self.mode.format.bytes_per_pixel() as usize;
-        for row in rows.clone() {
-            let line = self.mode.offset as usize + self.t.src_y(row - self.t.y0) as usize * self.mode.stride as usize;
+        let (cw, x0, w) = (canvas.width as usize, self.t.x0 as usize, self.t.w as usize);
+        let exact = self.t.w == self.mode.width;
+        let mut prev: Option<(u32, usize)> = None;
+        for row in rows {
+            let sy = self.t.src_y(row - self.t.y0);
+            let dst_start = row as usize * cw + x0;
+            // Scaling up repeats source lines: copy the output row already made from it.
+            if let Some((_, pstart)) = prev.filter(|&(py, _)| py == sy) {
+                canvas.pixels.copy_within(pstart..pstart + w, dst_start);
+                continue;
+            }
+            let line = self.mode.offset as usize + sy as usize * self.mode.stride as usize;
             let src = &fb[line..line + self.mode.width as usize * bpp];
-            let dst_start = row as usize * canvas.width as usize + self.t.x0 as usize;
-            let dst = &mut canvas.pixels[dst_start..dst_start + self.t.w as usize];
-            if self.t.w == self.mode.width && self.mode.format == PixelFormat::Xrgb8888 {
-                for (d, s) in dst.iter_mut().zip(src.chunks_exact(4)) {
-                    *d = u32::from_le_bytes([s[0], s[1], s[2], 0]);
+            let dst = &mut canvas.pixels[dst_start..dst_start + w];
+            if exact && self.mode.format == PixelFormat::Xrgb8888 {
+                // The X byte comes along: scanout ignores it, so the copy stays a plain memcpy.
+                bytemuck::cast_slice_mut::<u32, u8>(dst).copy_from_slice(src);
+            } else if exact {
+                for (d, s) in dst.iter_mut().zip(src.chunks_exact(bpp)) {
+                    *d = px(s);
                 }
             } else {
                 for (d, &off) in dst.iter_mut().zip(&self.cols) {
-                    *d = pixel(self.mode.format, &src[off..off + bpp]);
+                    *d = px(&src[off..off + bpp]);
                 }
             }
+            prev = Some((sy, dst_start));
         }
-        rows
     }
 }
 
@@ -156,8 +179,9 @@ mod tests {
                 };
                 let (r, g, b) = ((c >> 16) as u8, (c >> 8) as u8, c as u8);
                 let bytes: Vec<u8> = match format {
-                    PixelFormat::Xrgb8888 => vec![b, g, r, 0],
-                    PixelFormat::Bgrx8888 => vec![0, r, g, b],
+                    // Garbage in the X byte: it must never show.
+                    PixelFormat::Xrgb8888 => vec![b, g, r, 0xee],
+                    PixelFormat::Bgrx8888 => vec![0xee, r, g, b],
                     PixelFormat::Rgb888 => vec![b, g, r],
                     PixelFormat::Rgb565 => {
                         let v = (u16::from(r) >> 3) << 11 | (u16::from(g) >> 2) << 5 | u16::from(b) >> 3;
@@ -190,14 +214,14 @@ mod tests {
             // 2.25x: an 8-pixel marker covers 18 output pixels, from the picture's corners.
             let near = |a: u32, b: u32| a == b || format == PixelFormat::Rgb565 && (a & 0xf0f0f0) == (b & 0xf0f0f0);
             for (x, y, want) in [(240, 0, RED), (257, 17, RED), (1679, 0, GREEN), (1662, 17, GREEN), (240, 1079, BLUE), (1679, 1079, WHITE), (1662, 1062, WHITE)] {
-                assert!(near(c.get(x, y), want), "{format:?}: ({x},{y}) is {:06x}, want {want:06x}", c.get(x, y));
+                assert!(near(c.rgb_at(x, y), want), "{format:?}: ({x},{y}) is {:06x}, want {want:06x}", c.rgb_at(x, y));
             }
             // One pixel further in is the grey background; one further out is the black bar.
             for (x, y) in [(259, 19), (1660, 1060)] {
-                assert!(near(c.get(x, y), rgb(0x80, 0x80, 0x80)), "{format:?}: ({x},{y}) is {:06x}", c.get(x, y));
+                assert!(near(c.rgb_at(x, y), rgb(0x80, 0x80, 0x80)), "{format:?}: ({x},{y}) is {:06x}", c.rgb_at(x, y));
             }
-            assert_eq!(c.get(239, 0), 0);
-            assert_eq!(c.get(1680, 1079), 0);
+            assert_eq!(c.rgb_at(239, 0), 0);
+            assert_eq!(c.rgb_at(1680, 1079), 0);
         }
     }
 
@@ -210,7 +234,7 @@ mod tests {
         for y in 0..200 {
             for x in 0..320 {
                 let at = (64 + y * mode.stride + x * 4) as usize;
-                assert_eq!(c.get(x, y), u32::from_le_bytes([fb[at], fb[at + 1], fb[at + 2], 0]));
+                assert_eq!(c.rgb_at(x, y), u32::from_le_bytes([fb[at], fb[at + 1], fb[at + 2], 0]));
             }
         }
     }
@@ -222,9 +246,9 @@ mod tests {
         let mut c = Canvas::new(1280, 960);
         let rows = s.compose_lines(&fb, &mut c, 100..101);
         assert!(rows.start <= 200 && rows.end >= 202 && rows.len() <= 6, "{rows:?}");
-        assert_eq!(c.get(640, 199 - 2), 0, "a row far outside the damage was drawn");
-        assert_eq!(c.get(640, 200), rgb(0x80, 0x80, 0x80));
-        assert_eq!(c.get(640, 201), rgb(0x80, 0x80, 0x80));
+        assert_eq!(c.rgb_at(640, 199 - 2), 0, "a row far outside the damage was drawn");
+        assert_eq!(c.rgb_at(640, 200), rgb(0x80, 0x80, 0x80));
+        assert_eq!(c.rgb_at(640, 201), rgb(0x80, 0x80, 0x80));
     }
 
     #[test]
