@@ -377,6 +377,15 @@ impl App {
 
     fn draw_vm(&mut self, vm: &str) {
         let d = self.displays.get(vm);
+        // Where the picture went on the primary output, for tests to compare with a screendump.
+        let line = match d.and_then(|d| d.scalers.first()?.as_ref()) {
+            Some(s) => format!("compositor: layout present vm={vm} mode={}x{} x={} y={} w={} h={}", s.mode.width, s.mode.height, s.t.x0, s.t.y0, s.t.w, s.t.h),
+            None => format!("compositor: layout present vm={vm} mode=none"),
+        };
+        if self.last_layout != [line.clone()] {
+            eprintln!("{line}");
+            self.last_layout = vec![line];
+        }
         for (i, c) in self.screen.canvases.iter_mut().enumerate() {
             match d.and_then(|d| Some((d.fb.as_ref()?, d.scalers.get(i)?.as_ref()?))) {
                 Some((fb, s)) => s.compose_all(fb.as_slice(), c),
