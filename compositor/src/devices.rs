@@ -19,6 +19,9 @@ pub struct Class {
     pub relative: bool,
     /// ABS_X + ABS_Y with a button or touch.
     pub absolute: bool,
+    /// An absolute device that is a touchpad (a finger tool, not a direct-touch screen): it
+    /// moves the pointer relatively, like a mouse.
+    pub touchpad: bool,
 }
 
 impl Class {
@@ -29,14 +32,16 @@ impl Class {
 
 /// Classifies from capability bits: a keyboard has the letters or Enter (a power button or a
 /// headset's volume keys are not one); a pointer has both axes and something to click.
-pub fn classify(keys: &HashSet<u16>, rel: &HashSet<u16>, abs: &HashSet<u16>) -> Class {
+pub fn classify(keys: &HashSet<u16>, rel: &HashSet<u16>, abs: &HashSet<u16>, direct: bool) -> Class {
     let letters = (KeyCode::KEY_Q.0..=KeyCode::KEY_P.0).chain(KeyCode::KEY_A.0..=KeyCode::KEY_L.0).chain(KeyCode::KEY_Z.0..=KeyCode::KEY_M.0);
     let keyboard = keys.contains(&KeyCode::KEY_ENTER.0) || letters.into_iter().any(|k| keys.contains(&k));
     let click = keys.contains(&ev::BTN_LEFT) || keys.contains(&KeyCode::BTN_TOUCH.0);
+    let absolute = click && abs.contains(&ev::ABS_X) && abs.contains(&ev::ABS_Y);
     Class {
         keyboard,
         relative: click && rel.contains(&ev::REL_X) && rel.contains(&ev::REL_Y),
-        absolute: click && abs.contains(&ev::ABS_X) && abs.contains(&ev::ABS_Y),
+        absolute,
+        touchpad: absolute && !direct && keys.contains(&KeyCode::BTN_TOOL_FINGER.0),
     }
 }
 
@@ -82,7 +87,15 @@ pub struct Assembler {
     pending: RawPointer,
     abs: (Option<i32>, Option<i32>),
     last_abs: (i32, i32),
+    /// A touchpad: finger motion becomes relative motion.
+    touchpad: bool,
+    touching: bool,
+    /// The finger's last position in this touch (None right after it lands).
+    finger: Option<(i32, i32)>,
 }
+
+/// How far (in output pixels) a finger sliding across a whole touchpad moves the pointer.
+const TOUCHPAD_TRAVEL: i64 = 1600;
 
 fn frac(v: i32, (min, max): (i32, i32)) -> f64 {
     if max <= min {
@@ -96,10 +109,37 @@ impl Assembler {
         Self { ranges, ..Default::default() }
     }
 
+    pub fn touchpad(ranges: ((i32, i32), (i32, i32))) -> Self {
+        Self { ranges: Some(ranges), touchpad: true, ..Default::default() }
+    }
+
+    /// A touchpad's report: the finger's travel since the last report, in pixels.
+    fn finger_motion(&mut self) {
+        let Some(((x0, x1), (y0, y1))) = self.ranges else { return };
+        let now = (self.abs.0.unwrap_or(self.last_abs.0), self.abs.1.unwrap_or(self.last_abs.1));
+        self.last_abs = now;
+        if !self.touching {
+            self.finger = None;
+            return;
+        }
+        if let Some((fx, fy)) = self.finger {
+            // Same scale on both axes (the wider side spans TOUCHPAD_TRAVEL) so motion is not skewed.
+            let span = i64::from((x1 - x0).max(y1 - y0).max(1));
+            self.pending.dx += (i64::from(now.0 - fx) * TOUCHPAD_TRAVEL / span) as i32;
+            self.pending.dy += (i64::from(now.1 - fy) * TOUCHPAD_TRAVEL / span) as i32;
+        }
+        self.finger = Some(now);
+    }
+
     pub fn feed(&mut self, kind: u16, code: u16, value: i32) -> Option<DeviceEvent> {
         match kind {
             ev::EV_KEY if (0x100..0x160).contains(&code) => {
-                // Buttons: a touch is a left click; other tool bits are not buttons.
+                if code == KeyCode::BTN_TOUCH.0 && self.touchpad {
+                    // On a touchpad a touch moves the pointer; clicking is the pad's button.
+                    self.touching = value != 0;
+                    return None;
+                }
+                // Buttons: a touch (on a screen or tablet) is a left click; other tool bits are not buttons.
                 let code = if code == KeyCode::BTN_TOUCH.0 { ev::BTN_LEFT } else { code };
                 if [ev::BTN_LEFT, ev::BTN_RIGHT, ev::BTN_MIDDLE].contains(&code) && value != 2 {
                     self.pending.buttons.push((code, value != 0));
@@ -124,6 +164,12 @@ impl Assembler {
                 }
                 None
             }
+            ev::EV_SYN if code == ev::SYN_REPORT && self.touchpad => {
+                self.finger_motion();
+                self.abs = (None, None);
+                let r = std::mem::take(&mut self.pending);
+                (r != RawPointer::default()).then_some(DeviceEvent::Pointer(r))
+            }
             ev::EV_SYN if code == ev::SYN_REPORT => {
                 if let (Some((rx, ry)), true) = (self.ranges, self.abs.0.is_some() || self.abs.1.is_some()) {
                     // An axis that did not move keeps its last value.
@@ -143,7 +189,7 @@ fn capabilities(d: &Device) -> Class {
     let keys = d.supported_keys().map(|k| k.iter().map(|c| c.0).collect()).unwrap_or_default();
     let rel = d.supported_relative_axes().map(|k| k.iter().map(|c: RelativeAxisCode| c.0).collect()).unwrap_or_default();
     let abs = d.supported_absolute_axes().map(|k| k.iter().map(|c: AbsoluteAxisCode| c.0).collect()).unwrap_or_default();
-    classify(&keys, &rel, &abs)
+    classify(&keys, &rel, &abs, d.properties().contains(evdev::PropType::DIRECT))
 }
 
 fn abs_ranges(d: &Device) -> Option<((i32, i32), (i32, i32))> {
@@ -180,7 +226,11 @@ async fn run_device(path: PathBuf, mut dev: Device, class: Class, tx: mpsc::Unbo
         return;
     }
     tracing::info!("{} ({name}): grabbed as {class:?}", path.display());
-    let mut asm = Assembler::new(if class.absolute { abs_ranges(&dev) } else { None });
+    let ranges = if class.absolute { abs_ranges(&dev) } else { None };
+    let mut asm = match ranges {
+        Some(r) if class.touchpad => Assembler::touchpad(r),
+        r => Assembler::new(r),
+    };
     let mut stream = match dev.into_event_stream() {
         Ok(s) => s,
         Err(e) => {
@@ -260,17 +310,19 @@ mod tests {
 
     #[test]
     fn devices_are_classified_by_their_capability_bits() {
-        let kb = classify(&set(&[KeyCode::KEY_A.0, KeyCode::KEY_ENTER.0, KeyCode::KEY_LEFTCTRL.0]), &set(&[]), &set(&[]));
+        let kb = classify(&set(&[KeyCode::KEY_A.0, KeyCode::KEY_ENTER.0, KeyCode::KEY_LEFTCTRL.0]), &set(&[]), &set(&[]), false);
         assert_eq!(kb, Class { keyboard: true, ..Default::default() });
-        let power = classify(&set(&[KeyCode::KEY_POWER.0]), &set(&[]), &set(&[]));
+        let power = classify(&set(&[KeyCode::KEY_POWER.0]), &set(&[]), &set(&[]), false);
         assert!(!power.any(), "a power button is not a keyboard");
-        let mouse = classify(&set(&[ev::BTN_LEFT, ev::BTN_RIGHT]), &set(&[ev::REL_X, ev::REL_Y, ev::REL_WHEEL]), &set(&[]));
+        let mouse = classify(&set(&[ev::BTN_LEFT, ev::BTN_RIGHT]), &set(&[ev::REL_X, ev::REL_Y, ev::REL_WHEEL]), &set(&[]), false);
         assert_eq!(mouse, Class { relative: true, ..Default::default() });
-        let tablet = classify(&set(&[ev::BTN_LEFT]), &set(&[]), &set(&[ev::ABS_X, ev::ABS_Y]));
+        let tablet = classify(&set(&[ev::BTN_LEFT]), &set(&[]), &set(&[ev::ABS_X, ev::ABS_Y]), false);
         assert_eq!(tablet, Class { absolute: true, ..Default::default() });
-        let touch = classify(&set(&[KeyCode::BTN_TOUCH.0]), &set(&[]), &set(&[ev::ABS_X, ev::ABS_Y]));
-        assert!(touch.absolute);
-        let accel = classify(&set(&[]), &set(&[]), &set(&[ev::ABS_X, ev::ABS_Y]));
+        let touch = classify(&set(&[KeyCode::BTN_TOUCH.0, KeyCode::BTN_TOOL_FINGER.0]), &set(&[]), &set(&[ev::ABS_X, ev::ABS_Y]), true);
+        assert!(touch.absolute && !touch.touchpad, "a touchscreen is direct");
+        let pad = classify(&set(&[KeyCode::BTN_TOUCH.0, KeyCode::BTN_TOOL_FINGER.0, ev::BTN_LEFT]), &set(&[]), &set(&[ev::ABS_X, ev::ABS_Y]), false);
+        assert!(pad.touchpad);
+        let accel = classify(&set(&[]), &set(&[]), &set(&[ev::ABS_X, ev::ABS_Y]), false);
         assert!(!accel.any(), "axes with nothing to click are not a pointer");
     }
 
@@ -295,5 +347,28 @@ mod tests {
         m.feed(ev::EV_REL, ev::REL_X, 4);
         m.feed(ev::EV_REL, ev::REL_WHEEL, -1);
         assert_eq!(m.feed(ev::EV_SYN, ev::SYN_REPORT, 0), Some(DeviceEvent::Pointer(RawPointer { dx: 7, wheel: -1, ..Default::default() })));
+    }
+
+    #[test]
+    fn a_touchpad_moves_the_pointer_relatively_and_a_touch_is_not_a_click() {
+        let mut a = Assembler::touchpad(((0, 3199), (0, 1999)));
+        let mut report = |events: &[(u16, u16, i32)]| {
+            let mut out = None;
+            for &(k, c, v) in events {
+                out = a.feed(k, c, v);
+            }
+            out
+        };
+        // The finger lands: no jump to where it landed, and no click.
+        assert_eq!(report(&[(ev::EV_KEY, KeyCode::BTN_TOUCH.0, 1), (ev::EV_ABS, ev::ABS_X, 3000), (ev::EV_ABS, ev::ABS_Y, 1000), (ev::EV_SYN, ev::SYN_REPORT, 0)]), None);
+        // Sliding a fifth of the width (640 units of 3200) moves 320 px, down the same scale.
+        let Some(DeviceEvent::Pointer(r)) = report(&[(ev::EV_ABS, ev::ABS_X, 2360), (ev::EV_ABS, ev::ABS_Y, 1200), (ev::EV_SYN, ev::SYN_REPORT, 0)]) else { panic!() };
+        assert_eq!((r.dx, r.dy, r.abs, r.buttons.len()), (-320, 100, None, 0));
+        // Lifted and put down elsewhere: no motion from the jump.
+        report(&[(ev::EV_KEY, KeyCode::BTN_TOUCH.0, 0), (ev::EV_SYN, ev::SYN_REPORT, 0)]);
+        assert_eq!(report(&[(ev::EV_KEY, KeyCode::BTN_TOUCH.0, 1), (ev::EV_ABS, ev::ABS_X, 100), (ev::EV_SYN, ev::SYN_REPORT, 0)]), None);
+        // The pad's button clicks.
+        let Some(DeviceEvent::Pointer(r)) = report(&[(ev::EV_KEY, ev::BTN_LEFT, 1), (ev::EV_SYN, ev::SYN_REPORT, 0)]) else { panic!() };
+        assert_eq!(r.buttons, vec![(ev::BTN_LEFT, true)]);
     }
 }
