@@ -47,8 +47,43 @@ impl ControlDevice for Card {}
 struct Buffer {
     dumb: DumbBuffer,
     fb: framebuffer::Handle,
-    /// Rows the canvas changed since this buffer last got them.
-    stale: Option<Range<u32>>,
+}
+
+/// Which of two buffers is on screen and which rows each lacks. A buffer that was on screen
+/// while the canvas changed is behind by every change since it was last written, not just the
+/// latest frame's: that is what makes copying only damaged rows correct with double buffering.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Swap {
+    front: usize,
+    stale: [Option<Range<u32>>; 2],
+}
+
+impl Swap {
+    /// Two buffers that both lack every row.
+    fn new(height: u32) -> Self {
+        Self { front: 0, stale: [Some(0..height), Some(0..height)] }
+    }
+
+    /// The canvas changed `rows`: both buffers now lack them. Returns the rows to copy into the
+    /// back buffer (None: it is up to date).
+    fn damage(&mut self, rows: Range<u32>) -> Option<Range<u32>> {
+        for s in &mut self.stale {
+            *s = union(s.take(), rows.clone());
+        }
+        self.stale[1 - self.front].take()
+    }
+
+    /// The flip after copying `copied` was refused: copy those rows again with the next frame
+    /// (cheap, and then certain).
+    fn not_shown(&mut self, copied: Range<u32>) {
+        let back = 1 - self.front;
+        self.stale[back] = union(self.stale[back].take(), copied);
+    }
+
+    /// The back buffer is on screen now.
+    fn flipped(&mut self) {
+        self.front = 1 - self.front;
+    }
 }
 
 fn union(a: Option<Range<u32>>, b: Range<u32>) -> Option<Range<u32>> {
@@ -68,8 +103,7 @@ pub struct Output {
     pub crtc: crtc::Handle,
     pub mode: Mode,
     buffers: [Buffer; 2],
-    /// The buffer on screen.
-    front: usize,
+    swap: Swap,
     /// A flip was queued and its event has not come yet (since when).
     flip_pending: Option<Instant>,
     /// The driver refused DIRTYFB once: it does not need it.
@@ -200,11 +234,11 @@ impl CardOutputs {
             let fb = self.card.add_framebuffer(&dumb, 24, 32).map_err(|e| err("add a framebuffer", e))?;
             // Black, not whatever the last user left in that memory.
             self.card.map_dumb_buffer(&mut dumb).map_err(|e| err("map a dumb buffer", e))?.as_mut().fill(0);
-            Ok(Buffer { dumb, fb, stale: Some(0..u32::from(h)) })
+            Ok(Buffer { dumb, fb })
         };
         let buffers = [make()?, make()?];
         self.card.set_crtc(crtc, Some(buffers[0].fb), (0, 0), &[connector], Some(mode)).map_err(|e| err("set its mode", e))?;
-        Ok(Output { name: name.into(), connector, crtc, mode, buffers, front: 0, flip_pending: None, dirtyfb: true, can_flip: true })
+        Ok(Output { name: name.into(), connector, crtc, mode, buffers, swap: Swap::new(h.into()), flip_pending: None, dirtyfb: true, can_flip: true })
     }
 
     fn destroy(&self, o: Output) {
@@ -224,12 +258,9 @@ impl CardOutputs {
             return Err(io::Error::other(format!("{}: a {}x{} canvas for a {w}x{h} output", o.name, canvas.width, canvas.height)));
         }
         let rows = rows.start.min(h)..rows.end.min(h);
-        for b in &mut o.buffers {
-            b.stale = union(b.stale.take(), rows.clone());
-        }
-        let back = 1 - o.front;
+        let Some(copy) = o.swap.damage(rows) else { return Ok(()) };
+        let back = 1 - o.swap.front;
         let b = &mut o.buffers[back];
-        let Some(copy) = b.stale.take() else { return Ok(()) };
         {
             let pitch = b.dumb.pitch() as usize;
             let mut map = card.map_dumb_buffer(&mut b.dumb)?;
@@ -246,7 +277,7 @@ impl CardOutputs {
                 Ok(()) => o.flip_pending = Some(Instant::now()),
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                     // The previous flip is still queued: the rows stay stale for the next frame.
-                    o.buffers[back].stale = union(o.buffers[back].stale.take(), copy);
+                    o.swap.not_shown(copy);
                     return Ok(());
                 }
                 Err(e) => {
@@ -258,7 +289,7 @@ impl CardOutputs {
         if !o.can_flip {
             card.set_crtc(o.crtc, Some(fb), (0, 0), &[o.connector], Some(o.mode))?;
         }
-        o.front = back;
+        o.swap.flipped();
         if o.dirtyfb {
             let clip = ClipRect::new(0, copy.start as u16, w as u16, copy.end as u16);
             if let Err(e) = card.dirty_framebuffer(fb, &[clip]) {
@@ -306,6 +337,29 @@ mod tests {
         let names: Vec<String> = card_paths(&d).iter().map(|p| p.file_name().unwrap().to_string_lossy().into()).collect();
         std::fs::remove_dir_all(&d).unwrap();
         assert_eq!(names, ["card0", "card1", "card12"]);
+    }
+
+    #[test]
+    fn each_buffer_gets_every_row_it_missed_while_on_screen() {
+        let mut s = Swap::new(100);
+        // The first frame fills the back buffer entirely.
+        assert_eq!(s.damage(10..20), Some(0..100));
+        s.flipped();
+        // The other buffer also still lacks everything.
+        assert_eq!(s.damage(30..31), Some(0..100));
+        s.flipped();
+        // From now on, each buffer lacks what changed in the frames since it was written.
+        assert_eq!(s.damage(50..60), Some(30..60), "frame 2's rows 30..31 and frame 3's 50..60");
+        s.flipped();
+        assert_eq!(s.damage(5..6), Some(5..60));
+        s.flipped();
+        assert_eq!(s.damage(5..5), Some(5..6), "nothing new, but the back buffer still lacks row 5");
+        s.flipped();
+        assert_eq!(s.damage(5..5), None, "both up to date: no copy");
+        // A flip refused after the copy: the rows stay owed to that buffer.
+        assert_eq!(s.damage(7..8), Some(7..8));
+        s.not_shown(7..8);
+        assert_eq!(s.damage(0..0), Some(7..8));
     }
 
     #[test]
