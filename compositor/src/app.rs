@@ -549,6 +549,9 @@ impl App {
             Ev::Device(DeviceEvent::Pointer(p)) => self.pointer(p),
             Ev::Device(DeviceEvent::Gone(path)) => {
                 known_devices.remove(&path);
+                for a in self.router.device_gone() {
+                    self.act(a);
+                }
             }
             Ev::VmList(v) => {
                 self.vms = v;

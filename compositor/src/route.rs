@@ -122,6 +122,13 @@ impl Router {
         out
     }
 
+    /// An input device went away (unplugged): its held keys will never be released, so forget
+    /// every held key and release in the presented VM everything it believes held.
+    pub fn device_gone(&mut self) -> Vec<Action> {
+        self.physical.clear();
+        self.release_all()
+    }
+
     /// The VM's channel went away: whatever it believed held died with it.
     pub fn vm_gone(&mut self, vm: &str) {
         if self.presented.as_deref() == Some(vm) {
@@ -344,5 +351,17 @@ mod tests {
         assert_eq!(r.pointer(), (140, 0));
         let out = r.present(None, None);
         assert_eq!(keys_sent(&out), vec![("a".into(), ev::BTN_LEFT, 0)]);
+    }
+
+    #[test]
+    fn unplugging_a_keyboard_with_keys_held_leaves_nothing_stuck() {
+        let mut r = Router::new(800, 600);
+        r.present(Some("a".into()), Some(t()));
+        run(&mut r, &[down(LCTRL), down(LALT)]);
+        let mut released = keys_sent(&r.device_gone());
+        released.sort();
+        assert_eq!(released, vec![("a".into(), LCTRL, 0), ("a".into(), LALT, 0)]);
+        // Ctrl and Alt are no longer held: Home alone is just Home.
+        assert_eq!(keys_sent(&r.key(down(KEY_HOME))), vec![("a".into(), KEY_HOME, 1)]);
     }
 }
