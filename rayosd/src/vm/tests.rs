@@ -657,6 +657,25 @@ async fn injected_keys_text_and_clicks_reach_the_vmm_as_reports_in_order() {
     wait_state(&env, "desk", "running", Duration::from_secs(10)).await;
     let e = env.mgr.type_text("headless", "hi").await.unwrap_err();
     assert!(matches!(e, VmError::Refused { .. }) && e.to_string().contains("VM headless: typing text needs a display with input devices"), "{e}");
+    // A display without the virtio keyboard and tablet has nothing to type into.
+    let disk = env.dir.join("screen-only.img");
+    std::fs::write(&disk, b"").unwrap();
+    let config = DeviceConfig {
+        vcpus: 1,
+        memory_mib: 64,
+        kernel: env.dir.join("bzImage"),
+        initramfs: None,
+        cmdline: String::new(),
+        display: Some((640, 480)),
+        input: false,
+        net_taps: vec![],
+        rng: false,
+        agent: false,
+    };
+    let req = CreateRequest { name: "screen-only".into(), kind: VmKind::Linux, disks: vec![DiskRecord { path: disk, read_only: false }], config, policy: Policy::default() };
+    env.mgr.create(req).unwrap();
+    let e = env.mgr.pointer("screen-only", 1, 1, &[]).await.unwrap_err();
+    assert!(e.to_string().contains("VM screen-only: pointer input needs a display with input devices"), "{e}");
     let e = env.mgr.key_input("desk", "ctrl+hyper").await.unwrap_err();
     assert!(matches!(e, VmError::Invalid(_)) && e.to_string().contains("unknown key \"hyper\""), "{e}");
     let e = env.mgr.type_text("desk", "naïve").await.unwrap_err();
@@ -710,15 +729,24 @@ async fn text_in_a_keymap_other_than_us_is_refused_by_name() {
 
 /// A VMM that never reads its display channel makes the call fail, saying so, once the
 /// channel has stayed full for the stall limit; the VM itself carries on.
-#[tokio::test(flavor = "current_thread")]
+///
+/// Two worker threads and the call in its own task: a send that blocked would hold its thread,
+/// and the test's timeout must still run on the other to say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vmm_that_reads_no_input_fails_the_call_instead_of_hanging_it() {
     let env = setup("deaf", |_| {});
     create_full(&env, "deaf", "display-deaf", false, false, RestartPolicy::OnFailure, Some((800, 600)));
     env.mgr.start("deaf", false).unwrap();
     wait_state(&env, "deaf", "running", Duration::from_secs(10)).await;
     let t = Instant::now();
-    let text = "x".repeat(super::keys::MAX_TEXT);
-    let e = tokio::time::timeout(Duration::from_secs(10), env.mgr.type_text("deaf", &text)).await.expect("the call hung").unwrap_err();
+    let (mgr, text) = (env.mgr.clone(), "x".repeat(super::keys::MAX_TEXT));
+    let call = tokio::spawn(async move { mgr.type_text("deaf", &text).await });
+    let Ok(answer) = tokio::time::timeout(Duration::from_secs(10), call).await else {
+        // A blocked send returns only once its peer is gone: end the VMM so the test can end.
+        env.mgr.stop("deaf", true).unwrap();
+        panic!("the call hung on the full display channel");
+    };
+    let e = answer.unwrap().unwrap_err();
     assert!(matches!(e, super::manager::VmError::Failed { .. }), "{e}");
     assert!(e.to_string().contains("display channel stayed full") && e.to_string().contains(" of 1024 input reports sent"), "{e}");
     assert!(t.elapsed() >= super::input::STALL_LIMIT, "gave up after {:?}", t.elapsed());
