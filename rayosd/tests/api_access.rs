@@ -239,3 +239,42 @@ async fn presenting_needs_root_and_a_vm_with_a_display() {
     assert_eq!(s.system.display().current(), "");
     std::fs::remove_dir_all(&s.dir).unwrap();
 }
+
+/// Injected input (`vm key|type|pointer`) needs root, whatever the VM's state; root is
+/// refused by name for a VM that is not running or has no display, and for a key that does
+/// not exist. (What reaches a running VMM is `rayosd::vm::tests`, against a fake VMM.)
+#[tokio::test(flavor = "current_thread")]
+async fn injected_input_needs_root_and_a_running_vm_with_a_display() {
+    require_root();
+    let s = serve("inject", Access::root_only(), true).await;
+    let kernel = s.dir.join("bzImage");
+    std::fs::write(&kernel, b"k").unwrap();
+    let k = kernel.to_str().unwrap();
+    for args in [&["vm", "create", "headless", "--kernel", k][..], &["vm", "create", "desk", "--kernel", k, "--display", "1280x800"]] {
+        let (code, _, err) = rayosctl(&s.sock, args, None).await;
+        assert_eq!(code, Some(0), "{err}");
+    }
+    let calls: [(&[&str], &str); 3] = [
+        (&["vm", "key", "desk", "ctrl+l"], "KeyInput"),
+        (&["vm", "type", "desk", "root", "--enter"], "TypeText"),
+        (&["vm", "pointer", "desk", "10", "10", "--click", "left"], "Pointer"),
+    ];
+    for (args, method) in calls {
+        let (code, out, err) = rayosctl(&s.sock, args, Some(NOBODY)).await;
+        assert_eq!(code, Some(4), "a non-root caller must not inject input: {out}{err}");
+        assert!(err.contains(&format!("access denied: {method} needs root; caller uid is 65534")), "{err}");
+        // Root gets past the check, to the VM's state: it is stopped.
+        let (code, _, err) = rayosctl(&s.sock, args, None).await;
+        assert_eq!(code, Some(8), "{err}");
+        assert!(err.contains("VM desk: ") && err.contains("needs a running VM; it is stopped"), "{err}");
+    }
+    let (code, _, err) = rayosctl(&s.sock, &["vm", "key", "headless", "ret"], None).await;
+    assert_eq!(code, Some(8), "{err}");
+    assert!(err.contains("VM headless: key input needs a display with input devices"), "{err}");
+    // A bad name in any combo presses none of them.
+    let (code, _, err) = rayosctl(&s.sock, &["vm", "key", "desk", "ctrl+l", "ctrl+hyper"], None).await;
+    assert_eq!(code, Some(6), "{err}");
+    assert!(err.contains("unknown key \"hyper\""), "{err}");
+    assert_eq!(s.system.vms().unwrap().get("desk").unwrap().state, "stopped", "refused calls start nothing");
+    std::fs::remove_dir_all(&s.dir).unwrap();
+}

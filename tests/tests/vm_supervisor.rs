@@ -565,7 +565,7 @@ fn wait_serial(q: &Qemu, vm: &str, what: &str, timeout: Duration, pred: impl Fn(
 
 /// Types a line on the VM's serial console, as a user at a terminal would.
 fn type_line(q: &Qemu, vm: &str, text: &str) {
-    ctl_ok(q, &["vm", "type", vm, text, "--enter"]);
+    ctl_ok(q, &["vm", "type", vm, text, "--enter", "--serial"]);
 }
 
 /// The first-boot setup (the record's `firstboot`) was done by the guest agent: the login on

@@ -60,6 +60,7 @@ impl From<VmError> for VmApiError {
                 VmApiError::InvalidArgument(e.to_string())
             }
             VmError::Registry(_) | VmError::Failed { .. } => VmApiError::Failed(e.to_string()),
+            VmError::NotSupported(_) => VmApiError::NotSupported(e.to_string()),
         }
     }
 }
@@ -174,6 +175,29 @@ impl VmsServer {
     async fn serial_input(&self, #[zbus(connection)] conn: &zbus::Connection, vm: &str, text: &str) -> Result<u64, VmApiError> {
         require_root(conn, self.system.access(), "SerialInput").await?;
         Ok(self.mgr()?.serial_input(vm, text).await? as u64)
+    }
+
+    /// Presses a key combo (`ctrl+alt+f2`: down in order, up in reverse) on the VM's virtio
+    /// keyboard; returns the reports sent. Root only, like `SerialInput`.
+    async fn key_input(&self, #[zbus(connection)] conn: &zbus::Connection, vm: &str, keys: &str) -> Result<u32, VmApiError> {
+        require_root(conn, self.system.access(), "KeyInput").await?;
+        tracing::info!("control: key input {keys:?} to VM {vm}");
+        Ok(self.mgr()?.key_input(vm, keys).await?)
+    }
+
+    /// Types `text` on the VM's virtio keyboard through the system keymap; returns the
+    /// characters typed. Root only.
+    async fn type_text(&self, #[zbus(connection)] conn: &zbus::Connection, vm: &str, text: &str) -> Result<u64, VmApiError> {
+        require_root(conn, self.system.access(), "TypeText").await?;
+        tracing::info!("control: typing {} characters to VM {vm}", text.chars().count());
+        Ok(self.mgr()?.type_text(vm, text).await?)
+    }
+
+    /// Moves the VM's tablet to pixel (`x`, `y`) of its display, then clicks each button of
+    /// `click` ("left", "right", "middle"; empty: only move). Root only.
+    async fn pointer(&self, #[zbus(connection)] conn: &zbus::Connection, vm: &str, x: u32, y: u32, click: Vec<String>) -> Result<(), VmApiError> {
+        require_root(conn, self.system.access(), "Pointer").await?;
+        Ok(self.mgr()?.pointer(vm, x, y, &click).await?)
     }
 
     /// The VM's display as a binary PPM (P6). Root only, like `GuestScreen`.

@@ -10,13 +10,20 @@ use crate::reaper::Reaper;
 
 /// The VMM in the RayOS initramfs.
 pub const VMM_BIN: &str = "/usr/bin/rayos-vmm";
+/// The installer's configuration on the data volume.
+const SYSTEM_TOML: &str = "/data/config/system.toml";
 /// What an orderly shutdown gives the guests to power off before they are forced.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Opens the registry on the mounted data volume. Errors are logged: a broken registry must
 /// not stop the boot. PID 1 then hands the manager to the control API and calls [`autostart`].
 pub fn open_installed(reaper: Arc<Reaper>) -> Option<Arc<VmManager>> {
-    let settings = Settings::new(PathBuf::from(VMM_BIN), Paths::installed());
+    let mut settings = Settings::new(PathBuf::from(VMM_BIN), Paths::installed());
+    // The keymap chosen at install is the layout injected text is typed in; without a
+    // readable system.toml, its default ("us").
+    if let Ok(l) = crate::config::load(std::path::Path::new(SYSTEM_TOML)) {
+        settings.keymap = l.config().keymap.clone();
+    }
     match VmManager::open(reaper, settings) {
         Ok(m) => Some(m),
         Err(e) => {
@@ -29,7 +36,7 @@ pub fn open_installed(reaper: Arc<Reaper>) -> Option<Arc<VmManager>> {
 /// Starts the VMs marked autostart, hidden (no display switch), unless
 /// `/data/config/system.toml` says `autostart_vms = false`.
 pub fn autostart(mgr: &VmManager) {
-    let autostart = match crate::config::load(std::path::Path::new("/data/config/system.toml")) {
+    let autostart = match crate::config::load(std::path::Path::new(SYSTEM_TOML)) {
         Ok(l) => l.config().autostart_vms,
         Err(_) => true,
     };

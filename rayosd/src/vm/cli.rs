@@ -32,6 +32,9 @@ pub trait Vms1 {
     fn guest_screen(&self, vm: &str) -> zbus::Result<GuestScreen>;
     fn screenshot(&self, vm: &str) -> zbus::Result<Vec<u8>>;
     fn serial_input(&self, vm: &str, text: &str) -> zbus::Result<u64>;
+    fn key_input(&self, vm: &str, keys: &str) -> zbus::Result<u32>;
+    fn type_text(&self, vm: &str, text: &str) -> zbus::Result<u64>;
+    fn pointer(&self, vm: &str, x: u32, y: u32, click: &[&str]) -> zbus::Result<()>;
     #[zbus(signal)]
     fn vm_state_changed(&self, id: &str, name: &str, state: &str, detail: &str) -> zbus::Result<()>;
 }
@@ -122,13 +125,33 @@ pub enum VmCmd {
     Screen { vm: String },
     /// Save the VM's display as a binary PPM (root).
     Screenshot { vm: String, path: PathBuf },
-    /// Type TEXT on the VM's serial console (root), as if typed on a terminal attached to it.
+    /// Type TEXT on the VM's keyboard through the system keymap (root); with --serial, on
+    /// its serial console instead, as if typed on a terminal attached to it.
     Type {
         vm: String,
         text: String,
         /// Press Enter after the text.
         #[arg(long)]
         enter: bool,
+        /// Type on the serial console, not the keyboard.
+        #[arg(long)]
+        serial: bool,
+    },
+    /// Press key combos on the VM's keyboard, one after the other (root): `ctrl+l`,
+    /// `ctrl+alt+f2`, `ret`, `shift+a`.
+    Key {
+        vm: String,
+        #[arg(required = true)]
+        combos: Vec<String>,
+    },
+    /// Move the VM's pointer to pixel X Y of its display (root), and click there.
+    Pointer {
+        vm: String,
+        x: u32,
+        y: u32,
+        /// left, right or middle (repeatable: clicked in order).
+        #[arg(long)]
+        click: Vec<String>,
     },
     /// Print VmStateChanged signals as they come.
     Watch,
@@ -355,7 +378,7 @@ pub async fn run(socket: &str, json: bool, cmd: &VmCmd) -> Result<(), ClientErro
                 println!("{vm}: {w}x{h} screenshot saved to {}", path.display())
             }
         }
-        VmCmd::Type { vm, text, enter } => {
+        VmCmd::Type { vm, text, enter, serial: true } => {
             let text = if *enter { format!("{text}\r") } else { text.clone() };
             let n = p.serial_input(vm, &text).await?;
             if json {
@@ -363,6 +386,32 @@ pub async fn run(socket: &str, json: bool, cmd: &VmCmd) -> Result<(), ClientErro
             } else {
                 println!("{vm}: {n} bytes typed on the serial console")
             }
+        }
+        VmCmd::Type { vm, text, enter, serial: false } => {
+            let text = if *enter { format!("{text}\n") } else { text.clone() };
+            let n = p.type_text(vm, &text).await?;
+            if json {
+                print_json(&serde_json::json!({ "ok": true, "typed": n }))
+            } else {
+                println!("{vm}: {n} characters typed on the keyboard")
+            }
+        }
+        VmCmd::Key { vm, combos } => {
+            // All checked before any is pressed: a typo in the third combo must not leave the
+            // first two done.
+            for c in combos {
+                super::keys::Combo::parse(c).map_err(|e| ClientError::InvalidArgument(e.to_string()))?;
+            }
+            for c in combos {
+                p.key_input(vm, c).await?;
+            }
+            done(json, &format!("{vm}: pressed {}", combos.join(" ")))
+        }
+        VmCmd::Pointer { vm, x, y, click } => {
+            let click: Vec<&str> = click.iter().map(String::as_str).collect();
+            p.pointer(vm, *x, *y, &click).await?;
+            let clicked = if click.is_empty() { String::new() } else { format!(", clicked {}", click.join(" ")) };
+            done(json, &format!("{vm}: pointer at {x},{y}{clicked}"))
         }
         VmCmd::Watch => {
             let mut s = p.receive_vm_state_changed().await?;

@@ -61,6 +61,9 @@ pub struct Settings {
     pub up_timeout: Duration,
     /// When a running guest counts as hung.
     pub hang: HangLimits,
+    /// The system keymap chosen at install (system.toml's `keymap`): the layout `TypeText`
+    /// types in.
+    pub keymap: String,
 }
 
 impl Settings {
@@ -78,6 +81,7 @@ impl Settings {
             },
             up_timeout: Duration::from_secs(10),
             hang: HangLimits::default(),
+            keymap: super::keys::US.into(),
         }
     }
 }
@@ -170,6 +174,10 @@ pub enum VmError {
     /// guest agent did not do its part).
     #[error("VM {name}: {reason}")]
     Failed { name: String, reason: String },
+    /// The request asks for something RayOS does not do yet (e.g. text in a keymap other
+    /// than "us").
+    #[error("{0}")]
+    NotSupported(String),
 }
 
 #[derive(Debug)]

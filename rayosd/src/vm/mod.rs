@@ -12,6 +12,8 @@
 //! - [`display`]: screenshots.
 //! - [`serial_tail`]: the end of a VM's serial console log, read in bounded memory.
 //! - [`serial_input`]: typing on a VM's serial console.
+//! - [`keys`]: key names, combos, the "us" text layout and tablet positions as input reports.
+//! - [`input`]: injecting those reports on the VM's display channel (automation).
 //! - [`cli`]: `rayosctl vm …` (the API itself, `org.rayos.Vms1`, is `crate::api::vms`).
 
 pub mod agent;
@@ -19,6 +21,8 @@ pub mod boot;
 pub mod cli;
 pub mod display;
 pub mod hang;
+pub mod input;
+pub mod keys;
 pub mod manager;
 pub mod owner;
 pub mod registry;

@@ -1,4 +1,4 @@
-//! Typing on a VM's serial console (`rayosctl vm type`): the bytes go into the VMM's UART
+//! Typing on a VM's serial console (`rayosctl vm type --serial`): the bytes go into the VMM's UART
 //! receive FIFO, which holds 64 bytes; longer text is fed as the guest drains it.
 
 use std::time::{Duration, Instant};

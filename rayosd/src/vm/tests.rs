@@ -16,9 +16,9 @@ use crate::reaper::Reaper;
 /// `never-up` (no first event), `mute-agent` (the guest agent never answers), `no-init`
 /// (the guest never reaches init: no boot-timer event), `agent-quiet-after-N` (the agent
 /// stops after N heartbeats; the guest goes on), `vmm-no-progress-after-MS` (the VMM's own
-/// no-progress check ends it: exit 11).
+/// no-progress check ends it: exit 11), `display-deaf` (it never reads its display channel).
 const FAKE_VMM: &str = r#"#!/usr/bin/python3
-import json, os, socket, sys, threading, time
+import json, os, socket, struct, sys, threading, time
 args = sys.argv[1:]
 spec = json.load(open(args[args.index("--spec") + 1]))
 conn = socket.socket(fileno=int(args[args.index("--control-fd") + 1]))
@@ -46,15 +46,23 @@ for w in words:
         threading.Timer(ms / 1000, lambda: leave(11, "guest hung: no progress for 60 s before init")).start()
     if w.startswith("agent-quiet-after-"):
         quiet_after = int(w[len("agent-quiet-after-"):])
-if "--display-fd" in args:
-    # The display channel: each datagram comes back with "echo:" in front.
+if "--display-fd" in args and "display-deaf" not in words:
+    # The display channel: an input datagram (tag 1) is written to input.log beside the
+    # serial log, one line per datagram ("kbd" or "tablet", then type:code:value records);
+    # any other datagram comes back with "echo:" in front.
     disp = socket.socket(fileno=int(args[args.index("--display-fd") + 1]))
+    inputs = open(os.path.join(os.path.dirname(spec["serial_log"]), "input.log"), "a", buffering=1)
     def echo():
         while True:
             d = disp.recv(65536)
             if not d:
                 return
-            disp.send(b"echo:" + d)
+            if d[:4] == struct.pack("<I", 1):
+                target = {0: "kbd", 1: "tablet"}[struct.unpack("<I", d[4:8])[0]]
+                recs = ["%d:%d:%d" % struct.unpack("<HHI", d[i:i + 8]) for i in range(8, len(d), 8)]
+                inputs.write(" ".join([target] + recs) + "\n")
+            else:
+                disp.send(b"echo:" + d)
     threading.Thread(target=echo, daemon=True).start()
 if "never-up" in words:
     time.sleep(60)
@@ -616,4 +624,133 @@ async fn the_display_channel_reaches_the_running_vmm_and_only_it() {
     assert_eq!(tokio::task::spawn_blocking(move || ask(fd, b"again")).await.unwrap(), b"echo:again");
     env.mgr.stop("shown", true).unwrap();
     wait_state(&env, "shown", "stopped", Duration::from_secs(10)).await;
+}
+
+/// The lines of the fake VMM's input.log once it has at least `n` (one per input datagram).
+async fn input_log(env: &Env, id: &str, n: usize) -> Vec<String> {
+    let path = env.dir.join("vms").join(id).join("input.log");
+    let t = Instant::now();
+    loop {
+        let lines: Vec<String> = std::fs::read_to_string(&path).unwrap_or_default().lines().map(String::from).collect();
+        if lines.len() >= n {
+            return lines;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "the VMM got {} input datagrams, not {n}: {lines:?}", lines.len());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// `vm key`, `vm type` and `vm pointer` as the VMM receives them on its display channel: one
+/// datagram per report, each ending in SYN_REPORT, in order; and who is refused.
+#[tokio::test(flavor = "current_thread")]
+async fn injected_keys_text_and_clicks_reach_the_vmm_as_reports_in_order() {
+    use super::manager::VmError;
+    let env = setup("inject", |_| {});
+    let id = create_full(&env, "desk", "", false, false, RestartPolicy::OnFailure, Some((1024, 768)));
+    create(&env, "headless", "", false);
+
+    let e = env.mgr.key_input("desk", "ctrl+l").await.unwrap_err();
+    assert!(matches!(e, VmError::Refused { .. }) && e.to_string().contains("desk") && e.to_string().contains("it is stopped"), "{e}");
+    env.mgr.start("headless", false).unwrap();
+    env.mgr.start("desk", false).unwrap();
+    wait_state(&env, "headless", "running", Duration::from_secs(10)).await;
+    wait_state(&env, "desk", "running", Duration::from_secs(10)).await;
+    let e = env.mgr.type_text("headless", "hi").await.unwrap_err();
+    assert!(matches!(e, VmError::Refused { .. }) && e.to_string().contains("VM headless: typing text needs a display with input devices"), "{e}");
+    // A display without the virtio keyboard and tablet has nothing to type into.
+    let disk = env.dir.join("screen-only.img");
+    std::fs::write(&disk, b"").unwrap();
+    let config = DeviceConfig {
+        vcpus: 1,
+        memory_mib: 64,
+        kernel: env.dir.join("bzImage"),
+        initramfs: None,
+        cmdline: String::new(),
+        display: Some((640, 480)),
+        input: false,
+        net_taps: vec![],
+        rng: false,
+        agent: false,
+    };
+    let req = CreateRequest { name: "screen-only".into(), kind: VmKind::Linux, disks: vec![DiskRecord { path: disk, read_only: false }], config, policy: Policy::default() };
+    env.mgr.create(req).unwrap();
+    let e = env.mgr.pointer("screen-only", 1, 1, &[]).await.unwrap_err();
+    assert!(e.to_string().contains("VM screen-only: pointer input needs a display with input devices"), "{e}");
+    let e = env.mgr.key_input("desk", "ctrl+hyper").await.unwrap_err();
+    assert!(matches!(e, VmError::Invalid(_)) && e.to_string().contains("unknown key \"hyper\""), "{e}");
+    let e = env.mgr.type_text("desk", "naïve").await.unwrap_err();
+    assert!(matches!(e, VmError::Invalid(_)) && e.to_string().contains("'ï'"), "{e}");
+    let e = env.mgr.pointer("desk", 1024, 0, &[]).await.unwrap_err();
+    assert!(matches!(e, VmError::Invalid(_)) && e.to_string().contains("1024x768"), "{e}");
+    let e = env.mgr.pointer("desk", 0, 0, &["back".into()]).await.unwrap_err();
+    assert!(matches!(e, VmError::Invalid(_)) && e.to_string().contains("\"back\""), "{e}");
+
+    assert_eq!(env.mgr.key_input("desk", "ctrl+l").await.unwrap(), 4);
+    let ctrl_l = ["kbd 1:29:1 0:0:0", "kbd 1:38:1 0:0:0", "kbd 1:38:0 0:0:0", "kbd 1:29:0 0:0:0"];
+    assert_eq!(input_log(&env, &id, 4).await, ctrl_l, "ctrl down, l down, l up, ctrl up, each one report");
+
+    assert_eq!(env.mgr.type_text("desk", "A1\n").await.unwrap(), 3);
+    env.mgr.pointer("desk", 512, 384, &["left".into()]).await.unwrap();
+    let log = input_log(&env, &id, 4 + 8 + 3).await;
+    assert_eq!(
+        log[4..],
+        [
+            "kbd 1:42:1 0:0:0", "kbd 1:30:1 0:0:0", "kbd 1:30:0 0:0:0", "kbd 1:42:0 0:0:0",
+            "kbd 1:2:1 0:0:0", "kbd 1:2:0 0:0:0",
+            "kbd 1:28:1 0:0:0", "kbd 1:28:0 0:0:0",
+            "tablet 3:0:16400 3:1:16405 0:0:0", "tablet 1:272:1 0:0:0", "tablet 1:272:0 0:0:0",
+        ]
+    );
+
+    // A paused guest reads no input: refused, nothing sent.
+    env.mgr.pause("desk").unwrap();
+    wait_state(&env, "desk", "paused", Duration::from_secs(2)).await;
+    let e = env.mgr.key_input("desk", "ret").await.unwrap_err();
+    assert!(e.to_string().contains("it is paused"), "{e}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(input_log(&env, &id, 0).await.len(), 15, "a refused call sent input");
+    env.mgr.shutdown_all(Duration::from_secs(2)).await;
+}
+
+/// Text is typed in the system keymap; only "us" is built, another is refused by name.
+#[tokio::test(flavor = "current_thread")]
+async fn text_in_a_keymap_other_than_us_is_refused_by_name() {
+    let env = setup("keymap", |s| s.keymap = "de-latin1".into());
+    let id = create_full(&env, "desk", "", false, false, RestartPolicy::OnFailure, Some((800, 600)));
+    env.mgr.start("desk", false).unwrap();
+    wait_state(&env, "desk", "running", Duration::from_secs(10)).await;
+    let e = env.mgr.type_text("desk", "y").await.unwrap_err();
+    assert!(matches!(e, super::manager::VmError::NotSupported(_)) && e.to_string().contains("\"de-latin1\""), "{e}");
+    // Keys by name do not depend on the layout.
+    env.mgr.key_input("desk", "y").await.unwrap();
+    assert_eq!(input_log(&env, &id, 2).await, ["kbd 1:21:1 0:0:0", "kbd 1:21:0 0:0:0"]);
+    env.mgr.shutdown_all(Duration::from_secs(2)).await;
+}
+
+/// A VMM that never reads its display channel makes the call fail, saying so, once the
+/// channel has stayed full for the stall limit; the VM itself carries on.
+///
+/// Two worker threads and the call in its own task: a send that blocked would hold its thread,
+/// and the test's timeout must still run on the other to say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vmm_that_reads_no_input_fails_the_call_instead_of_hanging_it() {
+    let env = setup("deaf", |_| {});
+    create_full(&env, "deaf", "display-deaf", false, false, RestartPolicy::OnFailure, Some((800, 600)));
+    env.mgr.start("deaf", false).unwrap();
+    wait_state(&env, "deaf", "running", Duration::from_secs(10)).await;
+    let t = Instant::now();
+    let (mgr, text) = (env.mgr.clone(), "x".repeat(super::keys::MAX_TEXT));
+    let call = tokio::spawn(async move { mgr.type_text("deaf", &text).await });
+    let Ok(answer) = tokio::time::timeout(Duration::from_secs(10), call).await else {
+        // A blocked send returns only once its peer is gone: end the VMM so the test can end.
+        env.mgr.stop("deaf", true).unwrap();
+        panic!("the call hung on the full display channel");
+    };
+    let e = answer.unwrap().unwrap_err();
+    assert!(matches!(e, super::manager::VmError::Failed { .. }), "{e}");
+    assert!(e.to_string().contains("display channel stayed full") && e.to_string().contains(" of 1024 input reports sent"), "{e}");
+    assert!(t.elapsed() >= super::input::STALL_LIMIT, "gave up after {:?}", t.elapsed());
+    assert_eq!(env.mgr.get("deaf").unwrap().state, "running");
+    env.mgr.stop("deaf", false).unwrap();
+    wait_state(&env, "deaf", "stopped", Duration::from_secs(5)).await;
 }
