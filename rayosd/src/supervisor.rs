@@ -424,16 +424,10 @@ impl Supervisor {
             });
             let sleep = tokio::time::sleep(backoff);
             tokio::pin!(sleep);
-            let mut stopped = false;
-            loop {
-                tokio::select! {
-                    _ = &mut sleep => break,
-                    c = ctl.recv() => match c {
-                        Some(Ctl::Start | Ctl::Restart) => break,
-                        Some(Ctl::Stop) | None => { stopped = true; break; }
-                    },
-                }
-            }
+            let stopped = tokio::select! {
+                _ = &mut sleep => false,
+                c = ctl.recv() => matches!(c, Some(Ctl::Stop) | None),
+            };
             if stopped {
                 self.update(&name, |i| {
                     i.state = ServiceState::Stopped;
