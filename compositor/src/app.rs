@@ -368,7 +368,7 @@ impl App {
             let lines: Vec<String> = items.iter().map(|i| i.to_string()).collect();
             if lines != self.last_layout {
                 for l in &lines {
-                    eprintln!("{l}");
+                    println!("{l}");
                 }
                 self.last_layout = lines;
             }
@@ -383,7 +383,7 @@ impl App {
             None => format!("compositor: layout present vm={vm} mode=none"),
         };
         if self.last_layout != [line.clone()] {
-            eprintln!("{line}");
+            println!("{line}");
             self.last_layout = vec![line];
         }
         for (i, c) in self.screen.canvases.iter_mut().enumerate() {

@@ -66,16 +66,21 @@ fn headless(args: &Args, out: &PathBuf) -> anyhow::Result<()> {
     let home = Home { machine_name: args.machine_name.clone(), clock, vms, ..Default::default() };
     let mut canvas = Canvas::new(w, h);
     for item in home::render(&home, &mut Text::new(), &mut canvas) {
-        eprintln!("{item}");
+        println!("{item}");
     }
     std::fs::write(out, canvas.to_ppm()).with_context(|| format!("writing {}", out.display()))
 }
+
+use tracing_subscriber::fmt::writer::MakeWriterExt;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
+        // rayosd logs a service's stdout at info and its stderr at warn, stamping each line
+        // itself: warnings and errors to stderr, the rest to stdout, no time here.
+        .with_writer(std::io::stderr.with_max_level(tracing::Level::WARN).or_else(std::io::stdout))
+        .without_time()
         .with_target(false)
         .with_ansi(false)
         .init();

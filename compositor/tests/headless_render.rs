@@ -12,7 +12,7 @@ fn renders_the_home_screen_and_says_where_each_vm_went() {
         .output()
         .unwrap();
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    let log = String::from_utf8(r.stderr).unwrap();
+    let log = String::from_utf8(r.stdout).unwrap();
     assert!(log.contains("compositor: layout home title=\"desk\" "), "{log}");
     assert!(log.contains("compositor: layout home clock=\"1970-01-01 00:00 UTC\" "), "{log}");
     let row = log.lines().find(|l| l.contains("vm=win11")).expect("win11 laid out");
