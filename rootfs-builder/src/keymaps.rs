@@ -176,6 +176,8 @@ mod tests {
         gz(&r.join("i386/include/euro.inc.gz"), "altgr keycode 18 = euro\n");
         gz(&r.join("i386/include/unused.inc.gz"), "\n");
         gz(&r.join("mac/all/mac-de.kmap.gz"), "\n");
+        // console-data has a top-level include directory too; a file's own family's comes first.
+        gz(&r.join("include/qwertz-layout.inc.gz"), "keycode 44 = not this one\n");
         t
     }
 
