@@ -149,6 +149,7 @@ pub const KEYMAPS: &[&str] = &[
 /// with the layout to use instead. Refused with that name rather than mapped: an answer file
 /// says exactly which layout its user gets.
 pub const RETIRED_KEYMAPS: &[(&str, &str)] = &[
+    // console-data has no Bulgarian BDS layout: its "bg" is the phonetic one.
     ("bg_bds-utf8", "bg"),
     ("cz", "cz-lat2"),
     ("de_CH-latin1", "sg-latin1"),
@@ -174,7 +175,8 @@ pub fn check_keymap(s: &str) -> Result<(), String> {
         return Ok(());
     }
     if let Some((_, new)) = RETIRED_KEYMAPS.iter().find(|(old, _)| *old == s) {
-        return Err(format!("{s:?} is no longer offered (Debian's console-data has no such keymap): use {new:?} instead"));
+        let note = if *new == "bg" { " (the phonetic Bulgarian layout: there is no BDS one)" } else { "" };
+        return Err(format!("{s:?} is no longer offered (Debian's console-data has no such keymap): use {new:?} instead{note}"));
     }
     let close: Vec<&str> = KEYMAPS.iter().copied().filter(|k| !s.is_empty() && (k.starts_with(s) || s.starts_with(*k))).take(4).collect();
     let hint = if close.is_empty() { String::new() } else { format!(" (did you mean {}?)", close.join(", ")) };
@@ -276,6 +278,7 @@ mod tests {
         let e = check_keymap("cz").unwrap_err();
         assert_eq!(e, "\"cz\" is no longer offered (Debian's console-data has no such keymap): use \"cz-lat2\" instead");
         assert!(check_keymap("de_CH-latin1").unwrap_err().ends_with("use \"sg-latin1\" instead"));
+        assert!(check_keymap("bg_bds-utf8").unwrap_err().ends_with("use \"bg\" instead (the phonetic Bulgarian layout: there is no BDS one)"));
         assert!(check_keymap("cz-lat2").is_ok() && check_keymap("sg-latin1").is_ok() && check_keymap("lv-latin7").is_ok());
     }
 

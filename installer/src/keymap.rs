@@ -142,9 +142,13 @@ impl ScreenKeymap {
 
 impl Drop for ScreenKeymap {
     fn drop(&mut self) {
+        // Let a load in progress finish (the VT then has the layout the user last accepted), up
+        // to its timeout, and leave no zombie behind.
         if let Some(l) = self.loading.as_mut() {
-            // Let a load in progress finish (the VT then has the layout the user last accepted)
-            // but do not leave a zombie behind.
+            while matches!(l.child.try_wait(), Ok(None)) && l.started.elapsed() < self.timeout {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = l.child.kill();
             let _ = l.child.wait();
         }
     }
@@ -239,5 +243,13 @@ mod tests {
         let started = Instant::now();
         assert_eq!(finish(&mut k), Err(KeymapError::TimedOut { name: "de".into(), timeout: Duration::from_millis(200) }));
         assert!(started.elapsed() < Duration::from_secs(5), "the child was killed, not waited for");
+
+        // Nor when the wizard ends during a load that hangs.
+        let mut k = ScreenKeymap::new(fake(dir.path(), "sleep 30"), "/dev/tty1").with_timeout(Duration::from_millis(200));
+        k.request("fr");
+        assert_eq!(k.poll(), None);
+        let started = Instant::now();
+        drop(k);
+        assert!(started.elapsed() < Duration::from_secs(5), "dropping waited for a hung loadkeys");
     }
 }
