@@ -167,7 +167,7 @@ pub fn run(
                     None
                 }
                 Err(e) => {
-                    let now = keymap.as_ref().and_then(ScreenKeymap::loaded).unwrap_or("the built-in us");
+                    let now = keymap.as_ref().and_then(ScreenKeymap::loaded).unwrap_or("the layout they had (at boot, us)");
                     let msg = format!("Keyboard layout: {e}. Keys typed on the screen follow {now} (the serial console is not affected).");
                     tracing::warn!("{msg}");
                     Some(msg)
