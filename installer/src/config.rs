@@ -136,12 +136,25 @@ pub const LOCALES: &[&str] = &[
     "sv_SE.UTF-8", "th_TH.UTF-8", "tr_TR.UTF-8", "uk_UA.UTF-8", "vi_VN.UTF-8", "zh_CN.UTF-8", "zh_TW.UTF-8",
 ];
 
-/// Console keyboard layouts RayOS offers (the kbd package's names).
+/// Console keyboard layouts RayOS offers: names of Debian's console-data keymaps, which both the
+/// guest's `loadkeys` and the installer's (on the screen's VT, `installer::keymap`) load.
 pub const KEYMAPS: &[&str] = &[
-    "be-latin1", "bg_bds-utf8", "br-abnt2", "by", "cf", "croat", "cz", "de", "de-latin1", "de-latin1-nodeadkeys",
-    "de_CH-latin1", "dk", "dvorak", "es", "et", "fi", "fr", "fr-latin1", "fr-latin9", "fr_CH", "gr", "hu", "il", "is-latin1",
-    "it", "jp106", "la-latin1", "lt", "lv", "mk", "nl", "no", "pl", "pt-latin1", "ro", "ru", "se-latin1", "sg", "sk-qwerty",
-    "sk-qwertz", "slovene", "sr-cy", "trq", "ua", "uk", "us", "us-acentos",
+    "be-latin1", "bg", "br-abnt2", "by", "cf", "croat", "cz-lat2", "de", "de-latin1", "de-latin1-nodeadkeys", "dk",
+    "dvorak", "es", "et", "fi", "fr", "fr-latin1", "fr-latin9", "fr_CH", "gr", "hu", "il", "is-latin1", "it", "jp106",
+    "la-latin1", "lt", "lv-latin7", "mk", "nl", "no", "pl", "pt-latin1", "ro", "ru", "se-latin1", "sg", "sg-latin1",
+    "sk-qwerty", "sk-qwertz", "slovene", "sr-cy", "trq", "ua", "uk", "us", "us-intl.iso15",
+];
+
+/// Names RayOS once offered that console-data does not have (the guest could not load them),
+/// with the layout to use instead. Refused with that name rather than mapped: an answer file
+/// says exactly which layout its user gets.
+pub const RETIRED_KEYMAPS: &[(&str, &str)] = &[
+    // console-data has no Bulgarian BDS layout: its "bg" is the phonetic one.
+    ("bg_bds-utf8", "bg"),
+    ("cz", "cz-lat2"),
+    ("de_CH-latin1", "sg-latin1"),
+    ("lv", "lv-latin7"),
+    ("us-acentos", "us-intl.iso15"),
 ];
 
 /// One of `LOCALES`.
@@ -160,6 +173,10 @@ pub fn check_locale(s: &str) -> Result<(), String> {
 pub fn check_keymap(s: &str) -> Result<(), String> {
     if KEYMAPS.contains(&s) {
         return Ok(());
+    }
+    if let Some((_, new)) = RETIRED_KEYMAPS.iter().find(|(old, _)| *old == s) {
+        let note = if *new == "bg" { " (the phonetic Bulgarian layout: there is no BDS one)" } else { "" };
+        return Err(format!("{s:?} is no longer offered (Debian's console-data has no such keymap): use {new:?} instead{note}"));
     }
     let close: Vec<&str> = KEYMAPS.iter().copied().filter(|k| !s.is_empty() && (k.starts_with(s) || s.starts_with(*k))).take(4).collect();
     let hint = if close.is_empty() { String::new() } else { format!(" (did you mean {}?)", close.join(", ")) };
@@ -239,6 +256,30 @@ mod tests {
         assert!(check_keymap("de").is_ok() && check_keymap("uk").is_ok());
         // Every default is in its list.
         assert!(SystemConfig::default().validate().is_ok());
+    }
+
+    /// Every offered layout must load in the guest (`loadkeys NAME` from console-data) and on
+    /// the installer's screen (the builder ships console-data's files for these names).
+    #[test]
+    fn every_offered_keymap_is_in_debians_console_data() {
+        let pinned: Vec<&str> =
+            include_str!("../data/console-data-keymaps.txt").lines().filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+        assert!(pinned.len() > 100 && pinned.contains(&"de"), "the pinned list is read");
+        let missing: Vec<&str> = KEYMAPS.iter().copied().filter(|k| !pinned.contains(k)).collect();
+        assert!(missing.is_empty(), "offered but not in console-data: {missing:?}");
+        for (old, new) in RETIRED_KEYMAPS {
+            assert!(!pinned.contains(old) && !KEYMAPS.contains(old), "{old} is retired because console-data lacks it");
+            assert!(KEYMAPS.contains(new), "{old}'s replacement {new} is offered");
+        }
+    }
+
+    #[test]
+    fn a_retired_keymap_is_refused_naming_its_replacement() {
+        let e = check_keymap("cz").unwrap_err();
+        assert_eq!(e, "\"cz\" is no longer offered (Debian's console-data has no such keymap): use \"cz-lat2\" instead");
+        assert!(check_keymap("de_CH-latin1").unwrap_err().ends_with("use \"sg-latin1\" instead"));
+        assert!(check_keymap("bg_bds-utf8").unwrap_err().ends_with("use \"bg\" instead (the phonetic Bulgarian layout: there is no BDS one)"));
+        assert!(check_keymap("cz-lat2").is_ok() && check_keymap("sg-latin1").is_ok() && check_keymap("lv-latin7").is_ok());
     }
 
     #[test]

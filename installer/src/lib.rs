@@ -15,6 +15,7 @@ pub mod fatfix;
 pub mod gpt;
 pub mod guids;
 pub mod install;
+pub mod keymap;
 pub mod plan;
 pub mod probe;
 pub mod wizard;

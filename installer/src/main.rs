@@ -50,6 +50,9 @@ struct Args {
     /// the kernel's printk levels, lowered while the installer draws on the consoles
     #[arg(long, default_value = "/proc/sys/kernel/printk")]
     printk: PathBuf,
+    /// kbd's loadkeys, which puts the chosen keyboard layout on the screen's VT
+    #[arg(long, default_value = installer::keymap::LOADKEYS)]
+    loadkeys: PathBuf,
 }
 
 use installer::console::{self, say, ConsolePaths, QuietKernel};
@@ -170,7 +173,7 @@ fn run() -> Result<ExitCode> {
     let mut w = Wizard::new(all);
     w.message = note;
     let env2 = env.clone();
-    let outcome = wizard::terminal::run(w, consoles, move |w: &Wizard, tx| {
+    let outcome = wizard::terminal::run(w, consoles, Some(args.loadkeys.clone()), move |w: &Wizard, tx| {
         let plan = w.plan.clone().expect("a plan before confirmation");
         let cfg = w.config.clone();
         let answers = w.answers_toml();

@@ -97,6 +97,11 @@ fn each_invalid_field_is_named() {
         ("[system]\ntimezone = \"Mars/Olympus_Mons\"\n", "answers.toml: system.timezone: \"Mars/Olympus_Mons\" is not a time zone"),
         ("[system]\nlocale = \"xx_YY.UTF-8\"\n", "answers.toml: system.locale: \"xx_YY.UTF-8\" is not a locale RayOS knows"),
         ("[system]\nkeymap = \"qwertz\"\n", "answers.toml: system.keymap: \"qwertz\" is not a keyboard layout RayOS knows"),
+        // A name RayOS once offered, which the guest could not load: refused with the one to use.
+        (
+            "[system]\nkeymap = \"cz\"\n",
+            "answers.toml: system.keymap: \"cz\" is no longer offered (Debian's console-data has no such keymap): use \"cz-lat2\" instead",
+        ),
     ] {
         let got = err(&with(extra));
         assert!(got.starts_with(want), "for {extra:?}: want prefix {want:?}, got {got:?}");

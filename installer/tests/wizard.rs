@@ -344,3 +344,44 @@ fn progress_is_one_line_per_step_beside_its_percentage() {
     assert!(!inside.contains(|c: char| c.is_ascii_digit()), "{bar:?}");
     assert!(bar.contains("#") && bar.contains("."), "{bar:?}");
 }
+
+#[test]
+fn the_keyboard_layout_is_loaded_when_its_field_is_accepted_and_a_failure_stays_in_sight() {
+    let (_m, d) = machine();
+    let mut w = Wizard::new(d);
+    for _ in 0..5 {
+        w.handle(Key::Enter);
+    }
+    assert_eq!(w.screen, Screen::FirstBoot);
+    for _ in 0..3 {
+        assert_eq!(w.handle(Key::Tab), Action::None, "moving between other fields loads nothing");
+    }
+    assert_eq!(w.field_cursor, 3);
+    w.handle(Key::Backspace);
+    w.handle(Key::Backspace);
+    typ(&mut w, "de");
+    // Leaving the field accepts it: the next keys typed on the screen follow "de".
+    assert_eq!(w.handle(Key::Tab), Action::LoadKeymap("de".into()));
+    assert_eq!(w.handle(Key::BackTab), Action::None, "entering the field loads nothing");
+    assert_eq!(w.handle(Key::Up), Action::LoadKeymap("de".into()));
+    // A name that is not a layout is named at once and not loaded.
+    w.handle(Key::Down);
+    w.handle(Key::Backspace);
+    w.handle(Key::Backspace);
+    typ(&mut w, "cz");
+    assert_eq!(w.handle(Key::Down), Action::None);
+    assert_eq!(w.message.as_deref(), Some("Keyboard layout: \"cz\" is no longer offered (Debian's console-data has no such keymap): use \"cz-lat2\" instead"));
+    w.handle(Key::Up);
+    typ(&mut w, "-lat2");
+    // Enter accepts the whole screen, the layout with it, before the password is typed.
+    assert_eq!(w.handle(Key::Enter), Action::LoadKeymap("cz-lat2".into()));
+    assert_eq!(w.screen, Screen::LinuxUser);
+
+    // What the caller reports when the load failed is shown where one types until it works.
+    w.keymap_problem = Some("Keyboard layout: loadkeys cz-lat2 failed. Keys typed on the screen follow us".into());
+    typ(&mut w, "alice");
+    let s = screen_text(&w);
+    assert!(s.contains("! Keyboard layout: loadkeys cz-lat2 failed. Keys typed on the screen follow us"), "{s}");
+    w.handle(Key::Esc);
+    assert!(screen_text(&w).contains("! Keyboard layout: loadkeys cz-lat2 failed"), "on the layout's own screen too");
+}

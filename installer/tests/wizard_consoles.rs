@@ -115,7 +115,7 @@ fn the_first_console_typed_on_drives_the_other_shows_it_and_a_broken_one_is_left
     // Not a terminal at all: named, and the wizard goes on without it.
     let not_tty = ConsoleDev { label: "serial console", path: "/dev/null".into(), file: File::open("/dev/null").unwrap() };
     let run = std::thread::spawn(move || {
-        terminal::run(w, vec![screen_dev, not_tty, serial_dev], |_w, tx| {
+        terminal::run(w, vec![screen_dev, not_tty, serial_dev], None, |_w, tx| {
             let _ = tx.send(Progress::Step(10, "writing the partition table".into()));
             let _ = tx.send(Progress::Finished(Err("the disk went away".into())));
         })
@@ -159,7 +159,7 @@ fn a_console_that_goes_away_is_dropped_and_named_on_the_other() {
     let (_m, w) = wizard();
     let (screen, screen_dev) = pty("screen");
     let (serial, serial_dev) = pty("serial console");
-    let run = std::thread::spawn(move || terminal::run(w, vec![screen_dev, serial_dev], |_w, _tx| {}));
+    let run = std::thread::spawn(move || terminal::run(w, vec![screen_dev, serial_dev], None, |_w, _tx| {}));
     wait_for(&serial, "1/9 Welcome");
     wait_for(&screen, "1/9 Welcome");
     // The serial cable is pulled: its master side closes, the slave reads EOF / EIO.
@@ -178,6 +178,61 @@ fn a_console_that_goes_away_is_dropped_and_named_on_the_other() {
 fn without_any_usable_console_the_error_names_each() {
     let (_m, w) = wizard();
     let not_tty = ConsoleDev { label: "screen", path: "/dev/null".into(), file: File::open("/dev/null").unwrap() };
-    let e = terminal::run(w, vec![not_tty], |_w, _tx| {}).err().unwrap().to_string();
+    let e = terminal::run(w, vec![not_tty], None, |_w, _tx| {}).err().unwrap().to_string();
     assert!(e.starts_with("no console to show the installer on: /dev/null: not a terminal (ENOTTY"), "{e}");
+}
+
+/// A stand-in for kbd's loadkeys: logs its arguments; `de` fails as a missing keymap would.
+fn fake_loadkeys(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join("loadkeys");
+    let script = format!(
+        "#!/bin/sh\necho \"$@\" >> {}/calls\nif [ \"$4\" = de ]; then echo 'cannot open file de' >&2; exit 1; fi\n",
+        dir.display()
+    );
+    std::fs::write(&p, script).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+#[test]
+fn the_chosen_layout_is_loaded_onto_the_screens_vt_only_and_a_failure_is_shown() {
+    let (_m, w) = wizard();
+    let dir = tempfile::tempdir().unwrap();
+    let loadkeys = fake_loadkeys(dir.path());
+    let calls = dir.path().join("calls");
+    let (screen, screen_dev) = pty("screen");
+    let (serial, serial_dev) = pty("serial console");
+    let run = std::thread::spawn(move || terminal::run(w, vec![serial_dev, screen_dev], Some(loadkeys), |_w, _tx| {}));
+    wait_for(&screen, "1/9 Welcome");
+    // At start, the layout the wizard shows (an earlier run may have left another on the VT).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(&calls).unwrap_or_default().is_empty() {
+        assert!(Instant::now() < deadline, "loadkeys was not run at start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(std::fs::read_to_string(&calls).unwrap(), "-q -C /dev/screen us\n", "the screen's VT, never the serial one");
+    for _ in 0..5 {
+        (&screen.master).write_all(b"\r").unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    wait_for(&screen, "6/9 First-boot configuration");
+    // Keyboard layout field: "fr", accepted by leaving the field.
+    (&screen.master).write_all(b"\t\t\t\x7f\x7ffr\t").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&calls).unwrap().contains("fr") {
+        assert!(Instant::now() < deadline, "fr was not loaded: {}", std::fs::read_to_string(&calls).unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(std::fs::read_to_string(&calls).unwrap(), "-q -C /dev/screen us\n-q -C /dev/screen fr\n");
+    // "de" fails to load: said on the screen, and the wizard goes on with "fr" on the VT.
+    let mark = serial.len();
+    (&screen.master).write_all(b"\x1b[A\x7f\x7fde\r").unwrap();
+    wait_for(&screen, "7/9 Linux user");
+    wait_after(&serial, mark, "loadkeys de failed (exit status: 1)");
+    wait_after(&serial, mark, "follow fr");
+    assert!(std::fs::read_to_string(&calls).unwrap().ends_with("-q -C /dev/screen de\n"));
+    screen.close();
+    serial.close();
+    assert!(run.join().unwrap().is_err(), "no console left");
 }

@@ -4,10 +4,11 @@ use std::process::{Command, Stdio};
 
 use thiserror::Error;
 
-/// What building the kernel, initramfs and image needs.
+/// What building the kernel, initramfs and image needs (kbd and console-data: the installer's
+/// `loadkeys` and the keymaps it loads).
 pub const BUILD: &[&str] = &[
     "bc", "bison", "flex", "libelf-dev", "libssl-dev", "make", "gcc", "binutils", "xz-utils", "e2fsprogs",
-    "systemd-boot-efi",
+    "systemd-boot-efi", "kbd", "console-data",
 ];
 /// What booting RayOS in QEMU needs.
 pub const RUN: &[&str] = &["qemu-system-x86", "ovmf"];

@@ -13,6 +13,7 @@ pub mod image;
 pub mod initramfs;
 pub mod kconfig;
 pub mod kernel;
+pub mod keymaps;
 pub mod manifest;
 pub mod paths;
 pub mod progress;

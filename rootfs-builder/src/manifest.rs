@@ -7,6 +7,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use crate::initramfs::{Initramfs, InitramfsError};
+use crate::keymaps::{self, KeymapsError};
 
 #[derive(Debug, Error)]
 pub enum ManifestError {
@@ -20,6 +21,8 @@ pub enum ManifestError {
     MissingHostFile { manifest: PathBuf, path: String, from: PathBuf },
     #[error("{manifest}: {source}")]
     Initramfs { manifest: PathBuf, source: InitramfsError },
+    #[error("{manifest}: [keymaps]: {source}")]
+    Keymaps { manifest: PathBuf, source: KeymapsError },
 }
 
 #[derive(Debug, Deserialize)]
@@ -38,6 +41,17 @@ pub struct Manifest {
     pub symlink: Vec<Symlink>,
     #[serde(default)]
     pub dir: Vec<Dir>,
+    /// The console keymaps the installer offers, with what they include.
+    #[serde(default)]
+    pub keymaps: Option<Keymaps>,
+}
+
+/// `installer::config::KEYMAPS` and the files they include, from console-data's tree at
+/// `from`, uncompressed under `/usr/share/keymaps` (see `keymaps`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Keymaps {
+    pub from: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -93,6 +107,10 @@ impl Manifest {
         let mut v: Vec<PathBuf> = self.binary.iter().map(|b| bin_dir.join(&b.bin)).collect();
         v.extend(self.host.iter().map(|h| h.from.clone()));
         v.extend(self.file.iter().map(|h| h.from.clone()));
+        // A keymap tree that does not resolve fails in `to_initramfs`, with the reason.
+        if let Some(Ok(files)) = self.keymaps.as_ref().map(|k| keymaps::resolve(&k.from, installer::config::KEYMAPS)) {
+            v.extend(files.into_iter().map(|f| f.source));
+        }
         v
     }
 
@@ -139,6 +157,13 @@ impl Manifest {
         for s in &self.symlink {
             i.symlink(&s.path, &s.target).map_err(wrap)?;
         }
+        if let Some(k) = &self.keymaps {
+            let files = keymaps::resolve(&k.from, installer::config::KEYMAPS)
+                .map_err(|source| ManifestError::Keymaps { manifest: manifest.to_path_buf(), source })?;
+            for f in files {
+                i.bytes(&f.dest, f.data, 0o644).map_err(wrap)?;
+            }
+        }
         Ok(i)
     }
 }
@@ -163,6 +188,20 @@ mod tests {
         let err = Manifest::load(&p).unwrap_err().to_string();
         assert!(err.contains("m.toml") && err.contains("binn"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_installer_gets_loadkeys_and_its_keymaps() {
+        let (m, _) = Manifest::load(&crate::paths::initramfs_manifest()).unwrap();
+        assert!(m.host.iter().any(|h| h.path == installer::keymap::LOADKEYS), "the installer runs {}", installer::keymap::LOADKEYS);
+        assert_eq!(m.keymaps.as_ref().map(|k| k.from.as_path()), Some(Path::new("/usr/share/keymaps")));
+    }
+
+    #[test]
+    fn a_keymap_tree_without_the_offered_layouts_is_named() {
+        let m: Manifest = toml::from_str("[keymaps]\nfrom = \"/nonexistent/keymaps\"\n").unwrap();
+        let err = m.to_initramfs(Path::new("manifest.toml"), Path::new("/nonexistent")).unwrap_err().to_string();
+        assert!(err.starts_with("manifest.toml: [keymaps]: reading /nonexistent/keymaps/i386"), "{err}");
     }
 
     #[test]

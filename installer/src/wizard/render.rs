@@ -140,6 +140,7 @@ fn lines(w: &Wizard) -> Vec<Line<'static>> {
             for (i, (name, v)) in FIRST_BOOT_FIELDS.iter().zip(values).enumerate() {
                 out.push(selectable(i == w.field_cursor, format!("{name:<25} {v}")));
             }
+            keymap_problem(w, &mut out);
         }
         Screen::LinuxUser => {
             out.push("The user of the Linux VM (Debian), with sudo rights. Root gets no password:".into());
@@ -150,6 +151,7 @@ fn lines(w: &Wizard) -> Vec<Line<'static>> {
             for (i, (name, v)) in LINUX_USER_FIELDS.iter().zip(values).enumerate() {
                 out.push(selectable(i == w.field_cursor, format!("{name:<25} {v}")));
             }
+            keymap_problem(w, &mut out);
         }
         Screen::Summary => {
             if let Some(plan) = &w.plan {
@@ -176,6 +178,15 @@ fn lines(w: &Wizard) -> Vec<Line<'static>> {
         _ => {}
     }
     out
+}
+
+/// Where one types, a failed layout load stays in sight: a password typed on the screen follows
+/// the layout the screen really has.
+fn keymap_problem(w: &Wizard, out: &mut Vec<Line<'static>>) {
+    if let Some(p) = &w.keymap_problem {
+        out.push("".into());
+        out.push(Line::from(Span::styled(format!("! {p}"), Style::default().add_modifier(Modifier::BOLD))));
+    }
 }
 
 fn vm_label(v: &crate::plan::VmStorage) -> String {

@@ -2,7 +2,7 @@
 //! Esc always goes back one step; nothing is written before the typed confirmation.
 
 use crate::answers;
-use crate::config::{check_user_name, hash_password, LinuxUser, SystemConfig};
+use crate::config::{check_keymap, check_user_name, hash_password, LinuxUser, SystemConfig};
 use crate::disks::Disk;
 use crate::plan::{make_plan, Plan, Target, VmStorage};
 
@@ -61,6 +61,9 @@ pub enum Action {
     Reboot,
     /// Leave with a failure status (rayosd restarts the installer, which rescans).
     Restart,
+    /// The keyboard layout field was accepted: the screen's keys should follow this layout
+    /// from now on (the caller loads it; a valid `config::KEYMAPS` name).
+    LoadKeymap(String),
 }
 
 /// The VM storage choices, in screen order.
@@ -98,6 +101,9 @@ pub struct Wizard {
     pub message: Option<String>,
     pub progress: u8,
     pub progress_lines: Vec<String>,
+    /// Why the screen's keys do not follow the chosen layout (its load failed); shown on the
+    /// steps where one types until a load succeeds.
+    pub keymap_problem: Option<String>,
 }
 
 impl Wizard {
@@ -123,6 +129,7 @@ impl Wizard {
             message: None,
             progress: 0,
             progress_lines: Vec::new(),
+            keymap_problem: None,
         }
     }
 
@@ -301,6 +308,7 @@ impl Wizard {
                 }
             }
             Screen::FirstBoot => {
+                let was = self.field_cursor;
                 Self::cursor(FIRST_BOOT_FIELDS.len(), &mut self.field_cursor, key);
                 match key {
                     Key::Char(' ') | Key::Left | Key::Right if self.field_cursor == 4 => {
@@ -310,6 +318,7 @@ impl Wizard {
                         Ok(()) => {
                             self.field_cursor = 0;
                             self.go(Screen::LinuxUser);
+                            return Action::LoadKeymap(self.config.keymap.clone());
                         }
                         Err((field, msg)) => {
                             self.field_cursor = ["hostname", "timezone", "locale", "keymap"]
@@ -318,6 +327,11 @@ impl Wizard {
                                 .unwrap_or(0);
                             self.message = Some(format!("{}: {msg}", FIRST_BOOT_FIELDS[self.field_cursor]));
                         }
+                    },
+                    // Leaving the layout field accepts it: the next field is typed with it.
+                    _ if was == 3 && self.field_cursor != 3 => match check_keymap(&self.config.keymap) {
+                        Ok(()) => return Action::LoadKeymap(self.config.keymap.clone()),
+                        Err(e) => self.message = Some(format!("{}: {e}", FIRST_BOOT_FIELDS[3])),
                     },
                     _ => {}
                 }

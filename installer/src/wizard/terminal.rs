@@ -20,6 +20,7 @@ use super::keys::{Input, KeyDecoder};
 use super::render::render;
 use super::state::{Action, Screen, Wizard};
 use crate::console::ConsoleDev;
+use crate::keymap::ScreenKeymap;
 
 pub enum Outcome {
     Reboot,
@@ -111,10 +112,13 @@ impl Tty {
 }
 
 /// Runs the wizard until the user reboots or starts over. `start_install` is called once,
-/// after the confirmation, and must report through the sender.
+/// after the confirmation, and must report through the sender. With `loadkeys` (kbd's program),
+/// the keyboard layout the wizard holds is loaded onto the screen's VT at start and whenever the
+/// user accepts one; the serial console is not touched.
 pub fn run(
     mut w: Wizard,
     consoles: Vec<ConsoleDev>,
+    loadkeys: Option<PathBuf>,
     start_install: impl FnOnce(&Wizard, mpsc::Sender<Progress>),
 ) -> Result<Outcome, WizardError> {
     let mut ttys = Vec::new();
@@ -134,6 +138,13 @@ pub fn run(
     if !problems.is_empty() {
         w.message = Some(format!("Not shown on: {}", problems.join("; ")));
     }
+    // At start too: an earlier run of the installer may have left another layout on the VT
+    // than the one the wizard shows.
+    let mut keymap = loadkeys.zip(ttys.iter().find(|t| t.label == "screen")).map(|(program, t)| {
+        let mut k = ScreenKeymap::new(program, &t.path);
+        k.request(&w.config.keymap);
+        k
+    });
     let (tx, rx) = mpsc::channel();
     let mut start_install = Some(start_install);
     let mut last_screen = w.screen.clone();
@@ -147,6 +158,21 @@ pub fn run(
                 Progress::Step(pct, line) => w.on_progress(pct, &line),
                 Progress::Finished(r) => w.on_finished(r),
             }
+        }
+        if let Some(done) = keymap.as_mut().and_then(ScreenKeymap::poll) {
+            dirty = true;
+            w.keymap_problem = match done {
+                Ok(name) => {
+                    tracing::info!("keyboard layout {name} loaded on the screen");
+                    None
+                }
+                Err(e) => {
+                    let now = keymap.as_ref().and_then(ScreenKeymap::loaded).unwrap_or("the layout they had (at boot, us)");
+                    let msg = format!("Keyboard layout: {e}. Keys typed on the screen follow {now} (the serial console is not affected).");
+                    tracing::warn!("{msg}");
+                    Some(msg)
+                }
+            };
         }
         // A serial terminal keeps no state we can trust: on every screen change the whole
         // screen is cleared and drawn again rather than diffed.
@@ -176,7 +202,8 @@ pub fn run(
 
         dirty = false;
         let pending = ttys.iter().any(|t| t.keys.pending());
-        let timeout: u16 = if pending { 50 } else { 200 };
+        let loading = keymap.as_ref().is_some_and(ScreenKeymap::busy);
+        let timeout: u16 = if pending || loading { 50 } else { 200 };
         let ready: Vec<bool> = {
             let mut fds: Vec<PollFd> = ttys.iter().map(|t| PollFd::new(t.input.as_fd(), PollFlags::POLLIN)).collect();
             match nix::poll::poll(&mut fds, timeout) {
@@ -248,6 +275,11 @@ pub fn run(
                 }
                 Action::Reboot => break 'outer Outcome::Reboot,
                 Action::Restart => break 'outer Outcome::Restart,
+                Action::LoadKeymap(name) => {
+                    if let Some(k) = keymap.as_mut() {
+                        k.request(&name);
+                    }
+                }
             }
             if matches!(w.screen, Screen::Installing) {
                 break;
