@@ -885,3 +885,23 @@ fn compositor_home_screen_present_and_hide() {
     assert_eq!(v["state"], "running");
     assert_eq!(v["restarts"], 0, "the VM was restarted with the compositor: {v}");
 }
+
+/// The home screen on a 3840x2160 monitor: text sized from the output, so the compositor's
+/// layout lines put each VM's row where OCR of the screendump reads its name and state.
+#[test]
+fn compositor_home_screen_is_readable_at_4k() {
+    let a = Vm::new("alpha", false);
+    let mut b = Vm::new("bravo", false);
+    b.display = Some((1280, 800));
+    let registry = registry_json(&[&a, &b]);
+    let (mut q, _disk) = boot_with("compositor-4k", |b| b.screen(3840, 2160), |dir| data_disk(dir, &[&a, &b], &registry, None));
+    q.wait_for("rayosd: ready", BOOT_TIMEOUT).unwrap();
+    let line = q.wait_for_line(|l| l.contains("layout home vm=bravo"), "the layout line of bravo", BOOT_TIMEOUT).unwrap();
+    // Rows are a 34th of the output's height: legible from across a room at 4K.
+    let h: u32 = line.split_whitespace().find_map(|w| w.strip_prefix("h=")).and_then(|v| v.parse().ok()).unwrap_or(0);
+    assert!(h >= 2160 / 40, "a VM row is {h} px high on a 2160-line monitor: {line}");
+    let seen = q.wait_screen("bravo", Duration::from_secs(60)).unwrap();
+    for text in ["alpha", "stopped", "no display"] {
+        assert!(rayos_tests::ocr_contains(&seen, text), "the 4K home screen does not show {text:?}; OCR read:\n{seen}");
+    }
+}
