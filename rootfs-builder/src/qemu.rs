@@ -110,7 +110,7 @@ impl QemuConfig {
         };
         c.args(["-display", if self.window { "gtk" } else { "none" }]);
         c.args(["-device", "virtio-rng-pci"]);
-        c.args(["-device", "qemu-xhci,id=xhci", "-device", "usb-kbd,bus=xhci.0", "-device", "usb-tablet,bus=xhci.0"]);
+        c.args(["-device", "qemu-xhci,id=xhci", "-device", "usb-kbd,bus=xhci.0,id=kbd0", "-device", "usb-tablet,bus=xhci.0"]);
         match &self.serial {
             Serial::Stdio => {
                 c.args(["-serial", "mon:stdio"]);

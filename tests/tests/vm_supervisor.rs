@@ -816,6 +816,21 @@ fn keyboard_checks(q: &mut Qemu) {
     // What the guest drew while presented reaches the monitor (the VMM's dirty log of its
     // framebuffer, not a full redraw on presenting).
     wait_screen_shows_vm(q, "debian");
+
+    // A USB keyboard plugged in while the VM is presented, the first one unplugged: the new
+    // one's keys still reach the VM (QEMU sends QMP keys to the keyboard that remains).
+    q.qmp("device_add", json!({ "driver": "usb-kbd", "bus": "xhci.0", "id": "kbd1" })).unwrap();
+    q.qmp("device_del", json!({ "id": "kbd0" })).unwrap();
+    let t = Instant::now();
+    loop {
+        q.type_text("x").unwrap();
+        if screen(q).contains("seenkeysabcx") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "keys of a hot-plugged keyboard never reached the presented VM:\n{}", screen(q));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    eprintln!("debian: a hot-plugged keyboard reached it after {:?}", t.elapsed());
     ctl_ok(q, &["hide"]);
 }
 
