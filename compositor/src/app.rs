@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use rayos_proto::display::{FbMode, FromVmm, ToVmm};
-use rayosd::client::Control1Proxy;
+use rayosd::client::{Control1Proxy, Display1Proxy};
 use rayosd::vm::cli::Vms1Proxy;
 use rayosd::vm::manager::VmInfo;
 use tokio::io::unix::AsyncFd;
@@ -27,22 +27,6 @@ use crate::home::{self, Home, HomeCommand, VmEntry};
 use crate::output::{card_paths, CardOutputs};
 use crate::present::Scaler;
 use crate::route::{Action, PointerReport, Router};
-
-#[zbus::proxy(
-    interface = "org.rayos.Display1",
-    default_path = "/org/rayos/Display1",
-    // Peer-to-peer has no bus to route by name; zbus still wants one.
-    default_service = "org.rayos.Display1",
-    gen_blocking = false
-)]
-pub trait Display1 {
-    fn present(&self, vm: &str) -> zbus::Result<()>;
-    fn hide(&self) -> zbus::Result<()>;
-    fn presented(&self) -> zbus::Result<String>;
-    fn open_channel(&self, vm: &str) -> zbus::Result<zbus::zvariant::OwnedFd>;
-    #[zbus(signal)]
-    fn presentation_changed(&self, vm: &str) -> zbus::Result<()>;
-}
 
 /// Where the app's tasks report to it.
 enum Ev {
