@@ -493,8 +493,8 @@ impl App {
                 }
                 return;
             }
-            Inbound::Other(FromVmm::Leds { num, caps, scroll }) => {
-                d.leds = Leds { num, caps, scroll };
+            Inbound::Other(FromVmm::Leds(leds)) => {
+                d.leds = leds;
                 if presented {
                     self.leds.send_replace(d.leds);
                 }

@@ -46,18 +46,12 @@ pub fn classify(keys: &HashSet<u16>, rel: &HashSet<u16>, abs: &HashSet<u16>, dir
 }
 
 /// The keyboard LEDs the presented VM set (all off at home).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Leds {
-    pub num: bool,
-    pub caps: bool,
-    pub scroll: bool,
-}
+pub use rayos_proto::display::Leds;
 
-impl Leds {
-    fn events(self) -> [InputEvent; 3] {
-        let e = |code: LedCode, on: bool| InputEvent::new(EventType::LED.0, code.0, i32::from(on));
-        [e(LedCode::LED_NUML, self.num), e(LedCode::LED_CAPSL, self.caps), e(LedCode::LED_SCROLLL, self.scroll)]
-    }
+/// `leds` as the events that set them on a physical keyboard.
+fn led_events(leds: Leds) -> [InputEvent; 3] {
+    let e = |code: LedCode, on: bool| InputEvent::new(EventType::LED.0, code.0, i32::from(on));
+    [e(LedCode::LED_NUML, leds.num), e(LedCode::LED_CAPSL, leds.caps), e(LedCode::LED_SCROLLL, leds.scroll)]
 }
 
 /// A pointer report before it is mapped onto an output.
@@ -241,7 +235,7 @@ async fn run_device(path: PathBuf, mut dev: Device, class: Class, tx: mpsc::Unbo
     };
     if has_leds {
         let now = *leds.borrow_and_update();
-        if let Err(e) = stream.device_mut().send_events(&now.events()) {
+        if let Err(e) = stream.device_mut().send_events(&led_events(now)) {
             tracing::debug!("{}: setting LEDs: {e}", path.display());
         }
     }
@@ -250,7 +244,7 @@ async fn run_device(path: PathBuf, mut dev: Device, class: Class, tx: mpsc::Unbo
             e = stream.next_event() => e,
             Ok(()) = leds.changed(), if has_leds => {
                 let now = *leds.borrow_and_update();
-                if let Err(e) = stream.device_mut().send_events(&now.events()) {
+                if let Err(e) = stream.device_mut().send_events(&led_events(now)) {
                     tracing::debug!("{}: setting LEDs: {e}", path.display());
                 }
                 continue;

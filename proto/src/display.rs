@@ -145,6 +145,28 @@ impl FbMode {
     }
 }
 
+/// The keyboard LEDs a guest set (EV_LED on its virtio keyboard's status queue).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Leds {
+    pub num: bool,
+    pub caps: bool,
+    pub scroll: bool,
+}
+
+impl Leds {
+    /// Applies one EV_LED event; false if it is not one of these three LEDs.
+    pub fn set(&mut self, code: u16, on: bool) -> bool {
+        match code {
+            ev::LED_NUML => self.num = on,
+            ev::LED_CAPSL => self.caps = on,
+            ev::LED_SCROLLL => self.scroll = on,
+            _ => return false,
+        }
+        true
+    }
+}
+
 /// Compositor → VMM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "msg", rename_all = "snake_case", deny_unknown_fields)]
@@ -168,7 +190,7 @@ pub enum FromVmm {
     /// While shown: lines `y0..y1` of the current mode changed since the last message.
     Damage { y0: u32, y1: u32 },
     /// The guest set its keyboard LEDs.
-    Leds { num: bool, caps: bool, scroll: bool },
+    Leds(Leds),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -297,6 +319,10 @@ mod tests {
             r#"{"msg":"framebuffer","size":16777216,"mode":{"width":1024,"height":768,"stride":4096,"offset":0,"format":"xrgb8888"}}"#
         );
         assert_eq!(decode_from_vmm(&d).unwrap(), m);
+        let leds = FromVmm::Leds(Leds { num: false, caps: true, scroll: false });
+        assert_eq!(&encode_from_vmm(&leds)[4..], br#"{"msg":"leds","num":false,"caps":true,"scroll":false}"#);
+        assert_eq!(decode_from_vmm(b"\x02\0\0\0{\"msg\":\"leds\",\"num\":false,\"caps\":true,\"scroll\":false}").unwrap(), leds);
+        assert!(decode_from_vmm(b"\x02\0\0\0{\"msg\":\"leds\",\"num\":false,\"caps\":true,\"scroll\":false,\"x\":1}").is_err());
         let dmg = FromVmm::Damage { y0: 3, y1: 9 };
         assert_eq!(decode_from_vmm(&encode_from_vmm(&dmg)).unwrap(), dmg);
     }

@@ -200,7 +200,7 @@ impl Channel {
                     let _ = k.leds_changed().read();
                     if self.attached {
                         let l = k.leds();
-                        self.out.leds = Some(FromVmm::Leds { num: l.num, caps: l.caps, scroll: l.scroll });
+                        self.out.leds = Some(FromVmm::Leds(l));
                     }
                 }
             }
@@ -244,7 +244,7 @@ impl Channel {
                 self.out = Outbox { framebuffer: true, ..Outbox::default() };
                 if let Some(k) = &self.keyboard {
                     let l = k.leds();
-                    self.out.leds = Some(FromVmm::Leds { num: l.num, caps: l.caps, scroll: l.scroll });
+                    self.out.leds = Some(FromVmm::Leds(l));
                 }
             }
             VmmInbound::Control(ToVmm::Shown { shown }) => {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::socket::{recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, SockFlag, SockType};
-use rayos_proto::display::{decode_from_vmm, encode_input, encode_to_vmm, FbMode, InputRecord, PixelFormat, TAG_CONTROL};
+use rayos_proto::display::{Leds, decode_from_vmm, encode_input, encode_to_vmm, FbMode, InputRecord, PixelFormat, TAG_CONTROL};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -97,7 +97,7 @@ impl Rig {
         self.send(&encode_to_vmm(&ToVmm::Attach));
         let (msg, fd) = self.next();
         let FromVmm::Framebuffer { size, mode } = msg else { panic!("expected the framebuffer, got {msg:?}") };
-        assert_eq!(self.next().0, FromVmm::Leds { num: false, caps: false, scroll: false }, "then the LEDs");
+        assert_eq!(self.next().0, FromVmm::Leds(Leds { num: false, caps: false, scroll: false }), "then the LEDs");
         (size, mode, fd.expect("the memfd rides along"))
     }
 }
@@ -232,7 +232,7 @@ fn the_guests_keyboard_leds_are_forwarded() {
     while let Some((m, _)) = rig.next_within(Duration::from_millis(100)) {
         last = m;
     }
-    assert_eq!(last, FromVmm::Leds { num: true, caps: true, scroll: false });
+    assert_eq!(last, FromVmm::Leds(Leds { num: true, caps: true, scroll: false }));
     rig.keyboard_dev.reset();
 }
 

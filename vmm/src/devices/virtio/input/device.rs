@@ -62,29 +62,7 @@ pub enum InputKind {
 pub use rayos_proto::display::InputRecord as InputEvent;
 
 /// The keyboard LEDs as the guest last set them (EV_LED on the status queue).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Leds {
-    pub num: bool,
-    pub caps: bool,
-    pub scroll: bool,
-}
-
-impl Leds {
-    /// Applies one EV_LED event; false if it is not one of these three LEDs.
-    fn set(&mut self, code: u16, on: bool) -> bool {
-        match code {
-            LED_NUML => self.num = on,
-            LED_CAPSL => self.caps = on,
-            LED_SCROLLL => self.scroll = on,
-            _ => return false,
-        }
-        true
-    }
-}
-
-const LED_NUML: u16 = 0x00;
-const LED_CAPSL: u16 = 0x01;
-const LED_SCROLLL: u16 = 0x02;
+pub use rayos_proto::display::Leds;
 
 struct Pending {
     events: Mutex<VecDeque<InputEvent>>,
