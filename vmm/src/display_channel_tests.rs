@@ -8,8 +8,6 @@ use std::time::Duration;
 
 use nix::sys::socket::{recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, SockFlag, SockType};
 use rayos_proto::display::{Leds, decode_from_vmm, encode_input, encode_to_vmm, FbMode, InputRecord, PixelFormat, TAG_CONTROL};
-use virtio_queue::desc::{split::Descriptor, RawDescriptor};
-use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
 use crate::devices::display::{BochsDisplay, DEFAULT_FB_SIZE};
@@ -220,13 +218,7 @@ fn the_guests_keyboard_leds_are_forwarded() {
     rig.keyboard_dev.activate(rings.context(&mem, Arc::new(RecordingIrq::default()), features)).unwrap();
     // Linux's virtinput_status: caps lock on, then num lock on.
     let status = [InputEvent { kind: 0x11, code: 1, value: 1 }, InputEvent { kind: 0x11, code: 0, value: 1 }, InputEvent::syn()];
-    for (i, ev) in status.iter().enumerate() {
-        let addr = 0x20_0000 + i as u64 * 8;
-        mem.write_obj(ev.to_bytes(), GuestAddress(addr)).unwrap();
-        rings.add_desc_chains(1, &[RawDescriptor::from(Descriptor::new(addr, 8, 0, 0))], i as u16);
-    }
-    rings.kick(1);
-    assert!(rings.wait_used(&mem, 1, 3));
+    rings.send_each(&mem, 1, &status.map(InputEvent::to_bytes));
     // One or two messages (the thread may wake between the two events); the last is the state.
     let mut last = rig.next().0;
     while let Some((m, _)) = rig.next_within(Duration::from_millis(100)) {

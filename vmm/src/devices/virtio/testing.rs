@@ -115,6 +115,19 @@ impl Rings {
         self.mem.write_obj(idx.wrapping_add(1), GuestAddress(avail + 2)).unwrap();
     }
 
+    /// The driver sends each of `bufs` in its own device-readable descriptor on queue `q`
+    /// (buffers at 2 MiB on; e.g. virtio-input status events), kicks, and waits until the
+    /// device has used them all.
+    pub fn send_each(&self, mem: &GuestMemory, q: usize, bufs: &[[u8; 8]]) {
+        for (i, b) in bufs.iter().enumerate() {
+            let addr = 0x20_0000 + i as u64 * 8;
+            mem.write_obj(*b, GuestAddress(addr)).unwrap();
+            self.add_desc_chains(q, &[RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(addr, 8, 0, 0))], i as u16);
+        }
+        self.kick(q);
+        assert!(self.wait_used(mem, q, bufs.len() as u16), "the device did not use the {} buffers on queue {q}", bufs.len());
+    }
+
     /// Driver's view: index the device has published in queue `q`'s used ring.
     pub fn used_idx(&self, mem: &GuestMemory, q: usize) -> u16 {
         mem.read_obj::<u16>(GuestAddress(self.used_addr(q).0 + 2)).unwrap()

@@ -125,13 +125,7 @@ fn led_events_from_the_guest_update_the_state_and_signal_it() {
     assert!(inj.leds_changed().read().is_err(), "not signalled before any change");
     // Linux's virtinput_status: EV_LED LED_CAPSL 1, then EV_SYN, each its own buffer.
     let status = [InputEvent { kind: EV_LED, code: 1, value: 1 }, InputEvent::syn(), InputEvent { kind: EV_LED, code: 9, value: 1 }];
-    for (i, ev) in status.iter().enumerate() {
-        let addr = 0x20_0000 + i as u64 * 8;
-        mem.write_obj(ev.to_bytes(), GuestAddress(addr)).unwrap();
-        rings.add_desc_chains(1, &[RawDescriptor::from(Descriptor::new(addr, 8, 0, 0))], i as u16);
-    }
-    rings.kick(1);
-    assert!(rings.wait_used(&mem, 1, 3));
+    rings.send_each(&mem, 1, &status.map(InputEvent::to_bytes));
     assert_eq!(inj.leds(), Leds { num: false, caps: true, scroll: false }, "an unknown LED (9) changes nothing");
     assert_eq!(inj.leds_changed().read().unwrap(), 1, "signalled once");
     kbd.reset();
