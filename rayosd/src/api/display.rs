@@ -63,9 +63,7 @@ impl DisplayServer {
     }
 
     fn mgr(&self) -> Result<&Arc<VmManager>, VmApiError> {
-        self.system.vms().ok_or_else(|| {
-            VmApiError::Unavailable("the VM supervisor is not running (it runs in installed mode and in rayos-systemless)".into())
-        })
+        super::vms::manager(&self.system)
     }
 }
 

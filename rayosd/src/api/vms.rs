@@ -76,10 +76,15 @@ impl VmsServer {
     }
 
     fn mgr(&self) -> Result<&Arc<VmManager>, VmApiError> {
-        self.system.vms().ok_or_else(|| {
-            VmApiError::Unavailable("the VM supervisor is not running (it runs in installed mode and in rayos-systemless)".into())
-        })
+        manager(&self.system)
     }
+}
+
+/// The system's VM supervisor, or `Unavailable` where none runs.
+pub(super) fn manager(system: &System) -> Result<&Arc<VmManager>, VmApiError> {
+    system.vms().ok_or_else(|| {
+        VmApiError::Unavailable("the VM supervisor is not running (it runs in installed mode and in rayos-systemless)".into())
+    })
 }
 
 #[zbus::interface(name = "org.rayos.Vms1")]
