@@ -23,6 +23,11 @@ pub mod exit_code {
     /// The guest stopped making progress before it reached init (no vCPU exit and no virtio
     /// notification for the VMM's hang limit): its supervisor marks it hung.
     pub const GUEST_HUNG: i32 = 11;
+    /// `--restore`: the saved state was refused (checksum, format, version, CPU, TSC
+    /// frequency, a disk changed since the save, the spec differs); the reason is in the
+    /// [`super::Event::Exiting`] event and on stderr. No vCPU ran and no disk was written:
+    /// the supervisor keeps the state aside and cold-boots the VM.
+    pub const STATE_REJECTED: i32 = 12;
     /// The seccomp filter caught a call outside the allowed set.
     pub const SECCOMP: i32 = 31;
 }
@@ -33,6 +38,7 @@ pub enum VmmExit {
     PoweredOff,
     Rebooted,
     GuestHung,
+    StateRejected,
     Error,
     Seccomp,
     Other(i32),
@@ -44,6 +50,7 @@ impl VmmExit {
             exit_code::POWERED_OFF => VmmExit::PoweredOff,
             exit_code::REBOOTED => VmmExit::Rebooted,
             exit_code::GUEST_HUNG => VmmExit::GuestHung,
+            exit_code::STATE_REJECTED => VmmExit::StateRejected,
             exit_code::ERROR => VmmExit::Error,
             exit_code::SECCOMP => VmmExit::Seccomp,
             n => VmmExit::Other(n),
@@ -91,6 +98,10 @@ pub enum Request {
         path: PathBuf,
         #[serde(default)]
         replace: bool,
+        /// The supervisor's save generation, written into the state (0: none given). A
+        /// supervisor resumes a state only when it carries the generation it recorded.
+        #[serde(default)]
+        generation: u64,
     },
 }
 
@@ -221,6 +232,9 @@ pub enum Event {
     Warning { message: String },
     /// The VMM is about to exit with `code` (see [`exit_code`]) because of `reason`.
     Exiting { code: i32, reason: String },
+    /// A snapshot being written: `written` of `total` bytes of guest RAM so far (at most a
+    /// few per second), so a shutdown can show how far each save is.
+    SaveProgress { written: u64, total: u64 },
 }
 
 /// A request on the supervisor connection; its answer carries the same `id`.
@@ -345,6 +359,7 @@ mod tests {
             Event::AgentLine { line: "heartbeat 3".into() },
             Event::Warning { message: "triple fault".into() },
             Event::Exiting { code: exit_code::REBOOTED, reason: "i8042 reset".into() },
+            Event::SaveProgress { written: 1 << 20, total: 1 << 30 },
         ] {
             let m = FromVmm::Event { event: ev };
             assert_eq!(from_line::<FromVmm>(&to_line(&m)).unwrap(), m);
@@ -363,6 +378,7 @@ mod tests {
         assert_eq!(VmmExit::from_code(11), VmmExit::GuestHung);
         assert_eq!(VmmExit::from_code(1), VmmExit::Error);
         assert_eq!(VmmExit::from_code(31), VmmExit::Seccomp);
+        assert_eq!(VmmExit::from_code(12), VmmExit::StateRejected);
         assert_eq!(VmmExit::from_code(2), VmmExit::Other(2));
     }
 }

@@ -280,6 +280,7 @@ impl VmManager {
                         }
                     }
                     Some(Event::Warning { message }) => tracing::warn!("vm {}: VMM: {message}", vm.name),
+                    Some(Event::SaveProgress { .. }) => {}
                     Some(Event::Exiting { code, reason }) => {
                         tracing::info!("vm {}: VMM exiting with {code}: {reason}", vm.name);
                         vmm_reason = Some(reason);
