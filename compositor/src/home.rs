@@ -148,7 +148,7 @@ const WARN: u32 = rgb(0xff, 0xc8, 0x57);
 fn state_color(state: &str) -> u32 {
     match state {
         "running" => rgb(0x7d, 0xd8, 0x7d),
-        "starting" | "stopping" | "paused" | "saved" => WARN,
+        "starting" | "stopping" | "paused" | "saved" | "saving" => WARN,
         "failed" | "hung" | "crash-loop" | "broken" => rgb(0xff, 0x6b, 0x6b),
         _ => DIM,
     }
@@ -158,6 +158,7 @@ fn state_color(state: &str) -> u32 {
 fn state_label(state: &str) -> String {
     match state {
         "running" => "running (hidden)".into(),
+        "saved" => "saved (S resumes it)".into(),
         s => s.into(),
     }
 }

@@ -48,6 +48,10 @@ fn vm(name: &str, state: &str, has_display: bool) -> VmInfo {
         created_at: 0,
         last_booted_at: 0,
         has_display,
+        on_shutdown: "save".into(),
+        saved_generation: 0,
+        saved_at: 0,
+        saved_bytes: 0,
     }
 }
 

@@ -29,6 +29,9 @@ pub enum ToAgent {
     Screen { id: String },
     /// Create the user, lock root, set the time zone, locale and keymap; once per guest.
     Setup(GuestSetup),
+    /// Set the wall clock to this time (ns since the Unix epoch): sent after a resume, when
+    /// the guest slept through the host's downtime (as qemu-ga's guest-set-time).
+    SetClock { unix_ns: u64 },
 }
 
 impl ToAgent {
@@ -38,6 +41,7 @@ impl ToAgent {
             ToAgent::Shutdown => "shutdown\n".into(),
             ToAgent::Screen { id } => format!("screen {id}\n"),
             ToAgent::Setup(s) => format!("setup {}\n", serde_json::to_string(s).expect("a setup serializes")),
+            ToAgent::SetClock { unix_ns } => format!("clock {unix_ns}\n"),
         }
     }
 
@@ -53,6 +57,10 @@ impl ToAgent {
                 Ok(ToAgent::Setup(s))
             }
             Some(("screen", id)) if !id.trim().is_empty() && !id.trim().contains(' ') => Ok(ToAgent::Screen { id: id.trim().into() }),
+            Some(("clock", ns)) => match ns.trim().parse::<u64>() {
+                Ok(unix_ns) => Ok(ToAgent::SetClock { unix_ns }),
+                Err(e) => Err(LineError::Bad { line: l.into(), reason: format!("clock: {e}") }),
+            },
             _ => Err(LineError::Unknown(l.into())),
         }
     }
@@ -210,6 +218,10 @@ mod tests {
         assert!(matches!(ToAgent::parse("screen"), Err(LineError::Unknown(_))));
         assert!(matches!(ToAgent::parse("screen a b"), Err(LineError::Unknown(_))));
         assert!(matches!(ToAgent::parse("rm -rf /"), Err(LineError::Unknown(_))));
+        let clock = ToAgent::SetClock { unix_ns: 1_764_000_000_123_456_789 };
+        assert_eq!(clock.to_line(), "clock 1764000000123456789\n");
+        assert_eq!(ToAgent::parse(&clock.to_line()), Ok(clock));
+        assert!(matches!(ToAgent::parse("clock yesterday"), Err(LineError::Bad { .. })));
     }
 
     #[test]

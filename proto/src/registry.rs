@@ -82,18 +82,70 @@ pub enum RestartPolicy {
     Never,
 }
 
+/// What an orderly shutdown or reboot of RayOS does with a running VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnShutdown {
+    /// Save it to the data volume; the next start resumes it where it was.
+    #[default]
+    Save,
+    /// Press its power button (forced after a timeout); the next start boots it afresh.
+    Shutdown,
+}
+
+impl OnShutdown {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnShutdown::Save => "save",
+            OnShutdown::Shutdown => "shutdown",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
     /// Start at boot in installed mode, without switching the display to it.
     pub autostart_hidden: bool,
     pub restart: RestartPolicy,
+    #[serde(default)]
+    pub on_shutdown: OnShutdown,
 }
 
 impl Default for Policy {
     fn default() -> Self {
-        Policy { autostart_hidden: false, restart: RestartPolicy::OnFailure }
+        Policy { autostart_hidden: false, restart: RestartPolicy::OnFailure, on_shutdown: OnShutdown::Save }
     }
+}
+
+/// A disk image as it was when a VM was saved: a resume needs the very same contents, and
+/// any write since (a guest, or an offline edit) changes the size, mtime or ctime.
+/// The device number is not compared: the kernel numbers block devices in probe order, so a
+/// disk added to the machine renumbers the data volume without changing a byte of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskIdentity {
+    pub path: PathBuf,
+    pub inode: u64,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+}
+
+/// A VM saved by the supervisor (`vms/<uuid>/saved-<generation>/`): what a start resumes.
+/// The registry is the one place that vouches for a saved state: a state folder it does not
+/// name is never resumed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedState {
+    pub generation: u64,
+    /// Seconds since the Unix epoch.
+    pub saved_at: u64,
+    /// Guest RAM, and the bytes of it written (non-zero pages).
+    pub memory_bytes: u64,
+    pub written_bytes: u64,
+    /// Every writable disk, as it was once the saved VMM had exited.
+    pub disks: Vec<DiskIdentity>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,6 +165,13 @@ pub struct VmRecord {
     /// Linux VM's, from the installer); absent for VMs without one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub firstboot: Option<crate::firstboot::FirstBoot>,
+    /// The state the next start resumes, if the VM was saved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved: Option<SavedState>,
+    /// The last save generation handed out: generations only grow, so a state folder left
+    /// from an older save never matches the record.
+    #[serde(default)]
+    pub save_generation: u64,
 }
 
 /// The default Linux guest's kernel file in its VM folder: the RayOS kernel as an uncompressed
@@ -146,10 +205,12 @@ impl VmRecord {
                 rng: true,
                 agent: true,
             },
-            policy: Policy { autostart_hidden: true, restart: RestartPolicy::OnFailure },
+            policy: Policy { autostart_hidden: true, restart: RestartPolicy::OnFailure, on_shutdown: OnShutdown::Save },
             created_at: now_secs(),
             last_booted_at: None,
             firstboot: None,
+            saved: None,
+            save_generation: 0,
         }
     }
 }

@@ -183,12 +183,20 @@ async fn serial_logs_need_root_and_unbuilt_options_are_refused_by_name() {
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("dev"), "{out}");
 
-    let (code, _, err) = rayosctl(&s.sock, &["vm", "start", "dev", "--fresh"], None).await;
-    assert_eq!(code, Some(11), "{err}");
-    assert!(err.contains("not supported: StartVm \"dev\": fresh starts come with saved-state resume (not built yet)"), "{err}");
+    // Saving and fresh starts change a VM: root only.
+    let (code, _, err) = rayosctl(&s.sock, &["vm", "fresh-start", "dev", "--yes"], Some(NOBODY)).await;
+    assert_eq!(code, Some(4), "{err}");
+    assert!(err.contains("access denied: StartVm needs root"), "{err}");
+    let (code, _, err) = rayosctl(&s.sock, &["vm", "save", "dev"], Some(NOBODY)).await;
+    assert_eq!(code, Some(4), "{err}");
+    assert!(err.contains("access denied: SaveVm needs root"), "{err}");
     let vms = s.system.vms().unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(vms.get("dev").unwrap().state, "stopped", "a refused fresh start starts nothing");
+    // A stopped VM has nothing to save.
+    let (code, _, err) = rayosctl(&s.sock, &["vm", "save", "dev"], None).await;
+    assert_ne!(code, Some(0), "{err}");
+    assert!(err.contains("only a running or paused VM can be saved"), "{err}");
 
     let (code, _, err) = rayosctl(&s.sock, &["vm", "create", "win", "--kind", "windows", "--kernel", k], None).await;
     assert_eq!(code, Some(11), "{err}");

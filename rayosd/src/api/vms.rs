@@ -5,7 +5,7 @@
 //! The object serves the [`System`]'s VM manager; until one is set (installer and rescue
 //! modes) every method answers `org.rayos.Error.Unavailable`. Reading the list and states
 //! needs nothing; changing a VM, and reading what it shows (its serial console, its screen),
-//! need [`require_root`]. What is not built yet (fresh starts, Windows guests) is refused as
+//! need [`require_root`]. What is not built yet (Windows guests) is refused as
 //! `org.rayos.Error.NotSupported`, by name.
 
 use std::sync::Arc;
@@ -22,8 +22,6 @@ pub const INTERFACE: &str = "org.rayos.Vms1";
 pub const SCREEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 /// Most serial log lines one `Logs` call returns.
 pub const MAX_LOG_LINES: u32 = 10_000;
-/// Why `StartVm(vm, fresh=true)` is refused.
-pub const FRESH_NOT_SUPPORTED: &str = "fresh starts come with saved-state resume (not built yet); start without --fresh";
 /// Why `CreateVm` with `kind = "windows"` is refused.
 pub const WINDOWS_NOT_SUPPORTED: &str = "Windows VMs are not supported yet";
 
@@ -116,14 +114,20 @@ impl VmsServer {
         Ok(self.mgr()?.create(req)?)
     }
 
-    /// `fresh` must be false until saved-state resume exists (NotSupported otherwise).
+    /// A start resumes the VM's saved state, if it has one; `fresh` discards that state
+    /// first and boots from the disks (clients ask the user to confirm).
     async fn start_vm(&self, #[zbus(connection)] conn: &zbus::Connection, vm: &str, fresh: bool) -> Result<(), VmApiError> {
-        if fresh {
-            return Err(VmApiError::NotSupported(format!("StartVm {vm:?}: {FRESH_NOT_SUPPORTED}")));
-        }
         require_root(conn, self.system.access(), "StartVm").await?;
-        tracing::info!("control: start VM {vm}");
-        Ok(self.mgr()?.start(vm, false)?)
+        tracing::info!("control: start VM {vm}{}", if fresh { " (fresh: its saved state is discarded)" } else { "" });
+        Ok(self.mgr()?.start(vm, fresh)?)
+    }
+
+    /// Saves a running VM to the data volume and ends its VMM; `StartVm` resumes it. Answers
+    /// once the state is on disk, with what was written.
+    async fn save_vm(&self, #[zbus(connection)] conn: &zbus::Connection, vm: &str) -> Result<String, VmApiError> {
+        require_root(conn, self.system.access(), "SaveVm").await?;
+        tracing::info!("control: save VM {vm}");
+        Ok(self.mgr()?.save(vm).await?)
     }
 
     async fn stop_vm(&self, #[zbus(connection)] conn: &zbus::Connection, vm: &str, force: bool) -> Result<(), VmApiError> {

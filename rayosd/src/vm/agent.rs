@@ -21,9 +21,16 @@ pub struct AgentStatus {
     pub ready: bool,
     /// The last heartbeat number; 0 before the first.
     pub heartbeat: u64,
+    /// A resumed guest's agent said `ready` before the save, in the run that saved it: its
+    /// next heartbeat is the sign it is there again.
+    pub resumed: bool,
 }
 
 impl AgentStatus {
+    pub fn resumed() -> AgentStatus {
+        AgentStatus { resumed: true, ..Default::default() }
+    }
+
     /// Takes one agent line; true when it made the agent ready.
     pub fn line(&mut self, line: &str) -> bool {
         FromAgent::parse(line).is_ok_and(|m| self.message(&m))
@@ -36,7 +43,7 @@ impl AgentStatus {
             FromAgent::Ready => !std::mem::replace(&mut self.ready, true),
             FromAgent::Heartbeat(n) => {
                 self.heartbeat = *n;
-                false
+                self.resumed && !std::mem::replace(&mut self.ready, true)
             }
             // Screen and setup answers go to their request.
             FromAgent::Screen { .. } | FromAgent::Setup(_) => false,
@@ -143,7 +150,7 @@ mod tests {
     fn agent_lines_give_readiness_and_the_last_heartbeat() {
         let mut a = AgentStatus::default();
         assert!(!a.line("heartbeat 1"));
-        assert_eq!(a, AgentStatus { ready: false, heartbeat: 1 });
+        assert_eq!(a, AgentStatus { ready: false, heartbeat: 1, resumed: false });
         assert!(a.line("ready"), "the first ready makes it ready");
         assert!(!a.line("ready"), "only once");
         a.line("heartbeat 2");
@@ -151,6 +158,11 @@ mod tests {
         a.line("heartbeat x");
         a.line(r#"screen 1 {"error":"no"}"#);
         a.line("setup failed: no");
-        assert_eq!(a, AgentStatus { ready: true, heartbeat: 2 });
+        assert_eq!(a, AgentStatus { ready: true, heartbeat: 2, resumed: false });
+        // A resumed guest's agent does not say ready again: its heartbeat shows it is there.
+        let mut r = AgentStatus::resumed();
+        assert!(r.line("heartbeat 41"), "the first heartbeat after a resume makes it ready");
+        assert!(!r.line("heartbeat 42"));
+        assert!(r.ready && r.heartbeat == 42);
     }
 }

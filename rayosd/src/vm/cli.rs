@@ -7,7 +7,7 @@ use clap::Subcommand;
 use futures_util::StreamExt;
 
 use super::manager::{CreateRequest, GuestScreen, VmInfo};
-use super::registry::{DeviceConfig, DiskRecord, Policy, RestartPolicy, VmKind};
+use super::registry::{DeviceConfig, DiskRecord, OnShutdown, Policy, RestartPolicy, VmKind};
 use crate::client::ClientError;
 
 #[zbus::proxy(
@@ -23,6 +23,7 @@ pub trait Vms1 {
     fn problems(&self) -> zbus::Result<Vec<String>>;
     fn create_vm(&self, request: &str) -> zbus::Result<VmInfo>;
     fn start_vm(&self, vm: &str, fresh: bool) -> zbus::Result<()>;
+    fn save_vm(&self, vm: &str) -> zbus::Result<String>;
     fn stop_vm(&self, vm: &str, force: bool) -> zbus::Result<()>;
     fn pause_vm(&self, vm: &str) -> zbus::Result<()>;
     fn resume_vm(&self, vm: &str) -> zbus::Result<()>;
@@ -70,6 +71,10 @@ pub enum VmCmd {
         /// Do not restart it after a VMM crash.
         #[arg(long)]
         no_restart: bool,
+        /// What a RayOS shutdown or reboot does with it when it runs: save it (the next
+        /// start resumes it) or shut it down.
+        #[arg(long, value_parser = parse_on_shutdown, default_value = "save")]
+        on_shutdown: OnShutdown,
         /// Offer the guest agent port.
         #[arg(long)]
         agent: bool,
@@ -78,16 +83,27 @@ pub enum VmCmd {
         #[arg(long, value_parser = parse_size)]
         display: Option<(u32, u32)>,
     },
-    /// Start hidden (the display stays where it is).
+    /// Start hidden (the display stays where it is); a saved VM resumes where it was.
     Start {
         vm: String,
-        /// Ignore saved state: boot from scratch. Refused until saved-state resume exists
-        /// (exit 11).
+        /// Discard the saved state and boot from the disks (asks to confirm; see fresh-start).
         #[arg(long)]
         fresh: bool,
+        /// With --fresh: do not ask.
+        #[arg(long)]
+        yes: bool,
         /// Wait until the guest's init runs (up to this many seconds) and print the times.
         #[arg(long)]
         wait: Option<u64>,
+    },
+    /// Save a running VM to the data volume and end it (hibernate); start resumes it.
+    Save { vm: String },
+    /// Discard the VM's saved state and boot it from its disks: what it had in memory (open
+    /// programs, unsaved work) is lost. Asks to type the VM's name unless --yes.
+    FreshStart {
+        vm: String,
+        #[arg(long)]
+        yes: bool,
     },
     /// Stop: ACPI power button, then forced after the supervisor's timeout.
     Stop {
@@ -178,6 +194,46 @@ async fn connect(path: &Path) -> Result<Vms1Proxy<'static>, ClientError> {
 }
 
 /// `1280x800` → (1280, 800).
+fn human_age(secs: u64) -> String {
+    match secs {
+        0..120 => format!("{secs} s"),
+        120..7200 => format!("{} min", secs / 60),
+        7200..172800 => format!("{} h", secs / 3600),
+        _ => format!("{} days", secs / 86400),
+    }
+}
+
+/// A fresh start throws away what the VM had in memory: the user types the VM's name to go
+/// on (or gives --yes). Without a terminal to ask on, --yes is required.
+async fn confirm_fresh(p: &Vms1Proxy<'_>, vm: &str, yes: bool) -> Result<(), ClientError> {
+    let v = p.get_vm(vm).await?;
+    if yes || v.saved_generation == 0 {
+        return Ok(());
+    }
+    use std::io::{BufRead, IsTerminal, Write};
+    if !std::io::stdin().is_terminal() {
+        return Err(ClientError::InvalidArgument(format!(
+            "{vm} has a saved state that a fresh start discards; confirm with --yes (no terminal to ask on)"
+        )));
+    }
+    eprint!("{vm} was saved {} ago; a fresh start discards what it had in memory. Type its name to go on: ", human_age(rayos_proto::registry::now_secs().saturating_sub(v.saved_at)));
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut line);
+    if line.trim() != v.name {
+        return Err(ClientError::InvalidArgument(format!("not confirmed: {vm}'s saved state is kept")));
+    }
+    Ok(())
+}
+
+fn parse_on_shutdown(s: &str) -> Result<OnShutdown, String> {
+    match s {
+        "save" => Ok(OnShutdown::Save),
+        "shutdown" => Ok(OnShutdown::Shutdown),
+        _ => Err(format!("{s:?}: give save or shutdown")),
+    }
+}
+
 fn parse_size(s: &str) -> Result<(u32, u32), String> {
     let bad = || format!("{s:?} is not WIDTHxHEIGHT (e.g. 1280x800)");
     let (w, h) = s.split_once('x').ok_or_else(bad)?;
@@ -243,9 +299,21 @@ pub async fn run(socket: &str, json: bool, cmd: &VmCmd) -> Result<(), ClientErro
                 if !v.firstboot.is_empty() {
                     println!("first-boot setup: {}", v.firstboot);
                 }
+                println!("on RayOS shutdown: {}", v.on_shutdown);
+                if v.saved_generation > 0 {
+                    let age = rayos_proto::registry::now_secs().saturating_sub(v.saved_at);
+                    println!(
+                        "saved state: generation {}, {} MiB of RAM written, saved {} ago; the next start resumes it (fresh-start discards it)",
+                        v.saved_generation,
+                        v.saved_bytes >> 20,
+                        human_age(age)
+                    );
+                } else {
+                    println!("saved state: none");
+                }
             }
         }
-        VmCmd::Create { name, kind, disks, kernel, initramfs, cmdline, memory_mib, vcpus, autostart, no_restart, agent, display } => {
+        VmCmd::Create { name, kind, disks, kernel, initramfs, cmdline, memory_mib, vcpus, autostart, no_restart, on_shutdown, agent, display } => {
             let kind: VmKind = kind.parse().map_err(ClientError::InvalidArgument)?;
             let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
             let req = CreateRequest {
@@ -267,6 +335,7 @@ pub async fn run(socket: &str, json: bool, cmd: &VmCmd) -> Result<(), ClientErro
                 policy: Policy {
                     autostart_hidden: *autostart,
                     restart: if *no_restart { RestartPolicy::Never } else { RestartPolicy::OnFailure },
+                    on_shutdown: *on_shutdown,
                 },
             };
             let v = p.create_vm(&serde_json::to_string(&req).expect("serializes")).await?;
@@ -276,8 +345,20 @@ pub async fn run(socket: &str, json: bool, cmd: &VmCmd) -> Result<(), ClientErro
                 println!("created {} id={}", v.name, v.id)
             }
         }
-        VmCmd::Start { vm, fresh, wait } => {
+        VmCmd::Save { vm } => {
+            let said = p.save_vm(vm).await?;
+            done(json, &format!("{vm}: {said}"));
+        }
+        VmCmd::FreshStart { vm, yes } => {
+            confirm_fresh(&p, vm, *yes).await?;
+            p.start_vm(vm, true).await?;
+            done(json, &format!("starting {vm} from its disks"));
+        }
+        VmCmd::Start { vm, fresh, yes, wait } => {
             let t = std::time::Instant::now();
+            if *fresh {
+                confirm_fresh(&p, vm, *yes).await?;
+            }
             p.start_vm(vm, *fresh).await?;
             match wait {
                 None => done(json, &format!("starting {vm}")),

@@ -64,6 +64,8 @@ pub struct Settings {
     /// The system keymap chosen at install (system.toml's `keymap`): the layout `TypeText`
     /// types in.
     pub keymap: String,
+    /// How long one VM's save may take before the guest is forced off instead.
+    pub save_timeout: Duration,
 }
 
 impl Settings {
@@ -82,6 +84,7 @@ impl Settings {
             up_timeout: Duration::from_secs(10),
             hang: HangLimits::default(),
             keymap: super::keys::US.into(),
+            save_timeout: Duration::from_secs(90),
         }
     }
 }
@@ -118,6 +121,13 @@ pub struct VmInfo {
     pub last_booted_at: u64,
     /// It has a display the compositor can present (`org.rayos.Display1`).
     pub has_display: bool,
+    /// What a RayOS shutdown does with it when it runs: "save" or "shutdown".
+    pub on_shutdown: String,
+    /// The saved state the next start resumes: its generation (0: none), when it was saved
+    /// (seconds since the epoch) and the bytes of RAM written.
+    pub saved_generation: u64,
+    pub saved_at: u64,
+    pub saved_bytes: u64,
 }
 
 /// The text on a VM's display console as its guest agent reads it (the `GuestScreen` call).
@@ -183,6 +193,10 @@ pub enum VmError {
 #[derive(Debug)]
 pub(super) enum Ctl {
     Start { fresh: bool },
+    /// Save the running VM and end its VMM; the answer says where it went or why not.
+    /// With `or_stop`, a save that cannot be made shuts the guest down instead (RayOS is
+    /// shutting down); without, the VM keeps running.
+    Save { reply: tokio::sync::oneshot::Sender<Result<String, String>>, or_stop: bool },
     Stop { force: bool },
     Pause,
     Resume,
@@ -191,7 +205,7 @@ pub(super) enum Ctl {
 
 pub(super) struct Entry {
     pub(super) info: VmInfo,
-    ctl: mpsc::UnboundedSender<Ctl>,
+    pub(super) ctl: mpsc::UnboundedSender<Ctl>,
     /// The running VMM's connection (requests from the API go over it).
     pub(super) conn: Option<Arc<VmmConn>>,
     /// rayosd's end of the running VMM's display channel (VMs with a display).
@@ -294,6 +308,8 @@ impl VmManager {
             created_at: registry::now_secs(),
             last_booted_at: None,
             firstboot: None,
+            saved: None,
+            save_generation: 0,
         };
         let dir = self.vm_dir(vm.id);
         self.registry.lock().unwrap().insert(vm.clone())?;
@@ -324,6 +340,23 @@ impl VmManager {
     }
 
     /// Graceful (ACPI power button, then forced after the stop timeout) or forced at once.
+    /// Saves the running VM to the data volume and ends its VMM (hibernate); the next start
+    /// resumes it. Waits for the save; the answer says what was written.
+    pub async fn save(&self, id_or_name: &str) -> Result<String, VmError> {
+        self.save_or_stop(id_or_name, false).await
+    }
+
+    async fn save_or_stop(&self, id_or_name: &str, or_stop: bool) -> Result<String, VmError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.request(id_or_name, Request::Save, Ctl::Save { reply: tx, or_stop })?;
+        let name = self.get(id_or_name).map(|i| i.name).unwrap_or_else(|_| id_or_name.to_string());
+        match rx.await {
+            Ok(Ok(done)) => Ok(done),
+            Ok(Err(reason)) => Err(VmError::Failed { name, reason }),
+            Err(_) => Err(VmError::Failed { name, reason: "its task ended before the save finished".into() }),
+        }
+    }
+
     pub fn stop(&self, id_or_name: &str, force: bool) -> Result<(), VmError> {
         self.request(id_or_name, Request::Stop, Ctl::Stop { force })
     }
@@ -417,20 +450,43 @@ impl VmManager {
         ids.len()
     }
 
-    /// Orderly shutdown: stop every active VM (graceful, forced after `timeout`), and wait.
+    /// Orderly shutdown: saves every running or paused VM whose policy says `save` (all at
+    /// once, each bounded by the settings' `save_timeout`; one that cannot be saved is shut
+    /// down instead), stops every other active VM (ACPI power button, forced after `timeout`),
+    /// and waits until no VMM runs.
     pub async fn shutdown_all(&self, timeout: Duration) {
-        let active: Vec<String> = self
-            .list()
-            .into_iter()
-            .filter(|v| parse_state(&v.state).is_active() || matches!(parse_state(&v.state), VmState::Failed | VmState::Hung))
-            .map(|v| v.id)
-            .collect();
-        if active.is_empty() {
+        let policy = |id: &str| {
+            let reg = self.registry.lock().unwrap();
+            reg.find(id).map(|v| v.policy.on_shutdown).unwrap_or_default()
+        };
+        let (mut to_save, mut to_stop) = (Vec::new(), Vec::new());
+        for v in self.list() {
+            let st = parse_state(&v.state);
+            if matches!(st, VmState::Running | VmState::Paused) && policy(&v.id) == registry::OnShutdown::Save {
+                to_save.push(v);
+            } else if st.is_active() || matches!(st, VmState::Failed | VmState::Hung) {
+                to_stop.push(v);
+            }
+        }
+        if to_save.is_empty() && to_stop.is_empty() {
             return;
         }
-        tracing::info!("vm: stopping {} VMs for shutdown", active.len());
-        for id in &active {
-            let _ = self.stop(id, false);
+        for v in &to_stop {
+            tracing::info!("vm {}: stopping it for the shutdown", v.name);
+            let _ = self.stop(&v.id, false);
+        }
+        if !to_save.is_empty() {
+            let names: Vec<&str> = to_save.iter().map(|v| v.name.as_str()).collect();
+            tracing::info!("vm: saving {} for the shutdown: {}", if names.len() == 1 { "1 VM" } else { "the VMs" }, names.join(", "));
+            let t0 = Instant::now();
+            let saves = to_save.iter().map(|v| async move { (v, self.save_or_stop(&v.id, true).await) });
+            for (v, r) in futures_util::future::join_all(saves).await {
+                match r {
+                    Ok(done) => tracing::info!("vm {}: {done}", v.name),
+                    Err(e) => tracing::warn!("vm {}: not saved ({e}); shutting it down instead", v.name),
+                }
+            }
+            tracing::info!("vm: saving took {} ms", t0.elapsed().as_millis());
         }
         let all_down = |m: &VmManager| m.list().iter().all(|v| !parse_state(&v.state).is_active());
         let deadline = Instant::now() + timeout;
@@ -472,7 +528,17 @@ impl VmManager {
             created_at: vm.created_at,
             last_booted_at: vm.last_booted_at.unwrap_or(0),
             has_display: vm.config.display.is_some(),
+            on_shutdown: vm.policy.on_shutdown.as_str().into(),
+            saved_generation: 0,
+            saved_at: 0,
+            saved_bytes: 0,
         };
+        let mut info = info;
+        if let Some(s) = &vm.saved {
+            info.state = VmState::Saved.as_str().into();
+            info.detail = saved_detail(s);
+            (info.saved_generation, info.saved_at, info.saved_bytes) = (s.generation, s.saved_at, s.written_bytes);
+        }
         self.vms.lock().unwrap().insert(vm.id, Entry { info, ctl: tx, conn: None, display: None });
         let mgr = self.clone();
         let id = vm.id;
@@ -515,6 +581,16 @@ pub(super) enum Outcome {
     /// showed signs of life (for the restart policy's "healthy run").
     Hung { why: String, healthy_for: Duration },
     Deleted,
+    /// Saved to the data volume; its VMM has ended.
+    Saved(registry::SavedState),
+    /// The saved state was refused when its VMM loaded it (it is kept aside): boot the VM
+    /// from its disks now.
+    ResumeRefused(String),
+}
+
+/// What `vm list` says about a saved VM.
+pub(super) fn saved_detail(s: &registry::SavedState) -> String {
+    format!("saved (generation {}, {} MiB of RAM written); the next start resumes it", s.generation, s.written_bytes >> 20)
 }
 
 pub fn parse_state(s: &str) -> VmState {

@@ -6,7 +6,8 @@
 //! - [`vmm_conn`]: that connection: requests with their answers, the VMM's events.
 //! - [`owner`]: each VM's own unprivileged user and the files it owns.
 //! - [`manager`]: the VMs as the API sees them: registry, state, requests, autostart.
-//! - [`task`]: the per-VM task loop: start, stop, pause, resume, crash restarts.
+//! - [`task`]: the per-VM task loop: start, stop, pause, resume, save, crash restarts.
+//! - [`saved`]: saved states on the data volume: checked against the disks, used up before a resume.
 //! - [`agent`]: the guest agent: readiness, heartbeat, screen requests.
 //! - [`hang`]: when a guest counts as hung (no init within its bound, a silent agent).
 //! - [`display`]: screenshots.
@@ -26,6 +27,7 @@ pub mod keys;
 pub mod manager;
 pub mod owner;
 pub mod registry;
+pub mod saved;
 pub mod serial_input;
 pub mod serial_tail;
 pub mod state;

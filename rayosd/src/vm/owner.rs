@@ -61,8 +61,16 @@ pub fn give_files(vm: &VmRecord, vm_dir: &Path) -> Result<(), OwnerError> {
     let mut files = vec![(vm_dir.to_path_buf(), 0o700)];
     files.extend(vm.disks.iter().filter(|d| d.path.parent() == Some(vm_dir)).map(|d| (d.path.clone(), 0o600)));
     for (path, mode) in files {
-        std::os::unix::fs::chown(&path, Some(uid), Some(uid)).map_err(err(&path))?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).map_err(err(&path))?;
+        // Only what is not already right: a chown or chmod changes the disk's ctime, and a
+        // saved state resumes only against a disk whose ctime is what it was at the save.
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(&path).map_err(err(&path))?;
+        if (m.uid(), m.gid()) != (uid, uid) {
+            std::os::unix::fs::chown(&path, Some(uid), Some(uid)).map_err(err(&path))?;
+        }
+        if m.mode() & 0o7777 != mode {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).map_err(err(&path))?;
+        }
     }
     Ok(())
 }
@@ -95,6 +103,8 @@ mod tests {
             created_at: 0,
             last_booted_at: None,
             firstboot: None,
+            saved: None,
+            save_generation: 0,
         }
     }
 
@@ -133,6 +143,11 @@ mod tests {
         assert_eq!(meta(&dir), (uid, uid, 0o700));
         assert_eq!(meta(&inside), (uid, uid, 0o600));
         assert_eq!(meta(&shared).0, 0, "a disk outside the VM's folder stays as it was");
+        // Giving them again changes nothing, not even the ctime a saved state is checked by.
+        let ctime = std::fs::metadata(&inside).unwrap().ctime_nsec();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        give_files(&vm, &dir).unwrap();
+        assert_eq!(std::fs::metadata(&inside).unwrap().ctime_nsec(), ctime, "an owner already right is not set again");
         std::fs::remove_dir_all(&base).unwrap();
     }
 }

@@ -25,6 +25,10 @@ pub enum VmState {
     CrashLoop,
     /// Cannot start as configured (a disk image is missing, the spec is invalid).
     Broken,
+    /// No VMM runs; its saved state is on the data volume and the next start resumes it.
+    Saved,
+    /// Its state is being written to the data volume; its VMM ends once it is.
+    Saving,
 }
 
 impl VmState {
@@ -39,12 +43,14 @@ impl VmState {
             VmState::Hung => "hung",
             VmState::CrashLoop => "crash-loop",
             VmState::Broken => "broken",
+            VmState::Saved => "saved",
+            VmState::Saving => "saving",
         }
     }
 
     /// A VMM process exists (or may, while a restart is pending).
     pub fn is_active(self) -> bool {
-        matches!(self, VmState::Starting | VmState::Running | VmState::Paused | VmState::Stopping)
+        matches!(self, VmState::Starting | VmState::Running | VmState::Paused | VmState::Stopping | VmState::Saving)
     }
 }
 
@@ -61,6 +67,8 @@ pub enum Request {
     Pause,
     Resume,
     Delete,
+    /// Save to the data volume and end the VMM (hibernate).
+    Save,
 }
 
 impl Request {
@@ -71,6 +79,7 @@ impl Request {
             Request::Pause => "pause",
             Request::Resume => "resume",
             Request::Delete => "delete",
+            Request::Save => "save",
         }
     }
 }
@@ -81,19 +90,23 @@ pub fn check(state: VmState, req: Request) -> Result<(), String> {
     use VmState::*;
     let ok = match req {
         // Broken is retried: the missing disk may be back.
-        Start => matches!(state, Stopped | Failed | Hung | CrashLoop | Broken),
+        Start => matches!(state, Stopped | Failed | Hung | CrashLoop | Broken | Saved),
         // Stopping a failed or hung VM cancels its pending restart.
         Stop => matches!(state, Starting | Running | Paused | Failed | Hung | Stopping),
         Pause => state == Running,
         Resume => state == Paused,
-        Delete => matches!(state, Stopped | Failed | Hung | CrashLoop | Broken),
+        Delete => matches!(state, Stopped | Failed | Hung | CrashLoop | Broken | Saved),
+        Save => matches!(state, Running | Paused),
     };
     if ok {
         Ok(())
     } else {
         let hint = match (req, state) {
             (Start, _) => "it is already running or starting",
+            (Stop, Saved) => "it is saved, not running: start resumes it, fresh-start discards the saved state",
             (Stop, _) => "it is not running",
+            (Save, Saved) => "it is already saved",
+            (Save, _) => "only a running or paused VM can be saved",
             (Pause, Paused) => "it is already paused",
             (Pause, _) => "only a running VM can be paused",
             (Resume, _) => "only a paused VM can be resumed",
@@ -130,5 +143,11 @@ mod tests {
         assert!(check(Broken, Delete).is_ok());
         assert_eq!(CrashLoop.as_str(), "crash-loop");
         assert_eq!(serde_json::to_string(&CrashLoop).unwrap(), "\"crash-loop\"");
+        assert!(check(Saved, Start).is_ok(), "a start resumes a saved VM");
+        assert!(check(Saved, Stop).unwrap_err().contains("fresh-start"));
+        assert!(check(Running, Save).is_ok() && check(Paused, Save).is_ok());
+        assert!(check(Saved, Save).unwrap_err().contains("already saved"));
+        assert!(check(Stopped, Save).is_err());
+        assert!(Saving.is_active() && !Saved.is_active());
     }
 }

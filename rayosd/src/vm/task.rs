@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use rayos_proto::agent::FromAgent;
-use rayos_proto::vmm::{exit_code, Event, Request as VmmRequest, RunState};
+use rayos_proto::vmm::{exit_code, Event, Reply, Request as VmmRequest, RunState, SnapshotReply};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -16,7 +16,8 @@ use super::agent::AgentStatus;
 use super::hang::{BootHistory, HangWatch};
 use super::manager::{parse_state, Ctl, Outcome, VmManager};
 use super::owner;
-use super::registry::{self, RestartPolicy, VmKind};
+use super::registry::{self, RestartPolicy, SavedState, VmKind};
+use super::saved;
 use super::state::VmState;
 use super::vmm_conn::VmmConn;
 use std::os::fd::OwnedFd;
@@ -39,11 +40,14 @@ impl VmManager {
                 match rx.recv().await {
                     None | Some(Ctl::Delete) => return,
                     Some(Ctl::Start { fresh }) => break fresh,
+                    Some(Ctl::Save { reply, .. }) => {
+                        let _ = reply.send(Err("it is not running".into()));
+                    }
                     Some(other) => tracing::debug!("vm {id}: {other:?} ignored while not running"),
                 }
             };
             if fresh {
-                tracing::info!("vm {id}: fresh start (no saved state is resumed)");
+                self.discard_saved(id);
             }
             tracker.reset();
             let requested_at = Instant::now();
@@ -60,6 +64,18 @@ impl VmManager {
                         break;
                     }
                     Outcome::Deleted => return,
+                    Outcome::Saved(saved) => {
+                        self.set(id, VmState::Saved, &super::manager::saved_detail(&saved), |i| {
+                            i.pid = 0;
+                            (i.saved_generation, i.saved_at, i.saved_bytes) = (saved.generation, saved.saved_at, saved.written_bytes);
+                        });
+                        break;
+                    }
+                    Outcome::ResumeRefused(why) => {
+                        // Not a crash: the guest never ran. It boots from its disks now.
+                        self.set(id, VmState::Starting, &format!("saved state refused ({why}); booting from its disks"), |_| {});
+                        continue;
+                    }
                     Outcome::Rebooted => {
                         restarts += 1;
                         self.set(id, VmState::Starting, "the guest rebooted", |i| i.restarts = restarts);
@@ -104,6 +120,9 @@ impl VmManager {
                                 c = rx.recv() => match c {
                                     None | Some(Ctl::Delete) => return,
                                     Some(Ctl::Stop { .. }) => break true,
+                                    Some(Ctl::Save { reply, .. }) => {
+                                        let _ = reply.send(Err("it is not running (a restart is pending)".into()));
+                                    }
                                     Some(_) => {}
                                 }
                             }
@@ -155,6 +174,9 @@ impl VmManager {
             Ok(s) => s,
             Err(e) => return Outcome::Broken(e.to_string()),
         };
+        saved::tidy(&vm.name, &files.vm_dir, vm.saved.as_ref().map(|s| s.generation));
+        // The state to resume, already used up (renamed, and forgotten by the registry).
+        let resume = vm.saved.clone().and_then(|s| self.take_saved(id, &vm, &files.vm_dir, s));
         self.set(id, VmState::Starting, "", |i| {
             i.guest_init_ms = 0;
             i.start_to_init_ms = 0;
@@ -164,7 +186,8 @@ impl VmManager {
         // What the supervisor adds to a start is the time until it spawns the VMM; from then on
         // the VMM's own boot timer says when the guest reached init.
         let supervisor_ms = requested_at.elapsed().as_millis() as u64;
-        let spawned = match vmm_process::spawn(&self.reaper, &self.settings.vmm_bin, &vm, &files, &spec) {
+        let restore_dir = resume.as_ref().map(|(dir, _)| dir.as_path());
+        let spawned = match vmm_process::spawn(&self.reaper, &self.settings.vmm_bin, &vm, &files, &spec, restore_dir) {
             Ok(s) => s,
             Err(e) => return Outcome::Crashed(format!("could not start: {e}")),
         };
@@ -202,7 +225,11 @@ impl VmManager {
         let mut events_done = false;
         let mut vmm_reason: Option<String> = None;
         let mut stopping: Option<(Instant, bool)> = None;
-        let mut agent = AgentStatus::default();
+        let mut agent = if resume.is_some() { AgentStatus::resumed() } else { AgentStatus::default() };
+        // A save that succeeded: its generation, what the VMM reported, who asked.
+        let mut saved_run: Option<(u64, SnapshotReply, SaveReply)> = None;
+        // A resumed guest's clock is set once its agent speaks again.
+        let mut clock_pending = resume.is_some();
         let kind = loop {
             // The one timer this loop needs: whichever deadline comes first.
             let deadline = [
@@ -231,6 +258,18 @@ impl VmManager {
                     }
                     Some(Event::Up { state, boot_ms, .. }) => {
                         up = true;
+                        if let Some((dir, s)) = &resume {
+                            tracing::info!(
+                                "vm {}: resumed from saved state (generation {}, saved {} s ago), {} ms after the start request",
+                                vm.name,
+                                s.generation,
+                                registry::now_secs().saturating_sub(s.saved_at),
+                                requested_at.elapsed().as_millis()
+                            );
+                            if let Err(e) = saved::remove(dir) {
+                                tracing::warn!("vm {}: removing the resumed state {}: {e}", vm.name, dir.display());
+                            }
+                        }
                         conn_for(self, id, Some((conn.clone(), display.clone())));
                         if stopping.is_none() {
                             self.set(id, if state == RunState::Paused { VmState::Paused } else { VmState::Running }, "", |_| {});
@@ -268,8 +307,17 @@ impl VmManager {
                             tracing::info!("vm {}: guest agent ready ({} ms after the start request)", vm.name, requested_at.elapsed().as_millis());
                             self.send_first_boot_setup(id, &vm.name, &conn).await;
                         }
+                        let spoke = message.is_some();
                         if let Some(FromAgent::Setup(result)) = message {
                             self.first_boot_answered(id, &vm.name, result);
+                        }
+                        if clock_pending && spoke {
+                            // The guest slept through the downtime: its agent sets its wall clock.
+                            clock_pending = false;
+                            let line = rayos_proto::agent::ToAgent::SetClock { unix_ns: unix_ns() }.to_line();
+                            if let Err(e) = call(VmmRequest::AgentSend { data: line }).await {
+                                tracing::warn!("vm {}: setting the resumed guest's clock: {e}", vm.name);
+                            }
                         }
                         if agent.ready {
                             watch.agent_alive(Instant::now());
@@ -322,6 +370,46 @@ impl VmManager {
                         let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
                     }
                     Some(Ctl::Start { .. }) | Some(Ctl::Delete) => {}
+                    Some(Ctl::Save { reply, or_stop }) => {
+                        if !up || stopping.is_some() || saved_run.is_some() {
+                            let _ = reply.send(Err("its VMM is starting or stopping".into()));
+                            continue;
+                        }
+                        let before = parse_state(&self.get(&id.to_string()).map(|i| i.state).unwrap_or_default());
+                        watch.paused(Instant::now());
+                        self.set(id, VmState::Saving, "", |_| {});
+                        match self.save_now(id, &vm, &files, &conn, &mut events).await {
+                            Ok((generation, done)) => {
+                                // The VMM left the guest paused; it ends now, and the save is
+                                // recorded once it has (no disk write can follow).
+                                force_off(&conn, pid).await;
+                                stopping = Some((Instant::now(), true));
+                                saved_run = Some((generation, done, reply));
+                            }
+                            Err(SaveFailed { why, vmm_stuck }) => {
+                                let _ = reply.send(Err(why.clone()));
+                                if vmm_stuck {
+                                    tracing::error!("vm {}: save failed: {why}; forcing it off", vm.name);
+                                    force_off(&conn, pid).await;
+                                    stopping = Some((Instant::now(), true));
+                                    continue;
+                                }
+                                // The guest keeps running as it was (or, at a RayOS shutdown, is
+                                // shut down); a failed snapshot leaves the VMM paused.
+                                let back = if before == VmState::Paused { VmState::Paused } else { VmState::Running };
+                                if back == VmState::Running {
+                                    let _ = call(VmmRequest::Resume).await;
+                                    watch.resumed(Instant::now());
+                                }
+                                self.set(id, back, &format!("save failed: {why}"), |_| {});
+                                if or_stop {
+                                    if let Some(e) = self.vms.lock().unwrap().get(&id) {
+                                        let _ = e.ctl.send(Ctl::Stop { force: false });
+                                    }
+                                }
+                            }
+                        }
+                    }
                     Some(Ctl::Pause) => match call(VmmRequest::Pause).await {
                         Ok(_) => {
                             watch.paused(Instant::now());
@@ -365,6 +453,19 @@ impl VmManager {
         conn_for(self, id, None);
         drop(display);
         let _ = std::fs::remove_file(&files.control_socket);
+        if let Some((generation, done, reply)) = saved_run {
+            return self.record_save(id, &vm, &files, generation, done, reply);
+        }
+        if let Some((dir, s)) = &resume {
+            if !up {
+                // The VMM refused the state (or died loading it): no vCPU ran. Keep it aside.
+                let why = vmm_reason.clone().unwrap_or_else(|| format!("rayos-vmm --restore: {kind}"));
+                let kept = saved::set_aside(&files.vm_dir, dir).map(|p| p.display().to_string()).unwrap_or_else(|e| format!("(not kept: {e})"));
+                tracing::warn!("vm {}: saved state generation {} not resumed: {why}; kept as {kept}; booting it from its disks", vm.name, s.generation);
+                self.problems.lock().unwrap().push(format!("VM {}: saved state not resumed: {why} (kept as {kept})", vm.name));
+                return Outcome::ResumeRefused(why);
+            }
+        }
         if let Some(why) = hang {
             return Outcome::Hung { why, healthy_for: watch.healthy_for(started) };
         }
@@ -389,6 +490,158 @@ impl VmManager {
         }
     }
 
+    /// A fresh start: the saved state (if any) is discarded, after the user confirmed it.
+    fn discard_saved(&self, id: Uuid) {
+        let Some(vm) = self.registry.lock().unwrap().get(id).cloned() else { return };
+        let Some(s) = vm.saved else {
+            tracing::info!("vm {}: fresh start (there was no saved state)", vm.name);
+            return;
+        };
+        if let Err(e) = self.registry.lock().unwrap().update(id, |v| v.saved = None) {
+            tracing::error!("vm {}: fresh start: forgetting the saved state: {e}", vm.name);
+        }
+        let dir = saved::state_dir(&self.vm_dir(id), s.generation);
+        match saved::remove(&dir) {
+            Ok(()) => tracing::info!("vm {}: fresh start: saved state generation {} discarded as asked", vm.name, s.generation),
+            Err(e) => tracing::warn!("vm {}: fresh start: removing {}: {e}", vm.name, dir.display()),
+        }
+        self.set(id, VmState::Stopped, "saved state discarded", |i| (i.saved_generation, i.saved_at, i.saved_bytes) = (0, 0, 0));
+    }
+
+    /// The saved state `s` of `vm`, checked against its disks and used up before any VMM
+    /// runs: the registry forgets it and its folder becomes `restoring-<G>`, so a power cut
+    /// from here on cold-boots. A state that fails a check is kept aside and `None` returned.
+    fn take_saved(&self, id: Uuid, vm: &registry::VmRecord, vm_dir: &std::path::Path, s: SavedState) -> Option<(std::path::PathBuf, SavedState)> {
+        let checked = saved::check(vm, vm_dir, &s);
+        let folder = saved::state_dir(vm_dir, s.generation);
+        if let Err(e) = self.registry.lock().unwrap().update(id, |v| v.saved = None) {
+            // Without that record written, only moving the folder away keeps a later boot
+            // from resuming it a second time.
+            let kept = saved::set_aside(vm_dir, &folder).map(|p| p.display().to_string()).unwrap_or_else(|e| e.to_string());
+            tracing::error!("vm {}: cannot record that the saved state is used ({e}); not resumed, kept as {kept}", vm.name);
+            return None;
+        }
+        self.set(id, VmState::Starting, "", |i| (i.saved_generation, i.saved_at, i.saved_bytes) = (0, 0, 0));
+        match checked {
+            Ok(_) => match saved::begin_resume(vm_dir, s.generation) {
+                Ok(dir) => Some((dir, s)),
+                Err(e) => {
+                    tracing::error!("vm {}: saved state {}: {e}; booting it from its disks", vm.name, folder.display());
+                    None
+                }
+            },
+            Err(m) => {
+                let kept = match &m {
+                    saved::Mismatch::NoFolder(_) => "nothing to keep".to_string(),
+                    _ => saved::set_aside(vm_dir, &folder).map(|p| format!("kept as {}", p.display())).unwrap_or_else(|e| format!("not kept: {e}")),
+                };
+                tracing::warn!("vm {}: saved state generation {} not resumed: {m}; {kept}; booting it from its disks", vm.name, s.generation);
+                self.problems.lock().unwrap().push(format!("VM {}: saved state not resumed: {m} ({kept})", vm.name));
+                None
+            }
+        }
+    }
+
+    /// Asks the VMM to save the VM into `saved-<G>` for a new generation G, showing its
+    /// progress. The VMM leaves the guest paused.
+    async fn save_now(
+        &self,
+        id: Uuid,
+        vm: &registry::VmRecord,
+        files: &VmFiles,
+        conn: &VmmConn,
+        events: &mut mpsc::Receiver<Event>,
+    ) -> Result<(u64, SnapshotReply), SaveFailed> {
+        let failed = |why: String| SaveFailed { why, vmm_stuck: false };
+        saved::check_room(vm, &files.vm_dir).map_err(failed)?;
+        let mut generation = 0;
+        self.registry
+            .lock()
+            .unwrap()
+            .update(id, |v| {
+                v.save_generation += 1;
+                generation = v.save_generation;
+            })
+            .map_err(|e| failed(format!("recording the save generation: {e}")))?;
+        let path = saved::state_dir(&files.vm_dir, generation);
+        tracing::info!("vm {}: saving to {} (generation {generation})", vm.name, path.display());
+        let t0 = Instant::now();
+        let request = conn.request(VmmRequest::Snapshot { path: path.clone(), replace: false, generation }, self.settings.save_timeout);
+        tokio::pin!(request);
+        let mut shown = Instant::now();
+        let answer = loop {
+            tokio::select! {
+                r = &mut request => break r,
+                ev = events.recv() => match ev {
+                    Some(Event::SaveProgress { written, total }) if shown.elapsed() >= Duration::from_secs(1) || written == total => {
+                        shown = Instant::now();
+                        tracing::info!("vm {}: saving: {} MiB of {} MiB", vm.name, written >> 20, total >> 20);
+                    }
+                    Some(Event::Exiting { reason, .. }) => tracing::warn!("vm {}: VMM exiting during the save: {reason}", vm.name),
+                    Some(_) => {}
+                    // The connection is gone: the request fails on its own.
+                    None => std::future::pending::<()>().await,
+                },
+            }
+        };
+        match answer {
+            Ok(Reply::Snapshot(done)) => {
+                tracing::info!(
+                    "vm {}: saved in {} ms: {} MiB of RAM written ({} MiB guest RAM)",
+                    vm.name,
+                    t0.elapsed().as_millis(),
+                    done.memory_written >> 20,
+                    done.memory_bytes >> 20
+                );
+                Ok((generation, done))
+            }
+            Ok(other) => Err(failed(format!("the VMM answered the snapshot with {other:?}"))),
+            Err(super::vmm_conn::ConnError::Timeout(_)) => Err(SaveFailed {
+                why: format!("the save did not finish within {} s", self.settings.save_timeout.as_secs()),
+                vmm_stuck: true,
+            }),
+            Err(e) => Err(failed(format!("the VMM refused the snapshot: {e}"))),
+        }
+    }
+
+    /// After the saved VMM ended: the disks are synced, their identity taken, and the
+    /// registry records the state. Only then does the VM count as saved.
+    fn record_save(
+        &self,
+        id: Uuid,
+        vm: &registry::VmRecord,
+        files: &VmFiles,
+        generation: u64,
+        done: SnapshotReply,
+        reply: SaveReply,
+    ) -> Outcome {
+        saved::sync_disks(vm);
+        let folder = saved::state_dir(&files.vm_dir, generation);
+        let record = saved::disk_identities(vm).map_err(|e| format!("reading its disks: {e}")).and_then(|disks| {
+            let s = SavedState {
+                generation,
+                saved_at: registry::now_secs(),
+                memory_bytes: done.memory_bytes,
+                written_bytes: done.memory_written,
+                disks,
+            };
+            self.registry.lock().unwrap().update(id, |v| v.saved = Some(s.clone())).map_err(|e| e.to_string())?;
+            Ok(s)
+        });
+        match record {
+            Ok(s) => {
+                let _ = reply.send(Ok(format!("saved (generation {generation}, {} MiB of RAM written); the next start resumes it", done.memory_written >> 20)));
+                Outcome::Saved(s)
+            }
+            Err(why) => {
+                let kept = saved::set_aside(&files.vm_dir, &folder).map(|p| p.display().to_string()).unwrap_or_else(|e| e.to_string());
+                tracing::error!("vm {}: the save cannot be recorded ({why}); the state is kept as {kept} and not resumed", vm.name);
+                let _ = reply.send(Err(format!("the save cannot be recorded: {why}; the VM was stopped")));
+                Outcome::Stopped(format!("stopped after a save that could not be recorded: {why}"))
+            }
+        }
+    }
+
     fn init_reached(&self, id: Uuid, name: &str, ms: u64, supervisor_ms: u64, requested_at: Instant) {
         if self.vms.lock().unwrap().get(&id).is_some_and(|e| e.info.guest_init_ms != 0) {
             return;
@@ -403,6 +656,19 @@ impl VmManager {
             e.info.start_to_init_ms = total;
         }
     }
+}
+
+/// Who waits for a save's outcome (`vm save`, or the shutdown).
+type SaveReply = tokio::sync::oneshot::Sender<Result<String, String>>;
+
+/// Why a save was not made; `vmm_stuck`: the VMM did not answer in time and must be forced.
+struct SaveFailed {
+    why: String,
+    vmm_stuck: bool,
+}
+
+fn unix_ns() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
 /// Publishes (or withdraws) the live connection the API's requests use, and the display

@@ -20,7 +20,14 @@ use crate::reaper::Reaper;
 const FAKE_VMM: &str = r#"#!/usr/bin/python3
 import json, os, socket, struct, sys, threading, time
 args = sys.argv[1:]
-spec = json.load(open(args[args.index("--spec") + 1]))
+# --restore DIR: the "guest" continues from the heartbeat count saved in DIR/state.json; a
+# state.json with "reject" in it is refused the way rayos-vmm refuses a bad state (exit 12).
+restored = None
+if "--restore" in args:
+    restored = json.load(open(os.path.join(args[args.index("--restore") + 1], "state.json")))
+    spec = restored["spec"]
+else:
+    spec = json.load(open(args[args.index("--spec") + 1]))
 conn = socket.socket(fileno=int(args[args.index("--control-fd") + 1]))
 words = spec["cmdline"].split()
 agent = bool(spec.get("console"))
@@ -37,6 +44,11 @@ def event(ev):
 def leave(code, reason):
     event({"kind": "exiting", "code": code, "reason": reason})
     os._exit(code)
+if restored is not None and "reject" in restored:
+    conn_early = socket.socket(fileno=int(args[args.index("--control-fd") + 1]))
+    conn_early.sendall((json.dumps({"type": "event", "event": {"kind": "exiting", "code": 12, "reason": "state.json: field `vm`: checksum mismatch"}}) + "\n").encode())
+    os._exit(12)
+count = [restored["n"] if restored else 0]
 for w in words:
     if w.startswith("crash-after-"):
         ms = int(w[len("crash-after-"):])
@@ -66,18 +78,21 @@ if "--display-fd" in args and "display-deaf" not in words:
     threading.Thread(target=echo, daemon=True).start()
 if "never-up" in words:
     time.sleep(60)
-event({"kind": "up", "name": spec["name"], "state": "running", "boot_ms": None})
+event({"kind": "up", "name": spec["name"], "state": "running", "boot_ms": restored["boot_ms"] if restored else None})
 def guest():
-    n = 0
-    log.write("guest: init\n")
-    time.sleep(0.05)
-    if "no-init" not in words:
-        event({"kind": "boot_timer", "ms": int((time.time() - t0) * 1000)})
-    if agent:
-        event({"kind": "agent_line", "line": "ready"})
+    if restored:
+        log.write("guest: restored at heartbeat %d\n" % count[0])
+    else:
+        log.write("guest: init\n")
+        time.sleep(0.05)
+        if "no-init" not in words:
+            event({"kind": "boot_timer", "ms": int((time.time() - t0) * 1000)})
+        if agent:
+            event({"kind": "agent_line", "line": "ready"})
     while True:
         if not paused.is_set():
-            n += 1
+            count[0] += 1
+            n = count[0]
             log.write("heartbeat %d\n" % n)
             if agent and n % 5 == 0 and (quiet_after is None or n // 5 <= quiet_after):
                 event({"kind": "agent_line", "line": "heartbeat %d" % (n // 5)})
@@ -113,6 +128,17 @@ for line in conn.makefile("r"):
                 event({"kind": "agent_line", "line": "heartbeat 999"})
                 event({"kind": "agent_line", "line": 'screen 0-0 {"error": "an answer to another request"}'})
                 threading.Timer(0.02, screen, args=(l,)).start()
+    elif cmd == "snapshot":
+        paused.set()
+        event({"kind": "state", "state": "paused"})
+        if "save-fails" in words:
+            ans = {"ok": False, "error": "writing memory: No space left on device"}
+        else:
+            for w in (0, 32 << 20, 64 << 20):
+                event({"kind": "save_progress", "written": w, "total": 64 << 20})
+            os.mkdir(req["path"])
+            json.dump({"spec": spec, "n": count[0], "generation": req.get("generation", 0), "boot_ms": 50}, open(os.path.join(req["path"], "state.json"), "w"))
+            ans.update(state="paused", path=req["path"], memory_bytes=64 << 20, memory_written=3 << 20, state_bytes=100, ms=5)
     elif cmd == "screenshot":
         open(req["path"], "wb").write(b"P6\n2 1\n255\n" + bytes([255, 0, 0, 0, 0, 255]))
         ans.update(width=2, height=1)
@@ -188,7 +214,7 @@ fn create_full(
             rng: false,
             agent,
         },
-        policy: Policy { autostart_hidden: autostart, restart },
+        policy: Policy { autostart_hidden: autostart, restart, on_shutdown: Default::default() },
     };
     env.mgr.create(req).unwrap().id
 }
@@ -753,4 +779,134 @@ async fn a_vmm_that_reads_no_input_fails_the_call_instead_of_hanging_it() {
     assert_eq!(env.mgr.get("deaf").unwrap().state, "running");
     env.mgr.stop("deaf", false).unwrap();
     wait_state(&env, "deaf", "stopped", Duration::from_secs(5)).await;
+}
+
+/// The heartbeat numbers in a serial log, in order.
+fn heartbeat_numbers(serial: &Path) -> Vec<u64> {
+    std::fs::read_to_string(serial)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("heartbeat ").and_then(|n| n.trim().parse().ok()))
+        .collect()
+}
+
+async fn wait_heartbeats_past(serial: &Path, n: u64) {
+    let t = Instant::now();
+    while heartbeat_numbers(serial).last().copied().unwrap_or(0) <= n {
+        assert!(t.elapsed() < Duration::from_secs(5), "no heartbeat past {n}: {:?}", heartbeat_numbers(serial).last());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Save and resume: a saved VM resumes where it was, exactly once; a state whose disk
+/// changed, or that its VMM refuses, is kept aside and the VM boots from its disks; a fresh
+/// start discards the state.
+#[tokio::test(flavor = "current_thread")]
+async fn a_saved_vm_resumes_once_and_never_over_a_changed_disk() {
+    let env = setup("save", |_| {});
+    let id = create_with(&env, "deb", "console=ttyS0", false, true, RestartPolicy::OnFailure);
+    let vm_dir = env.dir.join("vms").join(&id);
+    let serial = vm_dir.join("serial.log");
+    env.mgr.start("deb", false).unwrap();
+    wait_state(&env, "deb", "running", Duration::from_secs(5)).await;
+    wait_heartbeats_past(&serial, 10).await;
+
+    // Save: the VMM ends, the registry vouches for generation 1.
+    let said = env.mgr.save("deb").await.unwrap();
+    assert!(said.contains("generation 1"), "{said}");
+    let info = wait_state(&env, "deb", "saved", Duration::from_secs(3)).await;
+    assert_eq!((info.pid, info.saved_generation, info.saved_bytes), (0, 1, 3 << 20), "{info:?}");
+    let rec = env.mgr.record("deb").unwrap();
+    let saved = rec.saved.clone().expect("the registry records the save");
+    assert_eq!(saved.generation, 1);
+    assert_eq!(saved.disks.len(), 1, "the writable disk's identity is recorded: {saved:?}");
+    assert!(vm_dir.join("saved-1/state.json").is_file());
+    let at_save = *heartbeat_numbers(&serial).last().unwrap();
+    assert!(env.mgr.save("deb").await.unwrap_err().to_string().contains("already saved"));
+
+    // Resume: it continues counting; the state is used up before the VMM ran.
+    env.mgr.start("deb", false).unwrap();
+    wait_state(&env, "deb", "running", Duration::from_secs(5)).await;
+    wait_heartbeats_past(&serial, at_save + 5).await;
+    let log = std::fs::read_to_string(&serial).unwrap();
+    assert!(log.contains(&format!("guest: restored at heartbeat {at_save}")), "{log}");
+    assert_eq!(log.matches("guest: init").count(), 1, "the resumed guest booted again:\n{log}");
+    assert!(env.mgr.record("deb").unwrap().saved.is_none(), "a resumed state is forgotten");
+    assert!(!vm_dir.join("saved-1").exists() && !vm_dir.join("restoring-1").exists(), "a resumed state is removed");
+    // The resumed agent never says ready again: its heartbeat makes it ready.
+    let t = Instant::now();
+    while !env.mgr.get("deb").unwrap().agent_ready {
+        assert!(t.elapsed() < Duration::from_secs(3), "the resumed guest's agent never counted as ready");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // A disk written while the VM was saved (an offline edit): not resumed, kept aside.
+    env.mgr.save("deb").await.unwrap();
+    wait_state(&env, "deb", "saved", Duration::from_secs(3)).await;
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(env.dir.join("deb.img"), b"edited offline").unwrap();
+    env.mgr.start("deb", false).unwrap();
+    wait_state(&env, "deb", "running", Duration::from_secs(5)).await;
+    let log = std::fs::read_to_string(&serial).unwrap();
+    assert_eq!(log.matches("guest: init").count(), 2, "a cold boot follows a refused state:\n{log}");
+    assert!(vm_dir.join("saved-state.rejected-1/state.json").is_file(), "the refused state is kept aside");
+    let problems = env.mgr.problems().join("\n");
+    assert!(problems.contains("deb.img") && problems.contains("changed since") && problems.contains("rejected-1"), "{problems}");
+    assert_eq!(std::fs::read(env.dir.join("deb.img")).unwrap(), b"edited offline", "the disk is untouched");
+
+    // A state the VMM refuses (exit 12): kept aside, cold boot, no crash counted.
+    env.mgr.save("deb").await.unwrap();
+    wait_state(&env, "deb", "saved", Duration::from_secs(3)).await;
+    let g = env.mgr.record("deb").unwrap().saved.unwrap().generation;
+    assert_eq!(g, 3, "generations only grow");
+    let state = vm_dir.join(format!("saved-{g}/state.json"));
+    let mut doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    doc["reject"] = true.into();
+    std::fs::write(&state, doc.to_string()).unwrap();
+    env.mgr.start("deb", false).unwrap();
+    wait_state(&env, "deb", "running", Duration::from_secs(5)).await;
+    let t = Instant::now();
+    while std::fs::read_to_string(&serial).unwrap().matches("guest: init").count() < 3 {
+        assert!(t.elapsed() < Duration::from_secs(5), "no cold boot after the VMM refused the state");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(vm_dir.join("saved-state.rejected-2/state.json").is_file(), "the refused state is kept aside");
+    assert!(env.mgr.problems().join("\n").contains("checksum mismatch"), "{:?}", env.mgr.problems());
+    assert_eq!(env.mgr.get("deb").unwrap().restarts, 0, "a refused state is not a crash");
+
+    // A fresh start discards the state.
+    env.mgr.save("deb").await.unwrap();
+    wait_state(&env, "deb", "saved", Duration::from_secs(3)).await;
+    env.mgr.start("deb", true).unwrap();
+    wait_state(&env, "deb", "running", Duration::from_secs(5)).await;
+    assert!(env.mgr.record("deb").unwrap().saved.is_none());
+    assert!(!vm_dir.join("saved-4").exists(), "a fresh start removes the state");
+    assert_eq!(std::fs::read_to_string(&serial).unwrap().matches("guest: init").count(), 4);
+    env.mgr.stop("deb", true).unwrap();
+    wait_state(&env, "deb", "stopped", Duration::from_secs(3)).await;
+    std::fs::remove_dir_all(&env.dir).unwrap();
+}
+
+/// An orderly shutdown saves the VMs whose policy says so and shuts the others down; a save
+/// that fails shuts its guest down instead.
+#[tokio::test(flavor = "current_thread")]
+async fn shutdown_saves_by_policy_and_falls_back_to_a_shutdown() {
+    let env = setup("shutsave", |_| {});
+    create_with(&env, "keep", "console=ttyS0", false, true, RestartPolicy::OnFailure);
+    create_with(&env, "full", "console=ttyS0 save-fails", false, true, RestartPolicy::OnFailure);
+    let off = create_with(&env, "off", "console=ttyS0", false, true, RestartPolicy::OnFailure);
+    env.mgr.registry.lock().unwrap().update(off.parse().unwrap(), |v| v.policy.on_shutdown = super::registry::OnShutdown::Shutdown).unwrap();
+    for vm in ["keep", "full", "off"] {
+        env.mgr.start(vm, false).unwrap();
+        wait_state(&env, vm, "running", Duration::from_secs(5)).await;
+    }
+    env.mgr.shutdown_all(Duration::from_secs(5)).await;
+    assert_eq!(env.mgr.get("keep").unwrap().state, "saved");
+    let full = env.mgr.get("full").unwrap();
+    assert_eq!((full.state.as_str(), full.detail.as_str()), ("stopped", "the guest powered off"), "a failed save shuts the guest down: {full:?}");
+    assert!(env.mgr.record("full").unwrap().saved.is_none());
+    let off = env.mgr.get("off").unwrap();
+    assert_eq!(off.state, "stopped", "{off:?}");
+    assert!(env.mgr.record("off").unwrap().saved.is_none(), "policy shutdown never saves");
+    std::fs::remove_dir_all(&env.dir).unwrap();
 }

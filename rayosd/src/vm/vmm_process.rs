@@ -114,7 +114,9 @@ fn place_fd(fd: i32, target: i32) -> std::io::Result<()> {
 /// Writes the spec and starts `vmm_bin --spec FILE --control-fd 3 [--display-fd 4]`. Its stdout/stderr go to
 /// the log under `vm <name>`. Must run on the runtime that runs the reaper (registration is in
 /// this call).
-pub fn spawn(reaper: &Reaper, vmm_bin: &Path, vm: &VmRecord, files: &VmFiles, spec: &VmSpec) -> Result<Spawned, VmmError> {
+/// With `restore`, the VMM continues the state saved in that folder (`--restore DIR`) instead
+/// of booting the spec; the spec file is still written (tools read it).
+pub fn spawn(reaper: &Reaper, vmm_bin: &Path, vm: &VmRecord, files: &VmFiles, spec: &VmSpec, restore: Option<&Path>) -> Result<Spawned, VmmError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| VmmError::Io { path, source }
@@ -141,7 +143,11 @@ pub fn spawn(reaper: &Reaper, vmm_bin: &Path, vm: &VmRecord, files: &VmFiles, sp
         None => None,
     };
     let mut cmd = Command::new(vmm_bin);
-    cmd.arg("--spec").arg(&files.spec).arg("--control-fd").arg(CONTROL_FD.to_string());
+    match restore {
+        Some(dir) => cmd.arg("--restore").arg(dir),
+        None => cmd.arg("--spec").arg(&files.spec),
+    };
+    cmd.arg("--control-fd").arg(CONTROL_FD.to_string());
     if display.is_some() {
         cmd.arg("--display-fd").arg(DISPLAY_FD.to_string());
     }
@@ -230,6 +236,8 @@ mod tests {
             created_at: 0,
             last_booted_at: None,
             firstboot: None,
+            saved: None,
+            save_generation: 0,
         }
     }
 

@@ -2,7 +2,7 @@
 //! shows the guest alive and obeys the lifecycle the supervisor drives.
 //!
 //! - mounts the API filesystems and writes the VMM's boot-timer port (guest init reached);
-//! - prints `devguest: init` and then `heartbeat <n> uptime_ms=<ms>` on the console every
+//! - prints `devguest: init` and then `heartbeat <n> uptime_ms=<ms> wall_ms=<unix ms>` on the console every
 //!   `devguest.interval_ms` (default 200): the heartbeats stop while the VM is paused;
 //! - writes `ready` and `heartbeat <n>` lines on the `org.rayos.agent` virtio-console port too,
 //!   when the VMM offers one;
@@ -286,6 +286,7 @@ fn main() {
                                 send_line(&a, &FromAgent::Setup(result));
                             });
                         }
+                        Ok(ToAgent::SetClock { unix_ns }) => set_clock(unix_ns),
                         Err(e) => println!("devguest: {e}"),
                     }
                 }
@@ -300,11 +301,26 @@ fn main() {
             .unwrap_or_else(|| t0.elapsed().as_millis() as u64)
     };
     for n in 1u64.. {
-        println!("heartbeat {n} uptime_ms={}", uptime());
+        println!("heartbeat {n} uptime_ms={} wall_ms={}", uptime(), wall_ms());
         if let Some(a) = &agent {
             send_line(a, &FromAgent::Heartbeat(n));
         }
         std::thread::sleep(Duration::from_millis(interval));
+    }
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// The host's `clock` after a resume: the guest slept through the host's downtime, so its
+/// wall clock is behind by that much (its monotonic clock rightly is not).
+fn set_clock(unix_ns: u64) {
+    let before = wall_ms();
+    let ts = nix::sys::time::TimeSpec::new((unix_ns / 1_000_000_000) as i64, (unix_ns % 1_000_000_000) as i64);
+    match nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts) {
+        Ok(()) => println!("devguest: clock set by the host: it was {} ms behind", (unix_ns / 1_000_000) as i64 - before as i64),
+        Err(e) => println!("devguest: setting the clock: {e}"),
     }
 }
 
