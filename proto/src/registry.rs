@@ -170,8 +170,12 @@ pub struct VmRecord {
     pub saved: Option<SavedState>,
     /// The last save generation handed out: generations only grow, so a state folder left
     /// from an older save never matches the record.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub save_generation: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// The default Linux guest's kernel file in its VM folder: the RayOS kernel as an uncompressed
@@ -347,7 +351,8 @@ mod tests {
       },
       "policy": {
         "autostart_hidden": true,
-        "restart": "on-failure"
+        "restart": "on-failure",
+        "on_shutdown": "save"
       },
       "created_at": 1764806400,
       "last_booted_at": null
@@ -364,6 +369,12 @@ mod tests {
         assert_eq!((vm.name.as_str(), vm.kind, vm.config.display), ("linux", VmKind::Linux, Some((1280, 800))));
         assert_eq!(vm.policy.restart, RestartPolicy::OnFailure);
         assert_eq!(String::from_utf8(f.to_bytes()).unwrap(), INSTALLED);
+        // A registry from before saved states reads with their defaults: save at shutdown,
+        // nothing saved.
+        let old = INSTALLED.replace(",\n        \"on_shutdown\": \"save\"", "");
+        assert_ne!(old, INSTALLED);
+        let vm = RegistryFile::parse(old.as_bytes()).unwrap().vms.remove(0);
+        assert_eq!((vm.policy.on_shutdown, vm.saved, vm.save_generation), (OnShutdown::Save, None, 0));
     }
 
     #[test]
