@@ -71,11 +71,13 @@ struct Vm {
     display: Option<(u32, u32)>,
     /// The record's `firstboot` (the user and settings the guest agent sets up).
     firstboot: Option<Value>,
+    /// The record's `policy.on_shutdown` ("save" when absent).
+    on_shutdown: Option<&'static str>,
 }
 
 impl Vm {
     fn new(name: &'static str, autostart: bool) -> Vm {
-        Vm { id: new_uuid(), name, autostart, disk: true, bad_kernel: false, agent: true, boot: None, memory_mib: 128, disk_src: None, display: None, firstboot: None }
+        Vm { id: new_uuid(), name, autostart, disk: true, bad_kernel: false, agent: true, boot: None, memory_mib: 128, disk_src: None, display: None, firstboot: None, on_shutdown: None }
     }
 
     fn record(&self) -> Value {
@@ -107,6 +109,9 @@ impl Vm {
         });
         if let Some(fb) = &self.firstboot {
             record["firstboot"] = fb.clone();
+        }
+        if let Some(p) = self.on_shutdown {
+            record["policy"]["on_shutdown"] = p.into();
         }
         record
     }
@@ -411,10 +416,119 @@ fn vm_lifecycle_autostart_crashes_and_broken_disks() {
     // The others still run.
     assert_eq!(vm_info(&q, "deb")["state"], "running");
 
-    // Orderly power-off stops the VM first (ACPI), then RayOS goes down.
+    // Orderly power-off saves the running VM first (its policy's default), then RayOS goes down.
     ctl_ok(&q, &["poweroff"]);
-    q.wait_for("vm deb: stopped", Duration::from_secs(60)).unwrap();
+    q.wait_for("vm deb: saved (generation 1", Duration::from_secs(90)).unwrap();
     q.wait_exit(Duration::from_secs(60)).unwrap();
+}
+
+/// `heartbeat N uptime_ms=U wall_ms=W` lines of a devguest's serial console, as (N, U, W).
+fn beats(serial: &str) -> Vec<(u64, u64, u64)> {
+    serial
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.strip_prefix("heartbeat ")?.split_whitespace();
+            let n = f.next()?.parse().ok()?;
+            let u = f.next()?.strip_prefix("uptime_ms=")?.parse().ok()?;
+            let w = f.next()?.strip_prefix("wall_ms=")?.parse().ok()?;
+            Some((n, u, w))
+        })
+        .collect()
+}
+
+/// The VM's whole serial console log (up to 20000 lines): a resumed guest's log goes on from
+/// before the reboot.
+fn whole_serial(q: &Qemu, vm: &str) -> String {
+    ctl_ok(q, &["vm", "logs", vm, "-n", "20000"])["serial"].as_str().unwrap_or_default().to_string()
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// RayOS reboots, the VM does not: a guest that counts keeps counting across a RayOS reboot,
+/// its uptime goes on, and its wall clock is set right again; a VM whose policy is
+/// `shutdown` boots afresh. A power cut after the resume cold-boots the VM at the next boot:
+/// a saved state is used at most once.
+#[test]
+fn vm_lives_through_a_rayos_reboot_and_a_power_cut_after_the_resume_cold_boots_it() {
+    let counter = Vm::new("counter", true);
+    let mut plain = Vm::new("plain", true);
+    plain.on_shutdown = Some("shutdown");
+    let registry = registry_json(&[&counter, &plain]);
+    let (mut q, disk) = boot("vm-resume", |dir| data_disk(dir, &[&counter, &plain], &registry, None));
+    q.wait_for("rayosd: ready", BOOT_TIMEOUT).unwrap();
+    let t = Instant::now();
+    while last_heartbeat(&q, "counter") < 12 || last_heartbeat(&q, "plain") < 3 {
+        assert!(t.elapsed() < GUEST_TIMEOUT, "no heartbeats: {:?} {:?}", heartbeats(&q, "counter"), heartbeats(&q, "plain"));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    wait_vm(&q, "counter", "agent ready", Duration::from_secs(60), |v| v["agent_ready"] == true);
+    let before = beats(whole_serial(&q, "counter").as_str());
+    let &(n1, up1, _) = before.last().unwrap();
+    assert_eq!(vm_info(&q, "counter")["on_shutdown"], "save");
+    assert_eq!(vm_info(&q, "plain")["on_shutdown"], "shutdown");
+
+    let mark = q.log_len();
+    let t_reboot = Instant::now();
+    ctl_ok(&q, &["reboot"]);
+    let saved = q.wait_for_line_after(mark, |l| l.contains("vm counter: saved in"), "the save", Duration::from_secs(120)).unwrap();
+    eprintln!("resume: {saved}");
+    q.wait_for_line_after(mark, |l| l.contains("vm plain: stopping it for the shutdown"), "plain's stop", Duration::from_secs(30)).unwrap();
+    q.wait_for_line_after(mark, |l| l.contains("rayosd: ready"), "second ready", BOOT_TIMEOUT).unwrap();
+    let resumed = q
+        .wait_for_line_after(mark, |l| l.contains("vm counter: resumed from saved state (generation 1"), "the resume", GUEST_TIMEOUT)
+        .unwrap();
+    eprintln!("resume: {resumed} ({:?} after the reboot request)", t_reboot.elapsed());
+
+    // It goes on counting from where it was: the same boot, its uptime continued.
+    let t = Instant::now();
+    while last_heartbeat(&q, "counter") < n1 + 8 || !whole_serial(&q, "counter").contains("clock set by the host") {
+        assert!(t.elapsed() < GUEST_TIMEOUT, "the resumed guest does not beat or its clock was not set:\n{}", whole_serial(&q, "counter"));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let host_before = unix_ms();
+    let serial = whole_serial(&q, "counter");
+    let host_after = unix_ms();
+    assert_eq!(serial.matches("devguest: init").count(), 1, "the guest booted again instead of resuming:\n{serial}");
+    let after: Vec<_> = beats(&serial).into_iter().filter(|b| b.0 > n1).collect();
+    let first = after.first().unwrap_or_else(|| panic!("no heartbeat after {n1}:\n{serial}"));
+    // A heartbeat line cut by the save is lost at most.
+    assert!(first.0 <= n1 + 2, "the count jumped from {n1} to {}:\n{serial}", first.0);
+    assert!(first.1 > up1, "the guest's uptime went back from {up1} to {} ms", first.1);
+    let behind = serial.lines().find_map(|l| l.split("clock set by the host: it was ").nth(1)).unwrap().to_string();
+    eprintln!("resume: the guest's clock was {behind}");
+    // Its wall clock now: the last heartbeat was printed between our two readings, less the
+    // beat interval (250 ms) and the time the logs took to come back.
+    let &(_, _, wall) = after.last().unwrap();
+    assert!(
+        wall + 1000 + 250 >= host_before.saturating_sub(host_after - host_before) && wall <= host_after + 1000,
+        "the resumed guest's wall clock is off: it says {wall}, the host {host_before}..{host_after}"
+    );
+    assert_eq!(vm_info(&q, "counter")["saved_generation"], 0, "a resumed state is used up");
+    // plain's policy is shutdown: it was stopped and booted afresh (a new log, counting from 1).
+    let t = Instant::now();
+    while !heartbeats(&q, "plain").first().is_some_and(|n| *n == 1) {
+        assert!(t.elapsed() < GUEST_TIMEOUT, "plain did not boot afresh: {:?}", heartbeats(&q, "plain"));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // Power cut after the resume: the state was used up before the guest ran, so the next
+    // boot boots the VM from its disk.
+    q.kill();
+    drop(q);
+    let (mut q, _) = boot("vm-resume-cut", |_| disk.clone());
+    q.wait_for("rayosd: ready", BOOT_TIMEOUT).unwrap();
+    let t = Instant::now();
+    while last_heartbeat(&q, "counter") < 2 {
+        assert!(t.elapsed() < GUEST_TIMEOUT, "counter did not boot: {:?}", heartbeats(&q, "counter"));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let serial = whole_serial(&q, "counter");
+    assert_eq!(heartbeats(&q, "counter").first(), Some(&1), "after a power cut the VM boots afresh:\n{serial}");
+    assert!(!q.serial_log().contains("resumed from saved state"), "a used-up state was resumed again");
+    ctl_ok(&q, &["poweroff"]);
+    q.wait_exit(Duration::from_secs(120)).unwrap();
 }
 
 #[test]

@@ -590,7 +590,7 @@ pub(super) enum Outcome {
 
 /// What `vm list` says about a saved VM.
 pub(super) fn saved_detail(s: &registry::SavedState) -> String {
-    format!("saved (generation {}, {} MiB of RAM written); the next start resumes it", s.generation, s.written_bytes >> 20)
+    format!("generation {}, {} MiB of RAM written; the next start resumes it", s.generation, s.written_bytes >> 20)
 }
 
 pub fn parse_state(s: &str) -> VmState {
