@@ -436,10 +436,10 @@ fn beats(serial: &str) -> Vec<(u64, u64, u64)> {
         .collect()
 }
 
-/// The VM's whole serial console log (up to 20000 lines): a resumed guest's log goes on from
+/// The VM's whole serial console log (up to 10000 lines): a resumed guest's log goes on from
 /// before the reboot.
 fn whole_serial(q: &Qemu, vm: &str) -> String {
-    ctl_ok(q, &["vm", "logs", vm, "-n", "20000"])["serial"].as_str().unwrap_or_default().to_string()
+    ctl_ok(q, &["vm", "logs", vm, "-n", "10000"])["serial"].as_str().unwrap_or_default().to_string()
 }
 
 fn unix_ms() -> u64 {
