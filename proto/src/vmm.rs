@@ -192,6 +192,9 @@ pub struct StatusReply {
 pub struct SnapshotReply {
     pub state: RunState,
     pub path: PathBuf,
+    /// The request's `generation`, as written into the state (0 from a VMM before it).
+    #[serde(default)]
+    pub generation: u64,
     pub memory_bytes: u64,
     pub memory_written: u64,
     pub state_bytes: u64,
@@ -313,12 +316,13 @@ mod tests {
                 Answer::ok(Reply::Snapshot(SnapshotReply {
                     state: RunState::Paused,
                     path: "/s".into(),
+                    generation: 3,
                     memory_bytes: 10,
                     memory_written: 4,
                     state_bytes: 2,
                     ms: 7,
                 })),
-                r#"{"ok":true,"state":"paused","path":"/s","memory_bytes":10,"memory_written":4,"state_bytes":2,"ms":7}"#,
+                r#"{"ok":true,"state":"paused","path":"/s","generation":3,"memory_bytes":10,"memory_written":4,"state_bytes":2,"ms":7}"#,
             ),
             (
                 Answer::ok(Reply::Display(DisplayReply { enabled: false, width: None, height: None, stride: None, format: None, pixels: None })),
