@@ -115,13 +115,22 @@ fn load_framebuffer(snap: &Loaded, fb: Option<&devices::display::SharedFramebuff
     };
     let path = snap.dir.join(&info.file);
     if info.size != fb.size() {
-        return Err(Error::Device {
-            device: "bochs-display".into(),
-            reason: format!("{}: {} bytes, but this display's framebuffer has {}", path.display(), info.size, fb.size()),
+        return Err(Error::StateRejected {
+            file: snap.dir.join(snapshot::STATE_FILE),
+            field: "framebuffer.size".into(),
+            reason: format!("{} bytes, but this display's framebuffer has {}", info.size, fb.size()),
         });
     }
-    memory::copy_sparse(file, fb.file(), info.size).map_err(|e| Error::io(format!("loading {}", path.display()), e))?;
+    load_part(&path, file, fb.file(), info)?;
     Ok(())
+}
+
+/// Copies a snapshot's memory part into `dst`, each chunk verified before it is written.
+fn load_part(path: &std::path::Path, src: &File, dst: &File, info: &snapshot::MemoryInfo) -> Result<u64> {
+    snapshot::memfile::load(src, dst, info.size, &info.chunks).map_err(|e| match e {
+        snapshot::memfile::LoadError::Io(e) => Error::StateRejected { file: path.to_path_buf(), field: "(read)".into(), reason: e.to_string() },
+        e => Error::StateRejected { file: path.to_path_buf(), field: "chunks".into(), reason: e.to_string() },
+    })
 }
 
 impl Vmm {
@@ -133,6 +142,10 @@ impl Vmm {
     /// fills its RAM from the snapshot and puts every vCPU, the irqchip and the devices back
     /// where they were. The vCPUs continue when [`Vmm::run`] starts them (or paused, if the
     /// caller pauses [`Vmm::shared`]'s control first).
+    ///
+    /// Every check of the state (memory and framebuffer checksums, disk identities) passes
+    /// before a device worker starts or a vCPU exists to run: a refused state
+    /// ([`SnapshotError::rejects_state`]) has changed nothing.
     pub fn restore(snap: &Loaded, start: Instant) -> std::result::Result<Self, SnapshotError> {
         let vmm = Self::build_inner(snap.state.spec.clone(), start, Some(snap))?;
         tracing::info!("restored {} in {} ms", snap.dir.display(), start.elapsed().as_millis());
@@ -149,8 +162,7 @@ impl Vmm {
         let ram = GuestRam::new(&spec.name, spec.memory_bytes())?;
         if let Some(snap) = restore {
             let t0 = Instant::now();
-            let n = memory::copy_sparse(&snap.memory, &ram.memfd, ram.size)
-                .map_err(|e| Error::io(format!("loading {}", snap.dir.join(&snap.state.memory.file).display()), e))?;
+            let n = load_part(&snap.dir.join(&snap.state.memory.file), &snap.memory, &ram.memfd, &snap.state.memory)?;
             tracing::info!("guest RAM: {n} bytes loaded in {} ms", t0.elapsed().as_millis());
         }
         vm.map_ram(&ram.memory)?;
@@ -224,6 +236,10 @@ impl Vmm {
 
         let devices = attach::attach(&spec, vm.clone(), &ram.memory, &mut pio_bus, &mut mmio_bus, &events)?;
         if let Some(snap) = restore {
+            snapshot::disks::check(&snap.state.disks, &devices.disks).map_err(|e| match e {
+                SnapshotError::Field { file, field, reason } => Error::StateRejected { file, field: format!("disks.{field}"), reason },
+                e => Error::Device { device: "virtio-blk".into(), reason: e.to_string() },
+            })?;
             load_framebuffer(snap, devices.framebuffer())?;
         }
         // A restored guest's RAM already holds its kernel and ACPI tables (and has long
