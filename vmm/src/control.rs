@@ -50,7 +50,7 @@ pub fn handle(vm: &VmShared, req: Request) -> Answer {
             }
         }
         Request::Resume => {
-            vm.control.set_paused(false);
+            vm.resume();
             vm.events.send(Event::State { state: RunState::Running });
             Answer::ok(Reply::State { state: RunState::Running })
         }

@@ -88,6 +88,18 @@ impl VmShared {
         true
     }
 
+    /// Continues a paused VM: the devices a snapshot left paused, then the vCPUs, told that
+    /// they were stopped (KVM_KVMCLOCK_CTRL).
+    pub fn resume(&self) {
+        if let Some(pci) = &self.devices.pci {
+            pci.resume();
+        }
+        if self.control.is_paused() {
+            vcpu::tell_guest_it_was_paused(&self.snapshot.vcpus);
+        }
+        self.control.set_paused(false);
+    }
+
     fn kick(&self, threads: &[libc::pthread_t]) {
         for t in threads {
             // SAFETY: the vCPU threads are joined only after the VM stopped kicking them,
@@ -267,13 +279,24 @@ impl Vmm {
         }
         let msrs = vcpu::saveable_msrs(&vm, &vcpus[0].lock().unwrap_or_else(|p| p.into_inner()))?;
         if let Some(snap) = restore {
+            let state_file = snap.dir.join(snapshot::STATE_FILE);
+            // Checks first, all of them before any state goes in.
+            for (v, s) in vcpus.iter().zip(&snap.state.vcpus) {
+                vcpu::match_tsc(v, s, &state_file)?;
+                let now = v.lock().unwrap_or_else(|p| p.into_inner()).get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES);
+                let now = cpuid::entries(&now.map_err(|e| Error::kvm("KVM_GET_CPUID2", e))?);
+                if let Some(why) = cpuid::first_difference(&s.cpuid, &now) {
+                    return Err(Error::StateRejected { file: state_file, field: format!("vcpus[{}].cpuid", s.id), reason: why });
+                }
+            }
             vm.restore_state(&snap.state.vm)?;
             for (v, s) in vcpus.iter().zip(&snap.state.vcpus) {
-                // Before the registers: KVM_SET_TSC_KHZ must precede the TSC MSR's value.
-                vcpu::match_tsc(v, s)?;
                 vcpu::restore_state(v, s)?;
             }
             vm.restore_clock(&snap.state.vm)?;
+            // The guest was stopped for as long as the snapshot lay on disk: its soft-lockup
+            // watchdog must not count that as a hang.
+            vcpu::tell_guest_it_was_paused(&vcpus);
             let tsc = |msrs: &[vcpu::MsrValue]| msrs.iter().find(|m| m.index == 0x10).map(|m| m.data);
             let now = vcpu::save_state(&vcpus[0], 0, &msrs).ok();
             tracing::info!(

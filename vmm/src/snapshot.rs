@@ -158,7 +158,8 @@ pub struct Report {
     pub ms: u64,
 }
 
-/// Pauses the VM (if it runs), saves it into the directory `path` and leaves it paused.
+/// Pauses the VM (if it runs), saves it into the directory `path` and leaves it paused,
+/// devices included (the control socket's `resume` continues both).
 /// `path` must name a directory directly inside the VM's own directory (`spec.vm_dir`).
 pub fn take(vm: &VmShared, path: &Path, replace: bool, generation: u64) -> Result<Report, SnapshotError> {
     let t0 = Instant::now();
@@ -172,7 +173,12 @@ pub fn take(vm: &VmShared, path: &Path, replace: bool, generation: u64) -> Resul
     // Device workers stop taking requests; what they took is complete (see VirtioDevice).
     pci.pause();
     let r = save_paused(vm, pci, &target, replace, generation);
-    pci.resume();
+    // Saved, the devices stay paused with the vCPUs until `resume`: a request the guest had
+    // queued would otherwise reach the disk after its identity was recorded, and a state
+    // whose VMM is then stopped (a save at shutdown) would be refused as stale.
+    if r.is_err() {
+        pci.resume();
+    }
     let (memory_written, state_bytes) = r?;
     let report = Report {
         path: dir.path().join(&target.name),

@@ -40,6 +40,7 @@ fn vcpu(id: u8) -> VcpuState {
         msrs: vec![MsrValue { index: 0x10, data: 123_456_789 }, MsrValue { index: 0xc000_0082, data: 0xffff_ffff_8200_0000 }],
         vcpu_events: kvm_bindings::kvm_vcpu_events::default(),
         tsc_khz: Some(2_000_000),
+        cpuid: vec![crate::cpuid::CpuidEntry { function: 1, index: 0, flags: 0, eax: 0x806f8, ebx: u32::from(id) << 24, ecx: 0x8000_0000, edx: 0 }],
     }
 }
 
@@ -111,6 +112,7 @@ fn state_round_trips_through_json() {
     assert_eq!(back.vcpus[0].sregs.cr3, 0x1234_5000);
     assert_eq!(back.vcpus[1].lapic.regs[0x20], 1);
     assert_eq!(back.vcpus[0].msrs, state().vcpus[0].msrs);
+    assert_eq!(back.vcpus[1].cpuid, state().vcpus[1].cpuid);
     assert_eq!(back.vcpus[0].fpu, state().vcpus[0].fpu);
     assert_eq!(back.vm.clock.clock, 987_654_321);
     assert_eq!(back.vm.ioapic.chip_id, 2);
