@@ -345,6 +345,12 @@ mod tests {
             assert_eq!(from_line::<Answer>(wire).unwrap(), answer, "{wire}");
         }
         assert_eq!(from_line::<Answer>(r#"{"ok":false,"error":"no"}"#).unwrap().into_result(), Err("no".into()));
+        // A VMM from before generations answers without one: read as 0, never as garbage.
+        let old = r#"{"ok":true,"state":"paused","path":"/s","memory_bytes":10,"memory_written":4,"state_bytes":2,"ms":7}"#;
+        match from_line::<Answer>(old).unwrap().reply {
+            Reply::Snapshot(r) => assert_eq!((r.generation, r.memory_bytes), (0, 10)),
+            other => panic!("read as {other:?}"),
+        }
     }
 
     #[test]
