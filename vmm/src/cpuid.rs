@@ -130,6 +130,20 @@ pub fn entries(cpuid: &CpuId) -> Vec<CpuidEntry> {
     cpuid.as_slice().iter().map(CpuidEntry::from).collect()
 }
 
+/// The bits KVM rewrites from the guest's own state (kvm_update_cpuid_runtime): OSXSAVE and
+/// OSPKE follow CR4, APIC the APIC base MSR, MONITOR/MWAIT IA32_MISC_ENABLE, and leaf 0xD's
+/// EBX the XSAVE area size for XCR0 (and IA32_XSS). They say what the guest turned on, not
+/// what the host can do, and a fresh vCPU has them in their reset state: not compared.
+fn guest_controlled(function: u32, index: u32, reg: &str) -> u32 {
+    match (function, index, reg) {
+        (0x1, _, "ecx") => 1 << 27 | 1 << 3,
+        (0x1, _, "edx") => 1 << 9,
+        (0x7, 0, "ecx") => 1 << 4,
+        (0xd, 0 | 1, "ebx") => u32::MAX,
+        _ => 0,
+    }
+}
+
 /// The first way the CPUID a restored guest would see (`now`, what this host's KVM and this
 /// filter give) differs from what it saw before the save, named by leaf and register. A
 /// guest keeps using the features it found at boot: one that vanished faults (#UD) at once
@@ -142,7 +156,8 @@ pub fn first_difference(saved: &[CpuidEntry], now: &[CpuidEntry]) -> Option<Stri
             return Some(format!("{}: the guest was given it, this host's KVM has none", leaf(s)));
         };
         for (reg, a, b) in [("eax", s.eax, n.eax), ("ebx", s.ebx, n.ebx), ("ecx", s.ecx, n.ecx), ("edx", s.edx, n.edx), ("flags", s.flags, n.flags)] {
-            if a != b {
+            let mask = !guest_controlled(s.function, s.index, reg);
+            if a & mask != b & mask {
                 return Some(format!("{}: {reg} was {a:#010x} for the guest, this host gives {b:#010x}", leaf(s)));
             }
         }
@@ -170,6 +185,24 @@ mod tests {
         assert!(d.contains("leaf 0x7 subleaf 0x0") && d.contains("ebx") && d.contains("0x029c67af") && d.contains("0x029c678f"), "{d}");
         let d = first_difference(&saved, &saved[..2]).unwrap();
         assert!(d.contains("leaf 0x7 subleaf 0x1") && d.contains("has none"), "{d}");
+        // What the guest switched on itself (CR4.OSXSAVE, the XSAVE size for its XCR0) is no
+        // difference of the host.
+        let mut guest_on = saved.clone();
+        guest_on.push(CpuidEntry { function: 1, index: 0, flags: 0, eax: 0x806f8, ebx: 0, ecx: 0x8000_0000 | 1 << 27, edx: 1 << 9 });
+        guest_on.push(CpuidEntry { function: 0xd, index: 0, flags: 0, eax: 7, ebx: 0x340, ecx: 0x340, edx: 0 });
+        let mut fresh = guest_on.clone();
+        fresh[3].ecx &= !(1 << 27);
+        fresh[3].edx = 0;
+        fresh[4].ebx = 0x240;
+        assert_eq!(first_difference(&guest_on, &fresh), None);
+        fresh[3].ecx &= !(1 << 28); // AVX: the host's
+        fresh[3].ecx |= 1 << 26; // XSAVE appears: the host's
+        let d = first_difference(&guest_on, &fresh).unwrap();
+        assert!(d.contains("leaf 0x1 subleaf 0x0: ecx"), "{d}");
+        fresh[4].ecx = 0x240; // the maximum size: the host's
+        fresh[3] = guest_on[3];
+        let d = first_difference(&guest_on, &fresh).unwrap();
+        assert!(d.contains("leaf 0xd subleaf 0x0: ecx"), "{d}");
         let mut more = saved.clone();
         more.push(e(0xd, 0, 0));
         let d = first_difference(&saved, &more).unwrap();
