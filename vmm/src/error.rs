@@ -43,7 +43,7 @@ pub enum Error {
     Vcpu { cpu: usize, reason: String },
     /// A restore found the saved state unusable here (damaged, another CPU, another TSC
     /// frequency, changed disks): the state's fault, not this host's.
-    #[error("{file}: `{field}`: {reason}")]
+    #[error("{file}: field `{field}`: {reason}")]
     StateRejected { file: PathBuf, field: String, reason: String },
 }
 

@@ -543,7 +543,7 @@ fn open_part(dir: &Path, state_path: &Path, name: &str, info: &MemoryInfo) -> Re
             file: path,
             field: "length".into(),
             reason: format!(
-                "{len} bytes, state.json's {name}.size says {} (truncated or extended: the chunk at offset {first_bad:#x} on do not match)",
+                "{len} bytes, state.json's {name}.size says {} (truncated or extended: the chunks from offset {first_bad:#x} on are not the saved ones)",
                 info.size
             ),
         });
