@@ -192,6 +192,9 @@ pub struct StatusReply {
 pub struct SnapshotReply {
     pub state: RunState,
     pub path: PathBuf,
+    /// The request's `generation`, as written into the state (0 from a VMM before it).
+    #[serde(default)]
+    pub generation: u64,
     pub memory_bytes: u64,
     pub memory_written: u64,
     pub state_bytes: u64,
@@ -313,12 +316,13 @@ mod tests {
                 Answer::ok(Reply::Snapshot(SnapshotReply {
                     state: RunState::Paused,
                     path: "/s".into(),
+                    generation: 3,
                     memory_bytes: 10,
                     memory_written: 4,
                     state_bytes: 2,
                     ms: 7,
                 })),
-                r#"{"ok":true,"state":"paused","path":"/s","memory_bytes":10,"memory_written":4,"state_bytes":2,"ms":7}"#,
+                r#"{"ok":true,"state":"paused","path":"/s","generation":3,"memory_bytes":10,"memory_written":4,"state_bytes":2,"ms":7}"#,
             ),
             (
                 Answer::ok(Reply::Display(DisplayReply { enabled: false, width: None, height: None, stride: None, format: None, pixels: None })),
@@ -341,6 +345,12 @@ mod tests {
             assert_eq!(from_line::<Answer>(wire).unwrap(), answer, "{wire}");
         }
         assert_eq!(from_line::<Answer>(r#"{"ok":false,"error":"no"}"#).unwrap().into_result(), Err("no".into()));
+        // A VMM from before generations answers without one: read as 0, never as garbage.
+        let old = r#"{"ok":true,"state":"paused","path":"/s","memory_bytes":10,"memory_written":4,"state_bytes":2,"ms":7}"#;
+        match from_line::<Answer>(old).unwrap().reply {
+            Reply::Snapshot(r) => assert_eq!((r.generation, r.memory_bytes), (0, 10)),
+            other => panic!("read as {other:?}"),
+        }
     }
 
     #[test]

@@ -41,6 +41,16 @@ pub struct Attached {
     pub agent_rx: SerialRing,
     /// The PCI root with every device, for snapshots (pause, save and restore state).
     pub pci: Option<PciRoot>,
+    /// Each disk image as its virtio-blk device opened it, in spec order.
+    pub disks: Vec<OpenDisk>,
+}
+
+/// A disk image the VM uses: the same open file description as its virtio-blk device's, so
+/// a snapshot syncs and identifies exactly what the guest writes to.
+pub struct OpenDisk {
+    pub path: std::path::PathBuf,
+    pub read_only: bool,
+    pub file: std::fs::File,
 }
 
 /// The display's handles: its framebuffer and what the guest wrote into it.
@@ -84,6 +94,8 @@ pub fn attach(
         let name = format!("virtio-blk {}", d.path.display());
         let blk = VirtioBlock::new(BlockConfig { path: d.path.clone(), read_only: d.read_only, serial: None })
             .map_err(|e| dev_err(&name, e))?;
+        let file = blk.file().try_clone().map_err(|e| dev_err(&name, e))?;
+        out.disks.push(OpenDisk { path: d.path.clone(), read_only: d.read_only, file });
         add_virtio(&mut root, &name, Box::new(blk))?;
     }
     for (i, n) in spec.net.iter().enumerate() {

@@ -50,7 +50,7 @@ pub fn handle(vm: &VmShared, req: Request) -> Answer {
             }
         }
         Request::Resume => {
-            vm.control.set_paused(false);
+            vm.resume();
             vm.events.send(Event::State { state: RunState::Running });
             Answer::ok(Reply::State { state: RunState::Running })
         }
@@ -101,12 +101,13 @@ pub fn handle(vm: &VmShared, req: Request) -> Answer {
             Err(e) => Answer::err(format!("agent port: {e}")),
         },
         Request::AgentRead => Answer::ok(Reply::Data { data: String::from_utf8_lossy(&vm.devices.agent_rx.contents()).into_owned() }),
-        Request::Snapshot { path, replace, generation: _ } => match crate::snapshot::take(vm, &path, replace) {
+        Request::Snapshot { path, replace, generation } => match crate::snapshot::take(vm, &path, replace, generation) {
             Ok(r) => {
                 vm.events.send(Event::State { state: RunState::Paused });
                 Answer::ok(Reply::Snapshot(SnapshotReply {
                     state: RunState::Paused,
                     path: r.path,
+                    generation: r.generation,
                     memory_bytes: r.memory_bytes,
                     memory_written: r.memory_written,
                     state_bytes: r.state_bytes,

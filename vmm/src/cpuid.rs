@@ -108,9 +108,106 @@ fn filter_entry(e: &mut kvm_cpuid_entry2, cpu: u32, nr: u32, shift: u32) {
     }
 }
 
+/// One CPUID entry as the guest was given it (KVM_GET_CPUID2), readable in state.json.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CpuidEntry {
+    pub function: u32,
+    pub index: u32,
+    pub flags: u32,
+    pub eax: u32,
+    pub ebx: u32,
+    pub ecx: u32,
+    pub edx: u32,
+}
+
+impl From<&kvm_cpuid_entry2> for CpuidEntry {
+    fn from(e: &kvm_cpuid_entry2) -> Self {
+        CpuidEntry { function: e.function, index: e.index, flags: e.flags, eax: e.eax, ebx: e.ebx, ecx: e.ecx, edx: e.edx }
+    }
+}
+
+pub fn entries(cpuid: &CpuId) -> Vec<CpuidEntry> {
+    cpuid.as_slice().iter().map(CpuidEntry::from).collect()
+}
+
+/// The bits KVM rewrites from the guest's own state (kvm_update_cpuid_runtime): OSXSAVE and
+/// OSPKE follow CR4, APIC the APIC base MSR, MONITOR/MWAIT IA32_MISC_ENABLE, and leaf 0xD's
+/// EBX the XSAVE area size for XCR0 (and IA32_XSS). They say what the guest turned on, not
+/// what the host can do, and a fresh vCPU has them in their reset state: not compared.
+fn guest_controlled(function: u32, index: u32, reg: &str) -> u32 {
+    match (function, index, reg) {
+        (0x1, _, "ecx") => 1 << 27 | 1 << 3,
+        (0x1, _, "edx") => 1 << 9,
+        (0x7, 0, "ecx") => 1 << 4,
+        (0xd, 0 | 1, "ebx") => u32::MAX,
+        _ => 0,
+    }
+}
+
+/// The first way the CPUID a restored guest would see (`now`, what this host's KVM and this
+/// filter give) differs from what it saw before the save, named by leaf and register. A
+/// guest keeps using the features it found at boot: one that vanished faults (#UD) at once
+/// or corrupts state (an XSAVE area of another size), so any difference refuses the restore.
+pub fn first_difference(saved: &[CpuidEntry], now: &[CpuidEntry]) -> Option<String> {
+    let leaf = |e: &CpuidEntry| format!("CPUID leaf {:#x} subleaf {:#x}", e.function, e.index);
+    let key = |e: &CpuidEntry| (e.function, e.index);
+    for s in saved {
+        let Some(n) = now.iter().find(|n| key(n) == key(s)) else {
+            return Some(format!("{}: the guest was given it, this host's KVM has none", leaf(s)));
+        };
+        for (reg, a, b) in [("eax", s.eax, n.eax), ("ebx", s.ebx, n.ebx), ("ecx", s.ecx, n.ecx), ("edx", s.edx, n.edx), ("flags", s.flags, n.flags)] {
+            let mask = !guest_controlled(s.function, s.index, reg);
+            if a & mask != b & mask {
+                return Some(format!("{}: {reg} was {a:#010x} for the guest, this host gives {b:#010x}", leaf(s)));
+            }
+        }
+    }
+    now.iter()
+        .find(|n| !saved.iter().any(|s| key(s) == key(n)))
+        .map(|n| format!("{}: this host's KVM has it, the guest was not given it", leaf(n)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cpuid_difference_is_named_by_leaf_and_register() {
+        let e = |function, index, ebx| CpuidEntry { function, index, flags: 0, eax: 1, ebx, ecx: 2, edx: 3 };
+        let saved = vec![e(0, 0, 0x756e_6547), e(7, 0, 0x029c_67af), e(7, 1, 0)];
+        assert_eq!(first_difference(&saved, &saved), None);
+        let mut reordered = saved.clone();
+        reordered.reverse();
+        assert_eq!(first_difference(&saved, &reordered), None, "KVM's order does not matter");
+        let mut now = saved.clone();
+        now[1].ebx &= !(1 << 5); // AVX2 gone
+        let d = first_difference(&saved, &now).unwrap();
+        assert!(d.contains("leaf 0x7 subleaf 0x0") && d.contains("ebx") && d.contains("0x029c67af") && d.contains("0x029c678f"), "{d}");
+        let d = first_difference(&saved, &saved[..2]).unwrap();
+        assert!(d.contains("leaf 0x7 subleaf 0x1") && d.contains("has none"), "{d}");
+        // What the guest switched on itself (CR4.OSXSAVE, the XSAVE size for its XCR0) is no
+        // difference of the host.
+        let mut guest_on = saved.clone();
+        guest_on.push(CpuidEntry { function: 1, index: 0, flags: 0, eax: 0x806f8, ebx: 0, ecx: 0x8000_0000 | 1 << 27, edx: 1 << 9 });
+        guest_on.push(CpuidEntry { function: 0xd, index: 0, flags: 0, eax: 7, ebx: 0x340, ecx: 0x340, edx: 0 });
+        let mut fresh = guest_on.clone();
+        fresh[3].ecx &= !(1 << 27);
+        fresh[3].edx = 0;
+        fresh[4].ebx = 0x240;
+        assert_eq!(first_difference(&guest_on, &fresh), None);
+        fresh[3].ecx &= !(1 << 28); // AVX: the host's
+        fresh[3].ecx |= 1 << 26; // XSAVE appears: the host's
+        let d = first_difference(&guest_on, &fresh).unwrap();
+        assert!(d.contains("leaf 0x1 subleaf 0x0: ecx"), "{d}");
+        fresh[4].ecx = 0x240; // the maximum size: the host's
+        fresh[3] = guest_on[3];
+        let d = first_difference(&guest_on, &fresh).unwrap();
+        assert!(d.contains("leaf 0xd subleaf 0x0: ecx"), "{d}");
+        let mut more = saved.clone();
+        more.push(e(0xd, 0, 0));
+        let d = first_difference(&saved, &more).unwrap();
+        assert!(d.contains("leaf 0xd subleaf 0x0") && d.contains("not given"), "{d}");
+    }
 
     fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
         kvm_cpuid_entry2 { function, index, ebx: 0x0008_0800, ..Default::default() }

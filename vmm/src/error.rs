@@ -41,6 +41,10 @@ pub enum Error {
     NoProgress { exits: u64, secs: f64 },
     #[error("vCPU {cpu}: {reason}")]
     Vcpu { cpu: usize, reason: String },
+    /// A restore found the saved state unusable here (damaged, another CPU, another TSC
+    /// frequency, changed disks): the state's fault, not this host's.
+    #[error("{file}: field `{field}`: {reason}")]
+    StateRejected { file: PathBuf, field: String, reason: String },
 }
 
 impl Error {

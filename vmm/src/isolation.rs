@@ -112,7 +112,7 @@ const ALLOWED: &[i64] = &[
 #[allow(non_snake_case)]
 mod request {
     use kvm_bindings::{
-        kvm_clock_data, kvm_debugregs, kvm_dirty_log, kvm_fpu, kvm_ioeventfd, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msi,
+        kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_dirty_log, kvm_fpu, kvm_ioeventfd, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msi,
         kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs,
         kvm_xsave,
     };
@@ -131,6 +131,8 @@ mod request {
     vmm_sys_util::ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
     vmm_sys_util::ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
     vmm_sys_util::ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
+    vmm_sys_util::ioctl_iowr_nr!(KVM_GET_CPUID2, KVMIO, 0x91, kvm_cpuid2);
+    vmm_sys_util::ioctl_io_nr!(KVM_KVMCLOCK_CTRL, KVMIO, 0xad);
     vmm_sys_util::ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
     vmm_sys_util::ioctl_iow_nr!(KVM_SIGNAL_MSI, KVMIO, 0xa5, kvm_msi);
     vmm_sys_util::ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_ioeventfd);
@@ -144,7 +146,7 @@ mod request {
 /// through irqfds registered at set-up, PCI devices use MSI-X). Code that reads or writes
 /// VM state after isolation (pause, snapshot) must add its requests here; the SIGSYS line
 /// names the request number it was stopped on.
-pub fn allowed_ioctls() -> [(u32, &'static str); 20] {
+pub fn allowed_ioctls() -> [(u32, &'static str); 22] {
     [
         (request::KVM_RUN() as u32, "KVM_RUN: the vCPU loops"),
         (request::KVM_SIGNAL_MSI() as u32, "KVM_SIGNAL_MSI: MSI-X interrupts from devices"),
@@ -172,6 +174,9 @@ pub fn allowed_ioctls() -> [(u32, &'static str); 20] {
         (request::KVM_GET_IRQCHIP() as u32, "KVM_GET_IRQCHIP: snapshot"),
         (request::KVM_GET_PIT2() as u32, "KVM_GET_PIT2: snapshot"),
         (request::KVM_GET_CLOCK() as u32, "KVM_GET_CLOCK: snapshot"),
+        (request::KVM_GET_CPUID2() as u32, "KVM_GET_CPUID2: snapshot (the CPUID a restore compares)"),
+        // Sets a flag in the guest's pvclock: the guest was stopped, not hung.
+        (request::KVM_KVMCLOCK_CTRL() as u32, "KVM_KVMCLOCK_CTRL: resume after a pause or snapshot"),
     ]
 }
 
@@ -548,6 +553,8 @@ mod tests {
             // The snapshot writer's KVM_GET_* requests.
             0x8004_ae98, 0x8090_ae81, 0x8138_ae83, 0x81a0_ae8c, 0x9000_aea4, 0x8188_aea6, 0x8080_aea1,
             0x8400_ae8e, 0xc008_ae88, 0x8040_ae9f, 0xaea3, 0xc208_ae62, 0x8070_ae9f, 0x8030_ae7c,
+            // KVM_GET_CPUID2 (snapshot), KVM_KVMCLOCK_CTRL (resume).
+            0xc008_ae91, 0xaead,
         ];
         let got: Vec<u32> = allowed_ioctls().iter().map(|(r, _)| *r).collect();
         assert_eq!(got, want);

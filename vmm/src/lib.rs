@@ -88,6 +88,18 @@ impl VmShared {
         true
     }
 
+    /// Continues a paused VM: the devices a snapshot left paused, then the vCPUs, told that
+    /// they were stopped (KVM_KVMCLOCK_CTRL).
+    pub fn resume(&self) {
+        if let Some(pci) = &self.devices.pci {
+            pci.resume();
+        }
+        if self.control.is_paused() {
+            vcpu::tell_guest_it_was_paused(&self.snapshot.vcpus);
+        }
+        self.control.set_paused(false);
+    }
+
     fn kick(&self, threads: &[libc::pthread_t]) {
         for t in threads {
             // SAFETY: the vCPU threads are joined only after the VM stopped kicking them,
@@ -115,31 +127,47 @@ fn load_framebuffer(snap: &Loaded, fb: Option<&devices::display::SharedFramebuff
     };
     let path = snap.dir.join(&info.file);
     if info.size != fb.size() {
-        return Err(Error::Device {
-            device: "bochs-display".into(),
-            reason: format!("{}: {} bytes, but this display's framebuffer has {}", path.display(), info.size, fb.size()),
+        return Err(Error::StateRejected {
+            file: snap.dir.join(snapshot::STATE_FILE),
+            field: "framebuffer.size".into(),
+            reason: format!("{} bytes, but this display's framebuffer has {}", info.size, fb.size()),
         });
     }
-    memory::copy_sparse(file, fb.file(), info.size).map_err(|e| Error::io(format!("loading {}", path.display()), e))?;
+    load_part(&path, file, fb.file(), info)?;
     Ok(())
 }
 
-impl Vmm {
-    pub fn build(spec: VmSpec, start: Instant) -> Result<Self> {
-        Self::build_inner(spec, start, None)
-    }
+/// Copies a snapshot's memory part into `dst`, each chunk verified before it is written.
+fn load_part(path: &std::path::Path, src: &File, dst: &File, info: &snapshot::MemoryInfo) -> Result<u64> {
+    snapshot::memfile::load(src, dst, info.size, &info.chunks).map_err(|e| match e {
+        snapshot::memfile::LoadError::Io(e) => Error::StateRejected { file: path.to_path_buf(), field: "(read)".into(), reason: e.to_string() },
+        e => Error::StateRejected { file: path.to_path_buf(), field: "chunks".into(), reason: e.to_string() },
+    })
+}
 
-    /// Rebuilds the VM a snapshot was taken of (same spec, same devices in the same slots),
-    /// fills its RAM from the snapshot and puts every vCPU, the irqchip and the devices back
-    /// where they were. The vCPUs continue when [`Vmm::run`] starts them (or paused, if the
-    /// caller pauses [`Vmm::shared`]'s control first).
-    pub fn restore(snap: &Loaded, start: Instant) -> std::result::Result<Self, SnapshotError> {
-        let vmm = Self::build_inner(snap.state.spec.clone(), start, Some(snap))?;
-        tracing::info!("restored {} in {} ms", snap.dir.display(), start.elapsed().as_millis());
-        Ok(vmm)
-    }
+/// What a cold boot and a restore build alike from the spec, before any vCPU exists: the
+/// KVM VM with its RAM mapped (and still empty), the buses with the legacy devices and the
+/// PCI devices the spec asks for.
+struct Machine {
+    vm: Arc<Vm>,
+    ram: GuestRam,
+    vm_dir: Option<Arc<vmdir::VmDir>>,
+    pio: Bus,
+    mmio: Bus,
+    lifecycle: Arc<Lifecycle>,
+    serial_ring: SerialRing,
+    serial: Arc<Mutex<SerialDevice>>,
+    boot_time: BootTime,
+    events: events::EventSink,
+    power_button: PowerButton,
+    cmos: Arc<Mutex<Cmos>>,
+    devices: attach::Attached,
+}
 
-    fn build_inner(spec: VmSpec, start: Instant, restore: Option<&Loaded>) -> Result<Self> {
+impl Machine {
+    /// `saved`: on a restore, the legacy devices' saved state (their registers, the boot
+    /// time), and the console continues its log instead of starting a new one.
+    fn assemble(spec: &VmSpec, start: Instant, saved: Option<&snapshot::LegacyState>) -> Result<Machine> {
         spec.validate()?;
         let vm_dir = match &spec.vm_dir {
             Some(d) => Some(Arc::new(vmdir::VmDir::open(d).map_err(|e| Error::Device { device: "vm_dir".into(), reason: e.to_string() })?)),
@@ -147,12 +175,6 @@ impl Vmm {
         };
         let vm = Arc::new(Vm::new()?);
         let ram = GuestRam::new(&spec.name, spec.memory_bytes())?;
-        if let Some(snap) = restore {
-            let t0 = Instant::now();
-            let n = memory::copy_sparse(&snap.memory, &ram.memfd, ram.size)
-                .map_err(|e| Error::io(format!("loading {}", snap.dir.join(&snap.state.memory.file).display()), e))?;
-            tracing::info!("guest RAM: {n} bytes loaded in {} ms", t0.elapsed().as_millis());
-        }
         vm.map_ram(&ram.memory)?;
         let lifecycle = Arc::new(Lifecycle::default());
         let mut pio_bus = Bus::new("pio");
@@ -166,8 +188,8 @@ impl Vmm {
                 let file = File::options()
                     .write(true)
                     .create(true)
-                    .append(restore.is_some())
-                    .truncate(restore.is_none())
+                    .append(saved.is_some())
+                    .truncate(saved.is_none())
                     .open(p)
                     .map_err(|e| Error::io(format!("serial log {}", p.display()), e))?;
                 // It rotates only inside the VM's directory, where the VMM may rename.
@@ -182,7 +204,7 @@ impl Vmm {
         let serial_ring = SerialRing::default();
         let events = events::EventSink::default();
         let boot_time = BootTime::with_events(events.clone());
-        if let Some(ms) = restore.and_then(|s| s.state.legacy.boot_ms) {
+        if let Some(ms) = saved.and_then(|s| s.boot_ms) {
             boot_time.set(ms);
         }
         let sink = SerialSink {
@@ -192,8 +214,8 @@ impl Vmm {
             boot_marker: Some((start, boot_time.clone())),
             marker_matched: 0,
         };
-        let serial = match restore {
-            Some(snap) => SerialDevice::from_state(&snap.state.legacy.serial, IrqTrigger(serial_irq), sink)
+        let serial = match saved {
+            Some(s) => SerialDevice::from_state(&s.serial, IrqTrigger(serial_irq), sink)
                 .map_err(|reason| Error::Device { device: "com1".into(), reason })?,
             None => SerialDevice::new(IrqTrigger(serial_irq), sink),
         };
@@ -201,8 +223,8 @@ impl Vmm {
         pio_bus.insert(pio::COM1 as u64, 8, "com1", serial.clone())?;
         pio_bus.insert(pio::I8042 as u64, 5, "i8042", Arc::new(Mutex::new(I8042::new(lifecycle.clone()))))?;
         let mut cmos = Cmos::default();
-        if let Some(snap) = restore {
-            cmos.restore_state(&snap.state.legacy.cmos).map_err(|reason| Error::Device { device: "cmos".into(), reason })?;
+        if let Some(s) = saved {
+            cmos.restore_state(&s.cmos).map_err(|reason| Error::Device { device: "cmos".into(), reason })?;
         }
         let cmos = Arc::new(Mutex::new(cmos));
         pio_bus.insert(pio::CMOS as u64, 2, "cmos", cmos.clone())?;
@@ -222,56 +244,37 @@ impl Vmm {
             Arc::new(Mutex::new(AcpiPm::new(lifecycle.clone(), power_button.clone()))),
         )?;
 
-        let devices = attach::attach(&spec, vm.clone(), &ram.memory, &mut pio_bus, &mut mmio_bus, &events)?;
-        if let Some(snap) = restore {
-            load_framebuffer(snap, devices.framebuffer())?;
-        }
-        // A restored guest's RAM already holds its kernel and ACPI tables (and has long
-        // since reused the boot areas).
-        let entry = match restore {
-            Some(_) => None,
-            None => {
-                let rsdp = acpi::write_tables(&ram.memory, &acpi::AcpiConfig { vcpus: spec.vcpus, pci: true })?;
-                boot::write_reset_stub(&ram.memory)?;
-                let boot = boot::load(
-                    &ram.memory,
-                    ram.size,
-                    &spec.kernel,
-                    spec.initramfs.as_deref(),
-                    &spec.cmdline,
-                    rsdp,
-                )?;
-                Some(boot.entry)
-            }
-        };
+        let devices = attach::attach(spec, vm.clone(), &ram.memory, &mut pio_bus, &mut mmio_bus, &events)?;
+        Ok(Machine {
+            vm,
+            ram,
+            vm_dir,
+            pio: pio_bus,
+            mmio: mmio_bus,
+            lifecycle,
+            serial_ring,
+            serial,
+            boot_time,
+            events,
+            power_button,
+            cmos,
+            devices,
+        })
+    }
+
+    /// The vCPUs, vCPU 0 starting at `entry` on a cold boot, and the MSRs a snapshot saves.
+    fn create_vcpus(&self, spec: &VmSpec, entry: Option<u64>) -> Result<(Vec<SharedVcpu>, Vec<u32>)> {
         let mut vcpus = Vec::new();
         for id in 0..spec.vcpus {
-            let fd = vcpu::create(&vm, &ram.memory, id, spec.vcpus, entry.filter(|_| id == 0))?;
+            let fd = vcpu::create(&self.vm, &self.ram.memory, id, spec.vcpus, entry.filter(|_| id == 0))?;
             vcpus.push(Arc::new(Mutex::new(fd)));
         }
-        let msrs = vcpu::saveable_msrs(&vm, &vcpus[0].lock().unwrap_or_else(|p| p.into_inner()))?;
-        if let Some(snap) = restore {
-            vm.restore_state(&snap.state.vm)?;
-            for (v, s) in vcpus.iter().zip(&snap.state.vcpus) {
-                // Before the registers: KVM_SET_TSC_KHZ must precede the TSC MSR's value.
-                vcpu::match_tsc(v, s)?;
-                vcpu::restore_state(v, s)?;
-            }
-            vm.restore_clock(&snap.state.vm)?;
-            let tsc = |msrs: &[vcpu::MsrValue]| msrs.iter().find(|m| m.index == 0x10).map(|m| m.data);
-            let now = vcpu::save_state(&vcpus[0], 0, &msrs).ok();
-            tracing::info!(
-                "restored clocks: kvmclock saved {} ns now {:?}; vCPU 0 TSC saved {:?} now {:?}",
-                snap.state.vm.clock.clock,
-                vm.fd.get_clock().map(|c| c.clock).ok(),
-                tsc(&snap.state.vcpus[0].msrs),
-                now.as_ref().and_then(|n| tsc(&n.msrs)),
-            );
-            let pci = devices.pci.as_ref().ok_or_else(|| Error::Device { device: "pci".into(), reason: "no PCI root".into() })?;
-            pci.restore_state(&snap.state.pci).map_err(|e| Error::Device { device: "pci".into(), reason: e.to_string() })?;
-            // Virtio workers continue from the ring indices in the restored RAM.
-            pci.resume();
-        }
+        let msrs = vcpu::saveable_msrs(&self.vm, &vcpus[0].lock().unwrap_or_else(|p| p.into_inner()))?;
+        Ok((vcpus, msrs))
+    }
+
+    fn into_vmm(self, spec: VmSpec, start: Instant, vcpus: Vec<SharedVcpu>, msrs: Vec<u32>) -> Vmm {
+        let Machine { vm, ram, vm_dir, pio, mmio, lifecycle, serial_ring, serial, boot_time, events, power_button, cmos, devices } = self;
         let shared = Arc::new(VmShared {
             name: spec.name.clone(),
             memory_mib: spec.memory_mib,
@@ -297,7 +300,83 @@ impl Vmm {
             vm_dir,
             threads: Mutex::new(Vec::new()),
         });
-        Ok(Vmm { spec, vm, ram, pio: pio_bus, mmio: mmio_bus, vcpus, shared })
+        Vmm { spec, vm, ram, pio, mmio, vcpus, shared }
+    }
+}
+
+impl Vmm {
+    /// A cold boot: the kernel, its initramfs and the ACPI tables into RAM, vCPU 0 at the
+    /// kernel's entry.
+    pub fn build(spec: VmSpec, start: Instant) -> Result<Self> {
+        let m = Machine::assemble(&spec, start, None)?;
+        let rsdp = acpi::write_tables(&m.ram.memory, &acpi::AcpiConfig { vcpus: spec.vcpus, pci: true })?;
+        boot::write_reset_stub(&m.ram.memory)?;
+        let boot = boot::load(&m.ram.memory, m.ram.size, &spec.kernel, spec.initramfs.as_deref(), &spec.cmdline, rsdp)?;
+        let (vcpus, msrs) = m.create_vcpus(&spec, Some(boot.entry))?;
+        Ok(m.into_vmm(spec, start, vcpus, msrs))
+    }
+
+    /// Rebuilds the VM a snapshot was taken of (same spec, same devices in the same slots),
+    /// fills its RAM from the snapshot and puts every vCPU, the irqchip and the devices back
+    /// where they were. The vCPUs continue when [`Vmm::run`] starts them (or paused, if the
+    /// caller pauses [`Vmm::shared`]'s control first).
+    ///
+    /// Every check of the state (memory and framebuffer checksums, disk identities, TSC
+    /// frequency, CPUID) passes before any state goes into KVM, a device worker starts or a
+    /// vCPU could run: a refused state ([`SnapshotError::rejects_state`]) has changed nothing.
+    pub fn restore(snap: &Loaded, start: Instant) -> std::result::Result<Self, SnapshotError> {
+        let vmm = Self::restore_checked(snap, start)?;
+        tracing::info!("restored {} in {} ms", snap.dir.display(), start.elapsed().as_millis());
+        Ok(vmm)
+    }
+
+    fn restore_checked(snap: &Loaded, start: Instant) -> Result<Self> {
+        let spec = snap.state.spec.clone();
+        let state_file = snap.dir.join(snapshot::STATE_FILE);
+        let m = Machine::assemble(&spec, start, Some(&snap.state.legacy))?;
+        // The guest's RAM already holds its kernel and ACPI tables (and has long since reused
+        // the boot areas): no boot loading, only the saved memory, verified as it goes in.
+        let t0 = Instant::now();
+        let n = load_part(&snap.dir.join(&snap.state.memory.file), &snap.memory, &m.ram.memfd, &snap.state.memory)?;
+        tracing::info!("guest RAM: {n} bytes loaded in {} ms", t0.elapsed().as_millis());
+        snapshot::disks::check(&snap.state.disks, &m.devices.disks).map_err(|e| match e {
+            SnapshotError::Field { file, field, reason } => Error::StateRejected { file, field: format!("disks.{field}"), reason },
+            e => Error::Device { device: "virtio-blk".into(), reason: e.to_string() },
+        })?;
+        load_framebuffer(snap, m.devices.framebuffer())?;
+        let (vcpus, msrs) = m.create_vcpus(&spec, None)?;
+        for (v, s) in vcpus.iter().zip(&snap.state.vcpus) {
+            vcpu::match_tsc(v, s, &state_file)?;
+            let now = v.lock().unwrap_or_else(|p| p.into_inner()).get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES);
+            let now = cpuid::entries(&now.map_err(|e| Error::kvm("KVM_GET_CPUID2", e))?);
+            if let Some(why) = cpuid::first_difference(&s.cpuid, &now) {
+                return Err(Error::StateRejected { file: state_file, field: format!("vcpus[{}].cpuid", s.id), reason: why });
+            }
+        }
+
+        // Every check passed: the state goes in.
+        m.vm.restore_state(&snap.state.vm)?;
+        for (v, s) in vcpus.iter().zip(&snap.state.vcpus) {
+            vcpu::restore_state(v, s)?;
+        }
+        m.vm.restore_clock(&snap.state.vm)?;
+        // The guest was stopped for as long as the snapshot lay on disk: its soft-lockup
+        // watchdog must not count that as a hang.
+        vcpu::tell_guest_it_was_paused(&vcpus);
+        let tsc = |msrs: &[vcpu::MsrValue]| msrs.iter().find(|m| m.index == 0x10).map(|m| m.data);
+        let now = vcpu::save_state(&vcpus[0], 0, &msrs).ok();
+        tracing::info!(
+            "restored clocks: kvmclock saved {} ns now {:?}; vCPU 0 TSC saved {:?} now {:?}",
+            snap.state.vm.clock.clock,
+            m.vm.fd.get_clock().map(|c| c.clock).ok(),
+            tsc(&snap.state.vcpus[0].msrs),
+            now.as_ref().and_then(|n| tsc(&n.msrs)),
+        );
+        let pci = m.devices.pci.as_ref().ok_or_else(|| Error::Device { device: "pci".into(), reason: "no PCI root".into() })?;
+        pci.restore_state(&snap.state.pci).map_err(|e| Error::Device { device: "pci".into(), reason: e.to_string() })?;
+        // Virtio workers continue from the ring indices in the restored RAM.
+        pci.resume();
+        Ok(m.into_vmm(spec, start, vcpus, msrs))
     }
 
     pub fn shared(&self) -> Arc<VmShared> {

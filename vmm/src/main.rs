@@ -1,6 +1,6 @@
 //! `rayos-vmm --spec vm.json` (or `--restore <snapshot dir>`): runs one VM and exits with its outcome:
 //! 0 = the guest powered off, 10 = the guest rebooted (start it again), 1 = error,
-//! 31 = killed by the seccomp filter.
+//! 12 = `--restore` refused the saved state (nothing ran), 31 = killed by the seccomp filter.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -8,6 +8,8 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Parser;
 use vmm::spec::VmSpec;
+use rayos_proto::vmm::{exit_code, Event, FromVmm};
+use std::os::unix::net::UnixStream;
 use vmm::{ExitReason, Vmm};
 
 #[derive(Parser)]
@@ -51,7 +53,14 @@ fn main() {
     for fd in [args.control_fd, args.display_fd].into_iter().flatten() {
         inherited.remove(&fd);
     }
-    match run(&args, start, &inherited) {
+    let supervisor = match args.control_fd.map(vmm::events::from_fd).transpose() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("rayos-vmm: error: {e}");
+            std::process::exit(exit_code::ERROR);
+        }
+    };
+    match run(&args, start, &inherited, supervisor) {
         Ok(reason) => {
             match &reason {
                 ExitReason::PowerOff => eprintln!("rayos-vmm: guest powered off"),
@@ -61,27 +70,57 @@ fn main() {
             }
             std::process::exit(reason.exit_code());
         }
-        Err(e) => {
+        Err(Failure::Rejected(reason, supervisor)) => {
+            eprintln!("rayos-vmm: saved state refused: {reason}");
+            if let Some(mut s) = supervisor {
+                use std::io::Write;
+                let event = Event::Exiting { code: exit_code::STATE_REJECTED, reason };
+                let _ = s.write_all(rayos_proto::vmm::to_line(&FromVmm::Event { event }).as_bytes());
+            }
+            std::process::exit(exit_code::STATE_REJECTED);
+        }
+        Err(Failure::Other(e)) => {
             eprintln!("rayos-vmm: error: {e:#}");
-            std::process::exit(1);
+            std::process::exit(exit_code::ERROR);
         }
     }
 }
 
-fn run(args: &Args, start: Instant, inherited: &std::collections::BTreeSet<i32>) -> anyhow::Result<ExitReason> {
+enum Failure {
+    /// `--restore` refused the saved state (the reason names file, field, saved and found
+    /// values); the supervisor connection, not yet served, still to be told.
+    Rejected(String, Option<UnixStream>),
+    Other(anyhow::Error),
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure::Other(e.into())
+    }
+}
+
+fn run(
+    args: &Args,
+    start: Instant,
+    inherited: &std::collections::BTreeSet<i32>,
+    supervisor: Option<UnixStream>,
+) -> Result<ExitReason, Failure> {
     let vmm = match (&args.spec, &args.restore) {
         (_, Some(dir)) => {
-            let snap = vmm::snapshot::load(dir).with_context(|| format!("snapshot {}", dir.display()))?;
-            let vmm = Vmm::restore(&snap, start).with_context(|| format!("restoring {}", dir.display()))?;
+            let restored = vmm::snapshot::load(dir).and_then(|snap| Vmm::restore(&snap, start));
+            let vmm = match restored {
+                Ok(vmm) => vmm,
+                Err(e) if e.rejects_state() => return Err(Failure::Rejected(format!("snapshot {}: {e}", dir.display()), supervisor)),
+                Err(e) => return Err(anyhow::Error::new(e).context(format!("restoring {}", dir.display())).into()),
+            };
             if args.paused {
                 vmm.shared().control.set_paused(true);
             }
             vmm
         }
         (Some(spec), None) => Vmm::build(VmSpec::from_file(spec)?, start).context("setting up the VM")?,
-        (None, None) => anyhow::bail!("give --spec or --restore"),
+        (None, None) => return Err(anyhow::anyhow!("give --spec or --restore").into()),
     };
-    let supervisor = args.control_fd.map(vmm::events::from_fd).transpose()?;
     let display = args.display_fd.map(vmm::display_channel::from_fd).transpose()?;
     Ok(vmm.run(inherited, supervisor, display)?)
 }

@@ -87,14 +87,11 @@ pub fn memfd_offset(mem_size: u64, gpa: u64) -> Option<u64> {
     None
 }
 
-const PAGE: usize = 4096;
-/// Copy unit: large enough for few syscalls, small enough to stay out of the way.
-const CHUNK: usize = 1 << 20;
-
+pub(crate) const PAGE: usize = 4096;
 /// The byte ranges of `f` (up to `len`) that hold data, from SEEK_DATA/SEEK_HOLE. A memfd
 /// never written is all hole, so a mostly idle guest's RAM costs nothing to scan. Files on
 /// filesystems without hole support are one range.
-fn data_ranges(f: &File, len: u64) -> std::io::Result<Vec<std::ops::Range<u64>>> {
+pub(crate) fn data_ranges(f: &File, len: u64) -> std::io::Result<Vec<std::ops::Range<u64>>> {
     let mut out = Vec::new();
     let mut pos = 0u64;
     while pos < len {
@@ -123,41 +120,6 @@ fn data_ranges(f: &File, len: u64) -> std::io::Result<Vec<std::ops::Range<u64>>>
     Ok(out)
 }
 
-/// Copies `len` bytes of `src` into `dst` at the same offsets, writing only pages that are
-/// not all zero: holes stay holes, and pages the guest zeroed become holes. `dst` ends up
-/// `len` bytes long. Returns the bytes written.
-pub fn copy_sparse(src: &File, dst: &File, len: u64) -> std::io::Result<u64> {
-    use std::os::unix::fs::FileExt;
-    let mut buf = vec![0u8; CHUNK];
-    let mut written = 0u64;
-    for r in data_ranges(src, len)? {
-        let mut off = r.start;
-        while off < r.end {
-            let n = ((r.end - off) as usize).min(CHUNK);
-            src.read_exact_at(&mut buf[..n], off)?;
-            // Runs of non-zero pages go out in one write each.
-            let mut i = 0;
-            while i < n {
-                let page_end = |p: usize| (p + PAGE).min(n);
-                if buf[i..page_end(i)].iter().all(|b| *b == 0) {
-                    i = page_end(i);
-                    continue;
-                }
-                let mut j = page_end(i);
-                while j < n && buf[j..page_end(j)].iter().any(|b| *b != 0) {
-                    j = page_end(j);
-                }
-                dst.write_all_at(&buf[i..j], off + i as u64)?;
-                written += (j - i) as u64;
-                i = j;
-            }
-            off += n as u64;
-        }
-    }
-    dst.set_len(len)?;
-    Ok(written)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,28 +138,5 @@ mod tests {
         assert_eq!(u32::from_le_bytes(buf), 0xdead_beef);
         // Beyond RAM is an error, never a write elsewhere.
         assert!(ram.memory.write_obj(1u8, GuestAddress(64 << 20)).is_err());
-    }
-
-    #[test]
-    fn sparse_copy_skips_holes_and_zero_pages_and_round_trips() {
-        let ram = GuestRam::new("sparse", 64 << 20).unwrap();
-        ram.memory.write_obj(0x1122_3344_5566_7788u64, GuestAddress(0x1000)).unwrap();
-        ram.memory.write_obj(0xabu8, GuestAddress((40 << 20) + 17)).unwrap();
-        // Touched but zero: allocated in the memfd, still not worth writing.
-        ram.memory.write_obj(0u64, GuestAddress(0x20_0000)).unwrap();
-        let dir = std::env::temp_dir().join(format!("vmm-sparse-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("memory");
-        let out = File::options().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
-        let written = copy_sparse(&ram.memfd, &out, ram.size).unwrap();
-        assert_eq!(written, 2 * PAGE as u64, "two non-zero pages");
-        assert_eq!(out.metadata().unwrap().len(), ram.size);
-
-        let back = GuestRam::new("sparse-back", 64 << 20).unwrap();
-        assert_eq!(copy_sparse(&out, &back.memfd, back.size).unwrap(), written);
-        assert_eq!(back.memory.read_obj::<u64>(GuestAddress(0x1000)).unwrap(), 0x1122_3344_5566_7788);
-        assert_eq!(back.memory.read_obj::<u8>(GuestAddress((40 << 20) + 17)).unwrap(), 0xab);
-        assert_eq!(back.memory.read_obj::<u64>(GuestAddress(0x3000)).unwrap(), 0);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -9,6 +9,13 @@
 //! A snapshot is taken with the vCPUs parked and the device workers paused; the VM stays
 //! paused afterwards (`resume` continues it). It is restored by `rayos-vmm --restore <dir>`
 //! in a new process, on the same host (same KVM, same disk images at the same paths).
+//!
+//! Format 3 makes a stale or damaged state impossible to resume unnoticed: every top-level
+//! section of state.json has a crc32c in `checksums` (over its serialized JSON, keys
+//! sorted), `required` lists the sections a reader must understand, each section sits on
+//! its own line (a syntax error's line names the section), RAM and framebuffer carry a
+//! crc32c per 2 MiB chunk ([`memfile`]) and every disk image its identity ([`disks`]).
+//! Any refusal is a [`SnapshotError::rejects_state`] error naming file, field and values.
 
 use std::fs::File;
 use std::io::Write;
@@ -29,8 +36,14 @@ use crate::vm::{Vm, VmState};
 use crate::vmdir::{VmDir, VmDirError};
 use crate::VmShared;
 
+pub mod disks;
+pub mod memfile;
+
+pub use disks::DiskIdentity;
+use memfile::{ChunkSums, ProgressPacer};
+
 /// Bumped whenever the layout of `state.json` or `memory` changes meaning.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// Device models and their saved state change between builds: only the VMM build that
 /// wrote a snapshot restores it. The build id is `<version>-<git commit>-state-<hash>`, the
 /// hash over the sources that define saved state (see `vmm/build.rs`).
@@ -59,6 +72,15 @@ pub enum SnapshotError {
     Vmm(#[from] crate::Error),
 }
 
+impl SnapshotError {
+    /// Whether this refuses the saved state itself (unreadable, damaged, from another build,
+    /// for another CPU or other disks), as opposed to a failure of this host or process:
+    /// `rayos-vmm --restore` exits [`rayos_proto::vmm::exit_code::STATE_REJECTED`] for these.
+    pub fn rejects_state(&self) -> bool {
+        matches!(self, SnapshotError::Field { .. } | SnapshotError::Io { .. } | SnapshotError::Vmm(crate::Error::StateRejected { .. }))
+    }
+}
+
 fn io_err(file: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
     move |source| SnapshotError::Io { file: file.to_path_buf(), source }
 }
@@ -73,6 +95,10 @@ pub struct MemoryInfo {
     pub size: u64,
     /// Bytes actually written (non-zero pages).
     pub data_bytes: u64,
+    /// Bytes per checksummed chunk ([`memfile::CHUNK`]).
+    pub chunk_size: u64,
+    /// crc32c of each chunk in order, `null` for an all-zero chunk (a hole).
+    pub chunks: ChunkSums,
 }
 
 /// Port I/O devices with state worth keeping. The i8042 is only a reset line and the ACPI
@@ -92,6 +118,11 @@ pub struct SnapshotState {
     pub format_version: u32,
     pub vmm_version: String,
     pub created_unix_ms: u64,
+    /// The supervisor's save generation (`snapshot` request), 0 when none was given: the
+    /// supervisor resumes a state only with the generation it recorded for it.
+    pub generation: u64,
+    /// Every disk image in spec order, synced before RAM was saved.
+    pub disks: Vec<DiskIdentity>,
     /// The spec the VM was started from; a restore builds the same devices from it.
     pub spec: VmSpec,
     pub memory: MemoryInfo,
@@ -120,15 +151,17 @@ pub struct Sources {
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub path: PathBuf,
+    pub generation: u64,
     pub memory_bytes: u64,
     pub memory_written: u64,
     pub state_bytes: u64,
     pub ms: u64,
 }
 
-/// Pauses the VM (if it runs), saves it into the directory `path` and leaves it paused.
+/// Pauses the VM (if it runs), saves it into the directory `path` and leaves it paused,
+/// devices included (the control socket's `resume` continues both).
 /// `path` must name a directory directly inside the VM's own directory (`spec.vm_dir`).
-pub fn take(vm: &VmShared, path: &Path, replace: bool) -> Result<Report, SnapshotError> {
+pub fn take(vm: &VmShared, path: &Path, replace: bool, generation: u64) -> Result<Report, SnapshotError> {
     let t0 = Instant::now();
     let dir = vm.vm_dir.as_deref().ok_or(VmDirError::NoDir)?;
     let target = Target::new(dir, path)?;
@@ -139,11 +172,17 @@ pub fn take(vm: &VmShared, path: &Path, replace: bool) -> Result<Report, Snapsho
     let pci = vm.devices.pci.as_ref().ok_or(SnapshotError::NoPci)?;
     // Device workers stop taking requests; what they took is complete (see VirtioDevice).
     pci.pause();
-    let r = save_paused(vm, pci, &target, replace);
-    pci.resume();
+    let r = save_paused(vm, pci, &target, replace, generation);
+    // Saved, the devices stay paused with the vCPUs until `resume`: a request the guest had
+    // queued would otherwise reach the disk after its identity was recorded, and a state
+    // whose VMM is then stopped (a save at shutdown) would be refused as stale.
+    if r.is_err() {
+        pci.resume();
+    }
     let (memory_written, state_bytes) = r?;
     let report = Report {
         path: dir.path().join(&target.name),
+        generation,
         memory_bytes: vm.snapshot.mem_size,
         memory_written,
         state_bytes,
@@ -158,8 +197,11 @@ fn save_paused(
     pci: &crate::devices::pci::PciRoot,
     target: &Target,
     replace: bool,
+    generation: u64,
 ) -> Result<(u64, u64), SnapshotError> {
     let src = &vm.snapshot;
+    // The disks first: once the state exists, what it describes is on stable storage.
+    let disks = disks::sync_and_identify(&vm.devices.disks)?;
     let vm_state = src.vm.save_state()?;
     let vcpus = src
         .vcpus
@@ -190,9 +232,16 @@ fn save_paused(
         vm_state.clock.clock = ns;
     }
     target.write(replace, |tmp| {
-        let memory = save_part(tmp, MEMORY_FILE, &src.memfd, src.mem_size)?;
+        let total = src.mem_size;
+        let mut pacer = ProgressPacer::new(total, ProgressPacer::EVERY);
+        let mut progress = |written: u64| {
+            if pacer.due(written, Instant::now()) {
+                vm.events.send(rayos_proto::vmm::Event::SaveProgress { written, total });
+            }
+        };
+        let memory = save_part(tmp, MEMORY_FILE, &src.memfd, src.mem_size, &mut progress)?;
         let framebuffer = match vm.devices.framebuffer() {
-            Some(fb) => Some(save_part(tmp, FRAMEBUFFER_FILE, fb.file(), fb.size())?),
+            Some(fb) => Some(save_part(tmp, FRAMEBUFFER_FILE, fb.file(), fb.size(), &mut |_| {})?),
             None => None,
         };
         let data_bytes = memory.data_bytes;
@@ -203,6 +252,8 @@ fn save_paused(
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
+            generation,
+            disks,
             spec: src.spec.clone(),
             memory,
             framebuffer,
@@ -212,7 +263,7 @@ fn save_paused(
             pci: pci_state,
         };
         let state_path = tmp.path().join(STATE_FILE);
-        let text = serde_json::to_vec(&state).map_err(|e| SnapshotError::Field {
+        let text = encode_state(&state).map_err(|e| SnapshotError::Field {
             file: state_path.clone(),
             field: "(document)".into(),
             reason: e.to_string(),
@@ -225,13 +276,66 @@ fn save_paused(
 }
 
 /// Writes `size` bytes of `src` (a memfd) sparsely into a new file `name` in the snapshot
-/// being written and syncs it.
-fn save_part(tmp: &TmpDir, name: &str, src: &File, size: u64) -> Result<MemoryInfo, SnapshotError> {
+/// being written, checksummed per chunk, and syncs it.
+fn save_part(tmp: &TmpDir, name: &str, src: &File, size: u64, progress: &mut dyn FnMut(u64)) -> Result<MemoryInfo, SnapshotError> {
     let path = tmp.path().join(name);
     let out = tmp.create_new(name)?;
-    let data_bytes = crate::memory::copy_sparse(src, &out, size).map_err(io_err(&path))?;
+    let (data_bytes, chunks) = memfile::save(src, &out, size, progress).map_err(io_err(&path))?;
     out.sync_all().map_err(io_err(&path))?;
-    Ok(MemoryInfo { file: name.into(), size, data_bytes })
+    Ok(MemoryInfo { file: name.into(), size, data_bytes, chunk_size: memfile::CHUNK, chunks })
+}
+
+/// The sections of state.json that are not state but describe the others.
+const REQUIRED: &str = "required";
+const CHECKSUMS: &str = "checksums";
+/// The sections this build reads (all of [`SnapshotState`]'s fields).
+const KNOWN_SECTIONS: [&str; 12] = [
+    "format_version",
+    "vmm_version",
+    "created_unix_ms",
+    "generation",
+    "disks",
+    "spec",
+    "memory",
+    "framebuffer",
+    "vm",
+    "vcpus",
+    "legacy",
+    "pci",
+];
+
+fn section_crc(v: &Value) -> u32 {
+    // serde_json's map is ordered by key, so a section reads back to the same bytes.
+    crc32c::crc32c(&serde_json::to_vec(v).expect("a JSON value serializes"))
+}
+
+/// state.json's bytes for `state`: all its sections required and checksummed.
+pub fn encode_state(state: &SnapshotState) -> serde_json::Result<Vec<u8>> {
+    let Value::Object(doc) = serde_json::to_value(state)? else {
+        unreachable!("SnapshotState is a struct");
+    };
+    let required = doc.keys().cloned().collect();
+    Ok(seal(doc, required))
+}
+
+/// Lays out `doc` as state.json: `required` set, a crc32c of every other section in
+/// `checksums`, one section per line (versions first, for a reader with `head`).
+fn seal(mut doc: serde_json::Map<String, Value>, required: Vec<String>) -> Vec<u8> {
+    doc.remove(CHECKSUMS);
+    doc.insert(REQUIRED.into(), required.into());
+    let sums: serde_json::Map<String, Value> = doc.iter().map(|(k, v)| (k.clone(), section_crc(v).into())).collect();
+    doc.insert(CHECKSUMS.into(), Value::Object(sums));
+    let first = ["format_version", "vmm_version", REQUIRED, CHECKSUMS];
+    let order = first.iter().copied().filter(|k| doc.contains_key(*k)).chain(doc.keys().map(String::as_str).filter(|k| !first.contains(k)));
+    let mut out = b"{".to_vec();
+    for (i, k) in order.enumerate() {
+        out.extend_from_slice(if i == 0 { b"\n" } else { b",\n" });
+        out.extend(serde_json::to_vec(k).expect("a string serializes"));
+        out.push(b':');
+        out.extend(serde_json::to_vec(&doc[k]).expect("a JSON value serializes"));
+    }
+    out.extend_from_slice(b"\n}\n");
+    out
 }
 
 /// The kvmclock time vCPU 0's guest reads now: its pvclock structure (at the GPA in
@@ -406,7 +510,15 @@ pub struct Loaded {
 /// exactly. Errors name the file and the field. Nothing is changed or deleted.
 pub fn load(dir: &Path) -> Result<Loaded, SnapshotError> {
     let state_path = dir.join(STATE_FILE);
-    let text = std::fs::read_to_string(&state_path).map_err(io_err(&state_path))?;
+    let bytes = std::fs::read(&state_path).map_err(io_err(&state_path))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        // A flipped high bit: name the section whose line holds it.
+        let bytes = e.as_bytes();
+        let at = e.utf8_error().valid_up_to();
+        let line = bytes[..at].iter().filter(|b| **b == b'\n').count() + 1;
+        let section = section_at_line(&String::from_utf8_lossy(bytes), line).unwrap_or_else(|| "(document)".into());
+        field(&state_path, &section, format!("damaged: not UTF-8 at byte {at}"))
+    })?;
     let state = parse_state(&state_path, &text)?;
     let memory = open_part(dir, &state_path, "memory", &state.memory)?;
     let framebuffer = match &state.framebuffer {
@@ -426,13 +538,29 @@ fn open_part(dir: &Path, state_path: &Path, name: &str, info: &MemoryInfo) -> Re
     let f = File::open(&path).map_err(io_err(&path))?;
     let len = f.metadata().map_err(io_err(&path))?.len();
     if len != info.size {
+        let first_bad = (len.min(info.size) / memfile::CHUNK) * memfile::CHUNK;
         return Err(SnapshotError::Field {
             file: path,
             field: "length".into(),
-            reason: format!("{len} bytes, state.json's {name}.size says {}", info.size),
+            reason: format!(
+                "{len} bytes, state.json's {name}.size says {} (truncated or extended: the chunks from offset {first_bad:#x} on are not the saved ones)",
+                info.size
+            ),
         });
     }
     Ok(f)
+}
+
+/// A memory part's chunk list must cover its size exactly.
+fn check_chunks(file: &Path, name: &str, m: &MemoryInfo) -> Result<(), SnapshotError> {
+    if m.chunk_size != memfile::CHUNK {
+        return Err(field(file, &format!("{name}.chunk_size"), format!("{}; this rayos-vmm uses {}", m.chunk_size, memfile::CHUNK)));
+    }
+    let want = memfile::chunk_count(m.size);
+    if m.chunks.len() != want {
+        return Err(field(file, &format!("{name}.chunks"), format!("{} checksums for {} bytes, which take {want}", m.chunks.len(), m.size)));
+    }
+    Ok(())
 }
 
 fn field(file: &Path, name: &str, reason: impl ToString) -> SnapshotError {
@@ -444,9 +572,53 @@ fn take_field<T: DeserializeOwned>(file: &Path, obj: &serde_json::Map<String, Va
     T::deserialize(v).map_err(|e| field(file, name, e))
 }
 
+/// The section whose line (1-based) of state.json `line` is, as [`seal`] lays it out.
+fn section_at_line(text: &str, line: usize) -> Option<String> {
+    let l = text.lines().nth(line.checked_sub(1)?)?;
+    let rest = l.strip_prefix('"')?;
+    Some(rest[..rest.find('"')?].to_string())
+}
+
+/// The first section of a state.json that is not JSON, read line by line (each section is
+/// one, see [`seal`]): where serde_json stops can be lines later (a lost closing quote).
+fn damaged_section(text: &str) -> Option<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let inner = lines.get(1..lines.len().checked_sub(1)?)?;
+    let bad = inner.iter().position(|l| serde_json::from_str::<Value>(&format!("{{{}}}", l.strip_suffix(',').unwrap_or(l))).is_err())?;
+    Some(section_at_line(text, bad + 2).unwrap_or_else(|| format!("(line {})", bad + 2)))
+}
+
+/// Checks every section's crc32c against `checksums` (before anything is read from them), and
+/// that every section `required` lists is one this build knows.
+fn check_sections(file: &Path, obj: &serde_json::Map<String, Value>) -> Result<(), SnapshotError> {
+    let sums = obj.get(CHECKSUMS).and_then(Value::as_object).ok_or_else(|| field(file, CHECKSUMS, "missing or not an object"))?;
+    for (name, v) in obj.iter().filter(|(k, _)| *k != CHECKSUMS) {
+        let want = sums.get(name).ok_or_else(|| field(file, name, "section has no checksum in `checksums`"))?;
+        let want = want.as_u64().and_then(|w| u32::try_from(w).ok()).ok_or_else(|| field(file, &format!("{CHECKSUMS}.{name}"), "not a crc32c"))?;
+        let got = section_crc(v);
+        if got != want {
+            return Err(field(file, name, format!("damaged: its crc32c is {got:#010x}, `checksums` says {want:#010x}")));
+        }
+    }
+    if let Some(k) = sums.keys().find(|k| !obj.contains_key(*k)) {
+        return Err(field(file, k, "checksummed in `checksums` but missing"));
+    }
+    let required: Vec<String> = take_field(file, obj, REQUIRED)?;
+    if let Some(r) = required.iter().find(|r| !KNOWN_SECTIONS.contains(&r.as_str())) {
+        return Err(field(file, r, "a required section this rayos-vmm build does not know"));
+    }
+    if let Some(r) = required.iter().find(|r| !obj.contains_key(*r)) {
+        return Err(field(file, r, "required but missing"));
+    }
+    Ok(())
+}
+
 /// Parses and checks `state.json` field by field, so that an error says which one is wrong.
 pub fn parse_state(file: &Path, text: &str) -> Result<SnapshotState, SnapshotError> {
-    let doc: Value = serde_json::from_str(text).map_err(|e| field(file, "(document)", e))?;
+    let doc: Value = serde_json::from_str(text).map_err(|e| match damaged_section(text) {
+        Some(s) => field(file, &s, format!("damaged, not JSON: {e}")),
+        None => field(file, "(document)", e),
+    })?;
     let obj = doc.as_object().ok_or_else(|| field(file, "(document)", "not a JSON object"))?;
     // Versions first: a snapshot from another VMM fails on them, not on some field that
     // happened to change shape.
@@ -462,20 +634,24 @@ pub fn parse_state(file: &Path, text: &str) -> Result<SnapshotState, SnapshotErr
             format!("snapshot made by rayos-vmm build {vmm_version}; this is build {VMM_VERSION}, which restores only its own snapshots"),
         ));
     }
-    let known = ["format_version", "vmm_version", "created_unix_ms", "spec", "memory", "framebuffer", "vm", "vcpus", "legacy", "pci"];
-    if let Some(k) = obj.keys().find(|k| !known.contains(&k.as_str())) {
-        return Err(field(file, k, "unknown field"));
-    }
+    check_sections(file, obj)?;
+    // Sections not required are ones a newer build adds for information: ignored.
     let spec: VmSpec = take_field(file, obj, "spec")?;
     spec.validate().map_err(|e| field(file, "spec", e))?;
     let memory: MemoryInfo = take_field(file, obj, "memory")?;
     if memory.size != spec.memory_bytes() {
         return Err(field(file, "memory.size", format!("{} bytes, spec.memory_mib says {}", memory.size, spec.memory_bytes())));
     }
-    let framebuffer: Option<MemoryInfo> = match obj.get("framebuffer") {
-        None => None,
-        Some(_) => take_field(file, obj, "framebuffer")?,
-    };
+    check_chunks(file, "memory", &memory)?;
+    let framebuffer: Option<MemoryInfo> = take_field(file, obj, "framebuffer")?;
+    if let Some(fb) = &framebuffer {
+        check_chunks(file, "framebuffer", fb)?;
+    }
+    let disks: Vec<DiskIdentity> = take_field(file, obj, "disks")?;
+    let spec_disks: Vec<&Path> = spec.disks.iter().map(|d| d.path.as_path()).collect();
+    if disks.iter().map(|d| d.path.as_path()).collect::<Vec<_>>() != spec_disks {
+        return Err(field(file, "disks", format!("{} saved, not the spec's {} disks in its order", disks.len(), spec_disks.len())));
+    }
     match (&spec.display, &framebuffer) {
         (Some(_), None) => return Err(field(file, "framebuffer", "missing, but spec.display has a display")),
         (None, Some(_)) => return Err(field(file, "framebuffer", "present, but spec.display has no display")),
@@ -498,6 +674,8 @@ pub fn parse_state(file: &Path, text: &str) -> Result<SnapshotState, SnapshotErr
         format_version,
         vmm_version,
         created_unix_ms: take_field(file, obj, "created_unix_ms")?,
+        generation: take_field(file, obj, "generation")?,
+        disks,
         spec,
         memory,
         framebuffer,

@@ -396,17 +396,37 @@ fn complete_pending_io(vcpu: &mut VcpuFd) {
 const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 
-/// The MSRs worth saving: KVM's KVM_GET_MSR_INDEX_LIST (what it can save and restore),
-/// minus those this vCPU refuses to read (features the CPU model lacks). Called at set-up,
-/// before isolation: the snapshot writer cannot ask /dev/kvm later.
-pub fn saveable_msrs(vm: &Vm, vcpu: &VcpuFd) -> Result<Vec<u32>> {
-    let list = vm.kvm.get_msr_index_list().map_err(|e| Error::kvm("KVM_GET_MSR_INDEX_LIST", e))?;
-    let mut indices: Vec<u32> = list.as_slice().to_vec();
+const MSR_IA32_XSS: u32 = 0xda0;
+const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+
+/// MSRs KVM saves and restores but leaves out of KVM_GET_MSR_INDEX_LIST (QEMU saves them
+/// the same way): the MTRRs (fixed ranges and KVM's 8 variable pairs), which firmware such
+/// as OVMF programs. Plus IA32_XSS (the XSAVES supervisor state) and the TSC deadline, in
+/// case a KVM does not list them: losing either loses guest state (a 0 deadline is a timer
+/// that never fires). Ones this vCPU cannot read are dropped like listed ones.
+fn unlisted_msrs() -> impl Iterator<Item = u32> {
+    [MSR_MTRR_DEF_TYPE, 0x250, 0x258, 0x259].into_iter().chain(0x268..=0x26f).chain(0x200..=0x20f).chain([MSR_IA32_XSS, MSR_IA32_TSC_DEADLINE])
+}
+
+/// The MSRs to try to save, from KVM's list: each once, the TSC first, the deadline last.
+pub fn msr_candidates(listed: &[u32]) -> Vec<u32> {
+    let mut indices: Vec<u32> = listed.iter().copied().chain(unlisted_msrs()).collect();
+    indices.sort_unstable();
+    indices.dedup();
     indices.sort_by_key(|i| match *i {
         MSR_IA32_TSC => 0,
         MSR_IA32_TSC_DEADLINE => 2,
         _ => 1,
     });
+    indices
+}
+
+/// The MSRs worth saving: KVM's KVM_GET_MSR_INDEX_LIST (what it can save and restore) and
+/// [`unlisted_msrs`], minus those this vCPU refuses to read (features the CPU model lacks).
+/// Called at set-up, before isolation: the snapshot writer cannot ask /dev/kvm later.
+pub fn saveable_msrs(vm: &Vm, vcpu: &VcpuFd) -> Result<Vec<u32>> {
+    let list = vm.kvm.get_msr_index_list().map_err(|e| Error::kvm("KVM_GET_MSR_INDEX_LIST", e))?;
+    let mut indices = msr_candidates(list.as_slice());
     loop {
         let mut msrs = msr_buffer(&indices)?;
         let n = vcpu.get_msrs(&mut msrs).map_err(|e| Error::kvm("KVM_GET_MSRS", e))?;
@@ -499,6 +519,8 @@ pub struct VcpuState {
     pub vcpu_events: kvm_vcpu_events,
     /// For information and a same-host check; the TSC itself is the IA32_TSC MSR.
     pub tsc_khz: Option<u32>,
+    /// The CPUID the guest was given: a restore compares it with what this host gives now.
+    pub cpuid: Vec<crate::cpuid::CpuidEntry>,
 }
 
 /// Reads the state of a parked vCPU (its thread does not hold the lock while parked).
@@ -525,7 +547,8 @@ pub fn save_state(vcpu: &SharedVcpu, id: u8, msr_indices: &[u32]) -> Result<Vcpu
     let msrs = msrs.as_slice().iter().map(|e| MsrValue { index: e.index, data: e.data }).collect();
     let vcpu_events = v.get_vcpu_events().map_err(k("KVM_GET_VCPU_EVENTS"))?;
     let tsc_khz = v.get_tsc_khz().ok();
-    Ok(VcpuState { id, mp_state, sregs, regs, fpu: FpuState::from(&fpu), xsave, xcrs, debugregs, lapic, msrs, vcpu_events, tsc_khz })
+    let cpuid = crate::cpuid::entries(&v.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(k("KVM_GET_CPUID2"))?);
+    Ok(VcpuState { id, mp_state, sregs, regs, fpu: FpuState::from(&fpu), xsave, xcrs, debugregs, lapic, msrs, vcpu_events, tsc_khz, cpuid })
 }
 
 /// Puts a saved state into a freshly created vCPU (CPUID already set), before it runs.
@@ -536,9 +559,10 @@ pub fn save_state(vcpu: &SharedVcpu, id: u8, msr_indices: &[u32]) -> Result<Vcpu
 pub enum TscPlan {
     /// The same (within KVM's own tolerance, 250 ppm).
     Same,
-    /// Different: KVM must scale the new vCPU's TSC to this many kHz (KVM_SET_TSC_KHZ), or
-    /// the restore is refused.
-    Scale { saved: u32, now: u32 },
+    /// Different: the restore is refused. KVM could scale the TSC (KVM_SET_TSC_KHZ), but a
+    /// frequency that moved means another host or a recalibrated one, and the guest's own
+    /// calibration (its delay loops, its clocksource's mult) is still the old one.
+    Differs { saved: u32, now: u32 },
     /// One side is unknown (KVM did not tell): nothing to compare, said in the log.
     Unknown,
 }
@@ -546,15 +570,30 @@ pub enum TscPlan {
 pub fn tsc_plan(saved: Option<u32>, now: Option<u32>) -> TscPlan {
     match (saved, now) {
         (Some(saved), Some(now)) if u64::from(saved.abs_diff(now)) * 1_000_000 <= u64::from(now) * 250 => TscPlan::Same,
-        (Some(saved), Some(now)) => TscPlan::Scale { saved, now },
+        (Some(saved), Some(now)) => TscPlan::Differs { saved, now },
         _ => TscPlan::Unknown,
     }
 }
 
-/// Makes the new vCPU's TSC run at the saved frequency: nothing to do when it does; KVM's
-/// TSC scaling when it can; otherwise the restore is refused (the guest calibrated its
-/// clocks to the saved frequency and would run fast or slow).
-pub fn match_tsc(vcpu: &SharedVcpu, s: &VcpuState) -> Result<()> {
+/// KVM_KVMCLOCK_CTRL on every vCPU that is not running: the guest's next kvmclock update
+/// carries PVCLOCK_GUEST_STOPPED, so its watchdogs (soft lockup, RCU stall) do not take the
+/// time it spent paused or saved for a hang. Called before parked vCPUs run again. A vCPU
+/// whose guest has no kvmclock (yet) answers EINVAL: nothing to tell it.
+pub fn tell_guest_it_was_paused(vcpus: &[SharedVcpu]) {
+    for (id, v) in vcpus.iter().enumerate() {
+        // A vCPU still in KVM_RUN holds its lock and was never stopped: skip it.
+        let Ok(v) = v.try_lock() else { continue };
+        match v.kvmclock_ctrl() {
+            Ok(()) => {}
+            Err(e) if e.errno() == libc::EINVAL => {}
+            Err(e) => tracing::warn!("vCPU {id}: KVM_KVMCLOCK_CTRL: {e}; the guest may report a soft lockup"),
+        }
+    }
+}
+
+/// Checks that the new vCPU's TSC runs at the saved frequency within 250 ppm; otherwise the
+/// restore is refused ([`Error::StateRejected`] on `state_file`), saying both frequencies.
+pub fn match_tsc(vcpu: &SharedVcpu, s: &VcpuState, state_file: &std::path::Path) -> Result<()> {
     let v = lock(vcpu);
     let cpu = usize::from(s.id);
     match tsc_plan(s.tsc_khz, v.get_tsc_khz().ok()) {
@@ -563,18 +602,11 @@ pub fn match_tsc(vcpu: &SharedVcpu, s: &VcpuState) -> Result<()> {
             tracing::warn!("vCPU {cpu}: TSC frequency saved {:?} kHz, KVM reports none now: not compared", s.tsc_khz);
             Ok(())
         }
-        TscPlan::Scale { saved, now } => match v.set_tsc_khz(saved) {
-            Ok(()) => {
-                tracing::warn!("vCPU {cpu}: snapshot's TSC ran at {saved} kHz, this host's at {now} kHz: KVM scales it");
-                Ok(())
-            }
-            Err(e) => Err(Error::Vcpu {
-                cpu,
-                reason: format!(
-                    "the snapshot's TSC ran at {saved} kHz, this host's runs at {now} kHz, and KVM cannot scale it ({e}); restore it on the host it was taken on"
-                ),
-            }),
-        },
+        TscPlan::Differs { saved, now } => Err(Error::StateRejected {
+            file: state_file.to_path_buf(),
+            field: format!("vcpus[{cpu}].tsc_khz"),
+            reason: format!("the guest's TSC ran at {saved} kHz, this host's runs at {now} kHz (more than 250 ppm apart)"),
+        }),
     }
 }
 
@@ -636,6 +668,24 @@ pub fn kick_all(threads: &[std::thread::JoinHandle<()>]) {
 mod tests {
     use super::*;
 
+    /// What a snapshot saves of the MSRs KVM lists (a few of a real host's list here), pinned:
+    /// every listed one, the MTRRs KVM does not list, IA32_XSS and the TSC deadline even
+    /// when unlisted; the TSC first and the deadline last (KVM_SET_MSRS applies them in order,
+    /// and the deadline is relative to the TSC).
+    #[test]
+    fn the_saved_msrs_are_pinned() {
+        let listed = [0xc000_0082, MSR_IA32_TSC_DEADLINE, 0x4b56_4d01, 0x4b56_4d00, 0x3b, 0x277, 0x174, MSR_IA32_TSC, 0xc000_0103, 0x4b56_4d02];
+        let got = msr_candidates(&listed);
+        let mut want = vec![MSR_IA32_TSC, 0x3b, 0x174];
+        want.extend((0x200..=0x20f).chain([0x250, 0x258, 0x259]).chain(0x268..=0x26f));
+        want.extend([0x277, MSR_MTRR_DEF_TYPE, MSR_IA32_XSS, 0x4b56_4d00, 0x4b56_4d01, 0x4b56_4d02, 0xc000_0082, 0xc000_0103, MSR_IA32_TSC_DEADLINE]);
+        assert_eq!(got, want);
+        // Unlisted, the XSS and the deadline are still tried (once each).
+        let got = msr_candidates(&[MSR_IA32_TSC]);
+        assert_eq!(got.iter().filter(|i| **i == MSR_IA32_XSS).count(), 1);
+        assert_eq!((got[0], *got.last().unwrap()), (MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE));
+    }
+
     #[test]
     fn xcr0_preset_is_leaf_0xd_when_it_has_x87_and_sse() {
         let leaf = |eax, edx| kvm_bindings::kvm_cpuid_entry2 { function: 0xd, index: 0, eax, edx, ..Default::default() };
@@ -653,8 +703,8 @@ mod tests {
     fn tsc_frequencies_are_compared_within_kvms_tolerance() {
         assert_eq!(tsc_plan(Some(2_000_000), Some(2_000_000)), TscPlan::Same);
         assert_eq!(tsc_plan(Some(2_000_400), Some(2_000_000)), TscPlan::Same, "200 ppm");
-        assert_eq!(tsc_plan(Some(2_001_000), Some(2_000_000)), TscPlan::Scale { saved: 2_001_000, now: 2_000_000 });
-        assert_eq!(tsc_plan(Some(3_000_000), Some(2_000_000)), TscPlan::Scale { saved: 3_000_000, now: 2_000_000 });
+        assert_eq!(tsc_plan(Some(2_001_000), Some(2_000_000)), TscPlan::Differs { saved: 2_001_000, now: 2_000_000 });
+        assert_eq!(tsc_plan(Some(3_000_000), Some(2_000_000)), TscPlan::Differs { saved: 3_000_000, now: 2_000_000 });
         assert_eq!(tsc_plan(None, Some(2_000_000)), TscPlan::Unknown);
         assert_eq!(tsc_plan(Some(2_000_000), None), TscPlan::Unknown);
     }

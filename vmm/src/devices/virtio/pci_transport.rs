@@ -518,6 +518,18 @@ impl PciDevice for VirtioPciDevice {
             self.paused = false;
             self.active = false;
             self.start_device(true);
+            // A notification the driver sent just before a snapshot went to the saving
+            // process's eventfd: after a restore nothing would ever look at that request. One
+            // kick per queue makes the worker read every ring once (an empty one costs a look).
+            if self.active {
+                for (qc, e) in self.queues.iter().zip(&self.queue_events) {
+                    if qc.enabled {
+                        if let Err(err) = e.write(1) {
+                            warn!(device = %self.name, %err, "cannot kick a resumed queue");
+                        }
+                    }
+                }
+            }
         }
     }
 

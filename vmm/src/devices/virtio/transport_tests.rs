@@ -471,3 +471,56 @@ fn blk_snapshot_restore_continues_the_rings() {
     assert!(wait_for(|| vm2.msis.lock().unwrap().contains(&(0xfee0_0000, 0x41))), "MSI-X table restored");
     let _ = std::fs::remove_file(&path);
 }
+
+/// A request the driver queued and notified just before the snapshot (its kick went to the
+/// old process's eventfd) is served once the restored device resumes.
+#[test]
+fn a_request_queued_before_the_snapshot_is_served_after_the_restore() {
+    use std::io::Write;
+    use vm_memory::Bytes;
+    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT;
+    let path = std::env::temp_dir().join(format!("rayos-blk-pending-{}.img", std::process::id()));
+    std::fs::File::create(&path).unwrap().write_all(&vec![0u8; 1 << 20]).unwrap();
+    let mem = guest_mem();
+    let new_blk = || {
+        Box::new(
+            crate::devices::virtio::block::VirtioBlock::new(crate::devices::virtio::block::BlockConfig {
+                path: path.clone(),
+                read_only: false,
+                serial: None,
+            })
+            .unwrap(),
+        )
+    };
+    let vm = Arc::new(FakeVm::default());
+    let (root, mut d) = plug_device(vm.clone(), &mem, new_blk());
+    let rings = Rings::new(&mem, 1, 16);
+    d.bring_up(&rings, 1);
+    root.pause();
+    // Queued while the device is paused for the snapshot: the old worker never sees it.
+    let desc = |a: u64, l: u32, f: u32, n: u16| RawDescriptor::from(Descriptor::new(a, l, f as u16, n));
+    mem.write_obj(1u32, GuestAddress(0x10_0000)).unwrap();
+    mem.write_obj(5u64, GuestAddress(0x10_0008)).unwrap();
+    mem.write_slice(b"pending", GuestAddress(0x20_0000)).unwrap();
+    rings.add_desc_chains(
+        0,
+        &[desc(0x10_0000, 16, VRING_DESC_F_NEXT, 1), desc(0x20_0000, 512, VRING_DESC_F_NEXT, 2), desc(0x30_0000, 1, VRING_DESC_F_WRITE, 0)],
+        0,
+    );
+    d.notify_queue(0);
+    let json = serde_json::to_string(&root.save_state()).unwrap();
+    drop((root, d));
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(rings.used_idx(&mem, 0), 0, "a paused device served a request");
+
+    let vm2 = Arc::new(FakeVm::default());
+    let (root2, _d2) = plug_device(vm2.clone(), &mem, new_blk());
+    root2.restore_state(&serde_json::from_str(&json).unwrap()).unwrap();
+    root2.resume();
+    assert!(rings.wait_used(&mem, 0, 1), "the request queued before the snapshot was never served");
+    let mut got = [0u8; 7];
+    use std::os::unix::fs::FileExt;
+    std::fs::File::open(&path).unwrap().read_exact_at(&mut got, 5 * 512).unwrap();
+    assert_eq!(&got, b"pending");
+    let _ = std::fs::remove_file(&path);
+}

@@ -69,6 +69,12 @@ impl VirtioBlock {
         self.capacity_sectors
     }
 
+    /// The open image: a snapshot syncs it and records its identity (see
+    /// [`crate::snapshot::DiskIdentity`]) through a clone of this descriptor.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     fn config_image(&self) -> [u8; 60] {
         let mut c = [0u8; 60];
         c[0..8].copy_from_slice(&self.capacity_sectors.to_le_bytes());
