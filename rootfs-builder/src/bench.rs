@@ -576,7 +576,7 @@ fn resume() -> Result<()> {
 
         println!("Save and resume (the installed default Linux VM, Debian; nested KVM; {}):", accel.describe());
         let mut targets = Targets::default();
-        let rate = if save_ms > 0 { written_mib * 1000 / save_ms } else { 0 };
+        let rate = (written_mib * 1000).checked_div(save_ms).unwrap_or(0);
         println!("  guest RAM                                  {ram_mib:>6} MiB");
         println!("  state written (non-zero pages)             {written_mib:>6} MiB");
         println!("  save (the VMM's snapshot)                  {save_ms:>6} ms   {rate} MiB/s of written pages");

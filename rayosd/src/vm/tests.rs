@@ -346,8 +346,9 @@ async fn autostart_marks_a_vm_with_a_missing_disk_broken_and_starts_the_others()
     let b = wait_state(&env, &gone, "broken", Duration::from_secs(5)).await;
     assert!(b.detail.contains("disk image missing") && b.detail.contains("gone.img"), "{}", b.detail);
     assert_eq!(env.mgr.get("manual").unwrap().state, "stopped", "autostart started a VM not marked so");
+    // Its policy's default: a shutdown saves it.
     env.mgr.shutdown_all(Duration::from_secs(2)).await;
-    assert_eq!(env.mgr.get("good").unwrap().state, "stopped");
+    assert_eq!(env.mgr.get("good").unwrap().state, "saved");
 }
 
 #[tokio::test(flavor = "current_thread")]
