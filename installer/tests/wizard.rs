@@ -8,6 +8,7 @@ use installer::disks;
 use installer::guids;
 use installer::plan::{Target, VmStorage};
 use installer::wizard::render::render;
+use installer::config::OnShutdown;
 use installer::wizard::{Action, Key, Screen, Wizard};
 use ratatui::backend::TestBackend;
 use ratatui::Terminal;
@@ -140,11 +141,11 @@ fn every_screen_forward_and_back_then_install_confirmation() {
     w.handle(Key::Tab);
     w.handle(Key::Tab);
     let s = screen_text(&w);
-    assert!(s.contains("> Autostart Linux hidden    [x]"), "on by default: {s}");
+    assert!(s.contains("> Autostart Linux hidden            [x]"), "on by default: {s}");
     w.handle(Key::Char(' '));
     let s = screen_text(&w);
-    assert!(s.contains("> Autostart Linux hidden    [ ]"), "{s}");
-    assert!(s.contains("  Time zone                 Europe/Berlin"), "{s}");
+    assert!(s.contains("> Autostart Linux hidden            [ ]"), "{s}");
+    assert!(s.contains("  Time zone                         Europe/Berlin"), "{s}");
 
     // The Linux user, then the summary, then back to the first-boot screen and on again.
     w.handle(Key::Enter);
@@ -385,3 +386,47 @@ fn the_keyboard_layout_is_loaded_when_its_field_is_accepted_and_a_failure_stays_
     w.handle(Key::Esc);
     assert!(screen_text(&w).contains("! Keyboard layout: loadkeys cz-lat2 failed"), "on the layout's own screen too");
 }
+
+#[test]
+fn keep_linux_running_across_reboots_is_checked_by_default_and_unchecking_shuts_it_down() {
+    let (_m, d) = machine();
+    let mut w = Wizard::new(d);
+    for _ in 0..5 {
+        w.handle(Key::Enter);
+    }
+    assert_eq!(w.screen, Screen::FirstBoot);
+    let s = screen_text(&w);
+    assert!(s.contains("  Keep Linux running across reboots [x]"), "checked by default:\n{s}");
+    assert!(s.contains("Linux is saved when RayOS shuts down and resumes where it was at the next boot."), "{s}");
+    for _ in 0..5 {
+        w.handle(Key::Tab);
+    }
+    w.handle(Key::Char(' '));
+    let s = screen_text(&w);
+    assert!(s.contains("> Keep Linux running across reboots [ ]"), "{s}");
+    assert!(s.contains("  Autostart Linux hidden            [x]"), "the other box is untouched:\n{s}");
+    assert!(s.contains("Linux is shut down with RayOS and boots afresh at the next boot."), "{s}");
+    assert_eq!(w.config.policy.linux_on_shutdown, OnShutdown::Shutdown);
+    // A letter does not change it; Right and Left toggle it like Space.
+    w.handle(Key::Char('x'));
+    assert_eq!(w.config.policy.linux_on_shutdown, OnShutdown::Shutdown);
+    w.handle(Key::Right);
+    assert_eq!(w.config.policy.linux_on_shutdown, OnShutdown::Save);
+    w.handle(Key::Left);
+    assert_eq!(w.config.policy.linux_on_shutdown, OnShutdown::Shutdown);
+    assert!(w.config.policy.autostart_linux_hidden);
+
+    // Shown on the summary, and in the answers the wizard saves.
+    w.handle(Key::Enter);
+    linux_user(&mut w);
+    let s = screen_text(&w);
+    assert!(s.contains("Linux VM: shut down with RayOS, boots afresh"), "{s}");
+    assert!(s.contains("To go ahead, type: wipe NV-TARGET"), "the confirmation still fits:\n{s}");
+    typ(&mut w, "wipe NV-TARGET");
+    assert_eq!(w.handle(Key::Enter), Action::Install);
+    let saved = w.answers_toml().unwrap();
+    assert!(saved.contains("linux_on_shutdown = \"shutdown\""), "{saved}");
+    let a = installer::answers::parse("saved.toml", &saved).unwrap();
+    assert_eq!(a.config.policy.linux_on_shutdown, OnShutdown::Shutdown);
+}
+

@@ -8,6 +8,7 @@ use ratatui::widgets::{Block, Borders, Paragraph, Wrap};
 use ratatui::Frame;
 
 use super::state::{Screen, Wizard, FIRST_BOOT_FIELDS, LINUX_USER_FIELDS, VM_CHOICES};
+use crate::config::OnShutdown;
 use crate::disks::human_size;
 
 fn selectable(selected: bool, text: String) -> Line<'static> {
@@ -136,10 +137,18 @@ fn lines(w: &Wizard) -> Vec<Line<'static>> {
                 c.locale.clone(),
                 c.keymap.clone(),
                 yn(c.policy.autostart_linux_hidden),
+                yn(c.policy.linux_on_shutdown == OnShutdown::Save),
             ];
+            let width = FIRST_BOOT_FIELDS.iter().map(|f| f.len()).max().unwrap_or(0);
             for (i, (name, v)) in FIRST_BOOT_FIELDS.iter().zip(values).enumerate() {
-                out.push(selectable(i == w.field_cursor, format!("{name:<25} {v}")));
+                out.push(selectable(i == w.field_cursor, format!("{name:<width$} {v}")));
             }
+            out.push("".into());
+            // What the box means is not obvious from its label: say what each answer does.
+            out.push(Line::from(match c.policy.linux_on_shutdown {
+                OnShutdown::Save => "Linux is saved when RayOS shuts down and resumes where it was at the next boot.",
+                OnShutdown::Shutdown => "Linux is shut down with RayOS and boots afresh at the next boot.",
+            }));
             keymap_problem(w, &mut out);
         }
         Screen::LinuxUser => {
@@ -169,6 +178,13 @@ fn lines(w: &Wizard) -> Vec<Line<'static>> {
                 if let Some(u) = &w.config.linux_user {
                     out.push(format!("Linux VM user: {} (sudo); root is locked", u.name).into());
                 }
+                out.push(
+                    match w.config.policy.linux_on_shutdown {
+                        OnShutdown::Save => "Linux VM: kept running across reboots (saved at shutdown, resumed at boot)",
+                        OnShutdown::Shutdown => "Linux VM: shut down with RayOS, boots afresh",
+                    }
+                    .into(),
+                );
                 out.push("".into());
                 let want = w.required_confirmation().unwrap_or_default();
                 out.push(format!("To go ahead, type: {want}").into());
