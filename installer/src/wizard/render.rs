@@ -63,10 +63,26 @@ pub fn render(f: &mut Frame, w: &Wizard, note: Option<&str>) {
 fn progress(f: &mut Frame, w: &Wizard, area: Rect) {
     let [gauge, log] = Layout::vertical([Constraint::Length(2), Constraint::Min(1)]).areas(area);
     f.render_widget(Paragraph::new(progress_bar(w.progress, gauge.width)), gauge);
-    let shown = log.height as usize;
-    let start = w.progress_lines.len().saturating_sub(shown);
-    let text: Vec<Line> = w.progress_lines[start..].iter().map(|l| Line::from(l.clone())).collect();
-    f.render_widget(Paragraph::new(text), log);
+    let rows = log_rows(&w.progress_lines, log.width as usize, log.height as usize);
+    f.render_widget(Paragraph::new(rows.into_iter().map(Line::from).collect::<Vec<_>>()), log);
+}
+
+/// The last `height` rows of the install log, each line wrapped at `width` with its further rows
+/// indented, so a long line (the ESP's file list, an error) is read whole and the newest line
+/// stays at the bottom. Wrapped here rather than by `Paragraph`, which cannot say how many rows
+/// a wrapped line takes, and so which lines fit.
+pub fn log_rows(lines: &[String], width: usize, height: usize) -> Vec<String> {
+    let opts = textwrap::Options::new(width.max(10)).subsequent_indent("  ");
+    let mut rows: Vec<String> = Vec::new();
+    for line in lines.iter().rev() {
+        if rows.len() >= height {
+            break;
+        }
+        rows.extend(textwrap::wrap(line, &opts).into_iter().rev().map(|r| r.into_owned()));
+    }
+    rows.truncate(height);
+    rows.reverse();
+    rows
 }
 
 /// `[#####.....]  45%`: plain characters, readable on any terminal, the percentage beside the
