@@ -20,12 +20,14 @@
 //! password_hash = "$6$…"               # SHA-512 crypt, e.g. `mkpasswd -m sha-512`; never a plain password
 //! [policy]
 //! autostart_linux_hidden = true
+//! linux_on_shutdown = "save"           # or "shutdown": at RayOS shutdown the Linux VM is saved (and
+//!                                      # resumed at boot) or shut down (and booted afresh)
 //! # autostart_windows_hidden: Windows VMs do not exist yet; `true` is refused, false/absent accepted
 //! ```
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{check_password_hash, check_user_name, LinuxUser, Policy, SystemConfig};
+use crate::config::{check_password_hash, check_user_name, LinuxUser, OnShutdown, Policy, SystemConfig};
 use crate::disks::{human_size, Disk};
 use crate::plan::{Plan, Target, VmStorage};
 
@@ -100,6 +102,9 @@ pub struct PolicySection {
     pub autostart_linux_hidden: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub autostart_windows_hidden: Option<bool>,
+    /// "save" or "shutdown" (checked by `validate`, so a wrong value is named like the others).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub linux_on_shutdown: Option<String>,
 }
 
 /// `[linux_user]`: the default Linux VM's user.
@@ -267,6 +272,16 @@ pub fn validate(file: &str, raw: AnswerFile) -> Result<Answers, AnswerError> {
                 .into(),
         ));
     }
+    let linux_on_shutdown = match raw.policy.linux_on_shutdown.as_deref() {
+        None | Some("save") => OnShutdown::Save,
+        Some("shutdown") => OnShutdown::Shutdown,
+        Some(other) => {
+            return Err(err(
+                "policy.linux_on_shutdown",
+                format!("{other:?}: expected \"save\" (the Linux VM is saved at shutdown and resumed at boot) or \"shutdown\" (it is shut down and boots afresh)"),
+            ))
+        }
+    };
     let user = raw.linux_user.ok_or_else(|| {
         err("linux_user", "missing: the [linux_user] section names the Linux VM's user: name = \"…\" and password_hash = \"$6$…\"".into())
     })?;
@@ -289,6 +304,7 @@ pub fn validate(file: &str, raw: AnswerFile) -> Result<Answers, AnswerError> {
         policy: Policy {
             autostart_linux_hidden: raw.policy.autostart_linux_hidden.unwrap_or(true),
             autostart_windows_hidden: false,
+            linux_on_shutdown,
         },
         linux_user: Some(LinuxUser { name, password_hash }),
     };
@@ -425,6 +441,7 @@ pub fn to_toml(disk: &Disk, target: &Target, vm: &VmStorage, cfg: &SystemConfig,
             autostart_linux_hidden: Some(cfg.policy.autostart_linux_hidden),
             // Not offered until Windows VMs exist.
             autostart_windows_hidden: None,
+            linux_on_shutdown: Some(cfg.policy.linux_on_shutdown.as_str().into()),
         },
         linux_user: cfg.linux_user.as_ref().map(|u| LinuxUserSection {
             name: Some(u.name.clone()),

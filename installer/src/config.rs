@@ -5,12 +5,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::plan::VmStorage;
 
+pub use rayos_proto::registry::OnShutdown;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Policy {
     pub autostart_linux_hidden: bool,
     /// Always false: Windows VMs do not exist yet, so neither the wizard nor the answer file
     /// sets it (kept so system.toml keeps its shape).
     pub autostart_windows_hidden: bool,
+    /// The default Linux VM's `policy.on_shutdown`: saved at RayOS shutdown and resumed at the
+    /// next boot (the default), or shut down with RayOS and booted afresh.
+    pub linux_on_shutdown: OnShutdown,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,7 +87,7 @@ impl Default for SystemConfig {
             timezone: "UTC".into(),
             locale: "en_US.UTF-8".into(),
             keymap: "us".into(),
-            policy: Policy { autostart_linux_hidden: true, autostart_windows_hidden: false },
+            policy: Policy { autostart_linux_hidden: true, autostart_windows_hidden: false, linux_on_shutdown: OnShutdown::Save },
             linux_user: None,
         }
     }
@@ -215,6 +220,7 @@ pub fn system_toml(cfg: &SystemConfig, vm: &VmStorage, vm_part_uuid: Option<uuid
         policy: SystemPolicy {
             autostart_linux_hidden: cfg.policy.autostart_linux_hidden,
             autostart_windows_hidden: cfg.policy.autostart_windows_hidden,
+            linux_on_shutdown: cfg.policy.linux_on_shutdown,
         },
         vm_storage,
     };
@@ -308,6 +314,11 @@ mod tests {
         let text = system_toml(&SystemConfig::default(), &VmStorage::Path("/data/vmdisks".into()), None);
         let back: SystemToml = toml::from_str(&text).unwrap();
         assert_eq!(back.machine_name, "rayos");
+        assert_eq!(back.policy.linux_on_shutdown, OnShutdown::Save, "kept running across reboots unless asked otherwise");
+        let mut cfg = SystemConfig::default();
+        cfg.policy.linux_on_shutdown = OnShutdown::Shutdown;
+        let text = system_toml(&cfg, &VmStorage::DataVolume, None);
+        assert!(text.contains("linux_on_shutdown = \"shutdown\""), "{text}");
         assert_eq!(back.vm_storage.kind, VmStorageKind::Path);
         assert_eq!(back.vm_storage.location.as_deref(), Some("/data/vmdisks"));
     }

@@ -174,6 +174,7 @@ fn stage_vms(
     fs::write(&kernel, bytes).map_err(|source| InstallError::Io { path: kernel, source })?;
     vm.config.kernel = vm_dir.join(name);
     vm.policy.autostart_hidden = cfg.policy.autostart_linux_hidden;
+    vm.policy.on_shutdown = cfg.policy.linux_on_shutdown;
     // The user the guest agent creates at the VM's first boot, with the system's zone,
     // locale and keymap; only the password's hash, in the root-only 0600 registry.
     vm.firstboot = cfg.linux_user.as_ref().map(|u| u.first_boot(cfg));
@@ -181,10 +182,11 @@ fn stage_vms(
     log.step(
         88,
         &format!(
-            "default Linux VM {id} registered: disk {} ({} of data), autostart hidden: {}",
+            "default Linux VM {id} registered: disk {} ({} of data), autostart hidden: {}, at RayOS shutdown: {}",
             human_size(stats.size),
             human_size(stats.data),
-            if cfg.policy.autostart_linux_hidden { "yes" } else { "no" }
+            if cfg.policy.autostart_linux_hidden { "yes" } else { "no" },
+            cfg.policy.linux_on_shutdown.as_str()
         ),
     );
     Ok(1)

@@ -5,6 +5,7 @@ mod common;
 
 use common::*;
 use installer::answers::{parse, to_toml};
+use installer::config::OnShutdown;
 use installer::disks;
 use installer::plan::{make_plan, Target, VmStorage};
 
@@ -31,6 +32,15 @@ fn minimal_file_is_valid_with_defaults() {
     assert_eq!(a.vm_storage, VmStorage::DataVolume);
     assert_eq!(a.config.hostname, "rayos");
     assert_eq!(a.config.linux_user.as_ref().unwrap().name, "alice");
+}
+
+#[test]
+fn the_linux_vm_is_saved_at_shutdown_unless_the_file_says_shutdown() {
+    let policy = |p: &str| parse("answers.toml", &format!("{GOOD}[policy]\n{p}")).unwrap().config.policy.linux_on_shutdown;
+    assert_eq!(parse("answers.toml", GOOD).unwrap().config.policy.linux_on_shutdown, OnShutdown::Save, "absent: save");
+    assert_eq!(policy("linux_on_shutdown = \"save\"\n"), OnShutdown::Save);
+    assert_eq!(policy("linux_on_shutdown = \"shutdown\"\n"), OnShutdown::Shutdown);
+    assert_eq!(policy("autostart_linux_hidden = false\n"), OnShutdown::Save, "another policy key alone keeps the default");
 }
 
 #[test]
@@ -94,6 +104,13 @@ fn each_invalid_field_is_named() {
             "answers.toml: policy.autostart_windows_hidden: RayOS does not run Windows VMs yet, so there is none to \
              autostart: remove this key or set it to false",
         ),
+        (
+            "[policy]\nlinux_on_shutdown = \"hibernate\"\n",
+            "answers.toml: policy.linux_on_shutdown: \"hibernate\": expected \"save\" (the Linux VM is saved at shutdown and \
+             resumed at boot) or \"shutdown\" (it is shut down and boots afresh)",
+        ),
+        ("[policy]\nlinux_on_shutdown = \"Save\"\n", "answers.toml: policy.linux_on_shutdown: \"Save\": expected \"save\""),
+        ("[policy]\nlinux_on_shutdown = false\n", "answers.toml: policy.linux_on_shutdown: invalid type: boolean `false`, expected a string"),
         ("[system]\ntimezone = \"Mars/Olympus_Mons\"\n", "answers.toml: system.timezone: \"Mars/Olympus_Mons\" is not a time zone"),
         ("[system]\nlocale = \"xx_YY.UTF-8\"\n", "answers.toml: system.locale: \"xx_YY.UTF-8\" is not a locale RayOS knows"),
         ("[system]\nkeymap = \"qwertz\"\n", "answers.toml: system.keymap: \"qwertz\" is not a keyboard layout RayOS knows"),
@@ -169,7 +186,9 @@ fn wizard_answers_round_trip_through_the_parser() {
     let user = installer::config::LinuxUser { name: "bob".into(), password_hash: installer::config::hash_password("pw").unwrap() };
     let mut cfg = installer::config::SystemConfig { hostname: "saved".into(), linux_user: Some(user), ..Default::default() };
     cfg.policy.autostart_linux_hidden = false;
+    cfg.policy.linux_on_shutdown = OnShutdown::Shutdown;
     let text = to_toml(&disks[1], &Target::Partition(3), &VmStorage::DedicatedPartition { size_bytes: 8 * GIB }, &cfg, "wipe NV-2");
+    assert!(text.contains("\nlinux_on_shutdown = \"shutdown\"\n"), "{text}");
     let a = parse("saved.toml", &text).unwrap();
     assert_eq!(a.target, Target::Partition(3));
     assert_eq!(a.vm_storage, VmStorage::DedicatedPartition { size_bytes: 8 * GIB });

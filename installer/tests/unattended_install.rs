@@ -114,6 +114,7 @@ fn unattended_whole_disk_install_produces_bootable_layout() {
     let sys: installer::config::SystemToml = toml::from_str(&system).unwrap();
     assert_eq!((sys.machine_name.as_str(), sys.timezone.as_str(), sys.keymap.as_str()), ("testbox", "Europe/Paris", "de"));
     assert!(sys.policy.autostart_linux_hidden);
+    assert_eq!(sys.policy.linux_on_shutdown, installer::config::OnShutdown::Save, "no answer: kept running across reboots");
     // The registry, read the way rayosd reads it: the default Linux VM, its files in place.
     let reg_dir = m.dir.path().join("registry");
     std::fs::create_dir_all(&reg_dir).unwrap();
@@ -123,6 +124,7 @@ fn unattended_whole_disk_install_produces_bootable_layout() {
     let [vm] = reg.vms() else { panic!("one VM registered: {:?}", reg.vms()) };
     assert_eq!((vm.name.as_str(), vm.kind), ("linux", rayosd::vm::registry::VmKind::Linux));
     assert!(vm.policy.autostart_hidden);
+    assert_eq!(vm.policy.on_shutdown, rayosd::vm::registry::OnShutdown::Save, "saved at RayOS shutdown unless asked otherwise");
     // The guest agent's first-boot setup: the answer file's user (its hash only) and the
     // system's zone, locale and keymap; the files holding the hash are root's alone.
     let fb = vm.firstboot.as_ref().expect("the default Linux VM has its first-boot setup");
@@ -254,7 +256,8 @@ fn dedicated_vm_storage_partition_is_formatted_and_recorded() {
     let m = FakeMachine::new();
     let img = m.add_disk(&nvme("nvme0n1", "TARGET-1", 8 * GIB));
     let text = answer_file("TARGET-1", "whole-disk", "wipe TARGET-1")
-        .replace("vm_storage = \"data-volume\"", "vm_storage = \"partition\"\nvm_storage_size = \"2G\"");
+        .replace("vm_storage = \"data-volume\"", "vm_storage = \"partition\"\nvm_storage_size = \"2G\"")
+        .replace("[policy]\n", "[policy]\nlinux_on_shutdown = \"shutdown\"\n");
     let a = answers::parse("answers.toml", &text).unwrap();
     let all = disks::enumerate(&m.paths, None).unwrap();
     let plan = make_plan(a.select_disk("answers.toml", &all).unwrap(), a.target.clone(), a.vm_storage.clone()).unwrap();
@@ -280,6 +283,7 @@ fn dedicated_vm_storage_partition_is_formatted_and_recorded() {
     let sys: installer::config::SystemToml = toml::from_str(&debugfs_cat(&data_img, "/config/system.toml")).unwrap();
     assert_eq!(sys.vm_storage.kind, installer::config::VmStorageKind::Partition);
     assert_eq!(sys.vm_storage.location, Some(vms.part_uuid.to_string()), "rayosd finds the VM partition by PARTUUID");
+    assert_eq!(sys.policy.linux_on_shutdown, installer::config::OnShutdown::Shutdown, "system.toml keeps what was chosen");
     // rayosd reads the same file the same way.
     let sys_path = m.dir.path().join("system.toml");
     std::fs::write(&sys_path, debugfs_cat(&data_img, "/config/system.toml")).unwrap();
@@ -292,6 +296,7 @@ fn dedicated_vm_storage_partition_is_formatted_and_recorded() {
     std::fs::write(reg_dir.join("vms.json"), debugfs_cat(&data_img, "/registry/vms.json")).unwrap();
     let (reg, _) = rayosd::vm::registry::Registry::open(&reg_dir).unwrap();
     let [vm] = reg.vms() else { panic!("{:?}", reg.vms()) };
+    assert_eq!(vm.policy.on_shutdown, rayosd::vm::registry::OnShutdown::Shutdown, "the answer file's policy, in the record rayosd honours");
     let vm_dir = format!("/vms/{}", vm.id);
     assert_eq!(vm.disks[0].path, Path::new(&vm_dir).join("disk.img"));
     let (ok, ls) = run("debugfs", &["-R", &format!("ls -l /{}", vm.id), vms_img.to_str().unwrap()]);

@@ -8,6 +8,7 @@ use installer::disks;
 use installer::guids;
 use installer::plan::{Target, VmStorage};
 use installer::wizard::render::render;
+use installer::config::OnShutdown;
 use installer::wizard::{Action, Key, Screen, Wizard};
 use ratatui::backend::TestBackend;
 use ratatui::Terminal;
@@ -140,11 +141,11 @@ fn every_screen_forward_and_back_then_install_confirmation() {
     w.handle(Key::Tab);
     w.handle(Key::Tab);
     let s = screen_text(&w);
-    assert!(s.contains("> Autostart Linux hidden    [x]"), "on by default: {s}");
+    assert!(s.contains("> Autostart Linux hidden            [x]"), "on by default: {s}");
     w.handle(Key::Char(' '));
     let s = screen_text(&w);
-    assert!(s.contains("> Autostart Linux hidden    [ ]"), "{s}");
-    assert!(s.contains("  Time zone                 Europe/Berlin"), "{s}");
+    assert!(s.contains("> Autostart Linux hidden            [ ]"), "{s}");
+    assert!(s.contains("  Time zone                         Europe/Berlin"), "{s}");
 
     // The Linux user, then the summary, then back to the first-boot screen and on again.
     w.handle(Key::Enter);
@@ -384,4 +385,94 @@ fn the_keyboard_layout_is_loaded_when_its_field_is_accepted_and_a_failure_stays_
     assert!(s.contains("! Keyboard layout: loadkeys cz-lat2 failed. Keys typed on the screen follow us"), "{s}");
     w.handle(Key::Esc);
     assert!(screen_text(&w).contains("! Keyboard layout: loadkeys cz-lat2 failed"), "on the layout's own screen too");
+}
+
+#[test]
+fn keep_linux_running_across_reboots_is_checked_by_default_and_unchecking_shuts_it_down() {
+    let (_m, d) = machine();
+    let mut w = Wizard::new(d);
+    for _ in 0..5 {
+        w.handle(Key::Enter);
+    }
+    assert_eq!(w.screen, Screen::FirstBoot);
+    let s = screen_text(&w);
+    assert!(s.contains("  Keep Linux running across reboots [x]"), "checked by default:\n{s}");
+    assert!(s.contains("Linux is saved when RayOS shuts down and resumes where it was at the next boot."), "{s}");
+    for _ in 0..5 {
+        w.handle(Key::Tab);
+    }
+    w.handle(Key::Char(' '));
+    let s = screen_text(&w);
+    assert!(s.contains("> Keep Linux running across reboots [ ]"), "{s}");
+    assert!(s.contains("  Autostart Linux hidden            [x]"), "the other box is untouched:\n{s}");
+    assert!(s.contains("Linux is shut down with RayOS and boots afresh at the next boot."), "{s}");
+    assert_eq!(w.config.policy.linux_on_shutdown, OnShutdown::Shutdown);
+    // A letter does not change it; Right and Left toggle it like Space.
+    w.handle(Key::Char('x'));
+    assert_eq!(w.config.policy.linux_on_shutdown, OnShutdown::Shutdown);
+    w.handle(Key::Right);
+    assert_eq!(w.config.policy.linux_on_shutdown, OnShutdown::Save);
+    w.handle(Key::Left);
+    assert_eq!(w.config.policy.linux_on_shutdown, OnShutdown::Shutdown);
+    assert!(w.config.policy.autostart_linux_hidden);
+
+    // Shown on the summary, and in the answers the wizard saves.
+    w.handle(Key::Enter);
+    linux_user(&mut w);
+    let s = screen_text(&w);
+    assert!(s.contains("Linux VM: shut down with RayOS, boots afresh"), "{s}");
+    assert!(s.contains("To go ahead, type: wipe NV-TARGET"), "the confirmation still fits:\n{s}");
+    typ(&mut w, "wipe NV-TARGET");
+    assert_eq!(w.handle(Key::Enter), Action::Install);
+    let saved = w.answers_toml().unwrap();
+    assert!(saved.contains("linux_on_shutdown = \"shutdown\""), "{saved}");
+    let a = installer::answers::parse("saved.toml", &saved).unwrap();
+    assert_eq!(a.config.policy.linux_on_shutdown, OnShutdown::Shutdown);
+}
+
+/// What the installer logs after writing a new ESP (`install::install`): longer than a line.
+const ESP_WROTE: &str = "ESP: wrote rayos/vmlinuz, rayos/initramfs.img, EFI/systemd/systemd-bootx64.efi, EFI/BOOT/BOOTX64.EFI, \
+                         loader/loader.conf, loader/entries/rayos+3.conf, loader/entries/rayos-rescue.conf";
+
+#[test]
+fn a_progress_line_longer_than_the_screen_is_wrapped_whole_at_80_columns() {
+    let (_m, d) = machine();
+    let mut w = Wizard::new(d);
+    for _ in 0..6 {
+        w.handle(Key::Enter);
+    }
+    linux_user(&mut w);
+    typ(&mut w, "wipe NV-TARGET");
+    assert_eq!(w.handle(Key::Enter), Action::Install);
+    assert!(ESP_WROTE.len() > 160);
+    w.on_progress(25, "copying systemd-boot, kernel and initramfs to the ESP");
+    w.on_progress(50, ESP_WROTE);
+    w.on_progress(55, "UEFI boot entry Boot0001 \"RayOS\" first in BootOrder");
+    w.on_finished(Ok("Installed in 3.0 s".into()));
+    assert_eq!(w.screen, Screen::Done);
+    let s = screen_text(&w);
+    let rows: Vec<&str> = s.lines().collect();
+    let first = rows.iter().position(|r| r.starts_with("ESP: wrote rayos/vmlinuz")).unwrap_or_else(|| panic!("{s}"));
+    // Its further rows are indented, so they read as one line, not as steps of their own.
+    let mut joined = rows[first].to_string();
+    for r in &rows[first + 1..] {
+        match r.strip_prefix("  ") {
+            Some(more) if !r.starts_with("UEFI") => joined = format!("{joined} {}", more.trim_start()),
+            _ => break,
+        }
+    }
+    assert_eq!(joined, ESP_WROTE, "the whole line, in order:\n{s}");
+    assert!(rows[first + 1].starts_with("  ") && !rows[first + 1].starts_with("   "), "{s}");
+    let i = rows.iter().position(|r| r.starts_with("UEFI boot entry")).unwrap();
+    assert!(i > first + 1 && rows[i + 1] == "Installed in 3.0 s", "the steps after it follow it:\n{s}");
+
+    // Many steps later the newest stay in view at the bottom and the ESP line has scrolled off.
+    w.on_progress(60, ESP_WROTE);
+    for n in 0..30 {
+        w.on_progress(60, &format!("step {n}"));
+    }
+    let s = screen_text(&w);
+    let footer = s.lines().last().unwrap();
+    assert!(footer.contains("Enter: reboot"), "{s}");
+    assert!(s.contains("\nstep 29\n") && !s.contains("step 3\n") && !s.contains("ESP: wrote"), "{s}");
 }

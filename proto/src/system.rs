@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::registry::OnShutdown;
+
 pub const SCHEMA_VERSION: u32 = 1;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,11 +44,15 @@ impl Default for SystemToml {
 pub struct SystemPolicy {
     pub autostart_linux_hidden: bool,
     pub autostart_windows_hidden: bool,
+    /// What RayOS's shutdown does with the default Linux VM (its record's `policy.on_shutdown`
+    /// holds the answer rayosd honours; this keeps what was chosen). Files from before it read
+    /// as `save`, the default.
+    pub linux_on_shutdown: OnShutdown,
 }
 
 impl Default for SystemPolicy {
     fn default() -> Self {
-        SystemPolicy { autostart_linux_hidden: true, autostart_windows_hidden: true }
+        SystemPolicy { autostart_linux_hidden: true, autostart_windows_hidden: true, linux_on_shutdown: OnShutdown::Save }
     }
 }
 
@@ -107,6 +113,7 @@ autostart_vms = true
 [policy]
 autostart_linux_hidden = true
 autostart_windows_hidden = false
+linux_on_shutdown = "shutdown"
 
 [vm_storage]
 kind = "partition"
@@ -119,6 +126,7 @@ location = "0a1b2c3d-0000-4000-8000-000000000001"
         assert_eq!(c.machine_name, "desk");
         assert_eq!(c.vm_storage.partition(), Some("0a1b2c3d-0000-4000-8000-000000000001"));
         assert!(!c.policy.autostart_windows_hidden);
+        assert_eq!(c.policy.linux_on_shutdown, OnShutdown::Shutdown);
         assert_eq!(c.to_toml(), INSTALLED);
         let data = SystemToml { vm_storage: VmStorage::default(), ..c };
         assert!(data.to_toml().ends_with("[vm_storage]\nkind = \"data-volume\"\n"), "{}", data.to_toml());
@@ -131,5 +139,15 @@ location = "0a1b2c3d-0000-4000-8000-000000000001"
         let e = SystemToml::parse("[vm_storage]\nkind = \"cloud\"\n").unwrap_err().to_string();
         assert!(e.contains("cloud") && e.contains("data-volume"), "{e}");
         assert!(SystemToml::parse("machine_name = [unterminated\n").is_err());
+    }
+
+    #[test]
+    fn a_file_from_before_the_shutdown_policy_reads_as_save_and_a_bad_policy_is_named() {
+        let old = INSTALLED.replace("linux_on_shutdown = \"shutdown\"\n", "");
+        let c = SystemToml::parse(&old).unwrap();
+        assert_eq!((c.policy.linux_on_shutdown, c.policy.autostart_windows_hidden), (OnShutdown::Save, false));
+        assert!(c.to_toml().contains("linux_on_shutdown = \"save\"\n"), "{}", c.to_toml());
+        let e = SystemToml::parse(&INSTALLED.replace("\"shutdown\"", "\"hibernate\"")).unwrap_err().to_string();
+        assert!(e.contains("hibernate") && e.contains("save") && e.contains("shutdown"), "{e}");
     }
 }

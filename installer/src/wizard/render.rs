@@ -8,6 +8,7 @@ use ratatui::widgets::{Block, Borders, Paragraph, Wrap};
 use ratatui::Frame;
 
 use super::state::{Screen, Wizard, FIRST_BOOT_FIELDS, LINUX_USER_FIELDS, VM_CHOICES};
+use crate::config::OnShutdown;
 use crate::disks::human_size;
 
 fn selectable(selected: bool, text: String) -> Line<'static> {
@@ -62,10 +63,26 @@ pub fn render(f: &mut Frame, w: &Wizard, note: Option<&str>) {
 fn progress(f: &mut Frame, w: &Wizard, area: Rect) {
     let [gauge, log] = Layout::vertical([Constraint::Length(2), Constraint::Min(1)]).areas(area);
     f.render_widget(Paragraph::new(progress_bar(w.progress, gauge.width)), gauge);
-    let shown = log.height as usize;
-    let start = w.progress_lines.len().saturating_sub(shown);
-    let text: Vec<Line> = w.progress_lines[start..].iter().map(|l| Line::from(l.clone())).collect();
-    f.render_widget(Paragraph::new(text), log);
+    let rows = log_rows(&w.progress_lines, log.width as usize, log.height as usize);
+    f.render_widget(Paragraph::new(rows.into_iter().map(Line::from).collect::<Vec<_>>()), log);
+}
+
+/// The last `height` rows of the install log, each line wrapped at `width` with its further rows
+/// indented, so a long line (the ESP's file list, an error) is read whole and the newest line
+/// stays at the bottom. Wrapped here rather than by `Paragraph`, which cannot say how many rows
+/// a wrapped line takes, and so which lines fit.
+pub fn log_rows(lines: &[String], width: usize, height: usize) -> Vec<String> {
+    let opts = textwrap::Options::new(width.max(10)).subsequent_indent("  ");
+    let mut rows: Vec<String> = Vec::new();
+    for line in lines.iter().rev() {
+        if rows.len() >= height {
+            break;
+        }
+        rows.extend(textwrap::wrap(line, &opts).into_iter().rev().map(|r| r.into_owned()));
+    }
+    rows.truncate(height);
+    rows.reverse();
+    rows
 }
 
 /// `[#####.....]  45%`: plain characters, readable on any terminal, the percentage beside the
@@ -136,10 +153,18 @@ fn lines(w: &Wizard) -> Vec<Line<'static>> {
                 c.locale.clone(),
                 c.keymap.clone(),
                 yn(c.policy.autostart_linux_hidden),
+                yn(c.policy.linux_on_shutdown == OnShutdown::Save),
             ];
+            let width = FIRST_BOOT_FIELDS.iter().map(|f| f.len()).max().unwrap_or(0);
             for (i, (name, v)) in FIRST_BOOT_FIELDS.iter().zip(values).enumerate() {
-                out.push(selectable(i == w.field_cursor, format!("{name:<25} {v}")));
+                out.push(selectable(i == w.field_cursor, format!("{name:<width$} {v}")));
             }
+            out.push("".into());
+            // What the box means is not obvious from its label: say what each answer does.
+            out.push(Line::from(match c.policy.linux_on_shutdown {
+                OnShutdown::Save => "Linux is saved when RayOS shuts down and resumes where it was at the next boot.",
+                OnShutdown::Shutdown => "Linux is shut down with RayOS and boots afresh at the next boot.",
+            }));
             keymap_problem(w, &mut out);
         }
         Screen::LinuxUser => {
@@ -169,6 +194,13 @@ fn lines(w: &Wizard) -> Vec<Line<'static>> {
                 if let Some(u) = &w.config.linux_user {
                     out.push(format!("Linux VM user: {} (sudo); root is locked", u.name).into());
                 }
+                out.push(
+                    match w.config.policy.linux_on_shutdown {
+                        OnShutdown::Save => "Linux VM: kept running across reboots (saved at shutdown, resumed at boot)",
+                        OnShutdown::Shutdown => "Linux VM: shut down with RayOS, boots afresh",
+                    }
+                    .into(),
+                );
                 out.push("".into());
                 let want = w.required_confirmation().unwrap_or_default();
                 out.push(format!("To go ahead, type: {want}").into());

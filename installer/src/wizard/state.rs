@@ -2,7 +2,7 @@
 //! Esc always goes back one step; nothing is written before the typed confirmation.
 
 use crate::answers;
-use crate::config::{check_keymap, check_user_name, hash_password, LinuxUser, SystemConfig};
+use crate::config::{check_keymap, check_user_name, hash_password, LinuxUser, OnShutdown, SystemConfig};
 use crate::disks::Disk;
 use crate::plan::{make_plan, Plan, Target, VmStorage};
 
@@ -74,7 +74,11 @@ pub const VM_CHOICES: [&str; 3] = [
 ];
 
 /// Autostart of Windows VMs is not offered: RayOS does not run Windows VMs yet.
-pub const FIRST_BOOT_FIELDS: [&str; 5] = ["Machine name", "Time zone", "Locale", "Keyboard layout", "Autostart Linux hidden"];
+pub const FIRST_BOOT_FIELDS: [&str; 6] =
+    ["Machine name", "Time zone", "Locale", "Keyboard layout", "Autostart Linux hidden", "Keep Linux running across reboots"];
+
+/// The first-boot fields from this one on are check boxes (Space, Left or Right toggles), not text.
+pub const FIRST_BOOT_FIRST_TOGGLE: usize = 4;
 
 /// The Linux VM's user, as WSL asks at first start: the passwords are typed, never shown.
 pub const LINUX_USER_FIELDS: [&str; 3] = ["User name", "Password", "Password again"];
@@ -233,7 +237,7 @@ impl Wizard {
         }
         // Typing into the focused text field.
         if let Key::Char(c) = key {
-            let toggle = matches!(self.screen, Screen::FirstBoot) && self.field_cursor >= 4 && c == ' ';
+            let toggle = matches!(self.screen, Screen::FirstBoot) && self.field_cursor >= FIRST_BOOT_FIRST_TOGGLE && c == ' ';
             if !toggle {
                 if let Some(f) = self.text_field() {
                     if !c.is_control() && f.len() < 64 {
@@ -311,9 +315,7 @@ impl Wizard {
                 let was = self.field_cursor;
                 Self::cursor(FIRST_BOOT_FIELDS.len(), &mut self.field_cursor, key);
                 match key {
-                    Key::Char(' ') | Key::Left | Key::Right if self.field_cursor == 4 => {
-                        self.config.policy.autostart_linux_hidden ^= true
-                    }
+                    Key::Char(' ') | Key::Left | Key::Right if self.field_cursor >= FIRST_BOOT_FIRST_TOGGLE => self.toggle_first_boot(),
                     Key::Enter => match self.config.validate() {
                         Ok(()) => {
                             self.field_cursor = 0;
@@ -367,6 +369,21 @@ impl Wizard {
             }
         }
         Action::None
+    }
+
+    /// The check box under the cursor on the first-boot screen.
+    fn toggle_first_boot(&mut self) {
+        let p = &mut self.config.policy;
+        match self.field_cursor {
+            4 => p.autostart_linux_hidden ^= true,
+            5 => {
+                p.linux_on_shutdown = match p.linux_on_shutdown {
+                    OnShutdown::Save => OnShutdown::Shutdown,
+                    OnShutdown::Shutdown => OnShutdown::Save,
+                }
+            }
+            _ => {}
+        }
     }
 
     fn clear_passwords(&mut self) {
