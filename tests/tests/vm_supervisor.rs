@@ -220,6 +220,33 @@ fn read_data_file(disk: &Path, path: &str) -> Option<Vec<u8>> {
     std::fs::read(&out_file).ok()
 }
 
+/// Replaces (or creates) `path` on the data partition of `disk` after QEMU is gone (debugfs,
+/// no mount): as an offline edit of the data volume would.
+fn write_data_file(disk: &Path, path: &str, bytes: &[u8]) {
+    let part = disk.with_extension("part-edit");
+    let mut buf = vec![0u8; PART_SIZE as usize];
+    {
+        let mut f = std::fs::File::open(disk).unwrap();
+        f.seek(SeekFrom::Start(PART_START_LBA * 512)).unwrap();
+        f.read_exact(&mut buf).unwrap();
+    }
+    std::fs::write(&part, &buf).unwrap();
+    let src = disk.with_extension("new-file");
+    std::fs::write(&src, bytes).unwrap();
+    let (dir, name) = path.rsplit_once('/').unwrap();
+    let cmds = disk.with_extension("debugfs-cmds");
+    std::fs::write(&cmds, format!("cd {dir}\nrm {name}\nwrite {} {name}\n", src.display())).unwrap();
+    let out = Command::new("debugfs").arg("-w").arg("-f").arg(&cmds).arg(&part).output().unwrap();
+    assert!(out.status.success(), "debugfs: {}", String::from_utf8_lossy(&out.stderr));
+    let edited = std::fs::read(&part).unwrap();
+    let mut f = std::fs::OpenOptions::new().write(true).open(disk).unwrap();
+    f.seek(SeekFrom::Start(PART_START_LBA * 512)).unwrap();
+    f.write_all(&edited).unwrap();
+    for p in [part, src, cmds] {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
 fn boot(name: &str, disk_for: impl FnOnce(&Path) -> PathBuf) -> (Qemu, PathBuf) {
     boot_with(name, |b| b, disk_for)
 }
@@ -420,6 +447,72 @@ fn vm_lifecycle_autostart_crashes_and_broken_disks() {
     ctl_ok(&q, &["poweroff"]);
     q.wait_for("vm deb: saved (generation 1", Duration::from_secs(90)).unwrap();
     q.wait_exit(Duration::from_secs(60)).unwrap();
+}
+
+/// A saved state that is damaged, or whose disk was edited while RayOS was off, is refused
+/// by name: the VM boots from its disk, the state is kept aside, the disk is left as it is.
+#[test]
+fn a_damaged_state_or_an_edited_disk_is_refused_by_name_and_the_vm_boots_afresh() {
+    let vm = Vm::new("counter", true);
+    let registry = registry_json(&[&vm]);
+    let (mut q, disk) = boot("vm-refused", |dir| data_disk(dir, &[&vm], &registry, None));
+    let saved_and_off = |q: &mut Qemu| {
+        q.wait_for("rayosd: ready", BOOT_TIMEOUT).unwrap();
+        let t = Instant::now();
+        while last_heartbeat(q, "counter") < 4 {
+            assert!(t.elapsed() < GUEST_TIMEOUT, "no heartbeats: {:?}", heartbeats(q, "counter"));
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let mark = q.log_len();
+        ctl_ok(q, &["poweroff"]);
+        q.wait_for_line_after(mark, |l| l.contains("vm counter: saved in"), "the save", Duration::from_secs(120)).unwrap();
+        q.wait_exit(Duration::from_secs(120)).unwrap();
+    };
+    let dir = format!("/vms/{}", vm.id);
+    saved_and_off(&mut q);
+
+    // One flipped bit in the middle of the state file.
+    let state_path = format!("{dir}/saved-1/state.json");
+    let mut state = read_data_file(&disk, &state_path).expect("the saved state is on the data volume");
+    let mid = state.len() / 2;
+    state[mid] ^= 0x01;
+    write_data_file(&disk, &state_path, &state);
+    let (mut q, _) = boot("vm-refused-2", |_| disk.clone());
+    let refused = q.wait_for("vm counter: saved state generation 1 not resumed", GUEST_TIMEOUT).unwrap();
+    eprintln!("refused: {refused}");
+    assert!((refused.contains("damaged") || refused.contains("state.json")) && refused.contains("saved-state.rejected-1"), "the refusal does not say why and where: {refused}");
+    let t = Instant::now();
+    while heartbeats(&q, "counter").first() != Some(&1) || last_heartbeat(&q, "counter") < 4 {
+        assert!(t.elapsed() < GUEST_TIMEOUT, "counter did not boot afresh: {:?}", heartbeats(&q, "counter"));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(ctl_ok(&q, &["vm", "list"])["problems"].to_string().contains("saved state not resumed"));
+    saved_and_off(&mut q);
+    assert_eq!(
+        read_data_file(&disk, &format!("{dir}/saved-state.rejected-1/state.json")).as_deref(),
+        Some(&state[..]),
+        "the refused state is kept aside as it was"
+    );
+
+    // The disk written while RayOS was off (generation 2 was saved against the old one).
+    let edited = vec![0x5au8; 1 << 20];
+    write_data_file(&disk, &format!("{dir}/disk.img"), &edited);
+    let (mut q, _) = boot("vm-refused-3", |_| disk.clone());
+    let refused = q.wait_for("vm counter: saved state generation 2 not resumed", GUEST_TIMEOUT).unwrap();
+    eprintln!("refused: {refused}");
+    assert!(refused.contains("disk.img") && refused.contains("changed since") && refused.contains("rejected-2"), "{refused}");
+    let t = Instant::now();
+    while heartbeats(&q, "counter").first() != Some(&1) || last_heartbeat(&q, "counter") < 2 {
+        assert!(t.elapsed() < GUEST_TIMEOUT, "counter did not boot afresh: {:?}", heartbeats(&q, "counter"));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // The VM is stopped before the power-off so that nothing writes its disk afterwards.
+    ctl_ok(&q, &["vm", "stop", "counter", "--force"]);
+    wait_vm(&q, "counter", "stopped", Duration::from_secs(60), |v| v["state"] == "stopped");
+    ctl_ok(&q, &["poweroff"]);
+    q.wait_exit(Duration::from_secs(120)).unwrap();
+    assert_eq!(read_data_file(&disk, &format!("{dir}/disk.img")).map(|d| d == edited), Some(true), "the refusal left the disk as the user left it");
+    assert!(read_data_file(&disk, &format!("{dir}/saved-state.rejected-2/state.json")).is_some(), "the second refused state is kept too");
 }
 
 /// `heartbeat N uptime_ms=U wall_ms=W` lines of a devguest's serial console, as (N, U, W).
