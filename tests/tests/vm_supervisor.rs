@@ -247,6 +247,35 @@ fn write_data_file(disk: &Path, path: &str, bytes: &[u8]) {
     }
 }
 
+/// Removes `files` from the folder `dir` on the data partition of `disk`, then the folder
+/// (debugfs, no mount).
+fn remove_data_files(disk: &Path, dir: &str, files: &[&str]) {
+    let part = disk.with_extension("part-edit");
+    let mut buf = vec![0u8; PART_SIZE as usize];
+    {
+        let mut f = std::fs::File::open(disk).unwrap();
+        f.seek(SeekFrom::Start(PART_START_LBA * 512)).unwrap();
+        f.read_exact(&mut buf).unwrap();
+    }
+    std::fs::write(&part, &buf).unwrap();
+    let cmds = disk.with_extension("debugfs-cmds");
+    let (parent, name) = dir.rsplit_once('/').unwrap();
+    let mut script = format!("cd {dir}\n");
+    for f in files {
+        script.push_str(&format!("rm {f}\n"));
+    }
+    script.push_str(&format!("cd {parent}\nrmdir {name}\n"));
+    std::fs::write(&cmds, script).unwrap();
+    let out = Command::new("debugfs").arg("-w").arg("-f").arg(&cmds).arg(&part).output().unwrap();
+    assert!(out.status.success(), "debugfs: {}", String::from_utf8_lossy(&out.stderr));
+    let edited = std::fs::read(&part).unwrap();
+    let mut f = std::fs::OpenOptions::new().write(true).open(disk).unwrap();
+    f.seek(SeekFrom::Start(PART_START_LBA * 512)).unwrap();
+    f.write_all(&edited).unwrap();
+    let _ = std::fs::remove_file(part);
+    let _ = std::fs::remove_file(cmds);
+}
+
 fn boot(name: &str, disk_for: impl FnOnce(&Path) -> PathBuf) -> (Qemu, PathBuf) {
     boot_with(name, |b| b, disk_for)
 }
@@ -451,25 +480,30 @@ fn vm_lifecycle_autostart_crashes_and_broken_disks() {
 
 /// A saved state that is damaged, or whose disk was edited while RayOS was off, is refused
 /// by name: the VM boots from its disk, the state is kept aside, the disk is left as it is.
+/// A save without room for it shuts the guest down instead.
 #[test]
 fn a_damaged_state_or_an_edited_disk_is_refused_by_name_and_the_vm_boots_afresh() {
     let vm = Vm::new("counter", true);
     let registry = registry_json(&[&vm]);
     let (mut q, disk) = boot("vm-refused", |dir| data_disk(dir, &[&vm], &registry, None));
-    let saved_and_off = |q: &mut Qemu| {
+    let beating = |q: &mut Qemu, first_boot: bool| {
         q.wait_for("rayosd: ready", BOOT_TIMEOUT).unwrap();
         let t = Instant::now();
-        while last_heartbeat(q, "counter") < 4 {
-            assert!(t.elapsed() < GUEST_TIMEOUT, "no heartbeats: {:?}", heartbeats(q, "counter"));
+        while (first_boot && heartbeats(q, "counter").first() != Some(&1)) || last_heartbeat(q, "counter") < 4 {
+            assert!(t.elapsed() < GUEST_TIMEOUT, "counter does not beat (from 1: {first_boot}): {:?}", heartbeats(q, "counter"));
             std::thread::sleep(Duration::from_millis(500));
         }
+    };
+    let power_off = |q: &mut Qemu, expect: &str| -> String {
         let mark = q.log_len();
         ctl_ok(q, &["poweroff"]);
-        q.wait_for_line_after(mark, |l| l.contains("vm counter: saved in"), "the save", Duration::from_secs(120)).unwrap();
+        let line = q.wait_for_line_after(mark, |l| l.contains(expect), expect, Duration::from_secs(120)).unwrap();
         q.wait_exit(Duration::from_secs(120)).unwrap();
+        line
     };
     let dir = format!("/vms/{}", vm.id);
-    saved_and_off(&mut q);
+    beating(&mut q, true);
+    power_off(&mut q, "vm counter: saved in");
 
     // One flipped bit in the middle of the state file.
     let state_path = format!("{dir}/saved-1/state.json");
@@ -480,39 +514,44 @@ fn a_damaged_state_or_an_edited_disk_is_refused_by_name_and_the_vm_boots_afresh(
     let (mut q, _) = boot("vm-refused-2", |_| disk.clone());
     let refused = q.wait_for("vm counter: saved state generation 1 not resumed", GUEST_TIMEOUT).unwrap();
     eprintln!("refused: {refused}");
-    assert!((refused.contains("damaged") || refused.contains("state.json")) && refused.contains("saved-state.rejected-1"), "the refusal does not say why and where: {refused}");
-    let t = Instant::now();
-    while heartbeats(&q, "counter").first() != Some(&1) || last_heartbeat(&q, "counter") < 4 {
-        assert!(t.elapsed() < GUEST_TIMEOUT, "counter did not boot afresh: {:?}", heartbeats(&q, "counter"));
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    assert!(
+        (refused.contains("damaged") || refused.contains("state.json")) && refused.contains("saved-state.rejected-1"),
+        "the refusal does not say why and where: {refused}"
+    );
+    beating(&mut q, true);
     assert!(ctl_ok(&q, &["vm", "list"])["problems"].to_string().contains("saved state not resumed"));
-    saved_and_off(&mut q);
+    // The kept state fills the small data volume: the next save has no room, and the guest
+    // is shut down instead, cleanly.
+    let no_room = power_off(&mut q, "vm counter: not saved");
+    assert!(no_room.contains("not enough free space") && no_room.contains("shutting it down instead"), "{no_room}");
+    let log = q.serial_log();
+    assert!(log.contains("vm counter: stopped (the guest powered off)"), "the guest was not shut down cleanly");
     assert_eq!(
         read_data_file(&disk, &format!("{dir}/saved-state.rejected-1/state.json")).as_deref(),
         Some(&state[..]),
         "the refused state is kept aside as it was"
     );
 
-    // The disk written while RayOS was off (generation 2 was saved against the old one).
+    // The user removes the kept state; the VM is saved again (generation 2), then its disk is
+    // written while RayOS is off.
+    remove_data_files(&disk, &format!("{dir}/saved-state.rejected-1"), &["state.json", "memory"]);
+    let (mut q, _) = boot("vm-refused-3", |_| disk.clone());
+    beating(&mut q, true);
+    power_off(&mut q, "vm counter: saved in");
     let edited = vec![0x5au8; 1 << 20];
     write_data_file(&disk, &format!("{dir}/disk.img"), &edited);
-    let (mut q, _) = boot("vm-refused-3", |_| disk.clone());
+    let (mut q, _) = boot("vm-refused-4", |_| disk.clone());
     let refused = q.wait_for("vm counter: saved state generation 2 not resumed", GUEST_TIMEOUT).unwrap();
     eprintln!("refused: {refused}");
-    assert!(refused.contains("disk.img") && refused.contains("changed since") && refused.contains("rejected-2"), "{refused}");
-    let t = Instant::now();
-    while heartbeats(&q, "counter").first() != Some(&1) || last_heartbeat(&q, "counter") < 2 {
-        assert!(t.elapsed() < GUEST_TIMEOUT, "counter did not boot afresh: {:?}", heartbeats(&q, "counter"));
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    // The VM is stopped before the power-off so that nothing writes its disk afterwards.
+    assert!(refused.contains("disk.img") && refused.contains("changed since") && refused.contains("rejected-1"), "{refused}");
+    beating(&mut q, true);
+    // Stopped before the power-off, so that nothing is saved over what we check.
     ctl_ok(&q, &["vm", "stop", "counter", "--force"]);
     wait_vm(&q, "counter", "stopped", Duration::from_secs(60), |v| v["state"] == "stopped");
     ctl_ok(&q, &["poweroff"]);
     q.wait_exit(Duration::from_secs(120)).unwrap();
     assert_eq!(read_data_file(&disk, &format!("{dir}/disk.img")).map(|d| d == edited), Some(true), "the refusal left the disk as the user left it");
-    assert!(read_data_file(&disk, &format!("{dir}/saved-state.rejected-2/state.json")).is_some(), "the second refused state is kept too");
+    assert!(read_data_file(&disk, &format!("{dir}/saved-state.rejected-1/state.json")).is_some(), "the refused state is kept");
 }
 
 /// `heartbeat N uptime_ms=U wall_ms=W` lines of a devguest's serial console, as (N, U, W).
