@@ -581,7 +581,8 @@ fn unix_ms() -> u64 {
 /// RayOS reboots, the VM does not: a guest that counts keeps counting across a RayOS reboot,
 /// its uptime goes on, and its wall clock is set right again; a VM whose policy is
 /// `shutdown` boots afresh. A power cut after the resume cold-boots the VM at the next boot:
-/// a saved state is used at most once. A power cut during a save cold-boots it too.
+/// a saved state is used at most once. A power cut during a save cold-boots it too. A fresh
+/// start discards a saved state only when confirmed.
 #[test]
 fn vm_lives_through_a_rayos_reboot_and_a_power_cut_after_the_resume_cold_boots_it() {
     let counter = Vm::new("counter", true);
@@ -683,6 +684,25 @@ fn vm_lives_through_a_rayos_reboot_and_a_power_cut_after_the_resume_cold_boots_i
     let tidied = log.lines().find(|l| l.contains("a save that did not finish") || l.contains("is not the one the registry records"));
     eprintln!("resume: after the cut save: {}", tidied.unwrap_or("nothing of the save had reached the disk"));
     assert_eq!(vm_info(&q, "counter")["saved_generation"], 0, "a cut save is not a saved state");
+
+    // A fresh start discards a saved state only when confirmed.
+    let said = ctl_ok(&q, &["vm", "save", "counter"]);
+    eprintln!("resume: {said}");
+    let saved = wait_vm(&q, "counter", "saved", Duration::from_secs(60), |v| v["state"] == "saved");
+    assert!(saved["saved_generation"].as_u64() > Some(0), "{saved}");
+    let (code, _, text) = ctl(&q, &["vm", "fresh-start", "counter"]);
+    assert_ne!(code, 0, "a fresh start without a confirmation went ahead: {text}");
+    assert!(text.contains("confirm with --yes"), "{text}");
+    assert_eq!(vm_info(&q, "counter")["saved_generation"], saved["saved_generation"], "an unconfirmed fresh start touched the state");
+    ctl_ok(&q, &["vm", "fresh-start", "counter", "--yes"]);
+    wait_vm(&q, "counter", "running", Duration::from_secs(60), |v| v["state"] == "running");
+    assert_eq!(vm_info(&q, "counter")["saved_generation"], 0, "a confirmed fresh start discards the state");
+    let t = Instant::now();
+    while heartbeats(&q, "counter").first() != Some(&1) || last_heartbeat(&q, "counter") < 2 {
+        assert!(t.elapsed() < GUEST_TIMEOUT, "counter did not boot afresh: {:?}", heartbeats(&q, "counter"));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(q.serial_log().contains("fresh start: saved state generation"), "the discard is not logged");
     ctl_ok(&q, &["poweroff"]);
     q.wait_exit(Duration::from_secs(120)).unwrap();
 }
