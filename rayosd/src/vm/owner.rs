@@ -78,34 +78,11 @@ pub fn give_files(vm: &VmRecord, vm_dir: &Path) -> Result<(), OwnerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vm::registry::{DeviceConfig, DiskRecord, Policy, VmKind};
+    use crate::vm::registry::DiskRecord;
     use std::os::unix::fs::MetadataExt;
 
     fn record(id: Uuid, disks: Vec<DiskRecord>) -> VmRecord {
-        VmRecord {
-            id,
-            name: "deb".into(),
-            kind: VmKind::Linux,
-            disks,
-            config: DeviceConfig {
-                vcpus: 1,
-                memory_mib: 64,
-                kernel: "/k".into(),
-                initramfs: None,
-                cmdline: String::new(),
-                display: None,
-                input: false,
-                net_taps: vec![],
-                rng: false,
-                agent: false,
-            },
-            policy: Policy::default(),
-            created_at: 0,
-            last_booted_at: None,
-            firstboot: None,
-            saved: None,
-            save_generation: 0,
-        }
+        VmRecord { id, disks, ..crate::vm::registry::tests::record("deb") }
     }
 
     #[test]

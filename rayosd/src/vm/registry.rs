@@ -232,7 +232,7 @@ impl Registry {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn tmpdir(tag: &str) -> PathBuf {

@@ -58,22 +58,21 @@ pub fn check_room(vm: &VmRecord, vm_dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// The identity of the disk image at `path` now.
+fn identity(path: &Path) -> std::io::Result<DiskIdentity> {
+    let m = std::fs::metadata(path).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    Ok(DiskIdentity {
+        path: path.to_path_buf(),
+        inode: m.ino(),
+        size: m.size(),
+        mtime_ns: m.mtime().saturating_mul(1_000_000_000).saturating_add(m.mtime_nsec()),
+        ctime_ns: m.ctime().saturating_mul(1_000_000_000).saturating_add(m.ctime_nsec()),
+    })
+}
+
 /// The identity of each writable disk of `vm` now.
 pub fn disk_identities(vm: &VmRecord) -> std::io::Result<Vec<DiskIdentity>> {
-    vm.disks
-        .iter()
-        .filter(|d| !d.read_only)
-        .map(|d| {
-            let m = std::fs::metadata(&d.path).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", d.path.display())))?;
-            Ok(DiskIdentity {
-                path: d.path.clone(),
-                inode: m.ino(),
-                size: m.size(),
-                mtime_ns: m.mtime().saturating_mul(1_000_000_000).saturating_add(m.mtime_nsec()),
-                ctime_ns: m.ctime().saturating_mul(1_000_000_000).saturating_add(m.ctime_nsec()),
-            })
-        })
-        .collect()
+    vm.disks.iter().filter(|d| !d.read_only).map(|d| identity(&d.path)).collect()
 }
 
 /// Writes every writable disk's data to stable storage (the VMM syncs at a save too; this
@@ -110,10 +109,7 @@ pub fn check(vm: &VmRecord, vm_dir: &Path, saved: &SavedState) -> Result<PathBuf
         let Some(then) = saved.disks.iter().find(|i| i.path == d.path) else {
             return Err(Mismatch::NewDisk(d.path.clone()));
         };
-        let now = match disk_identities(&VmRecord { disks: vec![d.clone()], ..vm.clone() }) {
-            Ok(mut v) => v.remove(0),
-            Err(e) => return Err(Mismatch::DiskUnreadable { path: d.path.clone(), error: e.to_string() }),
-        };
+        let now = identity(&d.path).map_err(|e| Mismatch::DiskUnreadable { path: d.path.clone(), error: e.to_string() })?;
         let fields: [(&'static str, i128, i128); 4] = [
             ("inode", then.inode.into(), now.inode.into()),
             ("size", then.size.into(), now.size.into()),
@@ -203,36 +199,16 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vm::registry::{DeviceConfig, DiskRecord, Policy, VmKind};
+    use crate::vm::registry::DiskRecord;
 
     fn vm(dir: &Path) -> VmRecord {
-        VmRecord {
-            id: uuid::Uuid::new_v4(),
-            name: "deb".into(),
-            kind: VmKind::Linux,
-            disks: vec![
-                DiskRecord { path: dir.join("disk.img"), read_only: false },
-                DiskRecord { path: dir.join("ro.iso"), read_only: true },
-            ],
-            config: DeviceConfig {
-                vcpus: 1,
-                memory_mib: 64,
-                kernel: "/k".into(),
-                initramfs: None,
-                cmdline: String::new(),
-                display: None,
-                input: false,
-                net_taps: vec![],
-                rng: false,
-                agent: false,
-            },
-            policy: Policy::default(),
-            created_at: 0,
-            last_booted_at: None,
-            firstboot: None,
-            saved: None,
-            save_generation: 0,
-        }
+        let mut v = crate::vm::registry::tests::record("deb");
+        v.disks = vec![
+            DiskRecord { path: dir.join("disk.img"), read_only: false },
+            DiskRecord { path: dir.join("ro.iso"), read_only: true },
+        ];
+        v.config.memory_mib = 64;
+        v
     }
 
     fn setup(tag: &str) -> (PathBuf, VmRecord, SavedState) {
