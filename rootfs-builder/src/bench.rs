@@ -404,20 +404,7 @@ fn vms(starts: usize) -> Result<()> {
     let accel = accel::detect();
     progress::step("bench", format!("VM supervisor: install, boot the installed disk, {starts} start(s) of the default Linux VM; {}", accel.describe()));
     let inst = install_run(&a, &dir, &accel, 0)?;
-
-    let vars = dir.join("vms-vars.fd");
-    rootfs_builder::qemu::fresh_vars(&vars).with_context(|| format!("copying {}", paths::OVMF_VARS))?;
-    let log = dir.join("vms.log");
-    let sock = dir.join("vms-control.sock");
-    let _ = std::fs::remove_file(&log);
-    let _ = std::fs::remove_file(&sock);
-    let mut cfg = QemuConfig::new(accel.clone(), Boot::Uefi { vars }).disk(&inst.target, rootfs_builder::qemu::DiskBus::Nvme, "BENCH-TARGET");
-    cfg.serial = Serial::File(log.clone());
-    cfg.control = Some(sock.clone());
-    cfg.extra = vec!["-no-reboot".into()];
-    let mut c = cfg.command();
-    c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-    let mut child = c.spawn()?;
+    let (mut child, log, sock) = boot_installed(&dir, &accel, &inst.target, "vms")?;
     let result = (|| -> Result<()> {
         let line = wait_line(&log, "vm linux: guest init reached", &mut child, Duration::from_secs(900))?;
         let boot_vmm = number_after(&line, "guest init reached:")?;
