@@ -344,23 +344,29 @@ impl Driver {
     }
 }
 
+/// A blank 1 MiB disk image for test `tag` in the temp folder.
+fn blank_image(tag: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("rayos-blk-{tag}-{}.img", std::process::id()));
+    std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+    path
+}
+
+/// A writable virtio-blk device on `path`.
+fn new_blk(path: &std::path::Path) -> crate::devices::virtio::block::VirtioBlock {
+    crate::devices::virtio::block::VirtioBlock::new(crate::devices::virtio::block::BlockConfig { path: path.to_path_buf(), read_only: false, serial: None })
+        .unwrap()
+}
+
 /// virtio-blk the way Linux drives it: all offered features (EVENT_IDX, INDIRECT_DESC,
 /// FLUSH), MSI-X per queue, a direct and an indirect chain.
 #[test]
 fn blk_through_the_transport_with_event_idx_and_indirect_descriptors() {
-    use std::io::Write;
     use vm_memory::Bytes;
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
-    let path = std::env::temp_dir().join(format!("rayos-blk-transport-{}.img", std::process::id()));
-    std::fs::File::create(&path).unwrap().write_all(&vec![0u8; 1 << 20]).unwrap();
+    let path = blank_image("transport");
     let mem = guest_mem();
     let vm = Arc::new(FakeVm { no_ioevents: true, ..Default::default() });
-    let blk = crate::devices::virtio::block::VirtioBlock::new(crate::devices::virtio::block::BlockConfig {
-        path: path.clone(),
-        read_only: false,
-        serial: None,
-    })
-    .unwrap();
+    let blk = new_blk(&path);
     let (_root, mut d) = plug_device(vm.clone(), &mem, Box::new(blk));
     let rings = Rings::new(&mem, 1, 128);
     let offered = d.bring_up(&rings, 1);
@@ -412,22 +418,11 @@ fn blk_through_the_transport_with_event_idx_and_indirect_descriptors() {
 /// guest's rings, MSI-X vectors and feature set carry on without a driver reset.
 #[test]
 fn blk_snapshot_restore_continues_the_rings() {
-    use std::io::Write;
     use vm_memory::Bytes;
     use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT;
-    let path = std::env::temp_dir().join(format!("rayos-blk-snap-{}.img", std::process::id()));
-    std::fs::File::create(&path).unwrap().write_all(&vec![0u8; 1 << 20]).unwrap();
+    let path = blank_image("snap");
     let mem = guest_mem();
-    let new_blk = || {
-        Box::new(
-            crate::devices::virtio::block::VirtioBlock::new(crate::devices::virtio::block::BlockConfig {
-                path: path.clone(),
-                read_only: false,
-                serial: None,
-            })
-            .unwrap(),
-        )
-    };
+    let new_blk = || Box::new(new_blk(&path));
     let vm = Arc::new(FakeVm::default());
     let (root, mut d) = plug_device(vm.clone(), &mem, new_blk());
     let rings = Rings::new(&mem, 1, 16);
@@ -476,22 +471,11 @@ fn blk_snapshot_restore_continues_the_rings() {
 /// old process's eventfd) is served once the restored device resumes.
 #[test]
 fn a_request_queued_before_the_snapshot_is_served_after_the_restore() {
-    use std::io::Write;
     use vm_memory::Bytes;
     use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT;
-    let path = std::env::temp_dir().join(format!("rayos-blk-pending-{}.img", std::process::id()));
-    std::fs::File::create(&path).unwrap().write_all(&vec![0u8; 1 << 20]).unwrap();
+    let path = blank_image("pending");
     let mem = guest_mem();
-    let new_blk = || {
-        Box::new(
-            crate::devices::virtio::block::VirtioBlock::new(crate::devices::virtio::block::BlockConfig {
-                path: path.clone(),
-                read_only: false,
-                serial: None,
-            })
-            .unwrap(),
-        )
-    };
+    let new_blk = || Box::new(new_blk(&path));
     let vm = Arc::new(FakeVm::default());
     let (root, mut d) = plug_device(vm.clone(), &mem, new_blk());
     let rings = Rings::new(&mem, 1, 16);
