@@ -203,27 +203,10 @@ fn data_disk_sized(dir: &Path, vms: &[&Vm], registry: &str, backup: Option<&str>
     disk
 }
 
-/// Reads a file from the data partition of `disk` after QEMU is gone (debugfs, no mount).
-fn read_data_file(disk: &Path, path: &str) -> Option<Vec<u8>> {
+/// Runs debugfs `script` (read-only unless `write`) on a copy of the data partition of `disk`
+/// after QEMU is gone (no mount); with `write`, the edited partition is put back.
+fn debugfs_on_data(disk: &Path, script: &str, write: bool) {
     let part = disk.with_extension("part-copy");
-    {
-        let mut f = std::fs::File::open(disk).unwrap();
-        f.seek(SeekFrom::Start(PART_START_LBA * 512)).unwrap();
-        let mut buf = vec![0u8; PART_SIZE as usize];
-        f.read_exact(&mut buf).unwrap();
-        std::fs::write(&part, buf).unwrap();
-    }
-    let out_file = disk.with_extension("dump");
-    let _ = std::fs::remove_file(&out_file);
-    let _ = Command::new("debugfs").arg("-R").arg(format!("dump {path} {}", out_file.display())).arg(&part).output().unwrap();
-    let _ = std::fs::remove_file(&part);
-    std::fs::read(&out_file).ok()
-}
-
-/// Replaces (or creates) `path` on the data partition of `disk` after QEMU is gone (debugfs,
-/// no mount): as an offline edit of the data volume would.
-fn write_data_file(disk: &Path, path: &str, bytes: &[u8]) {
-    let part = disk.with_extension("part-edit");
     let mut buf = vec![0u8; PART_SIZE as usize];
     {
         let mut f = std::fs::File::open(disk).unwrap();
@@ -231,49 +214,49 @@ fn write_data_file(disk: &Path, path: &str, bytes: &[u8]) {
         f.read_exact(&mut buf).unwrap();
     }
     std::fs::write(&part, &buf).unwrap();
+    let cmds = disk.with_extension("debugfs-cmds");
+    std::fs::write(&cmds, script).unwrap();
+    let mut cmd = Command::new("debugfs");
+    if write {
+        cmd.arg("-w");
+    }
+    let out = cmd.arg("-f").arg(&cmds).arg(&part).output().unwrap();
+    assert!(out.status.success(), "debugfs: {}", String::from_utf8_lossy(&out.stderr));
+    if write {
+        let edited = std::fs::read(&part).unwrap();
+        let mut f = std::fs::OpenOptions::new().write(true).open(disk).unwrap();
+        f.seek(SeekFrom::Start(PART_START_LBA * 512)).unwrap();
+        f.write_all(&edited).unwrap();
+    }
+    let _ = std::fs::remove_file(part);
+    let _ = std::fs::remove_file(cmds);
+}
+
+/// Reads a file from the data partition of `disk` after QEMU is gone (debugfs, no mount).
+fn read_data_file(disk: &Path, path: &str) -> Option<Vec<u8>> {
+    let out_file = disk.with_extension("dump");
+    let _ = std::fs::remove_file(&out_file);
+    debugfs_on_data(disk, &format!("dump {path} {}\n", out_file.display()), false);
+    let data = std::fs::read(&out_file).ok();
+    let _ = std::fs::remove_file(&out_file);
+    data
+}
+
+/// Replaces (or creates) `path` on the data partition of `disk` after QEMU is gone: as an
+/// offline edit of the data volume would.
+fn write_data_file(disk: &Path, path: &str, bytes: &[u8]) {
     let src = disk.with_extension("new-file");
     std::fs::write(&src, bytes).unwrap();
     let (dir, name) = path.rsplit_once('/').unwrap();
-    let cmds = disk.with_extension("debugfs-cmds");
-    std::fs::write(&cmds, format!("cd {dir}\nrm {name}\nwrite {} {name}\n", src.display())).unwrap();
-    let out = Command::new("debugfs").arg("-w").arg("-f").arg(&cmds).arg(&part).output().unwrap();
-    assert!(out.status.success(), "debugfs: {}", String::from_utf8_lossy(&out.stderr));
-    let edited = std::fs::read(&part).unwrap();
-    let mut f = std::fs::OpenOptions::new().write(true).open(disk).unwrap();
-    f.seek(SeekFrom::Start(PART_START_LBA * 512)).unwrap();
-    f.write_all(&edited).unwrap();
-    for p in [part, src, cmds] {
-        let _ = std::fs::remove_file(p);
-    }
+    debugfs_on_data(disk, &format!("cd {dir}\nrm {name}\nwrite {} {name}\n", src.display()), true);
+    let _ = std::fs::remove_file(src);
 }
 
-/// Removes `files` from the folder `dir` on the data partition of `disk`, then the folder
-/// (debugfs, no mount).
+/// Removes `files` from the folder `dir` on the data partition of `disk`, then the folder.
 fn remove_data_files(disk: &Path, dir: &str, files: &[&str]) {
-    let part = disk.with_extension("part-edit");
-    let mut buf = vec![0u8; PART_SIZE as usize];
-    {
-        let mut f = std::fs::File::open(disk).unwrap();
-        f.seek(SeekFrom::Start(PART_START_LBA * 512)).unwrap();
-        f.read_exact(&mut buf).unwrap();
-    }
-    std::fs::write(&part, &buf).unwrap();
-    let cmds = disk.with_extension("debugfs-cmds");
     let (parent, name) = dir.rsplit_once('/').unwrap();
-    let mut script = format!("cd {dir}\n");
-    for f in files {
-        script.push_str(&format!("rm {f}\n"));
-    }
-    script.push_str(&format!("cd {parent}\nrmdir {name}\n"));
-    std::fs::write(&cmds, script).unwrap();
-    let out = Command::new("debugfs").arg("-w").arg("-f").arg(&cmds).arg(&part).output().unwrap();
-    assert!(out.status.success(), "debugfs: {}", String::from_utf8_lossy(&out.stderr));
-    let edited = std::fs::read(&part).unwrap();
-    let mut f = std::fs::OpenOptions::new().write(true).open(disk).unwrap();
-    f.seek(SeekFrom::Start(PART_START_LBA * 512)).unwrap();
-    f.write_all(&edited).unwrap();
-    let _ = std::fs::remove_file(part);
-    let _ = std::fs::remove_file(cmds);
+    let rms: String = files.iter().map(|f| format!("rm {f}\n")).collect();
+    debugfs_on_data(disk, &format!("cd {dir}\n{rms}cd {parent}\nrmdir {name}\n"), true);
 }
 
 fn boot(name: &str, disk_for: impl FnOnce(&Path) -> PathBuf) -> (Qemu, PathBuf) {
