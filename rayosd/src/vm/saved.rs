@@ -75,16 +75,6 @@ pub fn disk_identities(vm: &VmRecord) -> std::io::Result<Vec<DiskIdentity>> {
     vm.disks.iter().filter(|d| !d.read_only).map(|d| identity(&d.path)).collect()
 }
 
-/// Writes every writable disk's data to stable storage (the VMM syncs at a save too; this
-/// also covers a VMM that was killed mid-save).
-pub fn sync_disks(vm: &VmRecord) {
-    for d in vm.disks.iter().filter(|d| !d.read_only) {
-        if let Err(e) = std::fs::OpenOptions::new().write(true).open(&d.path).and_then(|f| f.sync_data()) {
-            tracing::warn!("vm {}: fdatasync {}: {e}", vm.name, d.path.display());
-        }
-    }
-}
-
 /// Why a saved state is not resumed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Mismatch {

@@ -604,8 +604,9 @@ impl VmManager {
         }
     }
 
-    /// After the saved VMM ended: the disks are synced, their identity taken, and the
-    /// registry records the state. Only then does the VM count as saved.
+    /// After the saved VMM ended (it fdatasynced the disks before writing RAM, and its devices
+    /// stayed paused since): the disks' identity is taken and the registry records the state.
+    /// Only then does the VM count as saved.
     fn record_save(
         &self,
         id: Uuid,
@@ -615,7 +616,6 @@ impl VmManager {
         done: SnapshotReply,
         reply: SaveReply,
     ) -> Outcome {
-        saved::sync_disks(vm);
         let folder = saved::state_dir(&files.vm_dir, generation);
         let record = saved::disk_identities(vm).map_err(|e| format!("reading its disks: {e}")).and_then(|disks| {
             let s = SavedState {
