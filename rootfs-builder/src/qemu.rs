@@ -136,6 +136,7 @@ impl QemuConfig {
         }
         for (i, d) in self.disks.iter().enumerate() {
             let id = format!("disk{i}");
+            let dev = device_id(i);
             c.arg("-drive").arg(format!(
                 "file={},if=none,id={id},format={}{}",
                 d.path.display(),
@@ -143,15 +144,20 @@ impl QemuConfig {
                 if d.snapshot { ",snapshot=on" } else { "" }
             ));
             match d.bus {
-                DiskBus::Usb => c.arg("-device").arg(format!("usb-storage,bus=xhci.0,drive={id},removable=on,serial={}", d.serial)),
-                DiskBus::Nvme => c.arg("-device").arg(format!("nvme,drive={id},serial={}", d.serial)),
-                DiskBus::Ahci => c.arg("-device").arg(format!("ide-hd,drive={id},bus=ide.{i},serial={}", d.serial)),
-                DiskBus::VirtioBlk => c.arg("-device").arg(format!("virtio-blk-pci,drive={id},serial={}", d.serial)),
+                DiskBus::Usb => c.arg("-device").arg(format!("usb-storage,bus=xhci.0,drive={id},id={dev},removable=on,serial={}", d.serial)),
+                DiskBus::Nvme => c.arg("-device").arg(format!("nvme,drive={id},id={dev},serial={}", d.serial)),
+                DiskBus::Ahci => c.arg("-device").arg(format!("ide-hd,drive={id},id={dev},bus=ide.{i},serial={}", d.serial)),
+                DiskBus::VirtioBlk => c.arg("-device").arg(format!("virtio-blk-pci,drive={id},id={dev},serial={}", d.serial)),
             };
         }
         c.args(&self.extra);
         c
     }
+}
+
+/// The QEMU device id of the `i`th disk (for QMP `device_del`: a USB stick pulled out).
+pub fn device_id(i: usize) -> String {
+    format!("disk{i}-dev")
 }
 
 /// A fresh, writable copy of OVMF's variable store.

@@ -22,7 +22,9 @@ use rootfs_builder::qemu::{Boot, Disk, QemuConfig, Serial};
 pub use rootfs_builder::{esp, image, initramfs, Artifacts};
 use thiserror::Error;
 
+pub mod ctl;
 pub mod nested;
+pub mod ppm;
 
 /// Generous: TCG boots through OVMF take ~10 s alone and several tests share two cores.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
@@ -197,6 +199,16 @@ pub fn qcode(c: char) -> Option<(bool, String)> {
         '.' => (false, "dot".into()),
         ',' => (false, "comma".into()),
         ':' => (true, "semicolon".into()),
+        ';' => (false, "semicolon".into()),
+        '>' => (true, "dot".into()),
+        '<' => (true, "comma".into()),
+        '|' => (true, "backslash".into()),
+        '=' => (false, "equal".into()),
+        '$' => (true, "4".into()),
+        '(' => (true, "9".into()),
+        ')' => (true, "0".into()),
+        '"' => (true, "apostrophe".into()),
+        '\'' => (false, "apostrophe".into()),
         '\n' => (false, "ret".into()),
         _ => return None,
     })
@@ -215,6 +227,8 @@ impl QemuBuilder {
         let vars = work.path("ovmf-vars.fd");
         rootfs_builder::qemu::fresh_vars(&vars).expect("copying OVMF_VARS (is the ovmf package installed?)");
         let mut cfg = QemuConfig::new(accel().clone(), Boot::Uefi { vars });
+        // `cargo rayos demo`: the machine's screen in a window, when there is a display.
+        cfg.window = std::env::var_os("RAYOS_QEMU_WINDOW").is_some();
         cfg.serial = Serial::Socket(work.sockets.join("serial.sock"));
         cfg.qmp = Some(work.sockets.join("qmp.sock"));
         QemuBuilder { name: name.to_string(), work, cfg }
@@ -537,6 +551,51 @@ impl Qemu {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// The screen as a PPM picture (width, height, RGB), from a QMP screendump.
+    pub fn screen_picture(&mut self) -> Result<(usize, usize, Vec<u8>), HarnessError> {
+        let path = self.work.path("screen.ppm");
+        let _ = std::fs::remove_file(&path);
+        self.qmp("screendump", serde_json::json!({ "filename": path, "format": "ppm" }))?;
+        // QEMU writes the file at its next display refresh: wait until it is whole.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(data) = std::fs::read(&path) {
+                if let Ok(p) = ppm::parse_ppm(&data) {
+                    return Ok(p);
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(HarnessError::Qmp(format!("screendump: no whole picture in {} after 10 s", path.display())));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The screen read as a text console (a VM's tty on the monitor: an 8x16 font, light on
+    /// dark): scaled up and inverted for tesseract (`ppm::console_for_ocr`). The picture read
+    /// is kept as `console.pgm` in the test folder.
+    pub fn console_text(&mut self) -> Result<String, HarnessError> {
+        let (w, h, rgb) = self.screen_picture()?;
+        let pgm = self.work.path("console.pgm");
+        std::fs::write(&pgm, ppm::console_for_ocr(w, h, &rgb, 3)).map_err(io("writing console.pgm"))?;
+        let out = std::process::Command::new("tesseract")
+            .arg(&pgm)
+            .arg("-")
+            .args(["--psm", "6"])
+            .output()
+            .map_err(io("running tesseract (apt-get install tesseract-ocr)"))?;
+        if !out.status.success() {
+            return Err(HarnessError::Qmp(format!("tesseract: {}", String::from_utf8_lossy(&out.stderr))));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Pull the USB stick out (QMP device_del), as a user does once the installer is done.
+    pub fn pull_usb_stick(&mut self) -> Result<(), HarnessError> {
+        let i = self.cfg.disks.iter().position(|d| d.bus == DiskBus::Usb).expect("no USB stick was attached (uefi_usb)");
+        self.qmp("device_del", serde_json::json!({ "id": rootfs_builder::qemu::device_id(i) })).map(|_| ())
+    }
+
     /// Read the screen until `text` is on it (spaces and case as OCR reads them do not
     /// matter); returns what was read.
     pub fn wait_screen(&mut self, text: &str, timeout: Duration) -> Result<String, HarnessError> {
@@ -574,7 +633,16 @@ impl Qemu {
     pub fn qmp(&mut self, execute: &str, arguments: serde_json::Value) -> Result<serde_json::Value, HarnessError> {
         if self.qmp.is_none() {
             let path = self.cfg.qmp.clone().expect("QMP socket configured");
-            let s = UnixStream::connect(&path).map_err(io(format!("connecting to QMP at {}", path.display())))?;
+            // With a serial socket QEMU makes its QMP socket only once the harness has
+            // connected to the serial one: it may be a moment away.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let s = loop {
+                match UnixStream::connect(&path) {
+                    Ok(s) => break s,
+                    Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                    Err(e) => return Err(io(format!("connecting to QMP at {}", path.display()))(e)),
+                }
+            };
             let mut r = BufReader::new(s);
             let mut greeting = String::new();
             r.read_line(&mut greeting).map_err(io("reading the QMP greeting"))?;

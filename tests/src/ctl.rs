@@ -1,0 +1,59 @@
+//! `rayosctl` against a machine's control channel (`QemuBuilder::control_channel`), the
+//! way an administrator's script drives RayOS.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::Qemu;
+
+/// The static rayosctl (built once per test process).
+pub fn rayosctl_bin() -> &'static PathBuf {
+    static B: OnceLock<PathBuf> = OnceLock::new();
+    B.get_or_init(|| rootfs_builder::cargo_build::build_static(["rayosd"]).expect("building rayosctl").join("rayosctl"))
+}
+
+/// `rayosctl --json …`: (exit code, the JSON answer or Null, stdout and stderr as text).
+pub fn ctl(q: &Qemu, args: &[&str]) -> (i32, Value, String) {
+    let out = Command::new(rayosctl_bin())
+        .arg("--socket")
+        .arg(q.control_socket())
+        .args(["--json", "--timeout", "30"])
+        .args(args)
+        .output()
+        .expect("running rayosctl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let v = serde_json::from_str(&text).unwrap_or(Value::Null);
+    (out.status.code().unwrap_or(-1), v, format!("{text}{}", String::from_utf8_lossy(&out.stderr)))
+}
+
+/// Like `ctl`, but a failed call fails the test, with the machine's last console lines
+/// (a call that gets no answer usually means the machine itself stopped).
+pub fn ctl_ok(q: &Qemu, args: &[&str]) -> Value {
+    let (code, v, text) = ctl(q, args);
+    if code != 0 {
+        panic!("rayosctl {args:?} failed (exit {code}): {text}\nthe machine's console, last lines:\n{}", q.tail());
+    }
+    v
+}
+
+/// Polls `vm show VM` until `pred` holds; returns that answer.
+pub fn wait_vm(q: &Qemu, vm: &str, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+    let t = Instant::now();
+    loop {
+        let v = ctl_ok(q, &["vm", "show", vm]);
+        if pred(&v) {
+            return v;
+        }
+        assert!(t.elapsed() < timeout, "{vm}: {what} not reached within {timeout:?}; now {v}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// The text on a VM's display console (tty1, read by its guest agent).
+pub fn vm_screen(q: &Qemu, vm: &str) -> String {
+    ctl_ok(q, &["vm", "screen", vm])["text"].as_str().unwrap_or_default().to_string()
+}
