@@ -48,6 +48,11 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The whole product as a user meets it, step by step: the USB stick boots the
+    /// installer, the wizard is driven by keys, the installed disk boots alone, the Linux VM
+    /// is presented and typed into, RayOS reboots (the VM resumes), then powers off. It is
+    /// the end-to-end test itself, shown in a window when there is a display.
+    Demo,
     /// Print benchmark figures.
     Bench {
         #[command(subcommand)]
@@ -104,6 +109,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             println!("cmdline  {}", g.cmdline);
         }
         Cmd::Test { args } => return test(args),
+        Cmd::Demo => return demo(),
         Cmd::Bench { what } => {
             hostdeps::ensure(&[hostdeps::BUILD, hostdeps::RUN].concat())?;
             bench::run(what)?;
@@ -165,14 +171,36 @@ fn test(args: Vec<String>) -> Result<ExitCode> {
     hostdeps::ensure(&[hostdeps::BUILD, hostdeps::RUN, hostdeps::TEST].concat())?;
     let a = build::all()?;
     progress::step("test", "cargo test --workspace");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = std::process::Command::new(cargo)
-        .current_dir(paths::workspace())
-        .args(["test", "--workspace", "--no-fail-fast"])
-        .args(&args)
-        .env("RAYOS_ARTIFACTS", &a.dir)
-        .status()
-        .context("running cargo test")?;
+    let status = cargo_test(&a, ["--workspace", "--no-fail-fast"].iter().map(|s| s.to_string()).chain(args), false)?;
     Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// The demo is the end-to-end test (one flow, kept green by CI), with its steps printed as
+/// they happen and the machine's screen in a window when there is a display to show it on.
+fn demo() -> Result<ExitCode> {
+    hostdeps::ensure(&[hostdeps::BUILD, hostdeps::RUN, hostdeps::TEST].concat())?;
+    let a = build::all()?;
+    let window = std::env::var_os("DISPLAY").is_some() || std::env::var_os("WAYLAND_DISPLAY").is_some();
+    progress::step(
+        "demo",
+        format!(
+            "install from the USB stick, present the Linux VM, type, reboot, power off (10-15 min under TCG){}",
+            if window { "; QEMU's window shows the machine's screen" } else { "; no display: steps are printed only" }
+        ),
+    );
+    let args = ["-p", "rayos-tests", "--test", "end_to_end", "--", "--nocapture"];
+    let status = cargo_test(&a, args.iter().map(|s| s.to_string()), window)?;
+    Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn cargo_test(a: &build::Artifacts, args: impl IntoIterator<Item = String>, window: bool) -> Result<std::process::ExitStatus> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut c = std::process::Command::new(cargo);
+    c.current_dir(paths::workspace()).arg("test").args(args);
+    c.env("RAYOS_ARTIFACTS", &a.dir);
+    if window {
+        c.env("RAYOS_QEMU_WINDOW", "1");
+    }
+    c.status().context("running cargo test")
 }
 

@@ -1,0 +1,372 @@
+//! RayOS as a user meets it, in one run (issue #17; `cargo rayos demo` runs this test with a
+//! window). The USB stick boots the installer in QEMU (UEFI, xHCI stick, TCG with nested
+//! KVM). The wizard is driven by USB keyboard keys and read from the screen (QMP screendump
+//! and OCR), with no answer file. The stick is pulled and the machine boots from its NVMe
+//! disk alone. The home screen shows the default Linux VM running hidden; the user presents
+//! it with a key, logs in on its screen and runs a command, then returns home, after which
+//! keys no longer reach it. RayOS is rebooted from the home screen, and the same shell
+//! session is still there. The machine is powered off from the home screen, and the data
+//! volume and the guest's disk check clean.
+//!
+//! The serial console is recorded for diagnostics and for rayosd's own figures, but nothing
+//! the user does goes through it. A timeline of the phases is printed at the end (and when the
+//! test fails) and kept as `target/rayos/test-runs/end-to-end-timeline.txt`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use rayos_tests::ctl::{ctl_ok, vm_screen, wait_vm};
+use rayos_tests::{artifacts, blank_disk, esp, ocr_contains, ppm, Qemu, BOOT_TIMEOUT};
+
+const GIB: u64 = 1 << 30;
+const INSTALL_TIMEOUT: Duration = Duration::from_secs(420);
+/// One wizard screen to the next, or one key's effect on a screen, under TCG.
+const STEP: Duration = Duration::from_secs(90);
+/// The default Linux VM's first boot (its first-boot setup included) under nested KVM.
+const GUEST_TIMEOUT: Duration = Duration::from_secs(420);
+const MACHINE: &str = "studio";
+const USER: &str = "alice";
+/// Only keys `type_text` knows (a US keyboard, no AltGr).
+const PASSWORD: &str = "Tr0ub4dor3";
+
+/// The phases and how long each took; printed as it goes, and in full at the end (also when
+/// the test fails half-way, from `Drop`).
+struct Timeline {
+    start: Instant,
+    last: Instant,
+    phases: Vec<(String, Duration)>,
+}
+
+impl Timeline {
+    fn new() -> Timeline {
+        let now = Instant::now();
+        Timeline { start: now, last: now, phases: Vec::new() }
+    }
+
+    fn done(&mut self, phase: &str) {
+        let took = self.last.elapsed();
+        self.last = Instant::now();
+        eprintln!("[end-to-end] {:>2}. {phase}: {:.1} s (at {:.0} s)", self.phases.len() + 1, took.as_secs_f64(), self.start.elapsed().as_secs_f64());
+        self.phases.push((phase.to_string(), took));
+    }
+
+    fn table(&self) -> String {
+        let mut t = String::from("| # | phase | seconds |\n|---|---|---|\n");
+        for (i, (p, d)) in self.phases.iter().enumerate() {
+            t += &format!("| {} | {p} | {:.1} |\n", i + 1, d.as_secs_f64());
+        }
+        t + &format!("| | total | {:.1} |\n", self.start.elapsed().as_secs_f64())
+    }
+}
+
+impl Drop for Timeline {
+    fn drop(&mut self) {
+        let table = self.table();
+        eprintln!("[end-to-end] timeline{}:\n{table}", if std::thread::panicking() { " (the test failed in the next phase)" } else { "" });
+        let path = rootfs_builder::paths::out_dir().join("test-runs/end-to-end-timeline.txt");
+        let _ = std::fs::write(path, table);
+    }
+}
+
+/// Files this test makes outside its QEMU work folder, removed when it ends either way.
+struct Scratch(Vec<PathBuf>);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Waits until `text` is on the screen; a failure keeps the picture and says which step.
+fn see(q: &mut Qemu, text: &str, timeout: Duration) -> String {
+    q.wait_screen(text, timeout).unwrap_or_else(|e| panic!("the screen never showed {text:?}: {e}"))
+}
+
+/// Waits until the home screen is up (its help line, the machine's name, the Linux VM)
+/// and shows `state`; returns what was read.
+fn see_home(q: &mut Qemu, state: &str, timeout: Duration) -> String {
+    let t = Instant::now();
+    loop {
+        let seen = q.screen_text().unwrap();
+        if ["back to this screen", MACHINE, "linux", state].iter().all(|w| ocr_contains(&seen, w)) {
+            return seen;
+        }
+        assert!(t.elapsed() < timeout, "the home screen never showed {MACHINE:?} with the Linux VM {state:?}; OCR read:\n{seen}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Waits until the VM's console on the monitor, read by OCR, shows `text`. The same screen
+/// read by the guest agent (exact) goes in the failure message.
+fn see_console(q: &mut Qemu, vm: &str, text: &str, timeout: Duration) -> String {
+    let t = Instant::now();
+    loop {
+        let seen = q.console_text().unwrap();
+        if ocr_contains(&seen, text) {
+            return seen;
+        }
+        if t.elapsed() > timeout {
+            panic!("the monitor never showed {text:?} on {vm}'s console; OCR read:\n{seen}\nits tty1 (agent):\n{}", vm_screen(q, vm));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Waits until the VM's tty1, as its guest agent reads it, holds `text`; returns it.
+fn wait_tty(q: &Qemu, vm: &str, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+    let t = Instant::now();
+    loop {
+        let text = vm_screen(q, vm);
+        if pred(&text) {
+            return text;
+        }
+        assert!(t.elapsed() < timeout, "{what} never showed on {vm}'s tty1:\n{text}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The monitor shows exactly `vm`'s own display (its VMM's screenshot), but for the blinking
+/// cursor's cell: what is presented is the guest's picture, 1:1.
+fn wait_monitor_shows(q: &mut Qemu, vm: &str) {
+    let shot = q.workdir().join("guest.ppm");
+    let t = Instant::now();
+    loop {
+        let _ = std::fs::remove_file(&shot);
+        let monitor = q.screen_picture().unwrap();
+        ctl_ok(q, &["vm", "screenshot", vm, shot.to_str().unwrap()]);
+        let guest = ppm::read_ppm(&shot);
+        let d = ppm::diff((monitor.0, monitor.1, &monitor.2), (guest.0, guest.1, &guest.2));
+        if let Some((n, w, h)) = d {
+            if w <= 8 && h <= 16 {
+                eprintln!("[end-to-end] the monitor shows {vm}'s display ({n} pixels differ)");
+                return;
+            }
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "the monitor does not show {vm}'s display: (differing pixels, box w, box h) = {d:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The guest's uptime in whole seconds, as a command typed at its shell prints it.
+fn typed_uptime(q: &mut Qemu, vm: &str, tag: &str) -> u64 {
+    // The quotes keep the echoed command line from matching its own output.
+    q.type_text(&format!("echo \"{tag}\"\"=$(cut -d. -f1 /proc/uptime)\"\n")).unwrap();
+    let key = format!("{tag}=");
+    let text = wait_tty(q, vm, "the uptime line", STEP, |t| t.lines().any(|l| l.trim().strip_prefix(&key).is_some_and(|n| n.trim().parse::<u64>().is_ok())));
+    text.lines().find_map(|l| l.trim().strip_prefix(&key).and_then(|n| n.trim().parse().ok())).unwrap()
+}
+
+/// The installed data partition: (byte offset, length).
+fn data_partition(disk: &Path) -> (u64, u64) {
+    let mut f = std::fs::File::open(disk).unwrap();
+    let gpt = gptman::GPT::find_from(&mut f).unwrap();
+    let (_, e) = gpt
+        .iter()
+        .find(|(_, e)| e.is_used() && esp::guid_string(&e.partition_type_guid) == esp::RAYOS_DATA_TYPE)
+        .expect("no RayOS data partition on the installed disk");
+    (e.starting_lba * 512, (e.ending_lba - e.starting_lba + 1) * 512)
+}
+
+/// `e2fsck -fn` (forced, read-only): Ok, or its report.
+fn fsck(fs: &str) -> Result<(), String> {
+    let out = Command::new("e2fsck").args(["-fn", fs]).output().expect("running e2fsck (apt-get install e2fsprogs)");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if out.status.success() {
+        eprintln!("[end-to-end] e2fsck {fs}: {}", text.lines().last().unwrap_or(""));
+        Ok(())
+    } else {
+        Err(text)
+    }
+}
+
+#[test]
+fn install_from_usb_then_present_type_reboot_resume_and_power_off() {
+    let mut timeline = Timeline::new();
+    let runs = rootfs_builder::paths::out_dir().join("test-runs");
+    std::fs::create_dir_all(&runs).unwrap();
+    let usb = runs.join("usb-end-to-end.img");
+    let disk = runs.join("end-to-end-disk.img");
+    let guest_disk = runs.join("end-to-end-guest-disk.img");
+    let _scratch = Scratch(vec![usb.clone(), disk.clone(), guest_disk.clone()]);
+    // The stick as built (QEMU discards writes to it), and a blank disk for the machine.
+    std::fs::copy(&artifacts().usb_image, &usb).unwrap();
+    blank_disk(&disk, 8 * GIB).unwrap();
+    let mut q = Qemu::builder("end-to-end").uefi_usb(&usb).nvme_disk(&disk, "RAYOS-DISK").control_channel().spawn().unwrap();
+
+    // 1. The stick boots the installer onto the screen.
+    let seen = see(&mut q, "RayOS installer - 1/9 Welcome", BOOT_TIMEOUT);
+    assert!(seen.contains("Enter: start"), "{seen}");
+    timeline.done("USB stick boots to the installer's first screen");
+
+    // 2. The wizard, a screen at a time, by keys.
+    q.press(&["ret"]).unwrap();
+    see(&mut q, "/9 Disks", STEP);
+    // The chosen line is drawn in reverse video, which OCR reads badly: the machine's disk by
+    // its size here, by its serial on the summary.
+    let seen = see(&mut q, "8.0 GiB", STEP);
+    assert!(ocr_contains(&seen, "the medium RayOS was booted from"), "the stick is not named as the boot medium:\n{seen}");
+    q.press(&["ret"]).unwrap();
+    see(&mut q, "/9 Target", STEP);
+    q.press(&["ret"]).unwrap();
+    see(&mut q, "/9 Data filesystem", STEP);
+    q.press(&["ret"]).unwrap();
+    see(&mut q, "disks live:", STEP);
+    q.press(&["ret"]).unwrap();
+    let seen = see(&mut q, "/9 First-boot configuration", STEP);
+    assert!(ocr_contains(&seen, "Keep Linux running across reboots"), "{seen}");
+    // The machine's name (the first field, "rayos" to start with), then the time zone.
+    for _ in 0.."rayos".len() {
+        q.press(&["backspace"]).unwrap();
+    }
+    q.type_text(MACHINE).unwrap();
+    q.press(&["tab"]).unwrap();
+    for _ in 0.."UTC".len() {
+        q.press(&["backspace"]).unwrap();
+    }
+    q.type_text("Europe/Paris\n").unwrap();
+    see(&mut q, "/9 Linux user", STEP);
+    q.type_text(USER).unwrap();
+    q.press(&["tab"]).unwrap();
+    q.type_text(PASSWORD).unwrap();
+    q.press(&["tab"]).unwrap();
+    q.type_text(&format!("{PASSWORD}\n")).unwrap();
+    see(&mut q, "/9 Summary and confirmation", STEP);
+    // The screen is read as it is drawn: each line in its own time.
+    for text in [MACHINE, "Europe/Paris", "user: alice", "serial RAYOS-DISK", "type: wipe RAYOS-DISK"] {
+        see(&mut q, text, STEP);
+    }
+    q.type_text("wipe RAYOS-DISK\n").unwrap();
+    see(&mut q, "/9 Installing", STEP);
+    let seen = see(&mut q, "/9 Done", INSTALL_TIMEOUT);
+    assert!(ocr_contains(&seen, "remove the USB stick"), "{seen}");
+    timeline.done("wizard by keys, then the install");
+
+    // 3. Stick out, Enter: the machine boots from its own disk.
+    q.pull_usb_stick().unwrap();
+    let mark = q.log_len();
+    q.press(&["ret"]).unwrap();
+    let ready = q.wait_for_line_after(mark, |l| l.contains("rayosd: ready"), "rayosd ready after the reboot", BOOT_TIMEOUT).unwrap();
+    assert!(ready.contains("mode=installed"), "{ready}");
+    let home = see_home(&mut q, "", BOOT_TIMEOUT);
+    timeline.done("reboot from the installed disk alone to the home screen");
+
+    // 4. The default Linux VM comes up hidden; its agent reports ready once its first-boot
+    // setup (the wizard's user) is done.
+    let mut starting_seen = ocr_contains(&home, "starting");
+    let t = Instant::now();
+    loop {
+        let seen = q.screen_text().unwrap();
+        starting_seen |= ocr_contains(&seen, "starting");
+        if ocr_contains(&seen, "running (hidden)") {
+            break;
+        }
+        assert!(t.elapsed() < GUEST_TIMEOUT, "the home screen never showed the Linux VM running hidden:\n{seen}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    eprintln!("[end-to-end] home screen: the Linux VM {}running (hidden)", if starting_seen { "starting, then " } else { "" });
+    let v = wait_vm(&q, "linux", "first-boot setup done and agent ready", GUEST_TIMEOUT, |v| {
+        v["agent_ready"] == true && v["firstboot"].as_str().is_some_and(|f| !f.starts_with("pending"))
+    });
+    assert!(v["firstboot"].as_str().unwrap().starts_with("done (user alice"), "the first-boot setup failed: {v}");
+    assert_eq!(ctl_ok(&q, &["presented"])["presented"], "", "the VM is not hidden");
+    // Where its disk lives on the data partition (mounted at /data).
+    let vm_disk = v["disks"][0].as_str().and_then(|d| d.strip_prefix("/data")).expect("vm show names the VM's disk").to_string();
+    wait_tty(&q, "linux", "the login prompt", GUEST_TIMEOUT, |t| t.lines().any(|l| l.trim_end().ends_with("login:")));
+    timeline.done("Linux VM running hidden, guest agent ready");
+
+    // 5. Present it (its key on the home screen), log in on its screen, run a command.
+    q.press(&["1"]).unwrap();
+    let t = Instant::now();
+    while ctl_ok(&q, &["presented"])["presented"] != "linux" {
+        assert!(t.elapsed() < STEP, "key 1 on the home screen did not present the Linux VM");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    wait_monitor_shows(&mut q, "linux");
+    see_console(&mut q, "linux", "login:", STEP);
+    q.type_text(&format!("{USER}\n")).unwrap();
+    wait_tty(&q, "linux", "the password question", STEP, |t| t.contains("Password:"));
+    q.type_text(&format!("{PASSWORD}\n")).unwrap();
+    let prompt = format!("{USER}@");
+    wait_tty(&q, "linux", "the user's shell prompt", STEP, |t| t.lines().any(|l| l.starts_with(&prompt) && l.trim_end().ends_with('$')));
+    q.type_text("uname -a > /tmp/seen; cat /tmp/seen\n").unwrap();
+    let tty = wait_tty(&q, "linux", "uname's output", STEP, |t| t.lines().any(|l| l.starts_with("Linux ") && l.trim_end().ends_with("GNU/Linux")));
+    // The whole line: the login's message of the day starts the same way, without "GNU/Linux".
+    let uname = tty.lines().find(|l| l.starts_with("Linux ") && l.trim_end().ends_with("GNU/Linux")).unwrap().trim_end().to_string();
+    let seen = see_console(&mut q, "linux", "GNU/Linux", STEP);
+    assert!(ocr_contains(&seen, "uname -a"), "the monitor does not show the command typed:\n{seen}");
+    wait_monitor_shows(&mut q, "linux");
+    let up_before = typed_uptime(&mut q, "linux", "UP1");
+    eprintln!("[end-to-end] the guest says: {uname}; uptime {up_before} s");
+    timeline.done("present with key 1, log in, run a command");
+
+    // 6. Home again with the combo; what is typed now stays out of the VM.
+    q.press(&["ctrl", "alt", "home"]).unwrap();
+    let t = Instant::now();
+    while ctl_ok(&q, &["presented"])["presented"] != "" {
+        assert!(t.elapsed() < Duration::from_secs(30), "Ctrl+Alt+Home did not return home");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    see_home(&mut q, "running (hidden)", STEP);
+    q.type_text("lostkeys").unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let tty = vm_screen(&q, "linux");
+    assert!(!tty.contains("lostkeys"), "keys typed on the home screen reached the hidden VM:\n{tty}");
+    timeline.done("Ctrl+Alt+Home back home; keys stay out of the hidden VM");
+
+    // 7. Reboot from the home screen: the VM is saved, RayOS reboots, the VM resumes.
+    let mark = q.log_len();
+    q.press(&["r"]).unwrap();
+    see(&mut q, "Press Y to confirm", STEP);
+    q.press(&["y"]).unwrap();
+    let saved = q.wait_for_line_after(mark, |l| l.contains("vm linux: saved in"), "the save at the reboot", Duration::from_secs(180)).unwrap();
+    q.wait_for_line_after(mark, |l| l.contains("rayosd: ready"), "rayosd ready after the reboot", BOOT_TIMEOUT).unwrap();
+    let resumed = q.wait_for_line_after(mark, |l| l.contains("vm linux: resumed from saved state"), "the resume", GUEST_TIMEOUT).unwrap();
+    eprintln!("[end-to-end] {saved}\n[end-to-end] {resumed}");
+    see_home(&mut q, "running (hidden)", STEP);
+    wait_vm(&q, "linux", "the guest agent answering again", GUEST_TIMEOUT, |v| v["agent_ready"] == true);
+    q.press(&["1"]).unwrap();
+    wait_monitor_shows(&mut q, "linux");
+    // The same shell, still logged in: its screen as it was, and it takes the next command.
+    let tty = vm_screen(&q, "linux");
+    assert!(tty.contains(&uname), "the resumed VM's screen lost what was on it:\n{tty}");
+    q.type_text("cat /tmp/seen\n").unwrap();
+    wait_tty(&q, "linux", "/tmp/seen after the reboot", STEP, |t| t.lines().filter(|l| l.trim_end() == uname).count() >= 2);
+    let up_after = typed_uptime(&mut q, "linux", "UP2");
+    assert!(up_after > up_before, "the guest's uptime went from {up_before} s to {up_after} s: it booted again");
+    let serial = ctl_ok(&q, &["vm", "logs", "linux", "-n", "10000"])["serial"].as_str().unwrap_or_default().to_string();
+    assert!(!serial.contains("Login incorrect"), "{serial}");
+    see_console(&mut q, "linux", "UP2", STEP);
+    eprintln!("[end-to-end] after the reboot: uptime {up_after} s, the shell session and /tmp/seen still there");
+    timeline.done("reboot from the home screen: saved, resumed, still logged in");
+
+    // 8. Power off from the home screen: QEMU exits by itself; the disks check clean.
+    q.press(&["ctrl", "alt", "home"]).unwrap();
+    see_home(&mut q, "running (hidden)", STEP);
+    let mark = q.log_len();
+    q.press(&["p"]).unwrap();
+    see(&mut q, "Press Y to confirm", STEP);
+    q.press(&["y"]).unwrap();
+    let status = q.wait_exit(Duration::from_secs(240)).unwrap();
+    assert!(status.success(), "QEMU exit status after the power-off: {status}");
+    let log = q.serial_log();
+    assert!(log[mark..].contains("vm linux: saved in"), "the power-off did not save the VM:\n{}", &log[mark..]);
+    drop(q);
+    let (off, _) = data_partition(&disk);
+    let data = format!("{}?offset={off}", disk.display());
+    fsck(&data).unwrap_or_else(|e| panic!("the data partition is not clean after the power-off:\n{e}"));
+    let out = Command::new("debugfs")
+        .args(["-R", &format!("dump {vm_disk} {}", guest_disk.display()), &data])
+        .output()
+        .expect("running debugfs");
+    assert!(guest_disk.exists(), "no {vm_disk} on the data partition: {}", String::from_utf8_lossy(&out.stderr));
+    // The VM was saved, not shut down: its filesystem is still mounted inside the saved
+    // guest, exactly as after a power cut. Its journal makes it whole; then it must be clean.
+    let guest = guest_disk.to_str().unwrap();
+    let replay = Command::new("e2fsck").args(["-E", "journal_only", "-y", guest]).output().expect("running e2fsck");
+    assert!(replay.status.code().is_some_and(|c| c <= 1), "replaying the guest disk's journal: {}", String::from_utf8_lossy(&replay.stdout));
+    fsck(guest).unwrap_or_else(|e| panic!("the Linux VM's disk is not clean after the power-off:\n{e}"));
+    timeline.done("power off from the home screen; fsck clean");
+}
