@@ -509,14 +509,20 @@ impl VmManager {
     /// being resumed. A cold start that follows the monitor waits (bounded) for the
     /// compositor's first report when none came yet.
     async fn choose_display(&self, name: &str, config: DisplayConfig, resume: Option<&SavedState>) -> DisplaySize {
+        let t0 = Instant::now();
         let monitor = match (config, resume) {
             (DisplayConfig::FollowMonitor, None) => self.monitor.mode_when_known(self.settings.monitor_wait).await,
             _ => self.monitor.mode(),
         };
+        // The wait counts in the start's time to init: say it.
+        let waited = match t0.elapsed().as_millis() {
+            0 => String::new(),
+            ms => format!(", after {ms} ms waiting for the compositor's report"),
+        };
         let choice = monitor::choose(config, resume.and_then(|s| s.display), monitor);
         match choice.why {
-            monitor::Why::MonitorShrunk { .. } => tracing::warn!("vm {name}: display {choice}"),
-            _ => tracing::info!("vm {name}: display {choice}"),
+            monitor::Why::MonitorShrunk { .. } => tracing::warn!("vm {name}: display {choice}{waited}"),
+            _ => tracing::info!("vm {name}: display {choice}{waited}"),
         }
         choice.size
     }
