@@ -143,7 +143,12 @@ impl Screen {
     }
 
     fn primary_size(&self) -> (u32, u32) {
-        self.canvases.first().map_or((1920, 1080), |c| (c.width, c.height))
+        self.primary_mode().unwrap_or((1920, 1080))
+    }
+
+    /// The first output's mode: the monitor a presented VM is shown on.
+    fn primary_mode(&self) -> Option<(u32, u32)> {
+        self.canvases.first().map(|c| (c.width, c.height))
     }
 }
 
@@ -170,6 +175,8 @@ pub struct App {
     dri: PathBuf,
     /// The physical keyboards show the presented VM's LEDs.
     leds: watch::Sender<Leds>,
+    /// What rayosd was last told about the primary monitor (None: nothing yet).
+    reported: Option<Option<(u32, u32)>>,
 }
 
 fn spawn_call<F>(tx: &mpsc::UnboundedSender<Ev>, what: String, f: F)
@@ -216,6 +223,28 @@ impl App {
             match p.vms.list_vms().await {
                 Ok(v) => drop(tx.send(Ev::VmList(v))),
                 Err(e) => drop(tx.send(Ev::Message(format!("listing VMs: {e}")))),
+            }
+        });
+    }
+
+    /// Tells rayosd the primary output's mode, or that there is no monitor, when that differs
+    /// from what it was last told: VMs whose display follows the monitor boot at that mode.
+    fn report_monitor(&mut self) {
+        let now = self.screen.primary_mode();
+        if self.reported == Some(now) {
+            return;
+        }
+        self.reported = Some(now);
+        let p = self.p.clone();
+        // Only logged: nothing on the home screen is about it.
+        tokio::task::spawn_local(async move {
+            let r = match now {
+                Some((w, h)) => p.display.report_primary_mode(w, h).await.map(|()| format!("{w}x{h}")),
+                None => p.display.report_no_monitor().await.map(|()| "no monitor".to_string()),
+            };
+            match r {
+                Ok(what) => tracing::info!("told rayosd the primary monitor: {what}"),
+                Err(e) => tracing::warn!("telling rayosd the primary monitor: {e}"),
             }
         });
     }
@@ -635,7 +664,9 @@ pub async fn run_with(
         last_layout: Vec::new(),
         dri,
         leds: watch::channel(Leds::default()).0,
+        reported: None,
     };
+    app.report_monitor();
     app.refresh_vms();
     {
         let (p, tx) = (p.clone(), tx.clone());
@@ -681,6 +712,7 @@ pub async fn run_with(
                 devices::scan(&input, &mut known_devices, &dev_tx, &app.leds.subscribe());
                 let dri = app.dri.clone();
                 if app.screen.rescan(&dri) {
+                    app.report_monitor();
                     let (w, h) = app.screen.primary_size();
                     app.router.set_output(w, h);
                     if app.vt.is_none() && !app.screen.canvases.is_empty() {

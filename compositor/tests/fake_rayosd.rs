@@ -48,6 +48,9 @@ fn vm(name: &str, state: &str, has_display: bool) -> VmInfo {
         created_at: 0,
         last_booted_at: 0,
         has_display,
+        display_follows_monitor: false,
+        display_width: if has_display { 640 } else { 0 },
+        display_height: if has_display { 480 } else { 0 },
         on_shutdown: "save".into(),
         saved_generation: 0,
         saved_at: 0,
@@ -114,6 +117,12 @@ impl FakeDisplay {
         c.log.push(format!("open {vm}"));
         c.vmm_ends.push(ours);
         Ok(theirs.into())
+    }
+    async fn report_primary_mode(&self, width: u32, height: u32) {
+        self.0.lock().unwrap().log.push(format!("monitor {width}x{height}"));
+    }
+    async fn report_no_monitor(&self) {
+        self.0.lock().unwrap().log.push("no monitor".into());
     }
     #[zbus(signal)]
     async fn presentation_changed(e: &SignalEmitter<'_>, vm: &str) -> zbus::Result<()>;
@@ -197,6 +206,9 @@ fn keys_reach_only_the_presented_vm_and_the_combo_goes_home() {
         tokio::task::spawn_local(compositor::app::run_with(sock, dir.join("dri"), dir.join("input"), dev_tx, dev_rx));
         let key = |code: KeyCode, value: i32| typing.send(DeviceEvent::Key(KeyEvent { code: code.0, value })).unwrap();
 
+        // With no card there is no monitor, and rayosd is told so once (VMs that follow the
+        // monitor need not wait for a mode).
+        wait_for(&calls, "no monitor").await;
         // The running VM with a display gets a channel; the one without is not asked for one.
         wait_for(&calls, "open debian").await;
         settle().await;
@@ -260,6 +272,9 @@ fn keys_reach_only_the_presented_vm_and_the_combo_goes_home() {
         wait_for(&calls, "reboot").await;
         settle().await;
         assert_eq!(keys(&drain(&vmm)), vec![]);
+        // The 2 s rescans found nothing new: nothing more was reported.
+        let reports: Vec<String> = calls.lock().unwrap().log.iter().filter(|l| l.contains("monitor")).cloned().collect();
+        assert_eq!(reports, ["no monitor"]);
         let _ = std::fs::remove_dir_all(&dir);
     });
 }

@@ -60,9 +60,9 @@ pub struct DeviceConfig {
     pub initramfs: Option<PathBuf>,
     #[serde(default)]
     pub cmdline: String,
-    /// Display size, when the VM has one.
+    /// The VM's display, when it has one: a fixed size, or the primary monitor's mode.
     #[serde(default)]
-    pub display: Option<(u32, u32)>,
+    pub display: Option<DisplayConfig>,
     #[serde(default)]
     pub input: bool,
     #[serde(default)]
@@ -72,6 +72,83 @@ pub struct DeviceConfig {
     /// Offer the `org.rayos.agent` virtio-console port.
     #[serde(default)]
     pub agent: bool,
+}
+
+/// A display size in pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DisplaySize {
+    pub width: u32,
+    pub height: u32,
+}
+
+impl DisplaySize {
+    pub const fn new(width: u32, height: u32) -> DisplaySize {
+        DisplaySize { width, height }
+    }
+}
+
+impl std::fmt::Display for DisplaySize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}", self.width, self.height)
+    }
+}
+
+/// How big a VM's display is. In the file: `[width, height]` for a fixed size (the only
+/// form before the display could follow the monitor, so old registries read unchanged) or
+/// `"monitor"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DisplayConfig {
+    /// Always this size (what EDID announces to the guest as its preferred mode).
+    Fixed(DisplaySize),
+    /// At each cold start, the primary monitor's mode as the compositor last reported it to
+    /// rayosd, so the presented guest is shown 1:1; a resume keeps the size it was saved with.
+    FollowMonitor,
+}
+
+impl DisplayConfig {
+    /// The word `"monitor"` stands for [`DisplayConfig::FollowMonitor`] in the file and on
+    /// rayosctl's command line.
+    pub const MONITOR: &'static str = "monitor";
+}
+
+impl Serialize for DisplayConfig {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            DisplayConfig::Fixed(d) => (d.width, d.height).serialize(s),
+            DisplayConfig::FollowMonitor => s.serialize_str(Self::MONITOR),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DisplayConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // By hand rather than `#[serde(untagged)]`, whose error names neither form.
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = DisplayConfig;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                write!(f, "a display size [width, height] or \"{}\"", DisplayConfig::MONITOR)
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<DisplayConfig, E> {
+                match v {
+                    DisplayConfig::MONITOR => Ok(DisplayConfig::FollowMonitor),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
+                }
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<DisplayConfig, A::Error> {
+                use serde::de::Error;
+                let side = |e: A::Error| A::Error::custom(format!("display size: {e}; expected [width, height] or \"{}\"", DisplayConfig::MONITOR));
+                let width: u32 = seq.next_element().map_err(side)?.ok_or_else(|| A::Error::invalid_length(0, &self))?;
+                let height: u32 = seq.next_element().map_err(side)?.ok_or_else(|| A::Error::invalid_length(1, &self))?;
+                if seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                    return Err(A::Error::invalid_length(3, &self));
+                }
+                Ok(DisplayConfig::Fixed(DisplaySize { width, height }))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,6 +223,11 @@ pub struct SavedState {
     pub written_bytes: u64,
     /// Every writable disk, as it was once the saved VMM had exited.
     pub disks: Vec<DiskIdentity>,
+    /// The display size the VM ran with: its framebuffer is in the state, so a resume keeps
+    /// it whatever the monitor is now. Absent for VMs without a display (and in states saved
+    /// before a display could follow the monitor: those had a fixed size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display: Option<DisplaySize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -190,7 +272,8 @@ impl VmRecord {
     /// (`/data/vms/<id>/`): `disk.img` (the Debian ext4 image) and [`DEFAULT_LINUX_KERNEL`] (the
     /// RayOS kernel as a stripped ELF; an installer whose medium lacks it points `kernel` at
     /// the bzImage, `vmlinuz`, instead);
-    /// 2 vCPUs, 2 GiB, display, input, the agent port; autostart hidden, restarted on failure.
+    /// 2 vCPUs, 2 GiB, a display that follows the monitor, input, the agent port; autostart
+    /// hidden, restarted on failure.
     pub fn default_linux(id: Uuid, vm_dir: &Path) -> VmRecord {
         VmRecord {
             id,
@@ -203,7 +286,7 @@ impl VmRecord {
                 kernel: vm_dir.join(DEFAULT_LINUX_KERNEL),
                 initramfs: None,
                 cmdline: DEFAULT_LINUX_CMDLINE.into(),
-                display: Some((1280, 800)),
+                display: Some(DisplayConfig::FollowMonitor),
                 input: true,
                 net_taps: vec![],
                 rng: true,
@@ -366,7 +449,8 @@ mod tests {
         let f = RegistryFile::parse(INSTALLED.as_bytes()).unwrap();
         assert_eq!(f.vms.len(), 1);
         let vm = &f.vms[0];
-        assert_eq!((vm.name.as_str(), vm.kind, vm.config.display), ("linux", VmKind::Linux, Some((1280, 800))));
+        let fixed = Some(DisplayConfig::Fixed(DisplaySize::new(1280, 800)));
+        assert_eq!((vm.name.as_str(), vm.kind, vm.config.display), ("linux", VmKind::Linux, fixed));
         assert_eq!(vm.policy.restart, RestartPolicy::OnFailure);
         assert_eq!(String::from_utf8(f.to_bytes()).unwrap(), INSTALLED);
         // A registry from before saved states reads with their defaults: save at shutdown,
@@ -375,6 +459,45 @@ mod tests {
         assert_ne!(old, INSTALLED);
         let vm = RegistryFile::parse(old.as_bytes()).unwrap().vms.remove(0);
         assert_eq!((vm.policy.on_shutdown, vm.saved, vm.save_generation), (OnShutdown::Save, None, 0));
+    }
+
+    #[test]
+    fn a_display_is_a_fixed_size_or_follows_the_monitor() {
+        // The installed file above stores `[1280, 800]`: a fixed size (tested above). The
+        // other form, and the default Linux VM, which follows the monitor:
+        let monitor = INSTALLED.replace("\"display\": [\n          1280,\n          800\n        ]", "\"display\": \"monitor\"");
+        assert_ne!(monitor, INSTALLED);
+        let f = RegistryFile::parse(monitor.as_bytes()).unwrap();
+        assert_eq!(f.vms[0].config.display, Some(DisplayConfig::FollowMonitor));
+        assert_eq!(String::from_utf8(f.to_bytes()).unwrap(), monitor, "the new form writes back as it was read");
+        let none = INSTALLED.replace("\"display\": [\n          1280,\n          800\n        ]", "\"display\": null");
+        assert_eq!(RegistryFile::parse(none.as_bytes()).unwrap().vms[0].config.display, None);
+
+        let linux = VmRecord::default_linux(Uuid::new_v4(), Path::new("/data/vms/x"));
+        assert_eq!(linux.config.display, Some(DisplayConfig::FollowMonitor));
+        let back = RegistryFile::parse(&RegistryFile::new(vec![linux.clone()]).to_bytes()).unwrap();
+        assert_eq!(back.vms[0], linux);
+
+        // Anything else is refused, naming what was there and what is allowed.
+        for (bad, named) in [("\"screen\"", "screen"), ("[1280]", "length 1"), ("[1280, 800, 2]", "length 3"), ("[-1, 800]", "-1"), ("{\"width\": 1280}", "map")] {
+            let text = INSTALLED.replace("\"display\": [\n          1280,\n          800\n        ]", &format!("\"display\": {bad}"));
+            let e = RegistryFile::parse(text.as_bytes()).unwrap_err();
+            assert!(e.contains(named) && e.contains("[width, height] or \"monitor\""), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_saved_state_keeps_its_display_size() {
+        let mut f = RegistryFile::parse(INSTALLED.as_bytes()).unwrap();
+        let saved = SavedState { generation: 3, saved_at: 1, memory_bytes: 2, written_bytes: 1, disks: vec![], display: Some(DisplaySize::new(1920, 1080)) };
+        f.vms[0].saved = Some(saved.clone());
+        let text = String::from_utf8(f.to_bytes()).unwrap();
+        assert!(text.contains("\"display\": {\n          \"width\": 1920,\n          \"height\": 1080\n        }"), "{text}");
+        assert_eq!(RegistryFile::parse(text.as_bytes()).unwrap().vms[0].saved, Some(saved));
+        // A state saved before the size was recorded reads without one.
+        let old = text.replace(",\n        \"display\": {\n          \"width\": 1920,\n          \"height\": 1080\n        }", "");
+        assert_ne!(old, text);
+        assert_eq!(RegistryFile::parse(old.as_bytes()).unwrap().vms[0].saved.as_ref().unwrap().display, None);
     }
 
     #[test]

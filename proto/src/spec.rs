@@ -151,6 +151,10 @@ fn default_true() -> bool {
 
 /// Most vCPUs we describe: APIC ids are u8 in the MADT entries we emit, 0xff is broadcast.
 pub const MAX_VCPUS: u8 = 254;
+/// The widest and tallest display: EDID's detailed timing holds 12-bit sizes. Two 32-bpp
+/// frames of 4095x4095 need 128 MiB, which the VMM's framebuffer (a power of two, at most
+/// 1 GiB, in the 896 MiB PCI window) and the compositor's mapping (at most 160 MiB) both take.
+pub const MAX_DISPLAY_SIDE: u32 = 4095;
 pub const MIN_MEMORY_MIB: u64 = 32;
 /// Linux's IFNAMSIZ: interface names are shorter than this.
 const IFNAMSIZ: usize = 16;
@@ -214,9 +218,8 @@ impl VmSpec {
             }
         }
         if let Some(d) = &self.display {
-            // EDID's detailed timing holds 12-bit sizes.
-            if d.width == 0 || d.height == 0 || d.width > 4095 || d.height > 4095 {
-                return bad("display", format!("{}x{} is not a mode the display can announce (1..=4095 each)", d.width, d.height));
+            if d.width == 0 || d.height == 0 || d.width > MAX_DISPLAY_SIDE || d.height > MAX_DISPLAY_SIDE {
+                return bad("display", format!("{}x{} is not a mode the display can announce (1..={MAX_DISPLAY_SIDE} each)", d.width, d.height));
             }
         }
         for n in &self.net {

@@ -46,6 +46,8 @@ pub trait Display1 {
     fn hide(&self) -> zbus::Result<()>;
     fn presented(&self) -> zbus::Result<String>;
     fn open_channel(&self, vm: &str) -> zbus::Result<zbus::zvariant::OwnedFd>;
+    fn report_primary_mode(&self, width: u32, height: u32) -> zbus::Result<()>;
+    fn report_no_monitor(&self) -> zbus::Result<()>;
     #[zbus(signal)]
     fn presentation_changed(&self, vm: &str) -> zbus::Result<()>;
 }

@@ -286,3 +286,40 @@ async fn injected_input_needs_root_and_a_running_vm_with_a_display() {
     assert_eq!(s.system.vms().unwrap().get("desk").unwrap().state, "stopped", "refused calls start nothing");
     std::fs::remove_dir_all(&s.dir).unwrap();
 }
+
+/// The compositor's report of the monitor (`Display1.ReportPrimaryMode`) reaches the VM
+/// supervisor: `vm show` of a VM created with `--display monitor` says the reported mode; a
+/// mode that is none is refused by name and changes nothing.
+#[tokio::test(flavor = "current_thread")]
+async fn a_reported_monitor_mode_is_what_a_follow_monitor_vm_shows() {
+    let s = serve("monitor", Access::root_only(), true).await;
+    let kernel = s.dir.join("bzImage");
+    std::fs::write(&kernel, b"k").unwrap();
+    let k = kernel.to_str().unwrap();
+    for args in [&["vm", "create", "desk", "--kernel", k, "--display", "monitor"][..], &["vm", "create", "fixed", "--kernel", k, "--display", "1024x768"]] {
+        let (code, _, err) = rayosctl(&s.sock, args, None).await;
+        assert_eq!(code, Some(0), "{err}");
+    }
+    let show = |vm: &'static str| {
+        let sock = s.sock.clone();
+        async move {
+            let (code, out, err) = rayosctl(&sock, &["vm", "show", vm], None).await;
+            assert_eq!(code, Some(0), "{err}");
+            out.lines().find(|l| l.starts_with("display: ")).unwrap_or_default().to_string()
+        }
+    };
+    assert_eq!(show("desk").await, "display: follows the monitor (now 1280x800)");
+
+    let conn = rayosd::client::connection(&s.sock).await.unwrap();
+    let display = rayosd::client::Display1Proxy::builder(&conn).cache_properties(zbus::proxy::CacheProperties::No).build().await.unwrap();
+    display.report_primary_mode(2560, 1440).await.unwrap();
+    assert_eq!(show("desk").await, "display: follows the monitor (now 2560x1440)");
+    assert_eq!(show("fixed").await, "display: 1024x768");
+    let e = display.report_primary_mode(0, 1440).await.unwrap_err().to_string();
+    assert!(e.contains("InvalidArgument") && e.contains("0x1440 is not a monitor mode"), "{e}");
+    // No monitor now: the last mode is kept.
+    display.report_no_monitor().await.unwrap();
+    assert_eq!(show("desk").await, "display: follows the monitor (now 2560x1440)");
+    drop(conn);
+    std::fs::remove_dir_all(&s.dir).unwrap();
+}

@@ -67,8 +67,9 @@ struct Vm {
     memory_mib: u64,
     /// Copy this image as the VM's disk instead of a blank 1 MiB one.
     disk_src: Option<PathBuf>,
-    /// A display of this size (and a keyboard and tablet with it).
-    display: Option<(u32, u32)>,
+    /// A display (and a keyboard and tablet with it), as the registry writes it: `[w, h]`
+    /// (a fixed size) or `"monitor"` (the primary monitor's mode).
+    display: Option<Value>,
     /// The record's `firstboot` (the user and settings the guest agent sets up).
     firstboot: Option<Value>,
     /// The record's `policy.on_shutdown` ("save" when absent).
@@ -290,6 +291,12 @@ fn ctl(q: &Qemu, args: &[&str]) -> (i32, Value, String) {
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let v = serde_json::from_str(&text).unwrap_or(Value::Null);
     (out.status.code().unwrap_or(-1), v, format!("{text}{}", String::from_utf8_lossy(&out.stderr)))
+}
+
+/// rayosctl's text output (no `--json`): what a user reads.
+fn ctl_plain(q: &Qemu, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(rayosctl()).arg("--socket").arg(q.control_socket()).args(["--timeout", "30"]).args(args).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
 }
 
 fn ctl_ok(q: &Qemu, args: &[&str]) -> Value {
@@ -899,7 +906,7 @@ fn vm_default_debian_guest_boots_to_a_login() {
     debian.disk_src = Some(guest.disk.clone());
     debian.boot = Some(("/data/images/vmlinuz".into(), None, guest.cmdline.clone()));
     // The display of `VmRecord::default_linux`.
-    debian.display = Some((1280, 800));
+    debian.display = Some(json!([1280, 800]));
     // What the installer records for the default Linux VM (the wizard's user and settings).
     debian.firstboot = Some(json!({
         "setup": {
@@ -1115,7 +1122,9 @@ fn keyboard_checks(q: &mut Qemu) {
 #[test]
 fn compositor_home_screen_present_and_hide() {
     let mut work = Vm::new("work", true);
-    work.display = Some((1280, 800));
+    // It autostarts before the compositor runs: it waits for the compositor's report of the
+    // monitor's mode and boots at it.
+    work.display = Some(json!("monitor"));
     // Its user space writes to /dev/console = the last console: its own screen (tty0).
     work.boot = Some((
         "/data/images/vmlinuz".into(),
@@ -1145,6 +1154,16 @@ fn compositor_home_screen_present_and_hide() {
     // The VM's own screen: the devguest's heartbeat lines on its console.
     let shown = q.wait_screen("heartbeat", Duration::from_secs(60)).unwrap();
     assert!(!rayos_tests::ocr_contains(&shown, "spare"), "the home screen is still showing:\n{shown}");
+    // Its display follows the 1920x1080 monitor: the guest runs at that mode and is shown
+    // 1:1, filling the screen, unscaled.
+    let (code, show, err) = ctl_plain(&q, &["vm", "show", "work"]);
+    assert_eq!(code, 0, "{show}{err}");
+    assert!(show.contains("display: follows the monitor (now 1920x1080)"), "{show}");
+    let shot = q.workdir().join("work.ppm");
+    ctl_ok(&q, &["vm", "screenshot", "work", shot.to_str().unwrap()]);
+    let (w, h, _) = read_ppm(&shot);
+    assert_eq!((w, h), (1920, 1080), "the guest's display is not the monitor's mode");
+    q.wait_for("compositor: layout present vm=work mode=1920x1080 x=0 y=0 w=1920 h=1080", Duration::from_secs(30)).unwrap();
 
     // The return combo on the machine's USB keyboard.
     q.press(&["ctrl", "alt", "home"]).unwrap();
@@ -1180,7 +1199,7 @@ fn compositor_home_screen_present_and_hide() {
 fn compositor_home_screen_is_readable_at_4k() {
     let a = Vm::new("alpha", false);
     let mut b = Vm::new("bravo", false);
-    b.display = Some((1280, 800));
+    b.display = Some(json!([1280, 800]));
     let registry = registry_json(&[&a, &b]);
     let (mut q, _disk) = boot_with("compositor-4k", |b| b.screen(3840, 2160), |dir| data_disk(dir, &[&a, &b], &registry, None));
     q.wait_for("rayosd: ready", BOOT_TIMEOUT).unwrap();

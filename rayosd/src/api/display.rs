@@ -4,8 +4,11 @@
 //! channel (`OpenChannel`, a duplicate of rayosd's end of the socketpair the VMM got as
 //! `--display-fd`, see `rayos_proto::display`).
 //!
-//! Reading what is presented needs nothing; presenting, hiding and opening a channel (which
-//! shows what a guest shows and types into it) need [`require_root`].
+//! The compositor also reports the primary monitor's mode here (`ReportPrimaryMode`,
+//! `ReportNoMonitor`): VMs whose display follows the monitor boot at it (`vm::monitor`).
+//!
+//! Reading what is presented needs nothing; presenting, hiding, opening a channel (which
+//! shows what a guest shows and types into it) and reporting the monitor need [`require_root`].
 
 use std::sync::Arc;
 
@@ -15,6 +18,7 @@ use super::auth::require_root;
 use super::vms::VmApiError;
 use super::System;
 use crate::vm::manager::VmManager;
+use crate::vm::registry::DisplaySize;
 use crate::vm::state::{self, Request};
 
 pub const OBJECT_PATH: &str = "/org/rayos/Display1";
@@ -114,8 +118,43 @@ impl DisplayServer {
         Ok(self.mgr()?.display_channel(vm)?.into())
     }
 
+    /// The compositor's report of the primary monitor's mode (at its start and whenever a
+    /// rescan finds it changed): a VM whose display follows the monitor gets it at its next
+    /// cold start. Root only: it decides what size guests boot at.
+    async fn report_primary_mode(&self, #[zbus(connection)] conn: &zbus::Connection, width: u32, height: u32) -> Result<(), VmApiError> {
+        require_root(conn, self.system.access(), "ReportPrimaryMode").await?;
+        let mode = monitor_mode(width, height).map_err(VmApiError::InvalidArgument)?;
+        match self.system.vms() {
+            Some(mgr) if mgr.monitor().set_mode(mode) => tracing::info!("display: the primary monitor's mode is {mode}"),
+            Some(_) => {}
+            // No VM supervisor (installer, rescue): no VM to size.
+            None => tracing::debug!("display: the primary monitor's mode is {mode} (no VM supervisor)"),
+        }
+        Ok(())
+    }
+
+    /// The compositor's report that it found no connected monitor: a follow-monitor VM starts
+    /// at once (at the last reported mode, else 1280x800) instead of waiting for a mode.
+    async fn report_no_monitor(&self, #[zbus(connection)] conn: &zbus::Connection) -> Result<(), VmApiError> {
+        require_root(conn, self.system.access(), "ReportNoMonitor").await?;
+        if self.system.vms().is_some_and(|mgr| mgr.monitor().set_no_monitor()) {
+            tracing::info!("display: no monitor is connected");
+        }
+        Ok(())
+    }
+
     #[zbus(signal)]
     async fn presentation_changed(emitter: &zbus::object_server::SignalEmitter<'_>, vm: &str) -> zbus::Result<()>;
+}
+
+/// A monitor mode as the compositor reports it: DRM modes are 16-bit, and a side of 0 is no
+/// mode at all. (What a VM's display can announce is narrower; `vm::monitor` shrinks it.)
+fn monitor_mode(width: u32, height: u32) -> Result<DisplaySize, String> {
+    let side = 1..=u32::from(u16::MAX);
+    if !side.contains(&width) || !side.contains(&height) {
+        return Err(format!("ReportPrimaryMode: {width}x{height} is not a monitor mode (1..=65535 each)"));
+    }
+    Ok(DisplaySize::new(width, height))
 }
 
 /// Sends every change of what is presented as a `PresentationChanged` signal on `conn` until
@@ -136,6 +175,16 @@ pub fn forward_signals(system: &System, conn: &zbus::Connection) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reported_mode_must_be_one() {
+        assert_eq!(monitor_mode(1920, 1080), Ok(DisplaySize::new(1920, 1080)));
+        assert_eq!(monitor_mode(65535, 1), Ok(DisplaySize::new(65535, 1)));
+        for (w, h) in [(0, 1080), (1920, 0), (65536, 1080), (1920, u32::MAX)] {
+            let e = monitor_mode(w, h).unwrap_err();
+            assert!(e.contains(&format!("{w}x{h} is not a monitor mode")), "{e}");
+        }
+    }
 
     #[test]
     fn a_presentation_change_is_announced_once() {

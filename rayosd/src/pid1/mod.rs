@@ -248,7 +248,7 @@ async fn run(opts: BootOptions, init_uptime_ms: u64, boot_entry: String) -> Powe
 /// keyboard and mouse. The VMs do not depend on it: when it dies they run on and it is
 /// restarted. Absent from the image (a build without it), nothing is started.
 fn add_compositor(supervisor: &Arc<Supervisor>) {
-    const BIN: &str = "/usr/bin/rayos-compositor";
+    const BIN: &str = rayosd::vm::boot::COMPOSITOR_BIN;
     if !Path::new(BIN).exists() {
         warn!("compositor: {BIN} is missing; the screen shows the console only");
         return;

@@ -12,6 +12,10 @@ use crate::reaper::Reaper;
 pub const VMM_BIN: &str = "/usr/bin/rayos-vmm";
 /// The installer's configuration on the data volume.
 const SYSTEM_TOML: &str = "/data/config/system.toml";
+/// The compositor in the RayOS initramfs (PID 1 starts it as a service).
+pub const COMPOSITOR_BIN: &str = "/usr/bin/rayos-compositor";
+/// How long a follow-monitor VM's cold start waits for the compositor's first report.
+pub const MONITOR_WAIT: Duration = Duration::from_secs(15);
 /// What an orderly shutdown gives the guests to power off before they are forced.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -23,6 +27,12 @@ pub fn open_installed(reaper: Arc<Reaper>) -> Option<Arc<VmManager>> {
     // readable system.toml, its default ("us").
     if let Ok(l) = crate::config::load(std::path::Path::new(SYSTEM_TOML)) {
         settings.keymap = l.config().keymap.clone();
+    }
+    // The compositor starts after the autostart VMs and reports the monitor's mode (or that
+    // there is none) within a moment: a VM that follows the monitor waits for that report
+    // rather than booting at the default size and keeping it through every save and resume.
+    if std::path::Path::new(COMPOSITOR_BIN).exists() {
+        settings.monitor_wait = MONITOR_WAIT;
     }
     match VmManager::open(reaper, settings) {
         Ok(m) => Some(m),

@@ -7,7 +7,7 @@ use clap::Subcommand;
 use futures_util::StreamExt;
 
 use super::manager::{CreateRequest, GuestScreen, VmInfo};
-use super::registry::{DeviceConfig, DiskRecord, OnShutdown, Policy, RestartPolicy, VmKind};
+use super::registry::{DeviceConfig, DiskRecord, DisplayConfig, DisplaySize, OnShutdown, Policy, RestartPolicy, VmKind};
 use crate::client::ClientError;
 
 #[zbus::proxy(
@@ -78,10 +78,11 @@ pub enum VmCmd {
         /// Offer the guest agent port.
         #[arg(long)]
         agent: bool,
-        /// A display of WIDTHxHEIGHT (e.g. 1280x800) with a virtio keyboard and tablet, so
-        /// it can be presented.
-        #[arg(long, value_parser = parse_size)]
-        display: Option<(u32, u32)>,
+        /// A display with a virtio keyboard and tablet, so it can be presented: WIDTHxHEIGHT
+        /// (e.g. 1280x800), `monitor` (the primary monitor's mode at each cold start) or
+        /// `none` (the default).
+        #[arg(long, value_parser = parse_display, default_value = "none")]
+        display: DisplayFlag,
     },
     /// Start hidden (the display stays where it is); a saved VM resumes where it was.
     Start {
@@ -193,7 +194,6 @@ async fn connect(path: &Path) -> Result<Vms1Proxy<'static>, ClientError> {
         .map_err(|source| ClientError::Handshake { path: path.to_path_buf(), source })
 }
 
-/// `1280x800` → (1280, 800).
 fn human_age(secs: u64) -> String {
     match secs {
         0..120 => format!("{secs} s"),
@@ -234,10 +234,30 @@ fn parse_on_shutdown(s: &str) -> Result<OnShutdown, String> {
     }
 }
 
-fn parse_size(s: &str) -> Result<(u32, u32), String> {
-    let bad = || format!("{s:?} is not WIDTHxHEIGHT (e.g. 1280x800)");
+/// `vm create --display`: a VM's display, or none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DisplayFlag(pub Option<DisplayConfig>);
+
+fn parse_display(s: &str) -> Result<DisplayFlag, String> {
+    match s {
+        "none" => return Ok(DisplayFlag(None)),
+        DisplayConfig::MONITOR => return Ok(DisplayFlag(Some(DisplayConfig::FollowMonitor))),
+        _ => {}
+    }
+    let bad = || format!("{s:?} is not WIDTHxHEIGHT (e.g. 1280x800), monitor or none");
     let (w, h) = s.split_once('x').ok_or_else(bad)?;
-    Ok((w.parse().map_err(|_| bad())?, h.parse().map_err(|_| bad())?))
+    let size = DisplaySize::new(w.parse().map_err(|_| bad())?, h.parse().map_err(|_| bad())?);
+    Ok(DisplayFlag(Some(DisplayConfig::Fixed(size))))
+}
+
+/// What `vm show` says about a VM's display.
+fn describe_display(v: &VmInfo) -> String {
+    let size = DisplaySize::new(v.display_width, v.display_height);
+    match (v.has_display, v.display_follows_monitor) {
+        (false, _) => "none".into(),
+        (true, true) => format!("follows the monitor (now {size})"),
+        (true, false) => size.to_string(),
+    }
 }
 
 fn print_json<T: serde::Serialize>(v: &T) {
@@ -293,6 +313,7 @@ pub async fn run(socket: &str, json: bool, cmd: &VmCmd) -> Result<(), ClientErro
                 print_row(&v);
                 println!("disks: {}", v.disks.join(", "));
                 println!("memory: {} MiB, vCPUs: {}, restarts: {}", v.memory_mib, v.vcpus, v.restarts);
+                println!("display: {}", describe_display(&v));
                 if v.guest_init_ms > 0 {
                     println!("guest init: {} ms after VMM start, {} ms after the start request", v.guest_init_ms, v.start_to_init_ms);
                 }
@@ -326,8 +347,8 @@ pub async fn run(socket: &str, json: bool, cmd: &VmCmd) -> Result<(), ClientErro
                     kernel: abs(kernel),
                     initramfs: initramfs.as_ref().map(abs),
                     cmdline: cmdline.clone(),
-                    display: *display,
-                    input: display.is_some(),
+                    display: display.0,
+                    input: display.0.is_some(),
                     net_taps: vec![],
                     rng: true,
                     agent: *agent,
@@ -507,4 +528,37 @@ pub async fn run(socket: &str, json: bool, cmd: &VmCmd) -> Result<(), ClientErro
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_display_flag_is_a_size_monitor_or_none() {
+        assert_eq!(parse_display("1280x800"), Ok(DisplayFlag(Some(DisplayConfig::Fixed(DisplaySize::new(1280, 800))))));
+        assert_eq!(parse_display("monitor"), Ok(DisplayFlag(Some(DisplayConfig::FollowMonitor))));
+        assert_eq!(parse_display("none"), Ok(DisplayFlag(None)));
+        for bad in ["1280", "wide", "1280x", "x800", "-1x800"] {
+            let e = parse_display(bad).unwrap_err();
+            assert!(e.contains(&format!("{bad:?}")) && e.contains("monitor or none"), "{e}");
+        }
+    }
+
+    #[test]
+    fn vm_show_says_whether_the_display_follows_the_monitor() {
+        let mut v: VmInfo = serde_json::from_value(serde_json::json!({
+            "id": "x", "name": "work", "kind": "linux", "state": "running", "pid": 1, "restarts": 0, "detail": "",
+            "autostart_hidden": false, "guest_init_ms": 0, "start_to_init_ms": 0, "agent_ready": false,
+            "agent_heartbeat": 0, "firstboot": "", "disks": [], "memory_mib": 128, "vcpus": 1, "created_at": 0,
+            "last_booted_at": 0, "has_display": true, "display_follows_monitor": true, "display_width": 1920,
+            "display_height": 1080, "on_shutdown": "save", "saved_generation": 0, "saved_at": 0, "saved_bytes": 0
+        }))
+        .unwrap();
+        assert_eq!(describe_display(&v), "follows the monitor (now 1920x1080)");
+        (v.display_follows_monitor, v.display_width, v.display_height) = (false, 1280, 800);
+        assert_eq!(describe_display(&v), "1280x800");
+        v.has_display = false;
+        assert_eq!(describe_display(&v), "none");
+    }
 }

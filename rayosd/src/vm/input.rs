@@ -43,8 +43,8 @@ struct Target {
 impl VmManager {
     fn input_target(&self, id_or_name: &str, what: &str) -> Result<Target, VmError> {
         let vm = self.record(id_or_name)?;
-        let size = match vm.config.display {
-            Some(size) if vm.config.input => size,
+        match vm.config.display {
+            Some(_) if vm.config.input => {}
             _ => {
                 let reason = format!("{what} needs a display with input devices (config.display, config.input); it has none");
                 return Err(VmError::Refused { name: vm.name, reason });
@@ -52,9 +52,10 @@ impl VmManager {
         };
         // A paused guest reads nothing; what was sent would wait in the VMM and could overflow it.
         let (vm, _conn) = self.live_vmm(id_or_name, what, false)?;
-        let channel = self.vms.lock().unwrap().get(&vm.id).and_then(|e| e.display.clone());
-        let channel = channel.ok_or_else(|| VmError::Refused { name: vm.name.clone(), reason: format!("{what}: its VMM has no display channel") })?;
-        Ok(Target { name: vm.name, channel, size })
+        // The size its VMM was given: a display that follows the monitor has no size of its own.
+        let live = self.vms.lock().unwrap().get(&vm.id).and_then(|e| e.display.clone().zip(e.display_size));
+        let (channel, size) = live.ok_or_else(|| VmError::Refused { name: vm.name.clone(), reason: format!("{what}: its VMM has no display channel") })?;
+        Ok(Target { name: vm.name, channel, size: (size.width, size.height) })
     }
 
     /// Presses `combo` (e.g. `ctrl+alt+f2`) on the VM's keyboard: each key down in order,

@@ -19,7 +19,8 @@ use uuid::Uuid;
 
 use super::hang::HangLimits;
 use super::owner;
-use super::registry::{self, DeviceConfig, DiskRecord, Policy, Registry, RegistryError, VmKind, VmRecord};
+use super::monitor::PrimaryMonitor;
+use super::registry::{self, DeviceConfig, DiskRecord, DisplayConfig, DisplaySize, Policy, Registry, RegistryError, VmKind, VmRecord};
 use super::state::{self, Request, VmState};
 use super::vmm_conn::VmmConn;
 use super::vmm_process::VmFiles;
@@ -66,6 +67,10 @@ pub struct Settings {
     pub keymap: String,
     /// How long one VM's save may take before the guest is forced off instead.
     pub save_timeout: Duration,
+    /// How long a cold start of a VM whose display follows the monitor waits for the
+    /// compositor's first report of the monitor's mode (rayosd starts the compositor after
+    /// the autostart VMs); zero where no compositor runs (systemless, tests).
+    pub monitor_wait: Duration,
 }
 
 impl Settings {
@@ -85,6 +90,7 @@ impl Settings {
             hang: HangLimits::default(),
             keymap: super::keys::US.into(),
             save_timeout: Duration::from_secs(90),
+            monitor_wait: Duration::ZERO,
         }
     }
 }
@@ -121,6 +127,12 @@ pub struct VmInfo {
     pub last_booted_at: u64,
     /// It has a display the compositor can present (`org.rayos.Display1`).
     pub has_display: bool,
+    /// Its display follows the primary monitor's mode (else it is fixed, or there is none).
+    pub display_follows_monitor: bool,
+    /// Its display size now: the running VMM's, the saved state's, else what a start would
+    /// give it now; 0x0 without a display.
+    pub display_width: u32,
+    pub display_height: u32,
     /// What a RayOS shutdown does with it when it runs: "save" or "shutdown".
     pub on_shutdown: String,
     /// The saved state the next start resumes: its generation (0: none), when it was saved
@@ -210,6 +222,8 @@ pub(super) struct Entry {
     pub(super) conn: Option<Arc<VmmConn>>,
     /// rayosd's end of the running VMM's display channel (VMs with a display).
     pub(super) display: Option<Arc<OwnedFd>>,
+    /// The display size the running VMM was given (VMs with a display).
+    pub(super) display_size: Option<DisplaySize>,
 }
 
 pub struct VmManager {
@@ -220,6 +234,8 @@ pub struct VmManager {
     /// Registry problems found at load and crash loops: what `rayosctl vm list` reports.
     pub(super) problems: Mutex<Vec<String>>,
     pub(super) events: broadcast::Sender<VmEvent>,
+    /// The primary monitor's mode as the compositor last reported it.
+    pub(super) monitor: PrimaryMonitor,
 }
 
 impl VmManager {
@@ -242,6 +258,7 @@ impl VmManager {
             vms: Mutex::new(BTreeMap::new()),
             problems: Mutex::new(problems),
             events,
+            monitor: PrimaryMonitor::default(),
         });
         let records: Vec<VmRecord> = mgr.registry.lock().unwrap().vms().to_vec();
         tracing::info!("vm: registry has {} VMs", records.len());
@@ -264,9 +281,27 @@ impl VmManager {
     }
 
     pub fn list(&self) -> Vec<VmInfo> {
-        let mut v: Vec<VmInfo> = self.vms.lock().unwrap().values().map(|e| e.info.clone()).collect();
+        let entries: Vec<(VmInfo, Option<DisplaySize>)> = self.vms.lock().unwrap().values().map(|e| (e.info.clone(), e.display_size)).collect();
+        let mut v: Vec<VmInfo> = entries.into_iter().map(|(info, size)| self.with_display(info, size)).collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
+    }
+
+    /// The primary monitor's mode as the compositor reports it (`org.rayos.Display1`).
+    pub fn monitor(&self) -> &PrimaryMonitor {
+        &self.monitor
+    }
+
+    /// `info` with its display fields filled in: `running` is the running VMM's size.
+    /// (Called without the `vms` lock held: it takes the registry's.)
+    fn with_display(&self, mut info: VmInfo, running: Option<DisplaySize>) -> VmInfo {
+        let vm = Uuid::parse_str(&info.id).ok().and_then(|id| self.registry.lock().unwrap().get(id).cloned());
+        let Some(config) = vm.as_ref().and_then(|v| v.config.display) else { return info };
+        let saved = vm.as_ref().and_then(|v| v.saved.as_ref()).and_then(|s| s.display);
+        let size = running.unwrap_or_else(|| super::monitor::choose(config, saved, self.monitor.mode()).size);
+        info.display_follows_monitor = config == DisplayConfig::FollowMonitor;
+        (info.display_width, info.display_height) = (size.width, size.height);
+        info
     }
 
     fn resolve(&self, id_or_name: &str) -> Result<Uuid, VmError> {
@@ -276,7 +311,9 @@ impl VmManager {
 
     pub fn get(&self, id_or_name: &str) -> Result<VmInfo, VmError> {
         let id = self.resolve(id_or_name)?;
-        self.vms.lock().unwrap().get(&id).map(|e| e.info.clone()).ok_or_else(|| VmError::NoSuchVm(id_or_name.into()))
+        let entry = self.vms.lock().unwrap().get(&id).map(|e| (e.info.clone(), e.display_size));
+        let (info, size) = entry.ok_or_else(|| VmError::NoSuchVm(id_or_name.into()))?;
+        Ok(self.with_display(info, size))
     }
 
     pub fn record(&self, id_or_name: &str) -> Result<VmRecord, VmError> {
@@ -528,6 +565,9 @@ impl VmManager {
             created_at: vm.created_at,
             last_booted_at: vm.last_booted_at.unwrap_or(0),
             has_display: vm.config.display.is_some(),
+            display_follows_monitor: false,
+            display_width: 0,
+            display_height: 0,
             on_shutdown: vm.policy.on_shutdown.as_str().into(),
             saved_generation: 0,
             saved_at: 0,
@@ -539,7 +579,7 @@ impl VmManager {
             info.detail = saved_detail(s);
             (info.saved_generation, info.saved_at, info.saved_bytes) = (s.generation, s.saved_at, s.written_bytes);
         }
-        self.vms.lock().unwrap().insert(vm.id, Entry { info, ctl: tx, conn: None, display: None });
+        self.vms.lock().unwrap().insert(vm.id, Entry { info, ctl: tx, conn: None, display: None, display_size: None });
         let mgr = self.clone();
         let id = vm.id;
         tokio::spawn(async move { mgr.vm_task(id, rx).await });

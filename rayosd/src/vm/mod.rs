@@ -11,6 +11,7 @@
 //! - [`agent`]: the guest agent: readiness, heartbeat, screen requests.
 //! - [`hang`]: when a guest counts as hung (no init within its bound, a silent agent).
 //! - [`display`]: screenshots.
+//! - [`monitor`]: the primary monitor's mode as the compositor reports it; each start's display size.
 //! - [`serial_tail`]: the end of a VM's serial console log, read in bounded memory.
 //! - [`serial_input`]: typing on a VM's serial console.
 //! - [`keys`]: key names, combos, the "us" text layout and tablet positions as input reports.
@@ -25,6 +26,7 @@ pub mod hang;
 pub mod input;
 pub mod keys;
 pub mod manager;
+pub mod monitor;
 pub mod owner;
 pub mod registry;
 pub mod saved;

@@ -20,7 +20,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use super::registry::{DiskIdentity, SavedState, VmRecord};
+use super::registry::{DiskIdentity, DisplaySize, SavedState, VmRecord};
 
 /// The folder a save of generation `g` is written to.
 pub fn state_dir(vm_dir: &Path, g: u64) -> PathBuf {
@@ -31,10 +31,11 @@ fn restoring_dir(vm_dir: &Path, g: u64) -> PathBuf {
     vm_dir.join(format!("restoring-{g}"))
 }
 
-/// How much a save of `vm` needs on the data volume at most: its RAM (written sparsely, so
-/// usually much less), its framebuffer, and room for the state file.
-pub fn space_needed(vm: &VmRecord) -> u64 {
-    let fb = vm.config.display.map(|(w, h)| u64::from(w) * u64::from(h) * 4).unwrap_or(0);
+/// How much a save of `vm`, running with a display of `display`, needs on the data volume at
+/// most: its RAM (written sparsely, so usually much less), its framebuffer, and room for the
+/// state file.
+pub fn space_needed(vm: &VmRecord, display: Option<DisplaySize>) -> u64 {
+    let fb = display.map(|d| u64::from(d.width) * u64::from(d.height) * 4).unwrap_or(0);
     (vm.config.memory_mib << 20) + fb + (16 << 20)
 }
 
@@ -45,8 +46,8 @@ pub fn free_space(dir: &Path) -> std::io::Result<u64> {
 }
 
 /// Whether a save of `vm` fits in `vm_dir`'s file system now; the error is the user's answer.
-pub fn check_room(vm: &VmRecord, vm_dir: &Path) -> Result<(), String> {
-    let need = space_needed(vm);
+pub fn check_room(vm: &VmRecord, display: Option<DisplaySize>, vm_dir: &Path) -> Result<(), String> {
+    let need = space_needed(vm, display);
     let free = free_space(vm_dir).map_err(|e| format!("cannot tell the free space of {}: {e}", vm_dir.display()))?;
     if free < need {
         return Err(format!(
@@ -209,7 +210,7 @@ mod tests {
         std::fs::write(dir.join("disk.img"), b"guest data").unwrap();
         std::fs::write(dir.join("ro.iso"), b"iso").unwrap();
         let v = vm(&dir);
-        let saved = SavedState { generation: 3, saved_at: 1, memory_bytes: 64 << 20, written_bytes: 1, disks: disk_identities(&v).unwrap() };
+        let saved = SavedState { generation: 3, saved_at: 1, memory_bytes: 64 << 20, written_bytes: 1, disks: disk_identities(&v).unwrap(), display: None };
         (dir, v, saved)
     }
 
@@ -278,9 +279,12 @@ mod tests {
     #[test]
     fn room_is_checked_against_the_whole_ram() {
         let (dir, mut v, _) = setup("room");
-        assert!(check_room(&v, &dir).is_ok());
+        assert!(check_room(&v, None, &dir).is_ok());
+        // The framebuffer counts at the size the VM runs with.
+        let hd = DisplaySize::new(1920, 1080);
+        assert_eq!(space_needed(&v, Some(hd)) - space_needed(&v, None), 1920 * 1080 * 4);
         v.config.memory_mib = 1 << 40; // an exabyte
-        let e = check_room(&v, &dir).unwrap_err();
+        let e = check_room(&v, None, &dir).unwrap_err();
         assert!(e.contains("not enough free space") && e.contains("MiB free"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -15,8 +15,9 @@ use uuid::Uuid;
 use super::agent::AgentStatus;
 use super::hang::{BootHistory, HangWatch};
 use super::manager::{parse_state, Ctl, Outcome, VmManager};
+use super::monitor;
 use super::owner;
-use super::registry::{self, RestartPolicy, SavedState, VmKind};
+use super::registry::{self, DisplayConfig, DisplaySize, RestartPolicy, SavedState, VmKind};
 use super::saved;
 use super::state::VmState;
 use super::vmm_conn::VmmConn;
@@ -170,7 +171,10 @@ impl VmManager {
             tracing::error!("vm {}: {detail}", vm.name);
             return Outcome::Broken(detail);
         }
-        let spec = match vmm_process::build_spec(&vm, &files) {
+        // Checked with the size the start will most likely get; the final one is chosen
+        // below, once it is known whether the saved state is resumed.
+        let likely = vm.config.display.map(|c| monitor::choose(c, vm.saved.as_ref().and_then(|s| s.display), self.monitor.mode()).size);
+        let mut spec = match vmm_process::build_spec(&vm, &files, likely) {
             Ok(s) => s,
             Err(e) => return Outcome::Broken(e.to_string()),
         };
@@ -183,6 +187,11 @@ impl VmManager {
             i.agent_ready = false;
             i.agent_heartbeat = 0;
         });
+        let display = match vm.config.display {
+            Some(config) => Some(self.choose_display(&vm.name, config, resume.as_ref().map(|(_, s)| s)).await),
+            None => None,
+        };
+        spec.display = display.map(|d| rayos_proto::spec::DisplaySpec { width: d.width, height: d.height });
         // What the supervisor adds to a start is the time until it spawns the VMM; from then on
         // the VMM's own boot timer says when the guest reached init.
         let supervisor_ms = requested_at.elapsed().as_millis() as u64;
@@ -192,9 +201,12 @@ impl VmManager {
             Err(e) => return Outcome::Crashed(format!("could not start: {e}")),
         };
         let pid = spawned.pid;
+        if let Some(e) = self.vms.lock().unwrap().get_mut(&id) {
+            e.display_size = display;
+        }
         let mut exit = spawned.exit;
         let (conn, mut events) = VmmConn::start(spawned.conn, &vm.name);
-        let display = spawned.display.map(Arc::new);
+        let channel = spawned.display.map(Arc::new);
         let started = Instant::now();
         let mut watch = HangWatch::new(&self.settings.hang, boots, started);
         // Why the guest was found hung, once it was (its VMM is then being ended).
@@ -270,7 +282,7 @@ impl VmManager {
                                 tracing::warn!("vm {}: removing the resumed state {}: {e}", vm.name, dir.display());
                             }
                         }
-                        conn_for(self, id, Some((conn.clone(), display.clone())));
+                        conn_for(self, id, Some((conn.clone(), channel.clone())));
                         if stopping.is_none() {
                             self.set(id, if state == RunState::Paused { VmState::Paused } else { VmState::Running }, "", |_| {});
                         }
@@ -378,7 +390,7 @@ impl VmManager {
                         let before = parse_state(&self.get(&id.to_string()).map(|i| i.state).unwrap_or_default());
                         watch.paused(Instant::now());
                         self.set(id, VmState::Saving, "", |_| {});
-                        match self.save_now(id, &vm, &files, &conn, &mut events).await {
+                        match self.save_now(id, &vm, display, &files, &conn, &mut events).await {
                             Ok((generation, done)) => {
                                 // The VMM left the guest paused; it ends now, and the save is
                                 // recorded once it has (no disk write can follow).
@@ -451,10 +463,13 @@ impl VmManager {
             }
         };
         conn_for(self, id, None);
-        drop(display);
+        if let Some(e) = self.vms.lock().unwrap().get_mut(&id) {
+            e.display_size = None;
+        }
+        drop(channel);
         let _ = std::fs::remove_file(&files.control_socket);
         if let Some((generation, done, reply)) = saved_run {
-            return self.record_save(id, &vm, &files, generation, done, reply);
+            return self.record_save(id, &vm, display, &files, (generation, done), reply);
         }
         if let Some((dir, s)) = &resume {
             if !up {
@@ -488,6 +503,28 @@ impl VmManager {
             }
             (k, None) => Outcome::Crashed(why(k)),
         }
+    }
+
+    /// The display size of this start (see [`monitor::choose`]): `resume` is the saved state
+    /// being resumed. A cold start that follows the monitor waits (bounded) for the
+    /// compositor's first report when none came yet.
+    async fn choose_display(&self, name: &str, config: DisplayConfig, resume: Option<&SavedState>) -> DisplaySize {
+        let t0 = Instant::now();
+        let monitor = match (config, resume) {
+            (DisplayConfig::FollowMonitor, None) => self.monitor.mode_when_known(self.settings.monitor_wait).await,
+            _ => self.monitor.mode(),
+        };
+        // The wait counts in the start's time to init: say it.
+        let waited = match t0.elapsed().as_millis() {
+            0 => String::new(),
+            ms => format!(", after {ms} ms waiting for the compositor's report"),
+        };
+        let choice = monitor::choose(config, resume.and_then(|s| s.display), monitor);
+        match choice.why {
+            monitor::Why::MonitorShrunk { .. } => tracing::warn!("vm {name}: display {choice}{waited}"),
+            _ => tracing::info!("vm {name}: display {choice}{waited}"),
+        }
+        choice.size
     }
 
     /// A fresh start: the saved state (if any) is discarded, after the user confirmed it.
@@ -548,12 +585,13 @@ impl VmManager {
         &self,
         id: Uuid,
         vm: &registry::VmRecord,
+        display: Option<DisplaySize>,
         files: &VmFiles,
         conn: &VmmConn,
         events: &mut mpsc::Receiver<Event>,
     ) -> Result<(u64, SnapshotReply), SaveFailed> {
         let failed = |why: String| SaveFailed { why, vmm_stuck: false };
-        saved::check_room(vm, &files.vm_dir).map_err(failed)?;
+        saved::check_room(vm, display, &files.vm_dir).map_err(failed)?;
         let mut generation = 0;
         self.registry
             .lock()
@@ -611,9 +649,9 @@ impl VmManager {
         &self,
         id: Uuid,
         vm: &registry::VmRecord,
+        display: Option<DisplaySize>,
         files: &VmFiles,
-        generation: u64,
-        done: SnapshotReply,
+        (generation, done): (u64, SnapshotReply),
         reply: SaveReply,
     ) -> Outcome {
         let folder = saved::state_dir(&files.vm_dir, generation);
@@ -624,6 +662,7 @@ impl VmManager {
                 memory_bytes: done.memory_bytes,
                 written_bytes: done.memory_written,
                 disks,
+                display,
             };
             self.registry.lock().unwrap().update(id, |v| v.saved = Some(s.clone())).map_err(|e| e.to_string())?;
             Ok(s)

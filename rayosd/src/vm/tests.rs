@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::manager::{CreateRequest, Paths, Settings, VmManager};
-use super::registry::{DeviceConfig, DiskRecord, Policy, RestartPolicy, VmKind};
+use super::registry::{DeviceConfig, DiskRecord, DisplayConfig, DisplaySize, Policy, RestartPolicy, VmKind};
 use crate::reaper::Reaper;
 
 /// Behaviour comes from words in the spec's cmdline: `crash-after-MS`, `ignore-acpi`,
@@ -194,7 +194,7 @@ fn create_full(
     autostart: bool,
     agent: bool,
     restart: RestartPolicy,
-    display: Option<(u32, u32)>,
+    display: Option<DisplayConfig>,
 ) -> String {
     let disk = env.dir.join(format!("{name}.img"));
     std::fs::write(&disk, b"").unwrap();
@@ -386,7 +386,7 @@ async fn delete_keeps_the_disk_unless_purged_and_the_registry_reopens_the_same()
 #[tokio::test(flavor = "current_thread")]
 async fn the_guest_screen_comes_from_the_agent_and_the_screenshot_from_the_vmm() {
     let env = setup("screen", |_| {});
-    let mk = |name: &str, cmdline: &str, agent: bool, display: Option<(u32, u32)>| {
+    let mk = |name: &str, cmdline: &str, agent: bool, display: Option<DisplayConfig>| {
         let disk = env.dir.join(format!("{name}.img"));
         std::fs::write(&disk, b"").unwrap();
         let config = DeviceConfig {
@@ -404,7 +404,7 @@ async fn the_guest_screen_comes_from_the_agent_and_the_screenshot_from_the_vmm()
         let req = CreateRequest { name: name.into(), kind: VmKind::Linux, disks: vec![DiskRecord { path: disk, read_only: false }], config, policy: Policy::default() };
         env.mgr.create(req).unwrap();
     };
-    mk("shown", "", true, Some((1024, 768)));
+    mk("shown", "", true, Some(DisplayConfig::Fixed(DisplaySize::new(1024, 768))));
     mk("mute", "mute-agent", true, None);
     mk("bare", "", false, None);
 
@@ -616,7 +616,7 @@ async fn the_vmms_own_no_progress_exit_is_a_hang() {
 async fn the_display_channel_reaches_the_running_vmm_and_only_it() {
     use std::os::unix::net::UnixDatagram;
     let env = setup("display", |_| {});
-    create_full(&env, "shown", "", false, false, RestartPolicy::OnFailure, Some((1024, 768)));
+    create_full(&env, "shown", "", false, false, RestartPolicy::OnFailure, Some(DisplayConfig::Fixed(DisplaySize::new(1024, 768))));
     create(&env, "headless", "", false);
 
     let e = env.mgr.display_channel("shown").unwrap_err().to_string();
@@ -653,6 +653,71 @@ async fn the_display_channel_reaches_the_running_vmm_and_only_it() {
     wait_state(&env, "shown", "stopped", Duration::from_secs(10)).await;
 }
 
+/// A VM whose display follows the monitor: a cold start waits (bounded) for the compositor's
+/// first report and gets that mode; a mode reported later is for the next cold start; a
+/// resume keeps the size it was saved with; a mode the display cannot announce is shrunk.
+#[tokio::test(flavor = "current_thread")]
+async fn a_display_that_follows_the_monitor_is_sized_at_each_cold_start_and_kept_by_a_resume() {
+    let env = setup("monitor", |s| s.monitor_wait = Duration::from_secs(5));
+    let id = create_full(&env, "desk", "", false, false, RestartPolicy::OnFailure, Some(DisplayConfig::FollowMonitor));
+    let spec_file = env.dir.join("run").join(format!("{id}.json"));
+    let spec_size = || {
+        let spec: serde_json::Value = serde_json::from_slice(&std::fs::read(&spec_file).unwrap()).unwrap();
+        (spec["display"]["width"].as_u64().unwrap(), spec["display"]["height"].as_u64().unwrap())
+    };
+    let shown = |env: &Env| {
+        let i = env.mgr.get("desk").unwrap();
+        assert!(i.has_display && i.display_follows_monitor, "{i:?}");
+        (i.display_width, i.display_height)
+    };
+    assert_eq!(shown(&env), (1280, 800), "before any report, a start would get 1280x800");
+
+    // The start waits for the compositor's first report (PID 1 starts it after autostart).
+    env.mgr.start("desk", false).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(env.mgr.get("desk").unwrap().state, "starting");
+    assert!(!spec_file.exists(), "the VMM was started before the monitor was known");
+    assert!(env.mgr.monitor().set_mode(DisplaySize::new(1920, 1080)));
+    wait_state(&env, "desk", "running", Duration::from_secs(5)).await;
+    assert_eq!(spec_size(), (1920, 1080));
+    assert_eq!(shown(&env), (1920, 1080));
+    // Pointer positions are on the size the VMM was given.
+    env.mgr.pointer("desk", 1919, 1079, &[]).await.unwrap();
+    let e = env.mgr.pointer("desk", 1920, 0, &[]).await.unwrap_err().to_string();
+    assert!(e.contains("1920x1080"), "{e}");
+
+    // A new monitor while it runs changes nothing for the running VMM.
+    env.mgr.monitor().set_mode(DisplaySize::new(3840, 2160));
+    assert_eq!(shown(&env), (1920, 1080));
+    env.mgr.save("desk").await.unwrap();
+    wait_state(&env, "desk", "saved", Duration::from_secs(3)).await;
+    assert_eq!(env.mgr.record("desk").unwrap().saved.unwrap().display, Some(DisplaySize::new(1920, 1080)));
+    assert_eq!(shown(&env), (1920, 1080), "a saved VM resumes at its saved size");
+    std::fs::remove_file(&spec_file).unwrap();
+    env.mgr.start("desk", false).unwrap();
+    wait_state(&env, "desk", "running", Duration::from_secs(5)).await;
+    assert!(env.mgr.record("desk").unwrap().saved.is_none(), "it was resumed");
+    assert_eq!(spec_size(), (1920, 1080), "the spec of a resume says the size of its state");
+    assert_eq!(shown(&env), (1920, 1080));
+
+    // The next cold start follows the monitor; one it cannot announce is shrunk to fit.
+    env.mgr.stop("desk", true).unwrap();
+    wait_state(&env, "desk", "stopped", Duration::from_secs(3)).await;
+    assert_eq!(shown(&env), (3840, 2160));
+    env.mgr.start("desk", false).unwrap();
+    wait_state(&env, "desk", "running", Duration::from_secs(5)).await;
+    assert_eq!(spec_size(), (3840, 2160));
+    env.mgr.stop("desk", true).unwrap();
+    wait_state(&env, "desk", "stopped", Duration::from_secs(3)).await;
+    env.mgr.monitor().set_mode(DisplaySize::new(5120, 1440));
+    env.mgr.start("desk", false).unwrap();
+    wait_state(&env, "desk", "running", Duration::from_secs(5)).await;
+    assert_eq!(spec_size(), (4095, 1151));
+    env.mgr.stop("desk", true).unwrap();
+    wait_state(&env, "desk", "stopped", Duration::from_secs(3)).await;
+    std::fs::remove_dir_all(&env.dir).unwrap();
+}
+
 /// The lines of the fake VMM's input.log once it has at least `n` (one per input datagram).
 async fn input_log(env: &Env, id: &str, n: usize) -> Vec<String> {
     let path = env.dir.join("vms").join(id).join("input.log");
@@ -673,7 +738,7 @@ async fn input_log(env: &Env, id: &str, n: usize) -> Vec<String> {
 async fn injected_keys_text_and_clicks_reach_the_vmm_as_reports_in_order() {
     use super::manager::VmError;
     let env = setup("inject", |_| {});
-    let id = create_full(&env, "desk", "", false, false, RestartPolicy::OnFailure, Some((1024, 768)));
+    let id = create_full(&env, "desk", "", false, false, RestartPolicy::OnFailure, Some(DisplayConfig::Fixed(DisplaySize::new(1024, 768))));
     create(&env, "headless", "", false);
 
     let e = env.mgr.key_input("desk", "ctrl+l").await.unwrap_err();
@@ -693,7 +758,7 @@ async fn injected_keys_text_and_clicks_reach_the_vmm_as_reports_in_order() {
         kernel: env.dir.join("bzImage"),
         initramfs: None,
         cmdline: String::new(),
-        display: Some((640, 480)),
+        display: Some(DisplayConfig::Fixed(DisplaySize::new(640, 480))),
         input: false,
         net_taps: vec![],
         rng: false,
@@ -743,7 +808,7 @@ async fn injected_keys_text_and_clicks_reach_the_vmm_as_reports_in_order() {
 #[tokio::test(flavor = "current_thread")]
 async fn text_in_a_keymap_other_than_us_is_refused_by_name() {
     let env = setup("keymap", |s| s.keymap = "de-latin1".into());
-    let id = create_full(&env, "desk", "", false, false, RestartPolicy::OnFailure, Some((800, 600)));
+    let id = create_full(&env, "desk", "", false, false, RestartPolicy::OnFailure, Some(DisplayConfig::Fixed(DisplaySize::new(800, 600))));
     env.mgr.start("desk", false).unwrap();
     wait_state(&env, "desk", "running", Duration::from_secs(10)).await;
     let e = env.mgr.type_text("desk", "y").await.unwrap_err();
@@ -762,7 +827,7 @@ async fn text_in_a_keymap_other_than_us_is_refused_by_name() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vmm_that_reads_no_input_fails_the_call_instead_of_hanging_it() {
     let env = setup("deaf", |_| {});
-    create_full(&env, "deaf", "display-deaf", false, false, RestartPolicy::OnFailure, Some((800, 600)));
+    create_full(&env, "deaf", "display-deaf", false, false, RestartPolicy::OnFailure, Some(DisplayConfig::Fixed(DisplaySize::new(800, 600))));
     env.mgr.start("deaf", false).unwrap();
     wait_state(&env, "deaf", "running", Duration::from_secs(10)).await;
     let t = Instant::now();

@@ -13,7 +13,7 @@ use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::oneshot;
 
-use super::registry::VmRecord;
+use super::registry::{DisplaySize, VmRecord};
 use crate::reaper::{ExitKind, Reaper};
 
 /// The descriptor the VMM finds its supervisor connection on.
@@ -61,8 +61,9 @@ pub fn missing_disks(vm: &VmRecord) -> Vec<PathBuf> {
     vm.disks.iter().filter(|d| !d.path.is_file()).map(|d| d.path.clone()).collect()
 }
 
-/// The [`VmSpec`] for `vm`, checked the way rayos-vmm will check it.
-pub fn build_spec(vm: &VmRecord, files: &VmFiles) -> Result<VmSpec, VmmError> {
+/// The [`VmSpec`] for `vm` with a display of `display` (chosen by [`super::monitor::choose`]
+/// for VMs with one), checked the way rayos-vmm will check it.
+pub fn build_spec(vm: &VmRecord, files: &VmFiles, display: Option<DisplaySize>) -> Result<VmSpec, VmmError> {
     if let Some(d) = missing_disks(vm).into_iter().next() {
         return Err(VmmError::MissingDisk(d));
     }
@@ -72,7 +73,7 @@ pub fn build_spec(vm: &VmRecord, files: &VmFiles) -> Result<VmSpec, VmmError> {
     spec.cmdline = c.cmdline.clone();
     spec.disks = vm.disks.iter().map(|d| DiskSpec { path: d.path.clone(), read_only: d.read_only }).collect();
     spec.net = c.net_taps.iter().map(|t| NetSpec { tap: t.clone() }).collect();
-    spec.display = c.display.map(|(width, height)| DisplaySpec { width, height });
+    spec.display = c.display.and(display).map(|d| DisplaySpec { width: d.width, height: d.height });
     spec.input = c.input.then(InputSpec::default);
     spec.console = c.agent.then(ConsoleSpec::default);
     spec.rng = c.rng;
@@ -212,7 +213,7 @@ fn confined(spec: &VmSpec, vm: &VmRecord, files: &VmFiles) -> Result<VmSpec, Vmm
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vm::registry::{DeviceConfig, DiskRecord, Policy, VmKind};
+    use crate::vm::registry::{DeviceConfig, DiskRecord, DisplayConfig, Policy, VmKind};
 
     fn record(dir: &Path, disk: &Path) -> VmRecord {
         VmRecord {
@@ -226,7 +227,7 @@ mod tests {
                 kernel: dir.join("bzImage"),
                 initramfs: None,
                 cmdline: "console=ttyS0 root=/dev/vda".into(),
-                display: Some((1024, 768)),
+                display: Some(DisplayConfig::FollowMonitor),
                 input: true,
                 net_taps: vec![],
                 rng: true,
@@ -250,23 +251,27 @@ mod tests {
         std::fs::write(&disk, b"").unwrap();
         let vm = record(&dir, &disk);
         let files = VmFiles::new(&dir.join("run"), &dir.join("vms"), &vm);
-        let spec = build_spec(&vm, &files).unwrap();
+        let spec = build_spec(&vm, &files, Some(DisplaySize::new(1920, 1080))).unwrap();
         assert_eq!((spec.vcpus, spec.memory_mib, spec.name.as_str()), (2, 256, "deb"));
         assert_eq!(spec.disks.len(), 1);
         assert!(spec.disks[0].read_only);
         assert_eq!(spec.control_socket.as_deref(), Some(files.control_socket.as_path()));
         assert_eq!(spec.serial_log.as_deref(), Some(files.serial_log.as_path()));
-        assert!(spec.display.is_some() && spec.input.is_some() && spec.console.is_some() && spec.rng);
+        assert_eq!(spec.display, Some(DisplaySpec { width: 1920, height: 1080 }));
+        assert!(spec.input.is_some() && spec.console.is_some() && spec.rng);
+        let mut headless = vm.clone();
+        headless.config.display = None;
+        assert_eq!(build_spec(&headless, &files, Some(DisplaySize::new(1920, 1080))).unwrap().display, None);
         assert!(files.control_socket.to_string_lossy().ends_with(&format!("{}.sock", vm.id)));
 
         std::fs::remove_file(&disk).unwrap();
-        let e = build_spec(&vm, &files).unwrap_err().to_string();
+        let e = build_spec(&vm, &files, None).unwrap_err().to_string();
         assert!(e.contains("disk image") && e.contains("disk.img"), "{e}");
         assert_eq!(missing_disks(&vm), vec![disk]);
 
         let mut bad = record(&dir, &dir.join("bzImage"));
         bad.config.kernel = dir.join("no-such-kernel");
-        let e = build_spec(&bad, &files).unwrap_err().to_string();
+        let e = build_spec(&bad, &files, None).unwrap_err().to_string();
         assert!(e.contains("kernel") && e.contains("no-such-kernel"), "{e}");
     }
 
@@ -283,7 +288,7 @@ mod tests {
         std::fs::write(&disk, b"").unwrap();
         let vm = record(&dir, &disk);
         let files = VmFiles::new(&dir.join("run"), &dir.join("vms").join(vm.id.to_string()), &vm);
-        let spec = confined(&build_spec(&vm, &files).unwrap(), &vm, &files).unwrap();
+        let spec = confined(&build_spec(&vm, &files, Some(DisplaySize::new(1024, 768))).unwrap(), &vm, &files).unwrap();
         let uid = crate::vm::owner::vm_uid(vm.id);
         assert_eq!(spec.run_as, Some(rayos_proto::spec::RunAs { uid, gid: uid }));
         assert_eq!(spec.vm_dir.as_deref(), Some(files.vm_dir.as_path()));
