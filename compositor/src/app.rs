@@ -153,7 +153,13 @@ impl Screen {
 }
 
 pub fn entry(v: &VmInfo) -> VmEntry {
-    VmEntry { name: v.name.clone(), kind: v.kind.clone(), state: v.state.clone(), has_display: v.has_display }
+    VmEntry {
+        name: v.name.clone(),
+        kind: v.kind.clone(),
+        state: v.state.clone(),
+        has_display: v.has_display,
+        guest_booting: v.state == "running" && v.has_agent && !v.agent_ready,
+    }
 }
 
 pub struct App {
@@ -575,8 +581,9 @@ impl App {
             Ev::VmState { name, state } => {
                 let known = self.vms.iter_mut().find(|v| v.name == name).map(|v| v.state = state.clone()).is_some();
                 self.home.set_state(&name, &state);
-                if !known {
-                    // A VM we have not heard of (created since): fetch the list again.
+                if !known || state == "running" {
+                    // A VM we have not heard of (created since), or a running one whose guest
+                    // may have come up (the signal repeats the state then): fetch the list.
                     self.refresh_vms();
                 }
                 if matches!(state.as_str(), "running" | "paused") {

@@ -22,6 +22,9 @@ pub struct VmEntry {
     pub kind: String,
     pub state: String,
     pub has_display: bool,
+    /// Running, but its guest has not come up yet (its guest agent has not said ready): the
+    /// home screen says "starting" until then, as the user cannot use it before.
+    pub guest_booting: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -154,9 +157,10 @@ fn state_color(state: &str) -> u32 {
     }
 }
 
-/// How a state reads at home, where every running VM is hidden by definition.
-fn state_label(state: &str) -> String {
-    match state {
+/// How a VM's state reads at home, where every running VM is hidden by definition.
+fn state_label(vm: &VmEntry) -> String {
+    match vm.state.as_str() {
+        "running" if vm.guest_booting => "starting (hidden)".into(),
         "running" => "running (hidden)".into(),
         "saved" => "saved (S resumes it)".into(),
         s => s.into(),
@@ -204,8 +208,9 @@ pub fn render(home: &Home, text: &mut Text, canvas: &mut Canvas) -> Vec<LayoutIt
         text.draw(canvas, name_x, y, body_px, FG, &vm.name);
         let kind = if vm.has_display { vm.kind.clone() } else { format!("{} (no display)", vm.kind) };
         text.draw(canvas, kind_x, y, body_px, DIM, &kind);
-        let label = state_label(&vm.state);
-        let s = text.draw(canvas, state_x, y, body_px, state_color(&vm.state), &label);
+        let label = state_label(vm);
+        let colour = state_color(if vm.guest_booting && vm.state == "running" { "starting" } else { &vm.state });
+        let s = text.draw(canvas, state_x, y, body_px, colour, &label);
         let at = TextBox { x: key_x, y, w: (s.x + s.w as i32 - key_x) as u32, h: s.h };
         items.push(LayoutItem { what: Item::Vm { name: vm.name.clone(), state: vm.state.clone(), key }, at });
         y += row_h;
@@ -245,7 +250,18 @@ mod tests {
     use super::*;
 
     fn vm(name: &str, state: &str) -> VmEntry {
-        VmEntry { name: name.into(), kind: "linux".into(), state: state.into(), has_display: true }
+        VmEntry { name: name.into(), kind: "linux".into(), state: state.into(), has_display: true, guest_booting: false }
+    }
+
+    #[test]
+    fn a_running_vm_whose_guest_is_not_up_yet_reads_starting() {
+        let mut booting = vm("debian", "running");
+        booting.guest_booting = true;
+        assert_eq!(state_label(&booting), "starting (hidden)");
+        assert_eq!(state_label(&vm("debian", "running")), "running (hidden)");
+        // Only a running VM is booting: a stopped one says so whatever was last heard.
+        booting.state = "stopped".into();
+        assert_eq!(state_label(&booting), "stopped");
     }
 
     fn home() -> Home {

@@ -39,6 +39,7 @@ fn vm(name: &str, state: &str, has_display: bool) -> VmInfo {
         autostart_hidden: true,
         guest_init_ms: 0,
         start_to_init_ms: 0,
+        has_agent: false,
         agent_ready: false,
         agent_heartbeat: 0,
         firstboot: String::new(),

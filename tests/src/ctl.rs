@@ -57,3 +57,31 @@ pub fn wait_vm(q: &Qemu, vm: &str, what: &str, timeout: Duration, pred: impl Fn(
 pub fn vm_screen(q: &Qemu, vm: &str) -> String {
     ctl_ok(q, &["vm", "screen", vm])["text"].as_str().unwrap_or_default().to_string()
 }
+
+/// How the machine's screen (QMP screendump) differs from `vm`'s own display (its VMM's
+/// screenshot): (differing pixels, box width, box height); None when the sizes differ.
+pub fn monitor_vs_vm(q: &mut Qemu, vm: &str) -> Option<(usize, usize, usize)> {
+    let shot = q.workdir().join("guest.ppm");
+    let _ = std::fs::remove_file(&shot);
+    let monitor = q.screen_picture().unwrap();
+    ctl_ok(q, &["vm", "screenshot", vm, shot.to_str().unwrap()]);
+    let guest = crate::ppm::read_ppm(&shot);
+    crate::ppm::diff((monitor.0, monitor.1, &monitor.2), (guest.0, guest.1, &guest.2))
+}
+
+/// Waits until the monitor shows exactly `vm`'s display, but for one 8x16 character cell (the
+/// guest's cursor blinking between the two pictures): a presented VM is shown 1:1.
+pub fn wait_monitor_shows(q: &mut Qemu, vm: &str) {
+    let t = Instant::now();
+    loop {
+        let d = monitor_vs_vm(q, vm);
+        if let Some((n, w, h)) = d {
+            if w <= 8 && h <= 16 {
+                eprintln!("{vm}: the monitor shows its display ({n} pixels differ)");
+                return;
+            }
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "the monitor does not show {vm}'s display: (differing pixels, box w, box h) = {d:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}

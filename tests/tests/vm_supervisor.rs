@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use rayos_tests::ctl::{ctl, ctl_ok, monitor_vs_vm, wait_monitor_shows, wait_vm};
+use rayos_tests::ppm::read_ppm;
 use rayos_tests::{artifacts, initramfs::Initramfs, Qemu, QemuBuilder, BOOT_TIMEOUT};
 use serde_json::{json, Value};
 
@@ -48,7 +50,7 @@ fn bins() -> &'static PathBuf {
 }
 
 fn rayosctl() -> PathBuf {
-    bins().join("rayosctl")
+    rayos_tests::ctl::rayosctl_bin().clone()
 }
 
 /// A VM record in the registry's schema (version 1).
@@ -279,50 +281,14 @@ fn boot_with(name: &str, tweak: impl FnOnce(QemuBuilder) -> QemuBuilder, disk_fo
     (q, disk)
 }
 
-/// `rayosctl --json …` against the machine's control channel; (exit code, JSON or text).
-fn ctl(q: &Qemu, args: &[&str]) -> (i32, Value, String) {
-    let out = Command::new(rayosctl())
-        .arg("--socket")
-        .arg(q.control_socket())
-        .args(["--json", "--timeout", "30"])
-        .args(args)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let v = serde_json::from_str(&text).unwrap_or(Value::Null);
-    (out.status.code().unwrap_or(-1), v, format!("{text}{}", String::from_utf8_lossy(&out.stderr)))
-}
-
 /// rayosctl's text output (no `--json`): what a user reads.
 fn ctl_plain(q: &Qemu, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(rayosctl()).arg("--socket").arg(q.control_socket()).args(["--timeout", "30"]).args(args).output().unwrap();
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
 }
 
-fn ctl_ok(q: &Qemu, args: &[&str]) -> Value {
-    let (code, v, text) = ctl(q, args);
-    if code != 0 {
-        // A control call that gets no answer usually means the machine itself stopped (an
-        // oops, a reset): its console says which.
-        panic!("rayosctl {args:?} failed (exit {code}): {text}\nthe machine's console, last lines:\n{}", q.tail());
-    }
-    v
-}
-
 fn vm_info(q: &Qemu, vm: &str) -> Value {
     ctl_ok(q, &["vm", "show", vm])
-}
-
-fn wait_vm(q: &Qemu, vm: &str, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
-    let t = Instant::now();
-    loop {
-        let v = vm_info(q, vm);
-        if pred(&v) {
-            return v;
-        }
-        assert!(t.elapsed() < timeout, "{vm}: {what} not reached within {timeout:?}; now {v}");
-        std::thread::sleep(Duration::from_millis(300));
-    }
 }
 
 fn heartbeats(q: &Qemu, vm: &str) -> Vec<u64> {
@@ -746,28 +712,6 @@ fn vm_registry_survives_reboot_and_a_corrupt_registry_falls_back_to_the_backup()
     assert_eq!(bak["vms"].as_array().unwrap().len(), 1, "the backup is the version before the create");
 }
 
-/// A binary PPM (P6, maxval 255): width, height, RGB bytes.
-fn read_ppm(path: &Path) -> (usize, usize, Vec<u8>) {
-    let data = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut fields = Vec::new();
-    let mut at = 0;
-    while fields.len() < 4 {
-        while data[at].is_ascii_whitespace() {
-            at += 1;
-        }
-        let start = at;
-        while !data[at].is_ascii_whitespace() {
-            at += 1;
-        }
-        fields.push(String::from_utf8_lossy(&data[start..at]).to_string());
-    }
-    assert_eq!((fields[0].as_str(), fields[3].as_str()), ("P6", "255"), "{}: not a P6 PPM", path.display());
-    let (w, h): (usize, usize) = (fields[1].parse().unwrap(), fields[2].parse().unwrap());
-    let pixels = data[at + 1..].to_vec();
-    assert_eq!(pixels.len(), w * h * 3, "{}: pixel data of a {w}x{h} image", path.display());
-    (w, h, pixels)
-}
-
 /// What the screenshot shows against the console's text: the background (the most common
 /// colour), how many pixels differ from it, and which text rows have any such pixel.
 fn lit_rows(w: usize, h: usize, px: &[u8], rows: usize) -> (u32, usize, Vec<bool>) {
@@ -1005,56 +949,6 @@ fn keyboard_reaches_only_the_presented_vm(q: &mut Qemu) {
     keyboard_checks(q);
 }
 
-/// How the machine's screen (QMP screendump) differs from `vm`'s own display (its VMM's
-/// screenshot): the number of differing pixels and the size of the box around them; None when
-/// the sizes differ. With the VM presented 1:1 the monitor must show exactly the guest's
-/// picture, but for the blinking cursor (the console font is too small for OCR to be a check).
-fn screen_diff(q: &mut Qemu, vm: &str) -> Option<(usize, usize, usize)> {
-    let host = q.workdir().join("monitor.ppm");
-    let guest = q.workdir().join("guest.ppm");
-    let _ = std::fs::remove_file(&host);
-    let _ = std::fs::remove_file(&guest);
-    q.qmp("screendump", json!({ "filename": host, "format": "ppm" })).unwrap();
-    ctl_ok(q, &["vm", "screenshot", vm, guest.to_str().unwrap()]);
-    // QEMU writes the file at its next display refresh.
-    let t = Instant::now();
-    while std::fs::metadata(&host).map(|m| m.len()).unwrap_or(0) < 16 && t.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    let (hw, hh, hp) = read_ppm(&host);
-    let (gw, gh, gp) = read_ppm(&guest);
-    if (hw, hh) != (gw, gh) {
-        return None;
-    }
-    let (mut n, mut x0, mut y0, mut x1, mut y1) = (0, usize::MAX, usize::MAX, 0, 0);
-    for (i, (a, b)) in hp.chunks_exact(3).zip(gp.chunks_exact(3)).enumerate() {
-        if a != b {
-            let (x, y) = (i % hw, i / hw);
-            n += 1;
-            (x0, y0, x1, y1) = (x0.min(x), y0.min(y), x1.max(x), y1.max(y));
-        }
-    }
-    Some(if n == 0 { (0, 0, 0) } else { (n, x1 - x0 + 1, y1 - y0 + 1) })
-}
-
-fn wait_screen_shows_vm(q: &mut Qemu, vm: &str) {
-    let t = Instant::now();
-    loop {
-        let d = screen_diff(q, vm);
-        // At most one 8x16 character cell differs: the guest's cursor blinking between the
-        // two pictures.
-        if let Some((n, w, h)) = d {
-            if w <= 8 && h <= 16 {
-                eprintln!("{vm}: the monitor shows its display ({n} pixels differ)");
-                return;
-            }
-        }
-        assert!(t.elapsed() < Duration::from_secs(60), "the monitor does not show {vm}'s display: (differing pixels, box w, box h) = {d:?}");
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
 fn keyboard_checks(q: &mut Qemu) {
     let screen = |q: &Qemu| ctl_ok(q, &["vm", "screen", "debian"])["text"].as_str().unwrap_or_default().to_string();
     let wait_text = |q: &Qemu, what: &str| {
@@ -1069,11 +963,11 @@ fn keyboard_checks(q: &mut Qemu) {
         }
     };
     // At home the monitor shows the home screen, not the guest.
-    let home = screen_diff(q, "debian");
+    let home = monitor_vs_vm(q, "debian");
     assert!(home.is_none_or(|(n, _, _)| n > 10_000), "the home screen looks like the guest's display: {home:?}");
     ctl_ok(q, &["present", "debian"]);
     // The compositor shows the guest's own screen (its tty1 login prompt), 1:1.
-    wait_screen_shows_vm(q, "debian");
+    wait_monitor_shows(q, "debian");
     q.type_text("seenkeys").unwrap();
     wait_text(q, "login: seenkeys");
 
@@ -1089,13 +983,13 @@ fn keyboard_checks(q: &mut Qemu) {
     assert!(!text.contains("lostkeys"), "keys typed on the home screen reached the hidden VM:\n{text}");
 
     ctl_ok(q, &["present", "debian"]);
-    wait_screen_shows_vm(q, "debian");
+    wait_monitor_shows(q, "debian");
     // With Ctrl stuck from the combo these would be Ctrl+A, Ctrl+B, Ctrl+C.
     q.type_text("abc").unwrap();
     wait_text(q, "login: seenkeysabc");
     // What the guest drew while presented reaches the monitor (the VMM's dirty log of its
     // framebuffer, not a full redraw on presenting).
-    wait_screen_shows_vm(q, "debian");
+    wait_monitor_shows(q, "debian");
 
     // A USB keyboard plugged in while the VM is presented, the first one unplugged: the new
     // one's keys still reach the VM (QEMU sends QMP keys to the keyboard that remains).

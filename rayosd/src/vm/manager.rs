@@ -112,6 +112,8 @@ pub struct VmInfo {
     pub guest_init_ms: u64,
     /// ms from the supervisor's start request to the guest's init; 0 until reached.
     pub start_to_init_ms: u64,
+    /// It offers the guest agent port (`config.agent`): `agent_ready` says when its guest is up.
+    pub has_agent: bool,
     /// The guest agent said `ready` on its port (VMs with `config.agent`).
     pub agent_ready: bool,
     /// The last heartbeat number the guest agent sent; 0 before the first.
@@ -556,6 +558,7 @@ impl VmManager {
             autostart_hidden: vm.policy.autostart_hidden,
             guest_init_ms: 0,
             start_to_init_ms: 0,
+            has_agent: vm.config.agent,
             agent_ready: false,
             agent_heartbeat: 0,
             firstboot: vm.firstboot.as_ref().map(|f| f.describe()).unwrap_or_default(),
@@ -583,6 +586,23 @@ impl VmManager {
         let mgr = self.clone();
         let id = vm.id;
         tokio::spawn(async move { mgr.vm_task(id, rx).await });
+    }
+
+    /// What the guest agent last said. When its readiness changes, watchers get a
+    /// VmStateChanged with the state as it is: the home screen shows a VM starting until its
+    /// guest is up, which a state of its own would not say (the VMM is up well before).
+    pub(super) fn set_agent(&self, id: Uuid, ready: bool, heartbeat: u64) {
+        let ev = {
+            let mut vms = self.vms.lock().unwrap();
+            let Some(e) = vms.get_mut(&id) else { return };
+            let changed = e.info.agent_ready != ready;
+            e.info.agent_ready = ready;
+            e.info.agent_heartbeat = heartbeat;
+            changed.then(|| VmEvent { id: id.to_string(), name: e.info.name.clone(), state: e.info.state.clone(), detail: e.info.detail.clone() })
+        };
+        if let Some(ev) = ev {
+            let _ = self.events.send(ev);
+        }
     }
 
     pub(super) fn set(&self, id: Uuid, state: VmState, detail: &str, f: impl FnOnce(&mut VmInfo)) {

@@ -334,10 +334,7 @@ impl VmManager {
                         if agent.ready {
                             watch.agent_alive(Instant::now());
                         }
-                        if let Some(e) = self.vms.lock().unwrap().get_mut(&id) {
-                            e.info.agent_ready = agent.ready;
-                            e.info.agent_heartbeat = agent.heartbeat;
-                        }
+                        self.set_agent(id, agent.ready, agent.heartbeat);
                     }
                     Some(Event::Warning { message }) => tracing::warn!("vm {}: VMM: {message}", vm.name),
                     Some(Event::SaveProgress { .. }) => {}

@@ -987,3 +987,28 @@ async fn shutdown_saves_by_policy_and_falls_back_to_a_shutdown() {
     assert!(env.mgr.record("off").unwrap().saved.is_none(), "policy shutdown never saves");
     std::fs::remove_dir_all(&env.dir).unwrap();
 }
+
+/// The home screen shows a VM "starting" until its guest is up: the moment its agent says
+/// ready, watchers get a VmStateChanged repeating "running"; heartbeats alone send nothing.
+#[tokio::test(flavor = "current_thread")]
+async fn the_guest_coming_up_is_announced_once_with_the_state_as_it_is() {
+    let env = setup("agent-up", |_| {});
+    create_with(&env, "deb", "console=ttyS0", false, true, RestartPolicy::OnFailure);
+    create(&env, "bare", "console=ttyS0", false);
+    assert!(env.mgr.get("deb").unwrap().has_agent && !env.mgr.get("bare").unwrap().has_agent);
+    let mut events = env.mgr.subscribe();
+    env.mgr.start("deb", false).unwrap();
+    let t = Instant::now();
+    while !(env.mgr.get("deb").unwrap().agent_heartbeat >= 3) {
+        assert!(t.elapsed() < Duration::from_secs(5), "no heartbeats: {:?}", env.mgr.get("deb"));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut seen = Vec::new();
+    while let Ok(ev) = events.try_recv() {
+        seen.push(ev.state);
+    }
+    // starting, running (the VMM is up), running (the guest is up): nothing per heartbeat.
+    assert_eq!(seen, ["starting", "running", "running"], "events: {seen:?}");
+    env.mgr.stop("deb", false).unwrap();
+    wait_state(&env, "deb", "stopped", Duration::from_secs(3)).await;
+}
