@@ -345,8 +345,9 @@ impl Vmm {
         })?;
         load_framebuffer(snap, m.devices.framebuffer())?;
         let (vcpus, msrs) = m.create_vcpus(&spec, None)?;
+        let tsc_scaling = m.vm.fd.check_extension(kvm_ioctls::Cap::TscControl);
         for (v, s) in vcpus.iter().zip(&snap.state.vcpus) {
-            vcpu::match_tsc(v, s, &state_file)?;
+            vcpu::match_tsc(v, s, tsc_scaling, &state_file)?;
             let now = v.lock().unwrap_or_else(|p| p.into_inner()).get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES);
             let now = cpuid::entries(&now.map_err(|e| Error::kvm("KVM_GET_CPUID2", e))?);
             if let Some(why) = cpuid::first_difference(&s.cpuid, &now) {

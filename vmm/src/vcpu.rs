@@ -559,19 +559,37 @@ pub fn save_state(vcpu: &SharedVcpu, id: u8, msr_indices: &[u32]) -> Result<Vcpu
 pub enum TscPlan {
     /// The same (within KVM's own tolerance, 250 ppm).
     Same,
-    /// Different: the restore is refused. KVM could scale the TSC (KVM_SET_TSC_KHZ), but a
-    /// frequency that moved means another host or a recalibrated one, and the guest's own
-    /// calibration (its delay loops, its clocksource's mult) is still the old one.
+    /// Apart by more than KVM's tolerance but less than [`RECALIBRATED_PPM`]: the same
+    /// machine, whose kernel calibrated its TSC a little differently at this boot (it moves by
+    /// hundreds of ppm between boots on machines without a CPUID crystal frequency, more
+    /// under emulation). Refusing would throw away the user's session for a clock-rate
+    /// difference of under 1%: the guest goes on, its TSC scaled back to the old rate where
+    /// the CPU can (KVM_SET_TSC_KHZ with KVM_CAP_TSC_CONTROL). Where it cannot, only a guest
+    /// clocksource reading the raw TSC runs off by that much (kvmclock, which KVM derives
+    /// from the host's own calibration, stays exact), and the agent sets the guest's wall
+    /// clock after the resume anyway.
+    Recalibrated { saved: u32, now: u32 },
+    /// Further apart: another machine (or a CPU running at another nominal frequency). The
+    /// restore is refused: the guest's own calibration (its delay loops, its clocksource's
+    /// mult) would be wrong by more than a clock can be trusted with.
     Differs { saved: u32, now: u32 },
     /// One side is unknown (KVM did not tell): nothing to compare, said in the log.
     Unknown,
 }
 
+/// KVM's own tolerance for "the same TSC frequency" (its `tsc_tolerance_ppm`).
+pub const SAME_PPM: u64 = 250;
+/// The most a TSC frequency moves between two calibrations of one machine; beyond it, the
+/// state comes from another machine.
+pub const RECALIBRATED_PPM: u64 = 10_000;
+
 pub fn tsc_plan(saved: Option<u32>, now: Option<u32>) -> TscPlan {
-    match (saved, now) {
-        (Some(saved), Some(now)) if u64::from(saved.abs_diff(now)) * 1_000_000 <= u64::from(now) * 250 => TscPlan::Same,
-        (Some(saved), Some(now)) => TscPlan::Differs { saved, now },
-        _ => TscPlan::Unknown,
+    let (Some(saved), Some(now)) = (saved, now) else { return TscPlan::Unknown };
+    let ppm = u64::from(saved.abs_diff(now)) * 1_000_000 / u64::from(now.max(1));
+    match ppm {
+        p if p <= SAME_PPM => TscPlan::Same,
+        p if p <= RECALIBRATED_PPM => TscPlan::Recalibrated { saved, now },
+        _ => TscPlan::Differs { saved, now },
     }
 }
 
@@ -591,9 +609,11 @@ pub fn tell_guest_it_was_paused(vcpus: &[SharedVcpu]) {
     }
 }
 
-/// Checks that the new vCPU's TSC runs at the saved frequency within 250 ppm; otherwise the
+/// Checks the new vCPU's TSC frequency against the saved one ([`tsc_plan`]): the same, or
+/// recalibrated (then scaled back to the saved rate when `scaling`, KVM_CAP_TSC_CONTROL, is
+/// there; else the guest goes on at the new rate, said in the log); further apart, the
 /// restore is refused ([`Error::StateRejected`] on `state_file`), saying both frequencies.
-pub fn match_tsc(vcpu: &SharedVcpu, s: &VcpuState, state_file: &std::path::Path) -> Result<()> {
+pub fn match_tsc(vcpu: &SharedVcpu, s: &VcpuState, scaling: bool, state_file: &std::path::Path) -> Result<()> {
     let v = lock(vcpu);
     let cpu = usize::from(s.id);
     match tsc_plan(s.tsc_khz, v.get_tsc_khz().ok()) {
@@ -602,10 +622,23 @@ pub fn match_tsc(vcpu: &SharedVcpu, s: &VcpuState, state_file: &std::path::Path)
             tracing::warn!("vCPU {cpu}: TSC frequency saved {:?} kHz, KVM reports none now: not compared", s.tsc_khz);
             Ok(())
         }
+        TscPlan::Recalibrated { saved, now } => {
+            let ppm = (i64::from(now) - i64::from(saved)) * 1_000_000 / i64::from(saved);
+            // Without TSC scaling KVM_SET_TSC_KHZ would put a faster rate into "catch-up"
+            // mode (the guest's TSC jumps forward at every entry): not asked for then.
+            match scaling.then(|| v.set_tsc_khz(saved)) {
+                Some(Ok(())) => tracing::info!("vCPU {cpu}: TSC kept at the saved {saved} kHz by KVM's TSC scaling (this host calibrated {now} kHz, {ppm:+} ppm)"),
+                Some(Err(e)) => tracing::warn!("vCPU {cpu}: KVM_SET_TSC_KHZ {saved}: {e}; the guest's TSC runs at this host's {now} kHz ({ppm:+} ppm)"),
+                None => tracing::warn!("vCPU {cpu}: this host's TSC was calibrated at {now} kHz, the guest's ran at {saved} kHz ({ppm:+} ppm) and KVM cannot scale it: resumed at the new rate"),
+            }
+            Ok(())
+        }
         TscPlan::Differs { saved, now } => Err(Error::StateRejected {
             file: state_file.to_path_buf(),
             field: format!("vcpus[{cpu}].tsc_khz"),
-            reason: format!("the guest's TSC ran at {saved} kHz, this host's runs at {now} kHz (more than 250 ppm apart)"),
+            reason: format!(
+                "the guest's TSC ran at {saved} kHz, this host's runs at {now} kHz (more than {RECALIBRATED_PPM} ppm apart: another machine)"
+            ),
         }),
     }
 }
@@ -703,7 +736,11 @@ mod tests {
     fn tsc_frequencies_are_compared_within_kvms_tolerance() {
         assert_eq!(tsc_plan(Some(2_000_000), Some(2_000_000)), TscPlan::Same);
         assert_eq!(tsc_plan(Some(2_000_400), Some(2_000_000)), TscPlan::Same, "200 ppm");
-        assert_eq!(tsc_plan(Some(2_001_000), Some(2_000_000)), TscPlan::Differs { saved: 2_001_000, now: 2_000_000 });
+        // Two boots of one machine under emulation, as measured: 670 ppm apart.
+        assert_eq!(tsc_plan(Some(2_594_157), Some(2_595_900)), TscPlan::Recalibrated { saved: 2_594_157, now: 2_595_900 });
+        assert_eq!(tsc_plan(Some(2_001_000), Some(2_000_000)), TscPlan::Recalibrated { saved: 2_001_000, now: 2_000_000 });
+        assert_eq!(tsc_plan(Some(2_020_000), Some(2_000_000)), TscPlan::Recalibrated { saved: 2_020_000, now: 2_000_000 }, "1%");
+        assert_eq!(tsc_plan(Some(2_030_000), Some(2_000_000)), TscPlan::Differs { saved: 2_030_000, now: 2_000_000 }, "1.5%");
         assert_eq!(tsc_plan(Some(3_000_000), Some(2_000_000)), TscPlan::Differs { saved: 3_000_000, now: 2_000_000 });
         assert_eq!(tsc_plan(None, Some(2_000_000)), TscPlan::Unknown);
         assert_eq!(tsc_plan(Some(2_000_000), None), TscPlan::Unknown);

@@ -204,11 +204,13 @@ async fn run(cli: &Cli) -> Result<(), ClientError> {
                 last = r.seq;
                 print_log(cli, &r);
             }
-            while *follow {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                for r in c.log_since(last).await? {
-                    last = r.seq;
-                    print_log(cli, &r);
+            if *follow {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    for r in c.log_since(last).await? {
+                        last = r.seq;
+                        print_log(cli, &r);
+                    }
                 }
             }
         }

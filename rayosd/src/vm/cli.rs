@@ -549,7 +549,7 @@ mod tests {
     fn vm_show_says_whether_the_display_follows_the_monitor() {
         let mut v: VmInfo = serde_json::from_value(serde_json::json!({
             "id": "x", "name": "work", "kind": "linux", "state": "running", "pid": 1, "restarts": 0, "detail": "",
-            "autostart_hidden": false, "guest_init_ms": 0, "start_to_init_ms": 0, "agent_ready": false,
+            "autostart_hidden": false, "guest_init_ms": 0, "start_to_init_ms": 0, "has_agent": false, "agent_ready": false,
             "agent_heartbeat": 0, "firstboot": "", "disks": [], "memory_mib": 128, "vcpus": 1, "created_at": 0,
             "last_booted_at": 0, "has_display": true, "display_follows_monitor": true, "display_width": 1920,
             "display_height": 1080, "on_shutdown": "save", "saved_generation": 0, "saved_at": 0, "saved_bytes": 0
