@@ -19,7 +19,7 @@ use thiserror::Error;
 use super::keys::{Input, KeyDecoder};
 use super::render::render;
 use super::state::{Action, Screen, Wizard};
-use crate::console::ConsoleDev;
+use crate::console::{ConsoleDev, ConsoleOut};
 use crate::keymap::ScreenKeymap;
 
 pub enum Outcome {
@@ -44,7 +44,7 @@ struct Tty {
     label: &'static str,
     path: PathBuf,
     input: File,
-    term: Terminal<CrosstermBackend<File>>,
+    term: Terminal<CrosstermBackend<ConsoleOut>>,
     area: Rect,
     saved: Termios,
     keys: KeyDecoder,
@@ -66,8 +66,8 @@ fn size_of(f: &File) -> Rect {
 /// A full redraw: ratatui's `Terminal::clear` asks the terminal for the cursor position
 /// (ESC [6n), which a serial console may never answer. We clear the screen ourselves and start
 /// from a fresh Terminal, whose first draw paints every cell.
-fn fresh(out: &File, area: Rect) -> io::Result<Terminal<CrosstermBackend<File>>> {
-    let mut file = out.try_clone()?;
+fn fresh(out: &File, area: Rect) -> io::Result<Terminal<CrosstermBackend<ConsoleOut>>> {
+    let mut file = ConsoleOut::from(out.try_clone()?);
     // Clear the screen, cursor home.
     file.write_all(b"\x1b[2J\x1b[H")?;
     Terminal::with_options(CrosstermBackend::new(file), TerminalOptions { viewport: Viewport::Fixed(area) })
@@ -381,6 +381,8 @@ mod tests {
 
     enum Cmd {
         Type(Vec<u8>),
+        /// Stop reading (a slow terminal, or one scrolled back): output piles up in the pty.
+        Pause(bool),
         HangUp,
     }
 
@@ -400,11 +402,17 @@ mod tests {
             let seen = out.clone();
             std::thread::spawn(move || {
                 let mut master = File::from(master);
+                let mut paused = false;
                 loop {
                     match rx.try_recv() {
                         Ok(Cmd::Type(b)) => master.write_all(&b).unwrap(),
+                        Ok(Cmd::Pause(p)) => paused = p,
                         Ok(Cmd::HangUp) | Err(mpsc::TryRecvError::Disconnected) => return,
                         Err(mpsc::TryRecvError::Empty) => {}
+                    }
+                    if paused {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
                     }
                     let mut fds = [PollFd::new(master.as_fd(), PollFlags::POLLIN)];
                     if nix::poll::poll(&mut fds, 20u16).unwrap_or(0) == 0 {
@@ -428,6 +436,10 @@ mod tests {
 
         fn type_keys(&self, keys: &str) {
             self.cmds.send(Cmd::Type(keys.as_bytes().to_vec())).unwrap();
+        }
+
+        fn pause(&self, paused: bool) {
+            self.cmds.send(Cmd::Pause(paused)).unwrap();
         }
 
         fn hang_up(&self) {
@@ -584,5 +596,31 @@ mod tests {
         let why = Running::start(vec![not_tty("screen", null), not_tty("serial console", &plain)]).gave_up();
         assert!(why.starts_with("/dev/null: not a terminal"), "{why}");
         assert!(why.contains(&format!("; {}: not a terminal", plain.display())), "{why}");
+    }
+
+    #[test]
+    fn a_console_that_reads_slowly_is_waited_for_not_dropped() {
+        let (dev, person) = pty("serial console", 24, 80);
+        let running = Running::start(vec![dev]);
+        person.wait_for("RayOS installer - 1/9 Welcome");
+        // Back and forth between two steps: every step change redraws the whole screen, far
+        // more than the pty holds while nobody reads it.
+        person.pause(true);
+        // Well under the 5 s a console may take nothing: the terminal is slow, not gone. A lone ESC is the Esc key
+        // once nothing follows it for 50 ms.
+        for _ in 0..40 {
+            person.type_keys("\r");
+            std::thread::sleep(Duration::from_millis(10));
+            person.type_keys("\x1b");
+            std::thread::sleep(Duration::from_millis(70));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        running.still_running();
+        person.pause(false);
+        person.type_keys("\r");
+        person.wait_for("RayOS installer - 2/9 Disks");
+        running.still_running();
+        person.hang_up();
+        running.gave_up();
     }
 }
