@@ -230,24 +230,6 @@ pub fn run(
             }
         }
 
-        for (id, why) in broken {
-            if let Some(pos) = ttys.iter().position(|t| t.id == id) {
-                let mut t = ttys.remove(pos);
-                let msg = format!("The {} ({}) stopped working: {why}.", t.label, t.path.display());
-                tracing::warn!("{msg}");
-                crate::console::say(&msg);
-                t.restore();
-                dirty = true;
-                if driver.is_some_and(|(d, _)| d == id) {
-                    driver = None;
-                }
-                w.message = Some(msg);
-            }
-        }
-        if ttys.is_empty() {
-            return Err(WizardError::NoConsole("every console stopped working".into()));
-        }
-
         for (id, label, input) in inputs {
             let Some(t) = ttys.iter_mut().find(|t| t.id == id) else { continue };
             let key = match input {
@@ -284,6 +266,28 @@ pub fn run(
             if matches!(w.screen, Screen::Installing) {
                 break;
             }
+        }
+
+        // After the keys: they were typed before the console was found broken, and a key clears
+        // the wizard's message, which must name the broken console. (A console stalls for up to
+        // 5 s (`console::ConsoleOut`) before it counts as broken; keys typed on the others
+        // meanwhile used to wipe the message before it was ever drawn.)
+        for (id, why) in broken {
+            if let Some(pos) = ttys.iter().position(|t| t.id == id) {
+                let mut t = ttys.remove(pos);
+                let msg = format!("The {} ({}) stopped working: {why}.", t.label, t.path.display());
+                tracing::warn!("{msg}");
+                crate::console::say(&msg);
+                t.restore();
+                dirty = true;
+                if driver.is_some_and(|(d, _)| d == id) {
+                    driver = None;
+                }
+                w.message = Some(msg);
+            }
+        }
+        if ttys.is_empty() {
+            return Err(WizardError::NoConsole("every console stopped working".into()));
         }
     };
     for t in ttys.iter_mut() {
@@ -622,5 +626,33 @@ mod tests {
         running.still_running();
         person.hang_up();
         running.gave_up();
+    }
+
+    #[test]
+    fn a_console_that_takes_no_output_at_all_is_dropped_and_the_other_goes_on() {
+        let (screen_dev, screen) = pty("screen", 24, 80);
+        let (serial_dev, serial) = pty("serial console", 24, 80);
+        let serial_path = serial_dev.path.display().to_string();
+        let running = Running::start(vec![screen_dev, serial_dev]);
+        serial.wait_for("RayOS installer - 1/9 Welcome");
+        // The serial terminal stops reading for good (flow control held, a stuck terminal):
+        // step changes on the screen fill its pty until the wizard gives up on it.
+        serial.pause(true);
+        let gone = format!("The serial console ({serial_path}) stopped working: it took no output for 5 s");
+        // Keys go on being typed on the screen while the wizard waits for the serial console:
+        // they must not wipe the message that names it.
+        for _ in 0..50 {
+            screen.type_keys("\r");
+            std::thread::sleep(Duration::from_millis(10));
+            screen.type_keys("\x1b");
+            std::thread::sleep(Duration::from_millis(70));
+        }
+        screen.wait_for(&gone);
+        assert!(running.log().contains(&gone), "not in the log:\n{}", running.log());
+        running.still_running();
+        screen.type_keys("\r");
+        screen.wait_for("RayOS installer - 2/9 Disks");
+        screen.hang_up();
+        assert_eq!(running.gave_up(), "every console stopped working");
     }
 }
