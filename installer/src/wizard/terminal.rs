@@ -48,6 +48,8 @@ struct Tty {
     area: Rect,
     saved: Termios,
     keys: KeyDecoder,
+    /// Ctrl-L was typed: clear and draw everything with the next frame.
+    redraw: bool,
 }
 
 /// The terminal's size; 0x0 (a serial line reports none) or anything too small to draw the
@@ -87,7 +89,7 @@ impl Tty {
             let _ = out.write_all(b"\x1b[9;0]");
         }
         let term = fresh(&out, area).map_err(|e| format!("{name}: {e}"))?;
-        Ok(Tty { id, label: c.label, path: c.path, input: c.file, term, area, saved, keys: KeyDecoder::default() })
+        Ok(Tty { id, label: c.label, path: c.path, input: c.file, term, area, saved, keys: KeyDecoder::default(), redraw: false })
     }
 
     fn restore(&mut self) {
@@ -180,7 +182,8 @@ pub fn run(
         last_screen = w.screen.clone();
         let mut broken: Vec<(usize, String)> = Vec::new();
         for t in ttys.iter_mut().filter(|_| dirty || redraw_all) {
-            if redraw_all {
+            let asked = std::mem::take(&mut t.redraw);
+            if redraw_all || asked {
                 match fresh(&t.input, t.area) {
                     Ok(term) => t.term = term,
                     Err(e) => {
@@ -234,9 +237,9 @@ pub fn run(
             let Some(t) = ttys.iter_mut().find(|t| t.id == id) else { continue };
             let key = match input {
                 Input::Redraw => {
-                    if let Ok(term) = fresh(&t.input, t.area) {
-                        t.term = term;
-                    }
+                    // Drawn with the next frame, where a console that takes no output is found
+                    // broken (here its error was ignored, and each Ctrl-L waited 5 s again).
+                    t.redraw = true;
                     dirty = true;
                     continue;
                 }
@@ -442,6 +445,29 @@ mod tests {
             self.cmds.send(Cmd::Type(keys.as_bytes().to_vec())).unwrap();
         }
 
+        /// Ctrl-L every few ms for `how_long`: each asks for a whole frame, far more output than
+        /// a pty holds while nobody reads it.
+        fn redraw_often(&self, how_long: Duration) {
+            let end = Instant::now() + how_long;
+            while Instant::now() < end {
+                self.type_keys("\x0c");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+
+        /// How much output came, once nothing more comes for a moment.
+        fn settled(&self) -> usize {
+            let mut len = self.out.lock().unwrap().len();
+            loop {
+                std::thread::sleep(Duration::from_millis(300));
+                let now = self.out.lock().unwrap().len();
+                if now == len {
+                    return len;
+                }
+                len = now;
+            }
+        }
+
         fn pause(&self, paused: bool) {
             self.cmds.send(Cmd::Pause(paused)).unwrap();
         }
@@ -607,20 +633,23 @@ mod tests {
         let (dev, person) = pty("serial console", 24, 80);
         let running = Running::start(vec![dev]);
         person.wait_for("RayOS installer - 1/9 Welcome");
-        // Back and forth between two steps: every step change redraws the whole screen, far
-        // more than the pty holds while nobody reads it.
         person.pause(true);
-        // Well under the 5 s a console may take nothing: the terminal is slow, not gone. A lone ESC is the Esc key
-        // once nothing follows it for 50 ms.
-        for _ in 0..40 {
-            person.type_keys("\r");
-            std::thread::sleep(Duration::from_millis(10));
-            person.type_keys("\x1b");
-            std::thread::sleep(Duration::from_millis(70));
-        }
+        // Well under the 5 s a console may take nothing: the terminal is slow, not gone.
+        person.redraw_often(Duration::from_secs(1));
         std::thread::sleep(Duration::from_millis(300));
         running.still_running();
         person.pause(false);
+        person.wait_for("RayOS installer - 1/9 Welcome");
+        // Ctrl-L once it reads again and the frames held back have come: the screen cleared and
+        // drawn whole.
+        let mark = person.settled();
+        person.type_keys("\x0c");
+        let deadline = Instant::now() + WAIT;
+        while !String::from_utf8_lossy(&person.out.lock().unwrap()[mark..]).contains("\x1b[2J\x1b[H") {
+            assert!(Instant::now() < deadline, "Ctrl-L did not clear the screen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        person.wait_for("RayOS installer - 1/9 Welcome");
         person.type_keys("\r");
         person.wait_for("RayOS installer - 2/9 Disks");
         running.still_running();
@@ -635,13 +664,13 @@ mod tests {
         let serial_path = serial_dev.path.display().to_string();
         let running = Running::start(vec![screen_dev, serial_dev]);
         serial.wait_for("RayOS installer - 1/9 Welcome");
-        // The serial terminal stops reading for good (flow control held, a stuck terminal):
-        // step changes on the screen fill its pty until the wizard gives up on it.
+        // The serial terminal stops reading for good (flow control held, a stuck terminal).
         serial.pause(true);
+        serial.redraw_often(Duration::from_secs(1));
         let gone = format!("The serial console ({serial_path}) stopped working: it took no output for 5 s");
-        // Keys go on being typed on the screen while the wizard waits for the serial console:
-        // they must not wipe the message that names it.
-        for _ in 0..50 {
+        // Keys typed on the screen while the wizard waits for the serial console must not wipe
+        // the message that names it.
+        for _ in 0..10 {
             screen.type_keys("\r");
             std::thread::sleep(Duration::from_millis(10));
             screen.type_keys("\x1b");
