@@ -129,6 +129,26 @@ impl Write for ConsoleOut {
     }
 }
 
+/// A pseudo-terminal for tests: its slave opened as `discover` opens a console, and its master
+/// (the person at it). Both close-on-exec: a child another test starts meanwhile must not keep
+/// either side open, or closing the master would not hang the console up.
+#[cfg(test)]
+pub(crate) fn pty_console(label: &'static str, rows: u16, cols: u16) -> (nix::pty::PtyMaster, ConsoleDev) {
+    use nix::fcntl::OFlag;
+    use std::os::fd::AsRawFd;
+
+    let master = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC).unwrap();
+    nix::pty::grantpt(&master).unwrap();
+    nix::pty::unlockpt(&master).unwrap();
+    let path = PathBuf::from(nix::pty::ptsname_r(&master).unwrap());
+    let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCSWINSZ reads one `winsize` from `ws`, which outlives the call.
+    assert_eq!(unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) }, 0);
+    let flags = libc::O_NOCTTY | libc::O_NONBLOCK;
+    let file = OpenOptions::new().read(true).write(true).custom_flags(flags).open(&path).unwrap();
+    (master, ConsoleDev { label, path, file })
+}
+
 static LINE_OUTPUTS: Mutex<Vec<(String, ConsoleOut)>> = Mutex::new(Vec::new());
 
 /// Consoles that `say` writes to (besides the log).
@@ -239,14 +259,10 @@ mod tests {
     #[test]
     fn lines_wait_for_a_console_that_reads_slowly_and_every_one_arrives() {
         use std::io::Read;
-        use std::os::fd::AsRawFd;
 
-        let p = nix::pty::openpty(None, None).unwrap();
-        // Non-blocking, as `discover` opens a console.
-        nix::fcntl::fcntl(p.slave.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK)).unwrap();
-        let mut outs = vec![("/dev/ttyS0".to_string(), ConsoleOut::from(File::from(p.slave)))];
+        let (mut master, console) = pty_console("serial console", 24, 80);
+        let mut outs = vec![(console.path.display().to_string(), ConsoleOut::from(console.file))];
         // The terminal reads nothing for a second: far more than the pty holds is written by then.
-        let mut master = File::from(p.master);
         let reader = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_secs(1));
             let mut seen = Vec::new();

@@ -89,7 +89,8 @@ impl Tty {
             let _ = out.write_all(b"\x1b[9;0]");
         }
         let term = fresh(&out, area).map_err(|e| format!("{name}: {e}"))?;
-        Ok(Tty { id, label: c.label, path: c.path, input: c.file, term, area, saved, keys: KeyDecoder::default(), redraw: false })
+        let keys = KeyDecoder::default();
+        Ok(Tty { id, label: c.label, path: c.path, input: c.file, term, area, saved, keys, redraw: false })
     }
 
     fn restore(&mut self) {
@@ -304,12 +305,10 @@ mod tests {
     //! The wizard on real pseudo-terminals: the slave side is a tty the wizard opens as a
     //! console, the master side is the person at it (what they see, what they type, unplugging).
 
-    use std::os::fd::{AsRawFd, OwnedFd};
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
 
-    use nix::fcntl::{fcntl, FcntlArg, OFlag};
-    use nix::pty::{openpty, Winsize};
+    use nix::pty::PtyMaster;
 
     use super::*;
 
@@ -403,12 +402,11 @@ mod tests {
     }
 
     impl Person {
-        fn new(master: OwnedFd, rows: usize, cols: usize) -> Person {
+        fn new(mut master: PtyMaster, rows: usize, cols: usize) -> Person {
             let out = Arc::new(Mutex::new(Vec::new()));
             let (cmds, rx) = mpsc::channel();
             let seen = out.clone();
             std::thread::spawn(move || {
-                let mut master = File::from(master);
                 let mut paused = false;
                 loop {
                     match rx.try_recv() {
@@ -489,16 +487,13 @@ mod tests {
         }
     }
 
-    /// A pseudo-terminal whose slave is the installer's console `label`, opened as `discover`
-    /// opens a console (non-blocking), and the person at its master.
+    /// A pseudo-terminal whose slave is the installer's console `label`, and the person at its
+    /// master.
     fn pty(label: &'static str, rows: u16, cols: u16) -> (ConsoleDev, Person) {
-        let ws = Winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
-        let p = openpty(Some(&ws), None).unwrap();
-        fcntl(p.slave.as_raw_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).unwrap();
-        let path = nix::unistd::ttyname(&p.slave).unwrap();
+        let (master, console) = crate::console::pty_console(label, rows, cols);
         // A terminal reporting no size: room to see whatever size the wizard is drawn at.
         let (vr, vc) = if rows == 0 { (100, 300) } else { (rows as usize, cols as usize) };
-        (ConsoleDev { label, path, file: File::from(p.slave) }, Person::new(p.master, vr, vc))
+        (console, Person::new(master, vr, vc))
     }
 
     /// `run` on `consoles` in a thread, with the log it writes; the result is waited for with a
