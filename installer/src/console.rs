@@ -8,10 +8,14 @@
 //! `println!` panic and, with `panic = "abort"`, the installer die with SIGABRT.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{self, Write};
+use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::Duration;
+
+use nix::poll::{PollFd, PollFlags};
 
 /// A console the installer can draw on.
 #[derive(Debug)]
@@ -82,7 +86,70 @@ fn is_vt(name: &str) -> bool {
     name.strip_prefix("tty").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
-static LINE_OUTPUTS: Mutex<Vec<(String, File)>> = Mutex::new(Vec::new());
+/// How long a console may take no output before it counts as broken: at 9600 baud a full
+/// redraw of the wizard drains in under 3 s.
+const OUTPUT_STALL: Duration = Duration::from_secs(5);
+
+/// A console's output, waiting while the terminal has no room. Consoles are opened non-blocking
+/// (their input is polled), so a write fails with EAGAIN whenever output comes faster than the
+/// terminal takes it: a serial UART's transmit buffer (4 KiB) holds about one full redraw. That
+/// error used to count a working serial console as broken: the wizard dropped it (alone, the
+/// installer gave up) and `say` stopped writing to it.
+pub struct ConsoleOut(File);
+
+impl From<File> for ConsoleOut {
+    fn from(f: File) -> ConsoleOut {
+        ConsoleOut(f)
+    }
+}
+
+impl Write for ConsoleOut {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        loop {
+            match self.0.write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let mut fds = [PollFd::new(self.0.as_fd(), PollFlags::POLLOUT)];
+                    match nix::poll::poll(&mut fds, OUTPUT_STALL.as_millis() as u16) {
+                        Ok(0) => {
+                            let why = format!("it took no output for {} s", OUTPUT_STALL.as_secs());
+                            return Err(io::Error::new(io::ErrorKind::TimedOut, why));
+                        }
+                        // Room, or a hang-up that the next write reports.
+                        Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// A pseudo-terminal for tests: its slave opened as `discover` opens a console, and its master
+/// (the person at it). Both close-on-exec: a child another test starts meanwhile must not keep
+/// either side open, or closing the master would not hang the console up.
+#[cfg(test)]
+pub(crate) fn pty_console(label: &'static str, rows: u16, cols: u16) -> (nix::pty::PtyMaster, ConsoleDev) {
+    use nix::fcntl::OFlag;
+    use std::os::fd::AsRawFd;
+
+    let master = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC).unwrap();
+    nix::pty::grantpt(&master).unwrap();
+    nix::pty::unlockpt(&master).unwrap();
+    let path = PathBuf::from(nix::pty::ptsname_r(&master).unwrap());
+    let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCSWINSZ reads one `winsize` from `ws`, which outlives the call.
+    assert_eq!(unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) }, 0);
+    let flags = libc::O_NOCTTY | libc::O_NONBLOCK;
+    let file = OpenOptions::new().read(true).write(true).custom_flags(flags).open(&path).unwrap();
+    (master, ConsoleDev { label, path, file })
+}
+
+static LINE_OUTPUTS: Mutex<Vec<(String, ConsoleOut)>> = Mutex::new(Vec::new());
 
 /// Consoles that `say` writes to (besides the log).
 pub fn set_line_outputs(consoles: &[ConsoleDev]) {
@@ -90,7 +157,7 @@ pub fn set_line_outputs(consoles: &[ConsoleDev]) {
     outs.clear();
     for c in consoles {
         if let Ok(f) = c.file.try_clone() {
-            outs.push((c.path.display().to_string(), f));
+            outs.push((c.path.display().to_string(), ConsoleOut(f)));
         }
     }
 }
@@ -101,6 +168,11 @@ pub fn say(msg: &str) {
     let line = format!("rayos-installer: {msg}");
     let _ = writeln!(std::io::stderr(), "{line}");
     let mut outs = LINE_OUTPUTS.lock().unwrap_or_else(|e| e.into_inner());
+    write_line(&mut outs, &line);
+}
+
+/// `line` on each of `outs`; one that fails is dropped from them.
+fn write_line(outs: &mut Vec<(String, ConsoleOut)>, line: &str) {
     outs.retain_mut(|(name, f)| {
         // \r because the console may be in raw mode.
         match f.write_all(format!("{line}\r\n").as_bytes()) {
@@ -182,6 +254,35 @@ mod tests {
         assert!(found.is_empty());
         assert_eq!(problems.len(), 1);
         assert!(problems[0].contains("tty1") && problems[0].contains("No such file"), "{problems:?}");
+    }
+
+    #[test]
+    fn lines_wait_for_a_console_that_reads_slowly_and_every_one_arrives() {
+        use std::io::Read;
+
+        let (mut master, console) = pty_console("serial console", 24, 80);
+        let mut outs = vec![(console.path.display().to_string(), ConsoleOut::from(console.file))];
+        // The terminal reads nothing for a second: far more than the pty holds is written by then.
+        let reader = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(1));
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 65536];
+            // Until the console side is closed (EIO on Linux).
+            while let Ok(n @ 1..) = master.read(&mut buf) {
+                seen.extend_from_slice(&buf[..n]);
+            }
+            String::from_utf8(seen).unwrap()
+        });
+        let filler = "x".repeat(1000);
+        for i in 0..200 {
+            write_line(&mut outs, &format!("line {i:03} {filler}"));
+        }
+        assert_eq!(outs.len(), 1, "the slow console was dropped");
+        drop(outs);
+        let seen = reader.join().unwrap();
+        for i in 0..200 {
+            assert!(seen.contains(&format!("line {i:03} {filler}")), "line {i} lost");
+        }
     }
 
     #[test]
