@@ -455,6 +455,37 @@ mod tests {
     }
 
     #[test]
+    fn keymap_text_holds_shift_and_altgr_around_the_key_and_refuses_what_it_cannot_type() {
+        use crate::vm::keymap::{Keymap, KeymapError, Source};
+        use std::path::{Path, PathBuf};
+        struct One(&'static str);
+        impl Source for One {
+            fn keymap(&self, _: &str) -> Result<(PathBuf, String), KeymapError> {
+                Ok(("/mem/xx".into(), self.0.into()))
+            }
+            fn include(&self, from: &Path, name: &str) -> Result<(PathBuf, String), KeymapError> {
+                Err(KeymapError::Include { file: from.into(), include: name.into() })
+            }
+        }
+        let k = Keymap::parse("xx", &One("keymaps 0-3\nkeycode 42 = Shift\nkeycode 100 = AltGr\nkeycode 16 = q Q at euro\n")).unwrap();
+        let r = keymap_text_reports(&k, "qQ@€").unwrap();
+        let expect = [
+            key(16, true), key(16, false),
+            key(42, true), key(16, true), key(16, false), key(42, false),
+            key(100, true), key(16, true), key(16, false), key(100, false),
+            key(42, true), key(100, true), key(16, true), key(16, false), key(100, false), key(42, false),
+        ];
+        assert_eq!(r, expect);
+        let e = keymap_text_reports(&k, "q?").unwrap_err();
+        assert_eq!(e, KeyError::NotInKeymap { ch: '?', at: 1, keymap: "xx".into() });
+        assert!(e.to_string().starts_with("text character '?' at 1 has no key in the \"xx\" keymap"), "{e}");
+        // 6 reports of 2 records a character: the VMM's queue holds 341 of them, not 512.
+        assert_eq!(keymap_text_reports(&k, &"€".repeat(341)).unwrap().len(), 341 * 6);
+        assert_eq!(keymap_text_reports(&k, &"€".repeat(342)), Err(KeyError::TooManyEvents { chars: 342, events: 342 * 12 }));
+        assert_eq!(keymap_text_reports(&k, &"q".repeat(MAX_TEXT + 1)), Err(KeyError::TextTooLong(MAX_TEXT + 1)));
+    }
+
+    #[test]
     fn pointer_pixels_land_on_the_same_pixel_in_the_guest() {
         assert_eq!(tablet_axis(0, 1024), 16);
         assert_eq!(tablet_axis(1023, 1024), 32752);
