@@ -580,11 +580,9 @@ enum Charset {
     Turkish,
     Nordic,
     Latin9,
-    Koi8R,
-    Koi8U,
-    Cp1250,
-    /// kbd knows it (mazovia, tis-620, …) but its 8-bit codes are not decoded here: they
-    /// count as no character, so such a character is refused rather than mistyped.
+    /// kbd knows it (koi8-r, cp-1250, mazovia, …; no layout RayOS offers uses one) but its
+    /// 8-bit codes are not decoded here: they count as no character, so such a character is
+    /// refused rather than mistyped.
     Undecoded,
 }
 
@@ -601,43 +599,28 @@ impl Charset {
             "iso-8859-9" => Charset::Turkish,
             "iso-8859-10" => Charset::Nordic,
             "iso-8859-15" => Charset::Latin9,
-            "koi8-r" => Charset::Koi8R,
-            "koi8-u" => Charset::Koi8U,
-            "cp-1250" => Charset::Cp1250,
-            "mazovia" | "tis-620" | "iso-10646-18" | "iso-ir-197" | "iso-ir-209" => Charset::Undecoded,
+            "koi8-r" | "koi8-u" | "cp-1250" | "mazovia" | "tis-620" | "iso-10646-18" | "iso-ir-197" | "iso-ir-209" => Charset::Undecoded,
             _ => return None,
         })
     }
 
-    /// The character an 8-bit code stands for (kbd names codes from 160 up in the ISO
-    /// charsets, from 128 in the others).
+    /// The character an 8-bit code stands for (kbd names codes from 160 up in these).
     fn decode(self, byte: u8) -> Option<char> {
-        use encoding_rs::*;
-        let enc = match self {
+        let table = match self {
             Charset::Latin1 => return (byte >= 0xa0).then_some(char::from(byte)),
-            Charset::Latin2 => ISO_8859_2,
-            Charset::Latin3 => ISO_8859_3,
-            Charset::Latin4 => ISO_8859_4,
-            Charset::Cyrillic => ISO_8859_5,
-            Charset::Greek => ISO_8859_7,
-            Charset::Hebrew => ISO_8859_8,
-            // The Encoding Standard's ISO-8859-9 is windows-1254, the same from 0xA0 up.
-            Charset::Turkish => WINDOWS_1254,
-            Charset::Nordic => ISO_8859_10,
-            Charset::Latin9 => ISO_8859_15,
-            Charset::Koi8R => KOI8_R,
-            Charset::Koi8U => KOI8_U,
-            Charset::Cp1250 => WINDOWS_1250,
+            Charset::Latin2 => &charsets::LATIN2,
+            Charset::Latin3 => &charsets::LATIN3,
+            Charset::Latin4 => &charsets::LATIN4,
+            Charset::Cyrillic => &charsets::CYRILLIC,
+            Charset::Greek => &charsets::GREEK,
+            Charset::Hebrew => &charsets::HEBREW,
+            Charset::Turkish => &charsets::TURKISH,
+            Charset::Nordic => &charsets::NORDIC,
+            Charset::Latin9 => &charsets::LATIN9,
             Charset::Undecoded => return None,
         };
-        let iso = !matches!(self, Charset::Koi8R | Charset::Koi8U | Charset::Cp1250);
-        if iso && byte < 0xa0 {
-            return None;
-        }
-        let bytes = [byte];
-        let (text, had_errors) = enc.decode_without_bom_handling(&bytes);
-        let c = text.chars().next()?;
-        (!had_errors && c != char::REPLACEMENT_CHARACTER).then_some(c)
+        let u = *table.get(usize::from(byte.checked_sub(0xa0)?))?;
+        (u != 0).then(|| char::from_u32(u32::from(u))).flatten()
     }
 }
 
@@ -771,6 +754,8 @@ fn hebrew(s: &str) -> Option<char> {
     ];
     LETTERS.iter().position(|&n| n == s).and_then(|i| char::from_u32(0x5d0 + i as u32))
 }
+
+mod charsets;
 
 #[cfg(test)]
 mod tests;

@@ -283,3 +283,32 @@ fn scripts_behind_a_layout_toggle_are_not_typed() {
     }
     assert_eq!(host("mk").stroke('а'), at(30, Mods::AltGr));
 }
+
+/// The charset tables are the Encoding Standard's ISO 8859 (its ISO-8859-9 is windows-1254,
+/// the same from 0xA0 up), byte for byte.
+#[test]
+fn charset_tables_are_the_iso_8859_charsets() {
+    use encoding_rs::*;
+    let pairs = [
+        (Charset::Latin2, ISO_8859_2),
+        (Charset::Latin3, ISO_8859_3),
+        (Charset::Latin4, ISO_8859_4),
+        (Charset::Cyrillic, ISO_8859_5),
+        (Charset::Greek, ISO_8859_7),
+        (Charset::Hebrew, ISO_8859_8),
+        (Charset::Turkish, WINDOWS_1254),
+        (Charset::Nordic, ISO_8859_10),
+        (Charset::Latin9, ISO_8859_15),
+        (Charset::Latin1, WINDOWS_1252),
+    ];
+    for (cs, enc) in pairs {
+        for byte in 0xa0..=0xffu8 {
+            let bytes = [byte];
+            let (text, had_errors) = enc.decode_without_bom_handling(&bytes);
+            let want = (!had_errors).then(|| text.chars().next()).flatten();
+            assert_eq!(cs.decode(byte), want, "{cs:?} {byte:#x}");
+        }
+        assert_eq!(cs.decode(0x9f), None);
+    }
+    assert_eq!(Charset::Undecoded.decode(0xe4), None);
+}
