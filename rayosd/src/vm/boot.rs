@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::keymap::{SystemKeymap, KEYMAP_DIR};
 use super::manager::{Paths, Settings, VmManager};
 use crate::reaper::Reaper;
 
@@ -23,10 +24,10 @@ pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
 /// not stop the boot. PID 1 then hands the manager to the control API and calls [`autostart`].
 pub fn open_installed(reaper: Arc<Reaper>) -> Option<Arc<VmManager>> {
     let mut settings = Settings::new(PathBuf::from(VMM_BIN), Paths::installed());
-    // The keymap chosen at install is the layout injected text is typed in; without a
-    // readable system.toml, its default ("us").
+    // The keymap chosen at install is the layout injected text is typed in, read from the
+    // same kbd file the guest loads; without a readable system.toml, its default ("us").
     if let Ok(l) = crate::config::load(std::path::Path::new(SYSTEM_TOML)) {
-        settings.keymap = l.config().keymap.clone();
+        settings.keymap = SystemKeymap::load(&l.config().keymap, std::path::Path::new(KEYMAP_DIR));
     }
     // The compositor starts after the autostart VMs and reports the monitor's mode (or that
     // there is none) within a moment: a VM that follows the monitor waits for that report

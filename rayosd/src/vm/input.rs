@@ -15,6 +15,7 @@ use nix::errno::Errno;
 use nix::sys::socket::{send, MsgFlags};
 use rayos_proto::display::{encode_input, InputRecord, InputTarget};
 
+use super::keymap::SystemKeymap;
 use super::keys::{self, Button, Combo, KeyError};
 use super::manager::{VmError, VmManager};
 
@@ -67,17 +68,19 @@ impl VmManager {
         Ok(reports.len() as u32)
     }
 
-    /// Types `text` on the VM's keyboard in the system keymap. Only the "us" table is built;
-    /// another keymap is refused as not supported, naming it. Returns the characters typed.
+    /// Types `text` on the VM's keyboard in the system keymap: "us" from the table built in,
+    /// another from its kbd keymap file (loaded at start); a keymap whose file could not be
+    /// used is refused as not supported, with why. Returns the characters typed.
     pub async fn type_text(&self, id_or_name: &str, text: &str) -> Result<u64, VmError> {
-        let keymap = &self.settings.keymap;
-        if keymap != keys::US {
-            return Err(VmError::NotSupported(format!(
-                "typing text: the system keymap is {keymap:?}, and only the {:?} layout is built; press keys by name instead (KeyInput, rayosctl vm key)",
-                keys::US
-            )));
-        }
-        let reports = keys::us_text_reports(text)?;
+        let reports = match &self.settings.keymap {
+            SystemKeymap::Us => keys::us_text_reports(text)?,
+            SystemKeymap::Loaded(keymap) => keys::keymap_text_reports(keymap, text)?,
+            SystemKeymap::Unusable { name, reason } => {
+                return Err(VmError::NotSupported(format!(
+                    "typing text: the system keymap {name:?} cannot be used ({reason}); press keys by name instead (KeyInput, rayosctl vm key)"
+                )))
+            }
+        };
         let t = self.input_target(id_or_name, "typing text")?;
         send_reports(&t, InputTarget::Keyboard, &reports).await?;
         Ok(text.chars().count() as u64)

@@ -3,13 +3,16 @@
 //! `SYN_REPORT`), without I/O so every rule is unit-tested.
 //!
 //! Key names are Linux key codes (linux/input-event-codes.h) under the short names QEMU's
-//! `sendkey` made familiar (`ret`, `spc`, `ctrl`, `pgup`, …). Text goes through the "us"
-//! layout, the only table built: which key (and whether Shift) makes each printable ASCII
-//! character, `\n` and `\t`. The tables are written here because no crate maps names to
+//! `sendkey` made familiar (`ret`, `spc`, `ctrl`, `pgup`, …). Text goes through the system
+//! keymap: "us" is a table here (which key, and whether Shift, makes each printable ASCII
+//! character, `\n` and `\t`), any other layout is read from its kbd keymap file
+//! ([`super::keymap`]). The tables are written here because no crate maps names to
 //! evdev codes in both directions for a layout we choose (the `evdev` crate names codes but
 //! has no layouts; xkb would pull in libxkbcommon, which RayOS does not ship).
 
 use rayos_proto::display::{ev, InputRecord};
+
+use super::keymap::{Keymap, Mods, Stroke};
 
 /// The most keys one combo holds (ctrl+alt+shift+meta and a few more is plenty).
 pub const MAX_COMBO: usize = 8;
@@ -18,11 +21,17 @@ pub const MAX_COMBO: usize = 8;
 /// has not read them yet: 512 characters always fit, even if the guest reads nothing until
 /// the last one is sent.
 pub const MAX_TEXT: usize = 512;
-/// The one text layout built.
+/// The events the VMM keeps for a guest that has not read them (its keyboard's
+/// `MAX_PENDING`). A character typed with Shift and AltGr takes 6 reports of 2 records, so
+/// text in a keymap is also held to this many records.
+pub const MAX_TEXT_EVENTS: usize = 4096;
+/// The text layout built in (the rest are read from their keymap files).
 pub const US: &str = "us";
 
 const KEY_LEFTCTRL: u16 = 29;
 const KEY_LEFTSHIFT: u16 = 42;
+/// AltGr on the PC layouts kbd's keymaps describe (`linux-with-alt-and-altgr`).
+const KEY_RIGHTALT: u16 = 100;
 
 /// Names and their key codes; the first name of a code is the one error messages list.
 const NAMES: &[(&str, u16)] = &[
@@ -181,6 +190,10 @@ pub enum KeyError {
     TooLong(String),
     #[error("text character {ch:?} at {at} has no key in the \"us\" layout (printable ASCII, newline and tab only)")]
     NoKeyForChar { ch: char, at: usize },
+    #[error("text character {ch:?} at {at} has no key in the {keymap:?} keymap (only a dead key or compose makes it, or nothing does)")]
+    NotInKeymap { ch: char, at: usize, keymap: String },
+    #[error("text of {chars} characters takes {events} input events; at most {MAX_TEXT_EVENTS} at once (characters typed with AltGr take more)")]
+    TooManyEvents { chars: usize, events: usize },
     #[error("text of {0} characters; at most {MAX_TEXT} at once")]
     TextTooLong(usize),
     #[error("no pointer position ({x}, {y}) on a {width}x{height} display (x is 0..{width}, y is 0..{height})")]
@@ -284,6 +297,32 @@ pub fn us_text_reports(text: &str) -> Result<Vec<Vec<InputRecord>>, KeyError> {
         let (code, shift) = us_key(ch).ok_or(KeyError::NoKeyForChar { ch, at })?;
         let keys: &[u16] = if shift { &[KEY_LEFTSHIFT, code] } else { &[code] };
         out.extend(press_release(keys));
+    }
+    Ok(out)
+}
+
+/// The reports that type `text` in `keymap`: each character's key pressed and released
+/// inside its modifiers (Shift, then AltGr, released in reverse). Nothing is returned unless
+/// every character has a key, so a refused text types nothing.
+pub fn keymap_text_reports(keymap: &Keymap, text: &str) -> Result<Vec<Vec<InputRecord>>, KeyError> {
+    let n = text.chars().count();
+    if n > MAX_TEXT {
+        return Err(KeyError::TextTooLong(n));
+    }
+    let mut out = Vec::new();
+    for (at, ch) in text.chars().enumerate() {
+        let Stroke { code, mods } = keymap.stroke(ch).ok_or_else(|| KeyError::NotInKeymap { ch, at, keymap: keymap.name().into() })?;
+        let keys: &[u16] = match mods {
+            Mods::None => &[code],
+            Mods::Shift => &[KEY_LEFTSHIFT, code],
+            Mods::AltGr => &[KEY_RIGHTALT, code],
+            Mods::ShiftAltGr => &[KEY_LEFTSHIFT, KEY_RIGHTALT, code],
+        };
+        out.extend(press_release(keys));
+    }
+    let events = out.iter().map(Vec::len).sum();
+    if events > MAX_TEXT_EVENTS {
+        return Err(KeyError::TooManyEvents { chars: n, events });
     }
     Ok(out)
 }
@@ -413,6 +452,37 @@ mod tests {
         let long = "a".repeat(MAX_TEXT + 1);
         assert_eq!(us_text_reports(&long), Err(KeyError::TextTooLong(MAX_TEXT + 1)));
         assert_eq!(us_text_reports(&long[1..]).unwrap().len(), MAX_TEXT * 2);
+    }
+
+    #[test]
+    fn keymap_text_holds_shift_and_altgr_around_the_key_and_refuses_what_it_cannot_type() {
+        use crate::vm::keymap::{Keymap, KeymapError, Source};
+        use std::path::{Path, PathBuf};
+        struct One(&'static str);
+        impl Source for One {
+            fn keymap(&self, _: &str) -> Result<(PathBuf, String), KeymapError> {
+                Ok(("/mem/xx".into(), self.0.into()))
+            }
+            fn include(&self, from: &Path, name: &str) -> Result<(PathBuf, String), KeymapError> {
+                Err(KeymapError::Include { file: from.into(), include: name.into() })
+            }
+        }
+        let k = Keymap::parse("xx", &One("keymaps 0-3\nkeycode 42 = Shift\nkeycode 100 = AltGr\nkeycode 16 = q Q at euro\n")).unwrap();
+        let r = keymap_text_reports(&k, "qQ@€").unwrap();
+        let expect = [
+            key(16, true), key(16, false),
+            key(42, true), key(16, true), key(16, false), key(42, false),
+            key(100, true), key(16, true), key(16, false), key(100, false),
+            key(42, true), key(100, true), key(16, true), key(16, false), key(100, false), key(42, false),
+        ];
+        assert_eq!(r, expect);
+        let e = keymap_text_reports(&k, "q?").unwrap_err();
+        assert_eq!(e, KeyError::NotInKeymap { ch: '?', at: 1, keymap: "xx".into() });
+        assert!(e.to_string().starts_with("text character '?' at 1 has no key in the \"xx\" keymap"), "{e}");
+        // 6 reports of 2 records a character: the VMM's queue holds 341 of them, not 512.
+        assert_eq!(keymap_text_reports(&k, &"€".repeat(341)).unwrap().len(), 341 * 6);
+        assert_eq!(keymap_text_reports(&k, &"€".repeat(342)), Err(KeyError::TooManyEvents { chars: 342, events: 342 * 12 }));
+        assert_eq!(keymap_text_reports(&k, &"q".repeat(MAX_TEXT + 1)), Err(KeyError::TextTooLong(MAX_TEXT + 1)));
     }
 
     #[test]

@@ -64,7 +64,7 @@ pub struct Settings {
     pub hang: HangLimits,
     /// The system keymap chosen at install (system.toml's `keymap`): the layout `TypeText`
     /// types in.
-    pub keymap: String,
+    pub keymap: super::keymap::SystemKeymap,
     /// How long one VM's save may take before the guest is forced off instead.
     pub save_timeout: Duration,
     /// How long a cold start of a VM whose display follows the monitor waits for the
@@ -88,7 +88,7 @@ impl Settings {
             },
             up_timeout: Duration::from_secs(10),
             hang: HangLimits::default(),
-            keymap: super::keys::US.into(),
+            keymap: super::keymap::SystemKeymap::Us,
             save_timeout: Duration::from_secs(90),
             monitor_wait: Duration::ZERO,
         }
@@ -198,8 +198,8 @@ pub enum VmError {
     /// guest agent did not do its part).
     #[error("VM {name}: {reason}")]
     Failed { name: String, reason: String },
-    /// The request asks for something RayOS does not do yet (e.g. text in a keymap other
-    /// than "us").
+    /// The request asks for something RayOS does not do (e.g. text in a system keymap
+    /// whose file cannot be read).
     #[error("{0}")]
     NotSupported(String),
 }

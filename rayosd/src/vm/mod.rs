@@ -15,6 +15,7 @@
 //! - [`serial_tail`]: the end of a VM's serial console log, read in bounded memory.
 //! - [`serial_input`]: typing on a VM's serial console.
 //! - [`keys`]: key names, combos, the "us" text layout and tablet positions as input reports.
+//! - [`keymap`]: the system keymap's kbd file: which key and modifiers type each character.
 //! - [`input`]: injecting those reports on the VM's display channel (automation).
 //! - [`cli`]: `rayosctl vm …` (the API itself, `org.rayos.Vms1`, is `crate::api::vms`).
 
@@ -24,6 +25,7 @@ pub mod cli;
 pub mod display;
 pub mod hang;
 pub mod input;
+pub mod keymap;
 pub mod keys;
 pub mod manager;
 pub mod monitor;

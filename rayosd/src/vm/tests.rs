@@ -804,19 +804,66 @@ async fn injected_keys_text_and_clicks_reach_the_vmm_as_reports_in_order() {
     env.mgr.shutdown_all(Duration::from_secs(2)).await;
 }
 
-/// Text is typed in the system keymap; only "us" is built, another is refused by name.
+/// Text is typed in the system keymap read from its kbd file: each character's key inside the
+/// modifiers the file says (AltGr is KEY_RIGHTALT), and keys by name do not depend on it.
 #[tokio::test(flavor = "current_thread")]
-async fn text_in_a_keymap_other_than_us_is_refused_by_name() {
-    let env = setup("keymap", |s| s.keymap = "de-latin1".into());
+async fn text_is_typed_in_the_system_keymap_from_its_file() {
+    use super::keymap::{Keymap, Mods, Stroke, SystemKeymap};
+    let keymap = Keymap::load("de-latin1", Path::new("/usr/share/keymaps")).expect("console-data's de-latin1 (a build host package)");
+    let env = setup("keymap", |s| s.keymap = SystemKeymap::Loaded(Arc::new(keymap.clone())));
     let id = create_full(&env, "desk", "", false, false, RestartPolicy::OnFailure, Some(DisplayConfig::Fixed(DisplaySize::new(800, 600))));
     env.mgr.start("desk", false).unwrap();
     wait_state(&env, "desk", "running", Duration::from_secs(10)).await;
-    let e = env.mgr.type_text("desk", "y").await.unwrap_err();
-    assert!(matches!(e, super::manager::VmError::NotSupported(_)) && e.to_string().contains("\"de-latin1\""), "{e}");
+    assert_eq!(env.mgr.type_text("desk", "zy@Ä").await.unwrap(), 4);
+    // What the parser says, as the VMM got it: z on KEY_Y, y on KEY_Z, @ AltGr+Q, Ä Shift+'.
+    let mut want = Vec::new();
+    for ch in "zy@Ä".chars() {
+        let Stroke { code, mods } = keymap.stroke(ch).unwrap();
+        let held: &[u16] = match mods {
+            Mods::None => &[],
+            Mods::Shift => &[42],
+            Mods::AltGr => &[100],
+            Mods::ShiftAltGr => &[42, 100],
+        };
+        let keys: Vec<u16> = held.iter().copied().chain([code]).collect();
+        want.extend(keys.iter().map(|k| format!("kbd 1:{k}:1 0:0:0")));
+        want.extend(keys.iter().rev().map(|k| format!("kbd 1:{k}:0 0:0:0")));
+    }
+    #[rustfmt::skip]
+    let expect = [
+        "kbd 1:21:1 0:0:0", "kbd 1:21:0 0:0:0",
+        "kbd 1:44:1 0:0:0", "kbd 1:44:0 0:0:0",
+        "kbd 1:100:1 0:0:0", "kbd 1:16:1 0:0:0", "kbd 1:16:0 0:0:0", "kbd 1:100:0 0:0:0",
+        "kbd 1:42:1 0:0:0", "kbd 1:40:1 0:0:0", "kbd 1:40:0 0:0:0", "kbd 1:42:0 0:0:0",
+    ];
+    assert_eq!(want, expect);
+    assert_eq!(input_log(&env, &id, 12).await, expect);
+
+    // A character the layout cannot type is refused naming it and the layout; nothing is sent.
+    let e = env.mgr.type_text("desk", "a€").await.unwrap_err();
+    assert!(matches!(e, super::manager::VmError::Invalid(_)), "{e}");
+    assert!(e.to_string().contains("'€' at 1") && e.to_string().contains("\"de-latin1\" keymap"), "{e}");
     // Keys by name do not depend on the layout.
     env.mgr.key_input("desk", "y").await.unwrap();
-    assert_eq!(input_log(&env, &id, 2).await, ["kbd 1:21:1 0:0:0", "kbd 1:21:0 0:0:0"]);
+    assert_eq!(input_log(&env, &id, 14).await[12..], ["kbd 1:21:1 0:0:0", "kbd 1:21:0 0:0:0"]);
     env.mgr.shutdown_all(Duration::from_secs(2)).await;
+}
+
+/// A system keymap whose file could not be used refuses text with the reason, naming the file.
+#[tokio::test(flavor = "current_thread")]
+async fn text_in_an_unusable_system_keymap_is_refused_with_why() {
+    let env = setup("badkeymap", |_| {});
+    let dir = env.dir.join("keymaps");
+    std::fs::create_dir_all(dir.join("i386/qwertz")).unwrap();
+    std::fs::write(dir.join("i386/qwertz/xx.kmap"), "keymaps 0-1\nkeycode 16 = q nosuchsym\n").unwrap();
+    let keymap = super::keymap::SystemKeymap::load("xx", &dir);
+    let mut settings = Settings::new(env.dir.join("fake-vmm"), Paths::under(&env.dir.join("other")));
+    settings.keymap = keymap;
+    let mgr = VmManager::open(Arc::new(Reaper::new()), settings).unwrap();
+    let e = mgr.type_text("desk", "q").await.unwrap_err();
+    assert!(matches!(e, super::manager::VmError::NotSupported(_)), "{e}");
+    let msg = e.to_string();
+    assert!(msg.contains("\"xx\"") && msg.contains("i386/qwertz/xx.kmap:2: unknown keysym \"nosuchsym\""), "{msg}");
 }
 
 /// A VMM that never reads its display channel makes the call fail, saying so, once the
