@@ -7,9 +7,9 @@
 //! through `popen("gzip -d -c")`, and the initramfs has neither gzip nor a shell (the archive is
 //! zstd-compressed as a whole, so nothing is lost).
 
-use std::io::Read;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
+use kbd_keymaps::KeymapDir;
 use thiserror::Error;
 
 /// Where loadkeys looks for keymaps (its `/usr/share/keymaps/**`).
@@ -38,106 +38,41 @@ pub struct KeymapFile {
 /// The keymaps `names` and every file they include, under `root` (console-data's
 /// `/usr/share/keymaps`). Each file once, in a stable order.
 pub fn resolve(root: &Path, names: &[&str]) -> Result<Vec<KeymapFile>, KeymapsError> {
+    let dir = KeymapDir(root.to_path_buf());
     let mut out: Vec<KeymapFile> = Vec::new();
     for name in names {
-        let rel = find_keymap(root, name)?;
-        add(root, &rel, &mut out, 0)?;
+        let path = dir.keymap(name).map_err(|e| match e {
+            kbd_keymaps::Error::NotFound { .. } => KeymapsError::NotFound { name: name.to_string(), root: root.to_path_buf() },
+            kbd_keymaps::Error::Io(p, e) => KeymapsError::Io(p, e),
+        })?;
+        add(&dir, &path, &mut out, 0)?;
     }
     Ok(out)
 }
 
-fn add(root: &Path, rel: &Path, out: &mut Vec<KeymapFile>, depth: usize) -> Result<(), KeymapsError> {
-    let source = root.join(rel);
+fn add(dir: &KeymapDir, source: &Path, out: &mut Vec<KeymapFile>, depth: usize) -> Result<(), KeymapsError> {
     if depth > 10 {
-        return Err(KeymapsError::TooDeep { file: source });
+        return Err(KeymapsError::TooDeep { file: source.to_path_buf() });
     }
+    let rel = source.strip_prefix(&dir.0).expect("kbd_keymaps finds files under its directory");
     let dest = format!("{KEYMAP_DIR}/{}", rel.to_string_lossy().trim_end_matches(".gz"));
     if out.iter().any(|f| f.dest == dest) {
         return Ok(());
     }
-    let data = read(&source)?;
+    // console-data's largest keymap is a few KiB; this only bounds a broken tree.
+    let data = kbd_keymaps::read(source, 16 << 20).map_err(|e| match e {
+        kbd_keymaps::Error::Io(p, e) => KeymapsError::Io(p, e),
+        e => KeymapsError::Io(source.to_path_buf(), std::io::Error::other(e.to_string())),
+    })?;
     let includes = includes(&data);
-    out.push(KeymapFile { dest, source: source.clone(), data });
-    let dir = rel.parent().unwrap_or(Path::new(""));
+    out.push(KeymapFile { dest, source: source.to_path_buf(), data });
     for inc in includes {
-        let found = find_include(root, dir, &inc)
-            .ok_or_else(|| KeymapsError::Include { file: source.clone(), include: inc.clone(), root: root.to_path_buf() })?;
-        add(root, &found, out, depth + 1)?;
+        let found = dir
+            .include(source, &inc)
+            .ok_or_else(|| KeymapsError::Include { file: source.to_path_buf(), include: inc.clone(), root: dir.0.clone() })?;
+        add(dir, &found, out, depth + 1)?;
     }
     Ok(())
-}
-
-/// `NAME.kmap(.gz)` anywhere under `root/i386` (console-data's PC layouts; the names are
-/// unique there).
-fn find_keymap(root: &Path, name: &str) -> Result<PathBuf, KeymapsError> {
-    let i386 = root.join("i386");
-    let dirs = std::fs::read_dir(&i386).map_err(|e| KeymapsError::Io(i386.clone(), e))?;
-    let mut subdirs: Vec<PathBuf> = dirs.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.is_dir()).collect();
-    subdirs.sort();
-    for d in subdirs {
-        for suffix in [".kmap", ".kmap.gz"] {
-            let p = d.join(format!("{name}{suffix}"));
-            if p.is_file() {
-                return Ok(p.strip_prefix(root).expect("under root").to_path_buf());
-            }
-        }
-    }
-    Err(KeymapsError::NotFound { name: name.to_string(), root: root.to_path_buf() })
-}
-
-/// Where loadkeys (kbd 2.5, libkeymap's `find_incl_file`) finds `include "inc"` of a file in
-/// `dir`: next to it, in `../include` and `../../include`, then the standard include
-/// directories; as named or with `.inc`.
-fn find_include(root: &Path, dir: &Path, inc: &str) -> Option<PathBuf> {
-    let dirs = [
-        dir.to_path_buf(),
-        dir.join("../include"),
-        dir.join("../../include"),
-        PathBuf::from("include"),
-        PathBuf::from("i386/include"),
-        PathBuf::from("mac/include"),
-    ];
-    for d in dirs {
-        let Some(d) = normalise(&d) else { continue };
-        for suffix in ["", ".inc"] {
-            for z in ["", ".gz"] {
-                let rel = d.join(format!("{inc}{suffix}{z}"));
-                if root.join(&rel).is_file() {
-                    return Some(rel);
-                }
-            }
-        }
-    }
-    None
-}
-
-/// `a/b/../c` as `a/c`; None when it leaves the keymap directory.
-fn normalise(p: &Path) -> Option<PathBuf> {
-    let mut out = PathBuf::new();
-    for c in p.components() {
-        match c {
-            Component::Normal(n) => out.push(n),
-            Component::ParentDir => {
-                if !out.pop() {
-                    return None;
-                }
-            }
-            Component::CurDir => {}
-            Component::RootDir | Component::Prefix(_) => return None,
-        }
-    }
-    Some(out)
-}
-
-fn read(path: &Path) -> Result<Vec<u8>, KeymapsError> {
-    let raw = std::fs::read(path).map_err(|e| KeymapsError::Io(path.to_path_buf(), e))?;
-    if path.extension().is_some_and(|e| e == "gz") {
-        let mut data = Vec::new();
-        flate2::read::GzDecoder::new(&raw[..]).read_to_end(&mut data).map_err(|e| KeymapsError::Io(path.to_path_buf(), e))?;
-        Ok(data)
-    } else {
-        Ok(raw)
-    }
 }
 
 /// The names in a keymap's `include "NAME"` lines.
@@ -221,7 +156,5 @@ mod tests {
     #[test]
     fn includes_are_read_as_loadkeys_reads_them() {
         assert_eq!(includes(b"# include \"not\"\n\tinclude \"a\"\ninclude\"b.inc\" # x\nkeycode 1 = include\n"), ["a", "b.inc"]);
-        assert_eq!(normalise(Path::new("i386/qwertz/../include")), Some(PathBuf::from("i386/include")));
-        assert_eq!(normalise(Path::new("i386/../../etc")), None);
     }
 }

@@ -12,8 +12,7 @@
 //! Source of a keymap directory.
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::Read;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 /// Where console-data's keymaps are (the initramfs has them there, uncompressed).
@@ -68,97 +67,41 @@ pub trait Source {
     fn include(&self, from: &Path, name: &str) -> Result<(PathBuf, String), KeymapError>;
 }
 
-/// A keymap directory laid out as console-data's: layouts under `i386/<family>/NAME.kmap`,
-/// includes found as loadkeys finds them; files may be gzip'd (a build host's are).
+/// A keymap directory laid out as console-data's (`kbd_keymaps::KeymapDir`: found as
+/// loadkeys finds them; files may be gzip'd, as a build host's are).
 pub struct Dir(pub PathBuf);
 
 impl Source for Dir {
     fn keymap(&self, name: &str) -> Result<(PathBuf, String), KeymapError> {
-        let i386 = self.0.join("i386");
-        // A name is a file name, not a path: "../x" must not reach outside the directory.
-        if !name.is_empty() && !name.contains('/') && name != ".." {
-            let families = std::fs::read_dir(&i386).map_err(|e| KeymapError::Io(i386.clone(), e))?;
-            let mut families: Vec<PathBuf> = families.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.is_dir()).collect();
-            families.sort();
-            for family in families {
-                for suffix in [".kmap", ".kmap.gz"] {
-                    let p = family.join(format!("{name}{suffix}"));
-                    if p.is_file() {
-                        let text = read_text(&p)?;
-                        return Ok((p, text));
-                    }
-                }
-            }
-        }
-        Err(KeymapError::NotFound { name: name.into(), dir: self.0.clone() })
+        let path = kbd_keymaps::KeymapDir(self.0.clone()).keymap(name).map_err(KeymapError::from)?;
+        let text = read_text(&path)?;
+        Ok((path, text))
     }
 
-    /// As kbd 2.5's libkeymap (`find_incl_file`): next to the including file, in `../include`
-    /// and `../../include`, then the standard include directories; as named or with `.inc`.
     fn include(&self, from: &Path, name: &str) -> Result<(PathBuf, String), KeymapError> {
-        let not_found = || KeymapError::Include { file: from.to_path_buf(), include: name.into() };
-        let rel = from.strip_prefix(&self.0).map_err(|_| not_found())?;
-        let dir = rel.parent().unwrap_or(Path::new(""));
-        let dirs = [
-            dir.to_path_buf(),
-            dir.join("../include"),
-            dir.join("../../include"),
-            PathBuf::from("include"),
-            PathBuf::from("i386/include"),
-            PathBuf::from("mac/include"),
-        ];
-        for d in dirs {
-            let Some(d) = normalise(&d.join(name)) else { continue };
-            for suffix in ["", ".inc"] {
-                for z in ["", ".gz"] {
-                    let mut p = self.0.join(&d).into_os_string();
-                    p.push(format!("{suffix}{z}"));
-                    let p = PathBuf::from(p);
-                    if p.is_file() {
-                        let text = read_text(&p)?;
-                        return Ok((p, text));
-                    }
-                }
-            }
-        }
-        Err(not_found())
+        let path = kbd_keymaps::KeymapDir(self.0.clone())
+            .include(from, name)
+            .ok_or_else(|| KeymapError::Include { file: from.to_path_buf(), include: name.into() })?;
+        let text = read_text(&path)?;
+        Ok((path, text))
     }
 }
 
-/// `a/b/../c` as `a/c`; None when it leaves the keymap directory.
-fn normalise(p: &Path) -> Option<PathBuf> {
-    let mut out = PathBuf::new();
-    for c in p.components() {
-        match c {
-            Component::Normal(n) => out.push(n),
-            Component::ParentDir => {
-                if !out.pop() {
-                    return None;
-                }
-            }
-            Component::CurDir => {}
-            Component::RootDir | Component::Prefix(_) => return None,
+impl From<kbd_keymaps::Error> for KeymapError {
+    fn from(e: kbd_keymaps::Error) -> Self {
+        match e {
+            kbd_keymaps::Error::NotFound { name, dir } => KeymapError::NotFound { name, dir },
+            kbd_keymaps::Error::Io(path, e) => KeymapError::Io(path, e),
         }
     }
-    Some(out)
 }
 
-/// A keymap file's text: gunzipped when it ends in `.gz`; bytes that are not UTF-8 (a few
-/// console-data comments are Latin-1) become U+FFFD, which no symbol name contains.
+/// A keymap file's text; bytes that are not UTF-8 (a few console-data comments are Latin-1)
+/// become U+FFFD, which no symbol name contains.
 fn read_text(path: &Path) -> Result<String, KeymapError> {
     // Bigger than any keymap by far: a hostile file must not fill PID 1's memory.
     const MAX: u64 = 1 << 20;
-    let f = std::fs::File::open(path).map_err(|e| KeymapError::Io(path.to_path_buf(), e))?;
-    let mut data = Vec::new();
-    let read = if path.extension().is_some_and(|e| e == "gz") {
-        flate2::read::GzDecoder::new(f).take(MAX + 1).read_to_end(&mut data)
-    } else {
-        f.take(MAX + 1).read_to_end(&mut data)
-    };
-    read.map_err(|e| KeymapError::Io(path.to_path_buf(), e))?;
-    if data.len() as u64 > MAX {
-        return Err(KeymapError::Io(path.to_path_buf(), std::io::Error::other(format!("larger than {MAX} bytes"))));
-    }
+    let data = kbd_keymaps::read(path, MAX)?;
     Ok(String::from_utf8_lossy(&data).into_owned())
 }
 
