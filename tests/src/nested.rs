@@ -54,6 +54,7 @@ pub struct Outer {
     builder: QemuBuilder,
     ird: Initramfs,
     runs: Vec<String>,
+    kernel_args: Vec<String>,
 }
 
 impl Outer {
@@ -69,7 +70,7 @@ impl Outer {
         for d in ["/dev", "/proc", "/sys", "/tmp", "/run"] {
             ird.dir(d, 0o755).unwrap();
         }
-        Outer { builder, ird, runs: Vec::new() }
+        Outer { builder, ird, runs: Vec::new(), kernel_args: Vec::new() }
     }
 
     /// The test's folder on the host.
@@ -80,6 +81,12 @@ impl Outer {
     /// A host file in the outer initramfs.
     pub fn file(&mut self, path: &str, src: &Path, mode: u32) -> &mut Self {
         self.ird.file(path, src, mode).unwrap();
+        self
+    }
+
+    /// One more argument on the outer kernel's command line.
+    pub fn kernel_arg(&mut self, arg: &str) -> &mut Self {
+        self.kernel_args.push(arg.to_string());
         self
     }
 
@@ -118,12 +125,16 @@ impl Outer {
     }
 
     pub fn boot(self, timeout: Duration) -> String {
-        let Outer { builder, ird, runs } = self;
+        let Outer { builder, ird, runs, kernel_args } = self;
         let outer = builder.workdir().join("outer-initrd");
         ird.write(&outer).unwrap();
         let a = artifacts();
         let mut q = builder
-            .direct_kernel(&a.kernel, &outer, &format!("console=ttyS0 panic=-1 quiet rayos.shmem_thp=advise rayos.vmmtest={}", runs.join(",")))
+            .direct_kernel(
+                &a.kernel,
+                &outer,
+                &format!("console=ttyS0 panic=-1 quiet rayos.shmem_thp=advise rayos.vmmtest={} {}", runs.join(","), kernel_args.join(" ")),
+            )
             .memory_mib(2048)
             .cpus(2)
             .no_reboot()

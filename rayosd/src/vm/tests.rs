@@ -282,6 +282,20 @@ async fn start_pause_resume_stop_are_seen_by_the_guest() {
     }
     // last_booted_at was recorded in the registry.
     assert!(env.mgr.record("deb").unwrap().last_booted_at.is_some());
+
+    // A fresh boot's log is its own from the start: the last run's lines are gone before the
+    // new VMM writes any (this fake VMM appends, so only rayosd can have emptied it).
+    std::fs::write(serial_tail_rotated(&serial), "older run\n").unwrap();
+    env.mgr.start("deb", false).unwrap();
+    wait_state(&env, "deb", "running", Duration::from_secs(5)).await;
+    let logs = env.mgr.logs("deb", 1000).unwrap();
+    assert!(!logs.contains("power button") && !logs.contains("older run"), "the last run's log is shown as this one's:\n{logs}");
+    env.mgr.stop("deb", true).unwrap();
+    wait_state(&env, "deb", "stopped", Duration::from_secs(3)).await;
+}
+
+fn serial_tail_rotated(serial: &std::path::Path) -> std::path::PathBuf {
+    super::serial_tail::rotated(serial)
 }
 
 #[tokio::test(flavor = "current_thread")]

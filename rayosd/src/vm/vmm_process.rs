@@ -112,6 +112,20 @@ fn place_fd(fd: i32, target: i32) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Empties the serial log of the VM's last run before a fresh boot (a resume continues it).
+/// The new VMM empties it too, but only once it runs: until then `vm logs` answered with
+/// the last run's lines as if they were this one's (a test saw its heartbeats and took the
+/// new boot for up). The file is truncated, not removed: it belongs to the VM's own user,
+/// which the VMM runs as. Its rotated predecessor goes, being older still.
+fn forget_last_run_log(serial_log: &Path) {
+    match std::fs::OpenOptions::new().write(true).truncate(true).open(serial_log) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!("emptying {} before a fresh boot: {e}", serial_log.display()),
+    }
+    let _ = std::fs::remove_file(super::serial_tail::rotated(serial_log));
+}
+
 /// Writes the spec and starts `vmm_bin --spec FILE --control-fd 3 [--display-fd 4]`. Its stdout/stderr go to
 /// the log under `vm <name>`. Must run on the runtime that runs the reaper (registration is in
 /// this call).
@@ -131,6 +145,9 @@ pub fn spawn(reaper: &Reaper, vmm_bin: &Path, vm: &VmRecord, files: &VmFiles, sp
     // A socket left by a VMM that was killed would make the new one refuse to start.
     let _ = std::fs::remove_file(&files.control_socket);
     let _ = std::fs::remove_file(&files.agent_socket);
+    if restore.is_none() {
+        forget_last_run_log(&files.serial_log);
+    }
 
     let spawn_err = |source| VmmError::Spawn { bin: vmm_bin.to_path_buf(), source };
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(spawn_err)?;

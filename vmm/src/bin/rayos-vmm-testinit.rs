@@ -252,6 +252,16 @@ fn main() {
         });
         println!("testinit: compacting memory every {ms} ms");
     }
+    // `rayos.wait_tsc_refined`: the runs start after the kernel's second TSC calibration (its
+    // clocksource moves off tsc-early then), so that a vCPU sees the refined rate.
+    if cmdline.split_whitespace().any(|w| w == "rayos.wait_tsc_refined") {
+        let t0 = Instant::now();
+        let current = || fs::read_to_string("/sys/devices/system/clocksource/clocksource0/current_clocksource").unwrap_or_default();
+        while current().trim() == "tsc-early" && t0.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        println!("testinit: clocksource {} after {} ms", current().trim(), t0.elapsed().as_millis());
+    }
     println!("testinit: kvm={} tests={tests}", std::path::Path::new("/dev/kvm").exists());
     let mut background: Vec<(String, std::process::Child, Instant, std::thread::JoinHandle<()>)> = Vec::new();
     for name in tests.split(',').filter(|t| !t.is_empty()) {
