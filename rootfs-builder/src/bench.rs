@@ -47,6 +47,10 @@ pub enum What {
     /// agent ready of the same guest in the same run; and the time saving adds to a power-off.
     /// Fails unless the resume reaches the agent within 0.1x of the cold start.
     Resume,
+    /// The compositor's compose cost per frame (a guest frame onto 1080p and 2160p outputs,
+    /// 1:1 and scaled) beside copying the same frame once, in the same run. Fails unless
+    /// compose at 1080p takes at most 2 ms.
+    Display,
     /// Run the VMM's cargo-fuzz targets (virtio queue/chain and virtio-blk request parsing)
     /// for a bounded time each; installs cargo-fuzz if missing. Fails on a crash.
     Fuzz {
@@ -63,7 +67,23 @@ pub fn run(what: What) -> Result<()> {
         What::Install { runs } => install(runs.max(1)),
         What::Vms { starts } => vms(starts.max(1)),
         What::Resume => resume(),
+        What::Display => display(),
     }
+}
+
+/// `cargo bench -p compositor --bench compose` (compositor/benches/compose.rs prints the
+/// table and exits non-zero when a target is not met).
+fn display() -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = std::process::Command::new(&cargo)
+        .args(["bench", "-p", "compositor", "--bench", "compose"])
+        .current_dir(crate::paths::workspace())
+        .status()
+        .with_context(|| format!("running {cargo} bench -p compositor --bench compose"))?;
+    if !status.success() {
+        bail!("display: the compose bench failed ({status}); its table above names the unmet target");
+    }
+    Ok(())
 }
 
 /// Wait until a line containing `needle` appears in the serial log; return it.
