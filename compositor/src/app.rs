@@ -176,7 +176,8 @@ pub struct App {
     opening: HashSet<String>,
     next_gen: u64,
     screen: Screen,
-    vt: Option<crate::vt::GraphicsMode>,
+    /// Whether rayosd was asked to put the console in graphics mode (`HoldConsole`).
+    console_held: bool,
     last_layout: Vec<String>,
     dri: PathBuf,
     /// The physical keyboards show the presented VM's LEDs.
@@ -251,6 +252,22 @@ impl App {
             match r {
                 Ok(what) => tracing::info!("told rayosd the primary monitor: {what}"),
                 Err(e) => tracing::warn!("telling rayosd the primary monitor: {e}"),
+            }
+        });
+    }
+
+    /// Asks rayosd to keep the console in graphics mode (fbcon off our screen) for as long as
+    /// our connection lasts; rayosd puts it back to text when we are gone, however we ended.
+    /// Once there is a monitor to hold.
+    fn hold_console(&mut self) {
+        if self.console_held || self.screen.canvases.is_empty() {
+            return;
+        }
+        self.console_held = true;
+        let p = self.p.clone();
+        tokio::task::spawn_local(async move {
+            if let Err(e) = p.display.hold_console().await {
+                tracing::warn!("asking rayosd for the console's graphics mode: {e}; kernel text may show over the screen");
             }
         });
     }
@@ -639,7 +656,6 @@ pub async fn run_with(
     if screen.canvases.is_empty() {
         tracing::warn!("no connected monitor on any card in {}; looking again every 2 s", dri.display());
     }
-    let vt = (!screen.canvases.is_empty()).then(crate::vt::GraphicsMode::enter).flatten();
     // From here on the screen is ours: a signal must end us through the drops that give it back.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -667,12 +683,13 @@ pub async fn run_with(
         opening: HashSet::new(),
         next_gen: 0,
         screen,
-        vt,
+        console_held: false,
         last_layout: Vec::new(),
         dri,
         leds: watch::channel(Leds::default()).0,
         reported: None,
     };
+    app.hold_console();
     app.report_monitor();
     app.refresh_vms();
     {
@@ -722,9 +739,7 @@ pub async fn run_with(
                     app.report_monitor();
                     let (w, h) = app.screen.primary_size();
                     app.router.set_output(w, h);
-                    if app.vt.is_none() && !app.screen.canvases.is_empty() {
-                        app.vt = crate::vt::GraphicsMode::enter();
-                    }
+                    app.hold_console();
                     let names: Vec<String> = app.displays.keys().cloned().collect();
                     for vm in names {
                         app.rebuild_scalers(&vm);

@@ -11,4 +11,3 @@ pub mod home;
 pub mod output;
 pub mod present;
 pub mod route;
-pub mod vt;

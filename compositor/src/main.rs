@@ -87,6 +87,7 @@ fn main() -> anyhow::Result<()> {
     if let Some(out) = &args.headless_render {
         return headless(&args, out);
     }
+    tracing::info!("{}", privileges());
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the tokio runtime")?;
     let local = tokio::task::LocalSet::new();
     let r = local.block_on(&rt, compositor::app::run(args.socket, args.dri, args.input));
@@ -94,6 +95,19 @@ fn main() -> anyhow::Result<()> {
     let _rt = rt.enter();
     drop(local);
     r
+}
+
+/// Who this process runs as, from the kernel's own view (`/proc/self/status`): rayosd starts
+/// the compositor as its own unprivileged user; the log line says so, and tests read it.
+fn privileges() -> String {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |k: &str| status.lines().find_map(|l| l.strip_prefix(k)).map(|v| v.split_whitespace().next().unwrap_or("?").to_string());
+    format!(
+        "running as uid {} gid {}, effective capabilities {}",
+        field("Uid:").unwrap_or_else(|| "?".into()),
+        field("Gid:").unwrap_or_else(|| "?".into()),
+        field("CapEff:").unwrap_or_else(|| "?".into())
+    )
 }
 
 #[cfg(test)]

@@ -48,6 +48,7 @@ pub trait Display1 {
     fn open_channel(&self, vm: &str) -> zbus::Result<zbus::zvariant::OwnedFd>;
     fn report_primary_mode(&self, width: u32, height: u32) -> zbus::Result<()>;
     fn report_no_monitor(&self) -> zbus::Result<()>;
+    fn hold_console(&self) -> zbus::Result<()>;
     #[zbus(signal)]
     fn presentation_changed(&self, vm: &str) -> zbus::Result<()>;
 }

@@ -20,6 +20,7 @@ pub mod power;
 pub mod procfs;
 pub mod reaper;
 pub mod restart;
+pub mod screen;
 pub mod session;
 pub mod supervisor;
 pub mod timeline;

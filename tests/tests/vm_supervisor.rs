@@ -1032,8 +1032,17 @@ fn compositor_home_screen_present_and_hide() {
     wait_vm(&q, "work", "running with its agent", GUEST_TIMEOUT, |v| v["agent_ready"] == true);
     // The compositor says where it drew each VM; the screen must show the same.
     q.wait_for("layout home vm=spare", BOOT_TIMEOUT).unwrap();
-    let home = q.wait_screen("work", Duration::from_secs(60)).unwrap();
-    for text in ["spare", "stopped", "running"] {
+    // It runs as its own user with no capabilities (rayosd gave it the screen's devices), and
+    // still drew the home screen, reported the monitor and (below) shows a VM.
+    let who = q.wait_for("compositor:  INFO running as uid", BOOT_TIMEOUT).unwrap();
+    assert!(who.contains("running as uid 1999000001 gid 1999000001, effective capabilities 0000000000000000"), "{who}");
+    // rayosd put the console in graphics mode for it (an unprivileged process cannot).
+    q.wait_for("rayosd: display: the console is in graphics mode while the compositor holds the screen", BOOT_TIMEOUT).unwrap();
+    assert!(!q.serial_log().contains("KDSETMODE"), "a console mode change failed");
+    // "running" once the compositor has heard that the guest is up (until then the row says
+    // "starting (hidden)").
+    let home = q.wait_screen("running", Duration::from_secs(60)).unwrap();
+    for text in ["work", "spare", "stopped"] {
         assert!(rayos_tests::ocr_contains(&home, text), "the home screen does not show {text:?}; OCR read:\n{home}");
     }
     assert_eq!(ctl_ok(&q, &["presented"])["presented"], "");
@@ -1071,7 +1080,12 @@ fn compositor_home_screen_present_and_hide() {
     // A killed compositor comes back; the VM never noticed.
     let beat = wait_vm(&q, "work", "a heartbeat", GUEST_TIMEOUT, |v| v["agent_heartbeat"].as_u64() > Some(0))["agent_heartbeat"].as_u64().unwrap();
     let pid = ctl_ok(&q, &["service", "show", "compositor"])["pid"].as_u64().unwrap();
+    let mark = q.log_len();
     ctl_ok(&q, &["service", "kill", "compositor", "--signal", "KILL"]);
+    // Killed, it gave nothing back itself: rayosd put the console back to text, and into
+    // graphics mode again for the restarted compositor.
+    q.wait_for_line_after(mark, |l| l.contains("the compositor let go of the screen; the console shows text again"), "text mode after the kill", Duration::from_secs(30)).unwrap();
+    q.wait_for_line_after(mark, |l| l.contains("the console is in graphics mode while the compositor holds the screen"), "graphics mode again", Duration::from_secs(60)).unwrap();
     let t = Instant::now();
     loop {
         let s = ctl_ok(&q, &["service", "show", "compositor"]);

@@ -6,22 +6,34 @@
 //! The caller is the socket's peer, from SO_PEERCRED as zbus reads it. Over the virtio-serial
 //! bridge the peer is rayosd itself (root): whoever can open the host side owns the VM anyway.
 
+/// The methods the screen's own user (the compositor, which runs unprivileged) may call:
+/// what the home screen's keys do, and showing a VM. Nothing that creates, deletes or types.
+pub const SCREEN_METHODS: &[&str] =
+    &["Present", "Hide", "OpenChannel", "ReportPrimaryMode", "ReportNoMonitor", "HoldConsole", "StartVm", "StopVm", "PowerOff", "Reboot"];
+
 /// The uids allowed the privileged methods.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Access {
     /// Allowed as well as root.
     owner: Option<u32>,
+    /// Allowed [`SCREEN_METHODS`] only.
+    screen: Option<u32>,
 }
 
 impl Access {
-    /// rayosd as PID 1: root only.
+    /// Root only.
     pub const fn root_only() -> Access {
-        Access { owner: None }
+        Access { owner: None, screen: None }
     }
 
     /// Root and `uid` (systemless: the user who started it). `root_or(0)` is root only.
     pub const fn root_or(uid: u32) -> Access {
-        Access { owner: if uid == 0 { None } else { Some(uid) } }
+        Access { owner: if uid == 0 { None } else { Some(uid) }, screen: None }
+    }
+
+    /// Also lets `uid`, the compositor's user, call [`SCREEN_METHODS`] (rayosd as PID 1).
+    pub const fn with_screen(self, uid: u32) -> Access {
+        Access { screen: Some(uid), ..self }
     }
 
     /// Root and the user this process runs as (systemless).
@@ -48,6 +60,10 @@ impl Access {
     pub fn check(&self, method: &str, uid: Option<u32>) -> Result<(), Denied> {
         match uid {
             Some(uid) if self.allows(uid) => Ok(()),
+            Some(uid) if self.screen == Some(uid) && SCREEN_METHODS.contains(&method) => Ok(()),
+            Some(uid) if self.screen == Some(uid) => {
+                Err(Denied(format!("{method} needs {}; caller uid {uid} is the compositor's, which may call only {}", self.who(), SCREEN_METHODS.join(", "))))
+            }
             Some(uid) => Err(Denied(format!("{method} needs {}; caller uid is {uid}", self.who()))),
             None => Err(Denied(format!("{method} needs {}; the caller's uid is unknown", self.who()))),
         }
@@ -78,6 +94,20 @@ pub async fn require_root(conn: &zbus::Connection, access: Access, method: &str)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_compositor_may_show_start_and_stop_but_not_create_type_or_delete() {
+        let a = Access::root_only().with_screen(1_999_000_001);
+        for m in ["Present", "OpenChannel", "StartVm", "StopVm", "PowerOff", "ReportPrimaryMode"] {
+            assert_eq!(a.check(m, Some(1_999_000_001)), Ok(()), "{m}");
+        }
+        for m in ["CreateVm", "DeleteVm", "TypeText", "KeyInput", "GuestScreen", "Logs", "SerialInput", "SignalVmm"] {
+            let e = a.check(m, Some(1_999_000_001)).unwrap_err().0;
+            assert!(e.contains(&format!("{m} needs root")) && e.contains("the compositor's"), "{e}");
+        }
+        assert!(a.check("Present", Some(1000)).is_err(), "another user is not the compositor");
+        assert_eq!(a.check("CreateVm", Some(0)), Ok(()));
+    }
 
     #[test]
     fn pid1_allows_only_root() {

@@ -152,13 +152,21 @@ impl ControlServer {
 /// Serves one client's D-Bus connection on `stream` until the client goes away: every
 /// interface, on one connection.
 pub async fn serve_stream(stream: tokio::net::UnixStream, system: Arc<System>) -> zbus::Result<()> {
+    static NEXT_CONNECTION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let conn_id = NEXT_CONNECTION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let r = serve_connection(stream, system.clone(), conn_id).await;
+    system.console().connection_ended(conn_id);
+    r
+}
+
+async fn serve_connection(stream: tokio::net::UnixStream, system: Arc<System>, conn_id: u64) -> zbus::Result<()> {
     let vms = system.vms().cloned();
     let conn = zbus::connection::Builder::unix_stream(stream)
         .server(zbus::Guid::generate())?
         .p2p()
         .serve_at(OBJECT_PATH, ControlServer { system: system.clone() })?
         .serve_at(vms::OBJECT_PATH, vms::VmsServer::new(system.clone()))?
-        .serve_at(display::OBJECT_PATH, display::DisplayServer::new(system.clone()))?
+        .serve_at(display::OBJECT_PATH, display::DisplayServer::new(system.clone(), conn_id))?
         .build()
         .await?;
     if let Some(m) = vms {

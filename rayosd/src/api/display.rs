@@ -59,11 +59,13 @@ impl Presentation {
 /// The object served at [`OBJECT_PATH`].
 pub struct DisplayServer {
     system: Arc<System>,
+    /// This connection's number, for [`ConsoleHolder`].
+    conn_id: u64,
 }
 
 impl DisplayServer {
-    pub fn new(system: Arc<System>) -> DisplayServer {
-        DisplayServer { system }
+    pub fn new(system: Arc<System>, conn_id: u64) -> DisplayServer {
+        DisplayServer { system, conn_id }
     }
 
     fn mgr(&self) -> Result<&Arc<VmManager>, VmApiError> {
@@ -143,6 +145,14 @@ impl DisplayServer {
         Ok(())
     }
 
+    /// The console in graphics mode for as long as this connection lasts: the compositor
+    /// holds the screen, fbcon stops drawing over it. When the connection ends (the
+    /// compositor exited, crashed or was killed), rayosd puts it back to text.
+    async fn hold_console(&self, #[zbus(connection)] conn: &zbus::Connection) -> Result<(), VmApiError> {
+        require_root(conn, self.system.access(), "HoldConsole").await?;
+        self.system.console().hold(self.conn_id).map_err(|e| VmApiError::Failed(format!("HoldConsole: /dev/tty0: KDSETMODE: {e}")))
+    }
+
     #[zbus(signal)]
     async fn presentation_changed(emitter: &zbus::object_server::SignalEmitter<'_>, vm: &str) -> zbus::Result<()>;
 }
@@ -198,5 +208,36 @@ mod tests {
         assert!(!rx.has_changed().unwrap());
         assert!(p.set(""));
         assert_eq!(p.current(), "");
+    }
+}
+
+/// Which connection holds the console in graphics mode. The holder's end puts it back to
+/// text; an older connection ending after a newer one took the console (a compositor
+/// restarted before its predecessor's socket closed) changes nothing.
+#[derive(Default)]
+pub struct ConsoleHolder {
+    holder: std::sync::Mutex<Option<u64>>,
+}
+
+impl ConsoleHolder {
+    pub fn hold(&self, conn_id: u64) -> std::io::Result<()> {
+        crate::screen::console_mode(true)?;
+        if self.holder.lock().unwrap().replace(conn_id).is_none() {
+            tracing::info!("display: the console is in graphics mode while the compositor holds the screen");
+        }
+        Ok(())
+    }
+
+    /// Called when connection `conn_id` ends.
+    pub fn connection_ended(&self, conn_id: u64) {
+        let mut h = self.holder.lock().unwrap();
+        if *h != Some(conn_id) {
+            return;
+        }
+        *h = None;
+        match crate::screen::console_mode(false) {
+            Ok(()) => tracing::info!("display: the compositor let go of the screen; the console shows text again"),
+            Err(e) => tracing::warn!("display: /dev/tty0: KDSETMODE KD_TEXT: {e}"),
+        }
     }
 }

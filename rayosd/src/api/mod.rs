@@ -66,6 +66,7 @@ pub struct System {
     vms: OnceLock<Arc<VmManager>>,
     access: Access,
     display: display::Presentation,
+    console: display::ConsoleHolder,
 }
 
 impl System {
@@ -78,6 +79,7 @@ impl System {
             vms: OnceLock::new(),
             access: Access::root_only(),
             display: display::Presentation::default(),
+            console: display::ConsoleHolder::default(),
         }
     }
 
@@ -95,6 +97,11 @@ impl System {
 
     pub fn vms(&self) -> Option<&Arc<VmManager>> {
         self.vms.get()
+    }
+
+    /// Which control connection holds the console in graphics mode.
+    pub fn console(&self) -> &display::ConsoleHolder {
+        &self.console
     }
 
     /// What the screen presents.

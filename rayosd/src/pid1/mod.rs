@@ -173,7 +173,10 @@ async fn run(opts: BootOptions, init_uptime_ms: u64, boot_entry: String) -> Powe
 
     let (power_tx, mut power_rx) = mpsc::unbounded_channel();
     let supervisor = Supervisor::new(reaper.clone(), Limits::default(), power_tx.clone());
-    let system = Arc::new(System::new(supervisor.clone(), status, power_tx));
+    let system = Arc::new(
+        System::new(supervisor.clone(), status, power_tx)
+            .with_access(rayosd::api::auth::Access::root_only().with_screen(rayosd::screen::COMPOSITOR_UID)),
+    );
     match control::bind(Path::new(control::SOCKET_PATH)) {
         Ok(l) => {
             tokio::spawn(control::serve(l, system.clone()));
@@ -253,8 +256,14 @@ fn add_compositor(supervisor: &Arc<Supervisor>) {
         warn!("compositor: {BIN} is missing; the screen shows the console only");
         return;
     }
+    use rayosd::screen::{give_all, COMPOSITOR_UID};
+    // Before it starts; nodes that appear later are given as their uevents come (`devices`).
+    // Its console mode is set by rayosd (`Display1.HoldConsole`).
+    let n = give_all(Path::new("/dev"), COMPOSITOR_UID);
+    info!("screen: {n} device nodes given to the compositor (uid {COMPOSITOR_UID})");
     let mut s = ServiceSpec::new("compositor", &[BIN]);
     s.restart = RestartPolicy::Always;
+    s.user = Some((COMPOSITOR_UID, COMPOSITOR_UID));
     if let Err(e) = supervisor.add(s) {
         error!("{e}");
     }
@@ -299,6 +308,15 @@ async fn devices(system: Arc<System>) {
         match monitor.next().await {
             Ok(ev) => {
                 tracing::debug!("uevent: {} {} {}", ev.action, ev.subsystem(), ev.devpath);
+                if matches!(ev.action.as_str(), "add" | "change") {
+                    if let Some(name) = ev.vars.get("DEVNAME").filter(|n| rayosd::screen::is_screen_device(n)) {
+                        let path = Path::new("/dev").join(name);
+                        match rayosd::screen::give(&path, rayosd::screen::COMPOSITOR_UID) {
+                            Ok(()) => tracing::debug!("screen: {} given to the compositor", path.display()),
+                            Err(e) => warn!("screen: giving {} to the compositor: {e}", path.display()),
+                        }
+                    }
+                }
                 if bridge::may_name_a_port(&ev.action, ev.subsystem()) {
                     // devtmpfs creates the node with the event; nothing for us to create.
                     try_bridge(&mut bridged);
