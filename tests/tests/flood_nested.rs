@@ -105,7 +105,7 @@ fn a_flooding_guest_leaves_the_supervisor_and_its_logs_bounded() {
     let done = logs
         .lines()
         .find_map(|l| l.split_once("agent: flood ok ").map(|(_, r)| r))
-        .unwrap_or_else(|| panic!("the guest did not finish its flood:\n{logs}"));
+        .unwrap_or_else(|| panic!("the guest did not finish its flood:\n{logs}\nthe watch:\n{}", section(&log, "watch")));
     let count = |k: &str| -> u64 {
         done.split_whitespace().find_map(|w| w.strip_prefix(k)?.parse().ok()).unwrap_or_else(|| panic!("no {k} in `{done}`"))
     };
@@ -113,6 +113,8 @@ fn a_flooding_guest_leaves_the_supervisor_and_its_logs_bounded() {
     println!("guest flood: {done}");
     assert!(serial_bytes >= 32 << 10, "the guest pushed only {serial_bytes} bytes through COM1: `{done}`");
     assert!(disk_ops >= 20, "the guest made only {disk_ops} disk requests: `{done}`");
+    // A flood thread still blocked 30 s after the flood: a request the VMM never completed.
+    assert!(done.contains("stuck=[]"), "a guest thread never came back from the device: `{done}`");
 
     let s = samples(section(&log, "watch"));
     for x in &s {

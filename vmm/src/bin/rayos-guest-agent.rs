@@ -274,7 +274,7 @@ fn flood(secs: u64) -> Result<String, String> {
     let serial = unsafe { libc::ioperm(COM1 as libc::c_ulong, 8, 1) } == 0;
     if serial {
         let (stop, count) = (stop.clone(), serial_bytes.clone());
-        threads.push(std::thread::spawn(move || {
+        threads.push(("serial", std::thread::spawn(move || {
             let mut g = Garbage::new();
             while !stop.load(Ordering::Relaxed) {
                 for _ in 0..4096 {
@@ -284,13 +284,13 @@ fn flood(secs: u64) -> Result<String, String> {
                 }
                 count.fetch_add(4096, Ordering::Relaxed);
             }
-        }));
+        })));
     }
 
     let disk = flood_disk_setup();
     if let Ok((f, sectors)) = &disk {
         let (stop, count, f, sectors) = (stop.clone(), disk_ops.clone(), f.try_clone().map_err(|e| e.to_string())?, *sectors);
-        threads.push(std::thread::spawn(move || {
+        threads.push(("disk", std::thread::spawn(move || {
             use std::os::fd::AsRawFd;
             const MAX: usize = 256 << 10;
             let layout = std::alloc::Layout::from_size_align(MAX, 4096).unwrap();
@@ -316,14 +316,14 @@ fn flood(secs: u64) -> Result<String, String> {
                 unsafe { libc::pread(f.as_raw_fd(), buf.cast(), len, off) };
                 count.fetch_add(2, Ordering::Relaxed);
             }
-        }));
+        })));
     }
 
     let notify = flood_notify_region();
     if let Ok((ptr, len)) = notify {
         let (stop, count) = (stop.clone(), notifies.clone());
         let ptr = ptr as usize;
-        threads.push(std::thread::spawn(move || {
+        threads.push(("notify", std::thread::spawn(move || {
             let mut g = Garbage::new();
             while !stop.load(Ordering::Relaxed) {
                 // Mostly queues that do not exist; every 8th a spurious kick of queue 0.
@@ -334,14 +334,19 @@ fn flood(secs: u64) -> Result<String, String> {
                 unsafe { std::ptr::write_volatile((ptr + at) as *mut u16, queue) };
                 count.fetch_add(1, Ordering::Relaxed);
             }
-        }));
+        })));
     }
 
     std::thread::sleep(Duration::from_secs(secs));
     stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        let _ = t.join();
+    // Each thread gets 30 s to see `stop`: one blocked in a request the device never
+    // completes is named in the result instead of silencing the guest (a CI run once saw no
+    // result at all, with nothing to tell why).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while threads.iter().any(|(_, t)| !t.is_finished()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
     }
+    let stuck: Vec<&str> = threads.iter().filter(|(_, t)| !t.is_finished()).map(|(name, _)| *name).collect();
     let (s, d, n) = (serial_bytes.load(Ordering::Relaxed), disk_ops.load(Ordering::Relaxed), notifies.load(Ordering::Relaxed));
     let skipped = [
         (!serial).then(|| format!("serial: ioperm: {}", std::io::Error::last_os_error())),
@@ -354,7 +359,7 @@ fn flood(secs: u64) -> Result<String, String> {
     if s == 0 && d == 0 && n == 0 {
         return Err(format!("nothing flooded: {}", skipped.join("; ")));
     }
-    Ok(format!("serial_bytes={s} disk_ops={d} notifies={n} skipped=[{}]", skipped.join("; ")))
+    Ok(format!("serial_bytes={s} disk_ops={d} notifies={n} skipped=[{}] stuck=[{}]", skipped.join("; "), stuck.join(",")))
 }
 
 /// /dev/vda for O_DIRECT garbage, and its size in 512-byte sectors.
