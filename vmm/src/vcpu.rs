@@ -73,7 +73,9 @@ pub struct VcpuContext {
 /// INIT/SIPI from the guest (KVM's in-kernel LAPIC handles that).
 pub fn create(vm: &Vm, mem: &GuestMemory, id: u8, nr: u8, entry: Option<u64>) -> Result<VcpuFd> {
     let vcpu = vm.fd.create_vcpu(id as u64).map_err(|e| Error::kvm("KVM_CREATE_VCPU", e))?;
-    assert_host_tsc_rate(&vcpu, id);
+    if !vm.tsc_default_set {
+        assert_host_tsc_rate(&vcpu, id);
+    }
     let mut cpuid: CpuId = vm
         .kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -100,17 +102,9 @@ pub fn create(vm: &Vm, mem: &GuestMemory, id: u8, nr: u8, entry: Option<u64>) ->
     Ok(vcpu)
 }
 
-/// Sets the new vCPU's TSC rate to the host kernel's current TSC frequency
+/// Where the VM-wide default could not be set (`vm::default_tsc_to_host_rate`, kernels
+/// before 6.0): sets the new vCPU's TSC rate to the host kernel's current TSC frequency
 /// (`KVM_SET_TSC_KHZ` with 0 means exactly that), before anything reads or writes its TSC.
-///
-/// Why: on a CPU without an invariant TSC, KVM keeps the TSC frequency it saw when it
-/// initialised as the default for new vCPUs, and the kernel refines its calibration later
-/// (by 600 ppm under QEMU TCG). A vCPU created at a default more than 250 ppm below the
-/// current rate, where the CPU cannot scale TSCs, is left with a scaling ratio of 0: KVM's
-/// own reads of the guest TSC (KVM_GET_MSRS, kvmclock) say 0 while the guest's TSC runs on.
-/// Every snapshot of it then saved a TSC of 0, and the resumed guest's TSC restarted from
-/// the host's uptime: backwards, so its clock stood still (no heartbeat, no screen updates)
-/// until the host caught up with the previous boot's uptime.
 fn assert_host_tsc_rate(vcpu: &VcpuFd, id: u8) {
     let default = vcpu.get_tsc_khz().ok();
     if let Err(e) = vcpu.set_tsc_khz(0) {
