@@ -252,7 +252,10 @@ fn read_disk(paths: &SystemPaths, name: &str, sys: &Path, boot_part_uuid: Option
     let real = fs::canonicalize(sys).unwrap_or_else(|_| sys.to_path_buf());
     let dev = sys.join("device");
     let model = read_attr(&dev.join("model")).unwrap_or_default();
+    // NVMe and SCSI keep the serial on the device, virtio-blk on the disk itself.
     let serial = read_attr(&dev.join("serial"))
+        .filter(|s| !s.is_empty())
+        .or_else(|| read_attr(&sys.join("serial")))
         .filter(|s| !s.is_empty())
         .or_else(|| vpd_serial(&dev.join("vpd_pg80")))
         .or_else(|| usb_serial(&real))

@@ -42,6 +42,8 @@ fn enumerates_identity_transport_and_partitions_from_sysfs() {
         size: GIB,
         removable: false,
     });
+    // virtio-blk keeps its serial on the disk, not on the device.
+    std::fs::write(m.dir.path().join("sys/devices/pci0000:00/0000:00:05.0/virtio2/block/vda/serial"), "VIRTIO-1\n").unwrap();
     // A loop device has no `device`: not a disk to offer.
     std::fs::create_dir_all(m.paths.sys_class_block.join("loop0")).unwrap();
 
@@ -79,6 +81,7 @@ fn enumerates_identity_transport_and_partitions_from_sysfs() {
     assert_eq!(found[2].ineligible, vec![Ineligible::Removable]);
 
     assert_eq!(found[3].transport, Transport::Virtio);
+    assert_eq!(found[3].serial, "VIRTIO-1");
     assert!(matches!(found[3].ineligible[..], [Ineligible::TooSmall { .. }]));
     assert!(found[3].ineligible[0].to_string().starts_with("too small (1.0 GiB"));
 }
