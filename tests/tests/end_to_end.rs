@@ -143,6 +143,12 @@ fn typed_uptime(q: &mut Qemu, vm: &str, tag: &str) -> u64 {
     text.lines().find_map(|l| l.trim().strip_prefix(&key).and_then(|n| n.trim().parse().ok())).unwrap()
 }
 
+/// Prints how long the step just done took and starts the next: where a phase's time goes.
+fn lap(at: &mut Instant, step: &str) {
+    eprintln!("[end-to-end]      {:5.1} s  {step}", at.elapsed().as_secs_f64());
+    *at = Instant::now();
+}
+
 /// The installed data partition: (byte offset, length).
 fn data_partition(disk: &Path) -> (u64, u64) {
     let mut f = std::fs::File::open(disk).unwrap();
@@ -262,12 +268,16 @@ fn install_from_usb_then_present_type_reboot_resume_and_power_off() {
     // 5. Present it (its key on the home screen), log in on its screen, run a command.
     q.press(&["1"]).unwrap();
     let t = Instant::now();
+    let mut at = Instant::now();
     while ctl_ok(&q, &["presented"])["presented"] != "linux" {
         assert!(t.elapsed() < STEP, "key 1 on the home screen did not present the Linux VM");
         std::thread::sleep(Duration::from_millis(300));
     }
+    lap(&mut at, "key 1: presented");
     wait_monitor_shows(&mut q, "linux");
+    lap(&mut at, "the monitor shows the VM's display");
     see_console(&mut q, "linux", "login:", STEP);
+    lap(&mut at, "login: read on the monitor");
     // Root with an empty password is refused: the first-boot setup locked it.
     let logins = |t: &str| t.lines().filter(|l| l.trim_end().ends_with("login:")).count();
     let before = logins(&vm_screen(&q, "linux"));
@@ -278,11 +288,13 @@ fn install_from_usb_then_present_type_reboot_resume_and_power_off() {
         t.contains("root@") || (t.contains("Login incorrect") && logins(t) > before)
     });
     assert!(!tty.contains("root@"), "root logged in with an empty password:\n{tty}");
+    lap(&mut at, "root refused");
     q.type_text(&format!("{USER}\n")).unwrap();
     wait_tty(&q, "linux", "the password question", STEP, |t| t.matches("Password:").count() >= 2);
     q.type_text(&format!("{PASSWORD}\n")).unwrap();
     let prompt = format!("{USER}@");
     wait_tty(&q, "linux", "the user's shell prompt", STEP, |t| t.lines().any(|l| l.starts_with(&prompt) && l.trim_end().ends_with('$')));
+    lap(&mut at, "the user logged in");
     q.type_text("uname -a > /tmp/seen; cat /tmp/seen /etc/timezone\n").unwrap();
     let tty = wait_tty(&q, "linux", "uname's output", STEP, |t| t.lines().any(|l| l.starts_with("Linux ") && l.trim_end().ends_with("GNU/Linux")));
     // The whole line: the login's message of the day starts the same way, without "GNU/Linux".
@@ -290,10 +302,14 @@ fn install_from_usb_then_present_type_reboot_resume_and_power_off() {
     // The time zone chosen in the wizard.
     let tty = wait_tty(&q, "linux", "the guest's time zone", STEP, |t| t.lines().any(|l| l.trim_end() == "Europe/Paris"));
     assert!(tty.lines().any(|l| l.trim_end() == uname), "{tty}");
+    lap(&mut at, "uname and the time zone read back");
     let seen = see_console(&mut q, "linux", "GNU/Linux", STEP);
     assert!(ocr_contains(&seen, "uname -a"), "the monitor does not show the command typed:\n{seen}");
+    lap(&mut at, "uname's output read on the monitor");
     wait_monitor_shows(&mut q, "linux");
+    lap(&mut at, "the monitor shows the VM's display");
     let up_before = typed_uptime(&mut q, "linux", "UP1");
+    lap(&mut at, "uptime typed and read back");
     eprintln!("[end-to-end] the guest says: {uname}; uptime {up_before} s");
     timeline.done("present with key 1, log in, run a command");
 
