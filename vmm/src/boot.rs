@@ -286,10 +286,11 @@ pub fn write_reset_stub(mem: &GuestMemory) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn tmp(name: &str, bytes: &[u8]) -> std::path::PathBuf {
-        let p = std::env::temp_dir().join(format!("vmm-{name}-{}", std::process::id()));
-        std::fs::write(&p, bytes).unwrap();
-        p
+    /// A file holding `bytes`, removed when dropped (these tests run on every CI run).
+    fn tmp(name: &str, bytes: &[u8]) -> tempfile::TempPath {
+        let f = tempfile::Builder::new().prefix(&format!("vmm-{name}-")).tempfile().unwrap();
+        std::fs::write(f.path(), bytes).unwrap();
+        f.into_temp_path()
     }
 
     /// A minimal x86-64 ELF kernel: one PT_LOAD of `payload` at `paddr`, entry `entry`.
@@ -363,7 +364,7 @@ mod tests {
         let k = tmp("elf-ok", &elf(0x100_0000, 0x100_0000, &payload));
         let initrd = tmp("elf-initrd", &[5u8; 3000]);
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
-        let b = load(&mem, 64 << 20, &k, Some(&initrd), "console=ttyS0", 0xe0000).unwrap();
+        let b = load(&mem, 64 << 20, &k, Some(&*initrd), "console=ttyS0", 0xe0000).unwrap();
         assert_eq!((b.entry, b.format), (0x100_0000, KernelFormat::Elf));
         let mut got = vec![0u8; payload.len()];
         mem.read_slice(&mut got, GuestAddress(0x100_0000)).unwrap();
@@ -411,8 +412,7 @@ mod tests {
 
     #[test]
     fn not_a_kernel_is_named() {
-        let p = std::env::temp_dir().join(format!("vmm-notkernel-{}", std::process::id()));
-        std::fs::write(&p, vec![0u8; 8192]).unwrap();
+        let p = tmp("notkernel", &[0u8; 8192]);
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
         let e = load(&mem, 64 << 20, &p, None, "console=ttyS0", 0).err().unwrap().to_string();
         assert!(e.contains(&p.display().to_string()) && e.contains("bzImage"), "{e}");
@@ -420,15 +420,13 @@ mod tests {
 
     #[test]
     fn initramfs_goes_to_the_top_of_low_ram() {
-        let p = std::env::temp_dir().join(format!("vmm-initrd-{}", std::process::id()));
-        std::fs::write(&p, vec![7u8; 10_000]).unwrap();
+        let p = tmp("initrd", &[7u8; 10_000]);
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
         let (addr, size) = load_initramfs(&mem, 64 << 20, &p, 0x37ff_ffff, 0x200_0000).unwrap();
         assert_eq!(size, 10_000);
         assert_eq!(addr % 4096, 0);
         assert!(addr + size <= 64 << 20 && addr + size + 4096 > 64 << 20);
-        let big = std::env::temp_dir().join(format!("vmm-initrd-big-{}", std::process::id()));
-        std::fs::write(&big, vec![0u8; 40 << 20]).unwrap();
+        let big = tmp("initrd-big", &vec![0u8; 40 << 20]);
         let e = load_initramfs(&mem, 64 << 20, &big, 0x37ff_ffff, 0x200_0000).unwrap_err().to_string();
         assert!(e.contains("do not fit"), "{e}");
     }
