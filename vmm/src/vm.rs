@@ -287,6 +287,7 @@ mod tests {
 /// (setting each vCPU after its creation split them into separate TSC generations and cost
 /// kvmclock its stable master clock).
 fn default_tsc_to_host_rate(fd: &VmFd) -> bool {
+    // By hand: kvm-ioctls 0.25 has KVM_{GET,SET}_TSC_KHZ on vCPU fds only, not on the VM fd.
     vmm_sys_util::ioctl_io_nr!(KVM_SET_TSC_KHZ, kvm_bindings::KVMIO, 0xa2);
     vmm_sys_util::ioctl_io_nr!(KVM_GET_TSC_KHZ, kvm_bindings::KVMIO, 0xa3);
     // SAFETY: KVM_GET_TSC_KHZ on a VM fd takes no argument and returns the default rate.
