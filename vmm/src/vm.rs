@@ -222,6 +222,40 @@ impl VmHandle for Vm {
     }
 }
 
+/// Makes the host kernel's current TSC rate the default for the VM's vCPUs
+/// (`KVM_SET_TSC_KHZ` 0 on the VM fd, KVM_CAP_VM_TSC_CONTROL, Linux 6.0+); false when the
+/// kernel refuses it.
+///
+/// Why: on a CPU without an invariant TSC, KVM keeps the TSC frequency it saw when it
+/// initialised as the default, and the kernel refines its calibration later (by 600 ppm
+/// under QEMU TCG). A vCPU created at a default more than 250 ppm below the current rate,
+/// where the CPU cannot scale TSCs, is left with a scaling ratio of 0: KVM's own reads of the
+/// guest TSC (KVM_GET_MSRS, kvmclock) say 0 while the guest's TSC runs on. Every snapshot
+/// then saved a TSC of 0, and a guest resumed after a RayOS reboot had its TSC restart from
+/// the host's uptime: backwards, so its clock stood still. Set on the VM before any vCPU
+/// exists, every vCPU starts at the same rate, which KVM needs to keep their TSCs in step
+/// (setting each vCPU after its creation split them into separate TSC generations and cost
+/// kvmclock its stable master clock).
+fn default_tsc_to_host_rate(fd: &VmFd) -> bool {
+    // By hand: kvm-ioctls 0.25 has KVM_{GET,SET}_TSC_KHZ on vCPU fds only, not on the VM fd.
+    vmm_sys_util::ioctl_io_nr!(KVM_SET_TSC_KHZ, kvm_bindings::KVMIO, 0xa2);
+    vmm_sys_util::ioctl_io_nr!(KVM_GET_TSC_KHZ, kvm_bindings::KVMIO, 0xa3);
+    // SAFETY: KVM_GET_TSC_KHZ on a VM fd takes no argument and returns the default rate.
+    let before = unsafe { vmm_sys_util::ioctl::ioctl(fd, KVM_GET_TSC_KHZ()) };
+    // SAFETY: KVM_SET_TSC_KHZ on a VM fd takes the rate by value (0: the host's) and touches
+    // no memory of ours.
+    if unsafe { vmm_sys_util::ioctl::ioctl_with_val(fd, KVM_SET_TSC_KHZ(), 0) } < 0 {
+        tracing::info!("KVM_SET_TSC_KHZ on the VM: {}; each vCPU's rate is set instead", io::Error::last_os_error());
+        return false;
+    }
+    // SAFETY: as above.
+    let after = unsafe { vmm_sys_util::ioctl::ioctl(fd, KVM_GET_TSC_KHZ()) };
+    if before != after {
+        tracing::info!("TSC rate for the vCPUs set to the host's {after} kHz (KVM's default was {before} kHz)");
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,38 +304,4 @@ mod tests {
         vm.unmap_memory(logged).unwrap();
         assert!(vm.dirty_log(logged, len as u64).is_err(), "a removed slot has no log");
     }
-}
-
-/// Makes the host kernel's current TSC rate the default for the VM's vCPUs
-/// (`KVM_SET_TSC_KHZ` 0 on the VM fd, KVM_CAP_VM_TSC_CONTROL, Linux 6.0+); false when the
-/// kernel refuses it.
-///
-/// Why: on a CPU without an invariant TSC, KVM keeps the TSC frequency it saw when it
-/// initialised as the default, and the kernel refines its calibration later (by 600 ppm
-/// under QEMU TCG). A vCPU created at a default more than 250 ppm below the current rate,
-/// where the CPU cannot scale TSCs, is left with a scaling ratio of 0: KVM's own reads of the
-/// guest TSC (KVM_GET_MSRS, kvmclock) say 0 while the guest's TSC runs on. Every snapshot
-/// then saved a TSC of 0, and a guest resumed after a RayOS reboot had its TSC restart from
-/// the host's uptime: backwards, so its clock stood still. Set on the VM before any vCPU
-/// exists, every vCPU starts at the same rate, which KVM needs to keep their TSCs in step
-/// (setting each vCPU after its creation split them into separate TSC generations and cost
-/// kvmclock its stable master clock).
-fn default_tsc_to_host_rate(fd: &VmFd) -> bool {
-    // By hand: kvm-ioctls 0.25 has KVM_{GET,SET}_TSC_KHZ on vCPU fds only, not on the VM fd.
-    vmm_sys_util::ioctl_io_nr!(KVM_SET_TSC_KHZ, kvm_bindings::KVMIO, 0xa2);
-    vmm_sys_util::ioctl_io_nr!(KVM_GET_TSC_KHZ, kvm_bindings::KVMIO, 0xa3);
-    // SAFETY: KVM_GET_TSC_KHZ on a VM fd takes no argument and returns the default rate.
-    let before = unsafe { vmm_sys_util::ioctl::ioctl(fd, KVM_GET_TSC_KHZ()) };
-    // SAFETY: KVM_SET_TSC_KHZ on a VM fd takes the rate by value (0: the host's) and touches
-    // no memory of ours.
-    if unsafe { vmm_sys_util::ioctl::ioctl_with_val(fd, KVM_SET_TSC_KHZ(), 0) } < 0 {
-        tracing::info!("KVM_SET_TSC_KHZ on the VM: {}; each vCPU's rate is set instead", io::Error::last_os_error());
-        return false;
-    }
-    // SAFETY: as above.
-    let after = unsafe { vmm_sys_util::ioctl::ioctl(fd, KVM_GET_TSC_KHZ()) };
-    if before != after {
-        tracing::info!("TSC rate for the vCPUs set to the host's {after} kHz (KVM's default was {before} kHz)");
-    }
-    true
 }
