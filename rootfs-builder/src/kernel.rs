@@ -206,14 +206,41 @@ pub fn ensure() -> Result<Kernel, KernelError> {
         }
     }
     progress::step("kernel", format!("building {} {} (config {hash}); this takes a few minutes", src.package, src.version));
+    let incremental = build.exists() || seed_build(&dir, &build, &sanitize(&src.version))?;
     configure(&src, &build, &fragments)?;
-    compile(&src, &build, &dir)?;
+    compile(&src, &build, &dir, incremental)?;
     std::fs::copy(build.join(".config"), &kernel.config).map_err(|e| KernelError::Io(kernel.config.clone(), e))?;
     strip_vmlinux(&build.join("vmlinux"), &kernel.vmlinux)?;
     // The bzImage last: its presence marks the entry complete for older checkouts too.
     std::fs::copy(build.join("arch/x86/boot/bzImage"), &kernel.bzimage)
         .map_err(|e| KernelError::Io(kernel.bzimage.clone(), e))?;
     Ok(kernel)
+}
+
+/// Starts a new configuration's build folder as a copy of the newest complete build of the
+/// same source: Kbuild records which CONFIG_ symbols each object depends on (fixdep), so after
+/// a fragment edit `make` recompiles only what the changed options touch, minutes instead of
+/// the half hour of a cold build on two cores. No earlier build: a cold build, as before.
+/// True when it found one to start from.
+fn seed_build(dir: &Path, build: &Path, version: &str) -> Result<bool, KernelError> {
+    let root = dir.parent().expect("kernel cache entries live in a folder");
+    let prefix = format!("{version}-");
+    let newest = std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix) && e.path() != dir)
+        .filter(|e| e.path().join("bzImage").is_file() && e.path().join("build/.config").is_file())
+        .filter_map(|e| Some((e.path().join("bzImage").metadata().ok()?.modified().ok()?, e.path())))
+        .max();
+    let Some((_, from)) = newest else { return Ok(false) };
+    progress::step("kernel", format!("starting from the build in {} (only what the new options touch is recompiled)", from.display()));
+    let tmp = dir.join("build.seeding");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(dir).map_err(|e| KernelError::Io(dir.to_path_buf(), e))?;
+    run(Command::new("cp").arg("-a").arg("--reflink=auto").arg(from.join("build")).arg(&tmp))?;
+    std::fs::rename(&tmp, build).map_err(|e| KernelError::Io(build.to_path_buf(), e))?;
+    Ok(true)
 }
 
 /// True when `build` holds a vmlinux and the bzImage made with it is byte for byte `cached`.
@@ -236,13 +263,16 @@ fn strip_vmlinux(from: &Path, to: &Path) -> Result<(), KernelError> {
     std::fs::rename(&tmp, to).map_err(|e| KernelError::Io(to.to_path_buf(), e))
 }
 
-fn compile(src: &Source, build: &Path, dir: &Path) -> Result<(), KernelError> {
+/// `incremental`: the folder already held objects, so the object count of a cold build is no
+/// guide to progress and this build's count must not replace it.
+fn compile(src: &Source, build: &Path, dir: &Path, incremental: bool) -> Result<(), KernelError> {
     let jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     let log_path = dir.join("build.log");
     let mut log = std::fs::File::create(&log_path).map_err(|e| KernelError::Io(log_path.clone(), e))?;
     // A previous build of this configuration tells how many objects to expect.
     let count_file = paths::cache_dir().join("kernel").join("last-object-count");
-    let expected: Option<u64> = std::fs::read_to_string(&count_file).ok().and_then(|s| s.trim().parse().ok());
+    let expected: Option<u64> =
+        if incremental { None } else { std::fs::read_to_string(&count_file).ok().and_then(|s| s.trim().parse().ok()) };
     let mut cmd = make(&src.dir, build);
     cmd.arg(format!("-j{jobs}")).arg("bzImage").stdout(Stdio::piped()).stderr(Stdio::piped());
     let shown = format!("{cmd:?}");
@@ -278,7 +308,9 @@ fn compile(src: &Source, build: &Path, dir: &Path) -> Result<(), KernelError> {
     if !status.success() {
         return Err(KernelError::Command { cmd: shown, status: status.to_string(), log: Some(log_path) });
     }
-    let _ = std::fs::write(&count_file, objects.to_string());
+    if !incremental {
+        let _ = std::fs::write(&count_file, objects.to_string());
+    }
     ticker.finish(format!("{objects} objects"));
     Ok(())
 }
