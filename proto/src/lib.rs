@@ -7,6 +7,7 @@
 //!   damage, LEDs one way; input records the other).
 //! - [`agent`]: the guest agent's line protocol on the `org.rayos.agent` port.
 //! - [`firstboot`]: a Linux VM's first-boot user and settings, and the checks on them.
+//! - [`net`]: the network service's state (uplinks, DHCP leases), netd → rayosd.
 //! - [`registry`]: the VM registry file (`vms.json`) and its records.
 //! - [`system`]: `system.toml`, written by the installer and read by rayosd.
 //!
@@ -16,6 +17,7 @@
 pub mod agent;
 pub mod display;
 pub mod firstboot;
+pub mod net;
 pub mod registry;
 pub mod spec;
 pub mod system;
