@@ -53,6 +53,11 @@ pub trait Display1 {
     fn presentation_changed(&self, vm: &str) -> zbus::Result<()>;
 }
 
+#[zbus::proxy(interface = "org.rayos.Net1", default_path = "/org/rayos/Net", default_service = "org.rayos.Net1", gen_blocking = false)]
+pub trait Net1 {
+    fn status(&self) -> zbus::Result<crate::api::net::NetInfo>;
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot connect to the control socket {path}: {source}")]
@@ -127,6 +132,7 @@ pub async fn connection(path: &Path) -> Result<zbus::Connection, ClientError> {
 pub struct Client {
     proxy: Control1Proxy<'static>,
     display: Display1Proxy<'static>,
+    net: Net1Proxy<'static>,
 }
 
 impl Client {
@@ -144,8 +150,13 @@ impl Client {
             .cache_properties(zbus::proxy::CacheProperties::No)
             .build()
             .await
+            .map_err(|source| ClientError::Handshake { path: path.clone(), source })?;
+        let net = Net1Proxy::builder(&conn)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await
             .map_err(|source| ClientError::Handshake { path, source })?;
-        Ok(Client { proxy, display })
+        Ok(Client { proxy, display, net })
     }
 
     pub async fn ping(&self) -> Result<u64, ClientError> {
@@ -195,6 +206,10 @@ impl Client {
     }
     pub async fn reboot(&self) -> Result<(), ClientError> {
         Ok(self.proxy.reboot().await?)
+    }
+    /// The wired uplinks and their leases.
+    pub async fn net_status(&self) -> Result<crate::api::net::NetInfo, ClientError> {
+        Ok(self.net.status().await?)
     }
 }
 

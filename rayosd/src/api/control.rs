@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 use tokio::sync::Semaphore;
 
 use super::auth::{require_root, Denied};
-use super::{display, vms, System, SystemStatus};
+use super::{display, net, vms, System, SystemStatus};
 use crate::log::LogRecord;
 use crate::power::PowerAction;
 use crate::supervisor::{ServiceInfo, SupervisorError};
@@ -167,6 +167,7 @@ async fn serve_connection(stream: tokio::net::UnixStream, system: Arc<System>, c
         .serve_at(OBJECT_PATH, ControlServer { system: system.clone() })?
         .serve_at(vms::OBJECT_PATH, vms::VmsServer::new(system.clone()))?
         .serve_at(display::OBJECT_PATH, display::DisplayServer::new(system.clone(), conn_id))?
+        .serve_at(net::OBJECT_PATH, net::NetServer::new(rayos_proto::net::STATUS_PATH.into()))?
         .build()
         .await?;
     if let Some(m) = vms {

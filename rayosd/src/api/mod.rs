@@ -7,6 +7,8 @@
 //! - [`auth`]: who may call what: the one `require_root` and the peer-credential lookup.
 //! - [`display`]: `org.rayos.Display1` (what the screen presents; the compositor's display
 //!   channels).
+//! - [`net`]: `org.rayos.Net1` (the wired uplinks and their DHCP leases, as rayos-netd
+//!   reports them).
 //!
 //! [`System`] is the state every interface reads; the servers hold it, nothing is global.
 //! Dependencies point one way: `control` → `vms` → `auth` → this module.
@@ -14,6 +16,7 @@
 pub mod auth;
 pub mod control;
 pub mod display;
+pub mod net;
 pub mod vms;
 
 use std::sync::{Arc, Mutex, OnceLock};

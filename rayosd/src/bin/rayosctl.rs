@@ -69,11 +69,22 @@ enum Cmd {
     Hide,
     /// Which VM the screen shows ("home" for the home screen).
     Presented,
+    /// The machine's network: `net status` (wired uplinks, addresses, gateway, DNS).
+    Net {
+        #[command(subcommand)]
+        action: NetCmd,
+    },
     /// VMs: list, create, start, stop, pause, resume, delete, logs.
     Vm {
         #[command(subcommand)]
         action: rayosd::vm::cli::VmCmd,
     },
+}
+
+#[derive(Subcommand)]
+enum NetCmd {
+    /// Each wired interface: carrier, DHCP state, address, gateway, DNS servers, lease.
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -157,6 +168,10 @@ async fn run(cli: &Cli) -> Result<(), ClientError> {
     }
     let c = Client::connect(&cli.socket).await?;
     match &cli.cmd {
+        Cmd::Net { action: NetCmd::Status } => {
+            let n = c.net_status().await?;
+            if cli.json { print_json(&n) } else { print_net(&n) }
+        }
         Cmd::Status => {
             let s = c.status().await?;
             if cli.json { print_json(&s) } else { print_status(&s) }
@@ -252,6 +267,36 @@ fn done(cli: &Cli, _: (), msg: &str) {
         print_json(&serde_json::json!({ "ok": true }))
     } else {
         println!("{msg}")
+    }
+}
+
+fn print_net(n: &rayosd::api::net::NetInfo) {
+    if n.service != "running" {
+        println!("network service: {}", n.service);
+        return;
+    }
+    if n.uplinks.is_empty() {
+        println!("no wired network interface (Wi-Fi is not supported yet)");
+        return;
+    }
+    for u in &n.uplinks {
+        let driver = if u.driver.is_empty() { "?" } else { &u.driver };
+        println!("{}  {driver}  {}  cable {}  {}", u.name, u.mac, if u.carrier { "in" } else { "out" }, u.state);
+        if !u.address.is_empty() {
+            let gw = if u.gateway.is_empty() { "none" } else { &u.gateway };
+            let dns = if u.dns.is_empty() { "none".to_string() } else { u.dns.join(" ") };
+            println!("    address {}  gateway {gw}  dns {dns}{}", u.address, if u.domain.is_empty() { String::new() } else { format!("  domain {}", u.domain) });
+            println!("    lease {} s from {}, {} s left", u.lease_secs, u.server, u.expires_in_secs);
+            if !u.gateway.is_empty() {
+                match u.gateway_rtt_us {
+                    0 => println!("    the gateway has not answered a ping"),
+                    us => println!("    the gateway answers a ping in {:.1} ms", us as f64 / 1000.0),
+                }
+            }
+        }
+        if !u.problem.is_empty() {
+            println!("    problem: {}", u.problem);
+        }
     }
 }
 

@@ -95,6 +95,9 @@ fn ensure_standard_fds() {
     }
 }
 
+/// rayos-netd: links, DHCP, routes (netd/).
+const NETD_BIN: &str = "/usr/bin/rayos-netd";
+
 /// The services a mode starts.
 fn services_for(mode: Mode, opts: &BootOptions) -> Vec<ServiceSpec> {
     let mut v = Vec::new();
@@ -105,6 +108,13 @@ fn services_for(mode: Mode, opts: &BootOptions) -> Vec<ServiceSpec> {
         s.stdio = Stdio3::LogOwnsConsoles;
         s.restart = RestartPolicy::OnFailure;
         s.on_success = Some(PowerAction::Reboot);
+        v.push(s);
+    }
+    // The wired network, in every mode: offline is normal (it delays nothing), and it holds
+    // no user data, so rescue and installer modes have it too.
+    if Path::new(NETD_BIN).exists() {
+        let mut s = ServiceSpec::new("netd", &[NETD_BIN]);
+        s.restart = RestartPolicy::Always;
         v.push(s);
     }
     // rayos.testsvc=a,b → services testsvc-a and testsvc-b (integration tests only).

@@ -1,0 +1,211 @@
+//! `org.rayos.Net1` at `/org/rayos/Net`: the machine's network as `rayos-netd` last wrote it
+//! ([`rayos_proto::net::STATUS_PATH`]). Reading it needs nothing, like `ip address` does not.
+
+use std::path::{Path, PathBuf};
+
+use rayos_proto::net::NetStatus;
+use serde::{Deserialize, Serialize};
+use zbus::zvariant::Type;
+
+pub const OBJECT_PATH: &str = "/org/rayos/Net";
+pub const INTERFACE: &str = "org.rayos.Net1";
+/// netd's program name, to tell its pid from a reused one.
+const NETD_COMM: &str = "rayos-netd";
+
+/// What `Status` returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct NetInfo {
+    /// "running", or why there is no live state ("not running", "unreadable state: …").
+    pub service: String,
+    pub uplinks: Vec<UplinkInfo>,
+}
+
+/// One wired interface. Addresses are text ("" when absent) so any D-Bus client reads them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct UplinkInfo {
+    pub name: String,
+    pub mac: String,
+    pub driver: String,
+    pub carrier: bool,
+    /// no-carrier, selecting, requesting, bound, renewing, rebinding.
+    pub state: String,
+    /// "10.0.2.15/24".
+    pub address: String,
+    pub gateway: String,
+    pub dns: Vec<String>,
+    pub domain: String,
+    /// The DHCP server that gave the lease.
+    pub server: String,
+    pub lease_secs: u32,
+    pub expires_in_secs: u64,
+    /// The gateway's answer to a ping after the lease went on; 0 while it has not answered.
+    pub gateway_rtt_us: u64,
+    pub problem: String,
+}
+
+impl NetInfo {
+    /// Reads netd's state from `path`; `now_ms` is CLOCK_BOOTTIME (the lease times' clock).
+    pub fn read(path: &Path, proc_root: &Path, now_ms: u64) -> NetInfo {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return NetInfo {
+                    service: "not running".into(),
+                    uplinks: vec![],
+                };
+            }
+            Err(e) => {
+                return NetInfo {
+                    service: format!("unreadable state {}: {e}", path.display()),
+                    uplinks: vec![],
+                }
+            }
+        };
+        let s = match NetStatus::parse(&text) {
+            Ok(s) => s,
+            Err(e) => {
+                return NetInfo {
+                    service: format!("unreadable state {}: {e}", path.display()),
+                    uplinks: vec![],
+                }
+            }
+        };
+        let alive = std::fs::read_to_string(proc_root.join(s.pid.to_string()).join("comm"))
+            .map(|c| c.trim() == NETD_COMM)
+            .unwrap_or(false);
+        if !alive {
+            return NetInfo {
+                service: "not running".into(),
+                uplinks: vec![],
+            };
+        }
+        let uplinks = s
+            .uplinks
+            .into_iter()
+            .map(|u| {
+                let mut i = UplinkInfo {
+                    name: u.name,
+                    mac: u.mac,
+                    driver: u.driver,
+                    carrier: u.carrier,
+                    state: u.state.as_str().into(),
+                    gateway_rtt_us: u.gateway_rtt_us,
+                    problem: u.problem,
+                    ..Default::default()
+                };
+                if let Some(l) = u.lease {
+                    i.address = format!("{}/{}", l.address, l.prefix_len);
+                    i.gateway = l.gateway.map(|g| g.to_string()).unwrap_or_default();
+                    i.dns = l.dns.iter().map(|d| d.to_string()).collect();
+                    i.domain = l.domain.unwrap_or_default();
+                    i.server = l.server.to_string();
+                    i.lease_secs = l.lease_secs;
+                    i.expires_in_secs = l.expires_ms.saturating_sub(now_ms) / 1000;
+                }
+                i
+            })
+            .collect();
+        NetInfo {
+            service: "running".into(),
+            uplinks,
+        }
+    }
+}
+
+pub fn boottime_ms() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
+        .unwrap_or(0)
+}
+
+pub struct NetServer {
+    status: PathBuf,
+}
+
+impl NetServer {
+    pub fn new(status: PathBuf) -> NetServer {
+        NetServer { status }
+    }
+}
+
+#[zbus::interface(name = "org.rayos.Net1")]
+impl NetServer {
+    async fn status(&self) -> NetInfo {
+        NetInfo::read(&self.status, Path::new("/proc"), boottime_ms())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rayos_proto::net::{DhcpState, Lease, Uplink};
+    use std::net::Ipv4Addr;
+
+    #[test]
+    fn the_state_reads_as_text_and_a_dead_service_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("status.json");
+        let procs = d.path().join("proc");
+        assert_eq!(NetInfo::read(&path, &procs, 0).service, "not running");
+        std::fs::write(&path, "{ not json").unwrap();
+        assert!(
+            NetInfo::read(&path, &procs, 0)
+                .service
+                .starts_with("unreadable state"),
+            "{:?}",
+            NetInfo::read(&path, &procs, 0)
+        );
+        let s = NetStatus {
+            pid: 77,
+            uplinks: vec![Uplink {
+                name: "eth0".into(),
+                mac: "52:54:00:12:34:56".into(),
+                driver: "e1000e".into(),
+                carrier: true,
+                state: DhcpState::Bound,
+                lease: Some(Lease {
+                    address: Ipv4Addr::new(10, 0, 2, 15),
+                    prefix_len: 24,
+                    gateway: Some(Ipv4Addr::new(10, 0, 2, 2)),
+                    dns: vec![Ipv4Addr::new(10, 0, 2, 3)],
+                    domain: None,
+                    server: Ipv4Addr::new(10, 0, 2, 2),
+                    lease_secs: 86400,
+                    acquired_ms: 1000,
+                    expires_ms: 86_401_000,
+                }),
+                gateway_rtt_us: 0,
+                problem: String::new(),
+            }],
+        };
+        std::fs::write(&path, s.to_json()).unwrap();
+        // pid 77 is not netd (no such process here): its last state is not shown as live.
+        assert_eq!(
+            NetInfo::read(&path, &procs, 0),
+            NetInfo {
+                service: "not running".into(),
+                uplinks: vec![]
+            }
+        );
+        std::fs::create_dir_all(procs.join("77")).unwrap();
+        std::fs::write(procs.join("77/comm"), "rayos-netd\n").unwrap();
+        let i = NetInfo::read(&path, &procs, 1_001_000);
+        assert_eq!(i.service, "running");
+        let u = &i.uplinks[0];
+        assert_eq!(
+            (
+                u.address.as_str(),
+                u.gateway.as_str(),
+                u.dns.clone(),
+                u.state.as_str()
+            ),
+            (
+                "10.0.2.15/24",
+                "10.0.2.2",
+                vec!["10.0.2.3".to_string()],
+                "bound"
+            )
+        );
+        assert_eq!(u.expires_in_secs, 85_400);
+    }
+}
