@@ -145,6 +145,7 @@ fn run_qemu(fresh: bool, rescue: bool, memory: u32, cpus: u32) -> Result<()> {
     println!("RayOS: booting {} in QEMU through UEFI", usb.display());
     println!("  accelerator: {}", accel.describe());
     println!("  install target: {} (20 GiB NVMe, serial RAYOS-TARGET)", target.display());
+    println!("  network: an e1000e on QEMU's user-mode network (10.0.2.0/24; `rayosctl net status`)");
     let control = run_dir.join("control.sock");
     let _ = std::fs::remove_file(&control);
     println!("  control API: cargo run -p rayosd --bin rayosctl -- --socket {} status", control.display());
@@ -160,6 +161,8 @@ fn run_qemu(fresh: bool, rescue: bool, memory: u32, cpus: u32) -> Result<()> {
     cfg.serial = Serial::Stdio;
     cfg.control = Some(control);
     cfg.qmp = Some(run_dir.join("qmp.sock"));
+    // A wired network like a PC's: RayOS takes a DHCP lease from QEMU's user-mode network.
+    cfg.nics.push(rootfs_builder::qemu::Nic::e1000e());
     let status = cfg.command().status().context("starting qemu-system-x86_64")?;
     if !status.success() {
         bail!("QEMU exited with {status}");

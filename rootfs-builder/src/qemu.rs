@@ -62,7 +62,35 @@ pub struct QemuConfig {
     /// The monitor's preferred mode (virtio-gpu `xres`/`yres`); QEMU's default (1280x800)
     /// when unset.
     pub screen: Option<(u32, u32)>,
+    /// The machine's wired network cards.
+    pub nics: Vec<Nic>,
     pub extra: Vec<String>,
+}
+
+/// A wired network card on its own QEMU user-mode network (slirp): in `net` (a /24), the
+/// gateway and DHCP server is .2 (also the host's loopback) and DNS is .3; the first address
+/// handed out is .15.
+#[derive(Debug, Clone)]
+pub struct Nic {
+    /// The QEMU device model (`e1000e`, `e1000`, `virtio-net-pci`): RayOS's own hardware
+    /// driver for it is what runs.
+    pub model: &'static str,
+    pub mac: String,
+    /// "10.0.2.0/24".
+    pub net: String,
+}
+
+impl Nic {
+    /// The Intel NIC of q35 (and of many real PCs) on QEMU's default 10.0.2.0/24.
+    pub fn e1000e() -> Nic {
+        Nic { model: "e1000e", mac: "52:54:00:12:34:56".into(), net: "10.0.2.0/24".into() }
+    }
+
+    /// The QEMU device id of the `i`th card, for QMP `set_link` (its cable pulled and put
+    /// back).
+    pub fn device_id(i: usize) -> String {
+        format!("nic{i}")
+    }
 }
 
 impl QemuConfig {
@@ -78,6 +106,7 @@ impl QemuConfig {
             qmp: None,
             control: None,
             screen: None,
+            nics: Vec::new(),
             extra: Vec::new(),
         }
     }
@@ -149,6 +178,10 @@ impl QemuConfig {
                 DiskBus::Ahci => c.arg("-device").arg(format!("ide-hd,drive={id},id={dev},bus=ide.{i},serial={}", d.serial)),
                 DiskBus::VirtioBlk => c.arg("-device").arg(format!("virtio-blk-pci,drive={id},id={dev},serial={}", d.serial)),
             };
+        }
+        for (i, n) in self.nics.iter().enumerate() {
+            c.arg("-netdev").arg(format!("user,id=uplink{i},net={}", n.net));
+            c.arg("-device").arg(format!("{},netdev=uplink{i},id={},mac={}", n.model, Nic::device_id(i), n.mac));
         }
         c.args(&self.extra);
         c

@@ -298,6 +298,13 @@ impl QemuBuilder {
         &self.work.dir
     }
 
+    /// A wired network card on its own QEMU user-mode network; QMP `set_link` on
+    /// [`rootfs_builder::qemu::Nic::device_id`] of its index pulls its cable.
+    pub fn nic(mut self, nic: rootfs_builder::qemu::Nic) -> Self {
+        self.cfg.nics.push(nic);
+        self
+    }
+
     /// No serial port at all (`-serial none`): the machine has only its screen and keyboard.
     /// `serial_log` stays empty; read the screen with `screen_text`.
     pub fn no_serial(mut self) -> Self {
