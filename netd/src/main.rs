@@ -44,14 +44,28 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(false)
         .init();
     let args = Args::parse();
+    let board = Arc::new(Board::new(args.status.clone()));
+    // Before the runtime starts any thread.
+    if nix::unistd::geteuid().is_root() {
+        let uid = rayos_proto::net::NETD_UID;
+        board
+            .give_to(uid)
+            .with_context(|| format!("handing {} to uid {uid}", args.status.display()))?;
+        netd::privs::drop_to(uid, uid)?;
+        info!("running as uid {uid} with CAP_NET_ADMIN, CAP_NET_BIND_SERVICE and CAP_NET_RAW only");
+    } else {
+        info!(
+            "not root: keeping uid {} (and whatever capabilities it has)",
+            nix::unistd::geteuid()
+        );
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(run(args))
+    rt.block_on(run(args, board))
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
-    let board = Arc::new(Board::new(args.status.clone()));
+async fn run(args: Args, board: Arc<Board>) -> anyhow::Result<()> {
     // One netlink socket for the link events and our requests.
     let (conn, handle, mut messages) = rtnetlink::new_multicast_connection(&[MulticastGroup::Link])
         .context("opening a netlink socket (is CONFIG_NET on?)")?;

@@ -25,6 +25,16 @@ impl Board {
         b
     }
 
+    /// Hands the state's folder and file to `uid`, which netd becomes next.
+    pub fn give_to(&self, uid: u32) -> std::io::Result<()> {
+        let owner = Some(nix::unistd::Uid::from_raw(uid));
+        let group = Some(nix::unistd::Gid::from_raw(uid));
+        for p in [self.path.parent(), Some(self.path.as_path())].into_iter().flatten() {
+            nix::unistd::chown(p, owner, group)?;
+        }
+        Ok(())
+    }
+
     pub fn set(&self, u: Uplink) {
         let mut m = self.uplinks.lock().unwrap();
         if m.get(&u.name) == Some(&u) {

@@ -177,9 +177,10 @@ pub async fn run(
                 Ok((n, from)) => match client.on_packet(&buf[..n], now_ms()) {
                     Ok(actions) => pending = actions,
                     Err(why) => {
-                        // Other machines' DHCP traffic is normal on a LAN: logged at debug
-                        // level, and anything else at most once a minute.
-                        if matches!(why, crate::dhcp::Ignored::NotOurs) || now_ms() < ignored_logged {
+                        // Other machines' DHCP traffic, and a second offer for a repeated
+                        // DISCOVER, are normal on a LAN: logged at debug level, anything
+                        // else at most once a minute.
+                        if matches!(why, crate::dhcp::Ignored::NotOurs | crate::dhcp::Ignored::Unexpected(..)) || now_ms() < ignored_logged {
                             debug!("{}: ignored a packet from {from}: {why}", link.name);
                         } else {
                             ignored_logged = now_ms() + 60_000;

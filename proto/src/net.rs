@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 
 /// Where netd keeps its state (tmpfs: it describes this boot only).
 pub const STATUS_PATH: &str = "/run/rayos/net/status.json";
+/// The uid (and gid) netd runs as once started: not root, and nobody else's (the
+/// compositor's is 1_999_000_001).
+pub const NETD_UID: u32 = 1_999_000_002;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -70,6 +70,8 @@ fn rayos_takes_dhcp_leases_and_heals_after_a_cable_is_pulled() {
         .spawn()
         .unwrap();
     q.wait_for("rayosd: ready", BOOT_TIMEOUT).unwrap();
+    // netd parses what the network sends: it is not root while it does.
+    q.wait_for(&format!("running as uid {} with CAP_NET_ADMIN, CAP_NET_BIND_SERVICE and CAP_NET_RAW only", rayos_proto::net::NETD_UID), Duration::from_secs(60)).unwrap();
 
     // Both leases, as QEMU's DHCP servers give them; the routers answer a ping, which comes
     // back to .15 only if the kernel really has the address and route.
