@@ -3,7 +3,8 @@
 //!
 //! - mounts the API filesystems and writes the VMM's boot-timer port (guest init reached);
 //! - prints `devguest: init` and then `heartbeat <n> uptime_ms=<ms> wall_ms=<unix ms>` on the console every
-//!   `devguest.interval_ms` (default 200): the heartbeats stop while the VM is paused;
+//!   `devguest.interval_ms` (default 200), not with `--service`: the heartbeats stop while the
+//!   VM is paused;
 //! - writes `ready` and `heartbeat <n>` lines on the `org.rayos.agent` virtio-console port too,
 //!   when the VMM offers one;
 //! - powers off on the ACPI power button (the supervisor's graceful stop), or when the host
@@ -301,7 +302,11 @@ fn main() {
             .unwrap_or_else(|| t0.elapsed().as_millis() as u64)
     };
     for n in 1u64.. {
-        println!("heartbeat {n} uptime_ms={} wall_ms={}", uptime(), wall_ms());
+        // A distribution's console is its user's: there the heartbeats go on the agent port
+        // only (five lines a second pushed the login prompt out of any serial log window).
+        if !service {
+            println!("heartbeat {n} uptime_ms={} wall_ms={}", uptime(), wall_ms());
+        }
         if let Some(a) = &agent {
             send_line(a, &FromAgent::Heartbeat(n));
         }
