@@ -92,6 +92,8 @@ pub async fn run(
 ) {
     let mut client = Client::new(link.mac, xid_seed(&link.mac));
     let mut carrier_now = false;
+    // When the cable came in, until the lease that follows is on (bench net reads the log).
+    let mut carrier_at: Option<u64> = None;
     let mut problem = String::new();
     let mut rtt_us = 0u64;
     // Ping answers come back here, tagged with the lease they were for.
@@ -139,6 +141,7 @@ pub async fn run(
     let mut pending = Vec::new();
     if carrier {
         carrier_now = true;
+        carrier_at = Some(now_ms());
         pending = client.link_up(now_ms());
     }
     publish(&client, carrier_now, &problem, rtt_us);
@@ -146,6 +149,7 @@ pub async fn run(
     let mut ignored_logged = 0u64;
     loop {
         for a in std::mem::take(&mut pending) {
+            let is_apply = matches!(a, Action::Apply(_));
             let applied = match &a {
                 Action::Apply(l) => l.gateway.map(|g| (l.address, g)),
                 Action::Drop(_) => {
@@ -154,12 +158,15 @@ pub async fn run(
                 }
                 Action::Send { .. } => None,
             };
-            match act(&link, &handle, &sock, a).await {
+            match act(&link, &handle, &sock, a, &mut carrier_at).await {
                 Err(e) => {
                     warn!("{}: {e}", link.name);
                     problem = e;
                 }
                 Ok(()) => {
+                    if is_apply {
+                        problem.clear();
+                    }
                     if let Some((addr, gw)) = applied {
                         ping_seq = ping_seq.wrapping_add(1);
                         spawn_ping(link.name.clone(), addr, gw, ping_seq, rtt_tx.clone());
@@ -204,6 +211,7 @@ pub async fn run(
                 Some(LinkEvent::Carrier(true)) if !carrier_now => {
                     info!("{}: cable in, asking for an address", link.name);
                     carrier_now = true;
+                    carrier_at = Some(now_ms());
                     problem.clear();
                     pending = client.link_up(now_ms());
                 }
@@ -258,7 +266,13 @@ fn spawn_ping(
 }
 
 /// Carries out one action; the error is the problem the status shows.
-async fn act(link: &Uplink, handle: &Handle, sock: &UdpSocket, a: Action) -> Result<(), String> {
+async fn act(
+    link: &Uplink,
+    handle: &Handle,
+    sock: &UdpSocket,
+    a: Action,
+    carrier_at: &mut Option<u64>,
+) -> Result<(), String> {
     match a {
         Action::Send { packet, to } => {
             let dest = match to {
@@ -277,8 +291,17 @@ async fn act(link: &Uplink, handle: &Handle, sock: &UdpSocket, a: Action) -> Res
                     lease.address, lease.prefix_len
                 )
             })?;
+            let since = carrier_at
+                .take()
+                .map(|t| {
+                    format!(
+                        ", {} ms after the cable came in",
+                        now_ms().saturating_sub(t)
+                    )
+                })
+                .unwrap_or_default();
             info!(
-                "{}: bound to {}/{} gateway {} dns {} for {} s (server {})",
+                "{}: bound to {}/{} gateway {} dns {} for {} s (server {}){since}",
                 link.name,
                 lease.address,
                 lease.prefix_len,
