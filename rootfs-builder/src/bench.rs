@@ -10,6 +10,7 @@ use rootfs_builder::initramfs::Initramfs;
 use rootfs_builder::qemu::{Boot, QemuConfig, Serial};
 use rootfs_builder::{accel, build, cargo_build, paths, progress};
 
+mod net;
 mod soak;
 use soak::SoakBus;
 
@@ -72,6 +73,13 @@ pub enum What {
         #[arg(long, default_value_t = 120)]
         watch: u64,
     },
+    /// rayos-netd's time from a cable coming in to a DHCP lease on the interface, beside the
+    /// kernel's own boot-time DHCP client (`ip=dhcp`) on the same card, machine and run.
+    /// Fails unless netd has its lease within 100 ms of the kernel's client.
+    Net {
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// Run the VMM's cargo-fuzz targets (virtio queue/chain and virtio-blk request parsing)
     /// for a bounded time each; installs cargo-fuzz if missing. Fails on a crash.
     Fuzz {
@@ -89,6 +97,7 @@ pub fn run(what: What) -> Result<()> {
         What::Vms { starts } => vms(starts.max(1)),
         What::Resume => resume(),
         What::Display => display(),
+        What::Net { runs } => net::net(runs.max(1)),
         What::Soak { boots, disk, watch } => soak::soak(boots.max(1), &disk, Duration::from_secs(watch)),
     }
 }
