@@ -1,8 +1,9 @@
 //! The machine's wired network (rayos-netd), in QEMU. Two cards, each on its own QEMU
 //! user-mode network whose DHCP server hands out .15 with gateway .2 and DNS .3: an e1000e
 //! (the Intel NIC of q35 and of many PCs) on 10.0.2.0/24 and an e1000 on 10.0.3.0/24. What a
-//! user checks: `rayosctl net status` shows both leases, each router answers, and a pulled
-//! cable shows as such and heals when it goes back in.
+//! user checks: `rayosctl net status` shows both leases, each router answers, a pulled cable
+//! shows as such and heals when it goes back in, and a USB Ethernet adapter plugged in later
+//! gets its own lease and leaves the status when pulled out.
 //!
 //! The cable is pulled on the e1000: QEMU 7.2's e1000e never tells its driver of a link
 //! change (after QMP `set_link … false` the kernel logged no "Link is Down" in 30 s, while
@@ -71,7 +72,14 @@ fn rayos_takes_dhcp_leases_and_heals_after_a_cable_is_pulled() {
         .unwrap();
     q.wait_for("rayosd: ready", BOOT_TIMEOUT).unwrap();
     // netd parses what the network sends: it is not root while it does.
-    q.wait_for(&format!("running as uid {} with CAP_NET_ADMIN, CAP_NET_BIND_SERVICE and CAP_NET_RAW only", rayos_proto::net::NETD_UID), Duration::from_secs(60)).unwrap();
+    q.wait_for(
+        &format!(
+            "running as uid {} with CAP_NET_ADMIN, CAP_NET_BIND_SERVICE and CAP_NET_RAW only",
+            rayos_proto::net::NETD_UID
+        ),
+        Duration::from_secs(60),
+    )
+    .unwrap();
 
     // Both leases, as QEMU's DHCP servers give them; the routers answer a ping, which comes
     // back to .15 only if the kernel really has the address and route.
@@ -134,6 +142,36 @@ fn rayos_takes_dhcp_leases_and_heals_after_a_cable_is_pulled() {
     );
     eprintln!("bound again {took:?} after the cable went back in: {u}");
     assert_eq!(u["address"], "10.0.3.15/24", "{u}");
+
+    // A USB Ethernet adapter plugged in (QEMU's usb-net, a CDC Ethernet device) is picked up
+    // and gets its own lease; pulled out, it leaves the status.
+    q.qmp(
+        "netdev_add",
+        json!({ "type": "user", "id": "usbnet0", "net": "10.0.4.0/24" }),
+    )
+    .unwrap();
+    q.qmp("device_add", json!({ "driver": "usb-net", "bus": "xhci.0", "netdev": "usbnet0", "id": "usbnic", "mac": "52:54:00:ab:cd:04" })).unwrap();
+    let (u, took) = wait_uplink(
+        &q,
+        "52:54:00:ab:cd:04",
+        "lease on the USB adapter",
+        Duration::from_secs(60),
+        answered,
+    );
+    eprintln!("USB adapter bound {took:?} after it was plugged in: {u}");
+    assert_eq!(
+        (u["address"].as_str(), u["driver"].as_str()),
+        (Some("10.0.4.15/24"), Some("cdc_ether")),
+        "{u}"
+    );
+    q.qmp("device_del", json!({ "id": "usbnic" })).unwrap();
+    wait_uplink(
+        &q,
+        "52:54:00:ab:cd:04",
+        "USB adapter gone",
+        Duration::from_secs(30),
+        |u| u.is_null(),
+    );
 
     ctl_ok(&q, &["poweroff"]);
     assert!(q.wait_exit(Duration::from_secs(120)).unwrap().success());
