@@ -23,6 +23,12 @@ const REQUEST_TRIES: u32 = 4;
 /// While renewing or rebinding, retries come at half the time left, but no more often than
 /// this (RFC 2131 §4.4.5).
 const RENEW_RETRY_MIN_MS: u64 = 60_000;
+/// After a NAK, or a lease that could not be put on the interface, the next DISCOVER waits
+/// this long, doubling up to [`AFTER_FAILURE_MAX_MS`] while failures follow each other: a
+/// server that refuses every request must not get a DISCOVER-OFFER-REQUEST-NAK loop at wire
+/// speed.
+const AFTER_FAILURE_FIRST_MS: u64 = 1_000;
+const AFTER_FAILURE_MAX_MS: u64 = 60_000;
 /// A lease without a lease time (option 51) lasts this long.
 const DEFAULT_LEASE_SECS: u32 = 3600;
 /// A lease shorter than this is taken as this long: a server offering seconds would have us
@@ -105,6 +111,8 @@ pub struct Client {
     /// When to act next (retransmit, renew, rebind, expire).
     deadline: Option<u64>,
     retry_ms: u64,
+    /// The wait before the DISCOVER that follows the next failure (reset once bound).
+    failure_wait_ms: u64,
     /// When this exchange began (the `secs` field).
     started_ms: u64,
 }
@@ -122,6 +130,7 @@ impl Client {
             previous: None,
             deadline: None,
             retry_ms: RETRY_FIRST_MS,
+            failure_wait_ms: AFTER_FAILURE_FIRST_MS,
             started_ms: 0,
         }
     }
@@ -195,6 +204,11 @@ impl Client {
     pub fn on_packet(&mut self, bytes: &[u8], now: u64) -> Result<Vec<Action>, Ignored> {
         let msg = Message::decode(&mut Decoder::new(bytes))
             .map_err(|e| Ignored::Malformed(e.to_string()))?;
+        // dhcproto takes any hardware length and its `chaddr()` slices the 16-byte field by
+        // it: a length past 16 from a hostile server would panic there.
+        if usize::from(msg.hlen()) != self.mac.len() {
+            return Err(Ignored::NotOurs);
+        }
         if msg.opcode() != Opcode::BootReply
             || msg.xid() != self.xid
             || msg.chaddr().get(..6) != Some(&self.mac[..])
@@ -237,14 +251,32 @@ impl Client {
                 Ok(self.bind(&msg, server, now)?)
             }
             (State::Requesting { .. } | State::Renewing | State::Rebinding, MessageType::Nak) => {
-                // The address is not ours any more: off the interface, and start over.
-                let mut actions = self.drop_lease();
+                // The address is not ours any more: off the interface, and start over after a
+                // wait.
                 self.previous = None;
-                actions.extend(self.discover(now));
-                Ok(actions)
+                Ok(self.fail(now))
             }
             (_, kind) => Err(Ignored::Unexpected(kind, state_name)),
         }
+    }
+
+    /// The lease that was just applied could not be put on the interface: drop what may be
+    /// there and try again after a wait (a fault that lasts is retried at most once a minute).
+    pub fn apply_failed(&mut self, now: u64) -> Vec<Action> {
+        self.fail(now)
+    }
+
+    /// Drops the lease and schedules a DISCOVER after the failure wait, which doubles.
+    fn fail(&mut self, now: u64) -> Vec<Action> {
+        let actions = self.drop_lease();
+        self.state = State::Selecting;
+        self.new_exchange(now);
+        // The timer's backoff doubles this: the first DISCOVER's retry comes RETRY_FIRST_MS
+        // after it.
+        self.retry_ms = RETRY_FIRST_MS / 2;
+        self.deadline = Some(now + self.failure_wait_ms);
+        self.failure_wait_ms = (self.failure_wait_ms * 2).min(AFTER_FAILURE_MAX_MS);
+        actions
     }
 
     fn bind(&mut self, msg: &Message, server: Ipv4Addr, now: u64) -> Result<Vec<Action>, Ignored> {
@@ -320,6 +352,7 @@ impl Client {
         });
         self.state = State::Bound;
         self.deadline = Some(now + t1);
+        self.failure_wait_ms = AFTER_FAILURE_FIRST_MS;
         Ok(actions)
     }
 
@@ -451,12 +484,12 @@ fn usable(a: Ipv4Addr) -> Result<Ipv4Addr, Ignored> {
     Ok(a)
 }
 
-/// The prefix length of a contiguous netmask (255.255.255.0 → 24); None for a mask with
-/// holes or one that leaves no host bits.
+/// The prefix length of a contiguous netmask (255.255.255.0 → 24, 255.255.255.255 → 32);
+/// None for a mask with holes or 0.0.0.0.
 pub fn prefix_of(mask: Ipv4Addr) -> Option<u8> {
     let m = u32::from(mask);
     let len = m.leading_ones();
-    (m.checked_shl(len).unwrap_or(0) == 0 && len <= 30).then_some(len as u8)
+    (m.checked_shl(len).unwrap_or(0) == 0 && len > 0).then_some(len as u8)
 }
 
 /// A domain name fit to show and to hand to guests: letters, digits, '-', '.'.

@@ -44,13 +44,10 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(false)
         .init();
     let args = Args::parse();
-    let board = Arc::new(Board::new(args.status.clone()));
     // Before the runtime starts any thread.
     if nix::unistd::geteuid().is_root() {
         let uid = rayos_proto::net::NETD_UID;
-        board
-            .give_to(uid)
-            .with_context(|| format!("handing {} to uid {uid}", args.status.display()))?;
+        netd::status::fresh_folder(&args.status, uid)?;
         netd::privs::drop_to(uid, uid)?;
         info!("running as uid {uid} with CAP_NET_ADMIN, CAP_NET_BIND_SERVICE and CAP_NET_RAW only");
     } else {
@@ -59,6 +56,8 @@ fn main() -> anyhow::Result<()> {
             nix::unistd::geteuid()
         );
     }
+    // Written from here on as netd's own uid, never as root.
+    let board = Arc::new(Board::new(args.status.clone()));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -2,11 +2,45 @@
 //! change (write to a temporary name, then rename: a reader never sees half a file).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use rayos_proto::net::{NetStatus, Uplink};
 use tracing::warn;
+
+/// As root, before dropping to `uid`: the state's folder made anew and given to `uid`. Anew,
+/// because the folder a previous netd owned may hold anything that netd put there (a
+/// symlink to a file root would then write through); std's `remove_dir_all` does not follow
+/// symlinks. Root does no other file I/O in it.
+pub fn fresh_folder(status: &Path, uid: u32) -> Result<(), FolderError> {
+    let dir = status.parent().ok_or_else(|| {
+        FolderError(
+            status.to_path_buf(),
+            std::io::ErrorKind::InvalidInput.into(),
+        )
+    })?;
+    let err = |e| FolderError(dir.to_path_buf(), e);
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(dir).map_err(err)?,
+        Ok(_) => std::fs::remove_file(dir).map_err(err)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| FolderError(parent.to_path_buf(), e))?;
+    }
+    std::fs::create_dir(dir).map_err(err)?;
+    let id = (
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(uid)),
+    );
+    nix::unistd::chown(dir, id.0, id.1).map_err(|e| err(e.into()))?;
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("preparing the network state folder {path}: {err}", path = .0.display(), err = .1)]
+pub struct FolderError(PathBuf, std::io::Error);
 
 pub struct Board {
     path: PathBuf,
@@ -23,16 +57,6 @@ impl Board {
         };
         b.write(&BTreeMap::new());
         b
-    }
-
-    /// Hands the state's folder and file to `uid`, which netd becomes next.
-    pub fn give_to(&self, uid: u32) -> std::io::Result<()> {
-        let owner = Some(nix::unistd::Uid::from_raw(uid));
-        let group = Some(nix::unistd::Gid::from_raw(uid));
-        for p in [self.path.parent(), Some(self.path.as_path())].into_iter().flatten() {
-            nix::unistd::chown(p, owner, group)?;
-        }
-        Ok(())
     }
 
     pub fn set(&self, u: Uplink) {
@@ -70,5 +94,42 @@ impl Board {
                 self.path.display()
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_folder_is_made_anew_and_what_was_planted_in_it_is_not_followed() {
+        let t = std::env::temp_dir().join(format!("netd-status-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&t);
+        let dir = t.join("run/net");
+        std::fs::create_dir_all(&dir).unwrap();
+        let victim = t.join("victim");
+        std::fs::write(&victim, "keep me").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.join("status.tmp")).unwrap();
+        std::os::unix::fs::symlink(&victim, dir.join("status.json")).unwrap();
+        let me = nix::unistd::getuid().as_raw();
+        fresh_folder(&dir.join("status.json"), me).unwrap();
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            0,
+            "the folder is empty"
+        );
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
+        // A folder replaced by a symlink is replaced by a real folder again.
+        std::fs::remove_dir(&dir).unwrap();
+        std::os::unix::fs::symlink(&t, &dir).unwrap();
+        fresh_folder(&dir.join("status.json"), me).unwrap();
+        assert!(std::fs::symlink_metadata(&dir).unwrap().is_dir());
+        assert!(victim.exists());
+        let b = Board::new(dir.join("status.json"));
+        b.remove("none");
+        let s =
+            NetStatus::parse(&std::fs::read_to_string(dir.join("status.json")).unwrap()).unwrap();
+        assert_eq!(s.uplinks, vec![]);
+        std::fs::remove_dir_all(&t).unwrap();
     }
 }

@@ -28,6 +28,8 @@ const SERVER_PORT: u16 = 67;
 /// interface wins, and two uplinks' routes never replace each other.
 const ROUTE_METRIC_BASE: u32 = 100;
 
+const MAX_SLEEP: Duration = Duration::from_secs(60);
+
 /// What the link watcher tells an uplink.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkEvent {
@@ -148,37 +150,48 @@ pub async fn run(
     let mut buf = vec![0u8; MAX_MESSAGE + 512];
     let mut ignored_logged = 0u64;
     loop {
-        for a in std::mem::take(&mut pending) {
-            let is_apply = matches!(a, Action::Apply(_));
-            let applied = match &a {
-                Action::Apply(l) => l.gateway.map(|g| (l.address, g)),
-                Action::Drop(_) => {
-                    rtt_us = 0;
-                    None
-                }
-                Action::Send { .. } => None,
-            };
-            match act(&link, &handle, &sock, a, &mut carrier_at).await {
-                Err(e) => {
-                    warn!("{}: {e}", link.name);
-                    problem = e;
-                }
-                Ok(()) => {
-                    if is_apply {
-                        problem.clear();
+        // A lease that could not be applied brings follow-up actions (its drop).
+        while !pending.is_empty() {
+            for a in std::mem::take(&mut pending) {
+                let is_apply = matches!(a, Action::Apply(_));
+                let applied = match &a {
+                    Action::Apply(l) => l.gateway.map(|g| (l.address, g)),
+                    Action::Drop(_) => {
+                        rtt_us = 0;
+                        None
                     }
-                    if let Some((addr, gw)) = applied {
-                        ping_seq = ping_seq.wrapping_add(1);
-                        spawn_ping(link.name.clone(), addr, gw, ping_seq, rtt_tx.clone());
+                    Action::Send { .. } => None,
+                };
+                match act(&link, &handle, &sock, a, &mut carrier_at).await {
+                    Err(e) => {
+                        warn!("{}: {e}", link.name);
+                        problem = e;
+                        if is_apply {
+                            // Not on the interface: take off whatever went on, ask again later
+                            // (the client backs off), rather than show a lease that is not there.
+                            pending.extend(client.apply_failed(now_ms()));
+                        }
+                    }
+                    Ok(()) => {
+                        if is_apply {
+                            problem.clear();
+                        }
+                        if let Some((addr, gw)) = applied {
+                            ping_seq = ping_seq.wrapping_add(1);
+                            spawn_ping(link.name.clone(), addr, gw, ping_seq, rtt_tx.clone());
+                        }
                     }
                 }
             }
         }
         publish(&client, carrier_now, &problem, rtt_us);
+        // The deadlines are CLOCK_BOOTTIME, tokio's sleep is monotonic (it stops while the
+        // machine is suspended): a sleep of at most a minute rechecks the lease after a resume.
         let sleep = match client.deadline() {
             Some(d) => Duration::from_millis(d.saturating_sub(now_ms())),
-            None => Duration::from_secs(3600),
-        };
+            None => MAX_SLEEP,
+        }
+        .min(MAX_SLEEP);
         tokio::select! {
             r = sock.recv_from(&mut buf) => match r {
                 Ok((n, from)) => match client.on_packet(&buf[..n], now_ms()) {
@@ -336,27 +349,54 @@ async fn act(
     }
 }
 
-fn default_route(link: &Uplink, gw: Ipv4Addr) -> rtnetlink::packet_route::route::RouteMessage {
-    RouteMessageBuilder::<Ipv4Addr>::new()
+fn default_route(
+    link: &Uplink,
+    lease: &Lease,
+    gw: Ipv4Addr,
+) -> rtnetlink::packet_route::route::RouteMessage {
+    let b = RouteMessageBuilder::<Ipv4Addr>::new()
         .gateway(gw)
         .output_interface(link.index)
         .priority(ROUTE_METRIC_BASE + link.index)
         .protocol(RouteProtocol::Dhcp)
-        .scope(RouteScope::Universe)
-        .build()
+        .scope(RouteScope::Universe);
+    // A gateway outside the leased prefix (a /32 lease, some ISPs' layouts) is still on the
+    // link: say so, or the kernel refuses the route as unreachable.
+    if on_link(lease.address, lease.prefix_len, gw) {
+        b.build()
+    } else {
+        b.onlink().build()
+    }
+}
+
+/// Whether `gw` is inside `addr/prefix_len`.
+pub fn on_link(addr: Ipv4Addr, prefix_len: u8, gw: Ipv4Addr) -> bool {
+    let mask = u32::MAX
+        .checked_shl(32 - u32::from(prefix_len.min(32)))
+        .unwrap_or(0);
+    u32::from(addr) & mask == u32::from(gw) & mask
 }
 
 async fn apply(link: &Uplink, handle: &Handle, lease: &Lease) -> Result<(), rtnetlink::Error> {
-    handle
+    let mut add = handle
         .address()
         .add(link.index, IpAddr::V4(lease.address), lease.prefix_len)
-        .replace()
-        .execute()
-        .await?;
+        .replace();
+    // The kernel ends the address with the lease, even if netd is gone by then (a crash, a
+    // restart that gets another address); each renewal sets the times again.
+    let left =
+        (lease.expires_ms.saturating_sub(now_ms()) / 1000).min(u64::from(u32::MAX - 1)) as u32;
+    let mut times = rtnetlink::packet_route::address::CacheInfo::default();
+    times.ifa_preferred = left;
+    times.ifa_valid = left;
+    add.message_mut()
+        .attributes
+        .push(AddressAttribute::CacheInfo(times));
+    add.execute().await?;
     if let Some(gw) = lease.gateway {
         handle
             .route()
-            .add(default_route(link, gw))
+            .add(default_route(link, lease, gw))
             .replace()
             .execute()
             .await?;
@@ -367,7 +407,12 @@ async fn apply(link: &Uplink, handle: &Handle, lease: &Lease) -> Result<(), rtne
 async fn remove(link: &Uplink, handle: &Handle, lease: &Lease) -> Result<(), rtnetlink::Error> {
     if let Some(gw) = lease.gateway {
         // Gone already when the kernel dropped it with the address or the link: fine.
-        if let Err(e) = handle.route().del(default_route(link, gw)).execute().await {
+        if let Err(e) = handle
+            .route()
+            .del(default_route(link, lease, gw))
+            .execute()
+            .await
+        {
             debug!("{}: default route via {gw}: {e}", link.name);
         }
     }
@@ -380,4 +425,21 @@ async fn remove(link: &Uplink, handle: &Handle, lease: &Lease) -> Result<(), rtn
     msg.attributes
         .push(AddressAttribute::Address(IpAddr::V4(lease.address)));
     handle.address().del(msg).execute().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateways_outside_the_prefix_are_told_apart() {
+        let a = Ipv4Addr::new(10, 0, 2, 15);
+        assert!(on_link(a, 24, Ipv4Addr::new(10, 0, 2, 2)));
+        assert!(!on_link(a, 24, Ipv4Addr::new(10, 0, 3, 1)));
+        assert!(
+            !on_link(a, 32, Ipv4Addr::new(10, 0, 2, 2)),
+            "a /32 has no neighbour"
+        );
+        assert!(on_link(a, 0, Ipv4Addr::new(192, 168, 1, 1)));
+    }
 }

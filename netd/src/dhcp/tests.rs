@@ -169,20 +169,76 @@ fn an_ack_while_renewing_extends_the_lease_without_dropping_it() {
 }
 
 #[test]
-fn a_nak_drops_the_lease_and_starts_over() {
+fn a_nak_drops_the_lease_and_starts_over_after_a_growing_wait() {
     let mut c = bound(600);
     let r = sent(&c.on_timer(c.deadline().unwrap()));
     let a = c
         .on_packet(&reply(&r[0].0, MessageType::Nak, 0), 400_000)
         .unwrap();
-    assert!(matches!(a[0], Action::Drop(_)), "{a:?}");
-    let again = sent(&a[1..]);
+    assert!(matches!(a.as_slice(), [Action::Drop(_)]), "{a:?}");
+    assert_eq!(c.deadline(), Some(401_000), "the next DISCOVER waits 1 s");
+    let again = sent(&c.on_timer(401_000));
     assert_eq!(again[0].0.opts().msg_type(), Some(MessageType::Discover));
     assert_eq!(
         again[0].0.opts().get(OptionCode::RequestedIpAddress),
         None,
         "a refused address is not asked for again"
     );
+    // A server that refuses every request: the waits double up to a minute.
+    let mut waits = Vec::new();
+    let mut now = 401_000;
+    for _ in 0..8 {
+        let d = sent(&c.on_timer(c.deadline().unwrap().max(now)));
+        let disc = d.last().unwrap().0.clone();
+        let r = sent(
+            &c.on_packet(&reply(&disc, MessageType::Offer, 600), now)
+                .unwrap(),
+        );
+        c.on_packet(&reply(&r[0].0, MessageType::Nak, 0), now + 1)
+            .unwrap();
+        waits.push(c.deadline().unwrap() - (now + 1));
+        now = c.deadline().unwrap();
+    }
+    assert_eq!(
+        waits,
+        vec![2000, 4000, 8000, 16000, 32000, 60000, 60000, 60000]
+    );
+}
+
+#[test]
+fn a_lease_that_could_not_be_applied_is_dropped_and_tried_again_later() {
+    let mut c = bound(600);
+    let a = c.apply_failed(30);
+    assert!(
+        matches!(a.as_slice(), [Action::Drop(l)] if l.address == ADDR),
+        "{a:?}"
+    );
+    assert_eq!(
+        (c.state(), c.lease(), c.deadline()),
+        (DhcpState::Selecting, None, Some(1030))
+    );
+    let d = sent(&c.on_timer(1030));
+    assert_eq!(d[0].0.opts().msg_type(), Some(MessageType::Discover));
+    // A bind resets the wait.
+    let r = sent(
+        &c.on_packet(&reply(&d[0].0, MessageType::Offer, 600), 1040)
+            .unwrap(),
+    );
+    c.on_packet(&reply(&r[0].0, MessageType::Ack, 600), 1050)
+        .unwrap();
+    c.apply_failed(1060);
+    assert_eq!(c.deadline(), Some(2060));
+}
+
+#[test]
+fn a_hardware_length_past_the_field_is_refused_without_a_panic() {
+    let mut c = Client::new(MAC, 7);
+    let d = sent(&c.link_up(0));
+    let mut offer = reply(&d[0].0, MessageType::Offer, 60);
+    for hlen in [0u8, 5, 17, 200, 255] {
+        offer[2] = hlen;
+        assert_eq!(c.on_packet(&offer, 1), Err(Ignored::NotOurs), "hlen {hlen}");
+    }
 }
 
 #[test]
@@ -278,6 +334,7 @@ fn netmasks_convert_to_prefixes() {
     assert_eq!(prefix_of(Ipv4Addr::new(255, 255, 255, 0)), Some(24));
     assert_eq!(prefix_of(Ipv4Addr::new(255, 255, 252, 0)), Some(22));
     assert_eq!(prefix_of(Ipv4Addr::new(255, 0, 0, 0)), Some(8));
-    assert_eq!(prefix_of(Ipv4Addr::new(255, 255, 255, 255)), None);
+    assert_eq!(prefix_of(Ipv4Addr::new(255, 255, 255, 255)), Some(32));
+    assert_eq!(prefix_of(Ipv4Addr::new(0, 0, 0, 0)), None);
     assert_eq!(prefix_of(Ipv4Addr::new(0, 255, 0, 0)), None);
 }
