@@ -151,6 +151,7 @@ pub async fn run(
     let mut ignored_logged = 0u64;
     loop {
         // A lease that could not be applied brings follow-up actions (its drop).
+        let mut failed = false;
         while !pending.is_empty() {
             for a in std::mem::take(&mut pending) {
                 let is_apply = matches!(a, Action::Apply(_));
@@ -165,7 +166,12 @@ pub async fn run(
                 match act(&link, &handle, &sock, a, &mut carrier_at).await {
                     Err(e) => {
                         warn!("{}: {e}", link.name);
-                        problem = e;
+                        // The first failure is the one to show: the drop after a refused
+                        // lease usually fails too, for want of what was refused.
+                        if !failed {
+                            problem = e;
+                            failed = true;
+                        }
                         if is_apply {
                             // Not on the interface: take off whatever went on, ask again later
                             // (the client backs off), rather than show a lease that is not there.

@@ -112,12 +112,6 @@ impl NetInfo {
     }
 }
 
-pub fn boottime_ms() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
-        .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
-        .unwrap_or(0)
-}
-
 pub struct NetServer {
     status: PathBuf,
 }
@@ -131,7 +125,7 @@ impl NetServer {
 #[zbus::interface(name = "org.rayos.Net1")]
 impl NetServer {
     async fn status(&self) -> NetInfo {
-        NetInfo::read(&self.status, Path::new("/proc"), boottime_ms())
+        NetInfo::read(&self.status, Path::new("/proc"), crate::timeline::uptime_ms())
     }
 }
 
