@@ -260,7 +260,24 @@ impl VmManager {
                 }
             };
             tokio::select! {
-                status = &mut exit => break status.unwrap_or(ExitKind::Signaled(9)),
+                status = &mut exit => {
+                    // The VMM's last words (`exiting` and why) can still be on their way from
+                    // its socket when its end is seen: wait for them briefly, or a refused
+                    // state or a crash is reported without its reason.
+                    if vmm_reason.is_none() && !events_done {
+                        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                            while let Some(ev) = events.recv().await {
+                                if let Event::Exiting { code, reason } = ev {
+                                    tracing::info!("vm {}: VMM exiting with {code}: {reason}", vm.name);
+                                    vmm_reason = Some(reason);
+                                    break;
+                                }
+                            }
+                        })
+                        .await;
+                    }
+                    break status.unwrap_or(ExitKind::Signaled(9));
+                }
                 ev = events.recv(), if !events_done => match ev {
                     None => {
                         events_done = true;
