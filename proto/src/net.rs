@@ -15,6 +15,17 @@ pub const STATUS_PATH: &str = "/run/rayos/net/status.json";
 /// compositor's is 1_999_000_001).
 pub const NETD_UID: u32 = 1_999_000_002;
 
+/// The bridge every `network = "nat"` VM's tap is a port of (isolated: ports reach the
+/// bridge, never each other). rayosd makes it (and the taps); netd gives it
+/// [`NAT_GATEWAY`], serves DHCP and DNS on it and masquerades what leaves through it.
+pub const NAT_BRIDGE: &str = "rayos-nat";
+/// The VMs' private network: `10.73.0.0/24`. Chosen away from the ranges home routers,
+/// libvirt (192.168.122/24), Docker (172.17-31) and QEMU's user network (10.0.2/24) use.
+pub const NAT_NETWORK: Ipv4Addr = Ipv4Addr::new(10, 73, 0, 0);
+pub const NAT_PREFIX_LEN: u8 = 24;
+/// RayOS on the VMs' network: their gateway, DHCP server and DNS forwarder.
+pub const NAT_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 73, 0, 1);
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetStatus {
@@ -22,6 +33,55 @@ pub struct NetStatus {
     pub pid: u32,
     /// The wired interfaces netd manages, by name.
     pub uplinks: Vec<Uplink>,
+    /// The VMs' private network (`network = "nat"` VMs).
+    #[serde(default)]
+    pub nat: NatStatus,
+}
+
+/// RayOS's side of the VMs' private network: the bridge's address, the masquerade rules,
+/// and the leases its DHCP server handed out.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatStatus {
+    /// The bridge has [`NAT_GATEWAY`], the nf_tables rules are in and forwarding is on.
+    pub ready: bool,
+    pub leases: Vec<NatLease>,
+    /// DHCP datagrams the server answered, and those it refused (malformed, not ours).
+    #[serde(default)]
+    pub dhcp_answered: u64,
+    #[serde(default)]
+    pub dhcp_refused: u64,
+    /// DNS queries the forwarder answered, and those that got no answer upstream.
+    pub dns_answered: u64,
+    pub dns_failed: u64,
+    /// What keeps NAT from working, for the user; empty when nothing does.
+    pub problem: String,
+}
+
+/// One VM's address on the private network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatLease {
+    pub mac: String,
+    pub address: Ipv4Addr,
+    pub expires_in_secs: u64,
+}
+
+/// The MAC of a NAT VM's network card: from its UUID, so it never changes across restarts
+/// and restores (the DHCP server then gives it the same address). Locally administered,
+/// unicast.
+pub fn vm_mac(id: &[u8; 16]) -> [u8; 6] {
+    // FNV-1a over the whole UUID: UUIDv4s differ everywhere, but a hand-written one may not.
+    let mut h: u32 = 0x811c_9dc5;
+    for b in id {
+        h = (h ^ u32::from(*b)).wrapping_mul(0x0100_0193);
+    }
+    let b = h.to_be_bytes();
+    [0x52, 0x54, b[0], b[1], b[2], b[3]]
+}
+
+pub fn fmt_mac(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
 impl NetStatus {
@@ -116,6 +176,7 @@ mod tests {
     fn a_status_reads_back_as_written_and_names_the_bound_uplink() {
         let s = NetStatus {
             pid: 42,
+            nat: NatStatus::default(),
             uplinks: vec![
                 Uplink {
                     name: "eth1".into(),

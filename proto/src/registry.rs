@@ -179,6 +179,40 @@ impl OnShutdown {
     }
 }
 
+/// What network a VM gets. Off unless the policy says otherwise (the Linux subsystem
+/// contract): RayOS, not the guest, decides. A change takes effect at the VM's next start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    /// No network device at all: the guest sees no link.
+    #[default]
+    Off,
+    /// A virtio-net link on RayOS's private network (`rayos_proto::net::NAT_BRIDGE`): a
+    /// lease from RayOS's DHCP server, DNS through RayOS, out through the uplink by
+    /// masquerade; other VMs and RayOS's own services are out of reach.
+    Nat,
+}
+
+impl Network {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Network::Off => "off",
+            Network::Nat => "nat",
+        }
+    }
+}
+
+impl std::str::FromStr for Network {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(Network::Off),
+            "nat" => Ok(Network::Nat),
+            _ => Err(format!("network {s:?} is not \"off\" or \"nat\"")),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
@@ -187,11 +221,13 @@ pub struct Policy {
     pub restart: RestartPolicy,
     #[serde(default)]
     pub on_shutdown: OnShutdown,
+    #[serde(default)]
+    pub network: Network,
 }
 
 impl Default for Policy {
     fn default() -> Self {
-        Policy { autostart_hidden: false, restart: RestartPolicy::OnFailure, on_shutdown: OnShutdown::Save }
+        Policy { autostart_hidden: false, restart: RestartPolicy::OnFailure, on_shutdown: OnShutdown::Save, network: Network::Off }
     }
 }
 
@@ -292,7 +328,7 @@ impl VmRecord {
                 rng: true,
                 agent: true,
             },
-            policy: Policy { autostart_hidden: true, restart: RestartPolicy::OnFailure, on_shutdown: OnShutdown::Save },
+            policy: Policy { autostart_hidden: true, restart: RestartPolicy::OnFailure, on_shutdown: OnShutdown::Save, network: Network::Off },
             created_at: now_secs(),
             last_booted_at: None,
             firstboot: None,
@@ -435,7 +471,8 @@ mod tests {
       "policy": {
         "autostart_hidden": true,
         "restart": "on-failure",
-        "on_shutdown": "save"
+        "on_shutdown": "save",
+        "network": "nat"
       },
       "created_at": 1764806400,
       "last_booted_at": null
@@ -459,6 +496,14 @@ mod tests {
         assert_ne!(old, INSTALLED);
         let vm = RegistryFile::parse(old.as_bytes()).unwrap().vms.remove(0);
         assert_eq!((vm.policy.on_shutdown, vm.saved, vm.save_generation), (OnShutdown::Save, None, 0));
+        assert_eq!(vm.policy.network, Network::Nat);
+        // One from before VM networks: no network, as the subsystem contract says.
+        let old = INSTALLED.replace(",\n        \"network\": \"nat\"", "");
+        assert_ne!(old, INSTALLED);
+        assert_eq!(RegistryFile::parse(old.as_bytes()).unwrap().vms[0].policy.network, Network::Off);
+        let bad = INSTALLED.replace("\"network\": \"nat\"", "\"network\": \"bridge\"");
+        let e = RegistryFile::parse(bad.as_bytes()).unwrap_err().to_string();
+        assert!(e.contains("bridge"), "{e}");
     }
 
     #[test]

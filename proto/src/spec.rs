@@ -91,6 +91,9 @@ pub struct DiskSpec {
 pub struct NetSpec {
     /// Name of an existing tap interface.
     pub tap: String,
+    /// The card's MAC; absent: one derived from the VM's name and the card's index.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<[u8; 6]>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::registry::OnShutdown;
+use crate::registry::{Network, OnShutdown};
 
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -48,11 +48,14 @@ pub struct SystemPolicy {
     /// holds the answer rayosd honours; this keeps what was chosen). Files from before it read
     /// as `save`, the default.
     pub linux_on_shutdown: OnShutdown,
+    /// The default Linux VM's network as the installer recorded it (its record's
+    /// `policy.network` is what rayosd honours). Files from before it read as `off`.
+    pub linux_network: Network,
 }
 
 impl Default for SystemPolicy {
     fn default() -> Self {
-        SystemPolicy { autostart_linux_hidden: true, autostart_windows_hidden: true, linux_on_shutdown: OnShutdown::Save }
+        SystemPolicy { autostart_linux_hidden: true, autostart_windows_hidden: true, linux_on_shutdown: OnShutdown::Save, linux_network: Network::Off }
     }
 }
 
@@ -114,6 +117,7 @@ autostart_vms = true
 autostart_linux_hidden = true
 autostart_windows_hidden = false
 linux_on_shutdown = "shutdown"
+linux_network = "nat"
 
 [vm_storage]
 kind = "partition"
@@ -127,6 +131,7 @@ location = "0a1b2c3d-0000-4000-8000-000000000001"
         assert_eq!(c.vm_storage.partition(), Some("0a1b2c3d-0000-4000-8000-000000000001"));
         assert!(!c.policy.autostart_windows_hidden);
         assert_eq!(c.policy.linux_on_shutdown, OnShutdown::Shutdown);
+        assert_eq!(c.policy.linux_network, Network::Nat);
         assert_eq!(c.to_toml(), INSTALLED);
         let data = SystemToml { vm_storage: VmStorage::default(), ..c };
         assert!(data.to_toml().ends_with("[vm_storage]\nkind = \"data-volume\"\n"), "{}", data.to_toml());
