@@ -70,6 +70,8 @@ async fn run(args: Args, board: Arc<Board>) -> anyhow::Result<()> {
         .context("opening a netlink socket (is CONFIG_NET on?)")?;
     tokio::spawn(conn);
     set_up(&handle, 1, "lo").await;
+    // The VMs' private network, beside the uplinks and independent of them.
+    tokio::spawn(netd::nat::run(handle.clone(), board.clone()));
     let mut tracked: HashMap<u32, Tracked> = HashMap::new();
     let mut dump = handle.link().get().execute();
     while let Some(m) = dump

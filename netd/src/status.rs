@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use rayos_proto::net::{NetStatus, Uplink};
+use std::net::Ipv4Addr;
+
+use rayos_proto::net::{NatStatus, NetStatus, Uplink};
 use tracing::warn;
 
 /// As root, before dropping to `uid`: the state's folder made anew and given to `uid`. Anew,
@@ -44,7 +46,13 @@ pub struct FolderError(PathBuf, std::io::Error);
 
 pub struct Board {
     path: PathBuf,
-    uplinks: Mutex<BTreeMap<String, Uplink>>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    uplinks: BTreeMap<String, Uplink>,
+    nat: NatStatus,
 }
 
 impl Board {
@@ -53,32 +61,58 @@ impl Board {
     pub fn new(path: PathBuf) -> Board {
         let b = Board {
             path,
-            uplinks: Mutex::new(BTreeMap::new()),
+            state: Mutex::new(State::default()),
         };
-        b.write(&BTreeMap::new());
+        b.write(&State::default());
         b
     }
 
     pub fn set(&self, u: Uplink) {
-        let mut m = self.uplinks.lock().unwrap();
-        if m.get(&u.name) == Some(&u) {
+        let mut m = self.state.lock().unwrap();
+        if m.uplinks.get(&u.name) == Some(&u) {
             return;
         }
-        m.insert(u.name.clone(), u);
+        m.uplinks.insert(u.name.clone(), u);
         self.write(&m);
     }
 
     pub fn remove(&self, name: &str) {
-        let mut m = self.uplinks.lock().unwrap();
-        if m.remove(name).is_some() {
+        let mut m = self.state.lock().unwrap();
+        if m.uplinks.remove(name).is_some() {
             self.write(&m);
         }
     }
 
-    fn write(&self, m: &BTreeMap<String, Uplink>) {
+    /// Changes the NAT side's state with `f`, written when it changed.
+    pub fn nat(&self, f: impl FnOnce(&mut NatStatus)) {
+        let mut m = self.state.lock().unwrap();
+        let before = m.nat.clone();
+        f(&mut m.nat);
+        if m.nat != before {
+            self.write(&m);
+        }
+    }
+
+    /// The DNS servers of the uplinks' leases, the bound ones first in name order: where the
+    /// VMs' DNS forwarder asks.
+    pub fn dns_servers(&self) -> Vec<Ipv4Addr> {
+        let m = self.state.lock().unwrap();
+        let mut out = Vec::new();
+        for u in m.uplinks.values() {
+            for d in u.lease.iter().flat_map(|l| l.dns.iter()) {
+                if !out.contains(d) {
+                    out.push(*d);
+                }
+            }
+        }
+        out
+    }
+
+    fn write(&self, m: &State) {
         let s = NetStatus {
             pid: std::process::id(),
-            uplinks: m.values().cloned().collect(),
+            uplinks: m.uplinks.values().cloned().collect(),
+            nat: m.nat.clone(),
         };
         let tmp = self.path.with_extension("tmp");
         let r = self
