@@ -100,7 +100,7 @@ pub fn attach(
     }
     for (i, n) in spec.net.iter().enumerate() {
         let name = format!("virtio-net {}", n.tap);
-        let net = VirtioNet::new(NetConfig { tap: n.tap.clone(), mac: mac_for(&spec.name, i) })
+        let net = VirtioNet::new(NetConfig { tap: n.tap.clone(), mac: n.mac.unwrap_or_else(|| mac_for(&spec.name, i)) })
             .map_err(|e| dev_err(&name, e))?;
         add_virtio(&mut root, &name, Box::new(net))?;
     }

@@ -101,7 +101,7 @@ mod tests {
         for m in ["Present", "OpenChannel", "StartVm", "StopVm", "PowerOff", "ReportPrimaryMode"] {
             assert_eq!(a.check(m, Some(1_999_000_001)), Ok(()), "{m}");
         }
-        for m in ["CreateVm", "DeleteVm", "TypeText", "KeyInput", "GuestScreen", "Logs", "SerialInput", "SignalVmm"] {
+        for m in ["CreateVm", "DeleteVm", "SetNetwork", "TypeText", "KeyInput", "GuestScreen", "Logs", "SerialInput", "SignalVmm"] {
             let e = a.check(m, Some(1_999_000_001)).unwrap_err().0;
             assert!(e.contains(&format!("{m} needs root")) && e.contains("the compositor's"), "{e}");
         }

@@ -18,6 +18,36 @@ pub struct NetInfo {
     /// "running", or why there is no live state ("not running", "unreadable state: …").
     pub service: String,
     pub uplinks: Vec<UplinkInfo>,
+    pub nat: NatInfo,
+}
+
+/// The VMs' private network (`network = "nat"` VMs).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct NatInfo {
+    /// The bridge has its address, the masquerade rules are in, forwarding is on.
+    pub ready: bool,
+    /// RayOS on that network: "10.73.0.1/24" (gateway, DHCP server, DNS forwarder).
+    pub gateway: String,
+    pub leases: Vec<NatLeaseInfo>,
+    pub dhcp_answered: u64,
+    pub dhcp_refused: u64,
+    pub dns_answered: u64,
+    pub dns_failed: u64,
+    pub problem: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct NatLeaseInfo {
+    pub mac: String,
+    pub address: String,
+    pub expires_in_secs: u64,
+}
+
+impl NetInfo {
+    /// The address RayOS's DHCP server gave the card with MAC `mac`, if any.
+    pub fn nat_address(&self, mac: &str) -> Option<&str> {
+        self.nat.leases.iter().find(|l| l.mac.eq_ignore_ascii_case(mac)).map(|l| l.address.as_str())
+    }
 }
 
 /// One wired interface. Addresses are text ("" when absent) so any D-Bus client reads them.
@@ -52,12 +82,14 @@ impl NetInfo {
                 return NetInfo {
                     service: "not running".into(),
                     uplinks: vec![],
+                    ..Default::default()
                 };
             }
             Err(e) => {
                 return NetInfo {
                     service: format!("unreadable state {}: {e}", path.display()),
                     uplinks: vec![],
+                    ..Default::default()
                 }
             }
         };
@@ -67,6 +99,7 @@ impl NetInfo {
                 return NetInfo {
                     service: format!("unreadable state {}: {e}", path.display()),
                     uplinks: vec![],
+                    ..Default::default()
                 }
             }
         };
@@ -76,7 +109,7 @@ impl NetInfo {
         if !alive {
             return NetInfo {
                 service: "not running".into(),
-                uplinks: vec![],
+                ..Default::default()
             };
         }
         let uplinks = s
@@ -105,9 +138,25 @@ impl NetInfo {
                 i
             })
             .collect();
+        let nat = NatInfo {
+            ready: s.nat.ready,
+            gateway: format!("{}/{}", rayos_proto::net::NAT_GATEWAY, rayos_proto::net::NAT_PREFIX_LEN),
+            leases: s
+                .nat
+                .leases
+                .into_iter()
+                .map(|l| NatLeaseInfo { mac: l.mac, address: l.address.to_string(), expires_in_secs: l.expires_in_secs })
+                .collect(),
+            dhcp_answered: s.nat.dhcp_answered,
+            dhcp_refused: s.nat.dhcp_refused,
+            dns_answered: s.nat.dns_answered,
+            dns_failed: s.nat.dns_failed,
+            problem: s.nat.problem,
+        };
         NetInfo {
             service: "running".into(),
             uplinks,
+            nat,
         }
     }
 }
@@ -171,6 +220,15 @@ mod tests {
                 gateway_rtt_us: 0,
                 problem: String::new(),
             }],
+            nat: rayos_proto::net::NatStatus {
+                ready: true,
+                leases: vec![rayos_proto::net::NatLease {
+                    mac: "52:54:aa:bb:cc:dd".into(),
+                    address: Ipv4Addr::new(10, 73, 0, 9),
+                    expires_in_secs: 3000,
+                }],
+                ..Default::default()
+            },
         };
         std::fs::write(&path, s.to_json()).unwrap();
         // pid 77 is not netd (no such process here): its last state is not shown as live.
@@ -178,7 +236,7 @@ mod tests {
             NetInfo::read(&path, &procs, 0),
             NetInfo {
                 service: "not running".into(),
-                uplinks: vec![]
+                ..Default::default()
             }
         );
         std::fs::create_dir_all(procs.join("77")).unwrap();
@@ -201,5 +259,9 @@ mod tests {
             )
         );
         assert_eq!(u.expires_in_secs, 85_400);
+        assert!(i.nat.ready);
+        assert_eq!(i.nat.gateway, "10.73.0.1/24");
+        assert_eq!(i.nat_address("52:54:AA:BB:CC:DD"), Some("10.73.0.9"));
+        assert_eq!(i.nat_address("52:54:00:00:00:01"), None);
     }
 }

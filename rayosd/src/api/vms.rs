@@ -154,6 +154,14 @@ impl VmsServer {
         Ok(self.mgr()?.delete(vm, purge)?)
     }
 
+    /// Sets the VM's network policy ("off" or "nat"), taken at its next start.
+    async fn set_network(&self, #[zbus(connection)] conn: &zbus::Connection, vm: &str, network: &str) -> Result<VmInfo, VmApiError> {
+        let network: crate::vm::registry::Network = network.parse().map_err(VmApiError::InvalidArgument)?;
+        require_root(conn, self.system.access(), "SetNetwork").await?;
+        tracing::info!("control: VM {vm}: network {}", network.as_str());
+        Ok(self.mgr()?.set_network(vm, network)?)
+    }
+
     /// Sends a signal (name like `KILL` or number) to the VM's VMM process; returns whether
     /// one was signalled. For tests and debugging: the supervisor handles the VMM's end.
     async fn signal_vmm(&self, #[zbus(connection)] conn: &zbus::Connection, vm: &str, signal: &str) -> Result<bool, VmApiError> {

@@ -277,8 +277,8 @@ fn print_net(n: &rayosd::api::net::NetInfo) {
     }
     if n.uplinks.is_empty() {
         println!("no wired network interface (Wi-Fi is not supported yet)");
-        return;
     }
+    print_nat(&n.nat);
     for u in &n.uplinks {
         let driver = if u.driver.is_empty() { "?" } else { &u.driver };
         println!("{}  {driver}  {}  cable {}  {}", u.name, u.mac, if u.carrier { "in" } else { "out" }, u.state);
@@ -297,6 +297,25 @@ fn print_net(n: &rayosd::api::net::NetInfo) {
         if !u.problem.is_empty() {
             println!("    problem: {}", u.problem);
         }
+    }
+}
+
+fn print_nat(n: &rayosd::api::net::NatInfo) {
+    let leases: Vec<String> = n.leases.iter().map(|l| format!("{} → {} ({} s left)", l.mac, l.address, l.expires_in_secs)).collect();
+    println!(
+        "VMs' network (nat): {} {}, DHCP answered {} refused {}, DNS answered {} failed {}",
+        n.gateway,
+        if n.ready { "ready" } else { "not ready" },
+        n.dhcp_answered,
+        n.dhcp_refused,
+        n.dns_answered,
+        n.dns_failed
+    );
+    if !leases.is_empty() {
+        println!("    leases: {}", leases.join(", "));
+    }
+    if !n.problem.is_empty() {
+        println!("    problem: {}", n.problem);
     }
 }
 

@@ -7,7 +7,7 @@ use clap::Subcommand;
 use futures_util::StreamExt;
 
 use super::manager::{CreateRequest, GuestScreen, VmInfo};
-use super::registry::{DeviceConfig, DiskRecord, DisplayConfig, DisplaySize, OnShutdown, Policy, RestartPolicy, VmKind};
+use super::registry::{DeviceConfig, DiskRecord, DisplayConfig, DisplaySize, Network, OnShutdown, Policy, RestartPolicy, VmKind};
 use crate::client::ClientError;
 
 #[zbus::proxy(
@@ -28,6 +28,7 @@ pub trait Vms1 {
     fn pause_vm(&self, vm: &str) -> zbus::Result<()>;
     fn resume_vm(&self, vm: &str) -> zbus::Result<()>;
     fn delete_vm(&self, vm: &str, purge: bool) -> zbus::Result<()>;
+    fn set_network(&self, vm: &str, network: &str) -> zbus::Result<VmInfo>;
     fn logs(&self, vm: &str, lines: u32) -> zbus::Result<String>;
     fn signal_vmm(&self, vm: &str, signal: &str) -> zbus::Result<bool>;
     fn guest_screen(&self, vm: &str) -> zbus::Result<GuestScreen>;
@@ -83,6 +84,16 @@ pub enum VmCmd {
         /// `none` (the default).
         #[arg(long, value_parser = parse_display, default_value = "none")]
         display: DisplayFlag,
+        /// `off` (no network card) or `nat` (a private link out through RayOS's uplink).
+        #[arg(long, default_value = "off")]
+        network: Network,
+    },
+    /// Change a VM's settings; they take effect at its next start.
+    Set {
+        vm: String,
+        /// `off` (no network card) or `nat` (a private link out through RayOS's uplink).
+        #[arg(long)]
+        network: Option<Network>,
     },
     /// Start hidden (the display stays where it is); a saved VM resumes where it was.
     Start {
@@ -250,6 +261,24 @@ fn parse_display(s: &str) -> Result<DisplayFlag, String> {
     Ok(DisplayFlag(Some(DisplayConfig::Fixed(size))))
 }
 
+/// What `vm show` says about a VM's network: its policy and, for a NAT VM, its card and the
+/// address RayOS's DHCP server gave it (asked over the same connection: the serial bridge
+/// serves one at a time).
+async fn describe_network(v: &VmInfo, p: &Vms1Proxy<'static>) -> String {
+    if v.network != "nat" {
+        return v.network.clone();
+    }
+    let net = match crate::client::Net1Proxy::builder(p.inner().connection()).build().await {
+        Ok(n) => n.status().await.ok(),
+        Err(_) => None,
+    };
+    let address = match &net {
+        Some(n) => n.nat_address(&v.mac).map(|a| format!("address {a}")).unwrap_or_else(|| "no lease yet".into()),
+        None => "address unknown (the network status did not answer)".into(),
+    };
+    format!("nat, card {}, {address}", v.mac)
+}
+
 /// What `vm show` says about a VM's display.
 fn describe_display(v: &VmInfo) -> String {
     let size = DisplaySize::new(v.display_width, v.display_height);
@@ -321,6 +350,7 @@ pub async fn run(socket: &str, json: bool, cmd: &VmCmd) -> Result<(), ClientErro
                     println!("first-boot setup: {}", v.firstboot);
                 }
                 println!("on RayOS shutdown: {}", v.on_shutdown);
+                println!("network: {}", describe_network(&v, &p).await);
                 if v.saved_generation > 0 {
                     let age = rayos_proto::registry::now_secs().saturating_sub(v.saved_at);
                     println!(
@@ -334,7 +364,18 @@ pub async fn run(socket: &str, json: bool, cmd: &VmCmd) -> Result<(), ClientErro
                 }
             }
         }
-        VmCmd::Create { name, kind, disks, kernel, initramfs, cmdline, memory_mib, vcpus, autostart, no_restart, on_shutdown, agent, display } => {
+        VmCmd::Set { vm, network } => {
+            let Some(network) = network else {
+                return Err(ClientError::InvalidArgument("nothing to set: give --network off|nat".into()));
+            };
+            let v = p.set_network(vm, network.as_str()).await?;
+            if json {
+                print_json(&v)
+            } else {
+                println!("{}: network {} from its next start", v.name, v.network);
+            }
+        }
+        VmCmd::Create { name, kind, disks, kernel, initramfs, cmdline, memory_mib, vcpus, autostart, no_restart, on_shutdown, agent, display, network } => {
             let kind: VmKind = kind.parse().map_err(ClientError::InvalidArgument)?;
             let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
             let req = CreateRequest {
@@ -357,6 +398,7 @@ pub async fn run(socket: &str, json: bool, cmd: &VmCmd) -> Result<(), ClientErro
                     autostart_hidden: *autostart,
                     restart: if *no_restart { RestartPolicy::Never } else { RestartPolicy::OnFailure },
                     on_shutdown: *on_shutdown,
+                    network: *network,
                 },
             };
             let v = p.create_vm(&serde_json::to_string(&req).expect("serializes")).await?;
@@ -552,7 +594,7 @@ mod tests {
             "autostart_hidden": false, "guest_init_ms": 0, "start_to_init_ms": 0, "has_agent": false, "agent_ready": false,
             "agent_heartbeat": 0, "firstboot": "", "disks": [], "memory_mib": 128, "vcpus": 1, "created_at": 0,
             "last_booted_at": 0, "has_display": true, "display_follows_monitor": true, "display_width": 1920,
-            "display_height": 1080, "on_shutdown": "save", "saved_generation": 0, "saved_at": 0, "saved_bytes": 0
+            "display_height": 1080, "on_shutdown": "save", "network": "off", "mac": "", "saved_generation": 0, "saved_at": 0, "saved_bytes": 0
         }))
         .unwrap();
         assert_eq!(describe_display(&v), "follows the monitor (now 1920x1080)");

@@ -137,6 +137,10 @@ pub struct VmInfo {
     pub display_height: u32,
     /// What a RayOS shutdown does with it when it runs: "save" or "shutdown".
     pub on_shutdown: String,
+    /// Its network policy: "off" or "nat" (what its next start gives it).
+    pub network: String,
+    /// Its card's MAC on RayOS's private network ("nat" VMs; empty otherwise).
+    pub mac: String,
     /// The saved state the next start resumes: its generation (0: none), when it was saved
     /// (seconds since the epoch) and the bytes of RAM written.
     pub saved_generation: u64,
@@ -436,8 +440,38 @@ impl VmManager {
         } else {
             tracing::info!("vm {}: deleted; its files stay in {}", vm.name, dir.display());
         }
+        if vm.policy.network == registry::Network::Nat {
+            // Its tap outlives VMM runs on purpose (a restart or resume finds it); not a
+            // deleted VM.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let (name, uid) = (vm.name.clone(), owner::vm_uid(id));
+                rt.spawn(async move {
+                    if let Err(e) = netd::vmlink::remove(uid).await {
+                        tracing::warn!("vm {name}: removing its tap: {e}");
+                    }
+                });
+            }
+        }
         let _ = self.events.send(VmEvent { id: id.to_string(), name: vm.name, state: "deleted".into(), detail: String::new() });
         Ok(())
+    }
+
+    /// Sets the VM's network policy; it takes effect at its next start (a running VM keeps
+    /// the network it started with, and a resume needs the devices it was saved with).
+    pub fn set_network(&self, id_or_name: &str, network: registry::Network) -> Result<VmInfo, VmError> {
+        let id = self.resolve(id_or_name)?;
+        let mut vm = None;
+        self.registry.lock().unwrap().update(id, |v| {
+            v.policy.network = network;
+            vm = Some(v.clone());
+        })?;
+        let vm = vm.expect("update ran");
+        if let Some(e) = self.vms.lock().unwrap().get_mut(&id) {
+            e.info.network = network.as_str().into();
+            e.info.mac = nat_mac(&vm);
+        }
+        tracing::info!("vm {}: network {} from its next start", vm.name, network.as_str());
+        self.get(id_or_name)
     }
 
     /// The last `lines` lines of the VM's serial console (read in bounded memory, see
@@ -572,6 +606,8 @@ impl VmManager {
             display_width: 0,
             display_height: 0,
             on_shutdown: vm.policy.on_shutdown.as_str().into(),
+            network: vm.policy.network.as_str().into(),
+            mac: nat_mac(vm),
             saved_generation: 0,
             saved_at: 0,
             saved_bytes: 0,
@@ -655,4 +691,12 @@ pub(super) fn saved_detail(s: &registry::SavedState) -> String {
 
 pub fn parse_state(s: &str) -> VmState {
     serde_json::from_value(serde_json::Value::String(s.into())).unwrap_or(VmState::Stopped)
+}
+
+fn nat_mac(vm: &VmRecord) -> String {
+    if vm.policy.network == registry::Network::Nat {
+        rayos_proto::net::fmt_mac(&rayos_proto::net::vm_mac(vm.id.as_bytes()))
+    } else {
+        String::new()
+    }
 }

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 // The records and the file's schema are shared with the installer, which writes the first one.
 pub use rayos_proto::registry::{
-    now_secs, DeviceConfig, DiskIdentity, DiskRecord, DisplayConfig, DisplaySize, OnShutdown, Policy, SavedState, RegistryFile, RestartPolicy, VmKind, VmRecord, DEFAULT_LINUX_CMDLINE,
+    now_secs, DeviceConfig, DiskIdentity, DiskRecord, DisplayConfig, DisplaySize, Network, OnShutdown, Policy, SavedState, RegistryFile, RestartPolicy, VmKind, VmRecord, DEFAULT_LINUX_CMDLINE,
     DEFAULT_LINUX_KERNEL, FILE_NAME, SCHEMA_VERSION,
 };
 use rayos_proto::registry::{valid_name, FileError};
@@ -260,7 +260,7 @@ pub(crate) mod tests {
                 rng: true,
                 agent: true,
             },
-            policy: Policy { autostart_hidden: true, restart: RestartPolicy::OnFailure, on_shutdown: Default::default() },
+            policy: Policy { autostart_hidden: true, restart: RestartPolicy::OnFailure, on_shutdown: Default::default(), network: Default::default() },
             created_at: now_secs(),
             last_booted_at: None,
             firstboot: None,

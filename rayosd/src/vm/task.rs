@@ -194,6 +194,13 @@ impl VmManager {
         spec.display = display.map(|d| rayos_proto::spec::DisplaySpec { width: d.width, height: d.height });
         // What the supervisor adds to a start is the time until it spawns the VMM; from then on
         // the VMM's own boot timer says when the guest reached init.
+        if vm.policy.network == registry::Network::Nat {
+            if let Err(e) = netd::vmlink::prepare(owner::vm_uid(id)).await {
+                let detail = format!("its network (nat) could not be set up: {e}; `rayosctl vm set {} --network off` starts it without one", vm.name);
+                tracing::error!("vm {}: {detail}", vm.name);
+                return Outcome::Broken(detail);
+            }
+        }
         let supervisor_ms = requested_at.elapsed().as_millis() as u64;
         let restore_dir = resume.as_ref().map(|(dir, _)| dir.as_path());
         let spawned = match vmm_process::spawn(&self.reaper, &self.settings.vmm_bin, &vm, &files, &spec, restore_dir) {

@@ -217,7 +217,7 @@ fn create_full(
             rng: false,
             agent,
         },
-        policy: Policy { autostart_hidden: autostart, restart, on_shutdown: Default::default() },
+        policy: Policy { autostart_hidden: autostart, restart, on_shutdown: Default::default(), network: Default::default() },
     };
     env.mgr.create(req).unwrap().id
 }

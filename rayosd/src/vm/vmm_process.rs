@@ -13,7 +13,7 @@ use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::oneshot;
 
-use super::registry::{DisplaySize, VmRecord};
+use super::registry::{DisplaySize, Network, VmRecord};
 use crate::reaper::{ExitKind, Reaper};
 
 /// The descriptor the VMM finds its supervisor connection on.
@@ -72,7 +72,10 @@ pub fn build_spec(vm: &VmRecord, files: &VmFiles, display: Option<DisplaySize>) 
     spec.initramfs = c.initramfs.clone();
     spec.cmdline = c.cmdline.clone();
     spec.disks = vm.disks.iter().map(|d| DiskSpec { path: d.path.clone(), read_only: d.read_only }).collect();
-    spec.net = c.net_taps.iter().map(|t| NetSpec { tap: t.clone() }).collect();
+    spec.net = c.net_taps.iter().map(|t| NetSpec { tap: t.clone(), mac: None }).collect();
+    if vm.policy.network == Network::Nat {
+        spec.net.push(nat_card(vm));
+    }
     spec.display = c.display.and(display).map(|d| DisplaySpec { width: d.width, height: d.height });
     spec.input = c.input.then(InputSpec::default);
     spec.console = c.agent.then(ConsoleSpec::default);
@@ -82,6 +85,15 @@ pub fn build_spec(vm: &VmRecord, files: &VmFiles, display: Option<DisplaySize>) 
     spec.control_socket = Some(files.control_socket.clone());
     spec.validate().map_err(|e| VmmError::BadSpec { vm: vm.name.clone(), reason: e.to_string() })?;
     Ok(spec)
+}
+
+/// A NAT VM's card: its tap on the RayOS bridge ([`netd::vmlink::prepare`] makes it before
+/// the start), and a MAC from its UUID, the same on every start and resume.
+pub fn nat_card(vm: &VmRecord) -> NetSpec {
+    NetSpec {
+        tap: netd::vmlink::tap_name(super::owner::vm_uid(vm.id)),
+        mac: Some(rayos_proto::net::vm_mac(vm.id.as_bytes())),
+    }
 }
 
 /// A started VMM.
@@ -280,6 +292,19 @@ mod tests {
         headless.config.display = None;
         assert_eq!(build_spec(&headless, &files, Some(DisplaySize::new(1920, 1080))).unwrap().display, None);
         assert!(files.control_socket.to_string_lossy().ends_with(&format!("{}.sock", vm.id)));
+        // Network: none unless the policy says nat; then one card on the VM's own tap, with a
+        // MAC that follows the UUID (the same at every start).
+        assert!(build_spec(&vm, &files, None).unwrap().net.is_empty(), "off: no card");
+        let mut nat = vm.clone();
+        nat.policy.network = Network::Nat;
+        let net = build_spec(&nat, &files, None).unwrap().net;
+        assert_eq!(net.len(), 1);
+        assert_eq!(net[0].tap, netd::vmlink::tap_name(super::super::owner::vm_uid(vm.id)));
+        assert_eq!(net[0].mac, Some(rayos_proto::net::vm_mac(vm.id.as_bytes())));
+        let mut other = nat.clone();
+        other.id = uuid::Uuid::new_v4();
+        let net2 = build_spec(&other, &files, None).unwrap().net;
+        assert_ne!((&net2[0].tap, net2[0].mac), (&net[0].tap, net[0].mac), "another VM, another tap and MAC");
 
         std::fs::remove_file(&disk).unwrap();
         let e = build_spec(&vm, &files, None).unwrap_err().to_string();
