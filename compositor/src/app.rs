@@ -158,6 +158,7 @@ pub fn entry(v: &VmInfo) -> VmEntry {
         kind: v.kind.clone(),
         state: v.state.clone(),
         has_display: v.has_display,
+        nat: v.network == "nat",
         guest_booting: v.state == "running" && v.has_agent && !v.agent_ready,
     }
 }

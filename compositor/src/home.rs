@@ -22,6 +22,8 @@ pub struct VmEntry {
     pub kind: String,
     pub state: String,
     pub has_display: bool,
+    /// It has a NAT link out through RayOS (`policy.network = "nat"`).
+    pub nat: bool,
     /// Running, but its guest has not come up yet (its guest agent has not said ready): the
     /// home screen says "starting" until then, as the user cannot use it before.
     pub guest_booting: bool,
@@ -206,7 +208,12 @@ pub fn render(home: &Home, text: &mut Text, canvas: &mut Canvas) -> Vec<LayoutIt
         let key_label = key.map_or(String::new(), |k| format!("[{k}]"));
         text.draw(canvas, key_x, y, body_px, ACCENT, &key_label);
         text.draw(canvas, name_x, y, body_px, FG, &vm.name);
-        let kind = if vm.has_display { vm.kind.clone() } else { format!("{} (no display)", vm.kind) };
+        let kind = match (vm.has_display, vm.nat) {
+            (true, false) => format!("{}, no net", vm.kind),
+            (true, true) => format!("{}, NAT", vm.kind),
+            (false, false) => format!("{} (no display)", vm.kind),
+            (false, true) => format!("{}, NAT (no display)", vm.kind),
+        };
         text.draw(canvas, kind_x, y, body_px, DIM, &kind);
         let label = state_label(vm);
         let colour = state_color(if vm.guest_booting && vm.state == "running" { "starting" } else { &vm.state });
@@ -250,7 +257,7 @@ mod tests {
     use super::*;
 
     fn vm(name: &str, state: &str) -> VmEntry {
-        VmEntry { name: name.into(), kind: "linux".into(), state: state.into(), has_display: true, guest_booting: false }
+        VmEntry { name: name.into(), kind: "linux".into(), state: state.into(), has_display: true, nat: false, guest_booting: false }
     }
 
     #[test]

@@ -53,7 +53,7 @@ fn parse_vm(s: &str) -> anyhow::Result<VmEntry> {
     let parts: Vec<&str> = s.split(':').collect();
     match parts.as_slice() {
         [name, kind, state] | [name, kind, state, "nodisplay"] => {
-            Ok(VmEntry { name: name.to_string(), kind: kind.to_string(), state: state.to_string(), has_display: parts.len() == 3, guest_booting: false })
+            Ok(VmEntry { name: name.to_string(), kind: kind.to_string(), state: state.to_string(), has_display: parts.len() == 3, nat: false, guest_booting: false })
         }
         _ => bail!("--vm {s:?}: expected NAME:KIND:STATE[:nodisplay]"),
     }

@@ -53,6 +53,8 @@ fn vm(name: &str, state: &str, has_display: bool) -> VmInfo {
         display_width: if has_display { 640 } else { 0 },
         display_height: if has_display { 480 } else { 0 },
         on_shutdown: "save".into(),
+        network: "off".into(),
+        mac: String::new(),
         saved_generation: 0,
         saved_at: 0,
         saved_bytes: 0,

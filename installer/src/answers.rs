@@ -22,12 +22,14 @@
 //! autostart_linux_hidden = true
 //! linux_on_shutdown = "save"           # or "shutdown": at RayOS shutdown the Linux VM is saved (and
 //!                                      # resumed at boot) or shut down (and booted afresh)
+//! linux_network = "nat"                # or "off": the Linux VM's private link out through RayOS
+//!                                      # (absent: "nat", what the wizard suggests)
 //! # autostart_windows_hidden: Windows VMs do not exist yet; `true` is refused, false/absent accepted
 //! ```
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{check_password_hash, check_user_name, LinuxUser, OnShutdown, Policy, SystemConfig};
+use crate::config::{check_password_hash, check_user_name, LinuxUser, Network, OnShutdown, Policy, SystemConfig};
 use crate::disks::{human_size, Disk};
 use crate::plan::{Plan, Target, VmStorage};
 
@@ -105,6 +107,9 @@ pub struct PolicySection {
     /// "save" or "shutdown" (checked by `validate`, so a wrong value is named like the others).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub linux_on_shutdown: Option<String>,
+    /// "nat" or "off" (checked by `validate`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub linux_network: Option<String>,
 }
 
 /// `[linux_user]`: the default Linux VM's user.
@@ -282,6 +287,15 @@ pub fn validate(file: &str, raw: AnswerFile) -> Result<Answers, AnswerError> {
             ))
         }
     };
+    let linux_network = match raw.policy.linux_network.as_deref() {
+        None => Network::Nat,
+        Some(s) => s.parse::<Network>().map_err(|_| {
+            err(
+                "policy.linux_network",
+                format!("{s:?}: expected \"nat\" (a private link out through RayOS's network) or \"off\" (no network card)"),
+            )
+        })?,
+    };
     let user = raw.linux_user.ok_or_else(|| {
         err("linux_user", "missing: the [linux_user] section names the Linux VM's user: name = \"…\" and password_hash = \"$6$…\"".into())
     })?;
@@ -305,6 +319,7 @@ pub fn validate(file: &str, raw: AnswerFile) -> Result<Answers, AnswerError> {
             autostart_linux_hidden: raw.policy.autostart_linux_hidden.unwrap_or(true),
             autostart_windows_hidden: false,
             linux_on_shutdown,
+            linux_network,
         },
         linux_user: Some(LinuxUser { name, password_hash }),
     };
@@ -442,6 +457,7 @@ pub fn to_toml(disk: &Disk, target: &Target, vm: &VmStorage, cfg: &SystemConfig,
             // Not offered until Windows VMs exist.
             autostart_windows_hidden: None,
             linux_on_shutdown: Some(cfg.policy.linux_on_shutdown.as_str().into()),
+            linux_network: Some(cfg.policy.linux_network.as_str().into()),
         },
         linux_user: cfg.linux_user.as_ref().map(|u| LinuxUserSection {
             name: Some(u.name.clone()),

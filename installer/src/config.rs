@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::plan::VmStorage;
 
-pub use rayos_proto::registry::OnShutdown;
+pub use rayos_proto::registry::{Network, OnShutdown};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Policy {
@@ -16,6 +16,10 @@ pub struct Policy {
     /// The default Linux VM's `policy.on_shutdown`: saved at RayOS shutdown and resumed at the
     /// next boot (the default), or shut down with RayOS and booted afresh.
     pub linux_on_shutdown: OnShutdown,
+    /// The default Linux VM's `policy.network`: a private NAT link out through RayOS's
+    /// uplink (what the wizard suggests) or none.
+    #[serde(default)]
+    pub linux_network: Network,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,7 +91,12 @@ impl Default for SystemConfig {
             timezone: "UTC".into(),
             locale: "en_US.UTF-8".into(),
             keymap: "us".into(),
-            policy: Policy { autostart_linux_hidden: true, autostart_windows_hidden: false, linux_on_shutdown: OnShutdown::Save },
+            policy: Policy {
+                autostart_linux_hidden: true,
+                autostart_windows_hidden: false,
+                linux_on_shutdown: OnShutdown::Save,
+                linux_network: Network::Nat,
+            },
             linux_user: None,
         }
     }
@@ -221,6 +230,7 @@ pub fn system_toml(cfg: &SystemConfig, vm: &VmStorage, vm_part_uuid: Option<uuid
             autostart_linux_hidden: cfg.policy.autostart_linux_hidden,
             autostart_windows_hidden: cfg.policy.autostart_windows_hidden,
             linux_on_shutdown: cfg.policy.linux_on_shutdown,
+            linux_network: cfg.policy.linux_network,
         },
         vm_storage,
     };

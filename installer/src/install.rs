@@ -175,6 +175,7 @@ fn stage_vms(
     vm.config.kernel = vm_dir.join(name);
     vm.policy.autostart_hidden = cfg.policy.autostart_linux_hidden;
     vm.policy.on_shutdown = cfg.policy.linux_on_shutdown;
+    vm.policy.network = cfg.policy.linux_network;
     // The user the guest agent creates at the VM's first boot, with the system's zone,
     // locale and keymap; only the password's hash, in the root-only 0600 registry.
     vm.firstboot = cfg.linux_user.as_ref().map(|u| u.first_boot(cfg));
@@ -182,11 +183,12 @@ fn stage_vms(
     log.step(
         88,
         &format!(
-            "default Linux VM {id} registered: disk {} ({} of data), autostart hidden: {}, at RayOS shutdown: {}",
+            "default Linux VM {id} registered: disk {} ({} of data), autostart hidden: {}, at RayOS shutdown: {}, network: {}",
             human_size(stats.size),
             human_size(stats.data),
             if cfg.policy.autostart_linux_hidden { "yes" } else { "no" },
-            cfg.policy.linux_on_shutdown.as_str()
+            cfg.policy.linux_on_shutdown.as_str(),
+            cfg.policy.linux_network.as_str()
         ),
     );
     Ok(1)

@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use installer::answers::{parse, to_toml};
-use installer::config::OnShutdown;
+use installer::config::{Network, OnShutdown};
 use installer::disks;
 use installer::plan::{make_plan, Target, VmStorage};
 
@@ -41,6 +41,14 @@ fn the_linux_vm_is_saved_at_shutdown_unless_the_file_says_shutdown() {
     assert_eq!(policy("linux_on_shutdown = \"save\"\n"), OnShutdown::Save);
     assert_eq!(policy("linux_on_shutdown = \"shutdown\"\n"), OnShutdown::Shutdown);
     assert_eq!(policy("autostart_linux_hidden = false\n"), OnShutdown::Save, "another policy key alone keeps the default");
+}
+
+#[test]
+fn the_linux_vm_gets_nat_unless_the_file_says_off() {
+    let net = |p: &str| parse("answers.toml", &format!("{GOOD}[policy]\n{p}")).unwrap().config.policy.linux_network;
+    assert_eq!(parse("answers.toml", GOOD).unwrap().config.policy.linux_network, Network::Nat, "absent: the wizard's suggestion");
+    assert_eq!(net("linux_network = \"off\"\n"), Network::Off);
+    assert_eq!(net("linux_network = \"nat\"\n"), Network::Nat);
 }
 
 #[test]
@@ -111,6 +119,7 @@ fn each_invalid_field_is_named() {
         ),
         ("[policy]\nlinux_on_shutdown = \"Save\"\n", "answers.toml: policy.linux_on_shutdown: \"Save\": expected \"save\""),
         ("[policy]\nlinux_on_shutdown = false\n", "answers.toml: policy.linux_on_shutdown: invalid type: boolean `false`, expected a string"),
+        ("[policy]\nlinux_network = \"bridged\"\n", "answers.toml: policy.linux_network: \"bridged\": expected \"nat\""),
         ("[system]\ntimezone = \"Mars/Olympus_Mons\"\n", "answers.toml: system.timezone: \"Mars/Olympus_Mons\" is not a time zone"),
         ("[system]\nlocale = \"xx_YY.UTF-8\"\n", "answers.toml: system.locale: \"xx_YY.UTF-8\" is not a locale RayOS knows"),
         ("[system]\nkeymap = \"qwertz\"\n", "answers.toml: system.keymap: \"qwertz\" is not a keyboard layout RayOS knows"),

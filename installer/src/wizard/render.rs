@@ -8,7 +8,7 @@ use ratatui::widgets::{Block, Borders, Paragraph, Wrap};
 use ratatui::Frame;
 
 use super::state::{Screen, Wizard, FIRST_BOOT_FIELDS, LINUX_USER_FIELDS, VM_CHOICES};
-use crate::config::OnShutdown;
+use crate::config::{Network, OnShutdown};
 use crate::disks::human_size;
 
 fn selectable(selected: bool, text: String) -> Line<'static> {
@@ -154,6 +154,7 @@ fn lines(w: &Wizard) -> Vec<Line<'static>> {
                 c.keymap.clone(),
                 yn(c.policy.autostart_linux_hidden),
                 yn(c.policy.linux_on_shutdown == OnShutdown::Save),
+                yn(c.policy.linux_network == Network::Nat),
             ];
             let width = FIRST_BOOT_FIELDS.iter().map(|f| f.len()).max().unwrap_or(0);
             for (i, (name, v)) in FIRST_BOOT_FIELDS.iter().zip(values).enumerate() {
@@ -164,6 +165,10 @@ fn lines(w: &Wizard) -> Vec<Line<'static>> {
             out.push(Line::from(match c.policy.linux_on_shutdown {
                 OnShutdown::Save => "Linux is saved when RayOS shuts down and resumes where it was at the next boot.",
                 OnShutdown::Shutdown => "Linux is shut down with RayOS and boots afresh at the next boot.",
+            }));
+            out.push(Line::from(match c.policy.linux_network {
+                Network::Nat => "Linux reaches the network through RayOS (NAT); nothing outside reaches it.",
+                Network::Off => "Linux has no network card.",
             }));
             keymap_problem(w, &mut out);
         }
@@ -198,6 +203,13 @@ fn lines(w: &Wizard) -> Vec<Line<'static>> {
                     match w.config.policy.linux_on_shutdown {
                         OnShutdown::Save => "Linux VM: kept running across reboots (saved at shutdown, resumed at boot)",
                         OnShutdown::Shutdown => "Linux VM: shut down with RayOS, boots afresh",
+                    }
+                    .into(),
+                );
+                out.push(
+                    match w.config.policy.linux_network {
+                        Network::Nat => "Linux VM network: NAT through RayOS",
+                        Network::Off => "Linux VM network: none",
                     }
                     .into(),
                 );

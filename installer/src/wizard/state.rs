@@ -2,7 +2,7 @@
 //! Esc always goes back one step; nothing is written before the typed confirmation.
 
 use crate::answers;
-use crate::config::{check_keymap, check_user_name, hash_password, LinuxUser, OnShutdown, SystemConfig};
+use crate::config::{check_keymap, check_user_name, hash_password, LinuxUser, Network, OnShutdown, SystemConfig};
 use crate::disks::Disk;
 use crate::plan::{make_plan, Plan, Target, VmStorage};
 
@@ -74,8 +74,15 @@ pub const VM_CHOICES: [&str; 3] = [
 ];
 
 /// Autostart of Windows VMs is not offered: RayOS does not run Windows VMs yet.
-pub const FIRST_BOOT_FIELDS: [&str; 6] =
-    ["Machine name", "Time zone", "Locale", "Keyboard layout", "Autostart Linux hidden", "Keep Linux running across reboots"];
+pub const FIRST_BOOT_FIELDS: [&str; 7] = [
+    "Machine name",
+    "Time zone",
+    "Locale",
+    "Keyboard layout",
+    "Autostart Linux hidden",
+    "Keep Linux running across reboots",
+    "Network for Linux (NAT)",
+];
 
 /// The first-boot fields from this one on are check boxes (Space, Left or Right toggles), not text.
 pub const FIRST_BOOT_FIRST_TOGGLE: usize = 4;
@@ -380,6 +387,12 @@ impl Wizard {
                 p.linux_on_shutdown = match p.linux_on_shutdown {
                     OnShutdown::Save => OnShutdown::Shutdown,
                     OnShutdown::Shutdown => OnShutdown::Save,
+                }
+            }
+            6 => {
+                p.linux_network = match p.linux_network {
+                    Network::Nat => Network::Off,
+                    Network::Off => Network::Nat,
                 }
             }
             _ => {}
