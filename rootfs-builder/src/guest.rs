@@ -25,7 +25,10 @@ pub const MIRROR: &str = "http://deb.debian.org/debian";
 /// On top of minbase (which has login and passwd): an init and a few tools; `sudo` for the
 /// user the agent creates at first boot, `locales` to generate that user's locale, `kbd` and
 /// `console-data` (the kbd keymaps the installer offers) to load their keyboard layout.
-pub const PACKAGES: &[&str] = &["sysvinit-core", "procps", "iproute2", "less", "nano", "sudo", "locales", "kbd", "console-data"];
+/// `isc-dhcp-client` takes a lease when the VM's policy gives it a network card (RayOS's DHCP
+/// server, `network = "nat"`); its dhclient-script writes the DNS server into resolv.conf.
+pub const PACKAGES: &[&str] =
+    &["sysvinit-core", "procps", "iproute2", "less", "nano", "sudo", "locales", "kbd", "console-data", "isc-dhcp-client"];
 pub const IMAGE_SIZE: u64 = 2 << 30;
 pub const ROOT_DEVICE: &str = "/dev/vda";
 /// The guest's kernel command line (serial last: it becomes /dev/console).
@@ -82,7 +85,11 @@ fn hash_hex(parts: &[&[u8]]) -> String {
 
 /// Lines added to sysvinit's /etc/inittab: a login on the serial port (tty1's is there
 /// already) and the guest agent, restarted if it dies.
-const INITTAB_LINES: &str = "\n# RayOS\nT0:2345:respawn:/sbin/getty -L 115200 ttyS0 vt100\nRA:2345:respawn:/usr/local/bin/rayos-guest-agent --service\n";
+///
+/// The network: `dhclient -nw` goes to the background at once, so a VM without a card (its
+/// policy is `off`: no eth0) or whose DHCP server is slow boots as fast as ever; it keeps
+/// asking, and renews, on its own.
+const INITTAB_LINES: &str = "\n# RayOS\nT0:2345:respawn:/sbin/getty -L 115200 ttyS0 vt100\nRA:2345:respawn:/usr/local/bin/rayos-guest-agent --service\nRN:2345:once:/sbin/dhclient -4 -nw eth0\n";
 
 /// Files written into the tree on top of debootstrap's: (path, mode, contents).
 fn customization() -> Vec<(&'static str, u32, String)> {
