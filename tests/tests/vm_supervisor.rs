@@ -1236,7 +1236,7 @@ fn nat_vms_reach_the_outside_through_rayos_but_not_each_other_or_rayos() {
     eprintln!("nat: web has {web_ip} ({web_mac})");
 
     // 2. Out through RayOS's uplink to the host's loopback, and a name through the forwarder.
-    let out = run_marked(&q, "web", "http", &format!(r"exec 3<>/dev/tcp/10.0.2.2/{port}; printf 'GET /nat HTTP/1.0\r\n\r\n' >&3; cat <&3; exec 3<&-"), Duration::from_secs(60));
+    let out = run_marked(&q, "web", "http", &format!(r#"timeout 20 bash -c 'exec 3<>/dev/tcp/10.0.2.2/{port}; printf "GET /nat HTTP/1.0\r\n\r\n" >&3; cat <&3'"#), Duration::from_secs(60));
     assert!(out.contains(&format!("{token}-1")), "web did not get the page from the host:\n{out}");
     let out = run_marked(&q, "web", "dns", &format!("getent hosts {name}"), Duration::from_secs(60));
     assert!(out.lines().any(|l| l.contains(&host_answer) && l.contains(name)), "web did not resolve {name} to {host_answer}:\n{out}");
@@ -1303,7 +1303,7 @@ fn nat_vms_reach_the_outside_through_rayos_but_not_each_other_or_rayos() {
         assert!(t.elapsed() < Duration::from_secs(60), "the uplink did not heal: {v}");
         std::thread::sleep(Duration::from_millis(300));
     }
-    let out = run_marked(&q, "web", "http2", &format!(r"exec 3<>/dev/tcp/10.0.2.2/{port}; printf 'GET /again HTTP/1.0\r\n\r\n' >&3; cat <&3; exec 3<&-"), Duration::from_secs(60));
+    let out = run_marked(&q, "web", "http2", &format!(r#"timeout 20 bash -c 'exec 3<>/dev/tcp/10.0.2.2/{port}; printf "GET /again HTTP/1.0\r\n\r\n" >&3; cat <&3'"#), Duration::from_secs(60));
     assert!(out.contains(&format!("{token}-2")), "web's NAT did not work after the cable came back:\n{out}");
 
     // 6. Network off, at the next start: no card at all.
