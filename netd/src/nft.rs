@@ -9,7 +9,7 @@
 //!         ip saddr 10.73.0.0/24 oifname != "rayos-nat" masquerade }
 //!     chain forward { type filter hook forward priority 0; policy drop;
 //!         ct state established,related accept
-//!         iifname "rayos-nat" oifname != "rayos-nat" accept }
+//!         iifname "rayos-nat" ip saddr 10.73.0.0/24 oifname != "rayos-nat" accept }
 //!     chain input { type filter hook input priority 0; policy accept;
 //!         iifname "rayos-nat" udp dport 67 accept
 //!         iifname "rayos-nat" ip daddr 10.73.0.1 udp dport 53 accept
@@ -502,7 +502,14 @@ fn ruleset(r: &NatRules) -> Vec<(Chain, Vec<Vec<Part>>)> {
             forward,
             vec![
                 vec![established_related(), accept()],
-                vec![from_vms(), oifname_not(br), accept()],
+                // Only the VMs' own addresses: a guest sending from a forged address
+                // would otherwise leave un-masqueraded, as if RayOS routed for it.
+                vec![
+                    from_vms(),
+                    saddr_in(r.network, r.prefix_len),
+                    oifname_not(br),
+                    accept(),
+                ],
             ],
         ),
         (
@@ -1136,18 +1143,26 @@ mod tests {
         assert_eq!(e(3, "1"), strz("immediate"));
         assert_eq!([e(3, "2/1"), e(3, "2/2/2/1")], [be(0), be(1)]);
 
-        let what = "rule `forward: iifname rayos-nat oifname != rayos-nat accept`";
+        let what =
+            "rule `forward: iifname rayos-nat ip saddr 10.73.0.0/24 oifname != rayos-nat accept`";
         let m = message(&msgs, &whats, what);
         let e = |i: usize, rest: &str| get(m, &format!("4/1[{i}]/{rest}")).to_vec();
         assert_eq!(
             [e(0, "2/2"), e(1, "2/2"), e(1, "2/3/1")],
             [be(6), be(0), ifname("rayos-nat")]
         );
+        // payload: network header, offset 12 (source address), 4 bytes; masked to the /24
         assert_eq!(
-            [e(2, "2/2"), e(3, "2/2"), e(3, "2/3/1")],
+            [e(2, "2/2"), e(2, "2/3"), e(2, "2/4")],
+            [be(1), be(12), be(4)]
+        );
+        assert_eq!(e(3, "2/4/1"), [255, 255, 255, 0]);
+        assert_eq!([e(4, "2/2"), e(4, "2/3/1")], [be(0), vec![10, 73, 0, 0]]);
+        assert_eq!(
+            [e(5, "2/2"), e(6, "2/2"), e(6, "2/3/1")],
             [be(7), be(1), ifname("rayos-nat")]
         );
-        assert_eq!(e(4, "2/2/2/1"), be(1));
+        assert_eq!(e(7, "2/2/2/1"), be(1));
     }
 
     #[test]
@@ -1229,7 +1244,8 @@ mod tests {
     #[test]
     fn an_error_ack_names_the_message_it_answers() {
         let mut pending = pending();
-        let rule = "rule `forward: iifname rayos-nat oifname != rayos-nat accept`";
+        let rule =
+            "rule `forward: iifname rayos-nat ip saddr 10.73.0.0/24 oifname != rayos-nat accept`";
         let seq = pending.values().find(|s| s.what == rule).unwrap().seq;
         let mut datagram = error_message(0, 2);
         datagram.extend(error_message(95, seq));
