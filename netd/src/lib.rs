@@ -11,6 +11,7 @@
 //! - [`nat`]: the VMs' private network: bridge address, forwarding, rules, DHCP and DNS.
 //! - [`dns`]: the VMs' DNS forwarder.
 //! - [`vmlink`]: a NAT VM's tap, an isolated port of the RayOS bridge (used by rayosd).
+//! - [`sock`]: UDP sockets bound to one interface (DHCP client and server, DNS).
 //! - [`status`]: the state rayosd shows (`rayos_proto::net`), written at every change.
 
 pub mod dhcp;
@@ -21,6 +22,7 @@ pub mod nat;
 pub mod nft;
 pub mod ping;
 pub mod privs;
+pub mod sock;
 pub mod status;
 pub mod uplink;
 pub mod vmlink;

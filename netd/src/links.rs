@@ -64,12 +64,7 @@ pub fn driver(class_net: &Path, name: &str) -> String {
         .unwrap_or_default()
 }
 
-pub fn fmt_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
+pub use rayos_proto::net::fmt_mac;
 
 #[cfg(test)]
 mod tests {

@@ -6,14 +6,11 @@
 //! Nothing here waits for the uplink: a VM gets its lease and its DNS answers (SERVFAIL
 //! while offline) whether or not the machine is online.
 
-use std::ffi::OsString;
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
 use rayos_proto::net::{fmt_mac, NatLease, NAT_BRIDGE, NAT_GATEWAY, NAT_PREFIX_LEN};
 use rtnetlink::Handle;
 use tokio::net::UdpSocket;
@@ -129,35 +126,15 @@ async fn set_up(handle: &Handle) -> Result<(), String> {
 /// The server's socket: port 67 on the bridge alone, broadcasts allowed (the guests have no
 /// address to send to yet).
 fn dhcp_socket() -> std::io::Result<UdpSocket> {
-    let fd = socket::socket(
-        AddressFamily::Inet,
-        SockType::Datagram,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        None,
-    )?;
-    socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
-    socket::setsockopt(&fd, sockopt::Broadcast, &true)?;
-    socket::setsockopt(&fd, sockopt::BindToDevice, &OsString::from(NAT_BRIDGE))?;
-    socket::bind(
-        fd.as_raw_fd(),
-        &SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, SERVER_PORT)),
-    )?;
-    UdpSocket::from_std(std::net::UdpSocket::from(fd))
+    crate::sock::on_device(
+        NAT_BRIDGE,
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, SERVER_PORT),
+        true,
+    )
 }
 
 fn dns_socket() -> std::io::Result<UdpSocket> {
-    let fd = socket::socket(
-        AddressFamily::Inet,
-        SockType::Datagram,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        None,
-    )?;
-    socket::setsockopt(&fd, sockopt::BindToDevice, &OsString::from(NAT_BRIDGE))?;
-    socket::bind(
-        fd.as_raw_fd(),
-        &SockaddrIn::from(SocketAddrV4::new(NAT_GATEWAY, 53)),
-    )?;
-    UdpSocket::from_std(std::net::UdpSocket::from(fd))
+    crate::sock::on_device(NAT_BRIDGE, SocketAddrV4::new(NAT_GATEWAY, 53), false)
 }
 
 async fn serve_dhcp(sock: UdpSocket, board: &Board) -> std::io::Result<()> {

@@ -1,15 +1,10 @@
 //! One wired interface: its DHCP client's socket and timers, the lease put on the interface
 //! (address, default route) over netlink, and its line in the status.
 
-use std::ffi::OsString;
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nix::sys::socket::{
-    self, sockopt, AddressFamily, SockFlag, SockProtocol, SockType, SockaddrIn,
-};
 use rayos_proto::net::{Lease, Uplink as UplinkStatus};
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::route::{RouteProtocol, RouteScope};
@@ -55,20 +50,11 @@ pub fn now_ms() -> u64 {
 /// A UDP socket on port 68 of this interface only, allowed to broadcast. Several such
 /// sockets (one per uplink) share the port: SO_REUSEADDR plus a different bound device each.
 fn dhcp_socket(name: &str) -> std::io::Result<UdpSocket> {
-    let fd = socket::socket(
-        AddressFamily::Inet,
-        SockType::Datagram,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        SockProtocol::Udp,
-    )?;
-    socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
-    socket::setsockopt(&fd, sockopt::Broadcast, &true)?;
-    socket::setsockopt(&fd, sockopt::BindToDevice, &OsString::from(name))?;
-    socket::bind(
-        fd.as_raw_fd(),
-        &SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, CLIENT_PORT)),
-    )?;
-    UdpSocket::from_std(std::net::UdpSocket::from(fd))
+    crate::sock::on_device(
+        name,
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, CLIENT_PORT),
+        true,
+    )
 }
 
 fn xid_seed(mac: &[u8; 6]) -> u32 {
