@@ -93,6 +93,16 @@ impl Board {
         }
     }
 
+    /// The state of the uplink `name`, as last published.
+    pub fn uplink(&self, name: &str) -> Option<Uplink> {
+        self.state.lock().unwrap().uplinks.get(name).cloned()
+    }
+
+    /// The NAT side's state, as last published.
+    pub fn nat_status(&self) -> NatStatus {
+        self.state.lock().unwrap().nat.clone()
+    }
+
     /// The DNS servers of the uplinks' leases, the bound ones first in name order: where the
     /// VMs' DNS forwarder asks.
     pub fn dns_servers(&self) -> Vec<Ipv4Addr> {

@@ -133,7 +133,7 @@ pub fn net(runs: usize) -> Result<()> {
             "ms (the baseline + 100 ms)"
         )
     );
-    println!("  (not measured yet: the per-VM NAT's throughput and guests' lease time; NAT is not built)");
+    println!("  (the VMs' side, their lease time and the NAT's throughput: `cargo rayos bench nat`)");
     targets.finish("bench net")
 }
 
