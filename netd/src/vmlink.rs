@@ -163,7 +163,7 @@ const IFF_VNET_HDR: u16 = 0x4000;
 
 /// A tap that outlives this process, owned by `uid`, with the flags rayos-vmm opens it with
 /// (so attaching to it later changes nothing).
-pub fn make_persistent_tap(name: &str, uid: u32) -> Result<(), VmLinkError> {
+fn make_persistent_tap(name: &str, uid: u32) -> Result<(), VmLinkError> {
     let err = |what, source| VmLinkError::Tap {
         tap: name.into(),
         what,

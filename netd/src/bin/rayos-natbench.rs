@@ -6,21 +6,21 @@
 //!   the DNS forwarder), makes the VM's tap as rayosd does ([`netd::vmlink::prepare`]), and
 //!   boots one guest again and again with two network cards:
 //!   - card 1 on the NAT bridge, the way a `network = "nat"` VM is connected;
-//!   - card 2 on a plain tap with an address on RayOS's side (10.74.0.1/30), the baseline:
-//!     no bridge, no forwarding, no address translation.
-//! - `rayos-natbench sink` is the machine the VM talks to through the NAT: a TCP sink in a
-//!   network namespace of its own behind a veth pair (10.75.0.2), so that what the guest
-//!   sends to it is forwarded and masqueraded as it would be to the uplink. (A sink in RayOS's
-//!   own namespace would be RayOS itself, which the NAT's rules keep VMs from.) RayOS's own
-//!   namespace has the same sink on port 5001 for the plain tap.
+//!   - card 2 on a plain tap, the baseline, moved (once the VMM has it) into a second
+//!     namespace, the *router* (`rayos-natbench router`), which only forwards: no bridge, no
+//!     nf_tables, no connection tracking, no address translation.
+//! - `rayos-natbench sink` is the machine the VM talks to: a TCP sink in a network namespace
+//!   of its own, reached from RayOS's namespace over one veth pair (10.75.0.2, the NAT's way
+//!   out, as the uplink would be) and from the router's over another (10.76.0.2). A sink in
+//!   RayOS's own namespace would be RayOS itself, which the NAT's rules keep VMs from.
 //! - As a guest's `/init` (PID 1), it is the guest: it brings its NAT card up and takes a
 //!   lease with netd's own DHCP client ([`netd::uplink::run`]), timing from the moment it
 //!   sets the card up to the lease being on it; then it sends the same amount of data to
-//!   each sink in turn, plain and NAT alternating, and prints one line per figure
+//!   the sink both ways in turn, plain and NAT alternating, and prints one line per figure
 //!   (`natbench-guest: …`) on its console, which the host passes on.
 //!
-//! The NAT path crosses the veth pair as well, which a real uplink would replace with its
-//! own driver: the comparison leans against the NAT, if anything.
+//! Both paths are tap → forwarding → veth → sink; what the NAT path does on top (the bridge,
+//! the ruleset, conntrack, masquerade) is the NAT's own cost, the figure issue #16 asks for.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
@@ -35,16 +35,25 @@ use futures_util::TryStreamExt;
 use netd::links::Link;
 use netd::status::Board;
 use netd::uplink::{LinkEvent, Uplink};
-use rtnetlink::{Handle, LinkUnspec, LinkVeth};
+use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 const SINK_PORT: u16 = 5001;
+/// The plain card's tap: made by the VMM, then moved into the router's namespace.
 const PLAIN_TAP: &str = "natb-plain";
-const PLAIN_HOST: Ipv4Addr = Ipv4Addr::new(10, 74, 0, 1);
+const PLAIN_ROUTER: Ipv4Addr = Ipv4Addr::new(10, 74, 0, 1);
 const PLAIN_GUEST: Ipv4Addr = Ipv4Addr::new(10, 74, 0, 2);
+const PLAIN_NET: Ipv4Addr = Ipv4Addr::new(10, 74, 0, 0);
+/// RayOS's namespace ↔ the sink's: the NAT's way out.
 const VETH_NEAR: &str = "natb-near";
 const VETH_FAR: &str = "natb-far";
 const FAR_NEAR: Ipv4Addr = Ipv4Addr::new(10, 75, 0, 1);
 const FAR_SINK: Ipv4Addr = Ipv4Addr::new(10, 75, 0, 2);
+/// The router's namespace ↔ the sink's: the plain path's way out.
+const VETH_ROUTER: &str = "natb-pr";
+const VETH_ROUTED: &str = "natb-ps";
+const ROUTED_ROUTER: Ipv4Addr = Ipv4Addr::new(10, 76, 0, 1);
+const ROUTED_SINK: Ipv4Addr = Ipv4Addr::new(10, 76, 0, 2);
+const ROUTED_NET: Ipv4Addr = Ipv4Addr::new(10, 76, 0, 0);
 /// The guest's plain card (the NAT card's comes from the VM's UUID, as rayosd's does).
 const PLAIN_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x4e, 0x42, 0x01];
 const GUEST_UUID: [u8; 16] = *b"rayos-natbench-1";
@@ -83,6 +92,8 @@ enum Role {
     },
     /// The far end: a TCP sink in a network namespace of its own.
     Sink,
+    /// The plain path's forwarder: a network namespace with forwarding and nothing else.
+    Router,
 }
 
 fn main() -> Result<()> {
@@ -111,6 +122,7 @@ fn main() -> Result<()> {
             mib,
         }),
         Role::Sink => sink(),
+        Role::Router => router(),
     }
 }
 
@@ -122,17 +134,26 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 /// Takes whatever is sent on each connection until the sender closes its side, then answers
 /// with the byte count (8 bytes, little-endian), so that the sender's clock covers delivery.
-/// With `only_from`, a connection from any other address is closed unanswered: the far sink
-/// takes only what the NAT masqueraded, so a NAT that forwards without translating fails the
-/// benchmark instead of being measured as if it worked.
-fn serve_sink(listener: TcpListener, only_from: Option<Ipv4Addr>) {
+/// A connection must come from where its path leads: on the NAT's side from RayOS's address
+/// (masqueraded), on the router's side from the guest's own (forwarded untouched). Any other
+/// is closed unanswered, so a NAT that forwards without translating, or a plain path that
+/// went through the NAT, fails the benchmark instead of being measured as if it worked.
+fn serve_sink(listener: TcpListener) {
     for conn in listener.incoming() {
         let Ok(mut c) = conn else { continue };
-        if let (Some(want), Ok(peer)) = (only_from, c.peer_addr()) {
-            if peer.ip() != IpAddr::V4(want) {
-                println!("sink: refused a connection from {peer}: not masqueraded to {want}");
-                continue;
-            }
+        let (Ok(local), Ok(peer)) = (c.local_addr(), c.peer_addr()) else {
+            continue;
+        };
+        let want = if local.ip() == IpAddr::V4(FAR_SINK) {
+            FAR_NEAR
+        } else {
+            PLAIN_GUEST
+        };
+        if peer.ip() != IpAddr::V4(want) {
+            eprintln!(
+                "sink: refused a connection from {peer} to {local}: it should come from {want}"
+            );
+            continue;
         }
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 256 << 10];
@@ -181,35 +202,151 @@ async fn address_up(handle: &Handle, name: &str, addr: Ipv4Addr, prefix: u8) -> 
         .with_context(|| format!("{name}: setting it up"))
 }
 
-fn sink() -> Result<()> {
-    // Before any thread: a namespace of our own, with only `lo` in it.
+/// Waits (up to 20 s) for `name` to come into this namespace.
+async fn wait_for_link(handle: &Handle, name: &str) -> Result<Link> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(l) = index_of(handle, name).await? {
+            return Ok(l);
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            bail!("{name} never came into this namespace");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn lo_up(handle: &Handle) -> Result<()> {
+    let lo = need(handle, "lo").await?;
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(lo.index).up().build())
+        .execute()
+        .await?;
+    Ok(())
+}
+
+async fn route_via(handle: &Handle, net: Ipv4Addr, prefix: u8, gw: Ipv4Addr) -> Result<()> {
+    let r = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(net, prefix)
+        .gateway(gw)
+        .build();
+    handle
+        .route()
+        .add(r)
+        .replace()
+        .execute()
+        .await
+        .with_context(|| format!("a route to {net}/{prefix} via {gw}"))
+}
+
+/// A namespace of our own (before any thread), said on stdout for the host to act on.
+fn own_namespace(who: &str) -> Result<()> {
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
         .context("unshare(CLONE_NEWNET): is CONFIG_NET_NS on?")?;
-    println!("sink: in its own namespace");
+    println!("{who}: in its own namespace");
+    Ok(())
+}
+
+fn sink() -> Result<()> {
+    own_namespace("sink")?;
     runtime()?.block_on(async {
         let (conn, handle, _) = rtnetlink::new_connection()?;
         tokio::spawn(conn);
-        let t0 = Instant::now();
-        // The host moves the veth's far end in once it has read the line above.
-        while index_of(&handle, VETH_FAR).await?.is_none() {
-            if t0.elapsed() > Duration::from_secs(20) {
-                bail!("{VETH_FAR} never came into the sink's namespace");
+        // The host moves the veths' ends in once it has read the line above.
+        wait_for_link(&handle, VETH_FAR).await?;
+        wait_for_link(&handle, VETH_ROUTED).await?;
+        lo_up(&handle).await?;
+        address_up(&handle, VETH_FAR, FAR_SINK, 30).await?;
+        address_up(&handle, VETH_ROUTED, ROUTED_SINK, 30).await?;
+        // The plain path's answers go back through the router; the NAT's need no route
+        // (masqueraded, they come from the veth's other end).
+        route_via(&handle, PLAIN_NET, 30, ROUTED_ROUTER).await
+    })?;
+    let listener = TcpListener::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, SINK_PORT))
+        .context("the sink's port")?;
+    println!("sink: listening on {FAR_SINK}:{SINK_PORT} and {ROUTED_SINK}:{SINK_PORT}");
+    serve_sink(listener);
+    Ok(())
+}
+
+/// Forwards between the plain tap and the sink, and configures the plain tap each time the
+/// host moves a new one in (one per guest boot: the VMM makes it, it goes with the VMM).
+fn router() -> Result<()> {
+    own_namespace("router")?;
+    runtime()?.block_on(async {
+        let (conn, handle, _) = rtnetlink::new_connection()?;
+        tokio::spawn(conn);
+        wait_for_link(&handle, VETH_ROUTER).await?;
+        lo_up(&handle).await?;
+        address_up(&handle, VETH_ROUTER, ROUTED_ROUTER, 30).await?;
+        // This namespace's own forwarding switch (/proc/sys/net is per namespace).
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+            .context("turning forwarding on in the router")?;
+        println!("router: ready");
+        let mut configured = None;
+        loop {
+            match index_of(&handle, PLAIN_TAP).await? {
+                Some(l) if configured != Some(l.index) => {
+                    address_up(&handle, PLAIN_TAP, PLAIN_ROUTER, 30).await?;
+                    configured = Some(l.index);
+                }
+                _ => {}
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let lo = need(&handle, "lo").await?;
-        handle
-            .link()
-            .set(LinkUnspec::new_with_index(lo.index).up().build())
-            .execute()
-            .await?;
-        address_up(&handle, VETH_FAR, FAR_SINK, 30).await?;
-        Ok::<(), anyhow::Error>(())
-    })?;
-    let listener =
-        TcpListener::bind(SocketAddrV4::new(FAR_SINK, SINK_PORT)).context("the far sink's port")?;
-    println!("sink: listening on {FAR_SINK}:{SINK_PORT}");
-    serve_sink(listener, Some(FAR_NEAR));
+    })
+}
+
+/// Starts `rayos-natbench <role>` and waits for it to be in its own namespace.
+fn start_role(role: &str) -> Result<(std::process::Child, BufReader<std::process::ChildStdout>)> {
+    let mut child = Command::new("/proc/self/exe")
+        .arg(role)
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting the {role}"))?;
+    let mut out = BufReader::new(child.stdout.take().expect("piped"));
+    expect_line(&mut out, role, "own namespace")?;
+    Ok((child, out))
+}
+
+fn expect_line(
+    out: &mut BufReader<std::process::ChildStdout>,
+    who: &str,
+    what: &str,
+) -> Result<()> {
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    if !line.contains(what) {
+        bail!("the {who} did not say `{what}`: {line:?}");
+    }
+    print!("{line}");
+    Ok(())
+}
+
+/// A veth pair made here with each end given to the namespace of `pids` (None: stays here).
+async fn veth(handle: &Handle, ends: [(&str, Option<u32>); 2]) -> Result<()> {
+    handle
+        .link()
+        .add(LinkVeth::new(ends[0].0, ends[1].0).build())
+        .execute()
+        .await
+        .context("making a veth pair (is CONFIG_VETH on?)")?;
+    for (name, pid) in ends {
+        if let Some(pid) = pid {
+            let l = need(handle, name).await?;
+            handle
+                .link()
+                .set(
+                    LinkUnspec::new_with_index(l.index)
+                        .setns_by_pid(pid)
+                        .build(),
+                )
+                .execute()
+                .await
+                .with_context(|| format!("moving {name} into process {pid}'s namespace"))?;
+        }
+    }
     Ok(())
 }
 
@@ -223,43 +360,17 @@ struct Host {
 }
 
 fn host(h: &Host) -> Result<()> {
-    let mut far = Command::new("/proc/self/exe")
-        .arg("sink")
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting the far sink")?;
-    let mut far_out = BufReader::new(far.stdout.take().expect("piped"));
-    let mut line = String::new();
-    far_out.read_line(&mut line)?;
-    if !line.contains("own namespace") {
-        bail!("the far sink did not start: {line:?}");
-    }
+    let (mut sink, mut sink_out) = start_role("sink")?;
+    let (mut router, mut router_out) = start_role("router")?;
     let rt = runtime()?;
     let r = rt.block_on(async {
         let (conn, handle, _) = rtnetlink::new_connection()?;
         tokio::spawn(conn);
-        handle
-            .link()
-            .add(LinkVeth::new(VETH_NEAR, VETH_FAR).build())
-            .execute()
-            .await
-            .context("making the veth pair (is CONFIG_VETH on?)")?;
-        let far_end = need(&handle, VETH_FAR).await?;
-        handle
-            .link()
-            .set(LinkUnspec::new_with_index(far_end.index).setns_by_pid(far.id()).build())
-            .execute()
-            .await
-            .context("moving the veth's far end into the sink's namespace")?;
+        veth(&handle, [(VETH_NEAR, None), (VETH_FAR, Some(sink.id()))]).await?;
+        veth(&handle, [(VETH_ROUTER, Some(router.id())), (VETH_ROUTED, Some(sink.id()))]).await?;
         address_up(&handle, VETH_NEAR, FAR_NEAR, 30).await?;
-        line.clear();
-        far_out.read_line(&mut line)?;
-        if !line.contains("listening") {
-            bail!("the far sink did not listen: {line:?}");
-        }
-        print!("{line}");
-        let near = TcpListener::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, SINK_PORT)).context("the plain sink's port")?;
-        std::thread::spawn(move || serve_sink(near, None));
+        expect_line(&mut sink_out, "sink", "listening")?;
+        expect_line(&mut router_out, "router", "ready")?;
 
         // The NAT, started as netd starts it.
         let board = Arc::new(Board::new(PathBuf::from("/run/natbench/status.json")));
@@ -276,24 +387,31 @@ fn host(h: &Host) -> Result<()> {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let nat_tap = netd::vmlink::prepare(0).await?;
-        netd::vmlink::make_persistent_tap(PLAIN_TAP, 0)?;
-        address_up(&handle, PLAIN_TAP, PLAIN_HOST, 30).await?;
-        println!("natbench: NAT ready; the guest's NAT card is on {nat_tap}, its plain card on {PLAIN_TAP}");
+        println!("natbench: NAT ready; the guest's NAT card is on {nat_tap}, its plain card on {PLAIN_TAP} (in the router)");
 
         for boot in 1..=h.boots {
             let spec = guest_spec(h, &nat_tap, boot);
             let path = format!("/run/natbench/guest-{boot}.json");
             std::fs::write(&path, spec.to_string())?;
             let vmm = h.vmm.clone();
-            let ok = tokio::task::spawn_blocking(move || run_guest(&vmm, &path)).await??;
-            if !ok {
+            let guest = tokio::task::spawn_blocking(move || run_guest(&vmm, &path));
+            // The VMM makes the plain tap here; it goes to the router, which sets it up.
+            let tap = wait_for_link(&handle, PLAIN_TAP).await?;
+            handle
+                .link()
+                .set(LinkUnspec::new_with_index(tap.index).setns_by_pid(router.id()).build())
+                .execute()
+                .await
+                .context("moving the plain tap into the router's namespace")?;
+            if !guest.await?? {
                 bail!("boot {boot}: the guest did not finish its measurements");
             }
         }
         println!("natbench: host done, {} boots", h.boots);
         Ok(())
     });
-    let _ = far.kill();
+    let _ = sink.kill();
+    let _ = router.kill();
     r
 }
 
@@ -409,6 +527,7 @@ fn guest_run() -> Result<()> {
             .execute()
             .await?;
         address_up(&handle, &plain.name, PLAIN_GUEST, 30).await?;
+        route_via(&handle, ROUTED_NET, 30, PLAIN_ROUTER).await?;
 
         // The lease: from setting the card up to its lease being on it (address and route).
         let up_at = Instant::now();
@@ -455,7 +574,7 @@ fn guest_run() -> Result<()> {
 
         let r = tokio::task::spawn_blocking(move || {
             for _ in 0..pairs {
-                for (path, to) in [("plain", PLAIN_HOST), ("nat", FAR_SINK)] {
+                for (path, to) in [("plain", ROUTED_SINK), ("nat", FAR_SINK)] {
                     let (bytes, took) = send(to, mib)
                         .with_context(|| format!("the {path} path to {to}:{SINK_PORT}"))?;
                     let kib_s = bytes as u128 * 1000 / 1024 / took.as_millis().max(1);

@@ -7,8 +7,10 @@
 //! a plain tap. See `netd/src/bin/rayos-natbench.rs` for the topology. Figures:
 //! - lease: the guest sets its NAT card up and times until netd's DHCP client has the lease
 //!   from RayOS's server on it (address and route), once per boot;
-//! - throughput: TCP, guest → a sink behind the NAT (forwarded and masqueraded, in its own
-//!   network namespace) and guest → a sink on RayOS's side of the plain tap, alternating.
+//! - throughput: TCP from the guest to one sink (a network namespace of its own, as another
+//!   machine would be) both ways, alternating: through the NAT (bridge, nf_tables, conntrack,
+//!   masquerade, out over a veth pair as if to the uplink), and over the plain tap through a
+//!   namespace that only forwards (out over a veth pair too). The difference is the NAT's own.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -146,14 +148,14 @@ pub fn nat(boots: u32, pairs: u32, mib: u32) -> Result<()> {
         "  lease from RayOS's DHCP server, card up → address and route on   {lease:>6} ms (worst {worst_lease})   {}",
         targets.at_most("guest lease", lease, LEASE_TARGET_MS, "ms")
     );
-    println!("  TCP guest → RayOS over a plain tap (baseline)                   {:>6} MiB/s", plain / 1024);
-    println!("  TCP guest → a machine beyond RayOS's NAT                        {:>6} MiB/s", nat / 1024);
+    println!("  TCP guest → another machine, plain tap and forwarding (baseline) {:>5} MiB/s", plain / 1024);
+    println!("  TCP guest → the same machine through RayOS's NAT                {:>6} MiB/s", nat / 1024);
     println!(
         "  the NAT's cost, median over the {} pairs of transfers            {cost:>6} %   {}",
         boots * pairs,
         targets.at_most("NAT cost", cost, NAT_COST_TARGET_PCT, "% of the plain tap's throughput")
     );
-    println!("  (the NAT path also crosses a veth pair into the far end's namespace, which a real uplink's driver would replace: it leans against the NAT)");
+    println!("  (both paths: virtio-net → tap → forwarding → veth → the sink; the NAT's adds the bridge, the nf_tables rules, conntrack and masquerade)");
     targets.finish("bench nat")
 }
 
