@@ -80,14 +80,15 @@ enum Role {
         kernel: PathBuf,
         #[arg(long, default_value = "/guest/initrd")]
         initrd: PathBuf,
-        /// Guest boots (each takes one lease).
-        #[arg(long, default_value_t = 3)]
+        /// Guest boots (each takes one lease). These three come from `cargo rayos bench nat`,
+        /// which owns their defaults.
+        #[arg(long)]
         boots: u32,
         /// Transfers per path per boot, plain and NAT alternating.
-        #[arg(long, default_value_t = 3)]
+        #[arg(long)]
         pairs: u32,
         /// MiB per transfer.
-        #[arg(long, default_value_t = 64)]
+        #[arg(long)]
         mib: u32,
     },
     /// The far end: a TCP sink in a network namespace of its own.
@@ -126,10 +127,19 @@ fn main() -> Result<()> {
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread()
+/// Runs `f` on a single-threaded runtime with a netlink connection of its own (each role is
+/// its own process, most in a namespace of their own, so each needs its own socket).
+fn with_netlink<T, F: std::future::Future<Output = Result<T>>>(
+    f: impl FnOnce(Handle) -> F,
+) -> Result<T> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()?)
+        .build()?
+        .block_on(async {
+            let (conn, handle, _) = rtnetlink::new_connection()?;
+            tokio::spawn(conn);
+            f(handle).await
+        })
 }
 
 /// Takes whatever is sent on each connection until the sender closes its side, then answers
@@ -250,9 +260,7 @@ fn own_namespace(who: &str) -> Result<()> {
 
 fn sink() -> Result<()> {
     own_namespace("sink")?;
-    runtime()?.block_on(async {
-        let (conn, handle, _) = rtnetlink::new_connection()?;
-        tokio::spawn(conn);
+    with_netlink(|handle| async move {
         // The host moves the veths' ends in once it has read the line above.
         wait_for_link(&handle, VETH_FAR).await?;
         wait_for_link(&handle, VETH_ROUTED).await?;
@@ -274,9 +282,7 @@ fn sink() -> Result<()> {
 /// host moves a new one in (one per guest boot: the VMM makes it, it goes with the VMM).
 fn router() -> Result<()> {
     own_namespace("router")?;
-    runtime()?.block_on(async {
-        let (conn, handle, _) = rtnetlink::new_connection()?;
-        tokio::spawn(conn);
+    with_netlink(|handle| async move {
         wait_for_link(&handle, VETH_ROUTER).await?;
         lo_up(&handle).await?;
         address_up(&handle, VETH_ROUTER, ROUTED_ROUTER, 30).await?;
@@ -362,12 +368,17 @@ struct Host {
 fn host(h: &Host) -> Result<()> {
     let (mut sink, mut sink_out) = start_role("sink")?;
     let (mut router, mut router_out) = start_role("router")?;
-    let rt = runtime()?;
-    let r = rt.block_on(async {
-        let (conn, handle, _) = rtnetlink::new_connection()?;
-        tokio::spawn(conn);
-        veth(&handle, [(VETH_NEAR, None), (VETH_FAR, Some(sink.id()))]).await?;
-        veth(&handle, [(VETH_ROUTER, Some(router.id())), (VETH_ROUTED, Some(sink.id()))]).await?;
+    let (sink_pid, router_pid) = (sink.id(), router.id());
+    let r = with_netlink(|handle| async move {
+        veth(&handle, [(VETH_NEAR, None), (VETH_FAR, Some(sink_pid))]).await?;
+        veth(
+            &handle,
+            [
+                (VETH_ROUTER, Some(router_pid)),
+                (VETH_ROUTED, Some(sink_pid)),
+            ],
+        )
+        .await?;
         address_up(&handle, VETH_NEAR, FAR_NEAR, 30).await?;
         expect_line(&mut sink_out, "sink", "listening")?;
         expect_line(&mut router_out, "router", "ready")?;
@@ -399,7 +410,11 @@ fn host(h: &Host) -> Result<()> {
             let tap = wait_for_link(&handle, PLAIN_TAP).await?;
             handle
                 .link()
-                .set(LinkUnspec::new_with_index(tap.index).setns_by_pid(router.id()).build())
+                .set(
+                    LinkUnspec::new_with_index(tap.index)
+                        .setns_by_pid(router_pid)
+                        .build(),
+                )
                 .execute()
                 .await
                 .context("moving the plain tap into the router's namespace")?;
@@ -498,9 +513,7 @@ fn guest_run() -> Result<()> {
     let mib = cmdline_number(&cmdline, "natbench.mib", 64);
     let pairs = cmdline_number(&cmdline, "natbench.pairs", 3);
     let nat_mac = rayos_proto::net::vm_mac(&GUEST_UUID);
-    runtime()?.block_on(async {
-        let (conn, handle, _) = rtnetlink::new_connection()?;
-        tokio::spawn(conn);
+    with_netlink(|handle| async move {
         let t0 = Instant::now();
         let (nat, plain) = loop {
             let mut links = Vec::new();
