@@ -18,5 +18,6 @@ pub mod manifest;
 pub mod paths;
 pub mod progress;
 pub mod qemu;
+pub mod qemu_pkg;
 
 pub use build::{artifacts, Artifacts};

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use rootfs_builder::qemu::{Boot, DiskBus, QemuConfig, Serial};
-use rootfs_builder::{accel, build, hostdeps, image, kernel, paths, progress};
+use rootfs_builder::{accel, build, hostdeps, image, kernel, paths, progress, qemu_pkg};
 
 #[derive(Parser)]
 #[command(name = "cargo rayos", about = "Build RayOS, boot it in QEMU, run its tests and benchmarks")]
@@ -112,6 +112,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Demo => return demo(),
         Cmd::Bench { what } => {
             hostdeps::ensure(&[hostdeps::BUILD, hostdeps::RUN].concat())?;
+            qemu_pkg::ensure()?;
             bench::run(what)?;
         }
     }
@@ -120,6 +121,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
 
 fn run_qemu(fresh: bool, rescue: bool, memory: u32, cpus: u32) -> Result<()> {
     hostdeps::ensure(&[hostdeps::BUILD, hostdeps::RUN].concat())?;
+    qemu_pkg::ensure()?;
     let a = build::all()?;
     let run_dir = paths::out_dir().join("run");
     if fresh && run_dir.exists() {
@@ -172,6 +174,7 @@ fn run_qemu(fresh: bool, rescue: bool, memory: u32, cpus: u32) -> Result<()> {
 
 fn test(args: Vec<String>) -> Result<ExitCode> {
     hostdeps::ensure(&[hostdeps::BUILD, hostdeps::RUN, hostdeps::TEST].concat())?;
+    qemu_pkg::ensure()?;
     let a = build::all()?;
     progress::step("test", "cargo test --workspace");
     let status = cargo_test(&a, ["--workspace", "--no-fail-fast"].iter().map(|s| s.to_string()).chain(args), false)?;
@@ -182,6 +185,7 @@ fn test(args: Vec<String>) -> Result<ExitCode> {
 /// they happen and the machine's screen in a window when there is a display to show it on.
 fn demo() -> Result<ExitCode> {
     hostdeps::ensure(&[hostdeps::BUILD, hostdeps::RUN, hostdeps::TEST].concat())?;
+    qemu_pkg::ensure()?;
     let a = build::all()?;
     let window = std::env::var_os("DISPLAY").is_some() || std::env::var_os("WAYLAND_DISPLAY").is_some();
     progress::step(

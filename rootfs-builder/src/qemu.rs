@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::accel::Accel;
-use crate::paths;
+use crate::{paths, qemu_pkg};
 
 #[derive(Debug, Clone)]
 pub enum Boot {
@@ -117,18 +117,11 @@ impl QemuConfig {
     }
 
     pub fn command(&self) -> Command {
-        let mut c = match std::env::var_os("RAYOS_QEMU_ROOT") {
-            // An extracted QEMU package (`dpkg-deb -x`) beside the system's: its binary, its
-            // firmware blobs and its modules, for comparing QEMU versions as the outer machine.
-            Some(root) => {
-                let root = PathBuf::from(root);
-                let mut c = Command::new(root.join("usr/bin/qemu-system-x86_64"));
-                c.env("QEMU_MODULE_DIR", root.join("usr/lib/x86_64-linux-gnu/qemu"));
-                c.arg("-L").arg(root.join("usr/share/qemu"));
-                c
-            }
-            None => Command::new("qemu-system-x86_64"),
-        };
+        // The pinned QEMU (qemu_pkg), or RAYOS_QEMU_ROOT's: its binary, firmware blobs, modules.
+        let root = qemu_pkg::root();
+        let mut c = Command::new(qemu_pkg::binary(&root));
+        c.env("QEMU_MODULE_DIR", root.join("usr/lib/x86_64-linux-gnu/qemu"));
+        c.arg("-L").arg(root.join("usr/share/qemu"));
         // No PS/2 controller: input is USB (keyboard, tablet) as on current PCs. Besides, the
         // kernel's PS/2 mouse probing is slow under TCG and once oopsed there (cypress_detect).
         c.args(["-machine", "q35,i8042=off", "-nodefaults", "-no-user-config"]);

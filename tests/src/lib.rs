@@ -49,9 +49,15 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> HarnessError {
 /// The built kernel, initramfs and USB image (built once per test process if stale).
 pub fn artifacts() -> &'static Artifacts {
     static A: OnceLock<Artifacts> = OnceLock::new();
-    A.get_or_init(|| match rootfs_builder::artifacts() {
-        Ok(a) => a,
-        Err(e) => panic!("building RayOS for the tests failed: {e:#}"),
+    A.get_or_init(|| {
+        // Every test boots QEMU: the pinned one (rootfs_builder::qemu_pkg) must be there too.
+        if let Err(e) = rootfs_builder::qemu_pkg::ensure() {
+            panic!("fetching the QEMU the tests run failed: {e}");
+        }
+        match rootfs_builder::artifacts() {
+            Ok(a) => a,
+            Err(e) => panic!("building RayOS for the tests failed: {e:#}"),
+        }
     })
 }
 
