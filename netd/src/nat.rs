@@ -170,7 +170,7 @@ async fn serve_dhcp(sock: UdpSocket, board: &Board) -> std::io::Result<()> {
             .map(|l| NatLease {
                 mac: fmt_mac(&l.mac),
                 address: l.address,
-                expires_in_secs: l.left.as_secs(),
+                expires_ms: crate::uplink::now_ms() + l.left.as_millis() as u64,
             })
             .collect();
         for l in &leases {

@@ -64,7 +64,9 @@ pub struct NatStatus {
 pub struct NatLease {
     pub mac: String,
     pub address: Ipv4Addr,
-    pub expires_in_secs: u64,
+    /// CLOCK_BOOTTIME milliseconds when the lease runs out (a countdown written here would be
+    /// stale by the time it is read: netd writes this only when a DHCP message comes).
+    pub expires_ms: u64,
 }
 
 /// The MAC of a NAT VM's network card: from its UUID, so it never changes across restarts

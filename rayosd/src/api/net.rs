@@ -145,7 +145,9 @@ impl NetInfo {
                 .nat
                 .leases
                 .into_iter()
-                .map(|l| NatLeaseInfo { mac: l.mac, address: l.address.to_string(), expires_in_secs: l.expires_in_secs })
+                // netd drops expired leases only when the next DHCP message comes.
+                .filter(|l| l.expires_ms > now_ms)
+                .map(|l| NatLeaseInfo { mac: l.mac, address: l.address.to_string(), expires_in_secs: (l.expires_ms - now_ms) / 1000 })
                 .collect(),
             dhcp_answered: s.nat.dhcp_answered,
             dhcp_refused: s.nat.dhcp_refused,
@@ -222,11 +224,19 @@ mod tests {
             }],
             nat: rayos_proto::net::NatStatus {
                 ready: true,
-                leases: vec![rayos_proto::net::NatLease {
-                    mac: "52:54:aa:bb:cc:dd".into(),
-                    address: Ipv4Addr::new(10, 73, 0, 9),
-                    expires_in_secs: 3000,
-                }],
+                leases: vec![
+                    rayos_proto::net::NatLease {
+                        mac: "52:54:aa:bb:cc:dd".into(),
+                        address: Ipv4Addr::new(10, 73, 0, 9),
+                        expires_ms: 4_001_000,
+                    },
+                    // Ran out after netd last wrote the file: not shown.
+                    rayos_proto::net::NatLease {
+                        mac: "52:54:aa:bb:cc:ee".into(),
+                        address: Ipv4Addr::new(10, 73, 0, 10),
+                        expires_ms: 1_000_999,
+                    },
+                ],
                 ..Default::default()
             },
         };
@@ -263,5 +273,7 @@ mod tests {
         assert_eq!(i.nat.gateway, "10.73.0.1/24");
         assert_eq!(i.nat_address("52:54:AA:BB:CC:DD"), Some("10.73.0.9"));
         assert_eq!(i.nat_address("52:54:00:00:00:01"), None);
+        assert_eq!(i.nat_address("52:54:aa:bb:cc:ee"), None, "an expired lease is listed");
+        assert_eq!(i.nat.leases[0].expires_in_secs, 3000, "the countdown is counted from the reader's clock");
     }
 }
