@@ -111,6 +111,12 @@ impl QemuConfig {
         }
     }
 
+    /// Log every CPU reset to `path` with the registers before it (`-d cpu_reset`): the only
+    /// trace a triple fault of the machine leaves (see [`triple_fault`]).
+    pub fn log_cpu_resets(&mut self, path: &Path) {
+        self.extra.extend(["-d".into(), "cpu_reset".into(), "-D".into(), path.display().to_string()]);
+    }
+
     pub fn disk(mut self, path: &Path, bus: DiskBus, serial: &str) -> Self {
         self.disks.push(Disk { path: path.to_path_buf(), bus, serial: serial.to_string(), snapshot: false, format: "raw" });
         self
@@ -197,7 +203,50 @@ pub fn device_id(i: usize) -> String {
     format!("disk{i}-dev")
 }
 
+/// What QEMU's `-d cpu_reset` log (see [`QemuConfig::log_cpu_resets`]) says of a triple
+/// fault of the machine, issue #12's silent resets: the registers QEMU dumped after its
+/// `Triple fault` line (the CPU's state before the reset; none when QEMU exited instead, with
+/// `-no-reboot`). `None` when no triple fault was logged (resets asked for are not faults).
+pub fn triple_fault(cpu_log: &str) -> Option<String> {
+    let at = cpu_log.find("Triple fault")?;
+    let after = &cpu_log[at..];
+    if !after.contains("CPU Reset (CPU ") {
+        return Some("a triple fault (QEMU exited rather than reset, so it dumped no registers)".into());
+    }
+    let reg = |name: &str| after.split_whitespace().find_map(|w| w.strip_prefix(name)).map(str::to_string).unwrap_or_else(|| "?".into());
+    // QEMU does not say which CPU faulted; it resets them in order and dumps each.
+    let cpu = after.split("CPU Reset (CPU ").nth(1).and_then(|r| r.split(')').next()).unwrap_or("?");
+    Some(format!(
+        "a triple fault; CPU {cpu}, the first reset after it, was at RIP={} (CR2={}, RSP={}, CR3={})",
+        reg("RIP="),
+        reg("CR2="),
+        reg("RSP="),
+        reg("CR3=")
+    ))
+}
+
 /// A fresh, writable copy of OVMF's variable store.
 pub fn fresh_vars(dest: &Path) -> std::io::Result<()> {
     std::fs::copy(paths::OVMF_VARS, dest).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_triple_fault_is_told_by_the_registers_qemu_logged() {
+        let log = "CPU Reset (CPU 0)\nRAX=0 RBX=0\nEIP=0000fff0 EFL=00000002\n\
+            Triple fault\nCPU Reset (CPU 0)\nRAX=0000000001bc2000 RBX=0000000000000000\n\
+            RSI=00000000ffffffff RDI=0000000000000b2c RBP=ffffffffa5609d00 RSP=ffffa1a980cc7cc8\n\
+            RIP=ffffffffa9c1188c RFL=00000246 [---Z-P-] CPL=0\n\
+            CR0=80050033 CR2=fffffe0000000080 CR3=0000000001467000 CR4=003506f0\n";
+        assert_eq!(
+            triple_fault(log).unwrap(),
+            "a triple fault; CPU 0, the first reset after it, was at RIP=ffffffffa9c1188c (CR2=fffffe0000000080, RSP=ffffa1a980cc7cc8, CR3=0000000001467000)"
+        );
+        // Resets at start and reboots asked for are no faults.
+        assert_eq!(triple_fault("CPU Reset (CPU 0)\nEIP=0000fff0\nCPU Reset (CPU 1)\n"), None);
+        assert!(triple_fault("CPU Reset (CPU 0)\nEIP=0000fff0\nTriple fault\n").unwrap().contains("exited rather than reset"));
+    }
 }

@@ -26,6 +26,9 @@ pub mod ctl;
 pub mod nested;
 pub mod ppm;
 
+/// QEMU's `-d cpu_reset` log in each test folder.
+const CPU_RESET_LOG: &str = "qemu-cpu-reset.log";
+
 /// Generous: TCG boots through OVMF take ~10 s alone and several tests share two cores.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 
@@ -39,6 +42,9 @@ pub enum HarnessError {
     Exited { name: String, pattern: String, status: String, stderr: String, tail: String },
     #[error("QMP: {0}")]
     Qmp(String),
+    /// Issue #12: the RayOS machine itself (the outer QEMU's guest) triple-faulted.
+    #[error("[{name}] the RayOS machine triple-faulted while waiting for `{pattern}` (issue #12): {report}; QEMU's log: {log}\nlast serial lines:\n{tail}")]
+    TripleFault { name: String, pattern: String, report: String, log: String, tail: String },
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> HarnessError {
@@ -319,7 +325,9 @@ impl QemuBuilder {
     }
 
     pub fn spawn(self) -> Result<Qemu, HarnessError> {
-        let QemuBuilder { name, work, cfg } = self;
+        let QemuBuilder { name, work, mut cfg } = self;
+        // A triple fault of the machine leaves no other trace: see Qemu::check_no_triple_fault.
+        cfg.log_cpu_resets(&work.path(CPU_RESET_LOG));
         let serial_sock = work.sockets.join("serial.sock");
         let stderr_path = work.path("qemu.stderr");
         let stderr = std::fs::File::create(&stderr_path).map_err(io("creating qemu.stderr"))?;
@@ -474,6 +482,7 @@ impl Qemu {
                 }
                 let _ = cv.wait_timeout(guard, Duration::from_millis(200)).unwrap();
             }
+            self.check_no_triple_fault(what)?;
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
                     // Let the reader drain what QEMU wrote last.
@@ -482,6 +491,7 @@ impl Qemu {
                     if let Some(l) = console_lines(text.get(offset..).unwrap_or("")).find(|l| pred(l)) {
                         return Ok(l.into_owned());
                     }
+                    self.check_no_triple_fault(what)?;
                     return Err(HarnessError::Exited {
                         name: self.name.clone(),
                         pattern: what.into(),
@@ -618,6 +628,7 @@ impl Qemu {
             if ocr_contains(&seen, text) {
                 return Ok(seen);
             }
+            self.check_no_triple_fault(text)?;
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
                     return Err(HarnessError::Exited {
@@ -696,6 +707,8 @@ impl Qemu {
         let child = self.child.as_mut().expect("QEMU running");
         loop {
             if let Some(s) = child.try_wait().map_err(io("waiting for QEMU"))? {
+                // With -no-reboot a triple fault also ends QEMU: that is no power-off.
+                self.check_no_triple_fault("QEMU to exit")?;
                 return Ok(s);
             }
             if Instant::now() > deadline {
@@ -707,6 +720,25 @@ impl Qemu {
                 });
             }
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Fails once QEMU has logged a triple fault of the machine (issue #12's silent resets:
+    /// the kernel has no chance to say anything). Without -no-reboot the machine would boot
+    /// again and a test would wait out its timeout; with it QEMU exits and the test would see
+    /// only that. Either way the test now says what happened, with QEMU's registers.
+    pub fn check_no_triple_fault(&self, waiting_for: &str) -> Result<(), HarnessError> {
+        let path = self.work.path(CPU_RESET_LOG);
+        let log = std::fs::read_to_string(&path).unwrap_or_default();
+        match rootfs_builder::qemu::triple_fault(&log) {
+            None => Ok(()),
+            Some(report) => Err(HarnessError::TripleFault {
+                name: self.name.clone(),
+                pattern: waiting_for.into(),
+                report,
+                log: path.display().to_string(),
+                tail: self.tail(),
+            }),
         }
     }
 

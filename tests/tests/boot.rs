@@ -61,3 +61,21 @@ fn rescue_entry_boots_rescue_mode() {
     boot_and_check("boot-rescue", &img, image::RESCUE_ENTRY, "rescue");
     let _ = std::fs::remove_file(&img);
 }
+
+/// The harness names a triple fault of the machine itself (issue #12's silent resets) with
+/// QEMU's registers, instead of waiting out its timeout while the machine boots again. The
+/// kernel is told to reboot by triple fault (`reboot=t`) and panics at once: no init.
+#[test]
+fn a_triple_fault_of_the_machine_is_reported_with_its_registers() {
+    let a = artifacts();
+    let mut vm = Qemu::builder("triple-fault")
+        .direct_kernel(&a.kernel, &a.initramfs, "console=ttyS0 panic=-1 reboot=t rdinit=/no-such-init")
+        .spawn()
+        .unwrap();
+    match vm.wait_for("a line the kernel never prints", BOOT_TIMEOUT) {
+        Err(rayos_tests::HarnessError::TripleFault { report, .. }) => {
+            assert!(report.contains("RIP=") && !report.contains("RIP=?"), "no registers in the report: {report}")
+        }
+        other => panic!("the triple fault was not reported: {other:?}"),
+    }
+}

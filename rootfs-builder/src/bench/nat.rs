@@ -56,28 +56,6 @@ pub fn figures(log: &str) -> Figures {
     f
 }
 
-/// What QEMU's `-d cpu_reset` log says of the reset that restarted the outer machine: the
-/// registers it dumped after its `Triple fault` line (the CPU's state before the reset), or
-/// that no triple fault was logged (a reset asked for, not forced).
-pub fn l1_reset(cpu_log: &str) -> String {
-    let Some(at) = cpu_log.find("Triple fault") else {
-        return "no triple fault logged (a reset request, e.g. a panic with panic=-1)".into();
-    };
-    let after = &cpu_log[at..];
-    let reg = |name: &str| {
-        after.split_whitespace().find_map(|w| w.strip_prefix(name)).map(str::to_string).unwrap_or_else(|| "?".into())
-    };
-    // QEMU does not say which CPU faulted; it resets them in order and dumps each.
-    let cpu = after.split("CPU Reset (CPU ").nth(1).and_then(|r| r.split(')').next()).unwrap_or("?");
-    format!(
-        "a triple fault; CPU {cpu}, the first reset after it, was at RIP={} (CR2={}, RSP={}, CR3={})",
-        reg("RIP="),
-        reg("CR2="),
-        reg("RSP="),
-        reg("CR3=")
-    )
-}
-
 /// The NAT's cost in percent of the plain tap's throughput (0 when the NAT was as fast).
 pub fn cost_pct(plain: u64, nat: u64) -> u64 {
     if plain == 0 {
@@ -147,7 +125,7 @@ pub fn nat(boots: u32, pairs: u32, mib: u32) -> Result<()> {
     // only when it resets rather than exits. A second boot of the outer machine ends the run.
     let cpu_log = dir.join("qemu-cpu-reset.log");
     let _ = std::fs::remove_file(&cpu_log);
-    cfg.extra = vec!["-d".into(), "cpu_reset".into(), "-D".into(), cpu_log.display().to_string()];
+    cfg.log_cpu_resets(&cpu_log);
     let mut c = cfg.command();
     c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
     let mut child = c.spawn().context("starting QEMU")?;
@@ -163,7 +141,7 @@ pub fn nat(boots: u32, pairs: u32, mib: u32) -> Result<()> {
             let regs = std::fs::read_to_string(&cpu_log).unwrap_or_default();
             break Err(anyhow::anyhow!(
                 "the RayOS machine (the outer VM) reset itself during the run, issue #12: {}; QEMU's log of its registers: {}; serial log: {}",
-                l1_reset(&regs),
+                rootfs_builder::qemu::triple_fault(&regs).unwrap_or_else(|| "no triple fault logged (a reset request, e.g. a panic with panic=-1)".into()),
                 cpu_log.display(),
                 log.display()
             ));
@@ -222,20 +200,6 @@ mod tests {
             natbench-guest: FAIL the nat path to 10.75.0.2:5001: Connection refused\n";
         let f = figures(log);
         assert_eq!(f, Figures { lease_ms: vec![37], plain_kib_s: vec![163840], nat_kib_s: vec![156038] });
-    }
-
-    #[test]
-    fn an_outer_reset_is_told_by_the_registers_qemu_logged() {
-        let log = "CPU Reset (CPU 0)\nRAX=0 RBX=0\nEIP=0000fff0 EFL=00000002\n\
-            Triple fault\nCPU Reset (CPU 0)\nRAX=0000000001bc2000 RBX=0000000000000000\n\
-            RSI=00000000ffffffff RDI=0000000000000b2c RBP=ffffffffa5609d00 RSP=ffffa1a980cc7cc8\n\
-            RIP=ffffffffa9c1188c RFL=00000246 [---Z-P-] CPL=0\n\
-            CR0=80050033 CR2=fffffe0000000080 CR3=0000000001467000 CR4=003506f0\n";
-        assert_eq!(
-            l1_reset(log),
-            "a triple fault; CPU 0, the first reset after it, was at RIP=ffffffffa9c1188c (CR2=fffffe0000000080, RSP=ffffa1a980cc7cc8, CR3=0000000001467000)"
-        );
-        assert!(l1_reset("CPU Reset (CPU 0)\nEIP=0000fff0\n").starts_with("no triple fault"));
     }
 
     #[test]
