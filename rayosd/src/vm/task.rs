@@ -244,6 +244,11 @@ impl VmManager {
         let mut events_done = false;
         let mut vmm_reason: Option<String> = None;
         let mut stopping: Option<(Instant, bool)> = None;
+        // The power button is pressed again every quarter of the stop timeout until the guest
+        // goes: a guest still booting (its ACPI button driver or its init not listening yet)
+        // misses a press as a PC's would, and forcing it off then loses what it had not written.
+        let repress = self.settings.stop_timeout / 4;
+        let mut pressed_at: Option<Instant> = None;
         let mut agent = if resume.is_some() { AgentStatus::resumed() } else { AgentStatus::default() };
         // A save that succeeded: its generation, what the VMM reported, who asked.
         let mut saved_run: Option<(u64, SnapshotReply, SaveReply)> = None;
@@ -254,6 +259,7 @@ impl VmManager {
             let deadline = [
                 (!up && !not_up).then(|| started + self.settings.up_timeout),
                 stopping.map(|(since, forced)| since + if forced { Duration::from_secs(2) } else { self.settings.stop_timeout }),
+                pressed_at.filter(|_| matches!(stopping, Some((_, false)))).map(|t| t + repress),
                 silent_since.map(|t| t + Duration::from_secs(2)),
                 if stopping.is_none() { watch.deadline() } else { None },
             ]
@@ -395,6 +401,12 @@ impl VmManager {
                         } else if forced && since.elapsed() >= Duration::from_secs(2) {
                             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
                             stopping = Some((Instant::now(), true));
+                        } else if !forced && pressed_at.is_some_and(|t| t.elapsed() >= repress) {
+                            tracing::info!("vm {}: still running {:?} after the power button; pressing it again", vm.name, since.elapsed());
+                            if let Err(e) = call(VmmRequest::Shutdown).await {
+                                tracing::warn!("vm {}: power button: {e}", vm.name);
+                            }
+                            pressed_at = Some(Instant::now());
                         }
                     }
                 }
@@ -477,6 +489,7 @@ impl VmManager {
                                 stopping = Some((Instant::now(), true));
                             } else {
                                 stopping = Some((Instant::now(), false));
+                                pressed_at = Some(Instant::now());
                             }
                         }
                     }

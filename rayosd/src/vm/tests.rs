@@ -35,6 +35,7 @@ quiet_after = None
 t0 = time.time()
 log = open(spec["serial_log"], "a", buffering=1)
 paused = threading.Event()
+presses = [0]
 wlock = threading.Lock()
 def send(msg):
     with wlock:
@@ -118,7 +119,10 @@ for line in conn.makefile("r"):
         ans["state"] = "running"
         event({"kind": "state", "state": "running"})
     elif cmd == "shutdown":
-        if "ignore-acpi" not in words:
+        presses[0] += 1
+        if "miss-first-acpi" in words and presses[0] == 1:
+            log.write("guest: power button missed (still booting)\n")
+        elif "ignore-acpi" not in words:
             log.write("guest: power button, powering off\n")
             threading.Timer(0.05, lambda: leave(0, "the guest powered off")).start()
         ans["note"] = "ACPI power button pressed"
@@ -313,6 +317,17 @@ async fn a_guest_that_ignores_the_power_button_is_forced_off() {
     assert!(i.detail.starts_with("forced off"), "{}", i.detail);
     // stop_timeout is 500 ms: forced after it, not before.
     assert!(t.elapsed() >= Duration::from_millis(500), "forced too early: {:?}", t.elapsed());
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_guest_that_misses_the_first_press_gets_another_and_is_not_forced() {
+    let env = setup("repress", |_| {});
+    create(&env, "sleepy", "miss-first-acpi", false);
+    env.mgr.start("sleepy", false).unwrap();
+    wait_state(&env, "sleepy", "running", Duration::from_secs(5)).await;
+    env.mgr.stop("sleepy", false).unwrap();
+    let i = wait_state(&env, "sleepy", "stopped", Duration::from_secs(5)).await;
+    assert!(!i.detail.contains("forced"), "forced off although a second press would have done: {}", i.detail);
 }
 
 #[tokio::test(flavor = "current_thread")]
