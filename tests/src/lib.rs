@@ -26,6 +26,39 @@ pub mod ctl;
 pub mod nested;
 pub mod ppm;
 
+/// One RayOS machine at a time per test binary (tests run on parallel threads). Two TCG
+/// machines with nested KVM on these 2-core hosts starve each other's vCPU threads, and that
+/// is when QEMU's nested-SVM emulation misbehaves most: in stop 26's rehearsal two parallel
+/// vm_supervisor tests lost, one its machine's CPU 1 timer (an RCU stall before init), one its
+/// screen checks; alone, the same test passed. A thread may hold several machines at once.
+static ONE_MACHINE: Mutex<()> = Mutex::new(());
+
+thread_local! {
+    static MACHINES_HERE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Held by a test thread's machines while any of them lives.
+struct MachineTurn {
+    _guard: Option<std::sync::MutexGuard<'static, ()>>,
+}
+
+impl MachineTurn {
+    fn take() -> MachineTurn {
+        let first = MACHINES_HERE.with(|n| {
+            n.set(n.get() + 1);
+            n.get() == 1
+        });
+        // A test that panicked with the lock held poisoned it; the lock guards no data.
+        MachineTurn { _guard: first.then(|| ONE_MACHINE.lock().unwrap_or_else(|e| e.into_inner())) }
+    }
+}
+
+impl Drop for MachineTurn {
+    fn drop(&mut self) {
+        MACHINES_HERE.with(|n| n.set(n.get().saturating_sub(1)));
+    }
+}
+
 /// QEMU's `-d cpu_reset` log in each test folder.
 const CPU_RESET_LOG: &str = "qemu-cpu-reset.log";
 
@@ -326,6 +359,7 @@ impl QemuBuilder {
 
     pub fn spawn(self) -> Result<Qemu, HarnessError> {
         let QemuBuilder { name, work, mut cfg } = self;
+        let turn = MachineTurn::take();
         // A triple fault of the machine leaves no other trace: see Qemu::check_no_triple_fault.
         cfg.log_cpu_resets(&work.path(CPU_RESET_LOG));
         let serial_sock = work.sockets.join("serial.sock");
@@ -357,7 +391,7 @@ impl QemuBuilder {
                     std::thread::sleep(Duration::from_millis(20));
                 }
             }
-            return Ok(Qemu { name, work, child: Some(child), serial: None, log, qmp: None, cfg });
+            return Ok(Qemu { name, work, child: Some(child), serial: None, log, qmp: None, cfg, _turn: turn });
         }
         // QEMU waits for us on the serial socket before it starts the guest: nothing is lost.
         let start = Instant::now();
@@ -406,7 +440,7 @@ impl QemuBuilder {
             m.lock().unwrap().push_str("\n[serial closed]\n");
             cv.notify_all();
         });
-        Ok(Qemu { name, work, child: Some(child), serial: Some(stream), log, qmp: None, cfg })
+        Ok(Qemu { name, work, child: Some(child), serial: Some(stream), log, qmp: None, cfg, _turn: turn })
     }
 }
 
@@ -419,6 +453,8 @@ pub struct Qemu {
     log: Arc<(Mutex<String>, Condvar)>,
     qmp: Option<BufReader<UnixStream>>,
     cfg: QemuConfig,
+    /// Last field: released after the machine is killed (fields drop after `Drop::drop`).
+    _turn: MachineTurn,
 }
 
 impl Qemu {
