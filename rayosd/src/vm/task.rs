@@ -29,6 +29,16 @@ use crate::restart::{RestartTracker, Verdict};
 /// What `run_once` says about a VM of a kind the VMM cannot boot yet.
 pub const WINDOWS_NOT_SUPPORTED: &str = "Windows VMs are not supported yet";
 
+/// How a VM's stop is going, once one was asked for.
+#[derive(Clone, Copy, Debug)]
+enum Stopping {
+    /// The ACPI power button was pressed first at `since` and last at `pressed`; forced off
+    /// once the stop timeout has passed since `since`.
+    Graceful { since: Instant, pressed: Instant },
+    /// Powered off (or ending) at `since`; its VMM is killed 2 s later.
+    Forced { since: Instant },
+}
+
 impl VmManager {
     pub(super) async fn vm_task(self: Arc<Self>, id: Uuid, mut rx: mpsc::UnboundedReceiver<Ctl>) {
         let mut tracker = RestartTracker::new(self.settings.restart);
@@ -243,12 +253,11 @@ impl VmManager {
         let mut silent_since: Option<Instant> = None;
         let mut events_done = false;
         let mut vmm_reason: Option<String> = None;
-        let mut stopping: Option<(Instant, bool)> = None;
+        let mut stopping: Option<Stopping> = None;
         // The power button is pressed again every quarter of the stop timeout until the guest
         // goes: a guest still booting (its ACPI button driver or its init not listening yet)
         // misses a press as a PC's would, and forcing it off then loses what it had not written.
         let repress = self.settings.stop_timeout / 4;
-        let mut pressed_at: Option<Instant> = None;
         let mut agent = if resume.is_some() { AgentStatus::resumed() } else { AgentStatus::default() };
         // A save that succeeded: its generation, what the VMM reported, who asked.
         let mut saved_run: Option<(u64, SnapshotReply, SaveReply)> = None;
@@ -258,8 +267,10 @@ impl VmManager {
             // The one timer this loop needs: whichever deadline comes first.
             let deadline = [
                 (!up && !not_up).then(|| started + self.settings.up_timeout),
-                stopping.map(|(since, forced)| since + if forced { Duration::from_secs(2) } else { self.settings.stop_timeout }),
-                pressed_at.filter(|_| matches!(stopping, Some((_, false)))).map(|t| t + repress),
+                stopping.map(|s| match s {
+                    Stopping::Forced { since } => since + Duration::from_secs(2),
+                    Stopping::Graceful { since, pressed } => (since + self.settings.stop_timeout).min(pressed + repress),
+                }),
                 silent_since.map(|t| t + Duration::from_secs(2)),
                 if stopping.is_none() { watch.deadline() } else { None },
             ]
@@ -379,7 +390,7 @@ impl VmManager {
                             tracing::error!("vm {}: hung: {why}; ending its VMM (pid {pid})", vm.name);
                             force_off(&conn, pid).await;
                             // Killed if it has not exited 2 s from now.
-                            stopping = Some((Instant::now(), true));
+                            stopping = Some(Stopping::Forced { since: Instant::now() });
                             hang = Some(why);
                         }
                     }
@@ -393,21 +404,24 @@ impl VmManager {
                         let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
                         silent_since = None;
                     }
-                    if let Some((since, forced)) = stopping {
-                        if !forced && since.elapsed() >= self.settings.stop_timeout {
+                    match stopping {
+                        Some(Stopping::Graceful { since, .. }) if since.elapsed() >= self.settings.stop_timeout => {
                             tracing::warn!("vm {}: guest did not power off within {:?}; forcing", vm.name, self.settings.stop_timeout);
                             force_off(&conn, pid).await;
-                            stopping = Some((Instant::now(), true));
-                        } else if forced && since.elapsed() >= Duration::from_secs(2) {
-                            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-                            stopping = Some((Instant::now(), true));
-                        } else if !forced && pressed_at.is_some_and(|t| t.elapsed() >= repress) {
+                            stopping = Some(Stopping::Forced { since: Instant::now() });
+                        }
+                        Some(Stopping::Graceful { since, pressed }) if pressed.elapsed() >= repress => {
                             tracing::info!("vm {}: still running {:?} after the power button; pressing it again", vm.name, since.elapsed());
                             if let Err(e) = call(VmmRequest::Shutdown).await {
                                 tracing::warn!("vm {}: power button: {e}", vm.name);
                             }
-                            pressed_at = Some(Instant::now());
+                            stopping = Some(Stopping::Graceful { since, pressed: Instant::now() });
                         }
+                        Some(Stopping::Forced { since }) if since.elapsed() >= Duration::from_secs(2) => {
+                            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                            stopping = Some(Stopping::Forced { since: Instant::now() });
+                        }
+                        _ => {}
                     }
                 }
                 c = rx.recv() => match c {
@@ -428,7 +442,7 @@ impl VmManager {
                                 // The VMM left the guest paused; it ends now, and the save is
                                 // recorded once it has (no disk write can follow).
                                 force_off(&conn, pid).await;
-                                stopping = Some((Instant::now(), true));
+                                stopping = Some(Stopping::Forced { since: Instant::now() });
                                 saved_run = Some((generation, done, reply));
                             }
                             Err(SaveFailed { why, vmm_stuck }) => {
@@ -436,7 +450,7 @@ impl VmManager {
                                 if vmm_stuck {
                                     tracing::error!("vm {}: save failed: {why}; forcing it off", vm.name);
                                     force_off(&conn, pid).await;
-                                    stopping = Some((Instant::now(), true));
+                                    stopping = Some(Stopping::Forced { since: Instant::now() });
                                     continue;
                                 }
                                 // The guest keeps running as it was (or, at a RayOS shutdown, is
@@ -475,7 +489,7 @@ impl VmManager {
                         self.set(id, VmState::Stopping, if force { "forced" } else { "ACPI power button" }, |_| {});
                         if force || !up {
                             force_off(&conn, pid).await;
-                            stopping = Some((Instant::now(), true));
+                            stopping = Some(Stopping::Forced { since: Instant::now() });
                         } else {
                             // A paused guest cannot see the power button.
                             let _ = call(VmmRequest::Resume).await;
@@ -486,10 +500,10 @@ impl VmManager {
                             if let Err(e) = call(VmmRequest::Shutdown).await {
                                 tracing::warn!("vm {}: power button: {e}; forcing", vm.name);
                                 force_off(&conn, pid).await;
-                                stopping = Some((Instant::now(), true));
+                                stopping = Some(Stopping::Forced { since: Instant::now() });
                             } else {
-                                stopping = Some((Instant::now(), false));
-                                pressed_at = Some(Instant::now());
+                                let now = Instant::now();
+                                stopping = Some(Stopping::Graceful { since: now, pressed: now });
                             }
                         }
                     }
@@ -526,8 +540,8 @@ impl VmManager {
             None => k.to_string(),
         };
         match (kind, stopping) {
-            (ExitKind::Exited(exit_code::POWERED_OFF), Some((_, false))) => Outcome::Stopped("the guest powered off".into()),
-            (_, Some((_, forced))) => Outcome::Stopped(format!("{}; VMM {kind}", if forced { "forced off" } else { "stopped" })),
+            (ExitKind::Exited(exit_code::POWERED_OFF), Some(Stopping::Graceful { .. })) => Outcome::Stopped("the guest powered off".into()),
+            (_, Some(s)) => Outcome::Stopped(format!("{}; VMM {kind}", if matches!(s, Stopping::Forced { .. }) { "forced off" } else { "stopped" })),
             (ExitKind::Exited(exit_code::POWERED_OFF), None) => Outcome::Stopped("the guest powered off".into()),
             (ExitKind::Exited(exit_code::REBOOTED), None) => Outcome::Rebooted,
             (ExitKind::Exited(exit_code::GUEST_HUNG), None) => {
